@@ -1,0 +1,3 @@
+#include "sshrpc.h"
+
+int sshrpc_c_version(void) { return SSHRPC_C_VERSION; }

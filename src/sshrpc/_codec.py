@@ -1,0 +1,12 @@
+"""Python values <-> ETF bytes, the fast path behind ``sshrpc.encode``/``decode``.
+
+Same contract as the reference codec ``sshrpc._etf`` (which documents it);
+the C transcoder in csrc/ does the work.  (Until the C path lands this module
+delegates to the reference codec.)
+"""
+
+from __future__ import annotations
+
+from ._etf import decode, encode
+
+__all__ = ["decode", "encode"]

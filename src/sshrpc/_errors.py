@@ -1,0 +1,198 @@
+"""Every exception sshrpc raises or lets service code raise.  No I/O.
+
+Each docstring says who raises it and what to do about it.  The public names
+are re-exported from ``sshrpc``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AuthenticationFailed",
+    "ConnectionLost",
+    "Error",
+    "Exit",
+    "Forbidden",
+    "FrameTooLarge",
+    "HostKeyError",
+    "HostKeyMismatch",
+    "Overload",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteTimeout",
+    "SSHRPCError",
+    "TermError",
+    "Throw",
+    "Undef",
+    "UnknownHostKey",
+]
+
+
+class SSHRPCError(Exception):
+    """Base class of the errors sshrpc raises for network and remote failures."""
+
+
+class TermError(ValueError):
+    """Raised by ``decode`` for bytes that are not a valid term within the
+    configured limits, and by ``encode`` for a value that has no Erlang term.
+
+    The message names the byte offset (0 is the version byte 131) and what
+    was wrong.  ``offset`` holds the offset, or ``None`` for encode errors.
+    """
+
+    def __init__(self, message: str, offset: int | None = None) -> None:
+        super().__init__(message if offset is None else f"{message} at byte {offset}")
+        self.offset = offset
+        self.detail = message
+
+
+class ProtocolError(SSHRPCError):
+    """The peer broke PROTOCOL.md (a malformed frame, a bad hello, a duplicate
+    id, junk before the hello).  The channel is closed; open a new one.
+    ``bye`` holds the ``{bye, Reason}`` reason term that was (or would be)
+    sent to the peer."""
+
+    def __init__(self, message: str, bye: Any = None) -> None:
+        super().__init__(message)
+        self.bye = bye
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame's length is above the receiver's ``max_frame``.  Raised before
+    the payload is read; the sender must split its data or the receiver must
+    announce a larger ``max_frame``."""
+
+    def __init__(self, length: int, maximum: int) -> None:
+        super().__init__(
+            f"frame of {length} bytes is larger than max_frame {maximum}",
+            bye=None,
+        )
+        self.length = length
+        self.maximum = maximum
+
+
+class ConnectionLost(SSHRPCError):
+    """The SSH connection or channel ended (peer closed it, network failure,
+    keepalive missed, server sent ``bye``) while a call was open.  The call's
+    outcome on the server is unknown: retry only idempotent work."""
+
+
+class HostKeyError(SSHRPCError):
+    """The server's host key could not be verified against known_hosts."""
+
+    def __init__(self, message: str, host: str, fingerprint: str, known_hosts: str) -> None:
+        super().__init__(message)
+        self.host = host
+        self.fingerprint = fingerprint
+        self.known_hosts = known_hosts
+
+
+class UnknownHostKey(HostKeyError):
+    """The host is not in known_hosts.  Check the fingerprint out of band, then
+    add the host's line to the known_hosts file named in the message (or pass
+    ``accept_new_host_keys=True`` to trust it on first use)."""
+
+
+class HostKeyMismatch(HostKeyError):
+    """known_hosts holds a different key for this host: someone may be
+    intercepting the connection, or the host key was changed.  Do not connect
+    until you know which; then edit the line in the file named in the message."""
+
+
+class AuthenticationFailed(SSHRPCError):
+    """The server accepted none of the credentials.  ``tried`` lists what was
+    offered (identity files, agent keys, password), in order."""
+
+    def __init__(self, message: str, tried: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.tried = list(tried or [])
+
+
+class RemoteError(SSHRPCError):
+    """A call ended with ``{error, Id, {Class, Reason, Details}}``.
+
+    ``cls`` is the class atom (``error``, ``exit``, ``throw`` or ``sshrpc``),
+    ``reason`` the reason term, ``details`` the details map.  Subclasses name
+    the ``sshrpc`` reasons a caller usually handles on its own.
+    """
+
+    def __init__(self, cls: str, reason: Any, details: Any = None) -> None:
+        self.cls = cls
+        self.reason = reason
+        self.details = details if details is not None else {}
+        message = self._message()
+        super().__init__(message)
+
+    def _message(self) -> str:
+        text = f"remote {self.cls}: {self.reason!r}"
+        if isinstance(self.details, dict):
+            detail = self.details.get("message")
+            if isinstance(detail, bytes | str):
+                if isinstance(detail, bytes):
+                    detail = detail.decode("utf-8", "replace")
+                text += f" ({detail})"
+        return text
+
+    @classmethod
+    def from_term(cls, klass: str, reason: Any, details: Any) -> RemoteError:
+        """Build the most specific subclass for ``{Class, Reason, Details}``."""
+        if klass == "sshrpc" and isinstance(reason, str):
+            sub = _SSHRPC_REASONS.get(str(reason))
+            if sub is not None:
+                return sub(klass, reason, details)
+        return cls(klass, reason, details)
+
+
+class Forbidden(RemoteError):
+    """The server's policy does not expose this function to your key."""
+
+
+class Undef(RemoteError):
+    """The service exists but has no such function or arity."""
+
+
+class Overload(RemoteError):
+    """The channel already has ``max_calls`` calls open; retry later or open
+    another channel."""
+
+
+class RemoteTimeout(RemoteError):
+    """The server gave up on the call after the ``timeout`` it was sent."""
+
+
+_SSHRPC_REASONS: dict[str, type[RemoteError]] = {
+    "forbidden": Forbidden,
+    "undef": Undef,
+    "overload": Overload,
+    "timeout": RemoteTimeout,
+}
+
+
+class _Raised(Exception):
+    """Base of the exceptions service code raises to choose an Erlang error
+    class and the exact reason term."""
+
+    erlang_class = "error"
+
+    def __init__(self, reason: Any) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Error(_Raised):
+    """Raise in a service function to answer ``{error, Id, {error, Reason, #{}}}``."""
+
+    erlang_class = "error"
+
+
+class Exit(_Raised):
+    """Raise in a service function to answer ``{error, Id, {exit, Reason, #{}}}``."""
+
+    erlang_class = "exit"
+
+
+class Throw(_Raised):
+    """Raise in a service function to answer ``{error, Id, {throw, Value, #{}}}``."""
+
+    erlang_class = "throw"
