@@ -1,3 +1,3 @@
-#include "sshrpc.h"
+#include "etf.h"
 
 int sshrpc_c_version(void) { return SSHRPC_C_VERSION; }

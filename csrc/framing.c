@@ -1,1 +1,1 @@
-#include "sshrpc.h"
+#include "framing.h"

@@ -7,6 +7,15 @@ delegates to the reference codec.)
 
 from __future__ import annotations
 
+import struct
+from typing import Any
+
 from ._etf import decode, encode
 
-__all__ = ["decode", "encode"]
+__all__ = ["decode", "encode", "encode_frame"]
+
+
+def encode_frame(obj: Any) -> bytes:
+    """``obj`` encoded as one frame: a 4-byte big-endian length, then the term."""
+    payload = encode(obj)
+    return struct.pack(">I", len(payload)) + payload

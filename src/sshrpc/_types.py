@@ -183,7 +183,7 @@ class Opaque:
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return self.raw == other.raw  # type: ignore[attr-defined]
+        return self.raw == other.raw
 
     def __hash__(self) -> int:
         return hash((type(self), self.raw))
