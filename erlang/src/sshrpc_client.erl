@@ -1,0 +1,255 @@
+%% @doc The client side of one sshrpc channel (ssh_client_channel callback).
+%% Use the sshrpc module; this one is its engine.
+%%
+%% Theory of operation. Callers (any number of processes) send requests to
+%% the channel process as plain messages tagged with a monitor alias and wait
+%% in their own receive, like erpc. The channel gives each request an id,
+%% hands the frame to a writer process (ssh_connection:send/4 blocks on the
+%% SSH window, and the channel must keep reading meanwhile, or a server that
+%% stopped reading until we take its answers would deadlock us), and routes
+%% each answer to the alias that asked. A caller that gives up sends
+%% {sshrpc_cancel, Alias}: the channel sends {cancel, Id} and drops the final
+%% answer when it comes; the alias is already inactive then.
+-module(sshrpc_client).
+-behaviour(ssh_client_channel).
+
+-export([init/1, handle_call/3, handle_cast/2, handle_msg/2, handle_ssh_msg/2,
+         terminate/2, code_change/3]).
+
+-define(MIB, 1048576).
+-define(DEFAULT_PEER_MAX, ?MIB).
+-define(CLOSE_GRACE_MS, 5000).
+
+-record(st, {
+    cm :: pid(),
+    ch :: integer(),
+    owner :: pid(),              %% gets {sshrpc, Conn, {send|down, ...}}
+    owns_cm :: boolean(),        %% close the SSH connection when we stop
+    max_frame :: pos_integer(),  %% what we accept
+    peer_max = ?DEFAULT_PEER_MAX :: pos_integer(),
+    atom_budget :: non_neg_integer(), %% new atoms we still accept from the server
+    buf = <<>> :: binary(),
+    hello :: map() | undefined,  %% the server's hello
+    hello_waiters = [] :: [term()],
+    next_id = 1 :: non_neg_integer(),
+    calls = #{} :: #{non_neg_integer() => reference()},   %% id -> caller alias
+    aliases = #{} :: #{reference() => non_neg_integer()}, %% alias -> id
+    pings = #{} :: #{integer() => reference()},
+    writer :: pid(),
+    closing :: undefined | term(), %% the From of close/1
+    stop = false :: boolean()
+}).
+
+init([CM, Ch, Owner, Opts]) ->
+    process_flag(trap_exit, true),
+    erlang:monitor(process, Owner),
+    Timeout = maps:get(timeout, Opts, 10000),
+    Subsystem = maps:get(subsystem, Opts, "sshrpc@k2r.org"),
+    case ssh_connection:subsystem(CM, Ch, Subsystem, Timeout) of
+        success ->
+            Self = self(),
+            Writer = spawn_link(fun() -> sshrpc_server:writer(Self, CM, Ch) end),
+            MaxFrame = maps:get(max_frame, Opts, 64 * ?MIB),
+            Hello = {hello, 1, #{max_frame => MaxFrame, client => <<"sshrpc-erlang/0.1.0">>}},
+            Writer ! {write, sshrpc_wire:frame(Hello)},
+            {ok, #st{cm = CM, ch = Ch, owner = Owner, owns_cm = maps:get(owns_cm, Opts, false),
+                     max_frame = MaxFrame, writer = Writer,
+                     atom_budget = maps:get(max_new_atoms, Opts, 1024)}};
+        Other ->
+            {stop, {subsystem_refused, Other}}
+    end.
+
+handle_call(wait_hello, From, St = #st{hello = undefined, hello_waiters = W}) ->
+    {noreply, St#st{hello_waiters = [From | W]}};
+handle_call(wait_hello, _From, St = #st{hello = H}) ->
+    {reply, {ok, H}, St};
+handle_call(close, From, St) ->
+    out({bye, normal}, St),
+    erlang:send_after(?CLOSE_GRACE_MS, self(), sshrpc_close_now),
+    {noreply, St#st{closing = From}};
+handle_call(_Other, _From, St) ->
+    {reply, {error, badarg}, St}.
+
+handle_cast(_Msg, St) ->
+    {noreply, St}.
+
+code_change(_Old, St, _Extra) ->
+    {ok, St}.
+
+handle_msg({ssh_channel_up, _Ch, _CM}, St) ->
+    {ok, St};
+handle_msg({sshrpc_req, Alias, Req}, St) ->
+    {ok, request(Alias, Req, St)};
+handle_msg({sshrpc_cancel, Alias}, St = #st{aliases = As}) ->
+    case As of
+        #{Alias := Id} ->
+            out({cancel, Id}, St),
+            {ok, St#st{aliases = maps:remove(Alias, As)}};
+        _ ->
+            {ok, St}
+    end;
+handle_msg({sshrpc_cast, M, F, A}, St) ->
+    out_checked({cast, M, F, A}, St),
+    {ok, St};
+handle_msg({sshrpc_send, Dest, Msg}, St) ->
+    out_checked({send, Dest, Msg}, St),
+    {ok, St};
+handle_msg({sshrpc_written, _N}, St) ->
+    {ok, St};
+handle_msg(sshrpc_flushed, St) ->
+    {ok, St};
+handle_msg(sshrpc_close_now, St) ->
+    ret(St#st{stop = true});
+handle_msg({'DOWN', _, process, Owner, _}, St = #st{owner = Owner}) ->
+    ret(St#st{stop = true});
+handle_msg({'EXIT', W, _}, St = #st{writer = W}) ->
+    ret(St#st{stop = true});
+handle_msg(_Other, St) ->
+    {ok, St}.
+
+handle_ssh_msg({ssh_cm, CM, {data, Ch, 0, Data}}, St = #st{buf = Buf}) ->
+    St1 = parse(St#st{buf = <<Buf/binary, Data/binary>>}),
+    ssh_connection:adjust_window(CM, Ch, byte_size(Data)),
+    ret(St1);
+handle_ssh_msg({ssh_cm, CM, {data, Ch, 1, Data}}, St) ->
+    logger:info("sshrpc: server diagnostics: ~ts", [Data]),
+    ssh_connection:adjust_window(CM, Ch, byte_size(Data)),
+    {ok, St};
+handle_ssh_msg({ssh_cm, _, {eof, _}}, St) ->
+    {ok, St};
+handle_ssh_msg({ssh_cm, _, {closed, _}}, St) ->
+    ret(St#st{stop = true});
+handle_ssh_msg({ssh_cm, _, {exit_status, _, _}}, St) ->
+    {ok, St};
+handle_ssh_msg({ssh_cm, _, {exit_signal, _, _, _, _}}, St) ->
+    ret(St#st{stop = true});
+handle_ssh_msg(_Msg, St) ->
+    {ok, St}.
+
+terminate(Reason, St = #st{calls = Calls, pings = Pings, cm = CM}) ->
+    Closed = {error, {sshrpc, closed, #{reason => closed_reason(Reason)}}},
+    [A ! {A, Closed} || A <- maps:values(Calls) ++ maps:values(Pings)],
+    [gen_server:reply(W, Closed) || W <- St#st.hello_waiters],
+    case St#st.closing of
+        undefined -> ok;
+        From -> gen_server:reply(From, ok)
+    end,
+    case St#st.owns_cm of
+        true -> catch ssh:close(CM);
+        false -> catch ssh_connection:close(CM, St#st.ch)
+    end,
+    ok.
+
+closed_reason(normal) -> normal;
+closed_reason({shutdown, R}) -> R;
+closed_reason(R) -> R.
+
+ret(St = #st{stop = true, ch = Ch}) -> {stop, Ch, St};
+ret(St) -> {ok, St}.
+
+%%% Requests
+
+request(Alias, ping, St = #st{pings = P}) ->
+    Token = erlang:unique_integer([positive]),
+    out({ping, Token}, St),
+    St#st{pings = P#{Token => Alias}};
+request(Alias, Req, St = #st{next_id = Id, calls = Calls, aliases = As, peer_max = Max}) ->
+    Msg = case Req of
+              {call, M, F, A, O} when map_size(O) =:= 0 -> {call, Id, M, F, A};
+              {call, M, F, A, O} -> {call, Id, M, F, A, O};
+              {spawn, M, F, A} -> {spawn, Id, M, F, A}
+          end,
+    case sshrpc_wire:frame(Msg, Max) of
+        {ok, Frame, _} ->
+            St#st.writer ! {write, Frame},
+            St#st{next_id = Id + 1, calls = Calls#{Id => Alias}, aliases = As#{Alias => Id}};
+        {too_large, N} ->
+            Alias ! {Alias, {error, {sshrpc, too_large,
+                                     #{message => detail("the request is ~b bytes; the server "
+                                                         "accepts ~b", [N, Max])}}}},
+            St
+    end.
+
+out(Term, #st{writer = W}) ->
+    W ! {write, sshrpc_wire:frame(Term)},
+    ok.
+
+out_checked(Term, #st{writer = W, peer_max = Max}) ->
+    case sshrpc_wire:frame(Term, Max) of
+        {ok, Frame, _} -> W ! {write, Frame}, ok;
+        {too_large, N} ->
+            logger:warning("sshrpc: dropped a ~b-byte ~p: above the server's max_frame",
+                           [N, element(1, Term)])
+    end.
+
+%%% Frames in
+
+parse(St = #st{buf = Buf, max_frame = Max}) ->
+    case sshrpc_wire:take_one(Buf, Max) of
+        {more, Rest} ->
+            St#st{buf = Rest};
+        {too_large, Len} ->
+            out({bye, {frame_too_large, Len, Max}}, St),
+            St#st{buf = <<>>, stop = true};
+        {frame, Payload, Rest} ->
+            case sshrpc_wire:decode(Payload, #{max => Max, new_atoms => St#st.atom_budget}) of
+                {ok, Term, New} ->
+                    St1 = answer(Term, St#st{buf = Rest, atom_budget = St#st.atom_budget - New}),
+                    case St1#st.stop of
+                        true -> St1;
+                        false -> parse(St1)
+                    end;
+                {error, Detail} ->
+                    out({bye, {bad_term, Detail}}, St),
+                    St#st{buf = <<>>, stop = true};
+                {inflate_too_large, Size} ->
+                    out({bye, {frame_too_large, Size, Max}}, St),
+                    St#st{buf = <<>>, stop = true}
+            end
+    end.
+
+answer({hello, 1, H}, St = #st{hello = undefined}) when is_map(H) ->
+    [gen_server:reply(W, {ok, H}) || W <- St#st.hello_waiters],
+    PeerMax = case maps:get(max_frame, H, ?DEFAULT_PEER_MAX) of
+                  N when is_integer(N), N > 0 -> N;
+                  _ -> ?DEFAULT_PEER_MAX
+              end,
+    St#st{hello = H, hello_waiters = [], peer_max = PeerMax};
+answer({reply, Id, V}, St) ->
+    final(Id, {ok, V}, St);
+answer({error, Id, {C, R, D}}, St) ->
+    final(Id, {error, {C, R, D}}, St);
+answer({pong, Token}, St = #st{pings = P}) ->
+    case maps:take(Token, P) of
+        {Alias, P1} -> Alias ! {Alias, pong}, St#st{pings = P1};
+        error -> St
+    end;
+answer({send, Dest, Msg}, St = #st{owner = O}) ->
+    O ! {sshrpc, self(), {send, Dest, Msg}},
+    St;
+answer({down, Pid, Reason}, St = #st{owner = O}) ->
+    O ! {sshrpc, self(), {down, Pid, Reason}},
+    St;
+answer({bye, Reason}, St) ->
+    case Reason of
+        normal -> ok;
+        _ -> logger:warning("sshrpc: server closed the session: ~0p", [Reason])
+    end,
+    St#st{stop = true};
+answer({chunk, _Id, _V}, St) ->
+    St;
+answer(Other, St) ->
+    logger:info("sshrpc: ignored ~0p", [Other]),
+    St.
+
+final(Id, Result, St = #st{calls = Calls, aliases = As}) ->
+    case maps:take(Id, Calls) of
+        {Alias, Calls1} ->
+            Alias ! {Alias, Result},
+            St#st{calls = Calls1, aliases = maps:remove(Alias, As)};
+        error ->
+            St
+    end.
+
+detail(Fmt, Args) ->
+    iolist_to_binary(io_lib:format(Fmt, Args)).

@@ -1,0 +1,221 @@
+%% @doc Bytes <-> frames <-> terms for PROTOCOL.md v1, shared by the server
+%% (sshrpc_server) and the client (sshrpc_client). No processes, no I/O.
+%%
+%% A frame is a 4-byte big-endian length and one External Term Format
+%% payload. `take/2' cuts complete frames off a buffer and checks each length
+%% against the receiver's max_frame before the payload is buffered.
+%% `decode/2' turns a payload into a term with binary_to_term(B, [safe]) and,
+%% when that fails, walks the payload to say what is wrong and at which byte
+%% offset (PROTOCOL.md section 2).
+-module(sshrpc_wire).
+
+-export([frame/1, frame/2, encode/1, take/2, take_one/2, decode/2, check/1]).
+
+-define(MAX_DEPTH, 10000).
+
+-type decode_opts() :: #{max := pos_integer(), new_atoms => non_neg_integer()}.
+-export_type([decode_opts/0]).
+
+%% @doc The ETF payload of Term as OTP 26+ encodes it by default (UTF-8 atoms,
+%% tag 70 floats).
+-spec encode(term()) -> binary().
+encode(Term) ->
+    term_to_binary(Term, [{minor_version, 2}]).
+
+%% @doc A whole frame (length prefix and payload) for Term.
+-spec frame(term()) -> iodata().
+frame(Term) ->
+    B = encode(Term),
+    [<<(byte_size(B)):32>>, B].
+
+%% @doc Like frame/1, but refuses a payload larger than Max bytes.
+-spec frame(term(), pos_integer()) -> {ok, iodata(), non_neg_integer()} | {too_large, non_neg_integer()}.
+frame(Term, Max) ->
+    B = encode(Term),
+    case byte_size(B) of
+        N when N > Max -> {too_large, N};
+        N -> {ok, [<<N:32>>, B], N + 4}
+    end.
+
+%% @doc Cut the complete frames off Buf. Keepalives (length 0) are dropped.
+%% Returns the payloads in order and the rest of the buffer, or the first
+%% length that exceeds Max (the payload is never buffered then).
+-spec take(binary(), pos_integer()) ->
+    {[binary()], binary()} | {too_large, [binary()], non_neg_integer()}.
+take(Buf, Max) ->
+    take(Buf, Max, []).
+
+%% @doc Cut one complete frame off Buf (keepalives are skipped).
+-spec take_one(binary(), pos_integer()) ->
+    {frame, binary(), binary()} | {more, binary()} | {too_large, non_neg_integer()}.
+take_one(<<0:32, Rest/binary>>, Max) ->
+    take_one(Rest, Max);
+take_one(<<Len:32, _/binary>>, Max) when Len > Max ->
+    {too_large, Len};
+take_one(<<Len:32, Payload:Len/binary, Rest/binary>>, _Max) ->
+    {frame, Payload, Rest};
+take_one(Rest, _Max) ->
+    {more, Rest}.
+
+take(<<0:32, Rest/binary>>, Max, Acc) ->
+    take(Rest, Max, Acc);
+take(<<Len:32, _/binary>>, Max, Acc) when Len > Max ->
+    {too_large, lists:reverse(Acc), Len};
+take(<<Len:32, Payload:Len/binary, Rest/binary>>, Max, Acc) ->
+    take(Rest, Max, [Payload | Acc]);
+take(Rest, _Max, Acc) ->
+    {lists:reverse(Acc), Rest}.
+
+%% @doc Decode one payload. With #{new_atoms => N} (N > 0) a payload whose only
+%% fault is atoms this node does not know yet is decoded anyway if it holds at
+%% most N of them (clients use this for node names); the server always passes 0.
+-spec decode(binary(), decode_opts()) ->
+    {ok, term(), non_neg_integer()} | {error, binary()} | {inflate_too_large, non_neg_integer()}.
+decode(<<131, 80, Size:32, _/binary>>, #{max := Max}) when Size > Max ->
+    {inflate_too_large, Size};
+decode(Payload, Opts) ->
+    try binary_to_term(Payload, [safe, used]) of
+        {Term, Used} when Used =:= byte_size(Payload) -> {ok, Term, 0};
+        {_, Used} -> {error, detail(<<"trailing bytes after the term">>, Used)}
+    catch
+        error:badarg -> decode_unsafe(Payload, Opts)
+    end.
+
+decode_unsafe(Payload, Opts) ->
+    Budget = maps:get(new_atoms, Opts, 0),
+    case check(Payload) of
+        {ok, NewAtoms} when NewAtoms > 0, NewAtoms =< Budget ->
+            try binary_to_term(Payload, [used]) of
+                {Term, Used} when Used =:= byte_size(Payload) -> {ok, Term, NewAtoms};
+                {_, Used} -> {error, detail(<<"trailing bytes after the term">>, Used)}
+            catch
+                error:badarg -> {error, detail(<<"invalid term">>, 0)}
+            end;
+        {ok, NewAtoms} when NewAtoms > 0 ->
+            {error, detail(iolist_to_binary(io_lib:format(
+                "~b atoms unknown to this node (only existing atoms are accepted)",
+                [NewAtoms])), 0)};
+        {ok, 0} ->
+            {error, detail(<<"term refused by binary_to_term(B, [safe])">>, 0)};
+        {error, What, Offset} ->
+            {error, detail(What, Offset)}
+    end.
+
+detail(What, Offset) ->
+    iolist_to_binary([What, io_lib:format(" at byte ~b", [Offset])]).
+
+%% @doc Walk an ETF payload without building it. Returns how many atoms in it
+%% are unknown to this node, or what is wrong and where. The first unknown
+%% atom is not an error here: decode/2 decides.
+-spec check(binary()) -> {ok, non_neg_integer()} | {error, binary(), non_neg_integer()}.
+check(<<131, 80, _:32, _/binary>>) ->
+    %% Compressed: binary_to_term already rejected it; report it as a whole.
+    {error, <<"invalid compressed term">>, 0};
+check(<<131, Rest/binary>> = Payload) ->
+    try walk(Rest, 1, 0, 0) of
+        {<<>>, _Off, New} -> {ok, New};
+        {_, Off, _} -> {error, <<"trailing bytes after the term">>, Off}
+    catch
+        throw:{bad, What, Off} -> {error, What, Off};
+        error:_ -> {error, <<"truncated term">>, byte_size(Payload)}
+    end;
+check(<<>>) ->
+    {error, <<"empty payload">>, 0};
+check(_) ->
+    {error, <<"payload does not start with version byte 131">>, 0}.
+
+bad(What, Off) -> throw({bad, What, Off}).
+
+%% walk(Bytes, Offset, Depth, NewAtoms) -> {Rest, Offset, NewAtoms}
+walk(_, Off, Depth, _) when Depth > ?MAX_DEPTH ->
+    bad(<<"nesting too deep">>, Off);
+walk(<<>>, Off, _, _) ->
+    bad(<<"truncated term">>, Off);
+walk(<<Tag, R/binary>>, Off, D, N) ->
+    O = Off + 1,
+    case Tag of
+        70 -> skip(R, 8, O, N);
+        97 -> skip(R, 1, O, N);
+        98 -> skip(R, 4, O, N);
+        99 -> skip(R, 31, O, N);
+        100 -> atom(R, 2, latin1, Off, N);
+        115 -> atom(R, 1, latin1, Off, N);
+        118 -> atom(R, 2, utf8, Off, N);
+        119 -> atom(R, 1, utf8, Off, N);
+        106 -> {R, O, N};
+        104 -> need(R, 1, O), <<A, R1/binary>> = R, elems(R1, A, O + 1, D, N);
+        105 -> need(R, 4, O), <<A:32, R1/binary>> = R, elems(R1, A, O + 4, D, N);
+        116 -> need(R, 4, O), <<A:32, R1/binary>> = R, elems(R1, 2 * A, O + 4, D, N);
+        108 ->
+            need(R, 4, O),
+            <<A:32, R1/binary>> = R,
+            {R2, O2, N2} = elems(R1, A, O + 4, D, N),
+            walk(R2, O2, D + 1, N2);
+        107 -> need(R, 2, O), <<L:16, R1/binary>> = R, skip(R1, L, O + 2, N);
+        109 -> need(R, 4, O), <<L:32, R1/binary>> = R, skip(R1, L, O + 4, N);
+        77 -> need(R, 5, O), <<L:32, _, R1/binary>> = R, skip(R1, L, O + 5, N);
+        110 -> need(R, 2, O), <<L, _, R1/binary>> = R, skip(R1, L, O + 2, N);
+        111 -> need(R, 5, O), <<L:32, _, R1/binary>> = R, skip(R1, L, O + 5, N);
+        88 -> node_then(R, 12, O, D, N);
+        103 -> node_then(R, 9, O, D, N);
+        89 -> node_then(R, 8, O, D, N);
+        120 -> node_then(R, 12, O, D, N);
+        102 -> node_then(R, 5, O, D, N);
+        101 -> node_then(R, 5, O, D, N);
+        90 ->
+            need(R, 2, O),
+            <<L:16, R1/binary>> = R,
+            {R2, O2, N2} = walk(R1, O + 2, D + 1, N),
+            skip(R2, 4 + 4 * L, O2, N2);
+        114 ->
+            need(R, 2, O),
+            <<L:16, R1/binary>> = R,
+            {R2, O2, N2} = walk(R1, O + 2, D + 1, N),
+            skip(R2, 1 + 4 * L, O2, N2);
+        113 ->
+            {R1, O1, N1} = walk(R, O, D + 1, N),
+            {R2, O2, N2} = walk(R1, O1, D + 1, N1),
+            walk(R2, O2, D + 1, N2);
+        112 ->
+            need(R, 4, O),
+            <<Size:32, _/binary>> = R,
+            skip(R, Size, O, N);
+        _ ->
+            bad(iolist_to_binary(io_lib:format("unknown tag ~b", [Tag])), Off)
+    end.
+
+need(R, Len, O) when byte_size(R) < Len -> bad(<<"truncated term">>, O + byte_size(R));
+need(_, _, _) -> ok.
+
+skip(R, Len, O, N) ->
+    need(R, Len, O),
+    <<_:Len/binary, R1/binary>> = R,
+    {R1, O + Len, N}.
+
+atom(R, LenBytes, Enc, Off, N) ->
+    O = Off + 1,
+    need(R, LenBytes, O),
+    <<L:LenBytes/unit:8, R1/binary>> = R,
+    need(R1, L, O + LenBytes),
+    <<Text:L/binary, R2/binary>> = R1,
+    Known =
+        try binary_to_existing_atom(Text, Enc) of
+            _ -> true
+        catch
+            error:badarg ->
+                case Enc =:= utf8 andalso unicode:characters_to_list(Text, utf8) of
+                    L2 when is_list(L2), length(L2) =< 255 -> false;
+                    false when L =< 255 -> false;
+                    _ -> bad(<<"invalid atom text">>, Off)
+                end
+        end,
+    {R2, O + LenBytes + L, case Known of true -> N; false -> N + 1 end}.
+
+elems(R, 0, O, _D, N) -> {R, O, N};
+elems(R, K, O, D, N) ->
+    {R1, O1, N1} = walk(R, O, D + 1, N),
+    elems(R1, K - 1, O1, D, N1).
+
+node_then(R, Len, O, D, N) ->
+    {R1, O1, N1} = walk(R, O, D + 1, N),
+    skip(R1, Len, O1, N1).

@@ -1,0 +1,42 @@
+%% @doc Test-only functions that the integration tests expose through the
+%% sshrpc server's allow list.
+-module(sshrpc_test_funs).
+-export([echo/1, sized/1, sized_list/1, block/1, sleep/1, raise/2, stream/2,
+         notify/2, loop/0, add/2, count/0]).
+
+echo(X) -> X.
+
+%% A binary of N bytes.
+sized(N) -> binary:copy(<<"x">>, N).
+
+%% Binaries of each size in Sizes (a call per size is done by the tests).
+sized_list(Sizes) -> [sized(N) || N <- Sizes].
+
+%% Registers itself as Name and waits forever: a test sees it stop with whereis/1.
+block(Name) ->
+    register(Name, self()),
+    receive after infinity -> ok end.
+
+sleep(Ms) -> timer:sleep(Ms), slept.
+
+raise(Class, Reason) -> erlang:raise(Class, Reason, []).
+
+%% A stream call: emits 1..N, then answers done.
+stream(N, Emit) ->
+    [ok = Emit(I) || I <- lists:seq(1, N)],
+    done.
+
+%% Sends Msg to Pid (e.g. the session pid from the hello).
+notify(Pid, Msg) -> Pid ! Msg, ok.
+
+%% A spawned process: answers pings to the session pid, stops or crashes on request.
+loop() ->
+    receive
+        {ping, From} -> From ! {pong, self()}, loop();
+        stop -> ok;
+        {crash, Reason} -> error(Reason)
+    end.
+
+add(A, B) -> A + B.
+
+count() -> length(processes()).
