@@ -1,0 +1,1 @@
+"""Floors: the same framing and codec as sshrpc over plain TCP between two Trio processes."""

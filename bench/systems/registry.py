@@ -1,0 +1,223 @@
+"""Which systems the benchmark runs, how each server starts, and which driver
+talks to it.  A server or client that cannot be had on this checkout raises
+``Unavailable(reason)`` and the table says so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._common import (
+    PYTHON,
+    ROOT,
+    SUBSYSTEM,
+    PrivateSshd,
+    free_port,
+    keygen,
+    stop_process,
+    wait_port,
+)
+
+BENCH = ROOT / "bench"
+
+
+class Unavailable(Exception):
+    """This system cannot run here; the message says why."""
+
+
+@dataclass
+class Context:
+    state: Path
+    logs: Path
+
+    @property
+    def client_key(self) -> Path:
+        return keygen(self.state / "client_ed25519", "bench-client")
+
+
+@dataclass
+class ServerHandle:
+    port: int
+    pids: list[int]
+    stop: Callable[[], None]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _popen(argv: list[str], logfile: Path, **kw: Any) -> subprocess.Popen[bytes]:
+    with open(logfile, "ab") as log:
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=str(ROOT), **kw
+        )
+
+
+def _known_hosts(path: Path, port: int, host_pub: Path) -> Path:
+    kind, key = host_pub.read_text().split()[:2]
+    path.write_text(f"[127.0.0.1]:{port} {kind} {key}\n")
+    return path
+
+
+# --------------------------------------------------------------------------
+# servers
+
+
+def start_tcp_floor(ctx: Context) -> ServerHandle:
+    port = free_port()
+    proc = _popen(
+        [PYTHON, str(BENCH / "floors" / "tcp_server.py"), str(port)], ctx.logs / "tcp_server.log"
+    )
+    wait_port(port, 20, proc)
+    return ServerHandle(port, [proc.pid], lambda: stop_process(proc))
+
+
+def _start_openssh(ctx: Context, name: str, subsystems: dict[str, str]) -> ServerHandle:
+    if not Path("/usr/sbin/sshd").exists() and not shutil.which("sshd"):
+        raise Unavailable("OpenSSH sshd not installed")
+    sshd = PrivateSshd(ctx.state / name, subsystems, client_key=ctx.client_key)
+    sshd.start()
+    assert sshd.proc is not None
+    return ServerHandle(
+        sshd.port,
+        [sshd.proc.pid],
+        sshd.stop,
+        {"sshd": sshd, "known_hosts": sshd.known_hosts},
+    )
+
+
+def start_openssh_cat(ctx: Context) -> ServerHandle:
+    return _start_openssh(ctx, "openssh_cat", {"cat": "/bin/cat"})
+
+
+def start_openssh_pynode(ctx: Context) -> ServerHandle:
+    return _start_openssh(
+        ctx, "openssh_pynode", {SUBSYSTEM: f"{PYTHON} {BENCH / 'systems' / 'py_subsystem.py'}"}
+    )
+
+
+def start_asyncssh(ctx: Context) -> ServerHandle:
+    if importlib.util.find_spec("asyncssh") is None:
+        raise Unavailable("asyncssh not installed (pip install asyncssh; it is in the bench extra)")
+    d = ctx.state / "asyncssh"
+    d.mkdir(parents=True, exist_ok=True)
+    host = keygen(d / "host_ed25519", "host")
+    ak = d / "authorized_keys"
+    ak.write_text(Path(f"{ctx.client_key}.pub").read_text())
+    port = free_port()
+    proc = _popen(
+        [PYTHON, str(BENCH / "systems" / "asyncssh_server.py"), str(port), str(host), str(ak)],
+        ctx.logs / "asyncssh_server.log",
+    )
+    wait_port(port, 30, proc)
+    kh = _known_hosts(d / "known_hosts", port, Path(f"{host}.pub"))
+    return ServerHandle(port, [proc.pid], lambda: stop_process(proc), {"known_hosts": kh})
+
+
+SERVERS: dict[str, Callable[[Context], ServerHandle]] = {
+    "tcp_floor": start_tcp_floor,
+    "openssh_cat": start_openssh_cat,
+    "openssh_pynode": start_openssh_pynode,
+    "asyncssh": start_asyncssh,
+}
+
+
+# --------------------------------------------------------------------------
+# systems
+
+
+@dataclass
+class SystemSpec:
+    name: str
+    group: str  # sshrpc | anchor | cross | alt | floor
+    servers: tuple[str, ...]
+    client: Callable[..., list[str]]
+    note: str = ""
+    cipher_floor: bool = False
+    note_from_server: Callable[..., str] | None = None
+
+    @property
+    def slug(self) -> str:
+        return "".join(c if c.isalnum() else "_" for c in self.name).strip("_")
+
+
+def _tcp_client(ctx: Context, server: ServerHandle) -> list[str]:
+    return [PYTHON, str(BENCH / "floors" / "tcp_client.py"), str(server.port)]
+
+
+def _cat_client(ctx: Context, server: ServerHandle) -> list[str]:
+    return [PYTHON, str(BENCH / "systems" / "openssh_cat.py"), *server.info["sshd"].ssh_argv("cat")]
+
+
+def _asyncssh_client(ctx: Context, server: ServerHandle) -> list[str]:
+    return [
+        PYTHON,
+        str(BENCH / "systems" / "asyncssh_client.py"),
+        str(server.port),
+        str(ctx.client_key),
+        str(server.info["known_hosts"]),
+    ]
+
+
+def _paramiko_client(ctx: Context, server: ServerHandle) -> list[str]:
+    if importlib.util.find_spec("paramiko") is None:
+        raise Unavailable("paramiko not installed (pip install paramiko; it is in the bench extra)")
+    return [
+        PYTHON,
+        str(BENCH / "systems" / "paramiko_client.py"),
+        str(server.port),
+        str(ctx.client_key),
+        str(server.info["known_hosts"]),
+    ]
+
+
+#: Which result is which anchor.
+ANCHOR_ROLES = {"Erlang seed (OTP -> OTP)": "seed", "TCP floor (Trio)": "tcp", "ssh -s cat": "cat"}
+
+
+def systems() -> list[SystemSpec]:
+    return [
+        SystemSpec(
+            "paramiko -> OpenSSH node",
+            "alt",
+            ("openssh_pynode",),
+            _paramiko_client,
+            note="paramiko client, erlpack frames, one thread; served by OpenSSH sshd running"
+            " bench/systems/py_subsystem.py (stand-in until `sshrpc serve` lands)",
+        ),
+        SystemSpec(
+            "asyncssh -> asyncssh",
+            "alt",
+            ("asyncssh",),
+            _asyncssh_client,
+            note="asyncssh client and server, erlpack frames, answers routed by id",
+        ),
+        SystemSpec(
+            "TCP floor (Trio)",
+            "floor",
+            ("tcp_floor",),
+            _tcp_client,
+            note="sshrpc framing and codec over plain TCP, one Trio process each side;"
+            " no per-call task, pipelining refills a window of frames per read",
+        ),
+        SystemSpec(
+            "ssh -s cat",
+            "floor",
+            ("openssh_cat",),
+            _cat_client,
+            cipher_floor=True,
+            note="OpenSSH client to a `cat` subsystem of a private sshd; latency is a 36-byte"
+            " block echoed, bulk streams through the kept channel, set-up includes"
+            " starting `ssh`",
+        ),
+    ]
+
+
+def human_size(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} B"
