@@ -1,1 +1,99 @@
+/* Frame reassembly: see framing.h for the contract. */
+#include <stdlib.h>
+#include <string.h>
+
 #include "framing.h"
+
+#define FB_MIN_CAP 65536
+
+sshrpc_framebuf *sshrpc_fb_new(void)
+{
+    sshrpc_framebuf *fb = calloc(1, sizeof *fb);
+    return fb;
+}
+
+void sshrpc_fb_free(sshrpc_framebuf *fb)
+{
+    if (fb != NULL) {
+        free(fb->data);
+        free(fb);
+    }
+}
+
+void sshrpc_fb_clear(sshrpc_framebuf *fb)
+{
+    fb->start = fb->end = 0;
+}
+
+int sshrpc_fb_feed(sshrpc_framebuf *fb, const unsigned char *src, size_t n)
+{
+    size_t held, need, cap;
+    unsigned char *grown;
+
+    if (n == 0)
+        return 0;
+    held = fb->end - fb->start;
+    if (held == 0)
+        fb->start = fb->end = 0;
+    if (n <= fb->cap - fb->end) {
+        memcpy(fb->data + fb->end, src, n);
+        fb->end += n;
+        return 0;
+    }
+    if (n > SIZE_MAX - held)
+        return -1;
+    need = held + n;
+    if (need <= fb->cap / 2) {
+        /* Enough room once the unread tail moves to the front; moving only
+         * when at most half is in use keeps the copying amortised linear. */
+        memmove(fb->data, fb->data + fb->start, held);
+    } else {
+        cap = fb->cap < FB_MIN_CAP ? FB_MIN_CAP : fb->cap;
+        while (cap < 2 * need) {
+            if (cap > SIZE_MAX / 2)
+                return -1;
+            cap *= 2;
+        }
+        grown = malloc(cap);
+        if (grown == NULL)
+            return -1;
+        if (held)
+            memcpy(grown, fb->data + fb->start, held);
+        free(fb->data);
+        fb->data = grown;
+        fb->cap = cap;
+    }
+    fb->start = 0;
+    fb->end = held;
+    memcpy(fb->data + fb->end, src, n);
+    fb->end += n;
+    return 0;
+}
+
+size_t sshrpc_fb_scan(sshrpc_framebuf *fb, uint32_t max_frame, size_t *spans, size_t max_spans,
+                      uint32_t *too_large)
+{
+    const unsigned char *data = fb->data;
+    size_t pos = fb->start, end = fb->end, count = 0;
+    uint32_t length;
+
+    *too_large = 0;
+    while (count < max_spans && end - pos >= 4) {
+        length = ((uint32_t)data[pos] << 24) | ((uint32_t)data[pos + 1] << 16)
+                 | ((uint32_t)data[pos + 2] << 8) | (uint32_t)data[pos + 3];
+        if (length > max_frame) {
+            *too_large = length;
+            break;
+        }
+        if (end - pos - 4 < length)
+            break;
+        if (length != 0) {
+            spans[2 * count] = pos + 4;
+            spans[2 * count + 1] = length;
+            count++;
+        }
+        pos += 4 + (size_t)length;
+    }
+    fb->start = pos;
+    return count;
+}
