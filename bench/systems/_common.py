@@ -277,7 +277,11 @@ class Driver:
             self.proc.stdin.flush()
         except BrokenPipeError:
             raise DriverError("driver exited") from None
-        answer = self._readline(timeout_s)
+        end = time.monotonic() + timeout_s
+        while True:
+            answer = self._readline(max(0.0, end - time.monotonic()))
+            if answer.startswith(("ok", "err")):
+                break
         parts = answer.split()
         if not parts or parts[0] != "ok":
             raise DriverError(answer.strip() or "empty answer")

@@ -117,11 +117,61 @@ def start_asyncssh(ctx: Context) -> ServerHandle:
     return ServerHandle(port, [proc.pid], lambda: stop_process(proc), {"known_hosts": kh})
 
 
+ERLANG = BENCH / "systems" / "erlang"
+
+
+def erlang_ebin(ctx: Context) -> Path:
+    """erlang/src and the bench's echo module compiled into the state folder
+    (independent of erlang/ebin, which others rebuild while we run)."""
+    ebin = ctx.state / "ebin"
+    if (ebin / "sshrpc_bench.beam").exists():
+        return ebin
+    if not shutil.which("erlc") or not shutil.which("escript"):
+        raise Unavailable("Erlang/OTP (erlc, escript) not installed")
+    srcs = sorted((ROOT / "erlang" / "src").glob("*.erl"))
+    if not any(p.name == "sshrpc_daemon.erl" for p in srcs):
+        raise Unavailable("erlang/src/sshrpc_daemon.erl is not there yet")
+    ebin.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run(
+        ["erlc", "-o", str(ebin), *map(str, srcs), str(ERLANG / "sshrpc_bench.erl")],
+        capture_output=True,
+        text=True,
+    )
+    if p.returncode:
+        raise Unavailable(f"erlc failed: {(p.stdout + p.stderr).strip()[:200]}")
+    return ebin
+
+
+def start_erlang(ctx: Context) -> ServerHandle:
+    ebin = erlang_ebin(ctx)
+    d = ctx.state / "erlang_daemon"
+    (d / "system").mkdir(parents=True, exist_ok=True)
+    (d / "user").mkdir(parents=True, exist_ok=True)
+    host = keygen(d / "system" / "ssh_host_ed25519_key", "host")
+    (d / "user" / "authorized_keys").write_text(Path(f"{ctx.client_key}.pub").read_text())
+    port = free_port()
+    proc = _popen(
+        [
+            "escript",
+            str(ERLANG / "daemon.escript"),
+            str(port),
+            str(d / "system"),
+            str(d / "user"),
+            str(ebin),
+        ],
+        ctx.logs / "erlang_daemon.log",
+    )
+    wait_port(port, 60, proc)
+    kh = _known_hosts(d / "known_hosts", port, Path(f"{host}.pub"))
+    return ServerHandle(port, [proc.pid], lambda: stop_process(proc), {"known_hosts": kh})
+
+
 SERVERS: dict[str, Callable[[Context], ServerHandle]] = {
     "tcp_floor": start_tcp_floor,
     "openssh_cat": start_openssh_cat,
     "openssh_pynode": start_openssh_pynode,
     "asyncssh": start_asyncssh,
+    "erlang": start_erlang,
 }
 
 
@@ -174,12 +224,37 @@ def _paramiko_client(ctx: Context, server: ServerHandle) -> list[str]:
     ]
 
 
+def _erlang_client(ctx: Context, server: ServerHandle) -> list[str]:
+    ebin = erlang_ebin(ctx)
+    user_dir = ctx.state / f"erlang_client_{server.port}"
+    user_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ctx.client_key, user_dir / "id_ed25519")
+    shutil.copy(f"{ctx.client_key}.pub", user_dir / "id_ed25519.pub")
+    shutil.copy(server.info["known_hosts"], user_dir / "known_hosts")
+    return [
+        "escript",
+        str(ERLANG / "client.escript"),
+        str(server.port),
+        str(user_dir),
+        str(ebin),
+    ]
+
+
 #: Which result is which anchor.
 ANCHOR_ROLES = {"Erlang seed (OTP -> OTP)": "seed", "TCP floor (Trio)": "tcp", "ssh -s cat": "cat"}
 
 
 def systems() -> list[SystemSpec]:
     return [
+        SystemSpec(
+            "Erlang seed (OTP -> OTP)",
+            "anchor",
+            ("erlang",),
+            _erlang_client,
+            note="erlang/ client module -> erlang/ server module under OTP ssh:daemon"
+            " ({nodelay, true}), driven by bench/systems/erlang/*.escript;"
+            " pipelining is 64 Erlang processes calling on one channel",
+        ),
         SystemSpec(
             "paramiko -> OpenSSH node",
             "alt",
