@@ -1,0 +1,342 @@
+"""Bytes <-> one SSH channel, over libssh2 (ssh2-python) in non-blocking mode, under Trio.
+
+Theory of operation
+-------------------
+
+libssh2 is not thread-safe and knows nothing of Trio.  A ``Pump`` owns one
+libssh2 session, its socket and one channel, and exactly one task (the pump
+task, ``Pump.run``) makes every libssh2 call once the connection is set up.
+(Set-up -- handshake, host key check, auth, channel open -- runs in the task
+that opens the connection, before the pump task exists, through the same
+``retry`` helper, so there is still only ever one caller at a time.)
+
+Every call goes through one shape of loop (``retry``): make the call; if
+libssh2 says ``LIBSSH2_ERROR_EAGAIN``, wait with ``trio.lowlevel.wait_readable``
+or ``wait_writable`` on the socket as ``session.block_directions()`` says, and
+make the *same call with the same arguments* again.  Cancellation can only
+interrupt the wait, never a libssh2 call half-way.
+
+The steady-state loop (``run``) does three things per turn, without blocking:
+
+1. offer the head of the outgoing buffer to ``channel.write`` in slices of at
+   most ``WRITE_SLICE`` bytes.  A write may return ``(EAGAIN, n)`` with
+   ``n > 0``: those ``n`` bytes *were* accepted; drop them and re-offer the
+   rest later.  Slicing keeps re-offers from being quadratic in the payload.
+2. read the channel (stdout, then stderr) unless the consumer asked for a
+   pause (too many answers nobody has taken).  Reading is what makes libssh2
+   send WINDOW_ADJUST to the server; while paused the server's window closes
+   and the server stops sending: receive-side backpressure.  Write EAGAINs
+   are usually our peer window being full, which only inbound WINDOW_ADJUST
+   packets cure, so the pump keeps reading while writers wait.
+3. when neither made progress, sleep until the socket is ready in the
+   direction libssh2 is blocked on, or until another task wakes the pump
+   (new bytes to write, reading resumed, close requested).  The wake-up is a
+   cancel scope around the socket wait that ``wake()`` cancels.
+
+Closing (``aclose``) frees the libssh2 session *before* closing its socket:
+freeing a session restores the blocking mode the fd had at handshake time,
+and if the socket were closed first, its fd number could already belong to a
+new connection, which would turn blocking and hang the whole event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket as _stdsocket
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from ssh2 import exceptions as ssh2_exc
+from ssh2.error_codes import LIBSSH2_ERROR_EAGAIN
+from ssh2.session import (
+    LIBSSH2_SESSION_BLOCK_INBOUND,
+    LIBSSH2_SESSION_BLOCK_OUTBOUND,
+    Session,
+)
+
+from ._errors import ConnectionLost
+
+__all__ = ["DEFAULT_WRITE_LIMIT", "EAGAIN", "READ_SIZE", "WRITE_SLICE", "Pump"]
+
+log = logging.getLogger("sshrpc.client")
+
+EAGAIN = LIBSSH2_ERROR_EAGAIN
+#: Largest slice offered to one ``channel.write``: libssh2 sends at most one
+#: 32 KiB packet per call anyway, and a bounded slice keeps re-offering the
+#: remainder after a partial write linear in the payload size.
+WRITE_SLICE = 32 * 1024
+#: Bytes asked of one ``channel.read``.
+READ_SIZE = 64 * 1024
+#: Default bound on request bytes queued but not yet accepted by the channel:
+#: libssh2's default channel window (2 MiB), so one window's worth can wait.
+DEFAULT_WRITE_LIMIT = 2 * 1024 * 1024
+#: How long closing waits for the server to confirm the channel close.
+CLOSE_TIMEOUT = 2.0
+
+
+class Pump:
+    """One libssh2 session + socket + channel, driven by one pump task.
+
+    Construct with a connected, non-blocking socket and a session that has
+    been switched to non-blocking; call ``retry`` for set-up, then
+    ``attach_channel`` and run ``run`` in a task.  ``send`` queues bytes (and
+    waits for room), ``on_data`` receives every chunk read, ``should_read``
+    says whether the consumer has room for more.
+    """
+
+    def __init__(self, sock: trio.socket.SocketType, session: Session) -> None:
+        self.sock = sock
+        self.session: Session | None = session
+        self.channel: Any = None
+        self._out = bytearray()
+        self.write_limit = DEFAULT_WRITE_LIMIT
+        self._room = trio.Event()
+        self._wake_scope: trio.CancelScope | None = None
+        self._wake_pending = False
+        self.closing = False
+        self.closed = False
+        self.error: BaseException | None = None
+        self._done = trio.Event()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.paused = False
+
+    # -- the retry loop ------------------------------------------------------
+
+    async def wait_socket(self) -> None:
+        """Wait until the socket is ready the way libssh2 is blocked on.
+
+        A checkpoint.  Returns early (without error) when ``wake()`` is called.
+        """
+        session = self.session
+        directions = session.block_directions() if session is not None else 0
+        with trio.CancelScope() as scope:
+            self._wake_scope = scope
+            if self._wake_pending:
+                scope.cancel()
+            try:
+                if directions & LIBSSH2_SESSION_BLOCK_OUTBOUND and not (
+                    directions & LIBSSH2_SESSION_BLOCK_INBOUND
+                ):
+                    await trio.lowlevel.wait_writable(self.sock)
+                elif directions & LIBSSH2_SESSION_BLOCK_OUTBOUND:
+                    # Both ways: wait for whichever comes first.  Rare (during
+                    # key re-exchange), so a small nursery is fine here.
+                    async with trio.open_nursery() as nursery:
+
+                        async def one(fn: Callable[[Any], Any]) -> None:
+                            await fn(self.sock)
+                            nursery.cancel_scope.cancel()
+
+                        nursery.start_soon(one, trio.lowlevel.wait_readable)
+                        nursery.start_soon(one, trio.lowlevel.wait_writable)
+                else:
+                    await trio.lowlevel.wait_readable(self.sock)
+            finally:
+                self._wake_scope = None
+                self._wake_pending = False
+
+    def wake(self) -> None:
+        """Make the pump task look at its buffers again (from any task)."""
+        self._wake_pending = True
+        if self._wake_scope is not None:
+            self._wake_scope.cancel()
+
+    async def retry(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` repeated with the same arguments until it does not
+        answer ``LIBSSH2_ERROR_EAGAIN``; returns its result.
+
+        Cancellation interrupts only the wait between attempts.  libssh2
+        errors propagate as ssh2-python exceptions.
+        """
+        while True:
+            result = fn(*args)
+            if result == EAGAIN or (isinstance(result, tuple) and result and result[0] == EAGAIN):
+                await self.wait_socket()
+                continue
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return result
+
+    # -- steady state ----------------------------------------------------------
+
+    def attach_channel(self, channel: Any) -> None:
+        self.channel = channel
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes accepted by ``send`` but not yet by the channel."""
+        return len(self._out)
+
+    async def send(self, data: bytes) -> None:
+        """Queue ``data`` for the channel; wait while ``write_limit`` bytes are
+        already queued.
+
+        A checkpoint.  If cancelled, nothing of ``data`` was queued.  Raises
+        ``ConnectionLost`` if the connection is (or becomes) unusable.
+        """
+        while True:
+            if self.error is not None or self.closing:
+                raise self._lost()
+            if len(self._out) < self.write_limit:
+                break
+            if self._room.is_set():
+                self._room = trio.Event()
+            await self._room.wait()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._out += data
+        self.wake()
+
+    def send_nowait(self, data: bytes) -> None:
+        """Queue ``data`` without waiting for room (small control frames:
+        cancel, credit, pong).  Raises ``ConnectionLost`` if closed."""
+        if self.error is not None:
+            raise self._lost()
+        self._out += data
+        self.wake()
+
+    def _lost(self) -> ConnectionLost:
+        if isinstance(self.error, ConnectionLost):
+            return ConnectionLost(str(self.error))
+        return ConnectionLost(f"connection closed ({self.error or 'closed locally'})")
+
+    def fail(self, error: BaseException) -> None:
+        """Mark the connection broken (first error wins) and wake everyone."""
+        if self.error is None:
+            self.error = error
+        self._room.set()
+        self.wake()
+
+    async def run(
+        self,
+        on_data: Callable[[bytes], None],
+        should_read: Callable[[], bool],
+        on_eof: Callable[[BaseException], None],
+    ) -> None:
+        """The pump task: move bytes until the channel ends or ``fail`` is called.
+
+        ``on_data`` gets every chunk of channel data; ``should_read`` is asked
+        before each read; ``on_eof(error)`` is called once when the pump stops,
+        with the ``ConnectionLost`` that ended it.  Never raises for network
+        failures (they go to ``on_eof``); a cancel stops it at once.
+        """
+        channel = self.channel
+        assert channel is not None
+        try:
+            while self.error is None:
+                progress = False
+                if self._out:
+                    rc, n = channel.write(bytes(self._out[:WRITE_SLICE]))
+                    if n > 0:
+                        del self._out[:n]
+                        self.bytes_sent += n
+                        progress = True
+                        if len(self._out) < self.write_limit:
+                            self._room.set()
+                    elif rc < 0 and rc != EAGAIN:
+                        raise ConnectionLost(f"channel write failed (libssh2 error {rc})")
+                if should_read():
+                    self.paused = False
+                    rc, data = channel.read(READ_SIZE)
+                    if rc > 0:
+                        self.bytes_received += rc
+                        on_data(data)
+                        progress = True
+                    elif rc == 0 or rc != EAGAIN:
+                        if channel.eof():
+                            raise ConnectionLost("the server closed the channel")
+                        if rc < 0 and rc != EAGAIN:
+                            raise ConnectionLost(f"channel read failed (libssh2 error {rc})")
+                    rc, data = channel.read_stderr(READ_SIZE)
+                    if rc > 0:
+                        for line in data.decode("utf-8", "replace").splitlines():
+                            log.warning("server stderr: %s", line)
+                        progress = True
+                else:
+                    self.paused = True
+                if progress:
+                    await trio.lowlevel.checkpoint()
+                elif self.paused and not self._out:
+                    # Nothing to write and not reading: sleep until woken.
+                    with trio.CancelScope() as scope:
+                        self._wake_scope = scope
+                        if self._wake_pending:
+                            scope.cancel()
+                        try:
+                            await trio.sleep_forever()
+                        finally:
+                            self._wake_scope = None
+                            self._wake_pending = False
+                else:
+                    await self.wait_socket()
+        except ssh2_exc.SSH2Error as exc:
+            self.fail(ConnectionLost(f"SSH connection failed: {type(exc).__name__} {exc}"))
+        except ConnectionLost as exc:
+            self.fail(exc)
+        except OSError as exc:
+            self.fail(ConnectionLost(f"SSH connection failed: {exc}"))
+        finally:
+            if self.error is None:
+                self.fail(ConnectionLost("the connection was closed"))
+            self._done.set()
+            assert self.error is not None
+            on_eof(self.error)
+
+    async def flush(self) -> None:
+        """Wait (bounded by the caller's scope) until every queued byte was
+        accepted by the channel or the pump stopped."""
+        while self._out and self.error is None:
+            if self._room.is_set():
+                self._room = trio.Event()
+            await self._room.wait()
+
+    async def aclose(self) -> None:
+        """Close the channel and session, then the socket.  Idempotent.
+
+        Called after the pump task has stopped.  Best effort: the channel
+        close and SSH disconnect are bounded by ``CLOSE_TIMEOUT`` and shielded
+        from cancellation so that the socket is always closed last.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self.closing = True
+        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+            scope.shield = True
+            try:
+                if self.channel is not None and self.session is not None:
+                    await self.retry(self.channel.close)
+                if self.session is not None:
+                    await self.retry(self.session.disconnect)
+            except (ssh2_exc.SSH2Error, OSError):
+                pass
+        # Free the session (restoring the fd's blocking mode) while the fd is
+        # still ours, and only then close the socket (see module docstring).
+        self.channel = None
+        self.session = None
+        self.sock.close()
+
+
+async def connect_socket(host: str, port: int) -> trio.socket.SocketType:
+    """A TCP connection to ``host:port`` with TCP_NODELAY set (Nagle costs
+    tens of milliseconds during SSH set-up).  A checkpoint; raises
+    ``OSError`` (e.g. ``ConnectionRefusedError``, ``socket.gaierror``)."""
+    infos = await trio.socket.getaddrinfo(host, port, type=_stdsocket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"no address for {host}")
+    last: OSError | None = None
+    for family, type_, proto, _, addr in infos:
+        sock = trio.socket.socket(family, type_, proto)
+        try:
+            sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+            await sock.connect(addr)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    assert last is not None
+    raise last
