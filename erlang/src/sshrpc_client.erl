@@ -28,7 +28,7 @@
     max_frame :: pos_integer(),  %% what we accept
     peer_max = ?DEFAULT_PEER_MAX :: pos_integer(),
     atom_budget :: non_neg_integer(), %% new atoms we still accept from the server
-    buf = <<>> :: binary(),
+    buf = sshrpc_wire:buffer() :: sshrpc_wire:buffer(),
     hello :: map() | undefined,  %% the server's hello
     hello_waiters = [] :: [term()],
     next_id = 1 :: non_neg_integer(),
@@ -108,7 +108,10 @@ handle_msg(_Other, St) ->
     {ok, St}.
 
 handle_ssh_msg({ssh_cm, CM, {data, Ch, 0, Data}}, St = #st{buf = Buf}) ->
-    St1 = parse(St#st{buf = <<Buf/binary, Data/binary>>}),
+    St1 = case sshrpc_wire:buffer_add(Data, Buf) of
+              {wait, Buf1} -> St#st{buf = Buf1};
+              {ready, Bin} -> parse(Bin, St)
+          end,
     ssh_connection:adjust_window(CM, Ch, byte_size(Data)),
     ret(St1);
 handle_ssh_msg({ssh_cm, CM, {data, Ch, 1, Data}}, St) ->
@@ -184,27 +187,27 @@ out_checked(Term, #st{writer = W, peer_max = Max}) ->
 
 %%% Frames in
 
-parse(St = #st{buf = Buf, max_frame = Max}) ->
-    case sshrpc_wire:take_one(Buf, Max) of
+parse(Bin, St = #st{max_frame = Max}) ->
+    case sshrpc_wire:take_one(Bin, Max) of
         {more, Rest} ->
-            St#st{buf = Rest};
+            St#st{buf = sshrpc_wire:buffer(Rest)};
         {too_large, Len} ->
             out({bye, {frame_too_large, Len, Max}}, St),
-            St#st{buf = <<>>, stop = true};
+            St#st{stop = true};
         {frame, Payload, Rest} ->
             case sshrpc_wire:decode(Payload, #{max => Max, new_atoms => St#st.atom_budget}) of
                 {ok, Term, New} ->
-                    St1 = answer(Term, St#st{buf = Rest, atom_budget = St#st.atom_budget - New}),
+                    St1 = answer(Term, St#st{atom_budget = St#st.atom_budget - New}),
                     case St1#st.stop of
                         true -> St1;
-                        false -> parse(St1)
+                        false -> parse(Rest, St1)
                     end;
                 {error, Detail} ->
                     out({bye, {bad_term, Detail}}, St),
-                    St#st{buf = <<>>, stop = true};
+                    St#st{stop = true};
                 {inflate_too_large, Size} ->
                     out({bye, {frame_too_large, Size, Max}}, St),
-                    St#st{buf = <<>>, stop = true}
+                    St#st{stop = true}
             end
     end.
 

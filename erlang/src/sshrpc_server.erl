@@ -61,7 +61,7 @@
     allow :: map(),               %% the allow list as a set
     rx_max :: pos_integer(),      %% max payload we accept right now
     peer_max = ?DEFAULT_PEER_MAX :: pos_integer(), %% client's max_frame
-    buf = <<>> :: binary(),       %% bytes of an incomplete frame
+    buf = sshrpc_wire:buffer() :: sshrpc_wire:buffer(), %% an incomplete frame
     mode = init :: init | v1 | legacy,
     draining = false :: boolean(), %% client said {bye, normal}: no new calls
     closing = false :: boolean(), %% we sent bye: wait for the flush, then stop
@@ -145,7 +145,10 @@ handle_msg(Other, St) ->
 handle_ssh_msg({ssh_cm, _CM, {data, _Ch, 0, _Data}}, St = #st{closing = true}) ->
     {ok, St};
 handle_ssh_msg({ssh_cm, _CM, {data, _Ch, 0, Data}}, St = #st{buf = Buf}) ->
-    St1 = parse(St#st{buf = <<Buf/binary, Data/binary>>}),
+    St1 = case sshrpc_wire:buffer_add(Data, Buf) of
+              {wait, Buf1} -> St#st{buf = Buf1};
+              {ready, Bin} -> parse(Bin, St)
+          end,
     ret(window(byte_size(Data), St1));
 handle_ssh_msg({ssh_cm, CM, {data, Ch, _Type, Data}}, St) ->
     ssh_connection:adjust_window(CM, Ch, byte_size(Data)),
@@ -175,16 +178,16 @@ ret(St) -> {ok, St}.
 
 %%% Frames in
 
-parse(St = #st{closing = true}) ->
+parse(_Bin, St = #st{closing = true}) ->
     St;
-parse(St = #st{buf = Buf, rx_max = Max}) ->
-    case sshrpc_wire:take_one(Buf, Max) of
+parse(Bin, St = #st{rx_max = Max}) ->
+    case sshrpc_wire:take_one(Bin, Max) of
         {more, Rest} ->
-            St#st{buf = Rest};
+            St#st{buf = sshrpc_wire:buffer(Rest)};
         {too_large, Len} ->
-            bye({frame_too_large, Len, Max}, St#st{buf = <<>>});
+            bye({frame_too_large, Len, Max}, St#st{buf = sshrpc_wire:buffer()});
         {frame, Payload, Rest} ->
-            parse(payload(Payload, St#st{buf = Rest}))
+            parse(Rest, payload(Payload, St))
     end.
 
 payload(Payload, St = #st{rx_max = Max}) ->

@@ -10,8 +10,12 @@
 -module(sshrpc_wire).
 
 -export([frame/1, frame/2, encode/1, take/2, take_one/2, decode/2, check/1]).
+-export([buffer/0, buffer/1, buffer_add/2]).
 
 -define(MAX_DEPTH, 10000).
+
+-opaque buffer() :: {binary(), [binary()], non_neg_integer(), pos_integer()}.
+-export_type([buffer/0]).
 
 -type decode_opts() :: #{max := pos_integer(), new_atoms => non_neg_integer()}.
 -export_type([decode_opts/0]).
@@ -44,6 +48,32 @@ frame(Term, Max) ->
     {[binary()], binary()} | {too_large, [binary()], non_neg_integer()}.
 take(Buf, Max) ->
     take(Buf, Max, []).
+
+%% A receive buffer: the bytes of an incomplete frame, kept as a list of
+%% chunks until the frame is complete, and joined once. (Appending each SSH
+%% packet to one binary that is also matched copies it every time: quadratic
+%% for a 16 MiB frame.)
+
+-spec buffer() -> buffer().
+buffer() ->
+    {<<>>, [], 0, 4}.
+
+%% @doc A buffer holding Rest, the bytes left after take_one/2.
+-spec buffer(binary()) -> buffer().
+buffer(<<Len:32, _/binary>> = Rest) ->
+    {Rest, [], byte_size(Rest), 4 + Len};
+buffer(Rest) ->
+    {Rest, [], byte_size(Rest), 4}.
+
+%% @doc Add received bytes. {ready, Bin} when Bin may hold a whole frame (or
+%% at least its length); then cut frames with take_one/2 and make a new
+%% buffer from the rest with buffer/1.
+-spec buffer_add(binary(), buffer()) -> {ready, binary()} | {wait, buffer()}.
+buffer_add(Data, {Bin, Rev, Size, Need}) ->
+    case Size + byte_size(Data) of
+        S when S < Need -> {wait, {Bin, [Data | Rev], S, Need}};
+        _ -> {ready, iolist_to_binary([Bin | lists:reverse([Data | Rev])])}
+    end.
 
 %% @doc Cut one complete frame off Buf (keepalives are skipped).
 -spec take_one(binary(), pos_integer()) ->
