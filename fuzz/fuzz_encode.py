@@ -22,6 +22,8 @@ from _common import DECODERS, ENCODERS, same
 from sshrpc import Atom, BitString, ImproperList, Map, Pid, Reference, TermError
 
 _MAX_ITEMS = 40
+#: Longest input libFuzzer makes for this target (values grow with the input).
+MAX_LEN = 4096
 
 
 def build(fdp: atheris.FuzzedDataProvider, depth: int = 0) -> Any:

@@ -2,6 +2,7 @@
 
     python fuzz/run.py TARGET [--seconds N] [--corpus DIR] [--artifacts DIR] [-- LIBFUZZER_FLAGS]
     python fuzz/run.py all --seconds N
+    python fuzz/replay.py TARGET PATH...      (no atheris: re-run saved inputs)
 
 TARGET is one of ``TARGETS``.  The corpus directory (default
 ``fuzz/corpus/TARGET``, not committed) is seeded from the target's
@@ -106,7 +107,7 @@ def fuzz(
         f"-max_total_time={seconds}",
         f"-timeout={HANG_SECONDS}",
         f"-rss_limit_mb={RSS_LIMIT_MB}",
-        f"-max_len={MAX_LEN}",
+        f"-max_len={getattr(module, 'MAX_LEN', MAX_LEN)}",
         f"-artifact_prefix={artifacts}/{name}-",
         "-print_final_stats=1",
     ]
