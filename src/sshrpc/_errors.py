@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._types import Atom as _atom
+
 __all__ = [
     "AuthenticationFailed",
     "ConnectionLost",
@@ -17,6 +19,8 @@ __all__ = [
     "FrameTooLarge",
     "HostKeyError",
     "HostKeyMismatch",
+    "LocalProtocolError",
+    "MessageTooLarge",
     "Overload",
     "ProtocolError",
     "RemoteError",
@@ -66,9 +70,33 @@ class FrameTooLarge(ProtocolError):
     def __init__(self, length: int, maximum: int) -> None:
         super().__init__(
             f"frame of {length} bytes is larger than max_frame {maximum}",
-            bye=None,
+            bye=(_atom("frame_too_large"), length, maximum),
         )
         self.length = length
+        self.maximum = maximum
+
+
+class LocalProtocolError(Exception):
+    """Raised by ``sshrpc.protocol.Connection.send`` when *this* side tries
+    something PROTOCOL.md forbids in the current state: an answer for an id
+    that is not open (or a second final answer), a chunk without credit, a
+    call whose id is already open, a call after ``bye``, anything after the
+    connection closed.  Nothing was sent and the connection's state is
+    unchanged.  It is a bug in the code driving the connection: fix the
+    caller; retrying the same event fails the same way."""
+
+
+class MessageTooLarge(ValueError):
+    """Raised by ``sshrpc.protocol.Connection.send`` when an event's payload
+    would exceed the peer's ``max_frame``.  Nothing was sent, no id was
+    opened and the connection is still usable: send smaller arguments (split
+    the data over several calls), or ask the peer to announce a larger
+    ``max_frame``.  (A server's too-large final answer is not raised: it is
+    replaced by ``{error, Id, {sshrpc, too_large, #{}}}``.)"""
+
+    def __init__(self, size: int, maximum: int) -> None:
+        super().__init__(f"payload of {size} bytes is larger than the peer's max_frame {maximum}")
+        self.size = size
         self.maximum = maximum
 
 

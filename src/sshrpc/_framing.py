@@ -81,7 +81,8 @@ class FrameBuffer:
     def buffered(self) -> int:
         """Bytes held: ready payloads plus the not yet complete frame."""
         fb = self._fb
-        return sum(map(len, self._ready)) + fb.end - fb.start  # type: ignore[attr-defined]
+        held: int = fb.end - fb.start  # type: ignore[attr-defined]
+        return sum(map(len, self._ready)) + held
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append one channel read (any length, even 0).  Raises ``MemoryError``
@@ -110,7 +111,9 @@ class FrameBuffer:
             # Python-level operations per frame than slicing the C memory.
             blob = ffi.buffer(fb.data, fb.start)[:]  # type: ignore[attr-defined]
             pairs = iter(self._span_array[: 2 * count])
-            ready.extend([blob[start : start + length] for start, length in zip(pairs, pairs)])
+            ready.extend(
+                [blob[start : start + length] for start, length in zip(pairs, pairs, strict=False)]
+            )
             return ready.popleft()
         if self._too_large[0]:
             self._error = FrameTooLarge(int(self._too_large[0]), self._max_frame)

@@ -29,9 +29,11 @@ __all__ = [
     "Mfa",
     "Ping",
     "Pong",
+    "Refused",
     "Reply",
     "Send",
     "Spawn",
+    "Unknown",
 ]
 
 #: Ids are non-negative integers below 2**64 (PROTOCOL.md section 4).
@@ -183,7 +185,7 @@ class Bye(Event):
     peer (``{protocol_error, Detail}``, ``{bad_term, Detail}``,
     ``{frame_too_large, Length, Max}``, ``{unsupported_version, [1]}``)."""
 
-    reason: Any = Atom("normal")
+    reason: Any = Atom("normal")  # noqa: RUF009 (an Atom is an immutable str)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -253,3 +255,30 @@ class Answer(Event):
 
     result: Any
     status: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refused(Event):
+    """Server role only: a request the core will not hand over as a call.
+
+    Answer it with ``ErrorReply(id=ev.id, cls=Atom("sshrpc"), reason=ev.reason)``
+    (the id is open until then), or in legacy mode (``id`` is ``None``) with
+    ``Answer(result=(Atom("exec_error"), ev.term), status=-1)``.  ``reason``
+    is ``badarg`` (a known tag with a wrong shape), ``overload`` (over
+    ``max_calls``) or ``notsup`` (a feature the server's hello does not
+    list); ``detail`` says what was wrong, for the log; ``term`` is the
+    request as received.
+    """
+
+    id: int | None
+    reason: Atom
+    detail: str = ""
+    term: Any = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unknown(Event):
+    """A tuple whose tag this version does not know.  PROTOCOL.md section 4
+    says to ignore it, so later versions can add messages: log it."""
+
+    term: Any

@@ -1,0 +1,970 @@
+"""Frames <-> protocol events, both roles (PROTOCOL.md sections 2-7).  No I/O, no Trio.
+
+``Connection`` is the whole protocol of one channel as a state machine, in
+the style of h11 and wsproto.  Three verbs:
+
+- ``receive_data(data)``: bytes read from the channel (``b""`` means EOF);
+- ``next_event()``: the next event, ``NEED_DATA`` or ``CLOSED``;
+- ``send(event)``: the frame bytes to write for an event.
+
+The state moves only as the tables in ``_state.py`` say.  Errors:
+
+- ``next_event`` raises ``sshrpc.ProtocolError`` (or its subclass
+  ``FrameTooLarge``) when the peer broke PROTOCOL.md.  ``exc.bye`` is the
+  reason to send back; the state is then ``CLOSED``, every later
+  ``next_event`` raises the same error, and ``send(Bye(reason=exc.bye))``
+  still works exactly once.  Nothing else escapes ``next_event`` (anything
+  else is a bug).
+- ``send`` raises ``sshrpc.LocalProtocolError`` for events this side may not
+  send now (see its docstring) and ``sshrpc.MessageTooLarge`` for a payload
+  above the peer's ``max_frame``.  Neither changes anything: nothing is
+  sent, no id is opened or closed.
+
+Decisions the core takes for the I/O layers (docs/protocol.md):
+
+- A server's final answer (``Reply``/``ErrorReply``) that would exceed the
+  client's ``max_frame`` is replaced here by
+  ``{error, Id, {sshrpc, too_large, #{}}}``; the call is closed either way.
+- A server refuses, on its own, calls it must answer with an ``sshrpc``
+  error and hands them over as ``Refused`` events: ``badarg`` (shape),
+  ``overload`` (more than ``max_calls`` ids open, counting calls and spawns)
+  and ``notsup`` (``stream``/``spawn`` not in the sent hello's features).
+  The id is open until the server sends the ``ErrorReply``.
+- A malformed ``cancel``, ``credit``, ``cast``, ``ping``, ``send`` or
+  ``bye`` has no id to answer on (or, for ``credit``, answering would end
+  someone else's call) and is a protocol error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, KeysView
+from dataclasses import dataclass
+from typing import Any, Final
+
+from .._codec import decode, encode_frame
+from .._errors import FrameTooLarge, LocalProtocolError, MessageTooLarge, ProtocolError, TermError
+from .._etf import DEFAULT_MAX_DEPTH
+from .._framing import FrameBuffer
+from .._types import Atom, Map
+from ._events import (
+    DEFAULT_CREDIT,
+    MAX_ID,
+    Answer,
+    Bye,
+    Call,
+    Cancel,
+    Cast,
+    Chunk,
+    Credit,
+    Down,
+    ErrorReply,
+    Event,
+    Hello,
+    Mfa,
+    Ping,
+    Pong,
+    Refused,
+    Reply,
+    Send,
+    Spawn,
+    Unknown,
+)
+from ._state import (
+    AWAIT_HELLO,
+    CLOSED,
+    IDLE,
+    LEGACY,
+    RECV,
+    SEND,
+    TRANSITIONS,
+    Role,
+    Sentinel,
+)
+
+__all__ = [
+    "ALL_FEATURES",
+    "DEFAULT_MAX_CALLS",
+    "DEFAULT_MAX_FRAME",
+    "NEED_DATA",
+    "PROTOCOL_VERSION",
+    "Connection",
+    "ConnectionStatistics",
+]
+
+#: The only version this package speaks (PROTOCOL.md section 3).
+PROTOCOL_VERSION: Final = 1
+#: ``max_frame`` before the hellos are exchanged, and when a hello omits it.
+DEFAULT_MAX_FRAME: Final = 1024 * 1024
+#: Open calls a server allows per channel unless configured otherwise.
+DEFAULT_MAX_CALLS: Final = 64
+#: Every feature of PROTOCOL.md section 3.
+ALL_FEATURES: Final = ("call", "cast", "cancel", "deadline", "stream", "spawn", "send", "ping")
+#: ``next_event`` needs more bytes: call ``receive_data``.
+NEED_DATA: Final = Sentinel("NEED_DATA")
+
+_DEFAULT_NAME = "sshrpc-python/0.1.0"
+# How much of the first bytes a "junk before the hello" error shows.
+_JUNK_SHOWN = 64
+
+_A = Atom
+A_HELLO, A_CALL, A_CAST, A_CANCEL, A_CREDIT = (
+    _A("hello"),
+    _A("call"),
+    _A("cast"),
+    _A("cancel"),
+    _A("credit"),
+)
+A_PING, A_PONG, A_BYE, A_REPLY, A_ERROR = (
+    _A("ping"),
+    _A("pong"),
+    _A("bye"),
+    _A("reply"),
+    _A("error"),
+)
+A_CHUNK, A_SEND, A_DOWN, A_SPAWN = _A("chunk"), _A("send"), _A("down"), _A("spawn")
+A_MFA, A_ANSWER, A_SSHRPC, A_NORMAL = _A("mfa"), _A("answer"), _A("sshrpc"), _A("normal")
+A_BADARG, A_OVERLOAD, A_NOTSUP, A_TOO_LARGE = (
+    _A("badarg"),
+    _A("overload"),
+    _A("notsup"),
+    _A("too_large"),
+)
+A_PROTOCOL_ERROR, A_BAD_TERM = _A("protocol_error"), _A("bad_term")
+A_UNSUPPORTED_VERSION, A_FRAME_TOO_LARGE = _A("unsupported_version"), _A("frame_too_large")
+K_MAX_FRAME, K_CLIENT, K_SERVER, K_NODE = _A("max_frame"), _A("client"), _A("server"), _A("node")
+K_SESSION, K_MAX_CALLS, K_FEATURES = _A("session"), _A("max_calls"), _A("features")
+K_TIMEOUT, K_STREAM = _A("timeout"), _A("stream")
+_HELLO_KEYS = frozenset(
+    {K_MAX_FRAME, K_CLIENT, K_SERVER, K_NODE, K_SESSION, K_MAX_CALLS, K_FEATURES}
+)
+
+
+_Recv = Callable[["Connection", tuple[Any, ...]], Event]
+_Send = Callable[["Connection", Any], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStatistics:
+    """A snapshot of ``Connection.statistics()``."""
+
+    state: Sentinel
+    open_calls: int
+    legacy_in_flight: int
+    frames_received: int
+    frames_sent: int
+    bytes_buffered: int
+    answers_too_large: int
+
+
+class _Open:
+    """Bookkeeping of one open id: is it a stream, how much credit is left."""
+
+    __slots__ = ("credit", "stream")
+
+    def __init__(self, stream: bool, credit: int) -> None:
+        self.stream = stream
+        self.credit = credit
+
+
+def _is_id(value: object) -> bool:
+    return type(value) is int and 0 <= value <= MAX_ID
+
+
+def _is_name(value: object) -> bool:
+    return type(value) is Atom
+
+
+def _atom(value: str) -> Atom:
+    return value if type(value) is Atom else Atom(value)
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else repr(value)
+
+
+def _protocol_error(message: str) -> ProtocolError:
+    return ProtocolError(message, bye=(A_PROTOCOL_ERROR, message.encode("utf-8", "replace")))
+
+
+class Connection:
+    """One sshrpc channel, client or server role, as a state machine.
+
+    Args:
+      role: ``Role.CLIENT`` or ``Role.SERVER``.
+      max_frame: the largest payload this side accepts, announced in
+        ``hello()``; enforced on received frames once the hellos are
+        exchanged (1 MiB before), and in legacy mode.
+      max_calls, features, node, session: the server's hello fields (see
+        ``hello()``); ``features`` defaults to all of them.
+      name: ``"name/version"`` for the hello's ``client``/``server`` key.
+      max_depth: the deepest nesting accepted in a received term.
+
+    ``send(Hello(...))`` makes the sent hello authoritative: its
+    ``max_frame`` is this side's receive limit, and a server enforces its
+    ``max_calls`` and ``features``.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_calls: int = DEFAULT_MAX_CALLS,
+        features: Iterable[str] = ALL_FEATURES,
+        node: str | None = None,
+        session: Any = None,
+        name: str = _DEFAULT_NAME,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+    ) -> None:
+        if not isinstance(role, Role):
+            raise TypeError(f"role must be Role.CLIENT or Role.SERVER, not {role!r}")
+        if type(max_frame) is not int or not 0 < max_frame <= 2**32 - 1:
+            raise ValueError(f"max_frame must be an integer in 1..2**32-1, not {max_frame!r}")
+        if type(max_calls) is not int or max_calls < 1:
+            raise ValueError(f"max_calls must be a positive integer, not {max_calls!r}")
+        self.role: Final = role
+        self.state: Sentinel = IDLE
+        self._table = TRANSITIONS[role]
+        self._max_frame = max_frame
+        self._max_calls = max_calls
+        self._features = tuple(_atom(f) for f in features)
+        self._node = node
+        self._session = session
+        self._name = name
+        self._max_depth = max_depth
+        self._frames = FrameBuffer(DEFAULT_MAX_FRAME)
+        self._send_limit = DEFAULT_MAX_FRAME
+        self._open: dict[int, _Open] = {}
+        self._legacy_in_flight = 0
+        self._eof = False
+        self._error: ProtocolError | None = None
+        self._bye_after_error = False
+        self._got_frame = False
+        self._first_bytes = b""
+        # Server: what our sent hello promised.
+        self._hello_max_calls = max_calls
+        self._hello_features = frozenset(self._features)
+        self._frames_received = 0
+        self._frames_sent = 0
+        self._too_large = 0
+        #: The hello this side sent, once sent.
+        self.our_hello: Hello | None = None
+        #: The peer's ``Hello`` event, once received.
+        self.peer_hello: Hello | None = None
+        #: True once the channel speaks the legacy ``{mfa, ...}`` protocol.
+        self.legacy = False
+        self._recv = self._SERVER_RECV if role is Role.SERVER else self._CLIENT_RECV
+        self._send = self._SERVER_SEND if role is Role.SERVER else self._CLIENT_SEND
+
+    # ------------------------------------------------------------------
+    # Introspection
+
+    @property
+    def peer_max_frame(self) -> int:
+        """The largest payload ``send`` lets through now: 1 MiB until the
+        hellos are exchanged, then the peer's announced ``max_frame``; in
+        legacy mode, 2**32-1 (the original protocol has no limit)."""
+        return self._send_limit
+
+    @property
+    def max_frame(self) -> int:
+        """The largest payload received frames may carry right now."""
+        return self._frames.max_frame
+
+    @property
+    def open_ids(self) -> KeysView[int]:
+        """The ids of calls and spawns that still await their final answer
+        (a live view).  After a ``bye`` the remaining ones never get one."""
+        return self._open.keys()
+
+    def stream_credit(self, id: int) -> int:
+        """How many chunks the server may still send for call ``id`` (0 for
+        an id that is not an open stream call)."""
+        entry = self._open.get(id)
+        return entry.credit if entry is not None and entry.stream else 0
+
+    def statistics(self) -> ConnectionStatistics:
+        """Counters for monitoring; cheap, no side effects."""
+        return ConnectionStatistics(
+            state=self.state,
+            open_calls=len(self._open),
+            legacy_in_flight=self._legacy_in_flight,
+            frames_received=self._frames_received,
+            frames_sent=self._frames_sent,
+            bytes_buffered=self._frames.buffered,
+            answers_too_large=self._too_large,
+        )
+
+    def hello(self) -> Hello:
+        """The ``Hello`` this side should send, built from the constructor's
+        arguments (``send(conn.hello())``)."""
+        if self.role is Role.CLIENT:
+            return Hello(max_frame=self._max_frame, client=self._name)
+        return Hello(
+            max_frame=self._max_frame,
+            server=self._name,
+            node=None if self._node is None else _atom(self._node),
+            session=self._session,
+            max_calls=self._max_calls,
+            features=self._features,
+        )
+
+    # ------------------------------------------------------------------
+    # Receiving
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer bytes read from the channel; ``b""`` means the peer sent
+        EOF (it will send nothing more).  Never raises for the peer's bytes:
+        violations surface from ``next_event``.  Raises
+        ``LocalProtocolError`` for data after EOF."""
+        if self._eof:
+            raise LocalProtocolError("receive_data after EOF")
+        if not data:
+            self._eof = True
+            return
+        if not self._got_frame and len(self._first_bytes) < _JUNK_SHOWN:
+            self._first_bytes += bytes(data[: _JUNK_SHOWN - len(self._first_bytes)])
+        self._frames.feed(data)
+
+    def next_event(self) -> Event | Sentinel:
+        """The next event from the peer, ``NEED_DATA`` (call
+        ``receive_data``) or ``CLOSED`` (the peer sent EOF or ``bye``, or
+        this side sent a non-normal ``bye``: nothing more will come).
+
+        Raises ``ProtocolError`` (``FrameTooLarge`` for an oversized frame)
+        when the peer broke the protocol; see the module docstring.
+        """
+        if self._error is not None:
+            raise self._error
+        while True:
+            if self.state is CLOSED:
+                return CLOSED
+            try:
+                payload = self._frames.next_frame()
+            except FrameTooLarge as exc:
+                raise self._fail(self._junk_error(exc) or exc) from None
+            if payload is None:
+                if not self._eof:
+                    return NEED_DATA
+                if self._frames.buffered:
+                    raise self._fail(
+                        _protocol_error(
+                            f"the channel ended inside a frame ({self._frames.buffered} "
+                            "bytes of it arrived)"
+                        )
+                    )
+                return CLOSED
+            self._frames_received += 1
+            self._got_frame = True
+            term = self._decode(payload)
+            if type(term) is not tuple or not term or type(term[0]) is not Atom:
+                event: Event | None = self._not_a_message(term)
+            else:
+                handler = self._recv.get(term[0])
+                event = self._unknown(term) if handler is None else handler(self, term)
+            if event is not None:
+                return event
+
+    def _decode(self, payload: bytes) -> Any:
+        limit = self._frames.max_frame
+        if len(payload) >= 6 and payload[1] == 80:
+            inflated = int.from_bytes(payload[2:6], "big")
+            if inflated > limit:
+                raise self._fail(
+                    ProtocolError(
+                        f"compressed frame inflates to {inflated} bytes, above max_frame {limit}",
+                        bye=(A_FRAME_TOO_LARGE, inflated, limit),
+                    )
+                )
+        try:
+            return decode(payload, max_depth=self._max_depth, max_inflated=limit)
+        except TermError as exc:
+            junk = self._junk_error(exc)
+            if junk is not None:
+                raise self._fail(junk) from None
+            detail = str(exc)
+            raise self._fail(
+                ProtocolError(f"bad term: {detail}", bye=(A_BAD_TERM, detail.encode()))
+            ) from None
+
+    def _junk_error(self, exc: Exception) -> ProtocolError | None:
+        """A client's view of an unreadable first frame: text before the hello."""
+        if self.role is not Role.CLIENT or self.peer_hello is not None or self.legacy:
+            return None
+        if self._frames_received > 1:
+            return None
+        shown = self._first_bytes[:_JUNK_SHOWN]
+        err = _protocol_error(
+            "the server printed text before the hello (a shell rc file on the server "
+            f"writing to stdout?): first bytes {shown!r} ({exc})"
+        )
+        err.__cause__ = exc
+        return err
+
+    def _fail(self, exc: ProtocolError) -> ProtocolError:
+        self._error = exc
+        self.state = CLOSED
+        self._bye_after_error = True
+        return exc
+
+    def _advance(self, key: str) -> None:
+        new = self._table[self.state].get((RECV, key))
+        if new is None:
+            raise self._fail(
+                _protocol_error(
+                    f"unexpected {key.rstrip('!')} from the "
+                    f"{'client' if self.role is Role.SERVER else 'server'} in state {self.state}"
+                )
+            )
+        self.state = new
+
+    def _not_a_message(self, term: Any) -> Event:
+        if self.state is LEGACY and self.role is Role.SERVER:
+            self._advance("Refused")
+            self._legacy_in_flight += 1
+            return Refused(id=None, reason=A_BADARG, detail="not an mfa request", term=term)
+        if self.state is IDLE or self.state is AWAIT_HELLO:
+            raise self._fail(_protocol_error(f"expected a hello, got {_short(term)}"))
+        raise self._fail(_protocol_error(f"not a message (a tagged tuple): {_short(term)}"))
+
+    def _unknown(self, term: tuple[Any, ...]) -> Event:
+        if self.state is LEGACY and self.role is Role.SERVER:
+            return self._not_a_message(term)
+        if self.state is IDLE or self.state is AWAIT_HELLO:
+            raise self._fail(_protocol_error(f"expected a hello, got {_short(term)}"))
+        self._advance("Unknown")
+        return Unknown(term=term)
+
+    def _read_id(self, term: tuple[Any, ...], what: str) -> int:
+        if len(term) < 2 or not _is_id(term[1]):
+            raise self._fail(_protocol_error(f"{what} without a valid id: {_short(term)}"))
+        return int(term[1])
+
+    def _bad_shape(self, term: tuple[Any, ...]) -> ProtocolError:
+        return self._fail(_protocol_error(f"malformed {term[0]} message: {_short(term)}"))
+
+    # Hello, both roles.
+
+    def _recv_hello(self, term: tuple[Any, ...]) -> Event:
+        self._advance("Hello")
+        if len(term) != 3:
+            raise self._bad_shape(term)
+        version = term[1]
+        if version != PROTOCOL_VERSION or type(version) is not int:
+            raise self._fail(
+                ProtocolError(
+                    f"the peer speaks protocol version {version!r}, this side only 1",
+                    bye=(A_UNSUPPORTED_VERSION, [PROTOCOL_VERSION]),
+                )
+            )
+        fields = term[2]
+        if type(fields) is not dict:
+            raise self._fail(_protocol_error(f"hello without a map: {_short(term)}"))
+        max_frame = fields.get(K_MAX_FRAME, DEFAULT_MAX_FRAME)
+        max_calls = fields.get(K_MAX_CALLS)
+        features = fields.get(K_FEATURES, [])
+        try:
+            if type(max_frame) is not int or max_frame <= 0:
+                raise ValueError(f"max_frame {max_frame!r}")
+            if max_calls is not None and (type(max_calls) is not int or max_calls < 1):
+                raise ValueError(f"max_calls {max_calls!r}")
+            if type(features) is not list or not all(type(f) is Atom for f in features):
+                raise ValueError(f"features {features!r}")
+            client, server = fields.get(K_CLIENT), fields.get(K_SERVER)
+            node = fields.get(K_NODE)
+            if node is not None and type(node) is not Atom:
+                raise ValueError(f"node {node!r}")
+            hello = Hello(
+                version=version,
+                max_frame=max_frame,
+                client=None if client is None else _text(client),
+                server=None if server is None else _text(server),
+                node=node,
+                session=fields.get(K_SESSION),
+                max_calls=max_calls,
+                features=tuple(features),
+                extra={k: v for k, v in fields.items() if k not in _HELLO_KEYS},
+            )
+        except ValueError as exc:
+            raise self._fail(_protocol_error(f"bad hello field: {exc}")) from None
+        self.peer_hello = hello
+        if self.role is Role.CLIENT:
+            # Hellos exchanged (ours went first).
+            self._send_limit = min(max_frame, 2**32 - 1)
+            self._frames.max_frame = self._our_max_frame()
+        return hello
+
+    def _our_max_frame(self) -> int:
+        return self.our_hello.max_frame if self.our_hello is not None else self._max_frame
+
+    # Server role.
+
+    def _srv_call(self, term: tuple[Any, ...]) -> Event:
+        self._advance("Call")
+        call_id = self._read_id(term, "call")
+        if call_id in self._open:
+            raise self._fail(_protocol_error(f"call id {call_id} is already open"))
+        refusal = None
+        n = len(term)
+        if n not in (5, 6):
+            refusal = "a call has 5 or 6 elements"
+        elif not _is_name(term[2]) or not _is_name(term[3]):
+            refusal = "module and function must be atoms"
+        elif type(term[4]) is not list:
+            refusal = "arguments must be a proper list"
+        timeout: int | None = None
+        stream = False
+        credit = DEFAULT_CREDIT
+        if refusal is None and n == 6:
+            opts = term[5]
+            if type(opts) is not dict:
+                refusal = "options must be a map"
+            else:
+                timeout = opts.get(K_TIMEOUT)
+                stream = opts.get(K_STREAM, False)
+                credit = opts.get(A_CREDIT, DEFAULT_CREDIT)
+                if timeout is not None and (type(timeout) is not int or timeout < 0):
+                    refusal = "timeout must be a non-negative integer"
+                elif type(stream) is not bool:
+                    refusal = "stream must be true or false"
+                elif type(credit) is not int or credit < 0:
+                    refusal = "credit must be a non-negative integer"
+        if refusal is None:
+            if stream and "stream" not in self._hello_features:
+                return self._refuse(call_id, A_NOTSUP, "streams are not supported", term)
+            if len(self._open) >= self._hello_max_calls:
+                return self._refuse(call_id, A_OVERLOAD, "too many open calls", term)
+            self._open[call_id] = _Open(stream, credit if stream else 0)
+            return Call(
+                id=call_id,
+                module=term[2],
+                function=term[3],
+                args=term[4],
+                timeout=timeout,
+                stream=stream,
+                credit=credit,
+            )
+        return self._refuse(call_id, A_BADARG, refusal, term)
+
+    def _refuse(self, call_id: int, reason: Atom, detail: str, term: Any) -> Refused:
+        self._open[call_id] = _Open(False, 0)
+        return Refused(id=call_id, reason=reason, detail=detail, term=term)
+
+    def _srv_spawn(self, term: tuple[Any, ...]) -> Event:
+        self._advance("Spawn")
+        call_id = self._read_id(term, "spawn")
+        if call_id in self._open:
+            raise self._fail(_protocol_error(f"spawn id {call_id} is already open"))
+        if len(term) != 5 or not _is_name(term[2]) or not _is_name(term[3]):
+            return self._refuse(call_id, A_BADARG, "spawn needs {spawn, Id, M, F, Args}", term)
+        if type(term[4]) is not list:
+            return self._refuse(call_id, A_BADARG, "arguments must be a proper list", term)
+        if "spawn" not in self._hello_features:
+            return self._refuse(call_id, A_NOTSUP, "spawn is not supported", term)
+        if len(self._open) >= self._hello_max_calls:
+            return self._refuse(call_id, A_OVERLOAD, "too many open calls", term)
+        self._open[call_id] = _Open(False, 0)
+        return Spawn(id=call_id, module=term[2], function=term[3], args=term[4])
+
+    def _srv_cast(self, term: tuple[Any, ...]) -> Event:
+        self._advance("Cast")
+        if len(term) != 4 or not _is_name(term[1]) or not _is_name(term[2]):
+            raise self._bad_shape(term)
+        if type(term[3]) is not list:
+            raise self._bad_shape(term)
+        return Cast(module=term[1], function=term[2], args=term[3])
+
+    def _srv_cancel(self, term: tuple[Any, ...]) -> Event:
+        self._advance("Cancel")
+        call_id = self._read_id(term, "cancel")
+        if len(term) != 2:
+            raise self._bad_shape(term)
+        return Cancel(id=call_id)
+
+    def _srv_credit(self, term: tuple[Any, ...]) -> Event:
+        self._advance("Credit")
+        call_id = self._read_id(term, "credit")
+        if len(term) != 3 or type(term[2]) is not int or term[2] < 0:
+            raise self._bad_shape(term)
+        entry = self._open.get(call_id)
+        if entry is not None and entry.stream:
+            entry.credit += term[2]
+        return Credit(id=call_id, n=term[2])
+
+    def _recv_ping(self, term: tuple[Any, ...]) -> Event:
+        self._advance("Ping")
+        if len(term) != 2:
+            raise self._bad_shape(term)
+        return Ping(token=term[1])
+
+    def _recv_send(self, term: tuple[Any, ...]) -> Event:
+        self._advance("Send")
+        if len(term) != 3:
+            raise self._bad_shape(term)
+        return Send(dest=term[1], msg=term[2])
+
+    def _recv_bye(self, term: tuple[Any, ...]) -> Event:
+        if len(term) != 2:
+            self._advance("Bye!")
+            raise self._bad_shape(term)
+        reason = term[1]
+        self._advance("Bye" if reason == A_NORMAL and type(reason) is Atom else "Bye!")
+        return Bye(reason=reason)
+
+    def _srv_mfa(self, term: tuple[Any, ...]) -> Event:
+        if self.state is IDLE:
+            self.legacy = True
+            self._frames.max_frame = self._max_frame
+            self._send_limit = 2**32 - 1
+        if self.state is LEGACY and (
+            len(term) != 2 or type(term[1]) is not tuple or len(term[1]) != 3
+        ):
+            return self._not_a_message(term)
+        self._advance("Mfa")
+        if len(term) != 2 or type(term[1]) is not tuple or len(term[1]) != 3:
+            # A malformed first frame: legacy mode anyway, answered exec_error.
+            self.state = LEGACY
+            self._legacy_in_flight += 1
+            return Refused(id=None, reason=A_BADARG, detail="malformed mfa", term=term)
+        self._legacy_in_flight += 1
+        module, function, args = term[1]
+        return Mfa(module=module, function=function, args=args)
+
+    # Client role.
+
+    def _cli_reply(self, term: tuple[Any, ...]) -> Event:
+        self._advance("Reply")
+        if len(term) != 3 or not _is_id(term[1]):
+            raise self._bad_shape(term)
+        if self._open.pop(term[1], None) is None:
+            raise self._fail(_protocol_error(f"reply for id {term[1]}, which is not open"))
+        return Reply(id=term[1], value=term[2])
+
+    def _cli_error(self, term: tuple[Any, ...]) -> Event:
+        self._advance("ErrorReply")
+        if len(term) != 3 or not _is_id(term[1]):
+            raise self._bad_shape(term)
+        body = term[2]
+        if (
+            type(body) is not tuple
+            or len(body) != 3
+            or type(body[0]) is not Atom
+            or type(body[2]) not in (dict, Map)
+        ):
+            raise self._bad_shape(term)
+        if self._open.pop(term[1], None) is None:
+            raise self._fail(_protocol_error(f"error for id {term[1]}, which is not open"))
+        return ErrorReply(id=term[1], cls=body[0], reason=body[1], details=body[2])
+
+    def _cli_chunk(self, term: tuple[Any, ...]) -> Event:
+        self._advance("Chunk")
+        if len(term) != 3 or not _is_id(term[1]):
+            raise self._bad_shape(term)
+        entry = self._open.get(term[1])
+        if entry is None or not entry.stream:
+            raise self._fail(_protocol_error(f"chunk for id {term[1]}, not an open stream call"))
+        if entry.credit <= 0:
+            raise self._fail(_protocol_error(f"chunk for id {term[1]} beyond the granted credit"))
+        entry.credit -= 1
+        return Chunk(id=term[1], value=term[2])
+
+    def _cli_down(self, term: tuple[Any, ...]) -> Event:
+        self._advance("Down")
+        if len(term) != 3:
+            raise self._bad_shape(term)
+        return Down(pid=term[1], reason=term[2])
+
+    def _cli_pong(self, term: tuple[Any, ...]) -> Event:
+        self._advance("Pong")
+        if len(term) != 2:
+            raise self._bad_shape(term)
+        return Pong(token=term[1])
+
+    def _cli_answer(self, term: tuple[Any, ...]) -> Event:
+        self._advance("Answer")
+        body = term[1] if len(term) == 2 else None
+        if type(body) is not tuple or len(body) != 2 or type(body[1]) is not int:
+            raise self._bad_shape(term)
+        if self._legacy_in_flight <= 0:
+            raise self._fail(_protocol_error("answer without a request in flight"))
+        self._legacy_in_flight -= 1
+        return Answer(result=body[0], status=body[1])
+
+    _SERVER_RECV: Final[dict[str, _Recv]] = {
+        "hello": _recv_hello,
+        "call": _srv_call,
+        "cast": _srv_cast,
+        "cancel": _srv_cancel,
+        "credit": _srv_credit,
+        "ping": _recv_ping,
+        "spawn": _srv_spawn,
+        "send": _recv_send,
+        "bye": _recv_bye,
+        "mfa": _srv_mfa,
+    }
+    _CLIENT_RECV: Final[dict[str, _Recv]] = {
+        "hello": _recv_hello,
+        "reply": _cli_reply,
+        "error": _cli_error,
+        "chunk": _cli_chunk,
+        "send": _recv_send,
+        "down": _cli_down,
+        "pong": _cli_pong,
+        "bye": _recv_bye,
+        "answer": _cli_answer,
+    }
+
+    # ------------------------------------------------------------------
+    # Sending
+
+    def send(self, event: Event) -> bytes:
+        """The frame bytes for ``event``; write them to the channel in order.
+
+        Raises ``LocalProtocolError`` (nothing sent, nothing changed) for an
+        event this side may not send now: one its role never sends, one the
+        state forbids (a call before ``Hello``, a call after ``Bye``, an
+        answer before the server's hello, anything once ``CLOSED`` except the
+        one ``Bye`` answering a ``ProtocolError``), a call or spawn whose id
+        is open, a server answer for an id that is not open (including a
+        second final answer), a chunk of a non-stream call or without
+        credit, a legacy ``Answer`` with no request in flight.  Raises
+        ``MessageTooLarge`` for a payload above ``peer_max_frame`` (a
+        server's final answer is replaced by a ``too_large`` error instead),
+        ``TypeError``/``TermError`` for values with no Erlang term.
+        """
+        handler = self._send.get(type(event))
+        if handler is None:
+            raise LocalProtocolError(f"a {self.role.value} does not send {type(event).__name__}")
+        return handler(self, event)
+
+    def send_keepalive(self) -> bytes:
+        """A zero-length frame, which the peer ignores.  Allowed in any state
+        before ``CLOSED``."""
+        if self.state is CLOSED:
+            raise LocalProtocolError("cannot send a keepalive: the connection is closed")
+        return b"\0\0\0\0"
+
+    def _next_state(self, key: str) -> Sentinel:
+        new = self._table[self.state].get((SEND, key))
+        if new is None:
+            raise LocalProtocolError(
+                f"a {self.role.value} cannot send {key.rstrip('!')} in state {self.state}"
+            )
+        return new
+
+    def _frame(self, term: Any) -> bytes:
+        frame = encode_frame(term)
+        if len(frame) - 4 > self._send_limit:
+            raise MessageTooLarge(len(frame) - 4, self._send_limit)
+        self._frames_sent += 1
+        return frame
+
+    def _send_hello(self, ev: Hello) -> bytes:
+        new = self._next_state("Hello")
+        fields: dict[Any, Any] = dict(ev.extra)
+        fields[K_MAX_FRAME] = ev.max_frame
+        for key, value in (
+            (K_CLIENT, ev.client),
+            (K_SERVER, ev.server),
+            (K_NODE, ev.node if ev.node is None else _atom(ev.node)),
+            (K_SESSION, ev.session),
+            (K_MAX_CALLS, ev.max_calls),
+        ):
+            if value is not None:
+                fields[key] = value
+        if self.role is Role.SERVER:
+            fields[K_FEATURES] = [_atom(f) for f in ev.features]
+        frame = self._frame((A_HELLO, ev.version, fields))
+        self.our_hello = ev
+        if self.role is Role.SERVER:
+            self._hello_max_calls = ev.max_calls if ev.max_calls is not None else self._max_calls
+            self._hello_features = frozenset(ev.features)
+            # Hellos exchanged (the client's came first).
+            assert self.peer_hello is not None
+            self._send_limit = min(self.peer_hello.max_frame, 2**32 - 1)
+            self._frames.max_frame = min(ev.max_frame, 2**32 - 1)
+        self.state = new
+        return frame
+
+    def _send_bye(self, ev: Bye) -> bytes:
+        if self.state is CLOSED and self._bye_after_error:
+            frame = encode_frame((A_BYE, ev.reason))
+            self._bye_after_error = False
+            self._frames_sent += 1
+            return frame
+        reason = ev.reason
+        new = self._next_state("Bye" if reason == A_NORMAL and isinstance(reason, str) else "Bye!")
+        frame = encode_frame((A_BYE, _atom(reason) if type(reason) is str else reason))
+        self._frames_sent += 1
+        self.state = new
+        return frame
+
+    # Client role.
+
+    def _send_call(self, ev: Call) -> bytes:
+        new = self._next_state("Call")
+        if ev.id in self._open:
+            raise LocalProtocolError(f"call id {ev.id} is already open")
+        term: tuple[Any, ...]
+        if ev.timeout is None and not ev.stream:
+            term = (A_CALL, ev.id, _atom(ev.module), _atom(ev.function), ev.args)
+        else:
+            opts: dict[Any, Any] = {}
+            if ev.timeout is not None:
+                opts[K_TIMEOUT] = ev.timeout
+            if ev.stream:
+                opts[K_STREAM] = True
+                if ev.credit != DEFAULT_CREDIT:
+                    opts[A_CREDIT] = ev.credit
+            term = (A_CALL, ev.id, _atom(ev.module), _atom(ev.function), ev.args, opts)
+        frame = self._frame(term)
+        self._open[ev.id] = _Open(ev.stream, ev.credit if ev.stream else 0)
+        self.state = new
+        return frame
+
+    def _send_spawn(self, ev: Spawn) -> bytes:
+        new = self._next_state("Spawn")
+        if ev.id in self._open:
+            raise LocalProtocolError(f"spawn id {ev.id} is already open")
+        frame = self._frame((A_SPAWN, ev.id, _atom(ev.module), _atom(ev.function), ev.args))
+        self._open[ev.id] = _Open(False, 0)
+        self.state = new
+        return frame
+
+    def _send_cast(self, ev: Cast) -> bytes:
+        new = self._next_state("Cast")
+        frame = self._frame((A_CAST, _atom(ev.module), _atom(ev.function), ev.args))
+        self.state = new
+        return frame
+
+    def _send_cancel(self, ev: Cancel) -> bytes:
+        # Cancelling an unknown or finished id does nothing on the server
+        # (section 4), so it is allowed here too; the id stays open until
+        # its final answer.
+        new = self._next_state("Cancel")
+        frame = self._frame((A_CANCEL, ev.id))
+        self.state = new
+        return frame
+
+    def _send_credit(self, ev: Credit) -> bytes:
+        new = self._next_state("Credit")
+        frame = self._frame((A_CREDIT, ev.id, ev.n))
+        entry = self._open.get(ev.id)
+        if entry is not None and entry.stream:
+            entry.credit += ev.n
+        self.state = new
+        return frame
+
+    def _send_ping(self, ev: Ping) -> bytes:
+        new = self._next_state("Ping")
+        frame = self._frame((A_PING, ev.token))
+        self.state = new
+        return frame
+
+    def _send_send(self, ev: Send) -> bytes:
+        new = self._next_state("Send")
+        frame = self._frame((A_SEND, ev.dest, ev.msg))
+        self.state = new
+        return frame
+
+    def _send_mfa(self, ev: Mfa) -> bytes:
+        new = self._next_state("Mfa")
+        if self.state is IDLE:
+            self._send_limit = 2**32 - 1
+        frame = self._frame((A_MFA, (ev.module, ev.function, ev.args)))
+        if self.state is IDLE:
+            self.legacy = True
+            self._frames.max_frame = self._max_frame
+        self._legacy_in_flight += 1
+        self.state = new
+        return frame
+
+    # Server role.
+
+    def _send_reply(self, ev: Reply) -> bytes:
+        new = self._next_state("Reply")
+        if ev.id not in self._open:
+            raise LocalProtocolError(f"reply for id {ev.id}, which is not open")
+        frame = self._final_frame(ev.id, (A_REPLY, ev.id, ev.value))
+        del self._open[ev.id]
+        self.state = new
+        return frame
+
+    def _send_error(self, ev: ErrorReply) -> bytes:
+        new = self._next_state("ErrorReply")
+        if ev.id not in self._open:
+            raise LocalProtocolError(f"error for id {ev.id}, which is not open")
+        frame = self._final_frame(ev.id, (A_ERROR, ev.id, (_atom(ev.cls), ev.reason, ev.details)))
+        del self._open[ev.id]
+        self.state = new
+        return frame
+
+    def _final_frame(self, call_id: int, term: tuple[Any, ...]) -> bytes:
+        frame = encode_frame(term)
+        if len(frame) - 4 > self._send_limit:
+            self._too_large += 1
+            frame = encode_frame((A_ERROR, call_id, (A_SSHRPC, A_TOO_LARGE, {})))
+        self._frames_sent += 1
+        return frame
+
+    def _send_chunk(self, ev: Chunk) -> bytes:
+        new = self._next_state("Chunk")
+        entry = self._open.get(ev.id)
+        if entry is None or not entry.stream:
+            raise LocalProtocolError(f"chunk for id {ev.id}, which is not an open stream call")
+        if entry.credit <= 0:
+            raise LocalProtocolError(f"chunk for id {ev.id} without credit (wait for Credit)")
+        frame = self._frame((A_CHUNK, ev.id, ev.value))
+        entry.credit -= 1
+        self.state = new
+        return frame
+
+    def _send_down(self, ev: Down) -> bytes:
+        new = self._next_state("Down")
+        frame = self._frame((A_DOWN, ev.pid, ev.reason))
+        self.state = new
+        return frame
+
+    def _send_pong(self, ev: Pong) -> bytes:
+        new = self._next_state("Pong")
+        frame = self._frame((A_PONG, ev.token))
+        self.state = new
+        return frame
+
+    def _send_answer(self, ev: Answer) -> bytes:
+        new = self._next_state("Answer")
+        if self._legacy_in_flight <= 0:
+            raise LocalProtocolError("answer without a legacy request in flight")
+        frame = self._frame((A_ANSWER, (ev.result, ev.status)))
+        self._legacy_in_flight -= 1
+        self.state = new
+        return frame
+
+    _CLIENT_SEND: Final[dict[type[Event], _Send]] = {
+        Hello: _send_hello,
+        Call: _send_call,
+        Cast: _send_cast,
+        Cancel: _send_cancel,
+        Credit: _send_credit,
+        Ping: _send_ping,
+        Spawn: _send_spawn,
+        Send: _send_send,
+        Bye: _send_bye,
+        Mfa: _send_mfa,
+    }
+    _SERVER_SEND: Final[dict[type[Event], _Send]] = {
+        Hello: _send_hello,
+        Reply: _send_reply,
+        ErrorReply: _send_error,
+        Chunk: _send_chunk,
+        Send: _send_send,
+        Down: _send_down,
+        Pong: _send_pong,
+        Bye: _send_bye,
+        Answer: _send_answer,
+    }
+
+
+def _short(term: Any) -> str:
+    text = repr(term)
+    return text if len(text) <= 200 else text[:197] + "..."
