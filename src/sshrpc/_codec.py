@@ -1,21 +1,265 @@
 """Python values <-> ETF bytes, the fast path behind ``sshrpc.encode``/``decode``.
 
-Same contract as the reference codec ``sshrpc._etf`` (which documents it);
-the C transcoder in csrc/ does the work.  (Until the C path lands this module
-delegates to the reference codec.)
+Same contract as the reference codec ``sshrpc._etf``, which documents it:
+same values, same bytes, and ``TermError`` with the same message and offset
+for malformed input.  No I/O.  csrc/README.md explains the design and the
+measurements that chose it; in short:
+
+- decode: C (``sshrpc_etf_to_pickle``) validates the term and transcodes it
+  into a pickle protocol 5 stream, which CPython's C unpickler turns into
+  objects.  The stream never names a global: the few callables it needs
+  (``Atom``, ``BitString``, ...) sit at fixed memo indices of a per-thread
+  unpickler, put there once from a stream built here.  Atoms are cached
+  across calls in the same memo (bounded by ``ATOM_CACHE``), binaries of
+  ``OOB_MIN`` bytes or more travel out of band as one slice of the input.
+- encode: ``pickle.dumps`` (C) flattens the value; C (``sshrpc_pickle_to_etf``)
+  transcodes that stream into canonical ETF.  Anything the transcoder does
+  not know (a subclass, an unsupported type, a cycle, a value the reference
+  rejects) is handed to the reference encoder, which encodes it or raises
+  the documented error.
 """
 
 from __future__ import annotations
 
+import collections
+import copyreg
+import io
+import math
+import pickle
 import struct
+import threading
 from typing import Any
 
-from ._etf import decode, encode
+from . import _etf
+from ._errors import TermError
+from ._etf import (
+    DEFAULT_MAX_BIG_BYTES,
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_INFLATED,
+    _inflate,
+    _make_map,
+)
+from ._types import Atom, BitString, Export, Fun, ImproperList, Map, Pid, Port, Reference
+
+try:
+    from ._sshrpc_c import ffi, lib
+except ImportError as exc:  # pragma: no cover - a broken install
+    raise ImportError(
+        "sshrpc's C module is missing; reinstall sshrpc (pip install .) or, in a "
+        "checkout, run scripts/build-c"
+    ) from exc
 
 __all__ = ["decode", "encode", "encode_frame"]
+
+#: The C module this Python code was written against (csrc/etf.h).
+C_VERSION = 2
+if lib.sshrpc_c_version() != C_VERSION:  # pragma: no cover - a stale build
+    raise ImportError(
+        f"sshrpc's C module is version {lib.sshrpc_c_version()}, this Python code needs "
+        f"{C_VERSION}: rebuild it (scripts/build-c in a checkout, else pip install .)"
+    )
+
+#: Distinct atoms each thread's decoder keeps as ready ``Atom`` objects.
+#: Atoms past this many are built per call; a peer sending many distinct
+#: atoms costs at most this many small strings per thread.
+ATOM_CACHE = 4096
+#: Binaries at least this long are sliced out of the input directly instead
+#: of being copied through the pickle stream.
+OOB_MIN = 2048
+# A thread keeps a stream buffer up to this size between calls.
+_KEEP_OUT = 1 << 20
+_MAX_C_LIMIT = 2**63
+
+
+def _string_float(raw: bytes, pos: int) -> float:
+    text = raw.split(b"\0", 1)[0]
+    try:
+        value = float(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise TermError(f"FLOAT_EXT is not a number: {text!r}", pos) from None
+    if not math.isfinite(value):
+        raise TermError("float is not finite (Erlang has no NaN or infinity)", pos)
+    return value
+
+
+def _map_from_flat(_empty: dict[Any, Any], flat: tuple[Any, ...]) -> dict[Any, Any] | Map:
+    it = iter(flat)
+    return _make_map(list(zip(it, it, strict=True)))
+
+
+_MEMO_CALLABLES: dict[int, tuple[str, str, Any]] = {
+    lib.SSHRPC_M_IMPROPER: ("sshrpc._types", "ImproperList", ImproperList),
+    lib.SSHRPC_M_ATOM: ("sshrpc._types", "Atom", Atom),
+    lib.SSHRPC_M_MAP: ("sshrpc._codec", "_map_from_flat", _map_from_flat),
+    lib.SSHRPC_M_BITSTRING: ("sshrpc._types", "BitString", BitString),
+    lib.SSHRPC_M_PID: ("sshrpc._types", "Pid", Pid),
+    lib.SSHRPC_M_PORT: ("sshrpc._types", "Port", Port),
+    lib.SSHRPC_M_REFERENCE: ("sshrpc._types", "Reference", Reference),
+    lib.SSHRPC_M_FUN: ("sshrpc._types", "Fun", Fun),
+    lib.SSHRPC_M_EXPORT: ("sshrpc._types", "Export", Export),
+    lib.SSHRPC_M_SFLOAT: ("sshrpc._codec", "_string_float", _string_float),
+}
+_ALLOWED = {(module, name): obj for module, name, obj in _MEMO_CALLABLES.values()}
+
+
+def _short_unicode(text: str) -> bytes:
+    raw = text.encode()
+    return b"\x8c" + bytes([len(raw)]) + raw
+
+
+# PROTO 5; per callable: module, name, STACK_GLOBAL, BINPUT index, POP; NONE, STOP.
+_WARMUP = (
+    b"\x80\x05"
+    + b"".join(
+        _short_unicode(module) + _short_unicode(name) + b"\x93q" + bytes([index]) + b"0"
+        for index, (module, name, _) in _MEMO_CALLABLES.items()
+    )
+    + b"N."
+)
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        # Only the warm-up stream names globals; the C transcoder never does.
+        try:
+            return _ALLOWED[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed") from None
+
+
+class _DecodeState:
+    """One thread's transcoder, atom cache, unpickler and stream buffer.
+
+    The C transcoder writes the stream straight into the unpickler's BytesIO
+    (through an exported buffer), so a call costs a seek, not a copy.
+    """
+
+    __slots__ = ("bio", "busy", "c_out", "cap", "io", "pending", "unpickler", "view")
+
+    def __init__(self, atom_cache: int) -> None:
+        handle = lib.sshrpc_io_new(atom_cache)
+        if handle == ffi.NULL:
+            raise MemoryError("cannot allocate the term decoder")
+        self.io = ffi.gc(handle, lib.sshrpc_io_free)
+        self.busy = False
+        self.view: memoryview | None = None
+        self.c_out: Any = None
+        self.cap = 0
+        self.fresh_unpickler()
+
+    def _release(self) -> None:
+        if self.view is not None:
+            ffi.release(self.c_out)
+            self.view.release()
+            self.view = self.c_out = None
+
+    def resize(self, size: int) -> None:
+        """Make the stream buffer ``size`` bytes long."""
+        self._release()
+        self.bio.seek(0)
+        self.bio.truncate()
+        self.bio.write(bytes(size))
+        self.view = self.bio.getbuffer()
+        self.c_out = ffi.from_buffer(self.view)
+        self.cap = size
+
+    def fresh_unpickler(self) -> None:
+        """Start over with an unpickler whose memo holds only the callables."""
+        self._release()
+        lib.sshrpc_dec_forget_atoms(self.io)
+        self.bio = io.BytesIO(_WARMUP)
+        self.pending: collections.deque[bytes] = collections.deque()
+        self.unpickler = _Unpickler(self.bio, buffers=iter(self.pending.popleft, None))
+        self.unpickler.load()
+        self.resize(_KEEP_OUT // 16)
+
+
+_local = threading.local()
+
+
+def _decode_state() -> _DecodeState:
+    state: _DecodeState | None = getattr(_local, "decoder", None)
+    if state is None:
+        state = _local.decoder = _DecodeState(ATOM_CACHE)
+    return state
+
+
+def decode(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_big_bytes: int = DEFAULT_MAX_BIG_BYTES,
+    max_inflated: int = DEFAULT_MAX_INFLATED,
+) -> Any:
+    """Decode one complete term, version byte included.
+
+    Exactly ``sshrpc._etf.decode``: raises ``TermError`` (and nothing else)
+    for anything that is not one valid term within the limits.
+    """
+    if type(data) is not bytes:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"decode needs bytes, not {type(data).__name__}")
+        data = bytes(data)
+    if not (0 <= max_depth < _MAX_C_LIMIT and 0 <= max_big_bytes < _MAX_C_LIMIT):
+        return _etf.decode(
+            data, max_depth=max_depth, max_big_bytes=max_big_bytes, max_inflated=max_inflated
+        )
+    inflated = len(data) > 1 and data[1] == 80 and data[0] == 131
+    if inflated:
+        data = _inflate(data, max_inflated)
+    state = _decode_state()
+    if state.busy:  # re-entered (a finalizer decoding during a decode)
+        state = _DecodeState(0)
+    state.busy = True
+    try:
+        handle = state.io
+        while True:
+            rc = lib.sshrpc_etf_to_pickle(
+                handle, data, len(data), max_depth, max_big_bytes, OOB_MIN, state.c_out, state.cap
+            )
+            if rc != -3:
+                break
+            state.resize(max(2 * state.cap, 4 * len(data) + 64))
+        if rc < 0:
+            if rc == -2:
+                raise MemoryError("out of memory decoding a term")
+            detail = ffi.string(handle.err).decode()
+            if inflated:
+                detail += " (in the inflated term)"
+            raise TermError(detail, handle.err_offset)
+        if rc & 1:
+            oob = ffi.unpack(handle.oob, 2 * handle.n_oob)
+            state.pending.extend(
+                [data[oob[i] : oob[i] + oob[i + 1]] for i in range(0, len(oob), 2)]
+            )
+        state.bio.seek(0)
+        try:
+            value = state.unpickler.load()
+        except TermError as exc:  # a bad FLOAT_EXT, found by _string_float
+            state.fresh_unpickler()
+            if inflated:
+                raise TermError(exc.detail + " (in the inflated term)", exc.offset) from None
+            raise
+        except BaseException:
+            state.fresh_unpickler()
+            raise
+        if state.cap > _KEEP_OUT:
+            state.resize(_KEEP_OUT // 16)
+        return value
+    finally:
+        state.busy = False
+
+
+# ----------------------------------------------------------------------------
+# Encoding
+
+encode = _etf.encode
 
 
 def encode_frame(obj: Any) -> bytes:
     """``obj`` encoded as one frame: a 4-byte big-endian length, then the term."""
     payload = encode(obj)
     return struct.pack(">I", len(payload)) + payload
+
+
+_ = copyreg  # used by the encoder
