@@ -114,18 +114,18 @@ decode(Payload, Opts) ->
 decode_unsafe(Payload, Opts) ->
     Budget = maps:get(new_atoms, Opts, 0),
     case check(Payload) of
-        {ok, NewAtoms} when NewAtoms > 0, NewAtoms =< Budget ->
+        {ok, NewAtoms, _} when NewAtoms > 0, NewAtoms =< Budget ->
             try binary_to_term(Payload, [used]) of
                 {Term, Used} when Used =:= byte_size(Payload) -> {ok, Term, NewAtoms};
                 {_, Used} -> {error, detail(<<"trailing bytes after the term">>, Used)}
             catch
                 error:badarg -> {error, detail(<<"invalid term">>, 0)}
             end;
-        {ok, NewAtoms} when NewAtoms > 0 ->
+        {ok, NewAtoms, {Offset, Text}} when NewAtoms > 0 ->
             {error, detail(iolist_to_binary(io_lib:format(
-                "~b atoms unknown to this node (only existing atoms are accepted)",
-                [NewAtoms])), 0)};
-        {ok, 0} ->
+                "~b atoms unknown to this node (only existing atoms are accepted), "
+                "the first '~ts'", [NewAtoms, Text])), Offset)};
+        {ok, 0, _} ->
             {error, detail(<<"term refused by binary_to_term(B, [safe])">>, 0)};
         {error, What, Offset} ->
             {error, detail(What, Offset)}
@@ -137,13 +137,20 @@ detail(What, Offset) ->
 %% @doc Walk an ETF payload without building it. Returns how many atoms in it
 %% are unknown to this node, or what is wrong and where. The first unknown
 %% atom is not an error here: decode/2 decides.
--spec check(binary()) -> {ok, non_neg_integer()} | {error, binary(), non_neg_integer()}.
+-spec check(binary()) ->
+    {ok, non_neg_integer(), none | {non_neg_integer(), binary()}}
+    | {error, binary(), non_neg_integer()}.
 check(<<131, 80, _:32, _/binary>>) ->
     %% Compressed: binary_to_term already rejected it; report it as a whole.
     {error, <<"invalid compressed term">>, 0};
 check(<<131, Rest/binary>> = Payload) ->
+    erase(sshrpc_first_unknown_atom),
     try walk(Rest, 1, 0, 0) of
-        {<<>>, _Off, New} -> {ok, New};
+        {<<>>, _Off, New} ->
+            case erase(sshrpc_first_unknown_atom) of
+                undefined -> {ok, New, none};
+                First -> {ok, New, First}
+            end;
         {_, Off, _} -> {error, <<"trailing bytes after the term">>, Off}
     catch
         throw:{bad, What, Off} -> {error, What, Off};
@@ -239,6 +246,7 @@ atom(R, LenBytes, Enc, Off, N) ->
                     _ -> bad(<<"invalid atom text">>, Off)
                 end
         end,
+    Known orelse N > 0 orelse put(sshrpc_first_unknown_atom, {Off, Text}),
     {R2, O + LenBytes + L, case Known of true -> N; false -> N + 1 end}.
 
 elems(R, 0, O, _D, N) -> {R, O, N};

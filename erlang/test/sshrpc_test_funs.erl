@@ -2,7 +2,7 @@
 %% sshrpc server's allow list.
 -module(sshrpc_test_funs).
 -export([echo/1, sized/1, sized_list/1, block/1, sleep/1, raise/2, stream/2,
-         notify/2, loop/0, add/2, count/0]).
+         notify/2, loop/0, add/2, count/0, store/2, fetch/1, alive/1]).
 
 echo(X) -> X.
 
@@ -40,3 +40,10 @@ loop() ->
 add(A, B) -> A + B.
 
 count() -> length(processes()).
+
+%% Keeps Value where a test can compare it with an Erlang literal.
+store(Key, Value) -> persistent_term:put({?MODULE, Key}, Value), ok.
+
+fetch(Key) -> persistent_term:get({?MODULE, Key}).
+
+alive(Pid) -> is_pid(Pid) andalso node(Pid) =:= node() andalso is_process_alive(Pid).

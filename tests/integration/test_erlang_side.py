@@ -457,4 +457,5 @@ def test_exec_shell_and_other_subsystems_are_refused(
     ]  # fmt: skip
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
     assert proc.returncode != 0, proc
+    assert b"request failed on channel" in proc.stderr, proc.stderr
     assert server_node.eval("1 + 1") == 2

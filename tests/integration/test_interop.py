@@ -1,0 +1,238 @@
+"""Python and Erlang across the same wire (PROTOCOL.md), both directions.
+
+- The Python client (``sshrpc.open_connection``) calls an Erlang VM served by
+  ``sshrpc_daemon`` (erlang/src): calls, every error class, cancellation that
+  stops the Erlang worker, 1,000 concurrent calls, 16 MiB both ways, and
+  terms that cross unchanged (checked against Erlang literals in the VM).
+- The Erlang client (``sshrpc:connect``) calls the Python node behind
+  OpenSSH's sshd (see the ``python_node`` fixture below).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from erlang_helpers import (
+    ErlangNode,
+    ErlangServer,
+    erlang_available,
+    start_erlang_server,
+)
+
+import sshrpc
+from sshrpc import Atom, BitString, ImproperList
+from sshrpc.client import open_connection
+
+pytestmark = [
+    pytest.mark.skipif(not erlang_available(), reason="Erlang/OTP is not installed"),
+    pytest.mark.timeout(90),
+]
+
+MAX_FRAME = 32 * 1024 * 1024
+UTF8_ATOM = "h3_atom_héllo_wörld_π_日本"
+TEST_ATOMS = ["h3_py_block", "h3_py_cancel", "h3_term", UTF8_ATOM]
+ALLOW = "[{erlang, node, 0}, {lists, reverse, 1}, {sshrpc_test_funs, '_', '_'}]"
+
+
+@pytest.fixture(scope="module")
+def erlang_node() -> Iterator[ErlangNode]:
+    node = ErlangNode()
+    try:
+        node.eval("[list_to_atom(A) || A <- [" + ",".join(f'"{a}"' for a in TEST_ATOMS) + "]]")
+        yield node
+    finally:
+        node.close()
+
+
+@pytest.fixture(scope="module")
+def erlang_server(
+    erlang_node: ErlangNode, tmp_path_factory: pytest.TempPathFactory, client_key: Any
+) -> Iterator[ErlangServer]:
+    srv = start_erlang_server(
+        erlang_node,
+        tmp_path_factory.mktemp("interop_server"),
+        [client_key.public_line],
+        allow=ALLOW,
+        options=f"{{max_frame, {MAX_FRAME}}}",
+    )
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+async def node(erlang_server: ErlangServer, tmp_path: Path, client_key: Any) -> AsyncIterator[Any]:
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(erlang_server.known_hosts_line + "\n")
+    async with open_connection(
+        "127.0.0.1",
+        port=erlang_server.port,
+        user="tester",
+        identity=str(client_key.private),
+        known_hosts=str(known_hosts),
+        agent=False,
+        max_frame=MAX_FRAME,
+    ) as conn:
+        yield conn
+
+
+async def in_erlang(node: ErlangNode, expr: str) -> Any:
+    """Evaluate in the Erlang VM without blocking the Trio loop."""
+    return await trio.to_thread.run_sync(node.eval, expr)
+
+
+async def wait_in_erlang(node: ErlangNode, expr: str) -> None:
+    await trio.to_thread.run_sync(node.wait_until, expr)
+
+
+# --- Python client -> Erlang server -------------------------------------------
+
+
+async def test_python_calls_erlang(node: Any, erlang_node: ErlangNode) -> None:
+    assert await node.call("erlang", "node", []) == await in_erlang(erlang_node, "node()")
+    assert await node.call("lists", "reverse", [[1, 2, 3]]) == [3, 2, 1]
+    assert node.hello["features"]
+
+
+@pytest.mark.parametrize(
+    ("function", "args", "cls", "reason"),
+    [
+        ("raise", [Atom("error"), Atom("badarith")], "error", "badarith"),
+        ("raise", [Atom("exit"), (Atom("shutdown"), 1)], "exit", ("shutdown", 1)),
+        ("raise", [Atom("throw"), b"thrown"], "throw", b"thrown"),
+        ("add", [1, Atom("error")], "error", "badarith"),
+    ],
+)
+async def test_python_sees_erlang_error_classes(
+    node: Any, function: str, args: list[Any], cls: str, reason: Any
+) -> None:
+    with pytest.raises(sshrpc.RemoteError) as info:
+        await node.call("sshrpc_test_funs", function, args)
+    assert (info.value.cls, info.value.reason, info.value.details) == (cls, reason, {})
+
+
+async def test_python_sees_forbidden_and_undef(node: Any) -> None:
+    with pytest.raises(sshrpc.Forbidden):
+        await node.call("lists", "sort", [[1]])
+    with pytest.raises(sshrpc.Forbidden):
+        await node.call("os", "cmd", [b"id"])
+    with pytest.raises(sshrpc.Undef):
+        await node.call("sshrpc_test_funs", "reverse", [[1]])
+    assert await node.call("lists", "reverse", [[]]) == []
+
+
+async def test_python_cancel_stops_the_erlang_worker(node: Any, erlang_node: ErlangNode) -> None:
+    async with trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+
+        async def blocked_call() -> None:
+            with scope:
+                await node.call("sshrpc_test_funs", "block", [Atom("h3_py_cancel")])
+
+        nursery.start_soon(blocked_call)
+        await wait_in_erlang(erlang_node, "is_pid(whereis(h3_py_cancel))")
+        scope.cancel()
+    await wait_in_erlang(erlang_node, "whereis(h3_py_cancel) =:= undefined")
+    assert await node.call("lists", "reverse", [[1, 2]]) == [2, 1]
+
+
+async def test_python_deadline_reaches_erlang(node: Any, erlang_node: ErlangNode) -> None:
+    # The server's timeout (sent as the call's remaining time) and the local
+    # deadline race: either ends the call, and the worker must stop.
+    with trio.move_on_after(0.3) as scope:
+        try:
+            await node.call("sshrpc_test_funs", "block", [Atom("h3_py_block")])
+        except sshrpc.RemoteTimeout:
+            pass
+        else:
+            raise AssertionError("the blocked call returned")
+    assert scope.deadline < trio.current_time() + 0.05
+    await wait_in_erlang(erlang_node, "whereis(h3_py_block) =:= undefined")
+
+
+async def test_python_1000_concurrent_calls(node: Any) -> None:
+    results: dict[int, Any] = {}
+
+    async def worker(first: int) -> None:
+        for i in range(first, first + 10):
+            results[i] = await node.call("sshrpc_test_funs", "echo", [(i, b"x" * (i % 50))])
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for first in range(0, 1000, 10):
+                nursery.start_soon(worker, first)
+    assert results == {i: (i, b"x" * (i % 50)) for i in range(1000)}
+
+
+async def test_python_1000_calls_in_flight_at_once(node: Any) -> None:
+    results: dict[int, Any] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await node.call("sshrpc_test_funs", "add", [i, 1])
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for i in range(1000):
+                nursery.start_soon(one, i)
+    assert results == {i: i + 1 for i in range(1000)}
+
+
+async def test_python_16_mib_both_ways(node: Any) -> None:
+    big = bytes(range(256)) * (16 * 1024 * 1024 // 256)
+    with trio.fail_after(60):
+        assert await node.call("sshrpc_test_funs", "echo", [big]) == big
+        got = await node.call("sshrpc_test_funs", "sized", [16 * 1024 * 1024])
+    assert got == b"x" * (16 * 1024 * 1024)
+
+
+#: (Python value, the same term as an Erlang literal)
+TERMS: list[tuple[Any, str]] = [
+    (2**200, "1 bsl 200"),
+    (-(2**70) + 3, "-(1 bsl 70) + 3"),
+    (2**64, "18446744073709551616"),
+    (-1, "-1"),
+    (1.5, "1.5"),
+    (-0.0, "-0.0"),
+    (1e300, "1.0e300"),
+    (Atom(UTF8_ATOM), "'" + UTF8_ATOM + "'"),
+    ({Atom("a"): 1, b"k": [1, 2], 3: {Atom("error"): ()}},
+     "#{a => 1, <<\"k\">> => [1, 2], 3 => #{error => {}}}"),
+    (ImproperList([1, 2], 3), "[1, 2 | 3]"),
+    (BitString(b"\xab\xc0", 3), "<<16#AB, 6:3>>"),
+    ("text é", "<<\"text é\"/utf8>>"),
+    ([], "[]"),
+    ((True, False, None), "{true, false, undefined}"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("value", "literal"), TERMS, ids=[t[1][:30] for t in TERMS])
+async def test_terms_cross_unchanged(
+    node: Any, erlang_node: ErlangNode, value: Any, literal: str
+) -> None:
+    await node.call("sshrpc_test_funs", "store", [Atom("h3_term"), value])
+    assert await in_erlang(erlang_node, f"sshrpc_test_funs:fetch(h3_term) =:= ({literal})") is True
+    back = await node.call("sshrpc_test_funs", "echo", [value])
+    if isinstance(value, str) and not isinstance(value, Atom):
+        assert back == value.encode()
+    elif isinstance(value, float):
+        assert repr(back) == repr(value)
+    else:
+        assert back == value
+    assert sshrpc.encode(back) == sshrpc.encode(await in_erlang(erlang_node, literal))
+
+
+async def test_erlang_pids_come_back_as_the_same_pid(node: Any) -> None:
+    pid = await node.spawn("sshrpc_test_funs", "loop", [])
+    assert await node.call("sshrpc_test_funs", "echo", [pid]) == pid
+    assert await node.call("sshrpc_test_funs", "alive", [pid]) is True
+    session = node.hello["session"]
+    await node.send(pid, (Atom("ping"), session))
+    assert await node.receive() == ("pong", pid)
+    await node.send(pid, Atom("stop"))
+    assert await node.receive() == ("down", pid, "normal")
+    assert await node.call("sshrpc_test_funs", "alive", [pid]) is False
