@@ -365,8 +365,14 @@ def test_reference_and_public_codec_agree(conformance: dict[str, Outcome]) -> No
 
 
 def test_report_counts(conformance: dict[str, Outcome], capsys: pytest.CaptureFixture[str]) -> None:
-    fast = sshrpc.encode is not sshrpc._etf.encode
-    lines = [f"ETF conformance vs Erlang/OTP (sshrpc.encode is {'C' if fast else 'reference'}):"]
+    paths = {
+        op: "reference" if getattr(sshrpc, op) is getattr(sshrpc._etf, op) else "C"
+        for op in ("decode", "encode")
+    }
+    lines = [
+        f"ETF conformance vs Erlang/OTP (sshrpc.decode: {paths['decode']}, "
+        f"sshrpc.encode: {paths['encode']}):"
+    ]
     for label, outcome in conformance.items():
         results = outcome.results.values()
         lines.append(
