@@ -3,6 +3,8 @@
 This module only re-exports; each name is documented where it is defined.
 """
 
+from typing import TYPE_CHECKING
+
 from ._codec import decode, encode
 from ._errors import (
     AuthenticationFailed,
@@ -28,6 +30,39 @@ from ._errors import (
 from ._types import Atom, BitString, Export, Fun, ImproperList, Map, Pid, Port, Reference
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from ._ssh import KeyFileNotFound as KeyFileNotFound
+    from ._ssh import KeyPassphraseError as KeyPassphraseError
+    from .client import Connection as Connection
+    from .client import ConnectionStatistics as ConnectionStatistics
+    from .client import Pool as Pool
+    from .client import connect_node as connect_node
+    from .client import multicall as multicall
+    from .client import open_connection as open_connection
+
+#: The client (Trio, ssh2-python) is imported on first use, so that
+#: ``import sshrpc`` stays light for the server-side subsystem entry.
+_CLIENT_NAMES = {
+    "Connection": "client",
+    "ConnectionStatistics": "client",
+    "KeyFileNotFound": "_ssh",
+    "KeyPassphraseError": "_ssh",
+    "Pool": "client",
+    "connect_node": "client",
+    "multicall": "client",
+    "open_connection": "client",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _CLIENT_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sshrpc' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
 
 __all__ = [
     "Atom",

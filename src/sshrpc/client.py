@@ -156,6 +156,12 @@ class _Pending:
     abandoned: bool = False
     chunks: deque[Any] | None = None
     chunk_event: trio.Event | None = None
+    slot: trio.Semaphore | None = None
+
+    def release(self) -> None:
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +169,7 @@ class ConnectionStatistics:
     """A snapshot of a connection (``Connection.statistics()``)."""
 
     open_calls: int
+    waiting_for_slot: int
     queued_bytes: int
     write_limit: int
     undelivered: int
@@ -214,6 +221,10 @@ class Connection:
         self._closed = False
         self._last_heard = trio.current_time()
         self._cancel_scope = trio.CancelScope()
+        #: One slot per call the server allows open at once (hello's
+        #: ``max_calls``): callers beyond it wait here instead of getting
+        #: ``overload``.  A slot is freed by the call's final answer.
+        self._slots: trio.Semaphore | None = None
 
     # -- set-up --------------------------------------------------------------
 
@@ -290,6 +301,7 @@ class Connection:
                         pending.chunk_event.set()
                 return
             del self._pending[pending.id]
+            pending.release()
             if tag == "reply":
                 pending.ok, pending.value = True, term[2]
             else:
@@ -321,6 +333,9 @@ class Connection:
             if term[1] != 1 or not isinstance(term[2], dict):
                 raise ProtocolError(f"the server speaks an unsupported version: {term!r}")
             self.hello = {str(k): v for k, v in term[2].items()}
+            max_calls = self.hello.get("max_calls")
+            if isinstance(max_calls, int) and not isinstance(max_calls, bool) and max_calls > 0:
+                self._slots = trio.Semaphore(max_calls)
             max_frame = self.hello.get("max_frame")
             self._peer_max_frame = max_frame if isinstance(max_frame, int) else 1024 * 1024
             self._hello_event.set()
@@ -337,6 +352,7 @@ class Connection:
         if self._error is None:
             self._error = error
         for pending in list(self._pending.values()):
+            pending.release()
             if not pending.done.is_set():
                 pending.error = error
                 pending.done.set()
@@ -403,11 +419,20 @@ class Connection:
         no checkpoint in between (a cancel leaves nothing registered)."""
         self._check_open()
         frame = self._wire.frame(term_for_id)
-        while self._pump.queued_bytes >= self._pump.write_limit:
-            await self._pump.send(b"")  # waits for room (or raises if lost)
+        slots = self._slots
+        if slots is not None:
+            await slots.acquire()
+        try:
+            while self._pump.queued_bytes >= self._pump.write_limit:
+                await self._pump.send(b"")  # waits for room (or raises if lost)
+                self._check_open()
+            await trio.lowlevel.checkpoint_if_cancelled()
             self._check_open()
-        await trio.lowlevel.checkpoint_if_cancelled()
-        self._check_open()
+        except BaseException:
+            if slots is not None:
+                slots.release()
+            raise
+        pending.slot = slots
         self._pending[pending.id] = pending
         self._pump.send_nowait(frame)
 
@@ -609,6 +634,7 @@ class Connection:
             except Exception:  # a getter; a closed channel has no windows
                 pass
         return ConnectionStatistics(
+            waiting_for_slot=self._slots.statistics().tasks_waiting if self._slots else 0,
             open_calls=sum(1 for p in self._pending.values() if not p.abandoned),
             queued_bytes=self._pump.queued_bytes,
             write_limit=self._pump.write_limit,

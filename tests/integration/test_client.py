@@ -1,0 +1,328 @@
+"""The Trio client against a real OpenSSH sshd serving ``sshrpc.demo``
+(``sshrpc_server``), or test-only subsystems (``private_sshd``)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+from typing import Any
+
+import pytest
+import trio
+
+import sshrpc
+from sshrpc import Atom
+from sshrpc._sshd import free_port
+from sshrpc.client import Connection, open_connection
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _connect(info: Any, **options: Any) -> Any:
+    return open_connection(
+        info.host,
+        info.port,
+        user=info.user,
+        identity=str(info.identity),
+        known_hosts=str(info.known_hosts),
+        agent=False,
+        **options,
+    )
+
+
+async def _poll(node: Connection, module: str, function: str, want: Any, within: float) -> Any:
+    """Call until the answer is ``want`` (bounded by ``within`` seconds)."""
+    got = None
+    with trio.move_on_after(within):
+        while True:
+            got = await node.call(module, function, [])
+            if got == want:
+                return got
+            await trio.sleep(0.01)  # bounded polling of remote state
+    return got
+
+
+async def test_call_cast_stream_spawn_ping(sshrpc_server: Any) -> None:
+    async with _connect(sshrpc_server) as node:
+        assert await node.call("lists", "reverse", [[1, 2, 3]]) == [3, 2, 1]
+        assert node.hello["node"]
+        await node.cast("log", "info", [b"hi"])
+        assert await _poll(node, "log", "last", b"hi", 5) == b"hi"
+        assert [x async for x in node.stream("feed", "tail", [100])] == list(range(100))
+        pid = await node.spawn("worker", "loop", [])
+        await node.send(pid, (Atom("job"), 1))
+        assert await node.receive() == (Atom("echo"), (Atom("job"), 1))
+        await node.send(pid, Atom("stop"))
+        down = await node.receive()
+        assert down[0] == "down" and down[1] == pid
+        assert 0 < await node.ping() < 5
+        stats = node.statistics()
+        assert stats.open_calls == 0 and stats.queued_bytes == 0
+
+
+# -- a test-only subsystem for behaviours the demo node cannot show -------------
+
+SUBSYSTEM_SCRIPT = r"""
+import os, struct, sys, time
+sys.path[:0] = [{src!r}]
+from sshrpc._codec import decode, encode
+from sshrpc._types import Atom as A, Pid
+
+mode = sys.argv[1]
+open(sys.argv[2], "w").write(str(os.getpid()))
+out = sys.stdout.buffer
+def send(term):
+    payload = encode(term)
+    out.write(struct.pack(">I", len(payload)) + payload)
+    out.flush()
+def read():
+    head = sys.stdin.buffer.read(4)
+    if len(head) < 4:
+        sys.exit(0)
+    return decode(sys.stdin.buffer.read(struct.unpack(">I", head)[0]))
+if mode == "junk":
+    out.write(b"Welcome! Last login: yesterday\n")
+    out.flush()
+read()
+session = Pid.new("test@host", 1)
+send((A("hello"), 1, {{A("max_frame"): 1 << 20, A("session"): session, A("max_calls"): 1000}}))
+if mode == "noread":
+    time.sleep(3600)
+if mode == "flood":
+    n = 0
+    while True:
+        send((A("send"), session, (n, b"x" * 1000)))
+        n += 1
+while True:
+    term = read()
+    if term[0] == "call" and term[3] == "hang":
+        continue
+    if term[0] == "call":
+        send((A("reply"), term[1], term[5] if len(term) > 5 else {{}}))
+    elif term[0] == "ping":
+        send((A("pong"), term[1]))
+    elif term[0] == "bye":
+        send((A("bye"), A("normal")))
+        sys.exit(0)
+"""
+
+
+@pytest.fixture
+def test_sshd(private_sshd: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A private sshd whose subsystems are the test script in each mode;
+    ``info.pid_file(mode)`` names the file the script writes its pid to."""
+    base = tmp_path_factory.mktemp("subsys")
+    src = os.path.dirname(os.path.dirname(sshrpc.__file__))
+    script = base / "subsystem.py"
+    script.write_text(SUBSYSTEM_SCRIPT.format(src=src))
+    python = sys.executable
+    modes = ["opts", "junk", "noread", "flood"]
+    info = private_sshd({mode: f"{python} -I {script} {mode} {base / mode}.pid" for mode in modes})
+    info.pid_file = lambda mode: base / f"{mode}.pid"  # type: ignore[attr-defined]
+    return info
+
+
+def _channel(info: Any, subsystem: str, **options: Any) -> Any:
+    return _connect(info, subsystem=subsystem, **options)
+
+
+def _pid(info: Any, mode: str) -> int:
+    return int(info.pid_file(mode).read_text())
+
+
+# -- deadlines and cancellation -----------------------------------------------
+
+
+async def test_deadline_travels_as_timeout_opt(test_sshd: Any) -> None:
+    async with _channel(test_sshd, "opts") as node:
+        assert await node.call("m", "f", []) == {}
+        with trio.fail_after(2):
+            opts = await node.call("m", "f", [])
+        assert 1500 < opts["timeout"] <= 2000
+        with trio.move_on_after(30), trio.move_on_after(0.8):
+            opts = await node.call("m", "f", [])
+        assert 0 < opts["timeout"] <= 800
+
+
+async def test_cancellation_reaches_the_server(sshrpc_server: Any) -> None:
+    async with _connect(sshrpc_server) as node:
+        with trio.move_on_after(0.3) as scope:
+            await node.call("slow", "work", [30])
+        assert scope.cancelled_caught
+        assert await _poll(node, "slow", "status", "cancelled", 5) == "cancelled"
+        assert await node.call("slow", "was_cancelled", []) is True
+        assert node.statistics().open_calls == 0
+
+
+async def test_remote_errors_are_typed(sshrpc_server: Any) -> None:
+    async with _connect(sshrpc_server) as node:
+        with pytest.raises(sshrpc.Undef):
+            await node.call("lists", "nope", [])
+        with pytest.raises(sshrpc.Forbidden):
+            await node.call("secret", "thing", [])
+        with pytest.raises(sshrpc.RemoteError) as info:
+            await node.call("errors", "raise", [Atom("throw"), Atom("oops")])
+        assert (info.value.cls, info.value.reason) == ("throw", "oops")
+        # The connection is still fine afterwards.
+        assert await node.call("echo", "echo", [1]) == 1
+
+
+# -- many callers -----------------------------------------------------------
+
+
+async def test_1000_concurrent_calls_from_100_tasks_routed_right(sshrpc_server: Any) -> None:
+    results: dict[tuple[int, int], Any] = {}
+    async with _connect(sshrpc_server) as node:
+
+        async def worker(w: int) -> None:
+            for j in range(10):
+                results[(w, j)] = await node.call("echo", "echo", [(w, j, b"x" * (w * j))])
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for w in range(100):
+                    nursery.start_soon(worker, w)
+        assert len(results) == 1000
+        for (w, j), value in results.items():
+            assert value == (w, j, b"x" * (w * j))
+        assert node.statistics().open_calls == 0
+
+
+async def test_multicall_and_pool(sshrpc_server: Any, client_key: Any) -> None:
+    opts = {
+        "identity": str(sshrpc_server.identity),
+        "known_hosts": str(sshrpc_server.known_hosts),
+        "agent": False,
+    }
+    dest = f"{sshrpc_server.host}:{sshrpc_server.port}"
+    dead = f"127.0.0.1:{free_port()}"
+    async with _connect(sshrpc_server) as node:
+        results = await sshrpc.multicall([node, dest, dead], "os", "getpid", [], **opts)
+    assert results[0] == results[1] and isinstance(results[0], int)
+    assert isinstance(results[2], sshrpc.ConnectionLost)
+    async with sshrpc.Pool(**opts) as pool:
+        first = await pool.get(dest)
+        assert await pool.call(dest, "lists", "reverse", [[1, 2]]) == [2, 1]
+        assert await pool.get(dest) is first
+
+
+# -- failures -----------------------------------------------------------------
+
+
+async def test_server_killed_mid_call_fails_promptly(test_sshd: Any) -> None:
+    async with _channel(test_sshd, "opts") as node:
+        failed = trio.Event()
+        caught: list[BaseException] = []
+
+        async def hang() -> None:
+            try:
+                await node.call("m", "hang", [])
+            except sshrpc.ConnectionLost as exc:
+                caught.append(exc)
+            failed.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hang)
+            assert await node.ping() >= 0
+            os.kill(_pid(test_sshd, "opts"), signal.SIGKILL)
+            with trio.fail_after(3):
+                await failed.wait()
+        assert caught
+        with pytest.raises(sshrpc.ConnectionLost):
+            await node.call("m", "f", [])
+
+
+async def test_dead_peer_detected_by_keepalive(test_sshd: Any) -> None:
+    async with _channel(test_sshd, "opts", keepalive=0.2, keepalive_misses=3) as node:
+        await node.ping()
+        pid = _pid(test_sshd, "opts")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            start = trio.current_time()
+            with trio.fail_after(5), pytest.raises(sshrpc.ConnectionLost, match="keepalive"):
+                await node.call("m", "hang", [])
+            assert trio.current_time() - start < 1.5
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGCONT)
+
+
+async def test_junk_before_hello_says_so(test_sshd: Any) -> None:
+    with pytest.raises(sshrpc.ProtocolError, match="before its hello") as info:
+        async with _channel(test_sshd, "junk"):
+            pass
+    assert "Welcome" in str(info.value)
+
+
+async def test_unreachable_and_wrong_port() -> None:
+    port = free_port()
+    with trio.fail_after(10), pytest.raises(sshrpc.ConnectionLost, match=f"port {port}"):
+        async with open_connection("127.0.0.1", port, use_ssh_config=False):
+            pass
+
+    async def not_ssh(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, host="127.0.0.1"), not_ssh, 0
+        )
+        wrong = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(10), pytest.raises(sshrpc.ConnectionLost, match="handshake"):
+            async with open_connection("127.0.0.1", wrong, use_ssh_config=False):
+                pass
+        nursery.cancel_scope.cancel()
+
+
+async def test_reconnect_loop_keeps_the_loop_non_blocking(sshrpc_server: Any) -> None:
+    # Freeing a libssh2 session restores the fd's blocking mode; if the socket
+    # were closed first, a new socket reusing that fd would turn blocking.
+    with trio.fail_after(30):
+        for i in range(15):
+            async with _connect(sshrpc_server, keepalive=None) as node:
+                assert await node.call("echo", "echo", [i]) == i
+            probe = trio.socket.socket()
+            try:
+                assert not os.get_blocking(probe.fileno())
+            finally:
+                probe.close()
+
+
+# -- backpressure -------------------------------------------------------------
+
+
+async def test_client_flooding_a_server_that_does_not_read(test_sshd: Any) -> None:
+    limit = 256 * 1024
+    payload = b"x" * 100_000
+    sent = 0
+    async with _channel(test_sshd, "noread", write_limit=limit) as node:
+        with trio.move_on_after(2):
+            for _ in range(300):  # 30 MB if nothing pushed back
+                await node.cast("m", "f", [payload])
+                sent += 1
+                assert node.statistics().queued_bytes <= limit + len(payload) + 64
+        stats = node.statistics()
+        assert sent < 300, "cast never waited: no backpressure"
+        assert stats.queued_bytes >= limit - len(payload) - 64
+        os.kill(_pid(test_sshd, "noread"), signal.SIGKILL)
+
+
+async def test_server_flooding_a_client_that_does_not_read(test_sshd: Any) -> None:
+    bound = 100
+    async with _channel(test_sshd, "flood", max_undelivered=bound) as node:
+        with trio.fail_after(10):
+            while not node.statistics().reading_paused:
+                await trio.sleep(0.01)  # bounded polling of the pump's state
+        first = node.statistics()
+        # One channel read (64 KiB) may overshoot by what it held.
+        assert bound <= first.mailbox <= bound + 70
+        await trio.sleep(0.3)  # and it stays there: nothing more is read
+        assert node.statistics().mailbox == first.mailbox
+        received = first.bytes_received
+        for n in range(500):  # taking messages resumes reading, in order
+            assert (await node.receive())[0] == n
+        assert node.statistics().bytes_received > received
+        os.kill(_pid(test_sshd, "flood"), signal.SIGKILL)
