@@ -250,6 +250,10 @@ class DriverError(RuntimeError):
     pass
 
 
+class DriverTimeout(DriverError):
+    pass
+
+
 class Driver:
     """A client driver process; ``request`` sends one command and waits
     (bounded) for its one-line answer."""
@@ -294,7 +298,7 @@ class Driver:
         while b"\n" not in self._buf:
             left = end - time.monotonic()
             if left <= 0:
-                raise DriverError(f"no answer within {timeout_s:.0f} s")
+                raise DriverTimeout(f"no answer within {timeout_s:.0f} s")
             r, _, _ = select.select([fd], [], [], left)
             if r:
                 chunk = os.read(fd, 1 << 20)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,12 +167,70 @@ def start_erlang(ctx: Context) -> ServerHandle:
     return ServerHandle(port, [proc.pid], lambda: stop_process(proc), {"known_hosts": kh})
 
 
+def _start_sshrpc_serve(ctx: Context, name: str, extra: list[str]) -> ServerHandle:
+    if importlib.util.find_spec("sshrpc.cli") is None:
+        raise Unavailable("sshrpc serve (sshrpc.cli) is not there yet")
+    if importlib.util.find_spec("sshrpc.node") is None:
+        raise Unavailable("the node (sshrpc.node) is not there yet")
+    d = Path(tempfile.mkdtemp(prefix=f"{name}-", dir="/tmp"))  # short: a Unix socket lives here
+    ak = d / "client_authorized_keys"
+    ak.write_text(Path(f"{ctx.client_key}.pub").read_text())
+    port = free_port()
+    proc = _popen(
+        [
+            PYTHON,
+            "-m",
+            "sshrpc.cli",
+            "serve",
+            "bench.systems.sshrpc_service:svc",
+            "--port",
+            str(port),
+            "--authorized-keys",
+            str(ak),
+            "--state-dir",
+            str(d / "state"),
+            *extra,
+        ],
+        ctx.logs / f"{name}.log",
+    )
+
+    def stop() -> None:
+        stop_process(proc, 10)
+        shutil.rmtree(d, ignore_errors=True)
+
+    try:
+        wait_port(port, 60, proc)
+        host_pub = _find_host_pub(d / "state")
+    except Exception:
+        stop()
+        raise
+    kh = _known_hosts(ctx.state / f"{name}_known_hosts", port, host_pub)
+    return ServerHandle(port, [proc.pid], stop, {"known_hosts": kh})
+
+
+def _find_host_pub(state: Path) -> Path:
+    found = sorted(state.rglob("*ed25519*.pub"))
+    if not found:
+        raise Unavailable(f"sshrpc serve wrote no ed25519 host key under {state}")
+    return found[0]
+
+
+def start_sshrpc_relay(ctx: Context) -> ServerHandle:
+    return _start_sshrpc_serve(ctx, "sshrpc_relay", [])
+
+
+def start_sshrpc_inproc(ctx: Context) -> ServerHandle:
+    return _start_sshrpc_serve(ctx, "sshrpc_inproc", ["--in-process"])
+
+
 SERVERS: dict[str, Callable[[Context], ServerHandle]] = {
     "tcp_floor": start_tcp_floor,
     "openssh_cat": start_openssh_cat,
     "openssh_pynode": start_openssh_pynode,
     "asyncssh": start_asyncssh,
     "erlang": start_erlang,
+    "sshrpc_relay": start_sshrpc_relay,
+    "sshrpc_inproc": start_sshrpc_inproc,
 }
 
 
@@ -240,12 +299,51 @@ def _erlang_client(ctx: Context, server: ServerHandle) -> list[str]:
     ]
 
 
+def _sshrpc_client(ctx: Context, server: ServerHandle) -> list[str]:
+    if importlib.util.find_spec("sshrpc.client") is None:
+        raise Unavailable("the sshrpc client (sshrpc.client) is not there yet")
+    return [
+        PYTHON,
+        str(BENCH / "systems" / "sshrpc_client.py"),
+        str(server.port),
+        str(ctx.client_key),
+        str(server.info["known_hosts"]),
+    ]
+
+
 #: Which result is which anchor.
 ANCHOR_ROLES = {"Erlang seed (OTP -> OTP)": "seed", "TCP floor (Trio)": "tcp", "ssh -s cat": "cat"}
 
 
 def systems() -> list[SystemSpec]:
     return [
+        SystemSpec(
+            "sshrpc relay",
+            "sshrpc",
+            ("sshrpc_relay",),
+            _sshrpc_client,
+            note="sshrpc client (libssh2, Trio) -> `sshrpc serve`"
+            " (OpenSSH sshd, relay to the node)",
+        ),
+        SystemSpec(
+            "sshrpc in-process",
+            "sshrpc",
+            ("sshrpc_inproc",),
+            _sshrpc_client,
+            note="sshrpc client -> `sshrpc serve --in-process` (each channel serves itself)",
+        ),
+        SystemSpec(
+            "sshrpc -> Erlang daemon",
+            "cross",
+            ("erlang",),
+            _sshrpc_client,
+        ),
+        SystemSpec(
+            "Erlang -> sshrpc node",
+            "cross",
+            ("sshrpc_relay",),
+            _erlang_client,
+        ),
         SystemSpec(
             "Erlang seed (OTP -> OTP)",
             "anchor",

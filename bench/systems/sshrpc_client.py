@@ -1,0 +1,144 @@
+"""The sshrpc client driver: ``sshrpc.connect_node`` (the Trio client over
+libssh2) speaking the driver protocol of _common.py.  Pipelined calls are
+DEPTH Trio tasks calling on one connection, as an application would.
+
+Usage: ``python bench/systems/sshrpc_client.py PORT KEY KNOWN_HOSTS``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.systems._common import (
+    ECHO_FUNCTION,
+    ECHO_MODULE,
+    MAX_FRAME,
+    ok,
+    payload,
+    run_trio_driver,
+)
+
+from sshrpc.client import Connection, connect_node
+
+SMALL = payload(32)
+
+
+class Client:
+    def __init__(self, nursery: trio.Nursery, port: int, key: str, known_hosts: str) -> None:
+        self.nursery = nursery
+        self.port, self.key, self.known_hosts = port, key, known_hosts
+        self.conn: Connection | None = None
+
+    async def _open(self, nursery: trio.Nursery) -> Connection:
+        return await connect_node(
+            nursery,
+            "127.0.0.1",
+            self.port,
+            "root",
+            self.key,
+            self.known_hosts,
+            agent=False,
+            use_ssh_config=False,
+            max_frame=MAX_FRAME,
+            keepalive=None,
+        )
+
+    async def _echo(self, conn: Connection, value: Any) -> Any:
+        return await conn.call(ECHO_MODULE, ECHO_FUNCTION, [value])
+
+    async def connect(self) -> str:
+        t0 = time.perf_counter()
+        self.conn = await self._open(self.nursery)
+        await self._echo(self.conn, SMALL)
+        return ok([time.perf_counter() - t0])
+
+    async def latency(self, n: float, max_s: float, size: float) -> str:
+        conn = self.conn
+        assert conn
+        value = payload(int(size))
+        end = time.perf_counter() + max_s
+        out = []
+        for _ in range(int(n)):
+            t0 = time.perf_counter_ns()
+            await conn.call(ECHO_MODULE, ECHO_FUNCTION, [value])
+            out.append(time.perf_counter_ns() - t0)
+            if time.perf_counter() > end:
+                break
+        return ok(out)
+
+    async def pipe(self, depth: float, n: float, max_s: float) -> str:
+        conn = self.conn
+        assert conn
+        end = time.perf_counter() + max_s
+        left = int(n)
+        done = 0
+
+        async def worker() -> None:
+            nonlocal left, done
+            while left > 0 and time.perf_counter() < end:
+                left -= 1
+                await conn.call(ECHO_MODULE, ECHO_FUNCTION, [SMALL])
+                done += 1
+
+        t0 = time.perf_counter_ns()
+        async with trio.open_nursery() as nursery:
+            for _ in range(int(depth)):
+                nursery.start_soon(worker)
+        return ok([done, time.perf_counter_ns() - t0])
+
+    async def bulk(self, size: float, reps: float, max_s: float) -> str:
+        assert self.conn
+        value = payload(int(size))
+        end = time.perf_counter() + max_s
+        out = []
+        for _ in range(int(reps)):
+            t0 = time.perf_counter_ns()
+            got = await self._echo(self.conn, value)
+            out.append(time.perf_counter_ns() - t0)
+            if got != value:
+                raise AssertionError(f"echo of {len(value)} bytes came back different")
+            if time.perf_counter() > end:
+                break
+        return ok(out)
+
+    async def setup(self, n: float, max_s: float) -> str:
+        end = time.perf_counter() + max_s
+        out = []
+        for _ in range(int(n)):
+            t0 = time.perf_counter_ns()
+            async with trio.open_nursery() as nursery:
+                conn = await self._open(nursery)
+                await self._echo(conn, SMALL)
+                out.append(time.perf_counter_ns() - t0)
+                await conn.aclose()
+            if time.perf_counter() > end:
+                break
+        return ok(out)
+
+
+async def main() -> None:
+    async with trio.open_nursery() as nursery:
+        client = Client(nursery, int(sys.argv[1]), sys.argv[2], sys.argv[3])
+        await run_trio_driver(
+            {
+                "connect": client.connect,
+                "latency": client.latency,
+                "pipe": client.pipe,
+                "bulk": client.bulk,
+                "setup": client.setup,
+            }
+        )
+        if client.conn is not None:
+            await client.conn.aclose()
+        nursery.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    trio.run(main)
