@@ -1083,7 +1083,622 @@ failed:
     return rc;
 }
 
-int sshrpc_pickle_to_etf(sshrpc_io *io, const uint8_t *data, size_t len, uint64_t max_depth,
-                         size_t reserve) {
+/* ------------------------------------------------------------------------
+ * Encoding: pickle -> ETF
+ *
+ * Pass 1 parses the pickle stream into a tape of nodes (pickle builds
+ * tuples after their items and fills lists after creating them, and batches
+ * APPENDS, so ETF's length-first headers need the whole shape first); pass 2
+ * walks the tape depth first and writes ETF. */
+
+enum {
+    N_NONE, N_TRUE, N_FALSE, N_INT, N_LONG, N_FLOAT, N_STR, N_BYTES, N_TUPLE, N_LIST,
+    N_DICT, N_GLOBAL, N_ATOM, N_BITSTR, N_IMPROPER, N_MAP, N_OPAQUE
+};
+enum { G_ATOM, G_BITSTRING, G_IMPROPER, G_MAP, G_OPAQUE };
+
+typedef struct {
+    uint32_t node, next;
+} ecell;
+
+struct enode {
+    uint8_t kind;
+    uint8_t bytes_only; /* N_LIST: every item an int in 0..255 */
+    uint8_t gkind;
+    uint32_t first, last, count; /* children (cells), or N_IMPROPER items/tail */
+    const uint8_t *ptr;
+    uint64_t len;
+    int64_t ival;
+};
+
+#define NIL_CELL 0xFFFFFFFFu
+
+typedef struct {
+    sshrpc_io *io;
+    priv_t *pv;
+    enode *nodes;
+    size_t n_nodes;
+    ecell *cells;
+    size_t n_cells, cells_cap;
+    size_t out_cap;
+} enc_t;
+
+static int64_t new_node(enc_t *e, uint8_t kind) {
+    if (grow((void **)&e->pv->nodes, &e->pv->nodes_cap, e->n_nodes + 1, sizeof(enode))) return -2;
+    e->nodes = e->pv->nodes;
+    enode *n = &e->nodes[e->n_nodes];
+    memset(n, 0, sizeof *n);
+    n->kind = kind;
+    n->first = n->last = NIL_CELL;
+    n->bytes_only = 1;
+    return (int64_t)e->n_nodes++;
+}
+
+static int add_child(enc_t *e, uint32_t parent, uint32_t child) {
+    if (grow((void **)&e->cells, &e->cells_cap, e->n_cells + 1, sizeof(ecell))) return -2;
+    uint32_t c = (uint32_t)e->n_cells++;
+    e->cells[c].node = child;
+    e->cells[c].next = NIL_CELL;
+    enode *p = &e->nodes[parent];
+    if (p->last == NIL_CELL) p->first = c;
+    else e->cells[p->last].next = c;
+    p->last = c;
+    p->count++;
+    enode *ch = &e->nodes[child];
+    if (!(ch->kind == N_INT && ch->ival >= 0 && ch->ival <= 255)) p->bytes_only = 0;
+    return 0;
+}
+
+static uint64_t le_n(const uint8_t *p, int n) {
+    uint64_t v = 0;
+    for (int i = n - 1; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+static int gkind_of(const uint8_t *mod, size_t ml, const uint8_t *name, size_t nl, uint8_t *g) {
+    if (ml != 13 || memcmp(mod, "sshrpc._types", 13)) return -1;
+#define G(s, k) if (nl == sizeof(s) - 1 && !memcmp(name, s, nl)) { *g = k; return 0; }
+    G("Atom", G_ATOM)
+    G("BitString", G_BITSTRING)
+    G("ImproperList", G_IMPROPER)
+    G("Map", G_MAP)
+    G("Pid", G_OPAQUE)
+    G("Port", G_OPAQUE)
+    G("Reference", G_OPAQUE)
+    G("Fun", G_OPAQUE)
+    G("Export", G_OPAQUE)
+#undef G
     return -1;
+}
+
+/* Parse the pickle stream into the tape; returns the root node or < 0. */
+static int64_t tape(enc_t *e, const uint8_t *s, size_t len) {
+    priv_t *pv = e->pv;
+    size_t pos = 0, nv = 0, nm = 0, nmemo = 0;
+    int64_t id;
+#define VNEED(k) if (grow((void **)&pv->vstack, &pv->vstack_cap, nv + (k), sizeof(uint32_t))) return -2
+#define PUSH(x) do { VNEED(1); pv->vstack[nv++] = (uint32_t)(x); } while (0)
+#define POP(dst) do { if (nv <= (nm ? pv->marks[nm - 1] : 0)) return -1; (dst) = pv->vstack[--nv]; } while (0)
+#define TAKE(k) if ((uint64_t)(k) > len - pos) return -1
+#define NODE(kind) do { id = new_node(e, (kind)); if (id < 0) return id; } while (0)
+    if (len > 0xFFFFFFF0u) return -1;
+    for (;;) {
+        TAKE(1);
+        uint8_t op = s[pos++];
+        switch (op) {
+        case 0x80: TAKE(1); pos += 1; break;              /* PROTO */
+        case 0x95: TAKE(8); pos += 8; break;              /* FRAME */
+        case '.':                                        /* STOP */
+            if (nv != 1 || nm || pos != len) return -1;
+            return pv->vstack[0];
+        case 0x94:                                       /* MEMOIZE */
+            if (!nv) return -1;
+            if (grow((void **)&pv->memo, &pv->memo_cap, nmemo + 1, sizeof(uint32_t))) return -2;
+            pv->memo[nmemo++] = pv->vstack[nv - 1];
+            break;
+        case 'q': case 'r': {                            /* BINPUT, LONG_BINPUT */
+            size_t k = op == 'q' ? 1 : 4;
+            TAKE(k);
+            uint64_t idx = le_n(s + pos, (int)k);
+            pos += k;
+            if (!nv || idx > 0xFFFFFFF0u) return -1;
+            if (grow((void **)&pv->memo, &pv->memo_cap, idx + 1, sizeof(uint32_t))) return -2;
+            while (nmemo <= idx) pv->memo[nmemo++] = 0xFFFFFFFFu;
+            pv->memo[idx] = pv->vstack[nv - 1];
+            break;
+        }
+        case 'h': case 'j': {                            /* BINGET, LONG_BINGET */
+            size_t k = op == 'h' ? 1 : 4;
+            TAKE(k);
+            uint64_t idx = le_n(s + pos, (int)k);
+            pos += k;
+            if (idx >= nmemo || pv->memo[idx] == 0xFFFFFFFFu) return -1;
+            PUSH(pv->memo[idx]);
+            break;
+        }
+        case 'N': NODE(N_NONE); PUSH(id); break;
+        case 0x88: NODE(N_TRUE); PUSH(id); break;
+        case 0x89: NODE(N_FALSE); PUSH(id); break;
+        case 'K': TAKE(1); NODE(N_INT); e->nodes[id].ival = s[pos]; pos += 1; PUSH(id); break;
+        case 'M': TAKE(2); NODE(N_INT); e->nodes[id].ival = (int64_t)le_n(s + pos, 2); pos += 2; PUSH(id); break;
+        case 'J': TAKE(4); NODE(N_INT); e->nodes[id].ival = (int32_t)(uint32_t)le_n(s + pos, 4); pos += 4; PUSH(id); break;
+        case 0x8a: case 0x8b: {                          /* LONG1, LONG4 */
+            size_t k = op == 0x8a ? 1 : 4;
+            TAKE(k);
+            uint64_t n = le_n(s + pos, (int)k);
+            pos += k;
+            TAKE(n);
+            NODE(N_LONG);
+            e->nodes[id].ptr = s + pos;
+            e->nodes[id].len = n;
+            pos += n;
+            PUSH(id);
+            break;
+        }
+        case 'G':
+            TAKE(8);
+            /* not finite: let the reference encoder raise */
+            if ((((s[pos] & 0x7F) << 4) | (s[pos + 1] >> 4)) == 0x7FF) return -1;
+            NODE(N_FLOAT);
+            e->nodes[id].ptr = s + pos;
+            pos += 8;
+            PUSH(id);
+            break;
+        case 0x8c: case 'X': case 0x8d:                  /* str */
+        case 'C': case 'B': case 0x8e: case 0x96: {      /* bytes, bytearray */
+            size_t k = (op == 0x8c || op == 'C') ? 1 : (op == 'X' || op == 'B') ? 4 : 8;
+            TAKE(k);
+            uint64_t n = le_n(s + pos, (int)k);
+            pos += k;
+            TAKE(n);
+            int is_str = op == 0x8c || op == 'X' || op == 0x8d;
+            if (is_str) {
+                /* pickle writes lone surrogates; str.encode("utf-8") refuses them */
+                const uint8_t *q = s + pos, *end = s + pos + n;
+                while ((q = memchr(q, 0xED, (size_t)(end - q))) != NULL) {
+                    if (q + 1 < end && q[1] >= 0xA0) return -1;
+                    q++;
+                }
+            }
+            NODE(is_str ? N_STR : N_BYTES);
+            e->nodes[id].ptr = s + pos;
+            e->nodes[id].len = n;
+            pos += n;
+            PUSH(id);
+            break;
+        }
+        case '(':
+            if (grow((void **)&pv->marks, &pv->marks_cap, nm + 1, sizeof(size_t))) return -2;
+            pv->marks[nm++] = nv;
+            break;
+        case ')': NODE(N_TUPLE); PUSH(id); break;
+        case 0x85: case 0x86: case 0x87: case 't': {
+            size_t base;
+            if (op == 't') {
+                if (!nm) return -1;
+                base = pv->marks[--nm];
+            } else {
+                size_t k = (size_t)(op - 0x84);
+                size_t floor = nm ? pv->marks[nm - 1] : 0;
+                if (nv < floor + k) return -1;
+                base = nv - k;
+            }
+            NODE(N_TUPLE);
+            for (size_t i = base; i < nv; i++)
+                if (add_child(e, (uint32_t)id, pv->vstack[i])) return -2;
+            nv = base;
+            PUSH(id);
+            break;
+        }
+        case ']': NODE(N_LIST); PUSH(id); break;
+        case '}': NODE(N_DICT); PUSH(id); break;
+        case 'a': case 's': {                            /* APPEND, SETITEM */
+            size_t k = op == 'a' ? 1 : 2;
+            size_t floor = nm ? pv->marks[nm - 1] : 0;
+            if (nv < floor + k + 1) return -1;
+            uint32_t target = pv->vstack[nv - k - 1];
+            if (e->nodes[target].kind != (op == 'a' ? N_LIST : N_DICT)) return -1;
+            for (size_t i = nv - k; i < nv; i++)
+                if (add_child(e, target, pv->vstack[i])) return -2;
+            nv -= k;
+            break;
+        }
+        case 'e': case 'u': {                            /* APPENDS, SETITEMS */
+            if (!nm) return -1;
+            size_t base = pv->marks[--nm];
+            size_t floor = nm ? pv->marks[nm - 1] : 0;
+            if (base < floor + 1) return -1;
+            uint32_t target = pv->vstack[base - 1];
+            if (e->nodes[target].kind != (op == 'e' ? N_LIST : N_DICT)) return -1;
+            if (op == 'u' && (nv - base) % 2) return -1;
+            for (size_t i = base; i < nv; i++)
+                if (add_child(e, target, pv->vstack[i])) return -2;
+            nv = base;
+            break;
+        }
+        case 0x93: {                                     /* STACK_GLOBAL */
+            uint32_t name, mod;
+            POP(name);
+            POP(mod);
+            enode *nn = &e->nodes[name], *mn = &e->nodes[mod];
+            if (nn->kind != N_STR || mn->kind != N_STR) return -1;
+            uint8_t g;
+            if (gkind_of(mn->ptr, mn->len, nn->ptr, nn->len, &g)) return -1;
+            NODE(N_GLOBAL);
+            e->nodes[id].gkind = g;
+            PUSH(id);
+            break;
+        }
+        case 'R': {                                      /* REDUCE */
+            uint32_t args, fn;
+            POP(args);
+            POP(fn);
+            enode *a = &e->nodes[args], *f = &e->nodes[fn];
+            if (f->kind != N_GLOBAL || a->kind != N_TUPLE) return -1;
+            uint32_t a0 = a->count ? e->cells[a->first].node : 0;
+            uint32_t a1 = a->count > 1 ? e->cells[e->cells[a->first].next].node : 0;
+            switch (f->gkind) {
+            case G_ATOM:
+                if (a->count != 1 || e->nodes[a0].kind != N_STR) return -1;
+                NODE(N_ATOM);
+                e->nodes[id].ptr = e->nodes[a0].ptr;
+                e->nodes[id].len = e->nodes[a0].len;
+                break;
+            case G_OPAQUE:
+                if (a->count != 1 || e->nodes[a0].kind != N_BYTES) return -1;
+                NODE(N_OPAQUE);
+                e->nodes[id].ptr = e->nodes[a0].ptr;
+                e->nodes[id].len = e->nodes[a0].len;
+                break;
+            case G_BITSTRING:
+                if (a->count != 2 || e->nodes[a0].kind != N_BYTES || e->nodes[a1].kind != N_INT ||
+                    e->nodes[a1].ival < 0 || e->nodes[a1].ival > 255)
+                    return -1;
+                NODE(N_BITSTR);
+                e->nodes[id].ptr = e->nodes[a0].ptr;
+                e->nodes[id].len = e->nodes[a0].len;
+                e->nodes[id].ival = e->nodes[a1].ival;
+                break;
+            case G_IMPROPER:
+                if (a->count != 2 || e->nodes[a0].kind != N_LIST) return -1;
+                NODE(N_IMPROPER);
+                e->nodes[id].first = a0;
+                e->nodes[id].last = a1;
+                break;
+            default: /* G_MAP */
+                if (a->count != 1 || e->nodes[a0].kind != N_LIST) return -1;
+                for (uint32_t c = e->nodes[a0].first; c != NIL_CELL; c = e->cells[c].next) {
+                    enode *pair = &e->nodes[e->cells[c].node];
+                    if (pair->kind != N_TUPLE || pair->count != 2) return -1;
+                }
+                NODE(N_MAP);
+                e->nodes[id].first = a0;
+                break;
+            }
+            PUSH(id);
+            break;
+        }
+        default:
+            return -1;
+        }
+    }
+#undef VNEED
+#undef PUSH
+#undef POP
+#undef TAKE
+#undef NODE
+}
+
+static inline uint8_t *eroom(enc_t *e, size_t n) {
+    sshrpc_io *io = e->io;
+    if (n > e->pv->out_cap - io->out_len) {
+        if (io->out_len + n < io->out_len) return NULL;
+        if (grow((void **)&io->out, &e->pv->out_cap, io->out_len + n, 1)) return NULL;
+    }
+    uint8_t *w = io->out + io->out_len;
+    io->out_len += n;
+    return w;
+}
+
+#define EW(n)                            \
+    uint8_t *w = eroom(e, (n));          \
+    if (!w) return -2;
+
+static inline void be32w(uint8_t *w, uint32_t v) {
+    w[0] = (uint8_t)(v >> 24);
+    w[1] = (uint8_t)(v >> 16);
+    w[2] = (uint8_t)(v >> 8);
+    w[3] = (uint8_t)v;
+}
+
+static int e_atom(enc_t *e, const uint8_t *name, size_t n) {
+    size_t chars = 0;
+    for (size_t i = 0; i < n; i++) chars += (name[i] & 0xC0) != 0x80;
+    if (chars > 255) return -1;
+    if (n <= 255) {
+        EW(2 + n);
+        w[0] = 119;
+        w[1] = (uint8_t)n;
+        memcpy(w + 2, name, n);
+    } else {
+        EW(3 + n);
+        w[0] = 118;
+        w[1] = (uint8_t)(n >> 8);
+        w[2] = (uint8_t)n;
+        memcpy(w + 3, name, n);
+    }
+    return 0;
+}
+
+static int e_int64(enc_t *e, int64_t v) {
+    if (v >= 0 && v <= 255) {
+        EW(2);
+        w[0] = 97;
+        w[1] = (uint8_t)v;
+    } else if (v >= -2147483648LL && v <= 2147483647LL) {
+        EW(5);
+        w[0] = 98;
+        be32w(w + 1, (uint32_t)(int32_t)v);
+    } else {
+        uint64_t m = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+        uint8_t n = 0;
+        for (uint64_t t = m; t; t >>= 8) n++;
+        EW(3 + n);
+        w[0] = 110;
+        w[1] = n;
+        w[2] = v < 0;
+        for (int i = 0; i < n; i++) w[3 + i] = (uint8_t)(m >> (8 * i));
+    }
+    return 0;
+}
+
+/* A two's complement little-endian integer (pickle LONG1/LONG4). */
+static int e_long(enc_t *e, const uint8_t *p, size_t n) {
+    if (n == 0) return e_int64(e, 0);
+    int neg = p[n - 1] & 0x80;
+    if (n <= 8) {
+        uint64_t u = le_n(p, (int)n);
+        if (neg && n < 8) u |= ~(uint64_t)0 << (8 * n);
+        int64_t v = (int64_t)u;
+        if (!(neg && n == 8 && v == INT64_MIN)) return e_int64(e, v);
+    }
+    /* magnitude: negate in place into the output */
+    size_t m = n;
+    uint8_t *tmp = malloc(n);
+    if (!tmp) return -2;
+    if (neg) {
+        unsigned carry = 1;
+        for (size_t i = 0; i < n; i++) {
+            unsigned v = (uint8_t)~p[i] + carry;
+            tmp[i] = (uint8_t)v;
+            carry = v >> 8;
+        }
+    } else {
+        memcpy(tmp, p, n);
+    }
+    while (m && !tmp[m - 1]) m--;
+    uint8_t *w = eroom(e, 6 + m);
+    if (!w) {
+        free(tmp);
+        return -2;
+    }
+    if (m <= 255) {
+        w[0] = 110;
+        w[1] = (uint8_t)m;
+        w[2] = neg ? 1 : 0;
+        memcpy(w + 3, tmp, m);
+        e->io->out_len -= 3;
+    } else {
+        w[0] = 111;
+        be32w(w + 1, (uint32_t)m);
+        w[5] = neg ? 1 : 0;
+        memcpy(w + 6, tmp, m);
+    }
+    free(tmp);
+    return 0;
+}
+
+static int e_binary(enc_t *e, uint8_t tag, const uint8_t *p, uint64_t n) {
+    if (n > 0xFFFFFFFFu) return -1;
+    EW(5 + n);
+    w[0] = tag;
+    be32w(w + 1, (uint32_t)n);
+    memcpy(w + 5, p, n);
+    return 0;
+}
+
+typedef struct {
+    uint32_t node, cell;
+    uint64_t depth;
+    uint8_t sub;
+} eframe;
+
+static int emit_tape(enc_t *e, uint32_t root, uint64_t max_depth) {
+    eframe *st = NULL;
+    size_t nst = 0, cap = 0;
+    int rc = 0;
+    uint32_t cur = root;
+    uint64_t depth = 0;
+    for (;;) {
+        /* emit `cur` at `depth` */
+        enode *n = &e->nodes[cur];
+        int push = 0;
+        switch (n->kind) {
+        case N_NONE: rc = e_atom(e, (const uint8_t *)"undefined", 9); break;
+        case N_TRUE: rc = e_atom(e, (const uint8_t *)"true", 4); break;
+        case N_FALSE: rc = e_atom(e, (const uint8_t *)"false", 5); break;
+        case N_ATOM: rc = e_atom(e, n->ptr, n->len); break;
+        case N_INT: rc = e_int64(e, n->ival); break;
+        case N_LONG: rc = e_long(e, n->ptr, n->len); break;
+        case N_FLOAT: {
+            uint8_t *w = eroom(e, 9);
+            if (!w) { rc = -2; break; }
+            w[0] = 70;
+            memcpy(w + 1, n->ptr, 8);
+            break;
+        }
+        case N_STR: case N_BYTES: rc = e_binary(e, 109, n->ptr, n->len); break;
+        case N_OPAQUE: {
+            uint8_t *w = eroom(e, n->len);
+            if (!w) { rc = -2; break; }
+            memcpy(w, n->ptr, n->len);
+            break;
+        }
+        case N_BITSTR: {
+            if (n->len > 0xFFFFFFFFu) { rc = -1; break; }
+            uint8_t *w = eroom(e, 6 + n->len);
+            if (!w) { rc = -2; break; }
+            w[0] = 77;
+            be32w(w + 1, (uint32_t)n->len);
+            w[5] = (uint8_t)n->ival;
+            memcpy(w + 6, n->ptr, n->len);
+            break;
+        }
+        case N_TUPLE: {
+            if (depth >= max_depth) { rc = -1; break; }
+            uint8_t *w = eroom(e, n->count <= 255 ? 2 : 5);
+            if (!w) { rc = -2; break; }
+            if (n->count <= 255) {
+                w[0] = 104;
+                w[1] = (uint8_t)n->count;
+            } else {
+                w[0] = 105;
+                be32w(w + 1, n->count);
+            }
+            push = n->count > 0;
+            break;
+        }
+        case N_LIST: {
+            if (n->count == 0) {
+                uint8_t *w = eroom(e, 1);
+                if (!w) { rc = -2; break; }
+                w[0] = 106;
+                break;
+            }
+            if (n->bytes_only && n->count <= 65535) {
+                uint8_t *w = eroom(e, 3 + n->count);
+                if (!w) { rc = -2; break; }
+                w[0] = 107;
+                w[1] = (uint8_t)(n->count >> 8);
+                w[2] = (uint8_t)n->count;
+                size_t i = 3;
+                for (uint32_t c = n->first; c != NIL_CELL; c = e->cells[c].next)
+                    w[i++] = (uint8_t)e->nodes[e->cells[c].node].ival;
+                break;
+            }
+            if (depth >= max_depth) { rc = -1; break; }
+            uint8_t *w = eroom(e, 5);
+            if (!w) { rc = -2; break; }
+            w[0] = 108;
+            be32w(w + 1, n->count);
+            push = 1;
+            break;
+        }
+        case N_DICT: case N_MAP: {
+            if (depth >= max_depth) { rc = -1; break; }
+            uint32_t count = n->kind == N_DICT ? n->count / 2 : e->nodes[n->first].count;
+            uint8_t *w = eroom(e, 5);
+            if (!w) { rc = -2; break; }
+            w[0] = 116;
+            be32w(w + 1, count);
+            push = count > 0;
+            break;
+        }
+        case N_IMPROPER: {
+            if (depth >= max_depth) { rc = -1; break; }
+            uint8_t *w = eroom(e, 5);
+            if (!w) { rc = -2; break; }
+            w[0] = 108;
+            be32w(w + 1, e->nodes[n->first].count);
+            push = 1;
+            break;
+        }
+        default:
+            rc = -1;
+        }
+        if (rc) break;
+        if (push) {
+            if (grow((void **)&st, &cap, nst + 1, sizeof(eframe))) { rc = -2; break; }
+            eframe *f = &st[nst++];
+            f->node = cur;
+            f->depth = depth + 1;
+            f->sub = 0;
+            uint32_t items = (n->kind == N_IMPROPER || n->kind == N_MAP) ? n->first : cur;
+            f->cell = e->nodes[items].first;
+        }
+        /* find the next node to emit */
+        for (;;) {
+            if (!nst) goto done;
+            eframe *f = &st[nst - 1];
+            enode *fn = &e->nodes[f->node];
+            if (f->cell != NIL_CELL) {
+                uint32_t child = e->cells[f->cell].node;
+                if (fn->kind == N_MAP) {
+                    enode *pair = &e->nodes[child];
+                    uint32_t kc = pair->first;
+                    if (f->sub == 0) {
+                        cur = e->cells[kc].node;
+                        f->sub = 1;
+                    } else {
+                        cur = e->cells[e->cells[kc].next].node;
+                        f->sub = 0;
+                        f->cell = e->cells[f->cell].next;
+                    }
+                } else {
+                    cur = child;
+                    f->cell = e->cells[f->cell].next;
+                }
+                depth = f->depth;
+                break;
+            }
+            nst--;
+            if (fn->kind == N_LIST) {
+                uint8_t *w = eroom(e, 1);
+                if (!w) { rc = -2; goto done; }
+                w[0] = 106;
+            } else if (fn->kind == N_IMPROPER) {
+                cur = fn->last;
+                depth = f->depth;
+                break;
+            }
+        }
+    }
+done:
+    free(st);
+    return rc;
+}
+
+int sshrpc_pickle_to_etf(sshrpc_io *io, const char *data, size_t len, uint64_t max_depth,
+                         size_t reserve) {
+    priv_t *pv = PRIV(io);
+    enc_t ee;
+    memset(&ee, 0, sizeof ee);
+    enc_t *e = &ee;
+    e->io = io;
+    e->pv = pv;
+    e->nodes = pv->nodes;
+    io->out_len = 0;
+    if (pv->out_cap > ((size_t)4 << 20)) {
+        free(io->out);
+        io->out = NULL;
+        pv->out_cap = 0;
+    }
+    uint8_t *w = eroom(e, reserve + 1);
+    if (!w) return -2;
+    memset(w, 0, reserve);
+    w[reserve] = 131;
+    int64_t root = tape(e, (const uint8_t *)data, len);
+    int rc = root < 0 ? (int)root : emit_tape(e, (uint32_t)root, max_depth);
+    if (rc == 0 && reserve >= 4) {
+        uint64_t n = io->out_len - reserve;
+        if (n > 0xFFFFFFFFu) rc = -1;
+        else be32w(io->out + reserve - 4, (uint32_t)n);
+    }
+    free(e->cells);
+    if (pv->nodes_cap > 65536) {
+        free(pv->nodes);
+        pv->nodes = NULL;
+        pv->nodes_cap = 0;
+    }
+    return rc;
 }

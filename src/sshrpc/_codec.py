@@ -28,6 +28,7 @@ import math
 import pickle
 import struct
 import threading
+import zlib
 from typing import Any
 
 from . import _etf
@@ -253,13 +254,88 @@ def decode(
 # ----------------------------------------------------------------------------
 # Encoding
 
-encode = _etf.encode
+
+class _AtomReducers(dict[Atom, tuple[Any, tuple[str]]]):
+    """``copyreg`` reducer for ``Atom``: the same value ``Atom.__reduce__``
+    gives, cached, so pickling an atom costs a dict lookup."""
+
+    def __missing__(self, atom: Atom) -> tuple[Any, tuple[str]]:
+        reduced = (Atom, (str.__str__(atom),))
+        if len(self) < ATOM_CACHE:
+            self[atom] = reduced
+        return reduced
+
+
+# The dispatch table is keyed by exact type, so only Atom instances get here.
+copyreg.pickle(Atom, _AtomReducers().__getitem__)
+
+
+class _EncodeState:
+    __slots__ = ("busy", "io")
+
+    def __init__(self) -> None:
+        handle = lib.sshrpc_io_new(0)
+        if handle == ffi.NULL:
+            raise MemoryError("cannot allocate the term encoder")
+        self.io = ffi.gc(handle, lib.sshrpc_io_free)
+        self.busy = False
+
+
+def _encoder() -> _EncodeState:
+    state: _EncodeState | None = getattr(_local, "encoder", None)
+    if state is None or state.busy:
+        state = _EncodeState()
+        if getattr(_local, "encoder", None) is None:
+            _local.encoder = state
+    return state
+
+
+def _encode_c(obj: Any, max_depth: int, reserve: int) -> bytes | None:
+    """ETF for ``obj`` after ``reserve`` zero bytes, or None if C cannot."""
+    try:
+        stream = pickle.dumps(obj, 5)
+    except Exception:  # unpicklable, a cycle, too deep: the reference decides
+        return None
+    state = _encoder()
+    state.busy = True
+    try:
+        handle = state.io
+        rc = lib.sshrpc_pickle_to_etf(handle, stream, len(stream), max_depth, reserve)
+        if rc:
+            if rc == -2:
+                raise MemoryError("out of memory encoding a term")
+            return None
+        return ffi.buffer(handle.out, handle.out_len)[:]  # type: ignore[no-any-return]
+    finally:
+        state.busy = False
+
+
+def encode(
+    obj: Any, *, compressed: bool | int = False, max_depth: int = DEFAULT_MAX_DEPTH
+) -> bytes:
+    """Encode ``obj`` as one term, version byte included.
+
+    Exactly ``sshrpc._etf.encode``: the same bytes, ``TypeError`` for a value
+    with no Erlang term, ``TermError`` for a value that cannot be a term.
+    """
+    data = _encode_c(obj, max_depth, 0) if 0 <= max_depth < _MAX_C_LIMIT else None
+    if data is None:
+        return _etf.encode(obj, compressed=compressed, max_depth=max_depth)
+    if compressed:
+        level = 6 if compressed is True else int(compressed)
+        body = data[1:]
+        return b"\x83\x50" + struct.pack(">I", len(body)) + zlib.compress(body, level)
+    return data
 
 
 def encode_frame(obj: Any) -> bytes:
-    """``obj`` encoded as one frame: a 4-byte big-endian length, then the term."""
-    payload = encode(obj)
-    return struct.pack(">I", len(payload)) + payload
+    """``obj`` encoded as one frame: a 4-byte big-endian length, then the term.
 
-
-_ = copyreg  # used by the encoder
+    The term is written once, after four reserved bytes that are then set to
+    its length, so a large payload is copied only into the result.
+    """
+    frame = _encode_c(obj, DEFAULT_MAX_DEPTH, 4)
+    if frame is None:
+        payload = _etf.encode(obj)
+        return struct.pack(">I", len(payload)) + payload
+    return frame
