@@ -25,7 +25,7 @@ void sshrpc_fb_clear(sshrpc_framebuf *fb)
     fb->start = fb->end = 0;
 }
 
-int sshrpc_fb_feed(sshrpc_framebuf *fb, const unsigned char *src, size_t n)
+int sshrpc_fb_feed(sshrpc_framebuf *fb, const char *src, size_t n)
 {
     size_t held, need, cap;
     unsigned char *grown;
@@ -70,8 +70,70 @@ int sshrpc_fb_feed(sshrpc_framebuf *fb, const unsigned char *src, size_t n)
     return 0;
 }
 
+static uint32_t read_length(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
+}
+
+size_t sshrpc_fb_fill(sshrpc_framebuf *fb, const char *src, size_t pos, size_t n,
+                      uint32_t max_frame, size_t *missing)
+{
+    size_t taken = 0, held, need, take;
+    uint32_t length;
+
+    for (;;) {
+        held = fb->end - fb->start;
+        if (held < 4) {
+            need = 4 - held;
+        } else {
+            length = read_length(fb->data + fb->start);
+            if (length > max_frame || held >= 4 + (size_t)length) {
+                *missing = 0;
+                return taken;
+            }
+            need = 4 + (size_t)length - held;
+        }
+        if (pos >= n) {
+            *missing = need;
+            return taken;
+        }
+        take = n - pos < need ? n - pos : need;
+        if (sshrpc_fb_feed(fb, src + pos, take) != 0)
+            return (size_t)-1;
+        pos += take;
+        taken += take;
+    }
+}
+
+size_t sshrpc_frames_scan(const char *data, size_t pos, size_t n, uint32_t max_frame,
+                          size_t *spans, size_t max_spans, size_t *consumed, size_t *too_large)
+{
+    const unsigned char *p = (const unsigned char *)data;
+    size_t count = 0;
+    uint32_t length;
+
+    *too_large = 0;
+    while (count < max_spans && n - pos >= 4) {
+        length = read_length(p + pos);
+        if (length > max_frame) {
+            *too_large = length;
+            break;
+        }
+        if (n - pos - 4 < length)
+            break;
+        if (length != 0) {
+            spans[2 * count] = pos + 4;
+            spans[2 * count + 1] = length;
+            count++;
+        }
+        pos += 4 + (size_t)length;
+    }
+    *consumed = pos;
+    return count;
+}
+
 size_t sshrpc_fb_scan(sshrpc_framebuf *fb, uint32_t max_frame, size_t *spans, size_t max_spans,
-                      uint32_t *too_large)
+                      size_t *too_large)
 {
     const unsigned char *data = fb->data;
     size_t pos = fb->start, end = fb->end, count = 0;
@@ -79,8 +141,7 @@ size_t sshrpc_fb_scan(sshrpc_framebuf *fb, uint32_t max_frame, size_t *spans, si
 
     *too_large = 0;
     while (count < max_spans && end - pos >= 4) {
-        length = ((uint32_t)data[pos] << 24) | ((uint32_t)data[pos + 1] << 16)
-                 | ((uint32_t)data[pos + 2] << 8) | (uint32_t)data[pos + 3];
+        length = read_length(data + pos);
         if (length > max_frame) {
             *too_large = length;
             break;

@@ -5,15 +5,25 @@ A frame is a 4-byte big-endian length and that many payload bytes
 takes reads of any size -- one byte at a time or many frames at once -- and
 hands out each complete payload as ``bytes``.
 
-Theory of operation: the bytes live in one C buffer (csrc/framing.c).
-``feed`` appends; ``next_frame``, when its queue of ready payloads is empty,
-asks C to walk every complete frame at the front of the buffer and copies
-each payload out once, in a batch.  Appending is amortised linear (the unread
-tail, always shorter than one frame, is moved at most once per growth), so
-neither tiny reads nor large ones copy quadratically.  The length check runs
-on the header alone: a frame longer than ``max_frame`` raises
-``FrameTooLarge`` as soon as its 4 header bytes are here, before any of its
-payload needs to be buffered.
+Theory of operation.  ``feed`` only queues the read (a ``bytes`` object is
+kept as is; other buffers are copied once, since their owner may reuse
+them).  ``next_frame`` does the work, lazily, so a ``max_frame`` changed
+between two calls (the protocol raises it after the hello) applies to every
+frame not yet handed out:
+
+1. If a frame straddles reads, its start sits in a C buffer
+   (csrc/framing.c); C appends from the queued reads exactly the bytes that
+   frame still needs -- its header, then, if the length is allowed, its
+   payload -- and the payload is copied out once.
+2. Otherwise C walks the complete frames of the first queued read in place
+   and Python slices their payloads out of it, one copy each, a batch at a
+   time.  The incomplete tail of a read moves into the C buffer.
+
+So each byte is copied at most twice (into the C buffer, out as a payload)
+and mostly once, whatever the read sizes: no quadratic copying for 1-byte
+reads or for many frames per read.  A length above ``max_frame`` raises
+``FrameTooLarge`` as soon as its 4 header bytes are here; none of its
+payload is ever copied.
 """
 
 from __future__ import annotations
@@ -24,12 +34,13 @@ from collections import deque
 from ._errors import FrameTooLarge
 from ._sshrpc_c import ffi, lib
 
-__all__ = ["FrameBuffer", "MAX_FRAME_LIMIT", "encode_length"]
+__all__ = ["MAX_FRAME_LIMIT", "FrameBuffer", "encode_length"]
 
 #: The largest length a 4-byte header can carry.
 MAX_FRAME_LIMIT = 2**32 - 1
-# Frames extracted per C call; bounds the batch, not the frame count.
+# Frames found per C call: bounds a batch, not the number of frames.
 _BATCH = 1024
+_OUT_OF_MEMORY = 2**64 - 1 if ffi.sizeof("size_t") == 8 else 2**32 - 1
 
 
 def encode_length(length: int) -> bytes:
@@ -48,20 +59,37 @@ class FrameBuffer:
     """Reassembles frames from channel reads.
 
     ``max_frame`` is the largest payload accepted; it may be changed at any
-    time (the protocol raises it after the hello) and applies to every frame
-    whose header has not yet been checked.  After ``FrameTooLarge`` the
-    buffer stays broken: every later ``next_frame`` raises the same error,
-    since the stream cannot be resynchronised.
+    time and applies to every frame not yet returned.  After
+    ``FrameTooLarge`` the buffer stays broken: every later ``next_frame``
+    raises the same error, since the stream cannot be resynchronised.
     """
 
-    __slots__ = ("_error", "_fb", "_max_frame", "_ready", "_span_array", "_spans", "_too_large")
+    __slots__ = (
+        "_chunk_bytes",
+        "_chunks",
+        "_error",
+        "_fb",
+        "_max_frame",
+        "_missing",
+        "_out",
+        "_pos",
+        "_ready",
+        "_span_array",
+        "_spans",
+    )
 
     def __init__(self, max_frame: int) -> None:
         self._fb = _new_buffer()
         self._ready: deque[bytes] = deque()
+        self._chunks: deque[bytes] = deque()
+        self._pos = 0  # offset of the first unread byte of _chunks[0]
+        self._chunk_bytes = 0  # unread bytes in _chunks
+        # Bytes the straddling frame still needs; kept only while the queue
+        # is empty (then ``feed`` gives it bytes directly), else 0.
+        self._missing = 0
         self._span_array = array.array("Q", bytes(16 * _BATCH))
         self._spans = ffi.cast("size_t *", ffi.from_buffer(self._span_array))
-        self._too_large = ffi.new("uint32_t *")
+        self._out = ffi.new("size_t[2]")
         self._error: FrameTooLarge | None = None
         self._max_frame = 0
         self.max_frame = max_frame
@@ -76,47 +104,135 @@ class FrameBuffer:
         if type(value) is not int or not 0 <= value <= MAX_FRAME_LIMIT:
             raise ValueError(f"max_frame must be an integer in 0..2**32-1, not {value!r}")
         self._max_frame = value
+        self._missing = 0
 
     @property
     def buffered(self) -> int:
-        """Bytes held: ready payloads plus the not yet complete frame."""
+        """Bytes held and not yet returned (payloads and headers)."""
         fb = self._fb
         held: int = fb.end - fb.start  # type: ignore[attr-defined]
-        return sum(map(len, self._ready)) + held
+        return sum(map(len, self._ready)) + self._chunk_bytes + held
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Append one channel read (any length, even 0).  Raises ``MemoryError``
-        if the buffer cannot grow (nothing is appended then)."""
-        if not data:
+        """Queue one channel read (any length, even 0).  Never raises for
+        the bytes' content (``next_frame`` does); ``MemoryError`` if the
+        buffer cannot grow."""
+        n = len(data)
+        if not n:
             return
-        if lib.sshrpc_fb_feed(self._fb, ffi.from_buffer(data), len(data)) != 0:
-            raise MemoryError(f"cannot grow the frame buffer by {len(data)} bytes")
+        if type(data) is not bytes:
+            data = bytes(data)
+        taken = 0
+        if self._missing > 0 and not self._chunks:
+            # The straddling frame wants these bytes: hand them straight to C.
+            out = self._out
+            taken = lib.sshrpc_fb_fill(self._fb, data, 0, n, self._max_frame, out)
+            if taken == _OUT_OF_MEMORY:
+                raise MemoryError("cannot grow the frame buffer")
+            if taken == n:
+                self._missing = out[0]
+                return
+            self._missing = 0
+        if not self._chunks:
+            self._pos = taken
+        self._chunks.append(data)
+        self._chunk_bytes += n - taken
 
     def next_frame(self) -> bytes | None:
         """The next complete payload, or ``None`` when more data is needed.
 
         Keepalives are skipped.  Raises ``FrameTooLarge`` when the next
-        frame's header announces more than ``max_frame`` bytes.
+        frame's length is above ``max_frame``, and ``MemoryError`` if a
+        straddling frame cannot be buffered.
         """
         ready = self._ready
         if ready:
-            return ready.popleft()
+            frame = ready.popleft()
+            if len(frame) <= self._max_frame:
+                return frame
+            # Found under a larger limit that has since been lowered.
+            ready.clear()
+            raise self._fail(len(frame))
         if self._error is not None:
             raise self._error
+        if self._missing > 0:
+            return None
         fb = self._fb
+        chunks = self._chunks
         spans = self._spans
-        count = lib.sshrpc_fb_scan(fb, self._max_frame, spans, _BATCH, self._too_large)
-        if count:
-            # One copy of the batch's bytes, then one slice per payload: fewer
-            # Python-level operations per frame than slicing the C memory.
-            blob = ffi.buffer(fb.data, fb.start)[:]  # type: ignore[attr-defined]
-            pairs = iter(self._span_array[: 2 * count])
-            ready.extend(
-                [blob[start : start + length] for start, length in zip(pairs, pairs, strict=False)]
+        out = self._out
+        max_frame = self._max_frame
+        while True:
+            if fb.end != fb.start:  # type: ignore[attr-defined]
+                # 1. A frame straddles reads: complete it from the queue.
+                if not chunks:
+                    lib.sshrpc_fb_fill(fb, ffi.NULL, 0, 0, max_frame, out)
+                while chunks:
+                    chunk = chunks[0]
+                    pos = self._pos
+                    taken = lib.sshrpc_fb_fill(fb, chunk, pos, len(chunk), max_frame, out)
+                    if taken == _OUT_OF_MEMORY:
+                        raise MemoryError("cannot grow the frame buffer")
+                    self._chunk_bytes -= taken
+                    if pos + taken == len(chunk):
+                        chunks.popleft()
+                        self._pos = 0
+                    else:
+                        self._pos = pos + taken
+                    if out[0] == 0:
+                        break
+                self._missing = out[0] if not chunks else 0
+                count = lib.sshrpc_fb_scan(fb, max_frame, spans, 1, out + 1)
+                if count:
+                    whole: bytes = ffi.buffer(fb.data + spans[0], spans[1])[:]  # type: ignore[attr-defined]
+                    lib.sshrpc_fb_clear(fb)
+                    return whole
+                if out[1]:
+                    raise self._fail(int(out[1]))
+                if fb.end != fb.start:  # type: ignore[attr-defined]
+                    return None
+                lib.sshrpc_fb_clear(fb)  # it was a keepalive
+                continue
+            if not chunks:
+                return None
+            # 2. Frames of the first queued read, found in place.
+            chunk = chunks[0]
+            pos = self._pos
+            count = lib.sshrpc_frames_scan(
+                chunk, pos, len(chunk), max_frame, spans, _BATCH, out, out + 1
             )
-            return ready.popleft()
-        if self._too_large[0]:
-            self._error = FrameTooLarge(int(self._too_large[0]), self._max_frame)
-            lib.sshrpc_fb_clear(fb)
-            raise self._error
-        return None
+            end = out[0]
+            self._chunk_bytes -= end - pos
+            if count:
+                pairs = iter(self._span_array[: 2 * count])
+                ready.extend(
+                    [
+                        chunk[start : start + length]
+                        for start, length in zip(pairs, pairs, strict=False)
+                    ]
+                )
+            if out[1]:
+                self._pos = end
+                if count:
+                    return ready.popleft()
+                raise self._fail(int(out[1]))
+            if count == _BATCH:
+                self._pos = end
+                return ready.popleft()
+            # The rest of this read is less than one frame: keep it in C.
+            chunks.popleft()
+            self._pos = 0
+            if end != len(chunk):
+                rest = len(chunk) - end
+                if lib.sshrpc_fb_feed(fb, ffi.from_buffer(chunk) + end, rest) != 0:
+                    raise MemoryError("cannot grow the frame buffer")
+                self._chunk_bytes -= rest
+            if count:
+                return ready.popleft()
+
+    def _fail(self, length: int) -> FrameTooLarge:
+        self._error = FrameTooLarge(length, self._max_frame)
+        self._chunks.clear()
+        self._chunk_bytes = 0
+        lib.sshrpc_fb_clear(self._fb)
+        return self._error

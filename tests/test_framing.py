@@ -1,0 +1,224 @@
+"""Frame reassembly (sshrpc._framing.FrameBuffer): any chunking, keepalives,
+the max_frame check on the header alone, linear cost."""
+
+from __future__ import annotations
+
+import itertools
+import struct
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sshrpc import FrameTooLarge, ProtocolError
+from sshrpc._framing import FrameBuffer, encode_length
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + payload
+
+
+def drain(fb: FrameBuffer) -> list[bytes]:
+    out = []
+    while (payload := fb.next_frame()) is not None:
+        out.append(payload)
+    return out
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+payloads = st.lists(st.binary(min_size=0, max_size=300), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(payloads, st.lists(st.integers(min_value=0), max_size=60), st.sampled_from([0, 1, 2]))
+def test_any_chunking_yields_the_payloads_in_order(
+    items: list[bytes], cuts: list[int], kind: int
+) -> None:
+    data = b"".join(frame(p) for p in items)
+    fb = FrameBuffer(300)
+    got: list[bytes] = []
+    for piece in split(data, cuts):
+        # bytes, bytearray and memoryview reads all work
+        fb.feed(piece if kind == 0 else bytearray(piece) if kind == 1 else memoryview(piece))
+        got.extend(drain(fb))
+    assert got == [p for p in items if p]  # empty payloads are keepalives
+    assert fb.buffered == 0
+    assert fb.next_frame() is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(payloads, st.lists(st.integers(min_value=0), max_size=30), st.integers(0, 299))
+def test_buffered_counts_what_is_held(items: list[bytes], cuts: list[int], limit: int) -> None:
+    data = b"".join(frame(p) for p in items)
+    fb = FrameBuffer(300)
+    fed = 0
+    taken = 0
+    for piece in split(data, cuts):
+        fb.feed(piece)
+        fed += len(piece)
+        for payload in drain(fb):
+            taken += 4 + len(payload)
+        # what is buffered is what was fed minus whole frames handed out
+        # (keepalive headers are consumed silently, so buffered may be less)
+        assert fb.buffered <= fed - taken
+
+
+def test_keepalives_are_skipped() -> None:
+    fb = FrameBuffer(10)
+    fb.feed(b"\0\0\0\0" * 5 + frame(b"a") + b"\0\0\0\0")
+    assert drain(fb) == [b"a"]
+    assert fb.buffered == 0
+
+
+def test_one_byte_at_a_time() -> None:
+    data = frame(b"hello") + b"\0\0\0\0" + frame(b"x" * 100) + frame(b"z")
+    fb = FrameBuffer(100)
+    got = []
+    for i in range(len(data)):
+        fb.feed(data[i : i + 1])
+        got.extend(drain(fb))
+    assert got == [b"hello", b"x" * 100, b"z"]
+
+
+def test_too_large_raises_on_the_header_before_the_payload() -> None:
+    fb = FrameBuffer(100)
+    fb.feed(frame(b"ok") + encode_length(101))  # only the header of the big one
+    assert fb.next_frame() == b"ok"
+    with pytest.raises(FrameTooLarge) as info:
+        fb.next_frame()
+    assert (info.value.length, info.value.maximum) == (101, 100)
+    assert isinstance(info.value, ProtocolError)
+    assert info.value.bye == ("frame_too_large", 101, 100)
+    # the buffer stays broken: the stream cannot be resynchronised
+    fb.feed(frame(b"more"))
+    with pytest.raises(FrameTooLarge):
+        fb.next_frame()
+
+
+def test_too_large_with_a_straddling_header() -> None:
+    fb = FrameBuffer(10)
+    header = encode_length(2**32 - 1)
+    fb.feed(header[:1])
+    assert fb.next_frame() is None
+    fb.feed(header[1:3])
+    assert fb.next_frame() is None
+    fb.feed(header[3:] + b"x" * 50)
+    with pytest.raises(FrameTooLarge) as info:
+        fb.next_frame()
+    assert info.value.length == 2**32 - 1
+
+
+def test_exactly_max_frame_is_accepted() -> None:
+    fb = FrameBuffer(5)
+    fb.feed(frame(b"12345"))
+    assert fb.next_frame() == b"12345"
+
+
+def test_max_frame_applies_to_frames_not_yet_returned() -> None:
+    big = b"y" * 50
+    fb = FrameBuffer(10)
+    fb.feed(frame(b"hello") + frame(big))
+    assert fb.next_frame() == b"hello"
+    fb.max_frame = 100  # raised after the hello: the next frame passes
+    assert fb.next_frame() == big
+    fb = FrameBuffer(100)
+    fb.feed(frame(b"a") + frame(big))
+    assert fb.next_frame() == b"a"
+    fb.max_frame = 10  # lowered: the next frame is refused
+    with pytest.raises(FrameTooLarge):
+        fb.next_frame()
+
+
+@pytest.mark.parametrize("bad", [-1, 2**32, 1.5, "10"])
+def test_max_frame_is_validated(bad: object) -> None:
+    with pytest.raises(ValueError):
+        FrameBuffer(bad)  # type: ignore[arg-type]
+    fb = FrameBuffer(10)
+    with pytest.raises(ValueError):
+        fb.max_frame = bad  # type: ignore[assignment]
+
+
+def test_fed_buffers_may_be_reused_by_the_caller() -> None:
+    fb = FrameBuffer(100)
+    buf = bytearray(frame(b"first")[:6])
+    fb.feed(buf)
+    buf[:] = b"\xff" * 6  # the caller reuses its read buffer
+    fb.feed(frame(b"first")[6:])
+    assert fb.next_frame() == b"first"
+
+
+def test_many_frames_per_read_and_large_frames() -> None:
+    small = [bytes([i % 251]) * (i % 300 + 1) for i in range(5000)]
+    big = b"B" * (3 * 1024 * 1024)
+    data = b"".join(frame(p) for p in small) + frame(big)
+    fb = FrameBuffer(4 * 1024 * 1024)
+    got = []
+    for i in range(0, len(data), 65536):
+        fb.feed(data[i : i + 65536])
+        got.extend(drain(fb))
+    assert got == [*small, big]
+
+
+@pytest.mark.timeout(30)
+def test_cost_is_linear_in_the_bytes() -> None:
+    """Doubling the input of 1-byte reads (one big frame straddling all of
+    them) and of 64 KiB reads (many frames each) must not quadruple the time."""
+
+    def one_byte_reads(n: int) -> float:
+        data = frame(b"z" * n)
+        fb = FrameBuffer(n)
+        start = time.perf_counter()
+        for i in range(len(data)):
+            fb.feed(data[i : i + 1])
+            fb.next_frame()
+        return time.perf_counter() - start
+
+    def many_frames(n: int) -> float:
+        data = frame(b"q" * 1000) * n
+        fb = FrameBuffer(2000)
+        start = time.perf_counter()
+        for i in range(0, len(data), 65536):
+            fb.feed(data[i : i + 65536])
+            drain(fb)
+        return time.perf_counter() - start
+
+    for measure, n in ((one_byte_reads, 40_000), (many_frames, 20_000)):
+        small = min(measure(n) for _ in range(3))
+        large = min(measure(2 * n) for _ in range(3))
+        assert large < 3.5 * small, (measure.__name__, small, large)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(min_value=0, max_value=120), min_size=1, max_size=20),
+    st.lists(st.integers(min_value=0), max_size=30),
+)
+def test_first_oversized_frame_stops_the_stream(sizes: list[int], cuts: list[int]) -> None:
+    limit = 100
+    data = b"".join(frame(bytes([n % 256]) * n) for n in sizes)
+    expected = []
+    for n in sizes:
+        if n > limit:
+            break
+        if n:
+            expected.append(bytes([n % 256]) * n)
+    too_large = any(n > limit for n in sizes)
+    fb = FrameBuffer(limit)
+    got: list[bytes] = []
+    raised = False
+    for piece in split(data, cuts):
+        fb.feed(piece)
+        try:
+            while (payload := fb.next_frame()) is not None:
+                got.append(payload)
+        except FrameTooLarge as exc:
+            assert exc.length == next(n for n in sizes if n > limit)
+            raised = True
+            break
+    assert got == expected
+    assert raised == too_large
