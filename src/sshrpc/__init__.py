@@ -28,6 +28,7 @@ from ._errors import (
     UnknownHostKey,
 )
 from ._types import Atom, BitString, Export, Fun, ImproperList, Map, Pid, Port, Reference
+from .service import Service
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
     from .client import connect_node as connect_node
     from .client import multicall as multicall
     from .client import open_connection as open_connection
+    from .node import Node as Node
+    from .node import serve_node as serve_node
+    from .node import serve_stdio as serve_stdio
+    from .policy import Policy as Policy
 
 #: The client (Trio, ssh2-python) is imported on first use, so that
 #: ``import sshrpc`` stays light for the server-side subsystem entry.
@@ -52,6 +57,10 @@ _CLIENT_NAMES = {
     "connect_node": "client",
     "multicall": "client",
     "open_connection": "client",
+    "Node": "node",
+    "serve_node": "node",
+    "serve_stdio": "node",
+    "Policy": "policy",
 }
 
 
@@ -89,6 +98,7 @@ __all__ = [
     "RemoteError",
     "RemoteTimeout",
     "SSHRPCError",
+    "Service",
     "TermError",
     "Throw",
     "Undef",

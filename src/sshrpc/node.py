@@ -1,0 +1,917 @@
+"""Channels -> service calls: the node, the server side of PROTOCOL.md, with Trio.
+
+A ``Node`` holds services, processes (``spawn``), registered names and
+mailboxes.  Every channel (``serve_channel``) reaches the same node, as every
+SSH channel of an Erlang node reaches the same VM.  Two ways to run it:
+
+- ``serve_node``: the long-lived node listens on a Unix socket in a directory
+  only its user can enter; sshd runs the tiny relay (``_relay.py``) per
+  channel, which connects, says which key authenticated (``$SSH_USER_AUTH``)
+  and relays bytes.  The node checks the peer's uid with ``SO_PEERCRED``.
+- ``serve_stdio``: in-process mode; the subsystem program serves the services
+  itself on stdin/stdout (one channel, one process: for one-shot use).
+
+Per channel, one reader task feeds the protocol core and dispatches events,
+one writer task writes answers, and each call runs in its own task, so answers
+leave in any order.
+
+Theory of operation, cancellation and bounds:
+
+- A call's task runs inside its own cancel scope.  ``{cancel, Id}`` cancels
+  that scope; a ``timeout`` option sets its deadline.  The task then answers
+  ``cancelled`` or ``timeout``, unless the function had already returned, in
+  which case its normal answer stands: the answer is chosen after the scope
+  exits, with no checkpoint in between, so there is exactly one.
+- Sync functions run in worker threads (``worker_threads`` at most, a
+  ``trio.CapacityLimiter``) with ``abandon_on_cancel=True``: a cancel or a
+  timeout answers at once and the thread is left to finish on its own; its
+  result is discarded.  Python cannot kill a thread, so a wedged sync
+  function keeps its worker slot until it returns.
+- ``max_calls`` calls (and casts) may be open per channel; one more gets
+  ``overload`` at once (a cast beyond it is dropped and logged).
+- Answers are queued as bytes for the writer.  While more than
+  ``max_queued`` bytes wait, the reader stops reading the channel (so the SSH
+  window closes on a client that does not read), streams stop producing
+  chunks and call tasks wait before queueing their answer.
+- Mailboxes hold ``mailbox_size`` messages; a message sent to a full mailbox
+  is dropped and logged (a warning), as a message to a dead process is.
+  Messages to the client's mailbox (the session pid) are dropped the same
+  way while the channel's answer queue is full.
+- Processes spawned on a channel are linked to it: when the channel ends
+  (``bye``, disconnect, protocol error) they are cancelled.
+- When the channel ends without a ``bye`` (the client disconnected, EOF), every
+  task of the channel is cancelled at once; nothing outlives it except
+  abandoned worker threads.
+- ``{bye, normal}`` from the client: the node reads no more, lets open calls
+  finish and answers them, then sends ``{bye, normal}`` and closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import itertools
+import logging
+import os
+import socket
+import stat
+import struct
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from . import protocol as _p
+from ._errors import LocalProtocolError, MessageTooLarge, ProtocolError, TermError
+from ._types import Atom, Pid
+from .policy import ANONYMOUS, ExposureTable, KeyIdentity, Policy, audit, identify_key
+from .service import Exported, Service, error_term, flatten_services
+
+__all__ = [
+    "DEFAULT_MAILBOX_SIZE",
+    "DEFAULT_MAX_CALLS",
+    "DEFAULT_MAX_FRAME",
+    "DEFAULT_MAX_QUEUED",
+    "DEFAULT_WORKER_THREADS",
+    "Node",
+    "receive",
+    "register",
+    "self_pid",
+    "send",
+    "serve_node",
+    "serve_stdio",
+    "session_pid",
+    "whereis",
+]
+
+log = logging.getLogger("sshrpc.node")
+
+#: Open calls per channel (PROTOCOL.md section 3's ``max_calls``).
+DEFAULT_MAX_CALLS = 64
+#: Largest payload accepted (PROTOCOL.md's default and minimum useful value).
+DEFAULT_MAX_FRAME = 1024 * 1024
+#: Answer bytes queued but not yet written before the node stops reading.
+DEFAULT_MAX_QUEUED = 1024 * 1024
+#: Worker threads shared by all sync functions of the node.
+DEFAULT_WORKER_THREADS = 16
+#: Messages a process mailbox holds before new ones are dropped.
+DEFAULT_MAILBOX_SIZE = 1024
+#: The relay's header is small; anything bigger is not our relay.
+MAX_HEADER = 65536
+#: How long a fresh Unix-socket peer has to send its header.
+HEADER_TIMEOUT = 10.0
+RECEIVE_SIZE = 65536
+
+SERVER_NAME = "sshrpc-python/0.1.0"
+
+
+# -- the context service code runs in -------------------------------------------
+
+
+@dataclass
+class _Context:
+    node: Node
+    session: _Channel | None
+    process: _Process | None
+    key: KeyIdentity
+
+
+_current: contextvars.ContextVar[_Context] = contextvars.ContextVar("sshrpc_node_context")
+
+
+def _context() -> _Context:
+    try:
+        return _current.get()
+    except LookupError:
+        raise RuntimeError("not inside a function the sshrpc node is running") from None
+
+
+def self_pid() -> Pid:
+    """The pid of the spawned process running this code.  Raises
+    ``RuntimeError`` outside a spawned process."""
+    process = _context().process
+    if process is None:
+        raise RuntimeError("self_pid() only works in a spawned process")
+    return process.pid
+
+
+def session_pid() -> Pid:
+    """The pid of the channel that called or spawned this code: sending to it
+    reaches the client's mailbox (a ``{send, Pid, Msg}`` frame)."""
+    session = _context().session
+    if session is None:
+        raise RuntimeError("no client session here")
+    return session.pid
+
+
+def current_key() -> KeyIdentity:
+    """The key that authenticated the calling channel (``ANONYMOUS`` if none)."""
+    return _context().key
+
+
+def send(dest: Pid | str, message: Any) -> bool:
+    """Send ``message`` to a pid or registered name; never blocks.
+
+    Returns ``False`` when it was dropped: no such process (as in Erlang), or
+    its mailbox is full (logged).  Works from worker threads too.
+    """
+    return _context().node.send(dest, message)
+
+
+async def receive() -> Any:
+    """The next message in this spawned process's mailbox; waits for one.
+
+    A checkpoint; a cancel leaves the mailbox unchanged.
+    """
+    process = _context().process
+    if process is None:
+        raise RuntimeError("receive() only works in a spawned process")
+    return await process.inbox_receive.receive()
+
+
+def register(name: str, pid: Pid | None = None) -> None:
+    """Register ``pid`` (default: this process) under the atom ``name``.
+    Raises ``ValueError`` if the name is taken; the name is released when
+    the process ends."""
+    ctx = _context()
+    if pid is None:
+        pid = self_pid()
+    ctx.node.register(name, pid)
+
+
+def whereis(name: str) -> Pid | None:
+    """The pid registered under ``name``, or ``None``."""
+    return _context().node.registry.get(name)
+
+
+# -- processes -------------------------------------------------------------------
+
+
+class _Process:
+    def __init__(self, node: Node, pid: Pid, mailbox_size: int) -> None:
+        self.node = node
+        self.pid = pid
+        self.inbox_send, self.inbox_receive = trio.open_memory_channel[Any](mailbox_size)
+        self.names: set[str] = set()
+
+    def deliver(self, message: Any) -> bool:
+        try:
+            self.inbox_send.send_nowait(message)
+        except trio.WouldBlock:
+            log.warning("mailbox of %r full; message dropped", self.pid)
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+
+# -- the answer queue ------------------------------------------------------------
+
+
+class _Outbox:
+    """Frames waiting for the writer, bounded in bytes (softly: a put never
+    waits; callers wait for room first with ``wait_room``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.frames: deque[bytes] = deque()
+        self.nbytes = 0
+        self._data = trio.lowlevel.ParkingLot()
+        self._room = trio.lowlevel.ParkingLot()
+        self._empty = trio.lowlevel.ParkingLot()
+
+    @property
+    def full(self) -> bool:
+        return self.nbytes >= self.limit
+
+    def put(self, frame: bytes) -> None:
+        if frame:
+            self.frames.append(frame)
+            self.nbytes += len(frame)
+            self._data.unpark_all()
+
+    async def wait_room(self) -> None:
+        while self.full:
+            await self._room.park()
+
+    async def wait_empty(self) -> None:
+        while self.nbytes:
+            await self._empty.park()
+
+    async def take(self, most: int = 256 * 1024) -> bytes:
+        while not self.frames:
+            await self._data.park()
+        parts = []
+        size = 0
+        while self.frames and size < most:
+            frame = self.frames.popleft()
+            parts.append(frame)
+            size += len(frame)
+        return b"".join(parts)
+
+    def written(self, n: int) -> None:
+        self.nbytes -= n
+        if not self.full:
+            self._room.unpark_all()
+        if not self.nbytes:
+            self._empty.unpark_all()
+
+
+# -- one channel -----------------------------------------------------------------
+
+
+@dataclass
+class _OpenCall:
+    scope: trio.CancelScope
+    cancel_requested: bool = False
+    credit_lot: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+
+
+class _ChannelEnded(Exception):
+    pass
+
+
+class _Channel:
+    """One RPC session: one SSH channel."""
+
+    def __init__(self, node: Node, stream: trio.abc.Stream, key: KeyIdentity, peer: str) -> None:
+        self.node = node
+        self.stream = stream
+        self.key = key
+        self.peer = peer
+        self.pid = node.new_pid()
+        self.calls: dict[int, _OpenCall] = {}
+        self.casts = 0
+        self.processes: dict[Pid, _Process] = {}
+        self.outbox = _Outbox(node.max_queued)
+        self.conn = _p.Connection(
+            _p.Role.SERVER,
+            max_frame=node.max_frame,
+            max_calls=node.max_calls,
+            node=node.name,
+            session=self.pid,
+            name=SERVER_NAME,
+        )
+        self.closing = False
+        self.idle = trio.lowlevel.ParkingLot()
+
+    # sending ---------------------------------------------------------------
+
+    def emit(self, event: _p.Event) -> bool:
+        """Encode ``event`` and queue it; False if the connection refuses it."""
+        try:
+            data = self.conn.send(event)
+        except MessageTooLarge:
+            if isinstance(event, _p.Chunk):
+                raise
+            log.warning("session %r: %s too large for the client; dropped", self.pid,
+                        type(event).__name__)
+            return False
+        except (TermError, TypeError) as exc:
+            if isinstance(event, _p.Reply | _p.Chunk):
+                # A value with no Erlang term: answer with an error instead.
+                cls, reason, details = error_term(exc, traces=self.node.expose_traces)
+                return self.emit(
+                    _p.ErrorReply(id=event.id, cls=cls, reason=reason, details=details)
+                )
+            log.warning("cannot send %s: %s", type(event).__name__, exc)
+            return False
+        except LocalProtocolError as exc:  # e.g. after the channel closed
+            log.debug("not sent (%s): %r", exc, event)
+            return False
+        self.outbox.put(data)
+        return True
+
+    def deliver(self, message: Any) -> bool:
+        """A message to the client's mailbox: a ``{send, SessionPid, Msg}`` frame."""
+        if self.outbox.full or self.closing:
+            log.warning("session %r: answer queue full; message dropped", self.pid)
+            return False
+        return self.emit(_p.Send(dest=self.pid, msg=message))
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                data = await self.outbox.take()
+                await self.stream.send_all(data)
+                self.outbox.written(len(data))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The client is gone: end the channel, cancelling its tasks.
+            log.debug("session %r: channel broken while writing", self.pid)
+            self.nursery.cancel_scope.cancel()
+
+    # the channel's life ----------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the channel until bye, EOF, a protocol error or cancellation.
+
+        Cancellation (the node stopping) cancels every task of the channel.
+        """
+        self.node.pids[self.pid] = self
+        self.node.channels.add(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._writer)
+                graceful = await self._reader()
+                if graceful:
+                    await self._drain()
+                    with trio.move_on_after(10):
+                        await self.outbox.wait_empty()
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.node.pids.pop(self.pid, None)
+            self.node.channels.discard(self)
+            with trio.CancelScope(shield=True):
+                with contextlib.suppress(Exception):
+                    await self.stream.aclose()
+
+    async def _drain(self) -> None:
+        """Wait for open calls to end, then say ``{bye, normal}``."""
+        self.closing = True
+        while self.calls or self.casts:
+            await self.idle.park()
+        self.emit(_p.Bye(reason=Atom("normal")))
+
+    async def _reader(self) -> bool:
+        """Read and dispatch until the channel ends.  True: end gracefully."""
+        while True:
+            await self.outbox.wait_room()
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                log.debug("session %r: channel closed by the client", self.pid)
+                return False
+            self.conn.receive_data(data)
+            while True:
+                try:
+                    event = self.conn.next_event()
+                except ProtocolError as exc:
+                    log.warning("session %r (%s): %s", self.pid, self.key, exc)
+                    if exc.bye is not None:
+                        self.emit(_p.Bye(reason=exc.bye))
+                    self.closing = True
+                    with trio.move_on_after(5):
+                        await self.outbox.wait_empty()
+                    return False
+                if event is _p.NEED_DATA:
+                    break
+                if event is _p.CLOSED:
+                    return False
+                if await self._dispatch(event):
+                    return True
+
+    async def _dispatch(self, event: Any) -> bool:
+        """Act on one event; True when the client said bye."""
+        node = self.node
+        if isinstance(event, _p.Call):
+            self._start_call(event)
+        elif isinstance(event, _p.Cancel):
+            call = self.calls.get(event.id)
+            if call is not None:
+                call.cancel_requested = True
+                call.scope.cancel()
+        elif isinstance(event, _p.Credit):
+            call = self.calls.get(event.id)
+            if call is not None:
+                call.credit_lot.unpark_all()
+        elif isinstance(event, _p.Ping):
+            self.emit(_p.Pong(token=event.token))
+        elif isinstance(event, _p.Cast):
+            self._start_cast(event)
+        elif isinstance(event, _p.Spawn):
+            self._spawn(event)
+        elif isinstance(event, _p.Send):
+            node.send(event.dest, event.msg)
+        elif isinstance(event, _p.Hello):
+            self._hello(event)
+        elif isinstance(event, _p.Mfa):
+            await self._legacy(event)
+        elif isinstance(event, _p.Bye):
+            return True
+        elif isinstance(event, _p.Refused):
+            log.info("session %r: refused (%s): %s", self.pid, event.reason, event.detail)
+            if event.id is None:
+                self.emit(_p.Answer(result=(Atom("exec_error"), event.term), status=-1))
+            else:
+                self.emit(_p.ErrorReply(id=event.id, cls=Atom("sshrpc"), reason=event.reason))
+        else:
+            log.info("session %r: ignored %r", self.pid, event)
+        return False
+
+    def _hello(self, hello: _p.Hello) -> None:
+        self.emit(self.conn.hello())
+
+    # calls -------------------------------------------------------------------
+
+    def _check(self, kind: str, module: str, function: str, arity: int, id: int | None) -> Exported | None:
+        decision = self.node.table.decide(self.key, module, function, arity)
+        if decision.outcome == "allow":
+            return decision.exported
+        audit(self.key, kind, module, function, arity, decision.outcome, 0.0)
+        if id is not None:
+            self.emit(_p.ErrorReply(id=id, cls=Atom("sshrpc"), reason=Atom(decision.outcome)))
+        return None
+
+    def _busy(self) -> bool:
+        return len(self.calls) + self.casts >= self.node.max_calls
+
+    def _start_call(self, call: _p.Call) -> None:
+        if self.closing:
+            self.emit(_p.ErrorReply(id=call.id, cls=Atom("sshrpc"), reason=Atom("shutting_down")))
+            return
+        if self._busy():
+            self.emit(_p.ErrorReply(id=call.id, cls=Atom("sshrpc"), reason=Atom("overload")))
+            return
+        exported = self._check("call", call.module, call.function, len(call.args), call.id)
+        if exported is None:
+            return
+        scope = trio.CancelScope()
+        if call.timeout is not None:
+            scope.deadline = trio.current_time() + call.timeout / 1000
+        self.calls[call.id] = _OpenCall(scope)
+        self.nursery.start_soon(self._run_call, call, exported)
+
+    async def _invoke(self, exported: Exported, args: list[Any], stream_id: int | None) -> Any:
+        if exported.kind == "async":
+            return await exported.fn(*args)
+        if exported.kind == "sync":
+            return await trio.to_thread.run_sync(
+                functools.partial(exported.fn, *args),
+                limiter=self.node.limiter,
+                abandon_on_cancel=True,
+            )
+        agen = exported.fn(*args)
+        items: list[Any] = []
+        try:
+            async for item in agen:
+                if stream_id is None:
+                    items.append(item)
+                    continue
+                open_call = self.calls[stream_id]
+                while self.conn.stream_credit(stream_id) <= 0:
+                    await open_call.credit_lot.park()
+                await self.outbox.wait_room()
+                self.emit(_p.Chunk(id=stream_id, value=item))
+        finally:
+            await agen.aclose()
+        return Atom("done") if stream_id is not None else items
+
+    async def _run_call(self, call: _p.Call, exported: Exported) -> None:
+        open_call = self.calls[call.id]
+        token = _current.set(_Context(self.node, self, None, self.key))
+        start = trio.current_time()
+        answer: _p.Event
+        outcome = "ok"
+        try:
+            try:
+                with open_call.scope:
+                    stream_id = call.id if call.stream and exported.kind == "stream" else None
+                    value = await self._invoke(exported, call.args, stream_id)
+                    answer = _p.Reply(id=call.id, value=value)
+            except MessageTooLarge:
+                outcome = "too_large"
+                answer = _p.ErrorReply(id=call.id, cls=Atom("sshrpc"), reason=Atom("too_large"))
+            except Exception as exc:
+                cls, reason, details = error_term(exc, traces=self.node.expose_traces)
+                outcome = str(cls)
+                answer = _p.ErrorReply(id=call.id, cls=cls, reason=reason, details=details)
+            if open_call.scope.cancelled_caught:
+                outcome = "cancelled" if open_call.cancel_requested else "timeout"
+                answer = _p.ErrorReply(id=call.id, cls=Atom("sshrpc"), reason=Atom(outcome))
+            await self.outbox.wait_room()
+        finally:
+            _current.reset(token)
+            del self.calls[call.id]
+            if not self.calls:
+                self.idle.unpark_all()
+        # Only reached when the channel is alive (a channel-wide cancel raises
+        # Cancelled above): exactly one final answer.
+        audit(self.key, "call", call.module, call.function, len(call.args), outcome,
+              trio.current_time() - start)
+        self.emit(answer)
+
+    def _start_cast(self, cast: _p.Cast) -> None:
+        if self.closing:
+            return
+        if self._busy():
+            log.warning("session %r: cast %s:%s dropped (max_calls open)", self.pid,
+                        cast.module, cast.function)
+            return
+        exported = self._check("cast", cast.module, cast.function, len(cast.args), None)
+        if exported is None:
+            return
+        self.casts += 1
+        self.nursery.start_soon(self._run_cast, cast, exported)
+
+    async def _run_cast(self, cast: _p.Cast, exported: Exported) -> None:
+        token = _current.set(_Context(self.node, self, None, self.key))
+        start = trio.current_time()
+        outcome = "ok"
+        try:
+            await self._invoke(exported, cast.args, None)
+        except Exception as exc:
+            outcome = str(error_term(exc)[0])
+            log.warning("cast %s:%s/%d failed: %r", cast.module, cast.function,
+                        len(cast.args), exc)
+        finally:
+            _current.reset(token)
+            self.casts -= 1
+            if not self.casts:
+                self.idle.unpark_all()
+        audit(self.key, "cast", cast.module, cast.function, len(cast.args), outcome,
+              trio.current_time() - start)
+
+    # processes ---------------------------------------------------------------
+
+    def _spawn(self, spawn: _p.Spawn) -> None:
+        if self.closing:
+            self.emit(_p.ErrorReply(id=spawn.id, cls=Atom("sshrpc"), reason=Atom("shutting_down")))
+            return
+        if len(self.processes) >= self.node.max_calls:
+            self.emit(_p.ErrorReply(id=spawn.id, cls=Atom("sshrpc"), reason=Atom("overload")))
+            return
+        exported = self._check("spawn", spawn.module, spawn.function, len(spawn.args), spawn.id)
+        if exported is None:
+            return
+        process = _Process(self.node, self.node.new_pid(), self.node.mailbox_size)
+        self.processes[process.pid] = process
+        self.node.pids[process.pid] = process
+        self.emit(_p.Reply(id=spawn.id, value=process.pid))
+        audit(self.key, "spawn", spawn.module, spawn.function, len(spawn.args), "ok", 0.0)
+        self.nursery.start_soon(self._run_process, process, exported, spawn.args)
+
+    async def _run_process(self, process: _Process, exported: Exported, args: list[Any]) -> None:
+        token = _current.set(_Context(self.node, self, process, self.key))
+        reason: Any = Atom("normal")
+        try:
+            await self._invoke(exported, args, None)
+        except Exception as exc:
+            cls, term, _ = error_term(exc)
+            reason = (cls, term)
+        finally:
+            _current.reset(token)
+            self.processes.pop(process.pid, None)
+            self.node.forget(process)
+        self.emit(_p.Down(pid=process.pid, reason=reason))
+
+    # legacy ------------------------------------------------------------------
+
+    async def _legacy(self, mfa: _p.Mfa) -> None:
+        m, f, a = mfa.module, mfa.function, mfa.args
+        if not (isinstance(m, str) and isinstance(f, str) and isinstance(a, list)):
+            self.emit(_p.Answer(result=(Atom("exec_error"), (m, f, a)), status=-1))
+            return
+        exported = self._check("mfa", m, f, len(a), None)
+        if exported is None:
+            outcome = self.node.table.decide(self.key, m, f, len(a)).outcome
+            self.emit(_p.Answer(result=(Atom("exec_badrpc"), Atom(outcome)), status=-1))
+            return
+        token = _current.set(_Context(self.node, self, None, self.key))
+        start = trio.current_time()
+        try:
+            value = await self._invoke(exported, a, None)
+        except Exception as exc:
+            cls, reason, _ = error_term(exc)
+            audit(self.key, "mfa", m, f, len(a), str(cls), trio.current_time() - start)
+            self.emit(_p.Answer(result=(Atom("exec_badrpc"), (cls, reason)), status=-1))
+            return
+        finally:
+            _current.reset(token)
+        audit(self.key, "mfa", m, f, len(a), "ok", trio.current_time() - start)
+        self.emit(_p.Answer(result=value, status=0))
+
+
+# -- the node ----------------------------------------------------------------------
+
+
+class Node:
+    """Services, processes, registered names and mailboxes shared by every
+    channel.
+
+    Args:
+      services: ``Service`` objects (or nested lists of them).
+      policy: who may call what (default: every exported function).
+      name: the node atom in hellos and pids (default ``sshrpc@HOSTNAME``).
+      authorized_keys: the file sshd reads keys from; used to find a key's
+        comment for policy rules and logs.
+      max_calls, max_frame, max_queued, worker_threads, mailbox_size: the
+        bounds described in the module docstring.
+      expose_traces: put ``trace => [Binary]`` in error details (off by
+        default: no stack trace leaves the node).
+    """
+
+    def __init__(
+        self,
+        services: Iterable[Service] | Mapping[str, Service],
+        *,
+        policy: Policy | None = None,
+        name: str | None = None,
+        authorized_keys: str | os.PathLike[str] | None = None,
+        max_calls: int = DEFAULT_MAX_CALLS,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        worker_threads: int = DEFAULT_WORKER_THREADS,
+        mailbox_size: int = DEFAULT_MAILBOX_SIZE,
+        expose_traces: bool = False,
+    ) -> None:
+        found = flatten_services(services.values() if isinstance(services, Mapping) else services)
+        self.table = ExposureTable(found, policy or Policy.allow_all())
+        self.name = name or f"sshrpc@{socket.gethostname().split('.')[0] or 'localhost'}"
+        self.authorized_keys = authorized_keys
+        self.max_calls = max_calls
+        self.max_frame = max_frame
+        self.max_queued = max_queued
+        self.mailbox_size = mailbox_size
+        self.expose_traces = expose_traces
+        self.limiter = trio.CapacityLimiter(worker_threads)
+        self.pids: dict[Pid, _Channel | _Process] = {}
+        self.registry: dict[str, Pid] = {}
+        self.channels: set[_Channel] = set()
+        self._ids = itertools.count(1)
+        self._creation = os.getpid() & 0xFFFFFFFF
+
+    def new_pid(self) -> Pid:
+        """A fresh pid of this node."""
+        n = next(self._ids)
+        return Pid.new(self.name, n & 0x7FFF, n >> 15, self._creation)
+
+    def send(self, dest: Pid | str, message: Any) -> bool:
+        """Deliver to a pid or registered name; ``False`` if dropped."""
+        if isinstance(dest, str):
+            pid = self.registry.get(dest)
+            if pid is None:
+                return False
+            dest = pid
+        target = self.pids.get(dest) if isinstance(dest, Pid) else None
+        if target is None:
+            return False
+        return target.deliver(message)
+
+    def register(self, name: str, pid: Pid) -> None:
+        """Register ``pid`` under ``name``; ``ValueError`` if taken or unknown."""
+        if name in self.registry:
+            raise ValueError(f"name {name!r} is already registered")
+        target = self.pids.get(pid)
+        if not isinstance(target, _Process):
+            raise ValueError(f"no process {pid!r}")
+        self.registry[name] = pid
+        target.names.add(name)
+
+    def forget(self, process: _Process) -> None:
+        self.pids.pop(process.pid, None)
+        for name in process.names:
+            self.registry.pop(name, None)
+        process.inbox_send.close()
+
+    def statistics(self) -> dict[str, int]:
+        """Counts for leak checks: channels, open calls, processes, pids,
+        registered names, and Trio tasks alive in this run."""
+        return {
+            "channels": len(self.channels),
+            "calls": sum(len(c.calls) + c.casts for c in self.channels),
+            "processes": sum(len(c.processes) for c in self.channels),
+            "pids": len(self.pids),
+            "registered": len(self.registry),
+            "tasks": _count_tasks(),
+        }
+
+    async def serve_channel(
+        self, stream: trio.abc.Stream, key: KeyIdentity = ANONYMOUS, peer: str = ""
+    ) -> None:
+        """Serve one RPC session on ``stream`` until it ends; then close it.
+
+        Cancelling this cancels every task of the session; the stream is closed.
+        """
+        await _Channel(self, stream, key, peer).run()
+
+    async def serve_unix(
+        self,
+        socket_path: str | os.PathLike[str],
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``socket_path`` for relays until cancelled.
+
+        The socket's directory is created with mode 0700 (or must already be
+        owned by this user and not reachable by others).  Peers whose uid is
+        not ours (``SO_PEERCRED``) are refused and logged.  ``task_status``
+        gets the socket path once it listens.  Cancellation closes the socket
+        (the file is removed) and every channel.
+        """
+        path = os.fspath(socket_path)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        info = os.stat(directory)
+        if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+            os.chmod(directory, 0o700)
+        if os.path.exists(path):
+            os.unlink(path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(path)
+            sock.listen(128)
+            listener = trio.SocketListener(sock)
+            async with trio.open_nursery() as nursery:
+                task_status.started(path)
+                while True:
+                    stream = await listener.accept()
+                    nursery.start_soon(self._serve_relay, stream)
+        finally:
+            sock.close()
+            with contextlib.suppress(Exception):
+                os.unlink(path)
+
+    async def _serve_relay(self, stream: trio.SocketStream) -> None:
+        try:
+            creds = stream.socket.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+            )
+            peer_pid, peer_uid, _ = struct.unpack("3i", creds)
+            if peer_uid != os.getuid():
+                log.warning(
+                    "refused a connection to the node socket from uid %d (pid %d): "
+                    "only uid %d's relay may connect",
+                    peer_uid,
+                    peer_pid,
+                    os.getuid(),
+                )
+                return
+            with trio.move_on_after(HEADER_TIMEOUT) as scope:
+                header = await _read_header(stream)
+            if scope.cancelled_caught or header is None:
+                log.warning("relay pid %d sent no valid header; dropped", peer_pid)
+                return
+            user_auth, ssh_connection = header
+            key = identify_key(user_auth, self.authorized_keys)
+            log.info("channel from %s key %s", ssh_connection or "-", key)
+            await self.serve_channel(stream, key, ssh_connection)
+        except Exception:
+            # A bug in one channel must not take the node down: log it.
+            log.exception("channel failed")
+        finally:
+            with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await stream.aclose()
+
+
+async def _read_header(stream: trio.SocketStream) -> tuple[str, str] | None:
+    buf = bytearray()
+    while len(buf) < 8:
+        data = await stream.receive_some(8 - len(buf))
+        if not data:
+            return None
+        buf += data
+    if buf[:4] != b"SRLY":
+        return None
+    size = int.from_bytes(buf[4:8], "big")
+    if size > MAX_HEADER:
+        return None
+    body = bytearray()
+    while len(body) < size:
+        data = await stream.receive_some(size - len(body))
+        if not data:
+            return None
+        body += data
+    auth, _, conn = bytes(body).partition(b"\0")
+    return auth.decode("utf-8", "replace"), conn.decode("utf-8", "replace")
+
+
+def _count_tasks() -> int:
+    try:
+        root = trio.lowlevel.current_root_task()
+    except RuntimeError:
+        return 0
+    if root is None:
+        return 0
+    count = 0
+    todo = [root]
+    while todo:
+        task = todo.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return count
+
+
+async def serve_node(
+    services: Iterable[Service] | Mapping[str, Service],
+    *,
+    socket_path: str | os.PathLike[str],
+    policy: Policy | None = None,
+    task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
+    **options: Any,
+) -> None:
+    """Run a node on ``socket_path`` until cancelled.
+
+    ``options`` are ``Node``'s keyword arguments.  ``task_status`` gets the
+    ``Node`` once the socket listens (use ``await nursery.start(...)``).
+    Cancelling stops listening and cancels every channel's tasks.
+    """
+    node = Node(services, policy=policy, **options)
+
+    async def serve(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        await node.serve_unix(socket_path, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve)
+        task_status.started(node)
+
+
+class _StdioStream(trio.abc.Stream):
+    """stdin + stdout as one stream (in-process mode)."""
+
+    def __init__(self, fd_in: int = 0, fd_out: int = 1) -> None:
+        self._in = trio.lowlevel.FdStream(os.dup(fd_in))
+        self._out = trio.lowlevel.FdStream(os.dup(fd_out))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._out.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._out.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self._in.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self._out.aclose()
+
+    async def aclose(self) -> None:
+        await self._in.aclose()
+        await self._out.aclose()
+
+
+async def serve_stdio(
+    services: Iterable[Service] | Mapping[str, Service],
+    *,
+    policy: Policy | None = None,
+    user_auth: str | None = None,
+    **options: Any,
+) -> None:
+    """In-process mode: serve one channel on stdin/stdout, then return.
+
+    The key comes from ``user_auth`` (the text of sshd's ``$SSH_USER_AUTH``
+    file; read from that variable when ``None``).  EOF on stdin ends the
+    channel like a disconnect: open calls are cancelled.  ``options`` are
+    ``Node``'s keyword arguments.
+    """
+    node = Node(services, policy=policy, **options)
+    if user_auth is None:
+        path = os.environ.get("SSH_USER_AUTH", "")
+        user_auth = ""
+        if path:
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    user_auth = f.read(MAX_HEADER)
+            except OSError:
+                user_auth = ""
+    key = identify_key(user_auth, node.authorized_keys)
+    await node.serve_channel(_StdioStream(), key, os.environ.get("SSH_CONNECTION", ""))
+

@@ -1,0 +1,161 @@
+"""The program sshd runs for the sshrpc subsystem, and the commands that name it.
+
+Two modes:
+
+- relay (default): ``python -I -S .../_relay.py SOCKET`` relays the channel to
+  a long-lived node (``relay_command``).  Start-up: a bare interpreter, no
+  site, four stdlib modules.
+- in-process: ``python -m sshrpc.subsystem TARGET...`` serves the services
+  itself on stdin/stdout (``in_process_command``), for one-shot use; every
+  channel is a fresh process with fresh state.
+
+``load_targets`` resolves ``package.module:attribute`` names to services, with
+one-line errors (``TargetError``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import shlex
+import sys
+from collections.abc import Sequence
+
+from .service import Service, flatten_services
+
+__all__ = [
+    "RELAY_PATH",
+    "TargetError",
+    "forced_authorized_keys",
+    "in_process_command",
+    "load_targets",
+    "main",
+    "relay_command",
+]
+
+#: The relay script, run by path (not as a module) so that it needs no site.
+RELAY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_relay.py")
+
+
+class TargetError(ValueError):
+    """A ``module:attribute`` target does not name a Service; one-line message."""
+
+
+def load_targets(targets: Sequence[str]) -> list[Service]:
+    """Import each ``package.module:attribute`` and return the services it
+    names (a ``Service`` or a list of them).  Raises ``TargetError``."""
+    found: list[Service] = []
+    for target in targets:
+        module_name, sep, attribute = target.partition(":")
+        if not sep or not module_name or not attribute:
+            raise TargetError(f"{target!r}: expected package.module:attribute")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise TargetError(f"{target!r}: cannot import {module_name}: {exc}") from exc
+        try:
+            value = getattr(module, attribute)
+        except AttributeError:
+            raise TargetError(f"{target!r}: module {module_name} has no {attribute!r}") from None
+        items = value if isinstance(value, list | tuple) else [value]
+        try:
+            flatten_services(items)
+        except (TypeError, ValueError) as exc:
+            raise TargetError(
+                f"{target!r} is not a sshrpc.Service or a list of them ({exc})"
+            ) from None
+        found.extend(flatten_services(items).values())
+    try:
+        flatten_services(found)
+    except ValueError as exc:
+        raise TargetError(str(exc)) from None
+    return found
+
+
+def relay_command(socket_path: str | os.PathLike[str], python: str | None = None) -> str:
+    """The subsystem command line that relays a channel to the node."""
+    python = python or sys.executable
+    return " ".join(shlex.quote(p) for p in (python, "-I", "-S", RELAY_PATH, os.fspath(socket_path)))
+
+
+def in_process_command(
+    targets: Sequence[str],
+    *,
+    policy: str | None = None,
+    authorized_keys: str | None = None,
+    python: str | None = None,
+) -> str:
+    """The subsystem command line that serves ``targets`` in-process."""
+    argv = [python or sys.executable, "-m", "sshrpc.subsystem"]
+    if policy:
+        argv += ["--policy", os.path.abspath(policy)]
+    if authorized_keys:
+        argv += ["--authorized-keys", os.path.abspath(authorized_keys)]
+    argv += list(targets)
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+_KEY_TYPE = re.compile(r"(?:^|\s)((?:ssh|ecdsa|sk-ssh|sk-ecdsa)-[A-Za-z0-9@.-]+)\s+[A-Za-z0-9+/=]+")
+
+
+def forced_authorized_keys(text: str, command: str) -> str:
+    """``authorized_keys`` text with ``restrict,command="COMMAND"`` on every key.
+
+    ``restrict`` turns off port, agent and X11 forwarding, ptys and user rc;
+    ``command`` makes every session request (shell, exec, any subsystem) run
+    ``command``, so these keys can reach sshrpc and nothing else.  Options a
+    line already has are kept after ours.  Comments and blank lines are kept.
+    """
+    quoted = command.replace("\\", "\\\\").replace('"', '\\"')
+    out = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            out.append(line)
+            continue
+        match = _KEY_TYPE.search(stripped)
+        if match is None:
+            out.append("# sshrpc: not a key line, ignored: " + stripped)
+            continue
+        options = stripped[: match.start(1)].strip()
+        key = stripped[match.start(1) :]
+        ours = f'restrict,command="{quoted}"'
+        out.append(f"{ours},{options} {key}" if options else f"{ours} {key}")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sshrpc.subsystem [--policy F] [--authorized-keys F] TARGET...``:
+    serve one channel on stdin/stdout (in-process mode)."""
+    import trio
+
+    from .node import serve_stdio
+    from .policy import Policy, PolicyError
+
+    parser = argparse.ArgumentParser(prog="python -m sshrpc.subsystem")
+    parser.add_argument("targets", nargs="+", metavar="TARGET")
+    parser.add_argument("--policy")
+    parser.add_argument("--authorized-keys")
+    parser.add_argument("--expose-traces", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        services = load_targets(args.targets)
+        policy = Policy.load(args.policy) if args.policy else None
+    except (TargetError, PolicyError) as exc:
+        sys.stderr.write(f"sshrpc subsystem: {exc}\n")
+        return 2
+    trio.run(
+        lambda: serve_stdio(
+            services,
+            policy=policy,
+            authorized_keys=args.authorized_keys,
+            expose_traces=args.expose_traces,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
