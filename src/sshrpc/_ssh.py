@@ -123,7 +123,11 @@ async def _authenticate(
                 f"identity file {path} is encrypted: pass its passphrase as passphrase=",
                 tried=[*tried, f"identity file {path} (encrypted, no passphrase)"],
             )
-        public = path + ".pub" if os.path.exists(path + ".pub") else None
+        # With the .pub beside an encrypted key, libssh2 offers the public key
+        # first and reports a wrong passphrase as "unverified", which would
+        # read as a refused key.  Without it, decryption comes first and a
+        # wrong passphrase is a FileError we can name.
+        public = path + ".pub" if not encrypted and os.path.exists(path + ".pub") else None
         try:
             rc = await pump.retry(
                 session.userauth_publickey_fromfile, user, path, passphrase or "", public

@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -109,19 +111,26 @@ while True:
 """
 
 
+def _start_test_sshd(
+    private_sshd: Any, base: Path, authorized_keys: list[str] | None = None
+) -> Any:
+    src = os.path.dirname(os.path.dirname(sshrpc.__file__))
+    script = base / "subsystem.py"
+    script.write_text(SUBSYSTEM_SCRIPT.format(src=src))
+    modes = ["opts", "junk", "noread", "flood"]
+    info = private_sshd(
+        {mode: f"{sys.executable} -I {script} {mode} {base / mode}.pid" for mode in modes},
+        authorized_keys=authorized_keys,
+    )
+    info.pid_file = lambda mode: base / f"{mode}.pid"
+    return info
+
+
 @pytest.fixture
 def test_sshd(private_sshd: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A private sshd whose subsystems are the test script in each mode;
     ``info.pid_file(mode)`` names the file the script writes its pid to."""
-    base = tmp_path_factory.mktemp("subsys")
-    src = os.path.dirname(os.path.dirname(sshrpc.__file__))
-    script = base / "subsystem.py"
-    script.write_text(SUBSYSTEM_SCRIPT.format(src=src))
-    python = sys.executable
-    modes = ["opts", "junk", "noread", "flood"]
-    info = private_sshd({mode: f"{python} -I {script} {mode} {base / mode}.pid" for mode in modes})
-    info.pid_file = lambda mode: base / f"{mode}.pid"  # type: ignore[attr-defined]
-    return info
+    return _start_test_sshd(private_sshd, tmp_path_factory.mktemp("subsys"))
 
 
 def _channel(info: Any, subsystem: str, **options: Any) -> Any:
@@ -326,3 +335,134 @@ async def test_server_flooding_a_client_that_does_not_read(test_sshd: Any) -> No
             assert (await node.receive())[0] == n
         assert node.statistics().bytes_received > received
         os.kill(_pid(test_sshd, "flood"), signal.SIGKILL)
+
+
+# -- SSH: host keys and authentication --------------------------------------------
+
+
+def _keygen(path: Path, passphrase: str = "") -> tuple[Path, str]:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-C", "t", "-f", str(path)],
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
+    return path, (path.parent / (path.name + ".pub")).read_text().strip()
+
+
+async def test_unknown_host_key_is_refused_then_accepted_explicitly(
+    test_sshd: Any, tmp_path: Path
+) -> None:
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    opts = {"identity": str(test_sshd.identity), "agent": False, "subsystem": "opts"}
+    with pytest.raises(sshrpc.UnknownHostKey) as info:
+        async with open_connection(test_sshd.host, test_sshd.port, known_hosts=str(known), **opts):
+            pass
+    assert info.value.fingerprint == test_sshd.host_fingerprint
+    assert str(known) in str(info.value)
+    assert known.read_text() == ""
+    async with open_connection(
+        test_sshd.host, test_sshd.port, known_hosts=str(known), accept_new_host_keys=True, **opts
+    ) as node:
+        assert await node.call("m", "f", []) == {}
+    assert f"[{test_sshd.host}]:{test_sshd.port} ssh-ed25519 " in known.read_text()
+    async with open_connection(
+        test_sshd.host, test_sshd.port, known_hosts=str(known), **opts
+    ) as node:
+        assert await node.call("m", "f", []) == {}
+
+
+async def test_changed_host_key_is_refused(test_sshd: Any, tmp_path: Path) -> None:
+    _, other = _keygen(tmp_path / "other_host_key")
+    known = tmp_path / "known_hosts"
+    fields = other.split()
+    known.write_text(f"[{test_sshd.host}]:{test_sshd.port} {fields[0]} {fields[1]}\n")
+    opts = {"identity": str(test_sshd.identity), "agent": False, "subsystem": "opts"}
+    with pytest.raises(sshrpc.HostKeyMismatch) as info:
+        async with open_connection(test_sshd.host, test_sshd.port, known_hosts=str(known), **opts):
+            pass
+    assert info.value.fingerprint == test_sshd.host_fingerprint
+    assert f"line 1 of {known}" in str(info.value)
+    # Skipping the check takes an explicit argument.
+    async with open_connection(
+        test_sshd.host, test_sshd.port, known_hosts=str(known), verify_host_key=False, **opts
+    ) as node:
+        assert await node.call("m", "f", []) == {}
+
+
+async def test_identity_files_and_their_three_errors(private_sshd: Any, tmp_path: Path) -> None:
+    key, public = _keygen(tmp_path / "id_encrypted", passphrase="correct horse")
+    refused, _ = _keygen(tmp_path / "id_refused")
+    info = _start_test_sshd(private_sshd, tmp_path, authorized_keys=[public])
+
+    def connect(identity: Path, **options: Any) -> Any:
+        return open_connection(
+            info.host,
+            info.port,
+            identity=str(identity),
+            known_hosts=str(info.known_hosts),
+            agent=False,
+            subsystem="opts",
+            **options,
+        )
+
+    async with connect(key, passphrase="correct horse") as node:
+        assert await node.call("m", "f", []) == {}
+    with pytest.raises(sshrpc.KeyPassphraseError, match="is encrypted"):
+        async with connect(key):
+            pass
+    with pytest.raises(sshrpc.KeyPassphraseError, match="wrong passphrase"):
+        async with connect(key, passphrase="wrong"):
+            pass
+    with pytest.raises(sshrpc.KeyFileNotFound, match="id_missing"):
+        async with connect(tmp_path / "id_missing"):
+            pass
+    with pytest.raises(sshrpc.AuthenticationFailed) as failed:
+        async with connect(refused, password="not-enabled"):
+            pass
+    assert not isinstance(failed.value, sshrpc.KeyPassphraseError | sshrpc.KeyFileNotFound)
+    assert any("id_refused" in t and "refused" in t for t in failed.value.tried)
+    assert any("password" in t for t in failed.value.tried)
+
+
+async def test_agent_authentication(
+    private_sshd: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key, public = _keygen(tmp_path / "id_agent")
+    info = _start_test_sshd(private_sshd, tmp_path, authorized_keys=[public])
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(
+        ["ssh-agent", "-D", "-a", str(sock)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with trio.fail_after(10):
+            while not sock.exists():
+                await trio.sleep(0.01)  # bounded polling for the agent's socket
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", "-q", str(key)], env=env, check=True, capture_output=True)
+        key.unlink()  # only the agent holds the key now
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        async with open_connection(
+            info.host,
+            info.port,
+            identity=[],
+            known_hosts=str(info.known_hosts),
+            subsystem="opts",
+        ) as node:
+            assert await node.call("m", "f", []) == {}
+        with pytest.raises(sshrpc.AuthenticationFailed, match="agent"):
+            async with open_connection(
+                info.host,
+                info.port,
+                identity=[],
+                known_hosts=str(info.known_hosts),
+                subsystem="opts",
+                agent=False,
+            ):
+                pass
+    finally:
+        agent.kill()
+        agent.wait()
