@@ -48,6 +48,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _sshd_default() -> str:
+    from ._sshd import DEFAULT_SSHD
+
+    return DEFAULT_SSHD
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sshrpc", description="Secure RPC over SSH")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
@@ -66,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--in-process", action="store_true", help="each channel serves in its own process"
     )
+    serve.add_argument("--sshd", metavar="PATH", help=f"sshd binary (default {_sshd_default()})")
+    serve.add_argument("--list", action="store_true", help="print the exposure table at start")
 
     node = sub.add_parser("node", help="run only the node (behind a system sshd)")
     _common(node)
@@ -83,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="print the exposure table")
     _common(listing)
     listing.add_argument("--key", metavar="FINGERPRINT_OR_COMMENT")
+
+    from . import _call
+
+    _call.add_parser(sub)
     return parser
 
 
@@ -127,7 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"cannot read authorized keys file {keys_path}: {exc.strerror}") from None
     try:
-        _sshd.find_sshd()
+        sshd_path = _sshd.find_sshd(args.sshd)
     except _sshd.SSHDError as exc:
         raise StartError(str(exc)) from None
     _check_port(args.host, args.port)
@@ -150,6 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
             subsystems={name: command for name in _sshd.SUBSYSTEM_NAMES},
             host=args.host,
             port=args.port,
+            sshd_path=sshd_path,
         )
     except _sshd.SSHDError as exc:
         raise StartError(str(exc)) from None
@@ -171,6 +184,12 @@ def _serve(args: argparse.Namespace) -> int:
                             task_status=task_status,
                         )
                     )
+                if args.list:
+                    from .policy import ExposureTable, Policy
+                    from .service import flatten_services
+
+                    table = ExposureTable(flatten_services(services), policy or Policy.allow_all())
+                    sys.stdout.write(table.listing())
                 try:
                     await trio.to_thread.run_sync(sshd.start)
                     user = _user()
@@ -306,7 +325,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    handlers = {"serve": _serve, "node": _node, "sshd-config": _sshd_config, "list": _list}
+    from . import _call
+
+    handlers = {
+        "serve": _serve,
+        "node": _node,
+        "sshd-config": _sshd_config,
+        "list": _list,
+        "call": _call.run,
+    }
     try:
         return handlers[args.command](args)
     except UsageError as exc:

@@ -1,0 +1,179 @@
+"""``sshrpc serve`` / ``sshd-config`` / ``list`` as a user runs them: real
+processes, a real sshd, OpenSSH's client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import start_serve, stop_serve
+from _sshwire import SSHChannel
+
+from sshrpc import Atom
+
+A = Atom
+pytestmark = pytest.mark.timeout(90)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_bytes()
+            except OSError:
+                continue
+            if int(stat[stat.rfind(b")") + 2 :].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+async def test_serve_calls_and_stops_cleanly(sshrpc_server):
+    info = sshrpc_server
+    ch = await SSHChannel.open(info.ssh_argv())
+    try:
+        hello = await ch.hello()
+        assert hello[A("max_calls")] == 64
+        assert await ch.call(1, "lists", "reverse", [[1, 2]]) == (A("reply"), 1, [2, 1])
+        # every channel reaches the same node process
+        pid1 = (await ch.call(2, "os", "getpid", []))[2]
+        ch2 = await SSHChannel.open(info.ssh_argv("sshrpc"))
+        await ch2.hello()
+        assert (await ch2.call(1, "os", "getpid", []))[2] == pid1 == info.pid
+        await ch2.aclose()
+    finally:
+        await ch.aclose()
+    children = _children(info.pid)
+    assert children  # sshd
+    assert (info.state_dir / "sshd.pid").exists()
+    assert stop_serve(info) == 0
+    assert not any(_alive(pid) for pid in children)
+    assert not (info.state_dir / "sshd.pid").exists()
+    assert not (info.state_dir / "node" / "node.sock").exists()
+
+
+async def test_key_gets_only_sshrpc_no_exec_or_shell(sshrpc_server):
+    """``restrict,command=`` on every key: an exec request runs the relay, not
+    the command (the node answers a hello); forwarding is refused."""
+    info = sshrpc_server
+    argv = info.ssh_argv()
+    argv.remove("-s")
+    argv[-1] = "id; echo PWNED"
+    ch = await SSHChannel.open(argv)
+    try:
+        hello = await ch.hello()
+        assert hello[A("server")] == b"sshrpc-python/0.1.0"
+    finally:
+        await ch.aclose()
+    argv = info.ssh_argv("x", "-o", "ExitOnForwardFailure=yes", "-L", "0:127.0.0.1:9", "-N")
+    argv.remove("-s")
+    argv.pop()
+    out = subprocess.run(argv, capture_output=True, timeout=20, stdin=subprocess.DEVNULL)
+    assert out.returncode != 0
+
+
+async def test_serve_in_process_mode(tmp_path, client_key):
+    keys = tmp_path / "ak"
+    keys.write_text(client_key.public_line + "\n")
+    info = start_serve(
+        ["sshrpc.demo:services"],
+        state_dir=tmp_path / "st",
+        authorized_keys=keys,
+        identity=client_key.private,
+        extra_args=["--in-process"],
+    )
+    try:
+        ch = await SSHChannel.open(info.ssh_argv())
+        try:
+            await ch.hello()
+            reply = await ch.call(1, "os", "getpid", [])
+            assert reply[0] == "reply" and reply[2] != info.pid
+        finally:
+            await ch.aclose()
+    finally:
+        assert stop_serve(info) == 0
+
+
+def _serve(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sshrpc.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_bad_arguments_one_clear_line(tmp_path, client_key):
+    keys = tmp_path / "ak"
+    keys.write_text(client_key.public_line + "\n")
+    base = ["--state-dir", str(tmp_path / "st"), "--authorized-keys", str(keys)]
+    cases = [
+        (["serve", "no.such.module:services", *base], 2, "cannot import no.such.module"),
+        (["serve", "sshrpc.demo:nothing", *base], 2, "has no 'nothing'"),
+        (["serve", "sshrpc.demo:SLOW_STATE", *base], 2, "not a sshrpc.Service"),
+        (["serve", "sshrpc.demo", *base], 2, "expected package.module:attribute"),
+        (
+            ["serve", "sshrpc.demo:services", "--authorized-keys", str(tmp_path / "none")],
+            2,
+            "cannot read authorized keys file",
+        ),
+        (
+            ["serve", "sshrpc.demo:services", *base, "--sshd", "/nonexistent/sshd"],
+            1,
+            "sshd not found",
+        ),
+        (["serve", "sshrpc.demo:services", *base, "--policy", str(tmp_path / "nope")], 2,
+         "cannot read policy file"),
+    ]
+    for argv, status, message in cases:
+        out = _serve(*argv)
+        assert out.returncode == status, (argv, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (argv, out.stderr)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = _serve("serve", "sshrpc.demo:services", *base, "--port", str(port))
+    assert out.returncode == 1
+    assert out.stderr.strip() == (
+        f"sshrpc serve: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+
+
+def test_sshd_config_and_list(tmp_path, client_key):
+    out = _serve(
+        "sshd-config", "sshrpc.demo:services", "--socket", "/run/x/node.sock",
+        "--key", str(client_key.public),
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "ExposeAuthInfo yes" in text
+    assert "Subsystem sshrpc@k2r.org " in text and "_relay.py /run/x/node.sock" in text
+    assert f'restrict,command="' in text and client_key.public_line in text
+    assert "sshrpc node sshrpc.demo:services --socket /run/x/node.sock" in text
+    policy = tmp_path / "p.toml"
+    policy.write_text('[[rule]]\nkeys = ["ci"]\nallow = ["lists"]\n')
+    out = _serve("list", "sshrpc.demo:services", "--policy", str(policy), "--key", "ci")
+    assert out.returncode == 0, out.stderr
+    assert "lists   reverse/1" in out.stdout
+    assert [line.split()[-1] for line in out.stdout.splitlines() if line.startswith("lists")] == [
+        "allowed",
+        "allowed",
+    ]
+    assert all(line.split()[-1] == "denied" for line in out.stdout.splitlines()
+               if not line.startswith("lists"))
