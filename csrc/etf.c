@@ -45,6 +45,8 @@ typedef struct {
     size_t vstack_cap;
     size_t *marks;
     size_t marks_cap;
+    void *cells;
+    size_t cells_cap;
 } priv_t;
 
 #define PRIV(io) ((priv_t *)(io)->priv)
@@ -101,6 +103,7 @@ void sshrpc_io_free(sshrpc_io *io) {
     free(pv->memo);
     free(pv->vstack);
     free(pv->marks);
+    free(pv->cells);
     free(pv);
     free(io);
 }
@@ -1119,8 +1122,10 @@ typedef struct {
     enode *nodes;
     size_t n_nodes;
     ecell *cells;
-    size_t n_cells, cells_cap;
-    size_t out_cap;
+    size_t n_cells;
+    uint8_t *base; /* the caller's buffer while `fixed`, else io->out */
+    size_t len, cap;
+    int fixed;
 } enc_t;
 
 static int64_t new_node(enc_t *e, uint8_t kind) {
@@ -1135,7 +1140,8 @@ static int64_t new_node(enc_t *e, uint8_t kind) {
 }
 
 static int add_child(enc_t *e, uint32_t parent, uint32_t child) {
-    if (grow((void **)&e->cells, &e->cells_cap, e->n_cells + 1, sizeof(ecell))) return -2;
+    if (grow((void **)&e->pv->cells, &e->pv->cells_cap, e->n_cells + 1, sizeof(ecell))) return -2;
+    e->cells = e->pv->cells;
     uint32_t c = (uint32_t)e->n_cells++;
     e->cells[c].node = child;
     e->cells[c].next = NIL_CELL;
@@ -1390,13 +1396,18 @@ static int64_t tape(enc_t *e, const uint8_t *s, size_t len) {
 }
 
 static inline uint8_t *eroom(enc_t *e, size_t n) {
-    sshrpc_io *io = e->io;
-    if (n > e->pv->out_cap - io->out_len) {
-        if (io->out_len + n < io->out_len) return NULL;
-        if (grow((void **)&io->out, &e->pv->out_cap, io->out_len + n, 1)) return NULL;
+    if (n > e->cap - e->len) {
+        if (e->len + n < e->len) return NULL;
+        if (grow((void **)&e->io->out, &e->pv->out_cap, e->len + n, 1)) return NULL;
+        if (e->fixed) { /* outgrew the caller's buffer: continue in ours */
+            memcpy(e->io->out, e->base, e->len);
+            e->fixed = 0;
+        }
+        e->base = e->io->out;
+        e->cap = e->pv->out_cap;
     }
-    uint8_t *w = io->out + io->out_len;
-    io->out_len += n;
+    uint8_t *w = e->base + e->len;
+    e->len += n;
     return w;
 }
 
@@ -1487,7 +1498,7 @@ static int e_long(enc_t *e, const uint8_t *p, size_t n) {
         w[1] = (uint8_t)m;
         w[2] = neg ? 1 : 0;
         memcpy(w + 3, tmp, m);
-        e->io->out_len -= 3;
+        e->len -= 3;
     } else {
         w[0] = 111;
         be32w(w + 1, (uint32_t)m);
@@ -1668,8 +1679,8 @@ done:
     return rc;
 }
 
-int sshrpc_pickle_to_etf(sshrpc_io *io, const char *data, size_t len, uint64_t max_depth,
-                         size_t reserve) {
+int64_t sshrpc_pickle_to_etf(sshrpc_io *io, const char *data, size_t len, uint64_t max_depth,
+                             size_t reserve, char *out, size_t cap) {
     priv_t *pv = PRIV(io);
     enc_t ee;
     memset(&ee, 0, sizeof ee);
@@ -1677,7 +1688,10 @@ int sshrpc_pickle_to_etf(sshrpc_io *io, const char *data, size_t len, uint64_t m
     e->io = io;
     e->pv = pv;
     e->nodes = pv->nodes;
-    io->out_len = 0;
+    e->cells = pv->cells;
+    e->base = (uint8_t *)out;
+    e->cap = cap;
+    e->fixed = 1;
     if (pv->out_cap > ((size_t)4 << 20)) {
         free(io->out);
         io->out = NULL;
@@ -1690,15 +1704,23 @@ int sshrpc_pickle_to_etf(sshrpc_io *io, const char *data, size_t len, uint64_t m
     int64_t root = tape(e, (const uint8_t *)data, len);
     int rc = root < 0 ? (int)root : emit_tape(e, (uint32_t)root, max_depth);
     if (rc == 0 && reserve >= 4) {
-        uint64_t n = io->out_len - reserve;
+        uint64_t n = e->len - reserve;
         if (n > 0xFFFFFFFFu) rc = -1;
-        else be32w(io->out + reserve - 4, (uint32_t)n);
+        else be32w(e->base + reserve - 4, (uint32_t)n);
     }
-    free(e->cells);
     if (pv->nodes_cap > 65536) {
         free(pv->nodes);
         pv->nodes = NULL;
         pv->nodes_cap = 0;
     }
-    return rc;
+    if (pv->cells_cap > 65536) {
+        free(pv->cells);
+        pv->cells = NULL;
+        pv->cells_cap = 0;
+    }
+    if (rc) return rc;
+    io->out_len = e->len;
+    return (int64_t)e->len * 2 + (e->fixed ? 0 : 1);
 }
+
+const char *sshrpc_io_out(sshrpc_io *io) { return (const char *)io->out; }

@@ -54,12 +54,15 @@ int64_t sshrpc_etf_to_pickle(sshrpc_io *io, const char *data, size_t len,
 /* Forget every cached atom (after the unpickler's memo was lost). */
 void sshrpc_dec_forget_atoms(sshrpc_io *io);
 
-/* pickle stream -> ETF in io->out, after `reserve` bytes whose last four
- * (when reserve >= 4) are set to the term's length, big-endian.  Returns 0; -1 when the stream holds something the
- * transcoder does not handle (the caller falls back to the reference
- * encoder, which raises the right error); -2 for out of memory. */
-int sshrpc_pickle_to_etf(sshrpc_io *io, const char *data, size_t len,
-                         uint64_t max_depth, size_t reserve);
+/* pickle stream -> ETF, after `reserve` bytes whose last four (when
+ * reserve >= 4) are set to the term's length, big-endian.  Written to
+ * out[0, cap) while it fits, else to io->out.  Returns 2 * length + (1 if
+ * the result is in io->out, see sshrpc_io_out); -1 when the stream holds
+ * something the transcoder does not handle (the caller falls back to the
+ * reference encoder, which raises the right error); -2 for out of memory. */
+int64_t sshrpc_pickle_to_etf(sshrpc_io *io, const char *data, size_t len,
+                             uint64_t max_depth, size_t reserve, char *out, size_t cap);
+const char *sshrpc_io_out(sshrpc_io *io);
 /* cdef-end */
 
 #endif

@@ -67,6 +67,8 @@ ATOM_CACHE = 4096
 #: Binaries at least this long are sliced out of the input directly instead
 #: of being copied through the pickle stream.
 OOB_MIN = 2048
+# The encoder writes terms up to this size straight into a per-thread buffer.
+_ENCODE_BUFFER = 64 * 1024
 # A thread keeps a stream buffer up to this size between calls.
 _KEEP_OUT = 1 << 20
 _MAX_C_LIMIT = 2**63
@@ -271,7 +273,9 @@ copyreg.pickle(Atom, _AtomReducers().__getitem__)
 
 
 class _EncodeState:
-    __slots__ = ("busy", "io")
+    """One thread's transcoder and output buffer."""
+
+    __slots__ = ("busy", "c_out", "cap", "io", "out")
 
     def __init__(self) -> None:
         handle = lib.sshrpc_io_new(0)
@@ -279,33 +283,40 @@ class _EncodeState:
             raise MemoryError("cannot allocate the term encoder")
         self.io = ffi.gc(handle, lib.sshrpc_io_free)
         self.busy = False
+        self.out = bytearray(_ENCODE_BUFFER)
+        self.c_out = ffi.from_buffer("char[]", self.out)
+        self.cap = len(self.out)
 
 
 def _encoder() -> _EncodeState:
     state: _EncodeState | None = getattr(_local, "encoder", None)
-    if state is None or state.busy:
+    if state is None:
+        state = _local.encoder = _EncodeState()
+    elif state.busy:
         state = _EncodeState()
-        if getattr(_local, "encoder", None) is None:
-            _local.encoder = state
     return state
 
 
 def _encode_c(obj: Any, max_depth: int, reserve: int) -> bytes | None:
-    """ETF for ``obj`` after ``reserve`` zero bytes, or None if C cannot."""
+    """ETF for ``obj`` after ``reserve`` bytes (see sshrpc_pickle_to_etf), or
+    None if the transcoder cannot (then the reference encoder decides)."""
     try:
         stream = pickle.dumps(obj, 5)
-    except Exception:  # unpicklable, a cycle, too deep: the reference decides
+    except Exception:  # unpicklable, a cycle, too deep
         return None
     state = _encoder()
     state.busy = True
     try:
-        handle = state.io
-        rc = lib.sshrpc_pickle_to_etf(handle, stream, len(stream), max_depth, reserve)
-        if rc:
+        rc = lib.sshrpc_pickle_to_etf(
+            state.io, stream, len(stream), max_depth, reserve, state.c_out, state.cap
+        )
+        if rc < 0:
             if rc == -2:
                 raise MemoryError("out of memory encoding a term")
             return None
-        return ffi.buffer(handle.out, handle.out_len)[:]  # type: ignore[no-any-return]
+        if rc & 1:
+            return ffi.unpack(lib.sshrpc_io_out(state.io), rc >> 1)  # type: ignore[no-any-return]
+        return ffi.unpack(state.c_out, rc >> 1)  # type: ignore[no-any-return]
     finally:
         state.busy = False
 
