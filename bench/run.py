@@ -203,9 +203,16 @@ class Live:
             if "unsupported" in text:
                 self.unsupported.add(op)
             else:
+                # not retried in later rounds; the kept channel may be gone: open it again
                 self.result.errors[op] = text[:300]
+                self.unsupported.add(op)
                 if self.driver.proc.poll() is not None:
                     self.result.unavailable = f"driver died during {op}: {text[:200]}"
+                else:
+                    try:
+                        self.driver.request("connect", 60)
+                    except DriverError as again:
+                        self.result.unavailable = f"reconnect after {op} failed: {again}"[:300]
             return None
 
     def cpu(self) -> tuple[float, float]:
@@ -273,16 +280,22 @@ def run_all(plan: Plan, out: Path, only: set[str] | None) -> tuple[list[Result],
         # ---- start servers and drivers
         for live in lives:
             spec = live.spec
-            for key in spec.servers:
-                if key not in started:
-                    log(f"starting server {key}")
-                    try:
-                        started[key] = registry.SERVERS[key](ctx)
-                    except registry.Unavailable as exc:
-                        started[key] = str(exc)
-                    except Exception as exc:
-                        started[key] = f"{type(exc).__name__}: {exc}"
-            handles = [started[k] for k in spec.servers]
+            keys = []
+            for choices in spec.servers:
+                # "a|b": the first of these servers that starts
+                for key in choices.split("|"):
+                    if key not in started:
+                        log(f"starting server {key}")
+                        try:
+                            started[key] = registry.SERVERS[key](ctx)
+                        except registry.Unavailable as exc:
+                            started[key] = str(exc)
+                        except Exception as exc:
+                            started[key] = f"{type(exc).__name__}: {exc}"
+                    if not isinstance(started[key], str):
+                        break
+                keys.append(key)
+            handles = [started[k] for k in keys]
             missing = [h for h in handles if isinstance(h, str)]
             if missing:
                 live.result.unavailable = str(missing[0])

@@ -179,9 +179,7 @@ def _start_sshrpc_serve(ctx: Context, name: str, extra: list[str]) -> ServerHand
     proc = _popen(
         [
             PYTHON,
-            "-m",
-            "sshrpc.cli",
-            "serve",
+            str(BENCH / "systems" / "sshrpc_serve.py"),
             "bench.systems.sshrpc_service:svc",
             "--port",
             str(port),
@@ -205,7 +203,7 @@ def _start_sshrpc_serve(ctx: Context, name: str, extra: list[str]) -> ServerHand
         stop()
         raise
     kh = _known_hosts(ctx.state / f"{name}_known_hosts", port, host_pub)
-    return ServerHandle(port, [proc.pid], stop, {"known_hosts": kh})
+    return ServerHandle(port, [proc.pid], stop, {"known_hosts": kh, "kind": "sshrpc"})
 
 
 def _find_host_pub(state: Path) -> Path:
@@ -311,6 +309,16 @@ def _sshrpc_client(ctx: Context, server: ServerHandle) -> list[str]:
     ]
 
 
+def _paramiko_note(server: ServerHandle) -> str:
+    what = (
+        "`sshrpc serve` (relay mode)"
+        if server.info.get("kind") == "sshrpc"
+        else "bench/systems/py_subsystem.py under a private OpenSSH sshd (`sshrpc serve`"
+        " did not start)"
+    )
+    return f"paramiko client, erlpack frames, one thread, against {what}"
+
+
 #: Which result is which anchor.
 ANCHOR_ROLES = {"Erlang seed (OTP -> OTP)": "seed", "TCP floor (Trio)": "tcp", "ssh -s cat": "cat"}
 
@@ -356,10 +364,9 @@ def systems() -> list[SystemSpec]:
         SystemSpec(
             "paramiko -> OpenSSH node",
             "alt",
-            ("openssh_pynode",),
+            ("sshrpc_relay|openssh_pynode",),
             _paramiko_client,
-            note="paramiko client, erlpack frames, one thread; served by OpenSSH sshd running"
-            " bench/systems/py_subsystem.py (stand-in until `sshrpc serve` lands)",
+            note_from_server=_paramiko_note,
         ),
         SystemSpec(
             "asyncssh -> asyncssh",
