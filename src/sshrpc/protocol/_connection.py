@@ -253,7 +253,9 @@ class Connection:
         self.peer_hello: Hello | None = None
         #: True once the channel speaks the legacy ``{mfa, ...}`` protocol.
         self.legacy = False
-        self._recv = self._SERVER_RECV if role is Role.SERVER else self._CLIENT_RECV
+        self._recv: dict[str, _Recv] = (
+            self._SERVER_RECV if role is Role.SERVER else self._CLIENT_RECV
+        )
         self._send = self._SERVER_SEND if role is Role.SERVER else self._CLIENT_SEND
 
     # ------------------------------------------------------------------
@@ -613,9 +615,7 @@ class Connection:
 
     def _srv_mfa(self, term: tuple[Any, ...]) -> Event:
         if self.state is IDLE:
-            self.legacy = True
-            self._frames.max_frame = self._max_frame
-            self._send_limit = 2**32 - 1
+            self._enter_legacy()
         if self.state is LEGACY and (
             len(term) != 2 or type(term[1]) is not tuple or len(term[1]) != 3
         ):
@@ -629,6 +629,16 @@ class Connection:
         self._legacy_in_flight += 1
         module, function, args = term[1]
         return Mfa(module=module, function=function, args=args)
+
+    def _enter_legacy(self) -> None:
+        self.legacy = True
+        self._frames.max_frame = self._max_frame
+        self._send_limit = 2**32 - 1
+        # Only mfa (server) or answer (client) means anything from now on.
+        if self.role is Role.SERVER:
+            self._recv = {"mfa": Connection._srv_mfa}
+        else:
+            self._recv = {"answer": Connection._cli_answer}
 
     # Client role.
 
@@ -690,7 +700,12 @@ class Connection:
         self._legacy_in_flight -= 1
         return Answer(result=body[0], status=body[1])
 
+    def _wrong_way(self, term: tuple[Any, ...]) -> Event:
+        sender = "client" if self.role is Role.SERVER else "server"
+        raise self._fail(_protocol_error(f"a {sender} does not send {term[0]}: {_short(term)}"))
+
     _SERVER_RECV: Final[dict[str, _Recv]] = {
+        **dict.fromkeys(("reply", "error", "chunk", "down", "pong", "answer"), _wrong_way),
         "hello": _recv_hello,
         "call": _srv_call,
         "cast": _srv_cast,
@@ -703,6 +718,7 @@ class Connection:
         "mfa": _srv_mfa,
     }
     _CLIENT_RECV: Final[dict[str, _Recv]] = {
+        **dict.fromkeys(("call", "cast", "cancel", "credit", "ping", "spawn", "mfa"), _wrong_way),
         "hello": _recv_hello,
         "reply": _cli_reply,
         "error": _cli_error,
@@ -869,12 +885,13 @@ class Connection:
 
     def _send_mfa(self, ev: Mfa) -> bytes:
         new = self._next_state("Mfa")
+        term = (A_MFA, (ev.module, ev.function, ev.args))
         if self.state is IDLE:
-            self._send_limit = 2**32 - 1
-        frame = self._frame((A_MFA, (ev.module, ev.function, ev.args)))
-        if self.state is IDLE:
-            self.legacy = True
-            self._frames.max_frame = self._max_frame
+            frame = encode_frame(term)
+            self._frames_sent += 1
+            self._enter_legacy()
+        else:
+            frame = self._frame(term)
         self._legacy_in_flight += 1
         self.state = new
         return frame

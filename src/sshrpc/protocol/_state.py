@@ -147,9 +147,11 @@ TRANSITIONS: Final[Table] = {
             (RECV, "Answer"): LEGACY,
             (RECV, "Unknown"): LEGACY,
         },
+        MUST_HELLO: {},  # a server state
         CLOSED: {},
     },
     SERVER: {
+        AWAIT_HELLO: {},  # a client state
         IDLE: {
             (RECV, "Hello"): MUST_HELLO,
             (RECV, "Mfa"): LEGACY,
