@@ -650,12 +650,93 @@ def plot(results: list[Result], out: Path) -> list[str]:
     return made
 
 
+def run_codec(rounds: int, out: Path) -> dict[str, Any] | str:
+    """bench/codec.py (the foundation's codec benchmark) in this run, as JSON."""
+    script = ROOT / "bench" / "codec.py"
+    if not script.exists():
+        return "bench/codec.py is not there"
+    try:
+        p = subprocess.run(
+            [sys.executable, str(script), "--rounds", str(rounds), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=str(ROOT),
+        )
+    except subprocess.TimeoutExpired:
+        return "bench/codec.py took over 300 s"
+    (out / "logs" / "codec.log").write_text(p.stderr)
+    if p.returncode:
+        return f"bench/codec.py failed: {p.stderr.strip()[-200:]}"
+    try:
+        data: dict[str, Any] = json.loads(p.stdout)
+    except ValueError:
+        return "bench/codec.py printed no JSON"
+    return data
+
+
+def render_codec(codec: dict[str, Any] | str) -> str:
+    if isinstance(codec, str):
+        return f"## Codec (bench/codec.py)\n\nnot available: {codec}\n"
+    rows = [
+        "## Codec (bench/codec.py, same run)",
+        "",
+        "Targets: C time / msgpack time <= 1.5 for encode and decode; erlpack never faster"
+        " than C (erlpack time / C time >= 1).",
+        "",
+        "| item | encode C/msgpack | decode C/msgpack | encode erlpack/C | decode erlpack/C |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for item, ops in codec.get("seconds_per_call", {}).items():
+        cells = []
+        for key, num, den, limit, higher in (
+            ("encode", "C", "msgpack", 1.5, False),
+            ("decode", "C", "msgpack", 1.5, False),
+            ("encode", "erlpack", "C", 1.0, True),
+            ("decode", "erlpack", "C", 1.0, True),
+        ):
+            a, b = ops.get(key, {}).get(num), ops.get(key, {}).get(den)
+            if not a or not b:
+                cells.append("n/a")
+                continue
+            r = a / b
+            met = r >= limit if higher else r <= limit
+            cells.append(f"{r:.2f}" + ("" if met else " (missed)"))
+        rows.append(f"| {item} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+BEGIN = "<!-- results: begin (bench/run.py --publish writes this part) -->"
+END = "<!-- results: end -->"
+
+
+def publish(text: str, out: Path, plots: list[str]) -> None:
+    """The run's table into bench/README.md (between the markers) and its
+    plots into bench/plots/, so that they can be committed."""
+    readme = ROOT / "bench" / "README.md"
+    dest = ROOT / "bench" / "plots"
+    dest.mkdir(exist_ok=True)
+    for name in plots:
+        shutil.copy(out / name, dest / name)
+    body = text.replace("# sshrpc benchmark", "### Last published run", 1)
+    body += "\n" + "\n".join(f"![{p}](plots/{p})" for p in plots) + "\n"
+    current = readme.read_text() if readme.exists() else f"{BEGIN}\n{END}\n"
+    head, _, rest = current.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    readme.write_text(f"{head}{BEGIN}\n{body}{END}{tail}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="about 1-2 minutes instead of <= 15")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--only", help="comma-separated system names (default: all)")
     ap.add_argument("--list", action="store_true", help="list the systems and exit")
+    ap.add_argument(
+        "--publish",
+        action="store_true",
+        help="also copy the table into bench/README.md and the plots into bench/plots/",
+    )
     args = ap.parse_args(argv)
     if args.list:
         for s in registry.systems():
@@ -672,7 +753,9 @@ def main(argv: list[str] | None = None) -> int:
     results, meta = run_all(plan, out, only)
     meta["cat_big"] = plan.cat_big
     meta["total_s"] = time.monotonic() - t0
-    text = render(results, meta, vers, args.quick)
+    log("codec benchmark (bench/codec.py)")
+    codec = run_codec(3 if args.quick else 5, out)
+    text = render(results, meta, vers, args.quick) + "\n" + render_codec(codec)
     made = plot(results, out)
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(
@@ -682,11 +765,14 @@ def main(argv: list[str] | None = None) -> int:
                 "meta": meta,
                 "plan": plan.__dict__,
                 "results": [r.__dict__ for r in results],
+                "codec": codec,
             },
             indent=1,
             default=str,
         )
     )
+    if args.publish:
+        publish(text, out, made)
     print()
     print(text)
     print(f"wrote {out / 'results.md'}, results.json, {', '.join(made)} in {meta['total_s']:.0f} s")
