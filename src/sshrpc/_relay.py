@@ -77,7 +77,7 @@ def relay(socket_path: str) -> int:
             poller.register(sock_fd, sock_want)
         events = dict(poller.poll())
         for fd in (0, 1, sock_fd):
-            try:
+            try:  # noqa: SIM105 -- contextlib would cost start-up time
                 poller.unregister(fd)
             except KeyError:
                 pass

@@ -42,7 +42,9 @@ def _default_state_dir() -> Path:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("targets", nargs="+", metavar="TARGET", help="package.module:attribute")
-    parser.add_argument("--policy", metavar="FILE", help="TOML access policy (default: all exported)")
+    parser.add_argument(
+        "--policy", metavar="FILE", help="TOML access policy (default: all exported)"
+    )
     parser.add_argument(
         "--expose-traces", action="store_true", help="send stack traces in error details"
     )
@@ -196,14 +198,14 @@ def _serve(args: argparse.Namespace) -> int:
                     mode = "in-process" if args.in_process else f"node {socket_path}"
                     print(f"fingerprint: {sshd.host_fingerprint}")
                     print(f"known_hosts: {sshd.known_hosts_line}")
+                    where = f"{user}@{args.host}"
                     print(
-                        "client: ssh -s -p {} -o StrictHostKeyChecking=yes {}@{} sshrpc@k2r.org".format(
-                            args.port, user, args.host
-                        )
+                        f"client: ssh -s -p {args.port} -o StrictHostKeyChecking=yes "
+                        f"{where} sshrpc@k2r.org"
                     )
                     print(
-                        "python: async with sshrpc.open_connection({!r}, port={}, user={!r}) "
-                        "as node: ...".format(args.host, args.port, user)
+                        f"python: async with sshrpc.open_connection({args.host!r}, "
+                        f"port={args.port}, user={user!r}) as node: ..."
                     )
                     print(
                         f"ready: {len(services)} services on {args.host}:{args.port} "

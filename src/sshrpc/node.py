@@ -307,8 +307,9 @@ class _Channel:
         except MessageTooLarge:
             if isinstance(event, _p.Chunk):
                 raise
-            log.warning("session %r: %s too large for the client; dropped", self.pid,
-                        type(event).__name__)
+            log.warning(
+                "session %r: %s too large for the client; dropped", self.pid, type(event).__name__
+            )
             return False
         except (TermError, TypeError) as exc:
             if isinstance(event, _p.Reply | _p.Chunk):
@@ -367,9 +368,8 @@ class _Channel:
         finally:
             self.node.pids.pop(self.pid, None)
             self.node.channels.discard(self)
-            with trio.CancelScope(shield=True):
-                with contextlib.suppress(Exception):
-                    await self.stream.aclose()
+            with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self.stream.aclose()
 
     async def _drain(self) -> None:
         """Wait for open calls to end, then say ``{bye, normal}``."""
@@ -451,7 +451,9 @@ class _Channel:
 
     # calls -------------------------------------------------------------------
 
-    def _check(self, kind: str, module: str, function: str, arity: int, id: int | None) -> Exported | None:
+    def _check(
+        self, kind: str, module: str, function: str, arity: int, id: int | None
+    ) -> Exported | None:
         decision = self.node.table.decide(self.key, module, function, arity)
         if decision.outcome == "allow":
             return decision.exported
@@ -534,16 +536,27 @@ class _Channel:
                 self.idle.unpark_all()
         # Only reached when the channel is alive (a channel-wide cancel raises
         # Cancelled above): exactly one final answer.
-        audit(self.key, "call", call.module, call.function, len(call.args), outcome,
-              trio.current_time() - start)
+        audit(
+            self.key,
+            "call",
+            call.module,
+            call.function,
+            len(call.args),
+            outcome,
+            trio.current_time() - start,
+        )
         self.emit(answer)
 
     def _start_cast(self, cast: _p.Cast) -> None:
         if self.closing:
             return
         if self._busy():
-            log.warning("session %r: cast %s:%s dropped (max_calls open)", self.pid,
-                        cast.module, cast.function)
+            log.warning(
+                "session %r: cast %s:%s dropped (max_calls open)",
+                self.pid,
+                cast.module,
+                cast.function,
+            )
             return
         exported = self._check("cast", cast.module, cast.function, len(cast.args), None)
         if exported is None:
@@ -559,15 +572,21 @@ class _Channel:
             await self._invoke(exported, cast.args, None)
         except Exception as exc:
             outcome = str(error_term(exc)[0])
-            log.warning("cast %s:%s/%d failed: %r", cast.module, cast.function,
-                        len(cast.args), exc)
+            log.warning("cast %s:%s/%d failed: %r", cast.module, cast.function, len(cast.args), exc)
         finally:
             _current.reset(token)
             self.casts -= 1
             if not self.casts:
                 self.idle.unpark_all()
-        audit(self.key, "cast", cast.module, cast.function, len(cast.args), outcome,
-              trio.current_time() - start)
+        audit(
+            self.key,
+            "cast",
+            cast.module,
+            cast.function,
+            len(cast.args),
+            outcome,
+            trio.current_time() - start,
+        )
 
     # processes ---------------------------------------------------------------
 
@@ -914,4 +933,3 @@ async def serve_stdio(
                 user_auth = ""
     key = identify_key(user_auth, node.authorized_keys)
     await node.serve_channel(_StdioStream(), key, os.environ.get("SSH_CONNECTION", ""))
-

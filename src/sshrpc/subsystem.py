@@ -77,7 +77,9 @@ def load_targets(targets: Sequence[str]) -> list[Service]:
 def relay_command(socket_path: str | os.PathLike[str], python: str | None = None) -> str:
     """The subsystem command line that relays a channel to the node."""
     python = python or sys.executable
-    return " ".join(shlex.quote(p) for p in (python, "-I", "-S", RELAY_PATH, os.fspath(socket_path)))
+    return " ".join(
+        shlex.quote(p) for p in (python, "-I", "-S", RELAY_PATH, os.fspath(socket_path))
+    )
 
 
 def in_process_command(

@@ -13,13 +13,11 @@ import struct
 
 import pytest
 import trio
+from _sshwire import EOF, SSHChannel
 
-import sshrpc
 from sshrpc import Atom, Pid, demo
 from sshrpc.node import serve_node
 from sshrpc.subsystem import in_process_command, relay_command
-
-from _sshwire import EOF, SSHChannel
 
 A = Atom
 pytestmark = pytest.mark.timeout(60)
@@ -63,7 +61,14 @@ async def test_hello_fields_and_basic_calls(relay_node):
         assert isinstance(hello[A("session")], Pid)
         assert hello[A("max_calls")] == 8
         assert set(hello[A("features")]) == {
-            "call", "cast", "cancel", "deadline", "stream", "spawn", "send", "ping"
+            "call",
+            "cast",
+            "cancel",
+            "deadline",
+            "stream",
+            "spawn",
+            "send",
+            "ping",
         }
         assert await ch.call(1, "lists", "reverse", [[1, 2, 3]]) == (A("reply"), 1, [3, 2, 1])
         assert await ch.call(2, "lists", "seq", [1, 4]) == (A("reply"), 2, [1, 2, 3, 4])
@@ -97,14 +102,30 @@ async def test_errors_undef_forbidden_badarg(relay_node):
         await ch.hello()
         for cls in ("error", "exit", "throw"):
             assert await ch.call(1, "errors", "raise", [A(cls), (A("r"), 1)]) == (
-                A("error"), 1, (A(cls), (A("r"), 1), {})
+                A("error"),
+                1,
+                (A(cls), (A("r"), 1), {}),
             )
         assert await ch.call(2, "errors", "raise", [A("other"), b"bad value"]) == (
-            A("error"), 2, (A("error"), (A("ValueError"), b"bad value"), {})
+            A("error"),
+            2,
+            (A("error"), (A("ValueError"), b"bad value"), {}),
         )
-        assert await ch.call(3, "lists", "nosuch", []) == (A("error"), 3, (A("sshrpc"), A("undef"), {}))
-        assert await ch.call(4, "lists", "reverse", [1, 2]) == (A("error"), 4, (A("sshrpc"), A("undef"), {}))
-        assert await ch.call(5, "nosuch", "f", []) == (A("error"), 5, (A("sshrpc"), A("forbidden"), {}))
+        assert await ch.call(3, "lists", "nosuch", []) == (
+            A("error"),
+            3,
+            (A("sshrpc"), A("undef"), {}),
+        )
+        assert await ch.call(4, "lists", "reverse", [1, 2]) == (
+            A("error"),
+            4,
+            (A("sshrpc"), A("undef"), {}),
+        )
+        assert await ch.call(5, "nosuch", "f", []) == (
+            A("error"),
+            5,
+            (A("sshrpc"), A("forbidden"), {}),
+        )
         # known tag, wrong shape, readable id: badarg
         await ch.send((A("call"), 6, b"lists", A("reverse"), [[1]]))
         assert await ch.recv() == (A("error"), 6, (A("sshrpc"), A("badarg"), {}))
@@ -116,7 +137,9 @@ async def test_errors_undef_forbidden_badarg(relay_node):
         # a value with no Erlang term... is impossible from Erlang; a too
         # large answer becomes too_large
         assert await ch.call(9, "lists", "seq", [1, 300_000]) == (
-            A("error"), 9, (A("sshrpc"), A("too_large"), {})
+            A("error"),
+            9,
+            (A("sshrpc"), A("too_large"), {}),
         )
     finally:
         await ch.aclose()
@@ -151,13 +174,17 @@ async def test_cancel_timeout_and_sync_block(relay_node):
         await ch.send((A("cancel"), 999))
         # timeout
         assert await ch.call(4, "slow", "work", [60], {A("timeout"): 50}) == (
-            A("error"), 4, (A("sshrpc"), A("timeout"), {})
+            A("error"),
+            4,
+            (A("sshrpc"), A("timeout"), {}),
         )
         assert await ch.call(5, "slow", "was_cancelled", []) == (A("reply"), 5, True)
         # a wedged sync function cannot block the cancel or timeout answer
         with trio.fail_after(5):
             assert await ch.call(6, "slow", "block", [3], {A("timeout"): 100}) == (
-                A("error"), 6, (A("sshrpc"), A("timeout"), {})
+                A("error"),
+                6,
+                (A("sshrpc"), A("timeout"), {}),
             )
             await ch.send((A("call"), 7, A("slow"), A("block"), [3]))
             await ch.send((A("cancel"), 7))
@@ -195,7 +222,9 @@ async def test_stream_with_credit(relay_node):
     ch = await open_channel(info)
     try:
         await ch.hello()
-        await ch.send((A("call"), 1, A("feed"), A("tail"), [5], {A("stream"): True, A("credit"): 2}))
+        await ch.send(
+            (A("call"), 1, A("feed"), A("tail"), [5], {A("stream"): True, A("credit"): 2})
+        )
         assert await ch.recv() == (A("chunk"), 1, 0)
         assert await ch.recv() == (A("chunk"), 1, 1)
         # no more chunks without credit
@@ -271,7 +300,7 @@ async def _expect_bye(ch: SSHChannel, reason_tag: str) -> object:
 
 
 async def test_hostile_input(relay_node):
-    node, info = relay_node
+    _, info = relay_node
     other = await open_channel(info)
     try:
         await other.hello()
@@ -279,7 +308,11 @@ async def test_hostile_input(relay_node):
         ch = await open_channel(info)
         await ch.hello()
         await ch.send_raw(struct.pack(">I", (1 << 20) + 1) + b"x" * 10)
-        assert await _expect_bye(ch, "frame_too_large") == (A("frame_too_large"), (1 << 20) + 1, 1 << 20)
+        assert await _expect_bye(ch, "frame_too_large") == (
+            A("frame_too_large"),
+            (1 << 20) + 1,
+            1 << 20,
+        )
         await ch.aclose()
         # bad term
         ch = await open_channel(info)

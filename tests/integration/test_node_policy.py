@@ -8,8 +8,8 @@ import logging
 import pytest
 import trio
 from _sshwire import SSHChannel
-from conftest import make_key
 
+from conftest import make_key
 from sshrpc import Atom, demo
 from sshrpc.node import serve_node
 from sshrpc.policy import Policy
@@ -64,8 +64,16 @@ async def test_full_key(policy_node):
     try:
         await ch.hello()
         assert await ch.call(1, "lists", "seq", [1, 2]) == (A("reply"), 1, [1, 2])
-        assert await ch.call(2, "lists", "nosuch", [1]) == (A("error"), 2, (A("sshrpc"), A("undef"), {}))
-        assert await ch.call(3, "nosuch", "f", []) == (A("error"), 3, (A("sshrpc"), A("forbidden"), {}))
+        assert await ch.call(2, "lists", "nosuch", [1]) == (
+            A("error"),
+            2,
+            (A("sshrpc"), A("undef"), {}),
+        )
+        assert await ch.call(3, "nosuch", "f", []) == (
+            A("error"),
+            3,
+            (A("sshrpc"), A("forbidden"), {}),
+        )
     finally:
         await ch.aclose()
 

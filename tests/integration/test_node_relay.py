@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_relay_imports_only_os_socket_select_sys():
-    tree = ast.parse(open(subsystem.RELAY_PATH).read())
+    tree = ast.parse(Path(subsystem.RELAY_PATH).read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import trio
-from conftest import start_serve, stop_serve
 from _sshwire import SSHChannel
 
+from conftest import start_serve, stop_serve
 from sshrpc import Atom
 
 A = Atom
@@ -136,8 +135,11 @@ def test_bad_arguments_one_clear_line(tmp_path, client_key):
             1,
             "sshd not found",
         ),
-        (["serve", "sshrpc.demo:services", *base, "--policy", str(tmp_path / "nope")], 2,
-         "cannot read policy file"),
+        (
+            ["serve", "sshrpc.demo:services", *base, "--policy", str(tmp_path / "nope")],
+            2,
+            "cannot read policy file",
+        ),
     ]
     for argv, status, message in cases:
         out = _serve(*argv)
@@ -157,14 +159,18 @@ def test_bad_arguments_one_clear_line(tmp_path, client_key):
 
 def test_sshd_config_and_list(tmp_path, client_key):
     out = _serve(
-        "sshd-config", "sshrpc.demo:services", "--socket", "/run/x/node.sock",
-        "--key", str(client_key.public),
+        "sshd-config",
+        "sshrpc.demo:services",
+        "--socket",
+        "/run/x/node.sock",
+        "--key",
+        str(client_key.public),
     )
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "ExposeAuthInfo yes" in text
     assert "Subsystem sshrpc@k2r.org " in text and "_relay.py /run/x/node.sock" in text
-    assert f'restrict,command="' in text and client_key.public_line in text
+    assert 'restrict,command="' in text and client_key.public_line in text
     assert "sshrpc node sshrpc.demo:services --socket /run/x/node.sock" in text
     policy = tmp_path / "p.toml"
     policy.write_text('[[rule]]\nkeys = ["ci"]\nallow = ["lists"]\n')
@@ -175,5 +181,8 @@ def test_sshd_config_and_list(tmp_path, client_key):
         "allowed",
         "allowed",
     ]
-    assert all(line.split()[-1] == "denied" for line in out.stdout.splitlines()
-               if not line.startswith("lists"))
+    assert all(
+        line.split()[-1] == "denied"
+        for line in out.stdout.splitlines()
+        if not line.startswith("lists")
+    )
