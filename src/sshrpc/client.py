@@ -225,6 +225,7 @@ class Connection:
         #: ``max_calls``): callers beyond it wait here instead of getting
         #: ``overload``.  A slot is freed by the call's final answer.
         self._slots: trio.Semaphore | None = None
+        self._nursery: trio.Nursery | None = None
 
     # -- set-up --------------------------------------------------------------
 
@@ -241,6 +242,10 @@ class Connection:
         await self._wait_for(self._hello_event)
         if self._error is not None and not self._hello_event.is_set():
             raise self._raise_error()
+        if self.keepalive and self._nursery is not None:
+            # Counted from the hello on: a slow server start is not a dead peer.
+            self._last_heard = trio.current_time()
+            self._nursery.start_soon(self._keepalive)
 
     async def _wait_for(self, event: trio.Event) -> None:
         """Wait for ``event`` or the connection's end, whichever is first."""
@@ -259,15 +264,15 @@ class Connection:
     async def _run(self) -> None:
         with self._cancel_scope:
             async with trio.open_nursery() as nursery:
-                if self.keepalive:
-                    nursery.start_soon(self._keepalive)
+                self._nursery = nursery
                 await self._pump.run(self._on_data, self._should_read, self._on_eof)
                 nursery.cancel_scope.cancel()
 
     # -- the receive side (runs in the pump task) ---------------------------
 
     def _should_read(self) -> bool:
-        return self._undelivered < self.max_undelivered
+        # While closing, read on regardless, to see the server's bye and EOF.
+        return self._closing or self._undelivered < self.max_undelivered
 
     def _on_data(self, data: bytes) -> None:
         self._last_heard = trio.current_time()
