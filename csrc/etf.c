@@ -595,12 +595,13 @@ integer:
 #define MAP_HASH_MAX 4096
 
 static void map_key(dec_t *d, dframe *f, size_t pos) {
-    if (f->fallback || f->arity < 2) return;
+    if (f->fallback) return;
     uint64_t h;
     if (!key_hash(d, pos, &h)) {
         f->fallback = 1;
         return;
     }
+    if (f->arity < 2) return;
     if (!h) h = 1;
     uint32_t i = (uint32_t)h & f->keys_mask;
     while (f->keys[i]) {
