@@ -69,6 +69,7 @@ class FrameBuffer:
         "_chunks",
         "_error",
         "_fb",
+        "_held",
         "_max_frame",
         "_missing",
         "_out",
@@ -80,6 +81,7 @@ class FrameBuffer:
 
     def __init__(self, max_frame: int) -> None:
         self._fb = _new_buffer()
+        self._held = False  # the C buffer holds the start of a frame
         self._ready: deque[bytes] = deque()
         self._chunks: deque[bytes] = deque()
         self._pos = 0  # offset of the first unread byte of _chunks[0]
@@ -110,7 +112,7 @@ class FrameBuffer:
     def buffered(self) -> int:
         """Bytes held and not yet returned (payloads and headers)."""
         fb = self._fb
-        held: int = fb.end - fb.start  # type: ignore[attr-defined]
+        held: int = fb.end - fb.start if self._held else 0  # type: ignore[attr-defined]
         return sum(map(len, self._ready)) + self._chunk_bytes + held
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -155,61 +157,39 @@ class FrameBuffer:
             raise self._fail(len(frame))
         if self._error is not None:
             raise self._error
-        if self._missing > 0:
-            return None
-        fb = self._fb
         chunks = self._chunks
-        spans = self._spans
-        out = self._out
-        max_frame = self._max_frame
         while True:
-            if fb.end != fb.start:  # type: ignore[attr-defined]
-                # 1. A frame straddles reads: complete it from the queue.
-                if not chunks:
-                    lib.sshrpc_fb_fill(fb, ffi.NULL, 0, 0, max_frame, out)
-                while chunks:
-                    chunk = chunks[0]
-                    pos = self._pos
-                    taken = lib.sshrpc_fb_fill(fb, chunk, pos, len(chunk), max_frame, out)
-                    if taken == _OUT_OF_MEMORY:
-                        raise MemoryError("cannot grow the frame buffer")
-                    self._chunk_bytes -= taken
-                    if pos + taken == len(chunk):
-                        chunks.popleft()
-                        self._pos = 0
-                    else:
-                        self._pos = pos + taken
-                    if out[0] == 0:
-                        break
-                self._missing = out[0] if not chunks else 0
-                count = lib.sshrpc_fb_scan(fb, max_frame, spans, 1, out + 1)
-                if count:
-                    whole: bytes = ffi.buffer(fb.data + spans[0], spans[1])[:]  # type: ignore[attr-defined]
-                    lib.sshrpc_fb_clear(fb)
-                    return whole
-                if out[1]:
-                    raise self._fail(int(out[1]))
-                if fb.end != fb.start:  # type: ignore[attr-defined]
-                    return None
-                lib.sshrpc_fb_clear(fb)  # it was a keepalive
-                continue
+            if self._held:
+                done = self._complete()
+                if done is not None or self._held:
+                    return done
+                continue  # it was a keepalive
             if not chunks:
                 return None
             # 2. Frames of the first queued read, found in place.
             chunk = chunks[0]
             pos = self._pos
+            size = len(chunk)
+            if size - pos >= 4:
+                # A read that is exactly one frame (a small request or
+                # answer) needs no C call.
+                length = int.from_bytes(chunk[pos : pos + 4], "big")
+                if pos + 4 + length == size and 0 < length <= self._max_frame:
+                    chunks.popleft()
+                    self._pos = 0
+                    self._chunk_bytes -= size - pos
+                    return chunk[pos + 4 :]
+            spans = self._spans
+            out = self._out
             count = lib.sshrpc_frames_scan(
-                chunk, pos, len(chunk), max_frame, spans, _BATCH, out, out + 1
+                chunk, pos, size, self._max_frame, spans, _BATCH, out, out + 1
             )
             end = out[0]
             self._chunk_bytes -= end - pos
             if count:
                 pairs = iter(self._span_array[: 2 * count])
                 ready.extend(
-                    [
-                        chunk[start : start + length]
-                        for start, length in zip(pairs, pairs, strict=False)
-                    ]
+                    [chunk[start : start + n] for start, n in zip(pairs, pairs, strict=False)]
                 )
             if out[1]:
                 self._pos = end
@@ -222,17 +202,59 @@ class FrameBuffer:
             # The rest of this read is less than one frame: keep it in C.
             chunks.popleft()
             self._pos = 0
-            if end != len(chunk):
-                rest = len(chunk) - end
-                if lib.sshrpc_fb_feed(fb, ffi.from_buffer(chunk) + end, rest) != 0:
+            if end != size:
+                rest = size - end
+                if lib.sshrpc_fb_feed(self._fb, ffi.from_buffer(chunk) + end, rest) != 0:
                     raise MemoryError("cannot grow the frame buffer")
                 self._chunk_bytes -= rest
+                self._held = True
             if count:
                 return ready.popleft()
+
+    def _complete(self) -> bytes | None:
+        """1. A frame straddles reads: complete it from the queued reads.
+        Returns its payload, or ``None`` (``_held`` then says whether it is
+        still incomplete or was a keepalive)."""
+        fb = self._fb
+        chunks = self._chunks
+        out = self._out
+        max_frame = self._max_frame
+        if self._missing > 0:
+            return None
+        if not chunks:
+            lib.sshrpc_fb_fill(fb, ffi.NULL, 0, 0, max_frame, out)
+        while chunks:
+            chunk = chunks[0]
+            pos = self._pos
+            taken = lib.sshrpc_fb_fill(fb, chunk, pos, len(chunk), max_frame, out)
+            if taken == _OUT_OF_MEMORY:
+                raise MemoryError("cannot grow the frame buffer")
+            self._chunk_bytes -= taken
+            if pos + taken == len(chunk):
+                chunks.popleft()
+                self._pos = 0
+            else:
+                self._pos = pos + taken
+            if out[0] == 0:
+                break
+        self._missing = out[0] if not chunks else 0
+        spans = self._spans
+        if lib.sshrpc_fb_scan(fb, max_frame, spans, 1, out + 1):
+            whole: bytes = ffi.buffer(fb.data + spans[0], spans[1])[:]  # type: ignore[attr-defined]
+            lib.sshrpc_fb_clear(fb)
+            self._held = False
+            return whole
+        if out[1]:
+            raise self._fail(int(out[1]))
+        if fb.end == fb.start:  # type: ignore[attr-defined]
+            lib.sshrpc_fb_clear(fb)
+            self._held = False
+        return None
 
     def _fail(self, length: int) -> FrameTooLarge:
         self._error = FrameTooLarge(length, self._max_frame)
         self._chunks.clear()
         self._chunk_bytes = 0
         lib.sshrpc_fb_clear(self._fb)
+        self._held = False
         return self._error
