@@ -27,17 +27,23 @@ import dataclasses
 import itertools
 import logging
 import math
-import struct
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import trio
 
 from . import _ssh, _ssh_config
-from ._codec import decode, encode
-from ._errors import ConnectionLost, ProtocolError, RemoteError, SSHRPCError, TermError
+from . import protocol as _p
+from ._errors import (
+    ConnectionLost,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteError,
+    SSHRPCError,
+    TermError,
+)
 from ._pump import DEFAULT_WRITE_LIMIT, Pump
 from ._types import Atom
 
@@ -67,81 +73,8 @@ DEFAULT_KEEPALIVE_MISSES = 3
 DEFAULT_STREAM_CREDIT = 16
 #: How long ``aclose`` waits for open calls and the server's bye.
 CLOSE_DRAIN_TIMEOUT = 5.0
-#: Bytes of unexpected output shown in a "junk before hello" error.
-_JUNK_SHOWN = 80
 
 _A = Atom
-
-
-# -- the wire, client role -------------------------------------------------------
-
-
-class _Wire:
-    """Client-role framing and term <-> message mapping.  No I/O."""
-
-    def __init__(self, max_frame: int) -> None:
-        self.max_frame = max_frame
-        self.buf = bytearray()
-        self.prefix = bytearray()  # first bytes received, for junk diagnostics
-        self.hello_seen = False
-
-    @staticmethod
-    def frame(term: Any) -> bytes:
-        payload = encode(term)
-        return struct.pack(">I", len(payload)) + payload
-
-    def feed(self, data: bytes) -> None:
-        if not self.hello_seen and len(self.prefix) < _JUNK_SHOWN:
-            self.prefix += data[: _JUNK_SHOWN - len(self.prefix)]
-        self.buf += data
-
-    def _junk(self, why: str) -> ProtocolError:
-        shown = bytes(self.prefix)
-        return ProtocolError(
-            "the server sent bytes that are not an sshrpc hello before its hello "
-            f"({why}); the first bytes were {shown!r}.  Something on the server "
-            "printed text into the channel: usually a shell start-up file (.bashrc, "
-            ".profile) writing to stdout for non-interactive shells, or the "
-            "subsystem command is not sshrpc",
-            bye=(_A("protocol_error"), b"junk before hello"),
-        )
-
-    def terms(self) -> Iterable[Any]:
-        while len(self.buf) >= 4:
-            (length,) = struct.unpack_from(">I", self.buf)
-            if length == 0:
-                del self.buf[:4]
-                continue
-            if length > self.max_frame:
-                if not self.hello_seen:
-                    raise self._junk(f"a frame length of {length} bytes")
-                raise ProtocolError(
-                    f"the server sent a frame of {length} bytes, above our max_frame "
-                    f"{self.max_frame}",
-                    bye=(_A("frame_too_large"), length, self.max_frame),
-                )
-            if len(self.buf) < 4 + length:
-                if not self.hello_seen and bytes(self.buf[4:5]) not in (b"", b"\x83"):
-                    raise self._junk("no term version byte")
-                return
-            payload = bytes(self.buf[4 : 4 + length])
-            del self.buf[: 4 + length]
-            try:
-                term = decode(payload)
-            except TermError as exc:
-                if not self.hello_seen:
-                    raise self._junk(str(exc)) from exc
-                raise ProtocolError(
-                    f"the server sent a bad term: {exc}", bye=(_A("bad_term"), str(exc).encode())
-                ) from exc
-            if not self.hello_seen:
-                if not (isinstance(term, tuple) and term and term[0] == "hello"):
-                    if isinstance(term, tuple) and term and term[0] == "bye":
-                        yield term
-                        continue
-                    raise self._junk(f"first term was {term!r}")
-                self.hello_seen = True
-            yield term
 
 
 @dataclasses.dataclass
@@ -202,7 +135,7 @@ class Connection:
     ) -> None:
         self._pump = pump
         self.destination = destination
-        self._wire = _Wire(max_frame)
+        self._proto = _p.Connection(_p.Role.CLIENT, max_frame=max_frame, name=CLIENT_NAME)
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count()
         self._mailbox: deque[Any] = deque()
@@ -233,12 +166,7 @@ class Connection:
         """Start the pump and keepalive tasks in ``nursery``, send our hello
         and wait for the server's."""
         nursery.start_soon(self._run)
-        hello = (
-            _A("hello"),
-            1,
-            {_A("max_frame"): self._wire.max_frame, _A("client"): CLIENT_NAME.encode()},
-        )
-        self._pump.send_nowait(self._wire.frame(hello))
+        self._pump.send_nowait(self._proto.send(self._proto.hello()))
         await self._wait_for(self._hello_event)
         if self._error is not None and not self._hello_event.is_set():
             raise self._raise_error()
@@ -276,82 +204,73 @@ class Connection:
 
     def _on_data(self, data: bytes) -> None:
         self._last_heard = trio.current_time()
-        self._wire.feed(data)
+        proto = self._proto
+        proto.receive_data(data)
         try:
-            for term in self._wire.terms():
-                self._dispatch(term)
+            while True:
+                event = proto.next_event()
+                if event is _p.NEED_DATA:
+                    return
+                if event is _p.CLOSED:
+                    self._pump.fail(ConnectionLost("the server closed the session"))
+                    return
+                assert isinstance(event, _p.Event)
+                self._dispatch(event)
         except ProtocolError as exc:
             if exc.bye is not None:
-                self._send_control((_A("bye"), exc.bye))
+                self._send_control(_p.Bye(reason=exc.bye))
             self._pump.fail(exc)
 
-    def _dispatch(self, term: Any) -> None:
-        if not isinstance(term, tuple) or not term or not isinstance(term[0], str):
-            raise ProtocolError(f"the server sent {term!r}, which is not a message")
-        tag = term[0]
-        if tag in ("reply", "error", "chunk") and len(term) == 3:
-            pending = self._pending.get(term[1])
-            if pending is None:
-                raise ProtocolError(
-                    f"the server answered id {term[1]!r}, which no open call uses",
-                    bye=(_A("protocol_error"), b"answer for an unknown id"),
-                )
-            if tag == "chunk":
-                if pending.chunks is None:
-                    raise ProtocolError(f"chunk for call {term[1]} which is not a stream")
-                if not pending.abandoned:
-                    pending.chunks.append(term[2])
-                    self._undelivered += 1
-                    if pending.chunk_event is not None:
-                        pending.chunk_event.set()
-                return
-            del self._pending[pending.id]
+    def _dispatch(self, event: _p.Event) -> None:
+        if isinstance(event, _p.Reply | _p.ErrorReply):
+            pending = self._pending.pop(event.id)  # the core checked it is open
             pending.release()
-            if tag == "reply":
-                pending.ok, pending.value = True, term[2]
+            if isinstance(event, _p.Reply):
+                pending.ok, pending.value = True, event.value
             else:
-                detail = term[2]
-                if isinstance(detail, tuple) and len(detail) == 3:
-                    pending.error = RemoteError.from_term(str(detail[0]), detail[1], detail[2])
-                else:
-                    pending.error = RemoteError("error", detail)
+                pending.error = RemoteError.from_term(event.cls, event.reason, event.details)
             if not pending.abandoned:
                 self._undelivered += 1
             pending.done.set()
             if pending.chunk_event is not None:
                 pending.chunk_event.set()
-        elif tag == "send" and len(term) == 3:
-            self._mailbox.append(term[2])
+        elif isinstance(event, _p.Chunk):
+            pending = self._pending[event.id]
+            if not pending.abandoned and pending.chunks is not None:
+                pending.chunks.append(event.value)
+                self._undelivered += 1
+                if pending.chunk_event is not None:
+                    pending.chunk_event.set()
+        elif isinstance(event, _p.Send):
+            self._mailbox.append(event.msg)
             self._undelivered += 1
             self._mailbox_event.set()
-        elif tag == "down" and len(term) == 3:
-            self._mailbox.append((_A("down"), term[1], term[2]))
+        elif isinstance(event, _p.Down):
+            self._mailbox.append((_A("down"), event.pid, event.reason))
             self._undelivered += 1
             self._mailbox_event.set()
-        elif tag == "pong" and len(term) == 2:
-            event = self._pings.pop(term[1], None) if isinstance(term[1], int) else None
-            if event is not None:
-                event.set()
-        elif tag == "hello" and len(term) == 3:
-            if self._hello_event.is_set():
-                raise ProtocolError("the server sent a second hello")
-            if term[1] != 1 or not isinstance(term[2], dict):
-                raise ProtocolError(f"the server speaks an unsupported version: {term!r}")
-            self.hello = {str(k): v for k, v in term[2].items()}
-            max_calls = self.hello.get("max_calls")
-            if isinstance(max_calls, int) and not isinstance(max_calls, bool) and max_calls > 0:
-                self._slots = trio.Semaphore(max_calls)
-            max_frame = self.hello.get("max_frame")
-            self._peer_max_frame = max_frame if isinstance(max_frame, int) else 1024 * 1024
+        elif isinstance(event, _p.Pong):
+            token = event.token
+            waiter = self._pings.pop(token, None) if isinstance(token, int) else None
+            if waiter is not None:
+                waiter.set()
+        elif isinstance(event, _p.Hello):
+            self.hello = {
+                "max_frame": event.max_frame,
+                "server": event.server,
+                "node": event.node,
+                "session": event.session,
+                "max_calls": event.max_calls,
+                "features": list(event.features),
+                **{str(k): v for k, v in event.extra.items()},
+            }
+            if event.max_calls is not None and event.max_calls > 0:
+                self._slots = trio.Semaphore(event.max_calls)
             self._hello_event.set()
-        elif tag == "bye" and len(term) == 2:
-            reason = term[1]
-            if reason == "normal":
-                self._pump.fail(ConnectionLost("the server closed the session (bye normal)"))
-            else:
-                self._pump.fail(ConnectionLost(f"the server closed the session: {reason!r}"))
+        elif isinstance(event, _p.Bye):
+            self._pump.fail(ConnectionLost(f"the server closed the session: {event.reason!r}"))
         else:
-            log.info("ignored message from the server: %r", term)
+            log.info("ignored message from the server: %r", event)
 
     def _on_eof(self, error: BaseException) -> None:
         if self._error is None:
@@ -370,10 +289,11 @@ class Connection:
         self._mailbox_event.set()
         self._ended.set()
 
-    def _send_control(self, term: Any) -> None:
-        """Queue a small control frame (cancel, bye) if the connection lives."""
-        with suppress(ConnectionLost):
-            self._pump.send_nowait(self._wire.frame(term))
+    def _send_control(self, event: _p.Event) -> None:
+        """Queue a small control frame (cancel, credit, bye, ping) if the
+        connection still lives; nothing otherwise."""
+        with suppress(ConnectionLost, LocalProtocolError):
+            self._pump.send_nowait(self._proto.send(event))
 
     def _raise_error(self) -> BaseException:
         error = self._error
@@ -406,10 +326,7 @@ class Connection:
                 )
                 return
             if quiet >= interval * 0.99:
-                try:
-                    self._pump.send_nowait(self._wire.frame((_A("ping"), 0)))
-                except ConnectionLost:
-                    return
+                self._send_control(_p.Ping(token=0))
 
     # -- sending -------------------------------------------------------------
 
@@ -419,11 +336,13 @@ class Connection:
         if self._closing:
             raise ConnectionLost(f"{self.destination}: the connection is closing")
 
-    async def _send_request(self, term_for_id: Any, pending: _Pending) -> None:
-        """Wait for room, then register ``pending`` and queue the frame, with
-        no checkpoint in between (a cancel leaves nothing registered)."""
+    async def _send_request(self, make: Callable[[], _p.Event], pending: _Pending) -> None:
+        """Wait for a call slot and room in the send queue, then encode
+        ``make()``, register ``pending`` and queue the frame, with no
+        checkpoint in between: a cancel leaves nothing registered or sent.
+        Encoding errors (``TermError``, ``TypeError``, ``MessageTooLarge``)
+        propagate with nothing sent."""
         self._check_open()
-        frame = self._wire.frame(term_for_id)
         slots = self._slots
         if slots is not None:
             await slots.acquire()
@@ -433,6 +352,10 @@ class Connection:
                 self._check_open()
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_open()
+            try:
+                frame = self._proto.send(make())
+            except LocalProtocolError as exc:
+                raise ConnectionLost(f"{self.destination}: {exc}") from exc
         except BaseException:
             if slots is not None:
                 slots.release()
@@ -461,7 +384,7 @@ class Connection:
             if not pending.done.is_set():
                 pending.abandoned = True
                 if self._error is None:
-                    self._send_control((_A("cancel"), pending.id))
+                    self._send_control(_p.Cancel(id=pending.id))
             elif not pending.abandoned:
                 self._taken()
             raise
@@ -488,20 +411,17 @@ class Connection:
         term (nothing is sent then).
         """
         pending = _Pending(self._new_id())
-        timeout = self._timeout_ms()
-        term: tuple[Any, ...]
-        if timeout is None:
-            term = (_A("call"), pending.id, _A(module), _A(function), list(args))
-        else:
-            term = (
-                _A("call"),
-                pending.id,
-                _A(module),
-                _A(function),
-                list(args),
-                {_A("timeout"): timeout},
+
+        def make() -> _p.Event:
+            return _p.Call(
+                id=pending.id,
+                module=_A(module),
+                function=_A(function),
+                args=list(args),
+                timeout=self._timeout_ms(),
             )
-        await self._send_request(term, pending)
+
+        await self._send_request(make, pending)
         return await self._await(pending)
 
     async def cast(self, module: str, function: str, args: Sequence[Any] = ()) -> None:
@@ -510,9 +430,24 @@ class Connection:
         Returns once the request is queued (a checkpoint; waits for room in
         the send queue).  Raises ``ConnectionLost`` if the connection ended.
         """
+        await self._send_simple(
+            lambda: _p.Cast(module=_A(module), function=_A(function), args=list(args))
+        )
+
+    async def _send_simple(self, make: Callable[[], _p.Event]) -> None:
+        """Wait for room in the send queue, then encode and queue ``make()``
+        (no checkpoint in between: a cancel sends nothing)."""
         self._check_open()
-        frame = self._wire.frame((_A("cast"), _A(module), _A(function), list(args)))
-        await self._pump.send(frame)
+        while self._pump.queued_bytes >= self._pump.write_limit:
+            await self._pump.send(b"")  # waits for room (or raises if lost)
+            self._check_open()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check_open()
+        try:
+            frame = self._proto.send(make())
+        except LocalProtocolError as exc:
+            raise ConnectionLost(f"{self.destination}: {exc}") from exc
+        self._pump.send_nowait(frame)
 
     async def spawn(self, module: str, function: str, args: Sequence[Any] = ()) -> Any:
         """Start ``module:function(*args)`` as a long-lived process on the
@@ -520,18 +455,21 @@ class Connection:
         ``{down, Pid, Reason}`` arrive in ``receive()``.  Cancellation as in
         ``call``."""
         pending = _Pending(self._new_id())
-        term = (_A("spawn"), pending.id, _A(module), _A(function), list(args))
-        await self._send_request(term, pending)
+        await self._send_request(
+            lambda: _p.Spawn(
+                id=pending.id, module=_A(module), function=_A(function), args=list(args)
+            ),
+            pending,
+        )
         return await self._await(pending)
 
     async def send(self, dest: Any, message: Any) -> None:
         """Send ``message`` to the server process ``dest`` (a pid from
         ``spawn``, or a registered name: a ``str`` is sent as an atom).
         A message to no process is dropped, as in Erlang.  A checkpoint."""
-        self._check_open()
         if isinstance(dest, str) and not isinstance(dest, Atom):
             dest = Atom(dest)
-        await self._pump.send(self._wire.frame((_A("send"), dest, message)))
+        await self._send_simple(lambda: _p.Send(dest=dest, msg=message))
 
     async def receive(self) -> Any:
         """The next message sent to this session's mailbox (the ``session``
@@ -560,20 +498,27 @@ class Connection:
         *,
         credit: int = DEFAULT_STREAM_CREDIT,
     ) -> AsyncIterator[Any]:
-        """Yield the chunks of a stream call, then end (the final value is
-        discarded; use ``stream_call`` for it).  Credit is granted back to the
+        """Yield the chunks of a stream call, then end (the final reply's
+        value is discarded).  Credit is granted back to the
         server as items are consumed, so at most ``credit`` chunks wait here.
 
         Leaving the loop early (break, exception, cancel) sends ``{cancel, Id}``.
         Raises as ``call``.
         """
         pending = _Pending(self._new_id(), chunks=deque(), chunk_event=trio.Event())
-        opts: dict[Any, Any] = {_A("stream"): True, _A("credit"): credit}
-        timeout = self._timeout_ms()
-        if timeout is not None:
-            opts[_A("timeout")] = timeout
-        term = (_A("call"), pending.id, _A(module), _A(function), list(args), opts)
-        await self._send_request(term, pending)
+
+        def make() -> _p.Event:
+            return _p.Call(
+                id=pending.id,
+                module=_A(module),
+                function=_A(function),
+                args=list(args),
+                timeout=self._timeout_ms(),
+                stream=True,
+                credit=credit,
+            )
+
+        await self._send_request(make, pending)
         consumed = 0
         assert pending.chunks is not None
         try:
@@ -583,9 +528,7 @@ class Connection:
                     self._taken()
                     consumed += 1
                     if consumed >= max(1, credit // 2) and not pending.done.is_set():
-                        self._pump.send_nowait(
-                            self._wire.frame((_A("credit"), pending.id, consumed))
-                        )
+                        self._send_control(_p.Credit(id=pending.id, n=consumed))
                         consumed = 0
                     yield item
                     continue
@@ -602,7 +545,7 @@ class Connection:
                 self._undelivered -= len(pending.chunks)
                 pending.chunks.clear()
                 if self._error is None:
-                    self._send_control((_A("cancel"), pending.id))
+                    self._send_control(_p.Cancel(id=pending.id))
             raise
         self._taken()
         if not pending.ok:
@@ -620,7 +563,7 @@ class Connection:
         self._pings[token] = event
         start = trio.current_time()
         try:
-            await self._pump.send(self._wire.frame((_A("ping"), token)))
+            await self._send_simple(lambda: _p.Ping(token=token))
             await event.wait()
         finally:
             self._pings.pop(token, None)
@@ -671,7 +614,7 @@ class Connection:
         self._closing = True
         with trio.CancelScope(shield=True):
             if self._error is None:
-                self._send_control((_A("bye"), _A("normal")))
+                self._send_control(_p.Bye(reason=_A("normal")))
                 with trio.move_on_after(CLOSE_DRAIN_TIMEOUT):
                     await self._ended.wait()
             self._pump.fail(ConnectionLost("the connection was closed"))

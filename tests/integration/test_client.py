@@ -259,7 +259,7 @@ async def test_dead_peer_detected_by_keepalive(test_sshd: Any) -> None:
 
 
 async def test_junk_before_hello_says_so(test_sshd: Any) -> None:
-    with pytest.raises(sshrpc.ProtocolError, match="before its hello") as info:
+    with pytest.raises(sshrpc.ProtocolError, match="before the hello") as info:
         async with _channel(test_sshd, "junk"):
             pass
     assert "Welcome" in str(info.value)
