@@ -97,7 +97,9 @@ def _ensure_recursion(depth: int) -> None:
     # The reference codec recurses up to twice per nesting level.  CPython
     # 3.11+ does not use the C stack for Python-to-Python calls, so raising
     # the limit (never lowering it) is safe; ``max_depth`` bounds the recursion.
-    needed = 2 * depth + 3000
+    # A limit far beyond any real nesting is capped (setrecursionlimit takes
+    # a C int).
+    needed = 2 * min(depth, 10**8) + 3000
     if sys.getrecursionlimit() < needed:
         sys.setrecursionlimit(needed)
 
@@ -390,7 +392,7 @@ def decode(
     inflated = len(data) > 1 and data[1] == COMPRESSED
     if inflated:
         data = _inflate(data, max_inflated)
-    _ensure_recursion(max_depth)
+    _ensure_recursion(min(max_depth, len(data)))  # each level takes at least a byte
     decoder = _Decoder(data, max_depth, max_big_bytes, inflated)
     value, end = decoder.term(1, 0)
     if end != len(data):
