@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -55,7 +56,7 @@ from sshrpc.protocol import (
     Spawn,
     Unknown,
 )
-from sshrpc.protocol._state import RECV, SEND, STATES, TRANSITIONS
+from sshrpc.protocol._state import RECV, SEND, STATES, TRANSITIONS, diagram
 
 A = Atom
 SESSION = Pid.new("node@host", 7)
@@ -1015,3 +1016,9 @@ def test_statistics() -> None:
     )
     assert stats.bytes_buffered == 0
     assert ALL_FEATURES == ("call", "cast", "cancel", "deadline", "stream", "spawn", "send", "ping")
+
+
+def test_docs_show_the_current_tables() -> None:
+    page = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    for role in Role:
+        assert diagram(role) in page, f"regenerate the {role.name} diagram in docs/protocol.md"

@@ -37,6 +37,7 @@ __all__ = [
     "STATES",
     "TRANSITIONS",
     "Sentinel",
+    "diagram",
 ]
 
 
@@ -189,3 +190,25 @@ TRANSITIONS: Final[Table] = {
         CLOSED: {},
     },
 }
+
+
+def diagram(role: Role) -> str:
+    """The transitions of ``role`` as a Mermaid state diagram (for
+    docs/protocol.md; tests check the page shows the current tables).
+    Self-loops are folded into one note per state."""
+    lines = ["stateDiagram-v2", f"    %% {role.name} role, drawn from sshrpc.protocol._state"]
+    for state, row in TRANSITIONS[role].items():
+        edges: dict[Sentinel, list[str]] = {}
+        for (direction, name), new in row.items():
+            label = ("send " if direction is SEND else "recv ") + name
+            edges.setdefault(new, []).append(label)
+        for new, labels in edges.items():
+            if new is state:
+                continue
+            lines.append(f"    {state.name} --> {new.name}: {', '.join(labels)}")
+        stays = sorted(label for new, labels in edges.items() if new is state for label in labels)
+        if stays:
+            lines.append(f"    note right of {state.name}: {', '.join(stays)}")
+    lines.append(f"    [*] --> {IDLE.name}")
+    lines.append(f"    {CLOSED.name} --> [*]")
+    return "\n".join(lines)
