@@ -172,7 +172,7 @@ async def receive() -> Any:
     return await process.inbox_receive.receive()
 
 
-def register(name: str, pid: Pid | None = None) -> None:
+def register(name: str | bytes, pid: Pid | None = None) -> None:
     """Register ``pid`` (default: this process) under the atom ``name``.
     Raises ``ValueError`` if the name is taken; the name is released when
     the process ends."""
@@ -714,8 +714,12 @@ class Node:
             return False
         return target.deliver(message)
 
-    def register(self, name: str, pid: Pid) -> None:
-        """Register ``pid`` under ``name``; ``ValueError`` if taken or unknown."""
+    def register(self, name: str | bytes, pid: Pid) -> None:
+        """Register ``pid`` under the atom ``name`` (a binary is taken as its
+        UTF-8 text); ``ValueError`` if taken or ``pid`` is no live process."""
+        if isinstance(name, bytes):
+            name = name.decode("utf-8")
+        name = Atom(name)
         if name in self.registry:
             raise ValueError(f"name {name!r} is already registered")
         target = self.pids.get(pid)

@@ -1,0 +1,160 @@
+"""The node's channel logic over Trio memory streams (no sshd): graceful bye,
+mailboxes and their overflow, registered names, bounds."""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+import pytest
+import trio
+import trio.testing
+
+import sshrpc
+from sshrpc import Atom, Service, node
+from sshrpc.node import Node
+
+A = Atom
+pytestmark = pytest.mark.timeout(30)
+
+t = Service("t")
+RECEIVED: list[object] = []
+
+
+@t.export
+async def sleeper() -> None:
+    await trio.sleep_forever()
+
+
+@t.export
+async def named(name: str) -> None:
+    node.register(name)
+    while True:
+        message = await node.receive()
+        node.send(node.session_pid(), (A("got"), message, node.self_pid()))
+
+
+@t.export
+async def quick(x: int) -> int:
+    await trio.sleep(0.05)
+    return x
+
+
+@t.export
+def fail() -> None:
+    raise KeyError("k")
+
+
+@t.export
+def whoami() -> str:
+    return node.current_key().fingerprint or "-"
+
+
+class Client:
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def send(self, term: object) -> None:
+        payload = sshrpc.encode(term)
+        await self.stream.send_all(struct.pack(">I", len(payload)) + payload)
+
+    async def recv(self) -> object:
+        with trio.fail_after(5):
+            while True:
+                if len(self.buf) >= 4:
+                    (size,) = struct.unpack(">I", self.buf[:4])
+                    if len(self.buf) >= 4 + size:
+                        payload = bytes(self.buf[4 : 4 + size])
+                        del self.buf[: 4 + size]
+                        return sshrpc.decode(payload)
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    return None
+                self.buf += data
+
+    async def hello(self) -> dict:
+        await self.send((A("hello"), 1, {}))
+        answer = await self.recv()
+        return answer[2]
+
+
+async def start(nursery, **options) -> tuple[Node, Client]:
+    n = Node([t], **options)
+    ours, theirs = trio.testing.memory_stream_pair()
+    nursery.start_soon(n.serve_channel, theirs)
+    return n, Client(ours)
+
+
+async def test_bye_drains_open_calls(nursery):
+    n, c = await start(nursery)
+    await c.hello()
+    await c.send((A("call"), 1, A("t"), A("quick"), [7]))
+    await c.send((A("bye"), A("normal")))
+    assert await c.recv() == (A("reply"), 1, 7)
+    assert await c.recv() == (A("bye"), A("normal"))
+    assert await c.recv() is None
+    assert n.statistics()["channels"] == 0
+
+
+async def test_registered_names_and_mailbox_overflow(nursery, caplog):
+    n, c = await start(nursery, mailbox_size=2)
+    hello = await c.hello()
+    await c.send((A("spawn"), 1, A("t"), A("named"), [b"svc"]))
+    _, _, pid = await c.recv()
+    await trio.testing.wait_all_tasks_blocked()  # the process has registered
+    await c.send((A("send"), A("svc"), b"hi"))
+    assert await c.recv() == (A("send"), hello[A("session")], (A("got"), b"hi", pid))
+    # a process that never reads: its mailbox holds 2, the third is dropped
+    await c.send((A("spawn"), 2, A("t"), A("sleeper"), []))
+    _, _, sleeper = await c.recv()
+    with caplog.at_level(logging.WARNING, logger="sshrpc.node"):
+        assert [n.send(sleeper, i) for i in range(3)] == [True, True, False]
+    assert "full; message dropped" in caplog.text
+    assert n.send(A("nobody"), 1) is False
+    assert n.registry == {"svc": pid}
+    with pytest.raises(ValueError, match="already registered"):
+        n.register("svc", sleeper)
+
+
+async def test_spawn_bound_and_cast_bound(nursery, caplog):
+    n, c = await start(nursery, max_calls=2)
+    await c.hello()
+    for i in range(2):
+        await c.send((A("spawn"), i, A("t"), A("sleeper"), []))
+        assert (await c.recv())[:2] == (A("reply"), i)
+    await c.send((A("spawn"), 5, A("t"), A("sleeper"), []))
+    assert await c.recv() == (A("error"), 5, (A("sshrpc"), A("overload"), {}))
+    await c.send((A("call"), 6, A("t"), A("sleeper"), []))
+    await c.send((A("call"), 7, A("t"), A("sleeper"), []))
+    with caplog.at_level(logging.WARNING, logger="sshrpc.node"):
+        await c.send((A("cast"), A("t"), A("sleeper"), []))
+        await c.send((A("call"), 8, A("t"), A("quick"), [1]))
+        assert await c.recv() == (A("error"), 8, (A("sshrpc"), A("overload"), {}))
+    assert "cast t:sleeper dropped" in caplog.text
+    assert n.statistics()["processes"] == 2
+
+
+async def test_expose_traces_option(nursery):
+    bad = Service("bad")
+
+    @bad.export
+    def boom() -> None:
+        raise KeyError("k")
+
+    n = Node([bad], expose_traces=True)
+    ours, theirs = trio.testing.memory_stream_pair()
+    nursery.start_soon(n.serve_channel, theirs)
+    c = Client(ours)
+    await c.hello()
+    await c.send((A("call"), 1, A("bad"), A("boom"), []))
+    tag, _, (cls, reason, details) = await c.recv()
+    assert (tag, cls, reason) == (A("error"), A("error"), (A("KeyError"), b"'k'"))
+    assert any(b"Traceback" in line for line in details[A("trace")])
+    # and by default: no trace; in-memory channels have no key
+    _, c2 = await start(nursery)
+    await c2.hello()
+    await c2.send((A("call"), 1, A("t"), A("fail"), []))
+    assert await c2.recv() == (A("error"), 1, (A("error"), (A("KeyError"), b"'k'"), {}))
+    await c2.send((A("call"), 2, A("t"), A("whoami"), []))
+    assert await c2.recv() == (A("reply"), 2, b"-")
