@@ -89,8 +89,9 @@ def in_process_command(
     authorized_keys: str | None = None,
     python: str | None = None,
 ) -> str:
-    """The subsystem command line that serves ``targets`` in-process."""
-    argv = [python or sys.executable, "-m", "sshrpc.subsystem"]
+    """The subsystem command line that serves ``targets`` in-process (importable
+    from the current directory, as for ``sshrpc serve``)."""
+    argv = [python or sys.executable, "-m", "sshrpc.subsystem", "--path", os.getcwd()]
     if policy:
         argv += ["--policy", os.path.abspath(policy)]
     if authorized_keys:
@@ -141,7 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--policy")
     parser.add_argument("--authorized-keys")
     parser.add_argument("--expose-traces", action="store_true")
+    parser.add_argument(
+        "--path", action="append", default=[], help="directory to import targets from"
+    )
     args = parser.parse_args(argv)
+    sys.path[:0] = args.path
     try:
         services = load_targets(args.targets)
         policy = Policy.load(args.policy) if args.policy else None
