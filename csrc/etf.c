@@ -638,6 +638,63 @@ static int check_count(dec_t *d, size_t pos, uint64_t count, unsigned size, cons
                          (unsigned long long)d->max_depth);                          \
     } while (0)
 
+/* A proper list of n >= HOMOGENEOUS_MIN integers (tags 97, 98) or finite
+ * floats (70) at p, ending in NIL: emitted as one packed little-endian array
+ * for array(...).tolist().  Returns 1 (and emits nothing) for any other list;
+ * the generic path then reports whatever is wrong with it. */
+#define HOMOGENEOUS_MIN 8
+static int homogeneous(dec_t *d, size_t p, uint64_t n, size_t *end) {
+    const uint8_t *s = d->data;
+    size_t q = p, len = d->len;
+    int kind = 0;
+    uint64_t i;
+    for (i = 0; i < n && q < len; i++) {
+        uint8_t t = s[q];
+        if (kind != 2 && t == 97 && len - q >= 2) {
+            kind = 1;
+            q += 2;
+        } else if (kind != 2 && t == 98 && len - q >= 5) {
+            kind = 1;
+            q += 5;
+        } else if (kind != 1 && t == 70 && len - q >= 9 &&
+                   (((s[q + 1] & 0x7F) << 4) | (s[q + 2] >> 4)) != 0x7FF) {
+            kind = 2;
+            q += 9;
+        } else {
+            return 1;
+        }
+    }
+    if (i < n || q >= len || s[q] != 106 || d->skip) return 1;
+    int rc;
+    if ((rc = emit_get(d, kind == 1 ? SSHRPC_M_INTS : SSHRPC_M_FLOATS))) return rc;
+    size_t size = (kind == 1 ? 4 : 8) * (size_t)n;
+    W(5 + size + 2);
+    w[0] = 'B';
+    le32(w + 1, (uint32_t)size);
+    uint8_t *o = w + 5;
+    q = p;
+    for (i = 0; i < n; i++) {
+        if (s[q] == 97) {
+            o[0] = s[q + 1];
+            o[1] = o[2] = o[3] = 0;
+            o += 4;
+            q += 2;
+        } else if (s[q] == 98) {
+            le32(o, be32(s + q + 1));
+            o += 4;
+            q += 5;
+        } else {
+            for (int k = 0; k < 8; k++) o[k] = s[q + 8 - k];
+            o += 8;
+            q += 9;
+        }
+    }
+    o[0] = 0x85;
+    o[1] = 'R';
+    *end = q + 1;
+    return 0;
+}
+
 #define top (d->top)
 static int decode_term(dec_t *d) {
     const uint8_t *s = d->data;
@@ -728,6 +785,15 @@ next_term:
             size_t n = be16(s + p);
             p += 2;
             NEED(p, n, "STRING_EXT");
+            if (n >= HOMOGENEOUS_MIN) { /* list(bytes) */
+                if ((rc = emit_get(d, SSHRPC_M_BYTELIST))) return rc;
+                if ((rc = emit_bytes(d, p, n, 0))) return rc;
+                W(2);
+                w[0] = 0x85;
+                w[1] = 'R';
+                pos = p + n;
+                goto complete;
+            }
             W(3 + 2 * n);
             w[0] = ']';
             if (n) {
@@ -749,6 +815,10 @@ next_term:
             p += 4;
             if ((rc = check_count(d, p, n, 1, "list"))) return rc;
             DEPTH(depth, pos);
+            if (n >= HOMOGENEOUS_MIN && (rc = homogeneous(d, p, n, &pos)) != 1) {
+                if (rc) return rc;
+                goto complete;
+            }
             pos = p;
             if ((rc = push(d, &top))) return rc;
             top->depth = ++depth;

@@ -13,7 +13,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define SSHRPC_C_VERSION 2
+#define SSHRPC_C_VERSION 3
 int sshrpc_c_version(void);
 
 /* Memo indices the decoder's pickle stream relies on; the Python side puts
@@ -28,6 +28,9 @@ int sshrpc_c_version(void);
 #define SSHRPC_M_FUN 7
 #define SSHRPC_M_EXPORT 8
 #define SSHRPC_M_SFLOAT 9
+#define SSHRPC_M_INTS 10
+#define SSHRPC_M_FLOATS 11
+#define SSHRPC_M_BYTELIST 12
 #define SSHRPC_M_FIRST_ATOM 16
 
 typedef struct {

@@ -21,12 +21,14 @@ measurements that chose it; in short:
 
 from __future__ import annotations
 
+import array
 import collections
 import copyreg
 import io
 import math
 import pickle
 import struct
+import sys
 import threading
 import zlib
 from typing import Any
@@ -53,7 +55,7 @@ except ImportError as exc:  # pragma: no cover - a broken install
 __all__ = ["decode", "encode", "encode_frame"]
 
 #: The C module this Python code was written against (csrc/etf.h).
-C_VERSION = 2
+C_VERSION = 3
 if lib.sshrpc_c_version() != C_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"sshrpc's C module is version {lib.sshrpc_c_version()}, this Python code needs "
@@ -85,6 +87,24 @@ def _string_float(raw: bytes, pos: int) -> float:
     return value
 
 
+_INT32 = next(code for code in "ilh" if array.array(code).itemsize == 4)
+_SWAP = sys.byteorder == "big"
+
+
+def _int_list(packed: bytes) -> list[int]:
+    values = array.array(_INT32, packed)
+    if _SWAP:
+        values.byteswap()
+    return values.tolist()
+
+
+def _float_list(packed: bytes) -> list[float]:
+    values = array.array("d", packed)
+    if _SWAP:
+        values.byteswap()
+    return values.tolist()
+
+
 def _map_from_flat(_empty: dict[Any, Any], flat: tuple[Any, ...]) -> dict[Any, Any] | Map:
     it = iter(flat)
     return _make_map(list(zip(it, it, strict=True)))
@@ -101,6 +121,9 @@ _MEMO_CALLABLES: dict[int, tuple[str, str, Any]] = {
     lib.SSHRPC_M_FUN: ("sshrpc._types", "Fun", Fun),
     lib.SSHRPC_M_EXPORT: ("sshrpc._types", "Export", Export),
     lib.SSHRPC_M_SFLOAT: ("sshrpc._codec", "_string_float", _string_float),
+    lib.SSHRPC_M_INTS: ("sshrpc._codec", "_int_list", _int_list),
+    lib.SSHRPC_M_FLOATS: ("sshrpc._codec", "_float_list", _float_list),
+    lib.SSHRPC_M_BYTELIST: ("builtins", "list", list),
 }
 _ALLOWED = {(module, name): obj for module, name, obj in _MEMO_CALLABLES.values()}
 
