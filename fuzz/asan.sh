@@ -23,7 +23,8 @@ seconds=${2:-30}
 case "$dest" in /tmp/?*) ;; *) echo "asan.sh: DEST must be under /tmp" >&2; exit 2 ;; esac
 rm -rf "$dest"
 mkdir -p "$dest/logs"
-git -C "$root" archive HEAD | tar -x -C "$dest" || exit 2
+commit=$(git -C "$root" rev-parse HEAD)
+git -C "$root" archive "$commit" | tar -x -C "$dest" || exit 2
 ln -s "$root/.venv" "$dest/.venv"
 SSHRPC_SANITIZE=1 "$dest/scripts/build-c" >/dev/null || exit 2
 
@@ -35,8 +36,8 @@ PYTHONPATH="$dest/src"
 export LD_PRELOAD ASAN_OPTIONS UBSAN_OPTIONS PYTHONPATH
 cd "$dest" || exit 2
 py=.venv/bin/python
-$py -c 'import sshrpc._sshrpc_c, sshrpc; print("asan.sh: testing", sshrpc.__file__, "at", end=" ")'
-git -C "$root" log --oneline -1
+$py -c 'import sshrpc._sshrpc_c, sshrpc; print("asan.sh: testing", sshrpc.__file__, end=" ")'
+git -C "$root" log --oneline -1 "$commit"
 crashes=0
 report='==[0-9]+==ERROR: [A-Za-z]+Sanitizer|runtime error:|Sanitizer: CHECK failed|deadly signal'
 step() {  # step NAME COMMAND...: run, log, and count sanitizer reports and crashes
