@@ -66,6 +66,7 @@ class Plan:
     sweep_pipe_s: float
     sizes: tuple[int, ...]
     sweep_bulk_s: float
+    hang_s: float
 
 
 QUICK = Plan(
@@ -86,6 +87,7 @@ QUICK = Plan(
     sweep_pipe_s=0.4,
     sizes=(1024, 64 * 1024, 1 * MiB, 16 * MiB),
     sweep_bulk_s=1.5,
+    hang_s=15.0,
 )
 FULL = Plan(
     rounds=5,
@@ -105,6 +107,7 @@ FULL = Plan(
     sweep_pipe_s=0.8,
     sizes=(1024, 4096, 16384, 65536, 256 * 1024, MiB, 4 * MiB, 16 * MiB, 64 * MiB),
     sweep_bulk_s=3.0,
+    hang_s=30.0,
 )
 LAT_SIZE = 32
 BULK = 16 * MiB
@@ -186,7 +189,16 @@ class Live:
 
     @property
     def ok(self) -> bool:
-        return self.driver is not None and self.result.unavailable is None
+        return self.driver is not None and self.result.unavailable is None and not self.dead
+
+    dead = False
+
+    def die(self, why: str) -> None:
+        """Stop using this system for the rest of the run; what it measured stays."""
+        self.dead = True
+        self.result.errors["stopped"] = why[:300]
+        if self.driver is not None:
+            self.driver.close()
 
     def request(self, op: str, line: str, timeout_s: float) -> list[float] | None:
         if not self.ok or op in self.unsupported:
@@ -195,8 +207,7 @@ class Live:
         try:
             return self.driver.request(line, timeout_s)
         except DriverTimeout as exc:
-            self.result.unavailable = f"hung during {op}: {exc}"
-            self.driver.close()
+            self.die(f"hung during {op} ({line}): {exc}")
             return None
         except DriverError as exc:
             text = str(exc)
@@ -207,26 +218,31 @@ class Live:
                 self.result.errors[op] = text[:300]
                 self.unsupported.add(op)
                 if self.driver.proc.poll() is not None:
-                    self.result.unavailable = f"driver died during {op}: {text[:200]}"
+                    self.die(f"driver died during {op}: {text[:200]}")
                 else:
                     try:
                         self.driver.request("connect", 60)
                     except DriverError as again:
-                        self.result.unavailable = f"reconnect after {op} failed: {again}"[:300]
+                        self.die(f"reconnect after {op} failed: {again}")
             return None
 
     def cpu(self) -> tuple[float, float]:
+        if self.driver is None:
+            return 0.0, 0.0
         assert self.driver is not None
         return tree_cpu_s([self.driver.proc.pid]), tree_cpu_s(self.server_pids)
 
 
+_T0 = time.monotonic()
+
+
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    print(f"[{time.monotonic() - _T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
 def run_round(live: Live, plan: Plan) -> None:
     r = live.result
-    slack = 30.0
+    slack = plan.hang_s
     # sequential latency, with CPU per call
     c0, s0 = live.cpu()
     got = live.request(
@@ -332,7 +348,9 @@ def run_all(plan: Plan, out: Path, only: set[str] | None) -> tuple[list[Result],
                 if live.spec.cipher_floor:
                     continue
                 got = live.request(
-                    "pipe", f"pipe {depth} {plan.sweep_pipe_n} {plan.sweep_pipe_s}", 90
+                    "pipe",
+                    f"pipe {depth} {plan.sweep_pipe_n} {plan.sweep_pipe_s}",
+                    plan.sweep_pipe_s + plan.hang_s,
                 )
                 if got and got[0] > 0:
                     live.result.depth_sweep[depth] = got[0] / (got[1] / 1e9)
@@ -343,7 +361,9 @@ def run_all(plan: Plan, out: Path, only: set[str] | None) -> tuple[list[Result],
             for live in running:
                 if live.spec.name in too_slow:
                     continue
-                got = live.request("bulk", f"bulk {size} {reps} {plan.sweep_bulk_s}", 180)
+                got = live.request(
+                    "bulk", f"bulk {size} {reps} {plan.sweep_bulk_s}", 120 + plan.hang_s
+                )
                 if got:
                     live.result.size_sweep[size] = statistics.median(
                         size / (ns / 1e9) / 1e6 for ns in got

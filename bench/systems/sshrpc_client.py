@@ -28,6 +28,9 @@ from bench.systems._common import (
 from sshrpc.client import Connection, connect_node
 
 SMALL = payload(32)
+#: A pipelined run that has not finished this long after its time is up is
+#: reported as stuck (with the connection's statistics) instead of hanging.
+STUCK_S = 10.0
 
 
 class Client:
@@ -88,9 +91,14 @@ class Client:
                 done += 1
 
         t0 = time.perf_counter_ns()
-        async with trio.open_nursery() as nursery:
-            for _ in range(int(depth)):
-                nursery.start_soon(worker)
+        with trio.move_on_after(max_s + STUCK_S) as scope:
+            async with trio.open_nursery() as nursery:
+                for _ in range(int(depth)):
+                    nursery.start_soon(worker)
+        if scope.cancelled_caught:
+            stats = conn.statistics()
+            print(f"pipe stuck after {done} calls: {stats}", file=sys.stderr, flush=True)
+            return f"err stuck after {done} of {int(n)} calls, {depth:.0f} in flight: {stats}"
         return ok([done, time.perf_counter_ns() - t0])
 
     async def bulk(self, size: float, reps: float, max_s: float) -> str:
