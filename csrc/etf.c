@@ -1197,6 +1197,8 @@ typedef struct {
     uint8_t *base; /* the caller's buffer while `fixed`, else io->out */
     size_t len, cap;
     int fixed;
+    const uint8_t *stream;
+    uint64_t spliced; /* bytes left in the stream, see e_binary */
 } enc_t;
 
 static int64_t new_node(enc_t *e, uint8_t kind) {
@@ -1580,8 +1582,26 @@ static int e_long(enc_t *e, const uint8_t *p, size_t n) {
     return 0;
 }
 
+/* Binaries of SPLICE_MIN bytes or more are not copied: the caller joins
+ * the output with slices of the pickle stream at the recorded splices
+ * (output offset, stream offset, length), so the data is copied once. */
+#define SPLICE_MIN 65536
 static int e_binary(enc_t *e, uint8_t tag, const uint8_t *p, uint64_t n) {
     if (n > 0xFFFFFFFFu) return -1;
+    if (n >= SPLICE_MIN) {
+        sshrpc_io *io = e->io;
+        EW(5);
+        w[0] = tag;
+        be32w(w + 1, (uint32_t)n);
+        if (grow((void **)&io->oob, &e->pv->oob_cap, 3 * io->n_oob + 3, sizeof(uint64_t)))
+            return -2;
+        io->oob[3 * io->n_oob] = e->len;
+        io->oob[3 * io->n_oob + 1] = (uint64_t)(p - e->stream);
+        io->oob[3 * io->n_oob + 2] = n;
+        io->n_oob++;
+        e->spliced += n;
+        return 0;
+    }
     EW(5 + n);
     w[0] = tag;
     be32w(w + 1, (uint32_t)n);
@@ -1763,6 +1783,8 @@ int64_t sshrpc_pickle_to_etf(sshrpc_io *io, const char *data, size_t len, uint64
     e->base = (uint8_t *)out;
     e->cap = cap;
     e->fixed = 1;
+    e->stream = (const uint8_t *)data;
+    io->n_oob = 0;
     if (pv->out_cap > ((size_t)4 << 20)) {
         free(io->out);
         io->out = NULL;
@@ -1775,7 +1797,7 @@ int64_t sshrpc_pickle_to_etf(sshrpc_io *io, const char *data, size_t len, uint64
     int64_t root = tape(e, (const uint8_t *)data, len);
     int rc = root < 0 ? (int)root : emit_tape(e, (uint32_t)root, max_depth);
     if (rc == 0 && reserve >= 4) {
-        uint64_t n = e->len - reserve;
+        uint64_t n = e->len - reserve + e->spliced;
         if (n > 0xFFFFFFFFu) rc = -1;
         else be32w(e->base + reserve - 4, (uint32_t)n);
     }
@@ -1791,7 +1813,7 @@ int64_t sshrpc_pickle_to_etf(sshrpc_io *io, const char *data, size_t len, uint64
     }
     if (rc) return rc;
     io->out_len = e->len;
-    return (int64_t)e->len * 2 + (e->fixed ? 0 : 1);
+    return (int64_t)e->len * 4 + (io->n_oob ? 2 : 0) + (e->fixed ? 0 : 1);
 }
 
 const char *sshrpc_io_out(sshrpc_io *io) { return (const char *)io->out; }

@@ -59,10 +59,12 @@ void sshrpc_dec_forget_atoms(sshrpc_io *io);
 
 /* pickle stream -> ETF, after `reserve` bytes whose last four (when
  * reserve >= 4) are set to the term's length, big-endian.  Written to
- * out[0, cap) while it fits, else to io->out.  Returns 2 * length + (1 if
- * the result is in io->out, see sshrpc_io_out); -1 when the stream holds
- * something the transcoder does not handle (the caller falls back to the
- * reference encoder, which raises the right error); -2 for out of memory. */
+ * out[0, cap) while it fits, else to io->out (see sshrpc_io_out).  Returns
+ * 4 * length + 2 * (binaries left in the stream: io->n_oob triples in
+ * io->oob, output offset, stream offset, length, to be joined in) + (1 if
+ * the result is in io->out); -1 when the stream holds something the
+ * transcoder does not handle (the caller falls back to the reference
+ * encoder, which raises the right error); -2 for out of memory. */
 int64_t sshrpc_pickle_to_etf(sshrpc_io *io, const char *data, size_t len,
                              uint64_t max_depth, size_t reserve, char *out, size_t cap);
 const char *sshrpc_io_out(sshrpc_io *io);

@@ -323,6 +323,11 @@ def _encoder() -> _EncodeState:
 def _encode_c(obj: Any, max_depth: int, reserve: int) -> bytes | None:
     """ETF for ``obj`` after ``reserve`` bytes (see sshrpc_pickle_to_etf), or
     None if the transcoder cannot (then the reference encoder decides)."""
+    if type(obj) is bytes and len(obj) <= 0xFFFFFFFF:
+        head = struct.pack(">BBI", 131, 109, len(obj))
+        if reserve:
+            head = bytes(reserve - 4) + struct.pack(">I", len(obj) + 6) + head
+        return head + obj
     try:
         stream = pickle.dumps(obj, 5)
     except Exception:  # unpicklable, a cycle, too deep
@@ -337,9 +342,22 @@ def _encode_c(obj: Any, max_depth: int, reserve: int) -> bytes | None:
             if rc == -2:
                 raise MemoryError("out of memory encoding a term")
             return None
-        if rc & 1:
-            return ffi.unpack(lib.sshrpc_io_out(state.io), rc >> 1)  # type: ignore[no-any-return]
-        return ffi.unpack(state.c_out, rc >> 1)  # type: ignore[no-any-return]
+        n = rc >> 2
+        out = lib.sshrpc_io_out(state.io) if rc & 1 else state.c_out
+        if not rc & 2:
+            return ffi.unpack(out, n)  # type: ignore[no-any-return]
+        # Large binaries were left in the pickle stream: join them in.
+        view = memoryview(ffi.buffer(out, n))
+        source = memoryview(stream)
+        splices = ffi.unpack(state.io.oob, 3 * state.io.n_oob)
+        parts: list[memoryview] = []
+        done = 0
+        for i in range(0, len(splices), 3):
+            at, offset, length = splices[i : i + 3]
+            parts += (view[done:at], source[offset : offset + length])
+            done = at
+        parts.append(view[done:])
+        return b"".join(parts)
     finally:
         state.busy = False
 
