@@ -1022,3 +1022,23 @@ def test_docs_show_the_current_tables() -> None:
     page = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
     for role in Role:
         assert diagram(role) in page, f"regenerate the {role.name} diagram in docs/protocol.md"
+
+
+def test_short_junk_then_eof_before_the_hello() -> None:
+    client = Connection(Role.CLIENT)
+    client.send(client.hello())
+    client.receive_data(b"ok\n")
+    assert client.next_event() is NEED_DATA
+    client.receive_data(b"")
+    exc = protocol_error(client)
+    assert "printed text before the hello" in str(exc) and "b'ok\\n'" in str(exc)
+
+
+def test_a_hello_announcing_more_than_a_header_can_carry() -> None:
+    client = Connection(Role.CLIENT)
+    client.send(Hello(max_frame=2**40, client="x/1"))
+    server = Connection(Role.SERVER)
+    hello = one(server, client.send_keepalive() + frame((A("hello"), 1, {A("max_frame"): 2**40})))
+    assert isinstance(hello, Hello) and hello.max_frame == 2**40
+    one(client, server.send(server.hello()))
+    assert client.max_frame == 2**32 - 1 and server.peer_max_frame == 2**32 - 1

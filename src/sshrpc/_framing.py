@@ -29,6 +29,7 @@ payload is ever copied.
 from __future__ import annotations
 
 import array
+import itertools
 from collections import deque
 
 from ._errors import FrameTooLarge
@@ -105,6 +106,16 @@ class FrameBuffer:
     def max_frame(self, value: int) -> None:
         if type(value) is not int or not 0 <= value <= MAX_FRAME_LIMIT:
             raise ValueError(f"max_frame must be an integer in 0..2**32-1, not {value!r}")
+        if value < self._max_frame and self._ready:
+            # Payloads found under the larger limit: the first one above the
+            # new limit ends the stream, after the ones before it.
+            for index, payload in enumerate(self._ready):
+                if len(payload) > value:
+                    kept = list(itertools.islice(self._ready, index))
+                    self._max_frame = value
+                    self._fail(len(payload))
+                    self._ready.extend(kept)
+                    break
         self._max_frame = value
         self._missing = 0
 
@@ -149,12 +160,7 @@ class FrameBuffer:
         """
         ready = self._ready
         if ready:
-            frame = ready.popleft()
-            if len(frame) <= self._max_frame:
-                return frame
-            # Found under a larger limit that has since been lowered.
-            ready.clear()
-            raise self._fail(len(frame))
+            return ready.popleft()
         if self._error is not None:
             raise self._error
         chunks = self._chunks
@@ -253,6 +259,7 @@ class FrameBuffer:
 
     def _fail(self, length: int) -> FrameTooLarge:
         self._error = FrameTooLarge(length, self._max_frame)
+        self._ready.clear()
         self._chunks.clear()
         self._chunk_bytes = 0
         lib.sshrpc_fb_clear(self._fb)

@@ -220,6 +220,21 @@ class ConnectionStatistics:
     answers_too_large: int
 
 
+def _rows(
+    role: Role,
+) -> tuple[dict[Sentinel, dict[str, Sentinel]], dict[Sentinel, dict[str, Sentinel]]]:
+    """``TRANSITIONS[role]`` split by direction, keyed by event name alone."""
+    recv: dict[Sentinel, dict[str, Sentinel]] = {}
+    send: dict[Sentinel, dict[str, Sentinel]] = {}
+    for state, row in TRANSITIONS[role].items():
+        recv[state] = {name: new for (way, name), new in row.items() if way is RECV}
+        send[state] = {name: new for (way, name), new in row.items() if way is SEND}
+    return recv, send
+
+
+_ROWS: Final = {role: _rows(role) for role in Role}
+
+
 class _Open:
     """Bookkeeping of one open id: is it a stream, how much credit is left."""
 
@@ -228,6 +243,11 @@ class _Open:
     def __init__(self, stream: bool, credit: int) -> None:
         self.stream = stream
         self.credit = credit
+
+
+# The bookkeeping of every open id that is not a stream call: nothing in it
+# ever changes, so one instance serves them all.
+_PLAIN: Final = _Open(False, 0)
 
 
 def _is_id(value: object) -> bool:
@@ -288,7 +308,7 @@ class Connection:
             raise ValueError(f"max_calls must be a positive integer, not {max_calls!r}")
         self.role: Final = role
         self.state: Sentinel = IDLE
-        self._table = TRANSITIONS[role]
+        self._recv_rows, self._send_rows = _ROWS[role]
         self._max_frame = max_frame
         self._max_calls = max_calls
         self._features = tuple(_atom(f) for f in features)
@@ -413,8 +433,10 @@ class Connection:
                 if not self._eof:
                     return NEED_DATA
                 if self._frames.buffered:
+                    eof = EOFError("the channel ended")
                     raise self._fail(
-                        _protocol_error(
+                        self._junk_error(eof)
+                        or _protocol_error(
                             f"the channel ended inside a frame ({self._frames.buffered} "
                             "bytes of it arrived)"
                         )
@@ -474,7 +496,7 @@ class Connection:
         return exc
 
     def _advance(self, key: str) -> None:
-        new = self._table[self.state].get((RECV, key))
+        new = self._recv_rows[self.state].get(key)
         if new is None:
             raise self._fail(
                 _protocol_error(
@@ -561,7 +583,8 @@ class Connection:
         return hello
 
     def _our_max_frame(self) -> int:
-        return self.our_hello.max_frame if self.our_hello is not None else self._max_frame
+        ours = self.our_hello.max_frame if self.our_hello is not None else self._max_frame
+        return min(ours, 2**32 - 1)
 
     # Server role.
 
@@ -570,6 +593,16 @@ class Connection:
         call_id = self._read_id(term, "call")
         if call_id in self._open:
             raise self._fail(_protocol_error(f"call id {call_id} is already open"))
+        if (
+            len(term) == 5
+            and type(term[2]) is Atom
+            and type(term[3]) is Atom
+            and type(term[4]) is list
+            and len(self._open) < self._hello_max_calls
+        ):
+            # The common call: no options, room for it.
+            self._open[call_id] = _PLAIN
+            return _call(call_id, term[2], term[3], term[4], None, False, DEFAULT_CREDIT)
         refusal = None
         n = len(term)
         if n not in (5, 6):
@@ -600,12 +633,12 @@ class Connection:
                 return self._refuse(call_id, A_NOTSUP, "streams are not supported", term)
             if len(self._open) >= self._hello_max_calls:
                 return self._refuse(call_id, A_OVERLOAD, "too many open calls", term)
-            self._open[call_id] = _Open(stream, credit if stream else 0)
+            self._open[call_id] = _Open(True, credit) if stream else _PLAIN
             return _call(call_id, term[2], term[3], term[4], timeout, stream, credit)
         return self._refuse(call_id, A_BADARG, refusal, term)
 
     def _refuse(self, call_id: int, reason: Atom, detail: str, term: Any) -> Refused:
-        self._open[call_id] = _Open(False, 0)
+        self._open[call_id] = _PLAIN
         return Refused(id=call_id, reason=reason, detail=detail, term=term)
 
     def _srv_spawn(self, term: tuple[Any, ...]) -> Event:
@@ -621,7 +654,7 @@ class Connection:
             return self._refuse(call_id, A_NOTSUP, "spawn is not supported", term)
         if len(self._open) >= self._hello_max_calls:
             return self._refuse(call_id, A_OVERLOAD, "too many open calls", term)
-        self._open[call_id] = _Open(False, 0)
+        self._open[call_id] = _PLAIN
         return Spawn(id=call_id, module=term[2], function=term[3], args=term[4])
 
     def _srv_cast(self, term: tuple[Any, ...]) -> Event:
@@ -817,7 +850,7 @@ class Connection:
         return b"\0\0\0\0"
 
     def _next_state(self, key: str) -> Sentinel:
-        new = self._table[self.state].get((SEND, key))
+        new = self._send_rows[self.state].get(key)
         if new is None:
             raise LocalProtocolError(
                 f"a {self.role.value} cannot send {key.rstrip('!')} in state {self.state}"
@@ -890,7 +923,7 @@ class Connection:
                     opts[A_CREDIT] = ev.credit
             term = (A_CALL, ev.id, _atom(ev.module), _atom(ev.function), ev.args, opts)
         frame = self._frame(term)
-        self._open[ev.id] = _Open(ev.stream, ev.credit if ev.stream else 0)
+        self._open[ev.id] = _Open(True, ev.credit) if ev.stream else _PLAIN
         self.state = new
         return frame
 
@@ -899,7 +932,7 @@ class Connection:
         if ev.id in self._open:
             raise LocalProtocolError(f"spawn id {ev.id} is already open")
         frame = self._frame((A_SPAWN, ev.id, _atom(ev.module), _atom(ev.function), ev.args))
-        self._open[ev.id] = _Open(False, 0)
+        self._open[ev.id] = _PLAIN
         self.state = new
         return frame
 
