@@ -1042,3 +1042,108 @@ def test_a_hello_announcing_more_than_a_header_can_carry() -> None:
     assert isinstance(hello, Hello) and hello.max_frame == 2**40
     one(client, server.send(server.hello()))
     assert client.max_frame == 2**32 - 1 and server.peer_max_frame == 2**32 - 1
+
+
+def test_bye_reasons() -> None:
+    client, server = handshake()
+    assert terms(client.send(Bye(reason="normal"))) == [(A("bye"), A("normal"))]
+    ((_, reason),) = terms(server.send(Bye(reason="going away")))
+    assert reason == b"going away"
+
+
+def _in_state(role: Role, state: Any) -> Connection:
+    """A connection of ``role`` brought to ``state`` through its own verbs."""
+    if role is Role.CLIENT:
+        conn = Connection(Role.CLIENT)
+        if state is IDLE:
+            return conn
+        if state is LEGACY:
+            conn.send(Mfa(module=A("m"), function=A("f"), args=[]))
+            return conn
+        conn.send(conn.hello())
+        if state is AWAIT_HELLO:
+            return conn
+        events(conn, frame((A("hello"), 1, {})))
+        if state is DRAINING:
+            conn.send(Bye())
+        elif state is CLOSED:
+            conn.send(Bye(reason=A("error")))
+        return conn
+    conn = Connection(Role.SERVER)
+    if state is IDLE:
+        return conn
+    if state is LEGACY:
+        events(conn, frame((A("mfa"), (A("m"), A("f"), []))))
+        return conn
+    events(conn, frame((A("hello"), 1, {})))
+    if state is MUST_HELLO:
+        return conn
+    conn.send(conn.hello())
+    if state is DRAINING:
+        events(conn, frame((A("bye"), A("normal"))))
+    elif state is CLOSED:
+        conn.send(Bye())
+    return conn
+
+
+def _sample(name: str) -> Event:
+    return {
+        "Hello": Hello(),
+        "Call": Call(id=77, module="m", function="f", args=[]),
+        "Cast": Cast(module="m", function="f", args=[]),
+        "Cancel": Cancel(id=1),
+        "Credit": Credit(id=1, n=1),
+        "Ping": Ping(token=1),
+        "Pong": Pong(token=1),
+        "Spawn": Spawn(id=78, module="m", function="f", args=[]),
+        "Send": Send(dest=A("x"), msg=1),
+        "Down": Down(pid=PID, reason=A("normal")),
+        "Reply": Reply(id=1, value=1),
+        "ErrorReply": ErrorReply(id=1, cls="error", reason=1),
+        "Chunk": Chunk(id=1, value=1),
+        "Bye": Bye(),
+        "Bye!": Bye(reason=A("error")),
+        "Mfa": Mfa(module=A("m"), function=A("f"), args=[]),
+        "Answer": Answer(result=1),
+    }[name]
+
+
+SENDABLE = [
+    "Hello", "Call", "Cast", "Cancel", "Credit", "Ping", "Pong", "Spawn", "Send", "Down",
+    "Reply", "ErrorReply", "Chunk", "Bye", "Bye!", "Mfa", "Answer",
+]  # fmt: skip
+
+
+ROLE_STATES = [
+    (role, state)
+    for role in Role
+    for state in STATES
+    if state is not (MUST_HELLO if role is Role.CLIENT else AWAIT_HELLO)
+]
+
+
+@pytest.mark.parametrize(("role", "state"), ROLE_STATES, ids=repr)
+def test_send_follows_the_table(role: Role, state: Any) -> None:
+    """Every event the table does not allow in a state is refused there,
+    and every one it allows moves the state where the table says."""
+    row = TRANSITIONS[role][state]
+    for name in SENDABLE:
+        conn = _in_state(role, state)
+        assert conn.state is state
+        if role is Role.SERVER and name in ("Reply", "ErrorReply", "Chunk") and state is not IDLE:
+            # give the answer an open id (a stream call, for the chunk)
+            conn._open[1] = conn._open.get(1) or _stream_record()
+        allowed = (SEND, name) in row
+        if not allowed:
+            with pytest.raises(LocalProtocolError):
+                conn.send(_sample(name))
+            assert conn.state is state
+        else:
+            conn.send(_sample(name))
+            assert conn.state is row[(SEND, name)], name
+
+
+def _stream_record() -> Any:
+    from sshrpc.protocol._connection import _Open
+
+    return _Open(True, 5)

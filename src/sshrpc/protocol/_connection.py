@@ -898,8 +898,11 @@ class Connection:
             self._frames_sent += 1
             return frame
         reason = ev.reason
-        new = self._next_state("Bye" if reason == A_NORMAL and isinstance(reason, str) else "Bye!")
-        frame = encode_frame((A_BYE, _atom(reason) if type(reason) is str else reason))
+        normal = reason == A_NORMAL and isinstance(reason, str)
+        new = self._next_state("Bye" if normal else "Bye!")
+        # Only ``normal`` is read as an atom when given as a str; any other
+        # reason is a term like any value (a str is a binary).
+        frame = encode_frame((A_BYE, A_NORMAL if normal else reason))
         self._frames_sent += 1
         self.state = new
         return frame
