@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from sshrpc import (
     Atom,
@@ -1147,3 +1148,89 @@ def _stream_record() -> Any:
     from sshrpc.protocol._connection import _Open
 
     return _Open(True, 5)
+
+
+class PairedConversation(RuleBasedStateMachine):
+    """Random conversations: whatever the client sends and the server answers,
+    in whatever order, both sides agree on the open ids and stream credit,
+    and each side receives exactly the events the other sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client, self.server = handshake(max_calls=8)
+        self.next_id = 0
+
+    def _up(self, event: Event) -> None:
+        got = one(self.server, self.client.send(event))
+        if isinstance(got, Refused):
+            assert got.reason == "overload"
+            self._down(ErrorReply(id=got.id, cls="sshrpc", reason=got.reason))  # type: ignore[arg-type]
+        else:
+            assert got == event
+
+    def _down(self, event: Event) -> None:
+        assert one(self.client, self.server.send(event)) == event
+
+    @rule(stream=st.booleans(), credit=st.integers(0, 3))
+    def call(self, stream: bool, credit: int) -> None:
+        self.next_id += 1
+        self._up(
+            Call(
+                id=self.next_id,
+                module="m",
+                function="f",
+                args=[],
+                stream=stream,
+                credit=credit if stream else 16,  # credit only travels with a stream
+            )
+        )
+
+    @rule()
+    def spawn(self) -> None:
+        self.next_id += 1
+        self._up(Spawn(id=self.next_id, module="m", function="f", args=[]))
+
+    @rule(data=st.data())
+    def reply(self, data: st.DataObject) -> None:
+        if self.server.open_ids:
+            call_id = data.draw(st.sampled_from(sorted(self.server.open_ids)))
+            self._down(Reply(id=call_id, value=call_id))
+
+    @rule(data=st.data())
+    def fail(self, data: st.DataObject) -> None:
+        if self.server.open_ids:
+            call_id = data.draw(st.sampled_from(sorted(self.server.open_ids)))
+            self._down(ErrorReply(id=call_id, cls="sshrpc", reason=A("cancelled")))
+
+    @rule(data=st.data())
+    def chunk(self, data: st.DataObject) -> None:
+        streams = [i for i in self.server.open_ids if self.server.stream_credit(i)]
+        if streams:
+            self._down(Chunk(id=data.draw(st.sampled_from(sorted(streams))), value=b"c"))
+
+    @rule(data=st.data(), n=st.integers(0, 3))
+    def credit(self, data: st.DataObject, n: int) -> None:
+        call_id = data.draw(st.integers(0, self.next_id + 1))
+        self._up(Credit(id=call_id, n=n))
+
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        self._up(Cancel(id=data.draw(st.integers(0, self.next_id + 1))))
+
+    @rule()
+    def ping(self) -> None:
+        self._up(Ping(token=self.next_id))
+        self._down(Pong(token=self.next_id))
+
+    @invariant()
+    def both_sides_agree(self) -> None:
+        assert set(self.client.open_ids) == set(self.server.open_ids)
+        for call_id in self.server.open_ids:
+            assert self.client.stream_credit(call_id) == self.server.stream_credit(call_id)
+        assert len(self.server.open_ids) <= 8
+
+
+PairedConversation.TestCase.settings = settings(
+    max_examples=40, stateful_step_count=30, deadline=None
+)
+test_paired_conversation = PairedConversation.TestCase
