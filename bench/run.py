@@ -417,6 +417,13 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pkgs[name] = "not installed"
     commit = _cmd(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "src", "erlang"],
+        capture_output=True,
+        text=True,
+    ).stdout.count("\n")
+    if dirty:
+        commit += f" + {dirty} uncommitted changed files in src/ and erlang/"
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu},"
         f" Linux {platform.release()}",

@@ -67,14 +67,23 @@ class Client:
         assert conn
         value = payload(int(size))
         end = time.perf_counter() + max_s
-        out = []
-        for _ in range(int(n)):
-            t0 = time.perf_counter_ns()
-            await conn.call(ECHO_MODULE, ECHO_FUNCTION, [value])
-            out.append(time.perf_counter_ns() - t0)
-            if time.perf_counter() > end:
-                break
+        out: list[int] = []
+        with trio.move_on_after(max_s + STUCK_S) as scope:
+            for _ in range(int(n)):
+                t0 = time.perf_counter_ns()
+                await conn.call(ECHO_MODULE, ECHO_FUNCTION, [value])
+                out.append(time.perf_counter_ns() - t0)
+                if time.perf_counter() > end:
+                    break
+        if scope.cancelled_caught:
+            return self._stuck(f"call {len(out) + 1} of {int(n)}", conn)
         return ok(out)
+
+    @staticmethod
+    def _stuck(what: str, conn: Connection) -> str:
+        stats = conn.statistics()
+        print(f"stuck at {what}: {stats}", file=sys.stderr, flush=True)
+        return f"err stuck at {what}: {stats}".replace("\n", " ")
 
     async def pipe(self, depth: float, n: float, max_s: float) -> str:
         conn = self.conn
@@ -96,9 +105,7 @@ class Client:
                 for _ in range(int(depth)):
                     nursery.start_soon(worker)
         if scope.cancelled_caught:
-            stats = conn.statistics()
-            print(f"pipe stuck after {done} calls: {stats}", file=sys.stderr, flush=True)
-            return f"err stuck after {done} of {int(n)} calls, {depth:.0f} in flight: {stats}"
+            return self._stuck(f"{done} of {int(n)} calls, {depth:.0f} in flight", conn)
         return ok([done, time.perf_counter_ns() - t0])
 
     async def bulk(self, size: float, reps: float, max_s: float) -> str:
@@ -108,7 +115,10 @@ class Client:
         out = []
         for _ in range(int(reps)):
             t0 = time.perf_counter_ns()
-            got = await self._echo(self.conn, value)
+            with trio.move_on_after(max_s + 10 * STUCK_S) as scope:
+                got = await self._echo(self.conn, value)
+            if scope.cancelled_caught:
+                return self._stuck(f"echo of {len(value)} bytes", self.conn)
             out.append(time.perf_counter_ns() - t0)
             if got != value:
                 raise AssertionError(f"echo of {len(value)} bytes came back different")
@@ -121,11 +131,12 @@ class Client:
         out = []
         for _ in range(int(n)):
             t0 = time.perf_counter_ns()
-            async with trio.open_nursery() as nursery:
-                conn = await self._open(nursery)
-                await self._echo(conn, SMALL)
-                out.append(time.perf_counter_ns() - t0)
-                await conn.aclose()
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    conn = await self._open(nursery)
+                    await self._echo(conn, SMALL)
+                    out.append(time.perf_counter_ns() - t0)
+                    await conn.aclose()
             if time.perf_counter() > end:
                 break
         return ok(out)
