@@ -22,6 +22,10 @@
 %%                   Status 0: Bytes are Python's encoding; else an error text
 %%   pyvalues_*.bin  repeated <<NameLen:16, Name, TextLen:32, Text,
 %%                   Canonical:8, Status:8, Len:32, Bytes>>
+%%   mutants_*.bin   repeated <<Len:32, Input, Status:8, Len:32, Bytes>>: byte
+%%                   strings Python derived from corpus.bin; Status 0: Bytes
+%%                   is our re-encoding, 1: we refused it (TermError), else
+%%                   Bytes is an error text
 %%   results_*.txt   one line per entry: Name Verdict Identical Expected
 %%                   (tab-separated).  Verdict is `equal` when
 %%                   binary_to_term(Ours) =:= Original and both re-encode to
@@ -293,7 +297,36 @@ check(Dir, Label, Entries) ->
     Lines1 = check_corpus(Entries, Ours, []),
     {ok, Py} = file:read_file(filename:join(Dir, "pyvalues_" ++ Label ++ ".bin")),
     Lines2 = check_pyvalues(Py, []),
-    ok = file:write_file(filename:join(Dir, "results_" ++ Label ++ ".txt"), Lines1 ++ Lines2).
+    {ok, Mutants} = file:read_file(filename:join(Dir, "mutants_" ++ Label ++ ".bin")),
+    Lines3 = check_mutants(Mutants, 1, []),
+    ok = file:write_file(filename:join(Dir, "results_" ++ Label ++ ".txt"),
+                         Lines1 ++ Lines2 ++ Lines3).
+
+%% Mutated inputs: does OTP agree with us on which are terms, and on the term?
+%% Verdicts: `equal` (both accept, same term), `notequal`, `otp_rejects` (we
+%% accept what binary_to_term refuses), `we_reject` (the reverse; limits and
+%% forms OTP never emits), `both_reject`.
+check_mutants(<<>>, _, Acc) -> lists:reverse(Acc);
+check_mutants(<<Len:32, In:Len/binary, Status:8, OLen:32, Ours:OLen/binary, More/binary>>, I,
+              Acc) ->
+    Otp = try {ok, binary_to_term(In)} catch error:badarg -> error end,
+    Verdict = case {Status, Otp} of
+                  {0, {ok, T}} ->
+                      try binary_to_term(Ours) of
+                          Back ->
+                              Same = Back =:= T andalso
+                                  term_to_binary(Back, [{minor_version, 2}]) =:=
+                                      term_to_binary(T, [{minor_version, 2}]),
+                              case Same of true -> "equal"; false -> "notequal" end
+                      catch error:badarg -> "badterm"
+                      end;
+                  {0, error} -> "otp_rejects";
+                  {1, {ok, _}} -> "we_reject";
+                  {1, error} -> "both_reject";
+                  {_, _} -> python_error(Ours)
+              end,
+    Line = result_line("mut/" ++ integer_to_list(I), Verdict, false, none),
+    check_mutants(More, I + 1, [Line | Acc]).
 
 check_corpus([], <<>>, Acc) -> lists:reverse(Acc);
 check_corpus([{Name, Term, In, Expect} | Rest], <<Status:8, Len:32, Bytes:Len/binary, More/binary>>,

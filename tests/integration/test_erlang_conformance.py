@@ -15,8 +15,10 @@ one VM start, one pass per codec.
 
 from __future__ import annotations
 
+import collections
 import enum
 import os
+import random
 import shutil
 import struct
 import subprocess
@@ -32,6 +34,7 @@ import pytest
 import sshrpc
 import sshrpc._etf
 from sshrpc import Atom, BitString, ImproperList, Map, Pid, Reference
+from sshrpc._types import Opaque
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -189,6 +192,8 @@ class Outcome:
     reencoded: list[bytes | None] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    mutants: list[bytes] = field(default_factory=list)
+    mutant_opaque: list[bool] = field(default_factory=list)
 
 
 def _records(data: bytes) -> list[tuple[str, bytes]]:
@@ -226,6 +231,77 @@ def _reencode(codec: Codec, corpus: list[tuple[str, bytes]], outcome: Outcome) -
         outcome.reencoded.append(ours)
         chunks.append(struct.pack(">BI", 0, len(ours)) + ours)
     outcome.seconds = time.perf_counter() - start
+    return b"".join(chunks)
+
+
+#: Mutated byte strings derived from the corpus, for the differential check.
+MUTANTS = 3000
+
+
+def _mutants(corpus: list[tuple[str, bytes]]) -> list[bytes]:
+    """Seeded byte-level mutations (flips, insertions, deletions, truncation)
+    of small canonical corpus binaries; never compressed (binary_to_term
+    would allocate whatever size a mutated header claims)."""
+    rng = random.Random(20261122)
+    sources = [b for n, b in corpus if n.endswith("/minor2") and len(b) <= 2048]
+    sources += [b for n, b in corpus if n.startswith("hand/") and b[1] != 80]
+    out: list[bytes] = []
+    seen = set(sources)
+    while len(out) < MUTANTS:
+        data = bytearray(rng.choice(sources))
+        for _ in range(rng.randint(1, 3)):
+            pos = rng.randrange(1, len(data) + 1)
+            op = rng.randrange(5)
+            if op == 0 and pos < len(data):
+                data[pos] = rng.randrange(256)
+            elif op == 1 and pos < len(data):
+                data[pos] ^= 1 << rng.randrange(8)
+            elif op == 2:
+                data.insert(pos, rng.randrange(256))
+            elif op == 3 and pos < len(data):
+                del data[pos]
+            elif op == 4:
+                del data[pos:]
+        mutant = bytes(data)
+        if len(mutant) >= 2 and mutant[1] != 80 and mutant not in seen:
+            seen.add(mutant)
+            out.append(mutant)
+    return out
+
+
+def _has_opaque(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Opaque):
+            return True
+        if type(item) in (list, tuple):
+            stack.extend(item)
+        elif type(item) in (dict, Map):
+            stack.extend(k for pair in item.items() for k in pair)
+        elif type(item) is ImproperList:
+            stack.extend(item.items)
+            stack.append(item.tail)
+    return False
+
+
+def _mutant_records(codec: Codec, mutants: list[bytes], outcome: Outcome) -> bytes:
+    decode, encode = codec
+    chunks = []
+    for data in mutants:
+        opaque = False
+        try:
+            value = decode(data)
+            opaque = _has_opaque(value)
+            ours, status = encode(value), 0
+        except sshrpc.TermError:
+            ours, status = b"", 1
+        except Exception as exc:  # anything but TermError breaks the contract
+            outcome.unexpected.append(f"mutant {data!r}: {type(exc).__name__}: {exc}")
+            ours, status = f"{type(exc).__name__}: {exc}".encode(), 2
+        outcome.mutant_opaque.append(opaque)
+        chunks.append(struct.pack(">I", len(data)) + data + struct.pack(">BI", status, len(ours)))
+        chunks.append(ours)
     return b"".join(chunks)
 
 
@@ -294,9 +370,13 @@ def conformance(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
             assert ready.startswith("READY"), (ready, (work / "stderr.txt").read_text())
             corpus = _records((work / "corpus.bin").read_bytes())
             assert len(corpus) == int(ready.split()[1])
+            mutants = _mutants(corpus)
             for label, codec in CODECS.items():
                 data = _reencode(codec, corpus, outcomes[label])
                 (work / f"ours_{label}.bin").write_bytes(data)
+                data = _mutant_records(codec, mutants, outcomes[label])
+                (work / f"mutants_{label}.bin").write_bytes(data)
+                outcomes[label].mutants = mutants
             proc.stdin.write(f"CHECK {' '.join(CODECS)}\n".encode())
             proc.stdin.flush()
             done = proc.stdout.readline().decode()
@@ -314,6 +394,10 @@ def conformance(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
     return outcomes
 
 
+def _kind(name: str) -> str:
+    return {"py/": "py", "mut/": "mutant"}.get(name[: name.find("/") + 1], "corpus")
+
+
 @pytest.mark.parametrize("label", list(CODECS))
 def test_no_exception_but_term_error(conformance: dict[str, Outcome], label: str) -> None:
     assert conformance[label].unexpected == []
@@ -326,7 +410,7 @@ def test_every_otp_term_decodes_and_reencodes_to_an_equal_term(
     bad = {
         name: verdict
         for name, (verdict, _, _) in conformance[label].results.items()
-        if not name.startswith("py/") and verdict != "equal"
+        if _kind(name) == "corpus" and verdict != "equal"
     }
     assert bad == {}
 
@@ -336,9 +420,9 @@ def test_canonical_otp_output_reencodes_byte_for_byte(
     conformance: dict[str, Outcome], label: str
 ) -> None:
     results = conformance[label].results
-    expected = [n for n, (_, _, e) in results.items() if not n.startswith("py/") and e != "none"]
+    expected = [n for n, (_, _, e) in results.items() if _kind(n) == "corpus" and e != "none"]
     # Every minor_version 2 term and every opaque-free term in any form.
-    assert len(expected) > 0.6 * sum(1 for n in results if not n.startswith("py/"))
+    assert len(expected) > 0.6 * sum(1 for n in results if _kind(n) == "corpus")
     assert [n for n in expected if not results[n][1]] == []
 
 
@@ -347,7 +431,7 @@ def test_python_values_decode_in_erlang_to_the_expected_terms(
     conformance: dict[str, Outcome], label: str
 ) -> None:
     results = conformance[label].results
-    py = {n: r for n, r in results.items() if n.startswith("py/")}
+    py = {n: r for n, r in results.items() if _kind(n) == "py"}
     assert len(py) == len(PY_VALUES)
     assert {n: v for n, (v, _, _) in py.items() if v != "equal"} == {}
     assert [n for n, (_, same, e) in py.items() if e == "canonical" and not same] == []
@@ -374,7 +458,10 @@ def test_report_counts(conformance: dict[str, Outcome], capsys: pytest.CaptureFi
         f"sshrpc.encode: {paths['encode']}):"
     ]
     for label, outcome in conformance.items():
-        results = outcome.results.values()
+        results = [r for n, r in outcome.results.items() if _kind(n) != "mutant"]
+        mutants = collections.Counter(
+            v for n, (v, _, _) in outcome.results.items() if _kind(n) == "mutant"
+        )
         lines.append(
             f"  {label:9}: {len(results)} terms tried, "
             f"{sum(1 for _, same, _ in results if same)} byte-identical "
@@ -382,6 +469,34 @@ def test_report_counts(conformance: dict[str, Outcome], capsys: pytest.CaptureFi
             f"{sum(1 for v, _, _ in results if v == 'equal')} =:=-equal; "
             f"corpus re-encoded in {outcome.seconds:.2f} s"
         )
+        lines.append(
+            f"  {'':9}  {sum(mutants.values())} mutated inputs: "
+            + ", ".join(f"{v} {k}" for k, v in sorted(mutants.items()))
+        )
         assert len(results) > 2500
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+@pytest.mark.parametrize("label", list(CODECS))
+def test_mutated_inputs_agree_with_binary_to_term(
+    conformance: dict[str, Outcome], label: str
+) -> None:
+    # Where we decode a mutated byte string, binary_to_term must decode it to
+    # the same term.  We may refuse what OTP reads (trailing bytes, which
+    # binary_to_term/1 ignores; a bignum sign byte above 1; a NEW_FUN_EXT
+    # whose size field disagrees with its fields), never the reverse, except
+    # inside pids, ports, references and funs: we keep those as opaque bytes
+    # (PROTOCOL.md section 8), while OTP checks a fun's fields and a local
+    # pid's or port's range.
+    outcome = conformance[label]
+    verdicts = {n: v for n, (v, _, _) in outcome.results.items() if _kind(n) == "mutant"}
+    assert len(verdicts) == MUTANTS
+    wrong = {}
+    for name, verdict in verdicts.items():
+        index = int(name[4:]) - 1
+        if verdict == "otp_rejects" and outcome.mutant_opaque[index]:
+            continue
+        if verdict not in ("equal", "both_reject", "we_reject"):
+            wrong[name] = (verdict, outcome.mutants[index])
+    assert wrong == {}
