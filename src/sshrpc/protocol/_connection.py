@@ -307,7 +307,7 @@ class Connection:
         if type(max_calls) is not int or max_calls < 1:
             raise ValueError(f"max_calls must be a positive integer, not {max_calls!r}")
         self.role: Final = role
-        self.state: Sentinel = IDLE
+        self._state: Sentinel = IDLE
         self._recv_rows, self._send_rows = _ROWS[role]
         self._max_frame = max_frame
         self._max_calls = max_calls
@@ -346,6 +346,11 @@ class Connection:
     # Introspection
 
     @property
+    def state(self) -> Sentinel:
+        """The conversation state: one of the sentinels of ``_state.py``."""
+        return self._state
+
+    @property
     def peer_max_frame(self) -> int:
         """The largest payload ``send`` lets through now: 1 MiB until the
         hellos are exchanged, then the peer's announced ``max_frame``; in
@@ -372,7 +377,7 @@ class Connection:
     def statistics(self) -> ConnectionStatistics:
         """Counters for monitoring; cheap, no side effects."""
         return ConnectionStatistics(
-            state=self.state,
+            state=self._state,
             open_calls=len(self._open),
             legacy_in_flight=self._legacy_in_flight,
             frames_received=self._frames_received,
@@ -423,7 +428,7 @@ class Connection:
         if self._error is not None:
             raise self._error
         while True:
-            if self.state is CLOSED:
+            if self._state is CLOSED:
                 return CLOSED
             try:
                 payload = self._frames.next_frame()
@@ -491,34 +496,34 @@ class Connection:
 
     def _fail(self, exc: ProtocolError) -> ProtocolError:
         self._error = exc
-        self.state = CLOSED
+        self._state = CLOSED
         self._bye_after_error = True
         return exc
 
     def _advance(self, key: str) -> None:
-        new = self._recv_rows[self.state].get(key)
+        new = self._recv_rows[self._state].get(key)
         if new is None:
             raise self._fail(
                 _protocol_error(
                     f"unexpected {key.rstrip('!')} from the "
-                    f"{'client' if self.role is Role.SERVER else 'server'} in state {self.state}"
+                    f"{'client' if self.role is Role.SERVER else 'server'} in state {self._state}"
                 )
             )
-        self.state = new
+        self._state = new
 
     def _not_a_message(self, term: Any) -> Event:
-        if self.state is LEGACY and self.role is Role.SERVER:
+        if self._state is LEGACY and self.role is Role.SERVER:
             self._advance("Refused")
             self._legacy_in_flight += 1
             return Refused(id=None, reason=A_BADARG, detail="not an mfa request", term=term)
-        if self.state is IDLE or self.state is AWAIT_HELLO:
+        if self._state is IDLE or self._state is AWAIT_HELLO:
             raise self._fail(_protocol_error(f"expected a hello, got {_short(term)}"))
         raise self._fail(_protocol_error(f"not a message (a tagged tuple): {_short(term)}"))
 
     def _unknown(self, term: tuple[Any, ...]) -> Event:
-        if self.state is LEGACY and self.role is Role.SERVER:
+        if self._state is LEGACY and self.role is Role.SERVER:
             return self._not_a_message(term)
-        if self.state is IDLE or self.state is AWAIT_HELLO:
+        if self._state is IDLE or self._state is AWAIT_HELLO:
             raise self._fail(_protocol_error(f"expected a hello, got {_short(term)}"))
         self._advance("Unknown")
         return Unknown(term=term)
@@ -703,16 +708,16 @@ class Connection:
         return Bye(reason=reason)
 
     def _srv_mfa(self, term: tuple[Any, ...]) -> Event:
-        if self.state is IDLE:
+        if self._state is IDLE:
             self._enter_legacy()
-        if self.state is LEGACY and (
+        if self._state is LEGACY and (
             len(term) != 2 or type(term[1]) is not tuple or len(term[1]) != 3
         ):
             return self._not_a_message(term)
         self._advance("Mfa")
         if len(term) != 2 or type(term[1]) is not tuple or len(term[1]) != 3:
             # A malformed first frame: legacy mode anyway, answered exec_error.
-            self.state = LEGACY
+            self._state = LEGACY
             self._legacy_in_flight += 1
             return Refused(id=None, reason=A_BADARG, detail="malformed mfa", term=term)
         self._legacy_in_flight += 1
@@ -845,15 +850,15 @@ class Connection:
     def send_keepalive(self) -> bytes:
         """A zero-length frame, which the peer ignores.  Allowed in any state
         before ``CLOSED``."""
-        if self.state is CLOSED:
+        if self._state is CLOSED:
             raise LocalProtocolError("cannot send a keepalive: the connection is closed")
         return b"\0\0\0\0"
 
     def _next_state(self, key: str) -> Sentinel:
-        new = self._send_rows[self.state].get(key)
+        new = self._send_rows[self._state].get(key)
         if new is None:
             raise LocalProtocolError(
-                f"a {self.role.value} cannot send {key.rstrip('!')} in state {self.state}"
+                f"a {self.role.value} cannot send {key.rstrip('!')} in state {self._state}"
             )
         return new
 
@@ -888,11 +893,11 @@ class Connection:
             assert self.peer_hello is not None
             self._send_limit = min(self.peer_hello.max_frame, 2**32 - 1)
             self._frames.max_frame = min(ev.max_frame, 2**32 - 1)
-        self.state = new
+        self._state = new
         return frame
 
     def _send_bye(self, ev: Bye) -> bytes:
-        if self.state is CLOSED and self._bye_after_error:
+        if self._state is CLOSED and self._bye_after_error:
             frame = encode_frame((A_BYE, ev.reason))
             self._bye_after_error = False
             self._frames_sent += 1
@@ -904,7 +909,7 @@ class Connection:
         # reason is a term like any value (a str is a binary).
         frame = encode_frame((A_BYE, A_NORMAL if normal else reason))
         self._frames_sent += 1
-        self.state = new
+        self._state = new
         return frame
 
     # Client role.
@@ -927,7 +932,7 @@ class Connection:
             term = (A_CALL, ev.id, _atom(ev.module), _atom(ev.function), ev.args, opts)
         frame = self._frame(term)
         self._open[ev.id] = _Open(True, ev.credit) if ev.stream else _PLAIN
-        self.state = new
+        self._state = new
         return frame
 
     def _send_spawn(self, ev: Spawn) -> bytes:
@@ -936,13 +941,13 @@ class Connection:
             raise LocalProtocolError(f"spawn id {ev.id} is already open")
         frame = self._frame((A_SPAWN, ev.id, _atom(ev.module), _atom(ev.function), ev.args))
         self._open[ev.id] = _PLAIN
-        self.state = new
+        self._state = new
         return frame
 
     def _send_cast(self, ev: Cast) -> bytes:
         new = self._next_state("Cast")
         frame = self._frame((A_CAST, _atom(ev.module), _atom(ev.function), ev.args))
-        self.state = new
+        self._state = new
         return frame
 
     def _send_cancel(self, ev: Cancel) -> bytes:
@@ -951,7 +956,7 @@ class Connection:
         # its final answer.
         new = self._next_state("Cancel")
         frame = self._frame((A_CANCEL, ev.id))
-        self.state = new
+        self._state = new
         return frame
 
     def _send_credit(self, ev: Credit) -> bytes:
@@ -960,32 +965,32 @@ class Connection:
         entry = self._open.get(ev.id)
         if entry is not None and entry.stream:
             entry.credit += ev.n
-        self.state = new
+        self._state = new
         return frame
 
     def _send_ping(self, ev: Ping) -> bytes:
         new = self._next_state("Ping")
         frame = self._frame((A_PING, ev.token))
-        self.state = new
+        self._state = new
         return frame
 
     def _send_send(self, ev: Send) -> bytes:
         new = self._next_state("Send")
         frame = self._frame((A_SEND, ev.dest, ev.msg))
-        self.state = new
+        self._state = new
         return frame
 
     def _send_mfa(self, ev: Mfa) -> bytes:
         new = self._next_state("Mfa")
         term = (A_MFA, (ev.module, ev.function, ev.args))
-        if self.state is IDLE:
+        if self._state is IDLE:
             frame = encode_frame(term)
             self._frames_sent += 1
             self._enter_legacy()
         else:
             frame = self._frame(term)
         self._legacy_in_flight += 1
-        self.state = new
+        self._state = new
         return frame
 
     # Server role.
@@ -996,7 +1001,7 @@ class Connection:
             raise LocalProtocolError(f"reply for id {ev.id}, which is not open")
         frame = self._final_frame(ev.id, (A_REPLY, ev.id, ev.value))
         del self._open[ev.id]
-        self.state = new
+        self._state = new
         return frame
 
     def _send_error(self, ev: ErrorReply) -> bytes:
@@ -1005,7 +1010,7 @@ class Connection:
             raise LocalProtocolError(f"error for id {ev.id}, which is not open")
         frame = self._final_frame(ev.id, (A_ERROR, ev.id, (_atom(ev.cls), ev.reason, ev.details)))
         del self._open[ev.id]
-        self.state = new
+        self._state = new
         return frame
 
     def _final_frame(self, call_id: int, term: tuple[Any, ...]) -> bytes:
@@ -1025,19 +1030,19 @@ class Connection:
             raise LocalProtocolError(f"chunk for id {ev.id} without credit (wait for Credit)")
         frame = self._frame((A_CHUNK, ev.id, ev.value))
         entry.credit -= 1
-        self.state = new
+        self._state = new
         return frame
 
     def _send_down(self, ev: Down) -> bytes:
         new = self._next_state("Down")
         frame = self._frame((A_DOWN, ev.pid, ev.reason))
-        self.state = new
+        self._state = new
         return frame
 
     def _send_pong(self, ev: Pong) -> bytes:
         new = self._next_state("Pong")
         frame = self._frame((A_PONG, ev.token))
-        self.state = new
+        self._state = new
         return frame
 
     def _send_answer(self, ev: Answer) -> bytes:
@@ -1046,7 +1051,7 @@ class Connection:
             raise LocalProtocolError("answer without a legacy request in flight")
         frame = self._frame((A_ANSWER, (ev.result, ev.status)))
         self._legacy_in_flight -= 1
-        self.state = new
+        self._state = new
         return frame
 
     _CLIENT_SEND: Final[dict[type[Event], _Send]] = {
