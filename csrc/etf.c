@@ -47,6 +47,9 @@ typedef struct {
     size_t marks_cap;
     void *cells;
     size_t cells_cap;
+    size_t pre_nodes, pre_cells, pre_memo; /* the encoder preamble's tape */
+    void *estack;
+    size_t estack_cap;
 } priv_t;
 
 #define PRIV(io) ((priv_t *)(io)->priv)
@@ -104,6 +107,7 @@ void sshrpc_io_free(sshrpc_io *io) {
     free(pv->vstack);
     free(pv->marks);
     free(pv->cells);
+    free(pv->estack);
     free(pv);
     free(io);
 }
@@ -1199,6 +1203,7 @@ typedef struct {
     int fixed;
     const uint8_t *stream;
     uint64_t spliced; /* bytes left in the stream, see e_binary */
+    size_t nmemo;
 } enc_t;
 
 static int64_t new_node(enc_t *e, uint8_t kind) {
@@ -1253,7 +1258,7 @@ static int gkind_of(const uint8_t *mod, size_t ml, const uint8_t *name, size_t n
 /* Parse the pickle stream into the tape; returns the root node or < 0. */
 static int64_t tape(enc_t *e, const uint8_t *s, size_t len) {
     priv_t *pv = e->pv;
-    size_t pos = 0, nv = 0, nm = 0, nmemo = 0;
+    size_t pos = 0, nv = 0, nm = 0, nmemo = pv->pre_memo;
     int64_t id;
 #define VNEED(k) if (grow((void **)&pv->vstack, &pv->vstack_cap, nv + (k), sizeof(uint32_t))) return -2
 #define PUSH(x) do { VNEED(1); pv->vstack[nv++] = (uint32_t)(x); } while (0)
@@ -1269,6 +1274,7 @@ static int64_t tape(enc_t *e, const uint8_t *s, size_t len) {
         case 0x95: TAKE(8); pos += 8; break;              /* FRAME */
         case '.':                                        /* STOP */
             if (nv != 1 || nm || pos != len) return -1;
+            e->nmemo = nmemo;
             return pv->vstack[0];
         case 0x94:                                       /* MEMOIZE */
             if (!nv) return -1;
@@ -1609,6 +1615,19 @@ static int e_binary(enc_t *e, uint8_t tag, const uint8_t *p, uint64_t n) {
     return 0;
 }
 
+/* Give back a large tape array, keeping its first `keep` entries. */
+static int shrink(void **ptr, size_t *cap, size_t keep, size_t elem) {
+    if (*cap <= 65536) return 0;
+    size_t n = keep > 16 ? keep : 16;
+    void *p = malloc(n * elem);
+    if (!p) return -1;
+    if (keep) memcpy(p, *ptr, keep * elem);
+    free(*ptr);
+    *ptr = p;
+    *cap = n;
+    return 0;
+}
+
 typedef struct {
     uint32_t node, cell;
     uint64_t depth;
@@ -1616,8 +1635,8 @@ typedef struct {
 } eframe;
 
 static int emit_tape(enc_t *e, uint32_t root, uint64_t max_depth) {
-    eframe *st = NULL;
-    size_t nst = 0, cap = 0;
+    eframe *st = e->pv->estack;
+    size_t nst = 0, cap = e->pv->estack_cap;
     int rc = 0;
     uint32_t cur = root;
     uint64_t depth = 0;
@@ -1766,8 +1785,27 @@ static int emit_tape(enc_t *e, uint32_t root, uint64_t max_depth) {
         }
     }
 done:
-    free(st);
+    e->pv->estack = st;
+    e->pv->estack_cap = cap;
+    if (shrink(&e->pv->estack, &e->pv->estack_cap, 0, sizeof(eframe)) && !rc) rc = -2;
     return rc;
+}
+
+int sshrpc_enc_preamble(sshrpc_io *io, const char *data, size_t len) {
+    priv_t *pv = PRIV(io);
+    enc_t ee;
+    memset(&ee, 0, sizeof ee);
+    ee.io = io;
+    ee.pv = pv;
+    pv->pre_nodes = pv->pre_cells = pv->pre_memo = 0;
+    ee.nodes = pv->nodes;
+    ee.cells = pv->cells;
+    int64_t root = tape(&ee, (const uint8_t *)data, len);
+    if (root < 0) return (int)root;
+    pv->pre_nodes = ee.n_nodes;
+    pv->pre_cells = ee.n_cells;
+    pv->pre_memo = ee.nmemo;
+    return 0;
 }
 
 int64_t sshrpc_pickle_to_etf(sshrpc_io *io, const char *data, size_t len, uint64_t max_depth,
@@ -1780,6 +1818,8 @@ int64_t sshrpc_pickle_to_etf(sshrpc_io *io, const char *data, size_t len, uint64
     e->pv = pv;
     e->nodes = pv->nodes;
     e->cells = pv->cells;
+    e->n_nodes = pv->pre_nodes;
+    e->n_cells = pv->pre_cells;
     e->base = (uint8_t *)out;
     e->cap = cap;
     e->fixed = 1;
@@ -1801,16 +1841,10 @@ int64_t sshrpc_pickle_to_etf(sshrpc_io *io, const char *data, size_t len, uint64
         if (n > 0xFFFFFFFFu) rc = -1;
         else be32w(e->base + reserve - 4, (uint32_t)n);
     }
-    if (pv->nodes_cap > 65536) {
-        free(pv->nodes);
-        pv->nodes = NULL;
-        pv->nodes_cap = 0;
-    }
-    if (pv->cells_cap > 65536) {
-        free(pv->cells);
-        pv->cells = NULL;
-        pv->cells_cap = 0;
-    }
+    if (shrink((void **)&pv->nodes, &pv->nodes_cap, pv->pre_nodes, sizeof(enode)) ||
+        shrink(&pv->cells, &pv->cells_cap, pv->pre_cells, sizeof(ecell)) ||
+        shrink((void **)&pv->memo, &pv->memo_cap, pv->pre_memo, sizeof(uint32_t)))
+        rc = -2;
     if (rc) return rc;
     io->out_len = e->len;
     return (int64_t)e->len * 4 + (io->n_oob ? 2 : 0) + (e->fixed ? 0 : 1);

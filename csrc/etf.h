@@ -13,7 +13,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define SSHRPC_C_VERSION 3
+#define SSHRPC_C_VERSION 4
 int sshrpc_c_version(void);
 
 /* Memo indices the decoder's pickle stream relies on; the Python side puts
@@ -68,6 +68,11 @@ void sshrpc_dec_forget_atoms(sshrpc_io *io);
 int64_t sshrpc_pickle_to_etf(sshrpc_io *io, const char *data, size_t len,
                              uint64_t max_depth, size_t reserve, char *out, size_t cap);
 const char *sshrpc_io_out(sshrpc_io *io);
+
+/* Parse a pickle stream whose memo the pickler keeps for every later stream
+ * (it names the sshrpc classes, so their globals are looked up once); the
+ * stream must stay alive as long as io.  Returns 0 or -1. */
+int sshrpc_enc_preamble(sshrpc_io *io, const char *data, size_t len);
 /* cdef-end */
 
 #endif

@@ -30,6 +30,7 @@ import pickle
 import struct
 import sys
 import threading
+import types
 import zlib
 from typing import Any
 
@@ -55,7 +56,7 @@ except ImportError as exc:  # pragma: no cover - a broken install
 __all__ = ["decode", "encode", "encode_frame"]
 
 #: The C module this Python code was written against (csrc/etf.h).
-C_VERSION = 3
+C_VERSION = 4
 if lib.sshrpc_c_version() != C_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"sshrpc's C module is version {lib.sshrpc_c_version()}, this Python code needs "
@@ -296,9 +297,14 @@ copyreg.pickle(Atom, _AtomReducers().__getitem__)
 
 
 class _EncodeState:
-    """One thread's transcoder and output buffer."""
+    """One thread's pickler, transcoder and output buffer.
 
-    __slots__ = ("busy", "c_out", "cap", "io", "out")
+    The pickler is reused with a memo that already holds the sshrpc classes
+    (the C side knows the same memo), so a stream never pays for a global
+    lookup; it writes into ``chunks``.
+    """
+
+    __slots__ = ("busy", "c_out", "cap", "chunks", "io", "memo", "out", "pickler", "preamble")
 
     def __init__(self) -> None:
         handle = lib.sshrpc_io_new(0)
@@ -309,6 +315,14 @@ class _EncodeState:
         self.out = bytearray(_ENCODE_BUFFER)
         self.c_out = ffi.from_buffer("char[]", self.out)
         self.cap = len(self.out)
+        self.chunks: list[bytes] = []
+        self.pickler = pickle.Pickler(types.SimpleNamespace(write=self.chunks.append), 5)
+        self.pickler.dump((Atom, BitString, ImproperList, Map, Pid, Port, Reference, Fun, Export))
+        self.preamble = b"".join(self.chunks)
+        self.chunks.clear()
+        self.memo = self.pickler.memo.copy()
+        if lib.sshrpc_enc_preamble(self.io, self.preamble, len(self.preamble)):
+            raise ImportError("sshrpc's C encoder rejected the pickle preamble")
 
 
 def _encoder() -> _EncodeState:
@@ -328,13 +342,19 @@ def _encode_c(obj: Any, max_depth: int, reserve: int) -> bytes | None:
         if reserve:
             head = bytes(reserve - 4) + struct.pack(">I", len(obj) + 6) + head
         return head + obj
-    try:
-        stream = pickle.dumps(obj, 5)
-    except Exception:  # unpicklable, a cycle, too deep
-        return None
     state = _encoder()
     state.busy = True
     try:
+        chunks = state.chunks
+        pickler = state.pickler
+        pickler.memo = state.memo
+        try:
+            pickler.dump(obj)
+        except Exception:  # unpicklable, a cycle, too deep: the reference decides
+            chunks.clear()
+            return None
+        stream = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
         rc = lib.sshrpc_pickle_to_etf(
             state.io, stream, len(stream), max_depth, reserve, state.c_out, state.cap
         )
