@@ -52,8 +52,11 @@ def seed_values() -> list[Any]:
 
 
 def seeds() -> list[bytes]:
-    """Seed inputs: the seed values encoded plainly and compressed, plus old
-    and Latin-1 forms the encoder never produces."""
+    """Seed inputs: the seed values encoded plainly and compressed, old and
+    Latin-1 forms the encoder never produces, and the OTP-made terms of
+    fuzz/seeds/otp_terms.bin (fuzz/make_seeds.py)."""
+    import make_seeds
+
     from sshrpc._etf import encode
 
     out = [encode(v) for v in seed_values()]
@@ -67,7 +70,7 @@ def seeds() -> list[bytes]:
         bytes([131, 113, 119, 5]) + b"lists" + bytes([119, 3]) + b"map" + bytes([97, 2]),
         bytes([131, 112, 0, 0, 0, 4]),  # NEW_FUN_EXT, minimal size
     ]
-    return out
+    return out + make_seeds.load()
 
 
 if __name__ == "__main__":
