@@ -222,3 +222,60 @@ def test_first_oversized_frame_stops_the_stream(sizes: list[int], cuts: list[int
             break
     assert got == expected
     assert raised == too_large
+
+
+def test_max_frame_changed_while_tiny_reads_are_gathered() -> None:
+    data = frame(b"p" * 50) + frame(b"after")
+    fb = FrameBuffer(100)
+    for i in range(20):  # header and 16 payload bytes, one at a time
+        fb.feed(data[i : i + 1])
+        assert fb.next_frame() is None
+    assert fb.buffered == 20
+    fb.max_frame = 200
+    assert fb.buffered == 20
+    fb.feed(data[20:])
+    assert drain(fb) == [b"p" * 50, b"after"]
+    fb = FrameBuffer(100)
+    for i in range(20):
+        fb.feed(data[i : i + 1])
+        fb.next_frame()
+    fb.max_frame = 40
+    fb.feed(data[20:])
+    with pytest.raises(FrameTooLarge) as info:
+        fb.next_frame()
+    assert (info.value.length, info.value.maximum) == (50, 40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    payloads,
+    st.lists(st.integers(min_value=0), max_size=60),
+    st.lists(st.integers(min_value=300, max_value=10_000), max_size=10),
+)
+def test_raising_max_frame_at_any_point_keeps_the_stream(
+    items: list[bytes], cuts: list[int], limits: list[int]
+) -> None:
+    data = b"".join(frame(p) for p in items)
+    fb = FrameBuffer(300)
+    got: list[bytes] = []
+    pieces = split(data, cuts)
+    for index, piece in enumerate(pieces):
+        fb.feed(piece)
+        if index < len(limits):
+            fb.max_frame = limits[index]
+        got.extend(drain(fb))
+        assert fb.buffered == len(b"".join(pieces[: index + 1])) - sum(
+            4 + len(p) for p in got
+        ) - _keepalive_bytes(data, len(b"".join(pieces[: index + 1])))
+    assert got == [p for p in items if p]
+
+
+def _keepalive_bytes(data: bytes, upto: int) -> int:
+    """Header bytes of the keepalives wholly inside data[:upto]."""
+    pos = total = 0
+    while pos + 4 <= upto:
+        (n,) = struct.unpack_from(">I", data, pos)
+        if n == 0:
+            total += 4
+        pos += 4 + n
+    return total

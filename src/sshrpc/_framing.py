@@ -41,6 +41,8 @@ __all__ = ["MAX_FRAME_LIMIT", "FrameBuffer", "encode_length"]
 MAX_FRAME_LIMIT = 2**32 - 1
 # Frames found per C call: bounds a batch, not the number of frames.
 _BATCH = 1024
+# Reads gathered in Python before one C call, while a frame straddles them.
+_SMALL = 4096
 _OUT_OF_MEMORY = 2**64 - 1 if ffi.sizeof("size_t") == 8 else 2**32 - 1
 
 
@@ -76,6 +78,7 @@ class FrameBuffer:
         "_out",
         "_pos",
         "_ready",
+        "_small",
         "_span_array",
         "_spans",
     )
@@ -87,6 +90,7 @@ class FrameBuffer:
         self._chunks: deque[bytes] = deque()
         self._pos = 0  # offset of the first unread byte of _chunks[0]
         self._chunk_bytes = 0  # unread bytes in _chunks
+        self._small = bytearray()  # tiny reads gathered for the straddling frame
         # Bytes the straddling frame still needs; kept only while the queue
         # is empty (then ``feed`` gives it bytes directly), else 0.
         self._missing = 0
@@ -117,6 +121,7 @@ class FrameBuffer:
                     self._ready.extend(kept)
                     break
         self._max_frame = value
+        self._unsmall()
         self._missing = 0
 
     @property
@@ -124,7 +129,7 @@ class FrameBuffer:
         """Bytes held and not yet returned (payloads and headers)."""
         fb = self._fb
         held: int = fb.end - fb.start if self._held else 0  # type: ignore[attr-defined]
-        return sum(map(len, self._ready)) + self._chunk_bytes + held
+        return sum(map(len, self._ready)) + self._chunk_bytes + len(self._small) + held
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Queue one channel read (any length, even 0).  Never raises for
@@ -133,11 +138,22 @@ class FrameBuffer:
         n = len(data)
         if not n:
             return
-        if type(data) is not bytes:
-            data = bytes(data)
         taken = 0
-        if self._missing > 0 and not self._chunks:
-            # The straddling frame wants these bytes: hand them straight to C.
+        missing = self._missing
+        if missing > 0 and not self._chunks:
+            # The straddling frame wants these bytes.  Tiny reads that cannot
+            # complete it are gathered here and handed to C in one call.
+            small = self._small
+            if len(small) + n < missing and len(small) + n <= _SMALL:
+                small += data
+                return
+            if small:
+                small += data
+                data = bytes(small)
+                small.clear()
+                n = len(data)
+            elif type(data) is not bytes:
+                data = bytes(data)
             out = self._out
             taken = lib.sshrpc_fb_fill(self._fb, data, 0, n, self._max_frame, out)
             if taken == _OUT_OF_MEMORY:
@@ -146,6 +162,8 @@ class FrameBuffer:
                 self._missing = out[0]
                 return
             self._missing = 0
+        elif type(data) is not bytes:
+            data = bytes(data)
         if not self._chunks:
             self._pos = taken
         self._chunks.append(data)
@@ -163,6 +181,8 @@ class FrameBuffer:
             return ready.popleft()
         if self._error is not None:
             raise self._error
+        if self._missing > 0:  # a straddling frame, still incomplete
+            return None
         chunks = self._chunks
         while True:
             if self._held:
@@ -257,9 +277,19 @@ class FrameBuffer:
             self._held = False
         return None
 
+    def _unsmall(self) -> None:
+        """Queue the gathered tiny reads as one read (the queue is empty
+        whenever they exist), so the next ``next_frame`` sees them."""
+        if self._small:
+            self._chunks.appendleft(bytes(self._small))
+            self._chunk_bytes += len(self._small)
+            self._pos = 0
+            self._small.clear()
+
     def _fail(self, length: int) -> FrameTooLarge:
         self._error = FrameTooLarge(length, self._max_frame)
         self._ready.clear()
+        self._small.clear()
         self._chunks.clear()
         self._chunk_bytes = 0
         lib.sshrpc_fb_clear(self._fb)
