@@ -14,7 +14,8 @@ OpenSSH's ``ssh -s``:
   demo services), median of 20;
 - per call: sequential ``echo:echo(<<"x">>)`` round trips on one channel
   after the hello, median and p99 of ``--calls``;
-- and the node's Unix socket without ssh (what the relay adds is on top).
+- and two floors: ``cat`` as the subsystem (SSH alone: the frames come back
+  unchanged) and the node's Unix socket without ssh.
 
 Prints a table (times in ms).  Never run by the test suite.
 """
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import pwd
 import shutil
 import socket
 import statistics
@@ -83,7 +85,7 @@ def ssh_argv(sshd: PrivateSSHD, key: Path, known_hosts: Path) -> list[str]:
         "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
         "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
         "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
-        f"{os.environ.get('USER', 'root')}@127.0.0.1", "sshrpc@k2r.org",
+        f"{pwd.getpwuid(os.getuid()).pw_name}@127.0.0.1", "sshrpc@k2r.org",
     ]  # fmt: skip
 
 
@@ -105,7 +107,7 @@ def close(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def calls(write, reader: Reader, n: int) -> list[float]:  # type: ignore[no-untyped-def]
+def calls(write, reader: Reader, n: int, echo: bool = False) -> list[float]:  # type: ignore[no-untyped-def]
     out = []
     for i in range(n):
         request = frame((A("call"), i, A("echo"), A("echo"), [b"x"]))
@@ -113,7 +115,8 @@ def calls(write, reader: Reader, n: int) -> list[float]:  # type: ignore[no-unty
         write(request)
         answer = reader.term()
         out.append(time.perf_counter() - start)
-        assert answer == (A("reply"), i, b"x"), answer
+        expected = sshrpc.decode(request[4:]) if echo else (A("reply"), i, b"x")
+        assert answer == expected, answer
     return out
 
 
@@ -154,6 +157,7 @@ def main() -> None:
         assert node_proc.stdout is not None
         assert node_proc.stdout.readline().startswith(b"ready")
         modes = {
+            "cat (ssh floor)": "cat",
             "relay": relay_command(sock),
             "in-process": in_process_command(["sshrpc.demo:services"]),
         }
@@ -177,7 +181,7 @@ def main() -> None:
                     stdin.write(data)
                     stdin.flush()
 
-                lat = calls(write, reader, args.calls)
+                lat = calls(write, reader, args.calls, echo=command == "cat")
                 close(proc)
             results[mode] = {
                 "channel_open_ms": statistics.median(per_channel) * 1e3,

@@ -58,9 +58,9 @@ import socket
 import stat
 import struct
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -88,6 +88,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("sshrpc.node")
+T = TypeVar("T")
 
 #: Open calls per channel (PROTOCOL.md section 3's ``max_calls``).
 DEFAULT_MAX_CALLS = 64
@@ -120,6 +121,15 @@ class _Context:
 
 
 _current: contextvars.ContextVar[_Context] = contextvars.ContextVar("sshrpc_node_context")
+
+
+def _on_loop(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` on the node's Trio loop: directly, or from a worker thread."""
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return trio.from_thread.run_sync(fn, *args)
+    return fn(*args)
 
 
 def _context() -> _Context:
@@ -156,9 +166,10 @@ def send(dest: Pid | str, message: Any) -> bool:
     """Send ``message`` to a pid or registered name; never blocks.
 
     Returns ``False`` when it was dropped: no such process (as in Erlang), or
-    its mailbox is full (logged).  Works from worker threads too.
+    its mailbox is full (logged).  Works from the worker threads sync
+    functions run in, too.
     """
-    return _context().node.send(dest, message)
+    return _on_loop(_context().node.send, dest, message)
 
 
 async def receive() -> Any:
@@ -179,7 +190,7 @@ def register(name: str | bytes, pid: Pid | None = None) -> None:
     ctx = _context()
     if pid is None:
         pid = self_pid()
-    ctx.node.register(name, pid)
+    _on_loop(ctx.node.register, name, pid)
 
 
 def whereis(name: str) -> Pid | None:
@@ -357,7 +368,10 @@ class _Channel:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 nursery.start_soon(self._writer)
-                graceful = await self._reader()
+                try:
+                    graceful = await self._reader()
+                except _ChannelEnded:
+                    graceful = False
                 if graceful:
                     await self._drain()
                     with trio.move_on_after(10):
@@ -435,7 +449,11 @@ class _Channel:
         elif isinstance(event, _p.Mfa):
             await self._legacy(event)
         elif isinstance(event, _p.Bye):
-            return True
+            if event.reason == Atom("normal"):
+                return True
+            # Any other reason: the client is aborting; end like a disconnect.
+            log.info("session %r: client said bye %r", self.pid, event.reason)
+            raise _ChannelEnded
         elif isinstance(event, _p.Refused):
             log.info("session %r: refused (%s): %s", self.pid, event.reason, event.detail)
             if event.id is None:

@@ -46,6 +46,12 @@ def fail() -> None:
 
 
 @t.export
+def notify(message: object) -> str:
+    """A sync function (worker thread) writing to the client's mailbox."""
+    return "sent" if node.send(node.session_pid(), message) else "dropped"
+
+
+@t.export
 def whoami() -> str:
     return node.current_key().fingerprint or "-"
 
@@ -158,3 +164,20 @@ async def test_expose_traces_option(nursery):
     assert await c2.recv() == (A("error"), 1, (A("error"), (A("KeyError"), b"'k'"), {}))
     await c2.send((A("call"), 2, A("t"), A("whoami"), []))
     assert await c2.recv() == (A("reply"), 2, b"-")
+
+
+async def test_send_from_a_worker_thread(nursery):
+    _, c = await start(nursery)
+    hello = await c.hello()
+    await c.send((A("call"), 1, A("t"), A("notify"), [b"from thread"]))
+    assert await c.recv() == (A("send"), hello[A("session")], b"from thread")
+    assert await c.recv() == (A("reply"), 1, b"sent")
+
+
+async def test_abnormal_bye_aborts_like_a_disconnect(nursery):
+    n, c = await start(nursery)
+    await c.hello()
+    await c.send((A("call"), 1, A("t"), A("sleeper"), []))
+    await c.send((A("bye"), (A("shutdown"), b"client exiting")))
+    assert await c.recv() is None  # closed, no answer, no bye back
+    assert n.statistics()["channels"] == 0
