@@ -66,7 +66,7 @@ _A = Atom
 SERVER_TAGS = ["hello", "call", "cast", "cancel", "credit", "ping", "bye", "spawn", "send", "mfa"]
 CLIENT_TAGS = ["hello", "reply", "error", "chunk", "send", "down", "pong", "bye", "answer"]
 PID = Pid.new("node@host", 7, 0, 1)
-IDS = [0, 1, 2, 3, 4, 5, 2**64 - 1, 2**64, -1, 1.0, _A("x"), b"1"]
+IDS = [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 2**64 - 1, 2**64, -1, 1.0, _A("x"), b"1"]
 HELLO_KEYS = ["max_frame", "client", "server", "node", "session", "max_calls", "features", "new"]
 BYE_SHAPES = {"protocol_error": (bytes,), "bad_term": (bytes,), "frame_too_large": (int, int)}
 
@@ -109,6 +109,19 @@ def _hello_map(fdp: atheris.FuzzedDataProvider) -> Any:
                 }.get(key, [b"py/1", "x/1", 1, _A("x")])
             )
     return fields if fdp.ConsumeIntInRange(0, 7) else list(fields.items())
+
+
+def _valid_hello(fdp: atheris.FuzzedDataProvider, role: Role) -> Any:
+    fields: dict[Any, Any] = {_A("max_frame"): fdp.PickValueInList([64, 300, 1 << 20])}
+    if role is Role.SERVER:  # the peer is a client
+        fields[_A("client")] = b"fuzz/1"
+    else:
+        fields[_A("server")] = b"fuzz/1"
+        fields[_A("node")] = _A("n@h")
+        fields[_A("session")] = PID
+        fields[_A("max_calls")] = fdp.ConsumeIntInRange(1, 8)
+        fields[_A("features")] = [_A(f) for f in ("call", "cast", "cancel", "stream", "spawn")]
+    return (_A("hello"), 1, fields)
 
 
 def _message(fdp: atheris.FuzzedDataProvider, tags: list[str]) -> Any:
@@ -341,7 +354,7 @@ class _Harness:
         elif isinstance(event, Call):
             assert event.id not in self.open, f"call id {event.id} accepted while open"
             self.open[event.id] = event.credit if event.stream else None
-            if self.fdp.ConsumeBool():
+            if self.fdp.ConsumeIntInRange(0, 2) == 0:
                 self.stream_some(event.id)
                 self.final(Reply(id=event.id, value=_value(self.fdp)))
         elif isinstance(event, Spawn):
@@ -408,6 +421,10 @@ def test_one_input(data: bytes) -> None:
     harness = _Harness(fdp, conn)
     harness.start()
     pending = b""
+    if fdp.ConsumeIntInRange(0, 3):
+        # Most sessions start with a valid hello, so the fuzzer spends its
+        # time past the handshake.
+        pending = _frame(sshrpc.encode(_valid_hello(fdp, role)))
     for _ in range(60):
         if harness.done or not fdp.remaining_bytes():
             break
