@@ -90,7 +90,7 @@ QUICK = Plan(
     hang_s=15.0,
 )
 FULL = Plan(
-    rounds=5,
+    rounds=4,
     lat_n=2000,
     lat_s=1.5,
     pipe_n=40000,
@@ -647,6 +647,8 @@ def plot(results: list[Result], out: Path) -> list[str]:
             ds = sorted(r.depth_sweep)
             ax.plot(ds, [r.depth_sweep[d] for d in ds], marker="o", label=r.name)
     ax.set_xscale("log", base=2)
+    depths = sorted({d for r in live for d in r.depth_sweep})
+    ax.set_xticks(depths, [str(d) for d in depths])
     ax.set_yscale("log")
     ax.set_xlabel("calls in flight")
     ax.set_ylabel("calls/s (log)")
@@ -663,7 +665,17 @@ def plot(results: list[Result], out: Path) -> list[str]:
         if r.size_sweep:
             ss = sorted(r.size_sweep)
             ax.plot(ss, [r.size_sweep[s] for s in ss], marker="o", label=r.name)
+    cat = anchors(results)["cat"]
+    if cat is not None and cat.cat_big_mbs:
+        ax.axhline(
+            statistics.median(cat.cat_big_mbs),
+            color="grey",
+            linestyle="--",
+            label="ssh -s cat, streaming (cipher floor)",
+        )
     ax.set_xscale("log", base=2)
+    sizes = sorted({s for r in live for s in r.size_sweep})
+    ax.set_xticks(sizes, [registry.human_size(s).replace(" ", "") for s in sizes])
     ax.set_yscale("log")
     ax.set_xlabel("payload bytes (log)")
     ax.set_ylabel("MB/s echoed (log)")
