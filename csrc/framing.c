@@ -113,6 +113,8 @@ size_t sshrpc_frames_scan(const char *data, size_t pos, size_t n, uint32_t max_f
     uint32_t length;
 
     *too_large = 0;
+    if (pos > n)
+        pos = n;
     while (count < max_spans && n - pos >= 4) {
         length = read_length(p + pos);
         if (length > max_frame) {
