@@ -143,25 +143,32 @@ def implementations(value: Any) -> dict[str, Impl | None]:
     return impls
 
 
-def measure(fn: Callable[[], Any], rounds: int) -> float:
-    """Median seconds per call over ``rounds`` rounds of about 20 ms."""
+def _calls_per_round(fn: Callable[[], Any]) -> int:
+    """How many calls of ``fn`` take about 20 ms."""
     fn()
-    n, start = 1, time.perf_counter()
+    n = 1
     while True:
+        start = time.perf_counter()
         for _ in range(n):
             fn()
-        elapsed = time.perf_counter() - start
-        if elapsed > 0.02:
-            break
+        if time.perf_counter() - start > 0.02:
+            return n
         n *= 2
-        start = time.perf_counter()
-    times = []
+
+
+def measure(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each function.  The functions take turns
+    within each round, so load from other processes hits them alike."""
+    counts = {name: _calls_per_round(fn) for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - start) / n)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            n = counts[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times[name].append((time.perf_counter() - start) / n)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def versions() -> list[str]:
@@ -215,13 +222,11 @@ def run(rounds: int) -> dict[str, dict[str, dict[str, float | None]]]:
     results: dict[str, dict[str, dict[str, float | None]]] = {}
     for name, value in corpus().items():
         impls = implementations(value)
-        results[name] = {"encode": {}, "decode": {}}
-        for impl_name in PEERS:
-            impl = impls.get(impl_name)
-            for index, op in enumerate(("encode", "decode")):
-                results[name][op][impl_name] = (
-                    None if impl is None else measure(impl[index], rounds)
-                )
+        results[name] = {}
+        for index, op in enumerate(("encode", "decode")):
+            fns = {peer: impl[index] for peer, impl in impls.items() if impl is not None}
+            measured = measure(fns, rounds)
+            results[name][op] = {peer: measured.get(peer) for peer in PEERS}
     return results
 
 

@@ -54,8 +54,14 @@ typedef struct {
 
 #define PRIV(io) ((priv_t *)(io)->priv)
 
-static int grow(void **ptr, size_t *cap, size_t need, size_t elem) {
+static int grow_slow(void **ptr, size_t *cap, size_t need, size_t elem);
+
+static inline int grow(void **ptr, size_t *cap, size_t need, size_t elem) {
     if (need <= *cap) return 0;
+    return grow_slow(ptr, cap, need, elem);
+}
+
+static int grow_slow(void **ptr, size_t *cap, size_t need, size_t elem) {
     size_t n = *cap ? *cap : 16;
     while (n < need) {
         if (n > ((size_t)-1) / 4 / elem) return -1;

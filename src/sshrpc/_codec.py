@@ -321,6 +321,9 @@ class _EncodeState:
         self.preamble = b"".join(self.chunks)
         self.chunks.clear()
         self.memo = self.pickler.memo.copy()
+        # No memo puts from here on: shared objects are written twice (the C
+        # side would emit them twice anyway) and a cycle raises ValueError.
+        self.pickler.fast = True
         if lib.sshrpc_enc_preamble(self.io, self.preamble, len(self.preamble)):
             raise ImportError("sshrpc's C encoder rejected the pickle preamble")
 
