@@ -163,9 +163,11 @@ def main() -> None:
         }
         for mode, command in modes.items():
             with PrivateSSHD(
-                tmp / f"sshd-{mode}", authorized_keys=keys, subsystems={"sshrpc@k2r.org": command}
+                tmp / f"sshd-{mode.split()[0]}",
+                authorized_keys=keys,
+                subsystems={"sshrpc@k2r.org": command},
             ) as sshd:
-                known = tmp / f"known-{mode}"
+                known = tmp / f"known-{mode.split()[0]}"
                 known.write_text(sshd.known_hosts_line + "\n")
                 argv = ssh_argv(sshd, tmp / "id", known)
                 per_channel = []

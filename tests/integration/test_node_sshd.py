@@ -96,3 +96,12 @@ def test_missing_sshd_and_unreadable_keys(tmp_path, client_key):
     sshd = PrivateSSHD(tmp_path / "state", authorized_keys=keys, subsystems={})
     with pytest.raises(SSHDError, match="authorized_keys"):
         sshd.start()
+
+
+def test_state_dir_with_spaces(tmp_path, client_key):
+    keys = tmp_path / "my keys"
+    keys.write_text(client_key.public_line + "\n")
+    with PrivateSSHD(
+        tmp_path / "state dir (x)", authorized_keys=keys, subsystems={"sshrpc": "cat"}
+    ) as sshd:
+        assert sshd.pid_path.exists()
