@@ -144,7 +144,7 @@ struct dframe {
     size_t ph;                  /* placeholder offset in the output */
     size_t start, out_mark, oob_mark;
     uint64_t *keys;
-    uint32_t keys_mask;
+    uint32_t keys_mask, n_keys;
 };
 
 typedef struct {
@@ -604,24 +604,45 @@ integer:
 
 #define MAP_HASH_MAX 4096
 
-static void map_key(dec_t *d, dframe *f, size_t pos) {
-    if (f->fallback) return;
+/* Note the key at pos in the map frame f; sets f->fallback when the key is
+ * not a simple one or may equal an earlier key.  The hash table grows with
+ * the keys actually read, never with the arity the map claims. */
+static int map_key(dec_t *d, dframe *f, size_t pos) {
+    if (f->fallback) return 0;
     uint64_t h;
     if (!key_hash(d, pos, &h)) {
         f->fallback = 1;
-        return;
+        return 0;
     }
-    if (f->arity < 2) return;
+    if (f->arity < 2) return 0;
     if (!h) h = 1;
+    if (2 * (f->n_keys + 1) > (f->keys ? f->keys_mask + 1 : 0)) {
+        uint32_t size = f->keys ? 2 * (f->keys_mask + 1) : 16;
+        uint64_t *t = calloc(size, sizeof(uint64_t));
+        if (!t) return doom(d);
+        if (f->keys) {
+            for (uint32_t j = 0; j <= f->keys_mask; j++) {
+                if (!f->keys[j]) continue;
+                uint32_t k = (uint32_t)f->keys[j] & (size - 1);
+                while (t[k]) k = (k + 1) & (size - 1);
+                t[k] = f->keys[j];
+            }
+            free(f->keys);
+        }
+        f->keys = t;
+        f->keys_mask = size - 1;
+    }
     uint32_t i = (uint32_t)h & f->keys_mask;
     while (f->keys[i]) {
         if (f->keys[i] == h) {
             f->fallback = 1; /* maybe equal keys: let Python decide */
-            return;
+            return 0;
         }
         i = (i + 1) & f->keys_mask;
     }
     f->keys[i] = h;
+    f->n_keys++;
+    return 0;
 }
 
 static int push(dec_t *d, dframe **top) {
@@ -906,21 +927,13 @@ next_term:
             top->rem = top->arity = n;
             top->depth = ++depth;
             top->ph = d->io->out_len;
-            if (n > MAP_HASH_MAX) {
-                top->fallback = 1;
-            } else if (n > 1) {
-                uint32_t size = 8;
-                while (size < 2 * n) size *= 2;
-                top->keys = calloc(size, sizeof(uint64_t));
-                if (!top->keys) return doom(d);
-                top->keys_mask = size - 1;
-            }
+            if (n > MAP_HASH_MAX) top->fallback = 1;
             W(4);
             w[0] = '(';
             w[1] = '1';
             w[2] = '}';
             w[3] = '(';
-            map_key(d, top, pos);
+            if ((rc = map_key(d, top, pos))) return rc;
             goto next_term;
         }
         case 88: case 103: case 89: case 120: case 102: case 90: case 114: case 101:
@@ -1005,7 +1018,7 @@ complete:
         }
         if (--top->rem) {
             top->phase = P_KEY;
-            map_key(d, top, pos);
+            if ((rc = map_key(d, top, pos))) return rc;
             goto next_term;
         }
         free(top->keys);
