@@ -1234,3 +1234,37 @@ PairedConversation.TestCase.settings = settings(
     max_examples=40, stateful_step_count=30, deadline=None
 )
 test_paired_conversation = PairedConversation.TestCase
+
+
+@pytest.mark.parametrize(
+    ("cls", "reason", "details"),
+    [
+        ("error", (A("ValueError"), b"bad value"), {}),
+        ("exit", A("killed"), {A("message"): b"gone"}),
+        ("throw", [1, 2], {}),
+        *[
+            ("sshrpc", A(r), {})
+            for r in (
+                "undef",
+                "forbidden",
+                "badarg",
+                "timeout",
+                "cancelled",
+                "overload",
+                "shutting_down",
+                "notsup",
+                "too_large",
+            )
+        ],
+        ("error", A("x"), {A("trace"): [b"f/1", b"g/2"]}),
+    ],
+    ids=repr,
+)
+def test_every_error_shape(cls: str, reason: Any, details: dict[Any, Any]) -> None:
+    client, server = handshake()
+    events(server, client.send(Call(id=1, module="m", function="f", args=[])))
+    data = server.send(ErrorReply(id=1, cls=cls, reason=reason, details=details))
+    assert terms(data) == [(A("error"), 1, (A(cls), reason, details))]
+    got = one(client, data)
+    assert got == ErrorReply(id=1, cls=A(cls), reason=reason, details=details)
+    assert type(got.cls) is Atom  # type: ignore[attr-defined]
