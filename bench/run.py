@@ -186,6 +186,7 @@ class Live:
         self.driver: Driver | None = None
         self.server_pids: list[int] = []
         self.unsupported: set[str] = set()
+        self.failures: dict[str, int] = {}
 
     @property
     def ok(self) -> bool:
@@ -214,9 +215,15 @@ class Live:
             if "unsupported" in text:
                 self.unsupported.add(op)
             else:
-                # not retried in later rounds; the kept channel may be gone: open it again
-                self.result.errors[op] = text[:300]
-                self.unsupported.add(op)
+                # a deterministic failure is not retried in later rounds, a stall is
+                # (up to 3 times); the kept channel may be gone: open it again
+                self.failures[op] = self.failures.get(op, 0) + 1
+                prior = self.result.errors.get(op)
+                self.result.errors[op] = (
+                    text[:300] if prior is None else f"{prior} [failed {self.failures[op]}x]"
+                )
+                if "stuck" not in text or self.failures[op] >= 3:
+                    self.unsupported.add(op)
                 if self.driver.proc.poll() is not None:
                     self.die(f"driver died during {op}: {text[:200]}")
                 else:
