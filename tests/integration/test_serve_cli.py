@@ -20,11 +20,12 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for init to reap it is dead)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
         return False
-    return True
+    return stat[stat.rfind(b")") + 2 :][:1] != b"Z"
 
 
 def _children(pid: int) -> list[int]:
@@ -55,11 +56,21 @@ async def test_serve_calls_and_stops_cleanly(sshrpc_server):
         await ch2.aclose()
     finally:
         await ch.aclose()
+    # stop while a channel is open with a call running: nothing survives
+    ch = await SSHChannel.open(info.ssh_argv())
+    await ch.hello()
+    await ch.send((A("call"), 1, A("slow"), A("work"), [60]))
+    await ch.send((A("ping"), 1))
+    assert await ch.recv() == (A("pong"), 1)
     children = _children(info.pid)
     assert children  # sshd
+    sshd_tree = [p for c in children for p in _children(c)]
+    assert sshd_tree  # the connection's sshd processes
     assert (info.state_dir / "sshd.pid").exists()
     assert stop_serve(info) == 0
-    assert not any(_alive(pid) for pid in children)
+    assert await ch.wait_closed() == 255
+    await ch.aclose()
+    assert not [pid for pid in children + sshd_tree if _alive(pid)]
     assert not (info.state_dir / "sshd.pid").exists()
     assert not (info.state_dir / "node" / "node.sock").exists()
 
