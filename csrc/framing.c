@@ -5,6 +5,7 @@
 #include "framing.h"
 
 #define FB_MIN_CAP 65536
+#define FB_KEEP (256 * 1024)
 
 sshrpc_framebuf *sshrpc_fb_new(void)
 {
@@ -23,6 +24,12 @@ void sshrpc_fb_free(sshrpc_framebuf *fb)
 void sshrpc_fb_clear(sshrpc_framebuf *fb)
 {
     fb->start = fb->end = 0;
+    if (fb->cap > FB_KEEP) {
+        /* One large frame should not pin its buffer for the channel's life. */
+        free(fb->data);
+        fb->data = NULL;
+        fb->cap = 0;
+    }
 }
 
 int sshrpc_fb_feed(sshrpc_framebuf *fb, const char *src, size_t n)

@@ -48,7 +48,7 @@ size_t sshrpc_frames_scan(const char *data, size_t pos, size_t n, uint32_t max_f
  * (fb->start then points at its header); *too_large is 0 otherwise. */
 size_t sshrpc_fb_scan(sshrpc_framebuf *fb, uint32_t max_frame, size_t *spans, size_t max_spans,
                       size_t *too_large);
-/* Discard everything buffered. */
+/* Discard everything buffered (and release a buffer grown past 256 KiB). */
 void sshrpc_fb_clear(sshrpc_framebuf *fb);
 /* cdef-end */
 

@@ -279,3 +279,15 @@ def _keepalive_bytes(data: bytes, upto: int) -> int:
             total += 4
         pos += 4 + n
     return total
+
+
+def test_a_large_straddling_frame_does_not_pin_its_buffer() -> None:
+    big = b"x" * (4 << 20)
+    data = frame(big) + frame(b"small")
+    fb = FrameBuffer(8 << 20)
+    got = []
+    for i in range(0, len(data), 1000):
+        fb.feed(data[i : i + 1000])
+        got.extend(drain(fb))
+    assert got == [big, b"small"]
+    assert fb._fb.cap <= 256 * 1024  # type: ignore[attr-defined]
