@@ -175,8 +175,9 @@ def _serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                node = None
                 if not args.in_process:
-                    await nursery.start(
+                    node = await nursery.start(
                         lambda task_status: serve_node(
                             services,
                             socket_path=socket_path,
@@ -217,6 +218,8 @@ def _serve(args: argparse.Namespace) -> int:
                         break
                 finally:
                     with trio.CancelScope(shield=True):
+                        if node is not None:
+                            await node.shutdown()
                         await trio.to_thread.run_sync(sshd.stop)
                     nursery.cancel_scope.cancel()
 
@@ -237,7 +240,7 @@ def _node(args: argparse.Namespace) -> int:
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                await nursery.start(
+                node = await nursery.start(
                     lambda task_status: serve_node(
                         services,
                         socket_path=args.socket,
@@ -250,6 +253,7 @@ def _node(args: argparse.Namespace) -> int:
                 print(f"ready: node on {args.socket}", flush=True)
                 async for _ in signals:
                     break
+                await node.shutdown()
                 nursery.cancel_scope.cancel()
 
     trio.run(run)

@@ -752,6 +752,25 @@ class Node:
             self.registry.pop(name, None)
         process.inbox_send.close()
 
+    async def shutdown(self, grace: float = 2.0) -> None:
+        """Tell every channel ``{bye, shutting_down}`` and end it.
+
+        New calls on those channels get ``shutting_down``; the bye is written
+        (waiting at most ``grace`` seconds for slow readers), then each
+        channel's tasks are cancelled: open calls get no answer, as
+        PROTOCOL.md section 5 says for a server's bye.  The listener keeps
+        running; cancel ``serve_unix``/``serve_node`` to stop it.
+        """
+        channels = list(self.channels)
+        for channel in channels:
+            channel.closing = True
+            channel.emit(_p.Bye(reason=Atom("shutting_down")))
+        with trio.move_on_after(grace):
+            for channel in channels:
+                await channel.outbox.wait_empty()
+        for channel in channels:
+            channel.nursery.cancel_scope.cancel()
+
     def statistics(self) -> dict[str, int]:
         """Counts for leak checks: channels, open calls, processes, pids,
         registered names, and Trio tasks alive in this run."""

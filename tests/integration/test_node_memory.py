@@ -181,3 +181,16 @@ async def test_abnormal_bye_aborts_like_a_disconnect(nursery):
     await c.send((A("bye"), (A("shutdown"), b"client exiting")))
     assert await c.recv() is None  # closed, no answer, no bye back
     assert n.statistics()["channels"] == 0
+
+
+async def test_node_shutdown_says_bye(nursery):
+    n, c = await start(nursery)
+    await c.hello()
+    await c.send((A("call"), 1, A("t"), A("sleeper"), []))
+    await trio.testing.wait_all_tasks_blocked()
+    await n.shutdown()
+    assert await c.recv() == (A("bye"), A("shutting_down"))
+    assert await c.recv() is None
+    with trio.fail_after(5):
+        while n.statistics()["channels"]:
+            await trio.sleep(0.01)  # bounded poll of the node's counters

@@ -68,7 +68,7 @@ async def test_serve_calls_and_stops_cleanly(sshrpc_server):
     assert sshd_tree  # the connection's sshd processes
     assert (info.state_dir / "sshd.pid").exists()
     assert stop_serve(info) == 0
-    assert await ch.wait_closed() == 255
+    assert await ch.recv() == (A("bye"), A("shutting_down"))
     await ch.aclose()
     assert not [pid for pid in children + sshd_tree if _alive(pid)]
     assert not (info.state_dir / "sshd.pid").exists()
