@@ -4,8 +4,11 @@ The input drives a ``FuzzedDataProvider`` that builds a value of the types
 PROTOCOL.md section 8 maps (and some it does not).  Properties:
 
 - each encoder returns bytes or raises ``TypeError`` (no Erlang term for the
-  type) or ``TermError`` (a value that cannot be a term); nothing else;
-- both encoders give the same bytes, or the same exception type;
+  type) or ``TermError`` (a value that cannot be a term, or nested deeper
+  than ``max_depth``); nothing else;
+- both encoders give the same bytes, or the same exception type, plain,
+  compressed and with a small ``max_depth``; ``encode_frame`` gives the
+  length and the same bytes;
 - the bytes decode, with both decoders, to a value that re-encodes to the
   same bytes, and to the value itself wherever the mapping is two-way.
 
@@ -20,6 +23,7 @@ import atheris
 from _common import DECODERS, ENCODERS, same
 
 from sshrpc import Atom, BitString, ImproperList, Map, Pid, Reference, TermError
+from sshrpc._codec import encode_frame
 
 _MAX_ITEMS = 40
 #: Longest input libFuzzer makes for this target (values grow with the input).
@@ -87,25 +91,32 @@ def build_key(fdp: atheris.FuzzedDataProvider, depth: int) -> Any:
     return value if not isinstance(value, bytearray) else bytes(value)
 
 
-def _encode(encode: Any, value: Any) -> bytes | BaseException:
+def _encode(encode: Any, value: Any, **kwargs: Any) -> bytes | BaseException:
     try:
-        return bytes(encode(value))
+        return bytes(encode(value, **kwargs))
     except (TypeError, TermError) as exc:
         return exc
 
 
 def test_one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
+    options: dict[str, Any] = fdp.PickValueInList(
+        [{}, {}, {}, {"compressed": True}, {"compressed": 1}, {"max_depth": 0}, {"max_depth": 3}]
+    )
     value = build(fdp)
-    results = {name: _encode(encode, value) for name, encode in ENCODERS.items()}
+    results = {name: _encode(encode, value, **options) for name, encode in ENCODERS.items()}
     ref, fast = results["reference"], results["sshrpc"]
     if isinstance(ref, BaseException) or isinstance(fast, BaseException):
         assert type(ref) is type(fast), f"encoders disagree on {value!r}: {ref!r} vs {fast!r}"
         return
-    assert ref == fast, f"encoders disagree on {value!r}: {ref!r} vs {fast!r}"
+    assert ref == fast, f"encoders disagree on {value!r} {options}: {ref!r} vs {fast!r}"
+    if not options:
+        frame = encode_frame(value)
+        assert frame == len(fast).to_bytes(4, "big") + fast, f"encode_frame({value!r})"
     for name, decode in DECODERS.items():
         back = decode(fast)
-        assert ENCODERS["reference"](back) == fast, f"{name}: {value!r} does not round-trip"
+        plain = ENCODERS["reference"](back)
+        assert plain == ENCODERS["reference"](value), f"{name}: {value!r} does not round-trip"
         if _two_way(value):
             assert same(back, value), f"{name}: decode(encode({value!r})) is {back!r}"
 
