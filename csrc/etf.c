@@ -1136,14 +1136,14 @@ int64_t sshrpc_etf_to_pickle(sshrpc_io *io, const char *cdata, size_t len, uint6
                      : dfail(d, 0, "expected version byte 131, found %u", data[0]);
         goto failed;
     }
-    if (!room(d, 11)) {
+    /* No PROTO opcode: the unpickler does not need one, and every opcode
+     * before the FRAME costs a read() call on the BytesIO. */
+    if (!room(d, 9)) {
         rc = -3;
         goto failed;
     }
-    io->out[0] = 0x80;
-    io->out[1] = 5;
-    io->out[2] = 0x95;
-    io->out_len = 11;
+    io->out[0] = 0x95;
+    io->out_len = 9;
     rc = decode_term(d);
     if (rc == -2 && d->too_small) rc = -3;
     if (rc == 0 && d->end != len)
@@ -1155,8 +1155,8 @@ int64_t sshrpc_etf_to_pickle(sshrpc_io *io, const char *cdata, size_t len, uint6
         } else {
             *w = '.';
             io->out_len++;
-            uint64_t flen = io->out_len - 11;
-            for (int i = 0; i < 8; i++) io->out[3 + i] = (uint8_t)(flen >> (8 * i));
+            uint64_t flen = io->out_len - 9;
+            for (int i = 0; i < 8; i++) io->out[1 + i] = (uint8_t)(flen >> (8 * i));
             pv->n_pending = 0;
             int64_t result = (int64_t)io->out_len * 2 + (io->n_oob ? 1 : 0);
             io->out = own_out;

@@ -56,7 +56,7 @@ except ImportError as exc:  # pragma: no cover - a broken install
 __all__ = ["decode", "encode", "encode_frame"]
 
 #: The C module this Python code was written against (csrc/etf.h).
-C_VERSION = 4
+C_VERSION = 5
 if lib.sshrpc_c_version() != C_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"sshrpc's C module is version {lib.sshrpc_c_version()}, this Python code needs "
@@ -204,13 +204,6 @@ class _DecodeState:
 _local = threading.local()
 
 
-def _decode_state() -> _DecodeState:
-    state: _DecodeState | None = getattr(_local, "decoder", None)
-    if state is None:
-        state = _local.decoder = _DecodeState(ATOM_CACHE)
-    return state
-
-
 def decode(
     data: bytes | bytearray | memoryview,
     *,
@@ -234,31 +227,19 @@ def decode(
     inflated = len(data) > 1 and data[1] == 80 and data[0] == 131
     if inflated:
         data = _inflate(data, max_inflated)
-    state = _decode_state()
+    try:
+        state: _DecodeState = _local.decoder
+    except AttributeError:
+        state = _local.decoder = _DecodeState(ATOM_CACHE)
     if state.busy:  # re-entered (a finalizer decoding during a decode)
         state = _DecodeState(0)
     state.busy = True
     try:
-        handle = state.io
-        while True:
-            rc = lib.sshrpc_etf_to_pickle(
-                handle, data, len(data), max_depth, max_big_bytes, OOB_MIN, state.c_out, state.cap
-            )
-            if rc != -3:
-                break
-            state.resize(max(2 * state.cap, 4 * len(data) + 64))
-        if rc < 0:
-            if rc == -2:
-                raise MemoryError("out of memory decoding a term")
-            detail = ffi.string(handle.err).decode()
-            if inflated:
-                detail += " (in the inflated term)"
-            raise TermError(detail, handle.err_offset)
-        if rc & 1:
-            oob = ffi.unpack(handle.oob, 2 * handle.n_oob)
-            state.pending.extend(
-                [data[oob[i] : oob[i] + oob[i + 1]] for i in range(0, len(oob), 2)]
-            )
+        rc = lib.sshrpc_etf_to_pickle(
+            state.io, data, len(data), max_depth, max_big_bytes, OOB_MIN, state.c_out, state.cap
+        )
+        if rc < 0 or rc & 1:
+            rc = _decode_rare(state, data, rc, max_depth, max_big_bytes, inflated)
         state.bio.seek(0)
         try:
             value = state.unpickler.load()
@@ -275,6 +256,29 @@ def decode(
         return value
     finally:
         state.busy = False
+
+
+def _decode_rare(
+    state: _DecodeState, data: bytes, rc: int, max_depth: int, max_big: int, inflated: bool
+) -> int:
+    """The transcoder's uncommon outcomes: a larger stream buffer, errors,
+    out-of-band binaries.  Returns the final status."""
+    while rc == -3:
+        state.resize(max(2 * state.cap, 4 * len(data) + 64))
+        rc = lib.sshrpc_etf_to_pickle(
+            state.io, data, len(data), max_depth, max_big, OOB_MIN, state.c_out, state.cap
+        )
+    if rc < 0:
+        if rc == -2:
+            raise MemoryError("out of memory decoding a term")
+        detail = ffi.string(state.io.err).decode()
+        if inflated:
+            detail += " (in the inflated term)"
+        raise TermError(detail, state.io.err_offset)
+    if rc & 1:
+        oob = ffi.unpack(state.io.oob, 2 * state.io.n_oob)
+        state.pending.extend([data[oob[i] : oob[i] + oob[i + 1]] for i in range(0, len(oob), 2)])
+    return int(rc)
 
 
 # ----------------------------------------------------------------------------
