@@ -8,10 +8,11 @@ TARGET is one of ``TARGETS``.  The corpus directory (default
 ``fuzz/corpus/TARGET``, not committed) is seeded from the target's
 ``seeds()`` when empty (for ``decode`` these include the OTP-made terms of
 fuzz/seeds/otp_terms.bin); ``tests/regressions/TARGET`` (checked-in
-findings) is read as an extra corpus.  A finding is written to ``ARTIFACTS/TARGET-crash-<sha1>``
-(default ``fuzz/crashes/``) and the run exits non-zero.  Only the sshrpc
-package is instrumented for coverage.  Exit status: 0 when no target found
-anything.
+findings) is read as an extra corpus.  A finding is written to
+``ARTIFACTS/TARGET-crash-<sha1>`` (default ``fuzz/crashes/``) and the run
+exits non-zero.  Only the sshrpc package is instrumented for coverage.
+Exit status: 0 when no target found anything.  docs/fuzzing.md explains the
+targets and their properties.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from collections.abc import Sequence
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-#: target name -> module in fuzz/.  Framing and protocol targets are listed
-#: only when the modules they exercise exist.
+#: target name -> module in fuzz/.
 TARGETS = {
     "decode": "fuzz_decode",
     "encode": "fuzz_encode",
@@ -43,7 +43,7 @@ MAX_LEN = 1 << 16
 
 
 def available() -> list[str]:
-    """The targets whose module exists and imports."""
+    """The targets whose module exists."""
     names = []
     for name, module in TARGETS.items():
         if (HERE / f"{module}.py").exists():
