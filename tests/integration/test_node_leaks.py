@@ -88,6 +88,7 @@ async def test_open_call_drop_cycles_leak_nothing(nursery, private_sshd, tmp_pat
         await _cycle(path, n)
     await _settle(node, baseline_tasks)
     rss_before = _rss_kib()
+    fds_before = len(os.listdir("/proc/self/fd"))
     for n in range(CYCLES):
         await _cycle(path, n)
     stats = await _settle(node, baseline_tasks)
@@ -100,7 +101,10 @@ async def test_open_call_drop_cycles_leak_nothing(nursery, private_sshd, tmp_pat
         "tasks": baseline_tasks,
     }
     growth = _rss_kib() - rss_before
+    fds = len(os.listdir("/proc/self/fd"))
+    print(f"\n{CYCLES} cycles: {stats}, RSS growth {growth} KiB, open fds {fds}")
     assert growth < 8 * 1024, f"RSS grew {growth} KiB over {CYCLES} cycles"
+    assert fds <= fds_before
 
     # The same through sshd and the relay (each drop kills the ssh client).
     info = private_sshd({"sshrpc@k2r.org": relay_command(path)})
