@@ -22,12 +22,16 @@ The steady-state loop (``run``) does three things per turn, without blocking:
    most ``WRITE_SLICE`` bytes.  A write may return ``(EAGAIN, n)`` with
    ``n > 0``: those ``n`` bytes *were* accepted; drop them and re-offer the
    rest later.  Slicing keeps re-offers from being quadratic in the payload.
-2. read the channel (stdout, then stderr) unless the consumer asked for a
+2. read the channel (stderr, then stdout) unless the consumer asked for a
    pause (too many answers nobody has taken).  Reading is what makes libssh2
    send WINDOW_ADJUST to the server; while paused the server's window closes
    and the server stops sending: receive-side backpressure.  Write EAGAINs
    are usually our peer window being full, which only inbound WINDOW_ADJUST
    packets cure, so the pump keeps reading while writers wait.
+   Any libssh2 call may pull packets off the socket into libssh2's own
+   queue, so the pump only sleeps on the socket after a stdout read said
+   EAGAIN with nothing queued (otherwise a reply already inside libssh2
+   would wait for the next unrelated packet: a lost wake-up).
 3. when neither made progress, sleep until the socket is ready in the
    direction libssh2 is blocked on, or until another task wakes the pump
    (new bytes to write, reading resumed, close requested).  The wake-up is a
@@ -237,6 +241,15 @@ class Pump:
                         raise ConnectionLost(f"channel write failed (libssh2 error {rc})")
                 if should_read():
                     self.paused = False
+                    # stderr first, stdout last: any call may pull packets of
+                    # either stream off the socket into libssh2's queue, and
+                    # the pump must not sleep on the socket with stdout data
+                    # queued inside libssh2 (a lost wake-up).
+                    rc, data = channel.read_stderr(READ_SIZE)
+                    if rc > 0:
+                        for line in data.decode("utf-8", "replace").splitlines():
+                            log.warning("server stderr: %s", line)
+                        progress = True
                     rc, data = channel.read(READ_SIZE)
                     if rc > 0:
                         self.bytes_received += rc
@@ -247,11 +260,8 @@ class Pump:
                             raise ConnectionLost("the server closed the channel")
                         if rc < 0 and rc != EAGAIN:
                             raise ConnectionLost(f"channel read failed (libssh2 error {rc})")
-                    rc, data = channel.read_stderr(READ_SIZE)
-                    if rc > 0:
-                        for line in data.decode("utf-8", "replace").splitlines():
-                            log.warning("server stderr: %s", line)
-                        progress = True
+                    elif channel.poll_channel_read(1):
+                        progress = True  # stderr queued by the stdout read
                 else:
                     self.paused = True
                 if progress:

@@ -104,6 +104,9 @@ while True:
     if term[0] == "call":
         send((A("reply"), term[1], term[5] if len(term) > 5 else {{}}))
     elif term[0] == "ping":
+        if mode == "chatty":
+            sys.stderr.write("ping %r\\n" % (term[1],))
+            sys.stderr.flush()
         send((A("pong"), term[1]))
     elif term[0] == "bye":
         send((A("bye"), A("normal")))
@@ -117,7 +120,7 @@ def _start_test_sshd(
     src = os.path.dirname(os.path.dirname(sshrpc.__file__))
     script = base / "subsystem.py"
     script.write_text(SUBSYSTEM_SCRIPT.format(src=src))
-    modes = ["opts", "junk", "noread", "flood"]
+    modes = ["opts", "junk", "noread", "flood", "chatty"]
     info = private_sshd(
         {mode: f"{sys.executable} -I {script} {mode} {base / mode}.pid" for mode in modes},
         authorized_keys=authorized_keys,
@@ -215,6 +218,17 @@ async def test_multicall_and_pool(sshrpc_server: Any, client_key: Any) -> None:
         first = await pool.get(dest)
         assert await pool.call(dest, "lists", "reverse", [[1, 2]]) == [2, 1]
         assert await pool.get(dest) is first
+
+
+async def test_sequential_round_trips_never_stall(test_sshd: Any) -> None:
+    # Regression: a reply pulled into libssh2's queue by the stderr read was
+    # left there while the pump slept on the socket (until the next packet).
+    # The server here writes to stderr on every ping.  No keepalive, which
+    # would hide a stall by waking the pump.
+    async with _channel(test_sshd, "chatty", keepalive=None) as node:
+        for _ in range(1500):
+            with trio.fail_after(2):
+                await node.ping()
 
 
 # -- failures -----------------------------------------------------------------
