@@ -3,7 +3,7 @@ calls ``sshrpc_bench:echo`` over the ``sshrpc@k2r.org`` subsystem of an
 OpenSSH-served node with erlpack ETF frames, as a paramiko user would.
 Pipelined calls keep a window of DEPTH calls open from one thread.
 
-Usage: ``python bench/systems/paramiko_client.py PORT KEY KNOWN_HOSTS``.
+Usage: ``python bench/systems/paramiko_client.py PORT KEY KNOWN_HOSTS [SUBSYSTEM]``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ from bench.systems._common import (
     payload,
     run_sync_driver,
 )
-from bench.systems.etf_erlpack import call_frame, hello_frame, unpack
+from bench.systems.etf_erlpack import REPLY, call_frame, hello_frame, unpack
 
 SMALL = payload(32)
+#: The subsystem to open: sshrpc's, or the one named by a 4th argument (``cat``).
+SUBSYSTEM_NAME = sys.argv[4] if len(sys.argv) > 4 else SUBSYSTEM
 OTHER_CIPHERS = [c for c in paramiko.Transport._preferred_ciphers if c != CIPHER]
 
 
@@ -41,7 +43,7 @@ class Channel:
     @classmethod
     def open(cls, transport: paramiko.Transport) -> Channel:
         raw = transport.open_session()
-        raw.invoke_subsystem(SUBSYSTEM)
+        raw.invoke_subsystem(SUBSYSTEM_NAME)
         chan = cls(raw)
         raw.sendall(hello_frame(MAX_FRAME, "paramiko-bench/1"))
         chan.read_frame()  # the server's hello (not decoded: erlpack has no pids)
@@ -68,7 +70,9 @@ class Channel:
     def call(self, value: Any) -> Any:
         self.next_id += 1
         self.chan.sendall(call_frame(self.next_id, value))
-        return unpack(self.read_frame())[2]
+        term = unpack(self.read_frame())
+        # a reply, or (against a `cat` subsystem, the floor) the call itself
+        return term[2] if term[0] == REPLY else term[4][0]
 
 
 class Client:
@@ -139,6 +143,9 @@ class Client:
         return ok([done, time.perf_counter_ns() - t0])
 
     def bulk(self, size: float, reps: float, max_s: float) -> str:
+        if SUBSYSTEM_NAME != SUBSYSTEM:
+            # `cat` streams the echo back while this thread is still sending
+            return "err bulk unsupported against a streaming echo"
         assert self.chan
         value = payload(int(size))
         end = time.perf_counter() + max_s

@@ -309,6 +309,11 @@ def _sshrpc_client(ctx: Context, server: ServerHandle) -> list[str]:
     ]
 
 
+def _paramiko_cat_client(ctx: Context, server: ServerHandle) -> list[str]:
+    argv = _paramiko_client(ctx, server)
+    return [*argv, "cat"]
+
+
 def _paramiko_note(server: ServerHandle) -> str:
     what = (
         "`sshrpc serve` (relay mode)"
@@ -384,6 +389,15 @@ def systems() -> list[SystemSpec]:
             " no per-call task, pipelining refills a window of frames per read",
         ),
         SystemSpec(
+            "paramiko -> ssh cat",
+            "floor",
+            ("openssh_cat",),
+            _paramiko_cat_client,
+            note="the paramiko driver against the `cat` subsystem (frames echoed as they are):"
+            " the set-up and new-channel floor of an OpenSSH-served subsystem for the same"
+            " client, login shell included",
+        ),
+        SystemSpec(
             "ssh -s cat",
             "floor",
             ("openssh_cat",),
@@ -391,7 +405,8 @@ def systems() -> list[SystemSpec]:
             cipher_floor=True,
             note="OpenSSH client to a `cat` subsystem of a private sshd; latency is a 36-byte"
             " block echoed, bulk streams through the kept channel, set-up includes"
-            " starting `ssh`",
+            " starting `ssh` (KexAlgorithms=curve25519-sha256, as libssh2 negotiates; OpenSSH's"
+            " default sntrup761x25519 adds 100-300 ms here)",
         ),
     ]
 
