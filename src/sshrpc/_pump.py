@@ -41,6 +41,9 @@ Closing (``aclose``) frees the libssh2 session *before* closing its socket:
 freeing a session restores the blocking mode the fd had at handshake time,
 and if the socket were closed first, its fd number could already belong to a
 new connection, which would turn blocking and hang the whole event loop.
+(Our sockets are Trio's, non-blocking before the handshake, so libssh2
+records "non-blocking" as the original mode; the order is kept anyway, and
+tests/integration/test_client.py runs a reconnect loop with failures in it.)
 """
 
 from __future__ import annotations

@@ -300,18 +300,34 @@ async def test_unreachable_and_wrong_port() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_reconnect_loop_keeps_the_loop_non_blocking(sshrpc_server: Any) -> None:
+async def test_reconnect_loop_keeps_the_loop_non_blocking(
+    sshrpc_server: Any, tmp_path: Path
+) -> None:
     # Freeing a libssh2 session restores the fd's blocking mode; if the socket
     # were closed first, a new socket reusing that fd would turn blocking.
+    # Failed connections (here: an unknown host key) are part of the loop,
+    # since an error path keeps the session alive in its traceback.
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
     with trio.fail_after(30):
-        for i in range(15):
-            async with _connect(sshrpc_server, keepalive=None) as node:
+        for i in range(6):
+            async with _connect(sshrpc_server, keepalive=None, use_ssh_config=False) as node:
                 assert await node.call("echo", "echo", [i]) == i
-            probe = trio.socket.socket()
+            with pytest.raises(sshrpc.UnknownHostKey):
+                async with open_connection(
+                    sshrpc_server.host,
+                    sshrpc_server.port,
+                    identity=str(sshrpc_server.identity),
+                    known_hosts=str(empty),
+                    use_ssh_config=False,
+                ):
+                    pass
+            probes = [trio.socket.socket() for _ in range(4)]
             try:
-                assert not os.get_blocking(probe.fileno())
+                assert not any(os.get_blocking(p.fileno()) for p in probes)
             finally:
-                probe.close()
+                for probe in probes:
+                    probe.close()
 
 
 # -- backpressure -------------------------------------------------------------
