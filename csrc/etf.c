@@ -48,6 +48,7 @@ typedef struct {
     void *cells;
     size_t cells_cap;
     size_t pre_nodes, pre_cells, pre_memo; /* the encoder preamble's tape */
+    size_t floats_cap;
     void *estack;
     size_t estack_cap;
 } priv_t;
@@ -104,6 +105,7 @@ void sshrpc_io_free(sshrpc_io *io) {
     priv_t *pv = PRIV(io);
     free(io->out);
     free(io->oob);
+    free(io->floats);
     free(pv->table);
     free(pv->arena);
     free(pv->pending);
@@ -135,7 +137,7 @@ static uint64_t fnv(uint64_t h, const uint8_t *s, size_t n) {
 /* ------------------------------------------------------------------------
  * Decoding: ETF -> pickle */
 
-enum { F_TUPLE, F_LIST, F_MAP, F_PASS, F_FUN };
+enum { F_TUPLE, F_LIST, F_MAP, F_PASS, F_FUN, F_FUNPID };
 enum { P_ITEMS, P_TAIL, P_KEY, P_VALUE };
 
 struct dframe {
@@ -767,6 +769,12 @@ next_term:
         }
         case 99: { /* FLOAT_EXT: parsed by Python's float(), as the reference does */
             NEED(p, 31, "FLOAT_EXT");
+            /* Python checks every string float first, in order (io->floats),
+             * so a bad one is reported where the reference reports it. */
+            if (grow((void **)&d->io->floats, &d->pv->floats_cap, d->io->n_floats + 1,
+                     sizeof(uint64_t)))
+                return doom(d);
+            d->io->floats[d->io->n_floats++] = pos;
             if ((rc = emit_get(d, SSHRPC_M_SFLOAT))) return rc;
             W(2 + 31 + 5 + 2);
             w[0] = 'C';
@@ -962,7 +970,16 @@ next_term:
             p += 4;
             if ((rc = check_count(d, p, nfree, 1, "FUN_EXT free variables"))) return rc;
             NEED(p, 1, "term");
-            if (s[p] != 88 && s[p] != 103) return dfail(d, pos, "FUN_EXT without a pid");
+            if (s[p] != 88 && s[p] != 103) {
+                /* Like the reference: check that term first, then fail. */
+                if ((rc = push(d, &top))) return rc;
+                top->kind = F_FUNPID;
+                top->start = pos;
+                top->depth = ++depth;
+                d->skip++;
+                pos = p;
+                goto next_term;
+            }
             if ((rc = opaque_plain(d, p, &p))) return rc;
             if ((rc = atom(d, p, &p, 0))) return rc;
             if ((rc = fun_int(d, p, &p, "index"))) return rc;
@@ -1004,6 +1021,8 @@ complete:
         break;
     case F_PASS:
         break;
+    case F_FUNPID:
+        return dfail(d, top->start, "FUN_EXT without a pid");
     case F_FUN:
         if (--top->rem) goto next_term;
         d->skip--;
@@ -1126,6 +1145,7 @@ int64_t sshrpc_etf_to_pickle(sshrpc_io *io, const char *cdata, size_t len, uint6
     io->out = (uint8_t *)out;
     io->out_len = 0;
     io->n_oob = 0;
+    io->n_floats = 0;
     io->err[0] = 0;
     io->err_offset = 0;
     pv->n_pending = 0;
@@ -1158,7 +1178,8 @@ int64_t sshrpc_etf_to_pickle(sshrpc_io *io, const char *cdata, size_t len, uint6
             uint64_t flen = io->out_len - 9;
             for (int i = 0; i < 8; i++) io->out[1 + i] = (uint8_t)(flen >> (8 * i));
             pv->n_pending = 0;
-            int64_t result = (int64_t)io->out_len * 2 + (io->n_oob ? 1 : 0);
+            int64_t result =
+                (int64_t)io->out_len * 4 + (io->n_floats ? 2 : 0) + (io->n_oob ? 1 : 0);
             io->out = own_out;
             return result;
         }

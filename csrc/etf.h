@@ -13,7 +13,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define SSHRPC_C_VERSION 5
+#define SSHRPC_C_VERSION 6
 int sshrpc_c_version(void);
 
 /* Memo indices the decoder's pickle stream relies on; the Python side puts
@@ -38,6 +38,8 @@ typedef struct {
     size_t out_len;
     size_t n_oob;          /* decode: out-of-band binaries, as pairs */
     uint64_t *oob;         /* (offset, length) into the input */
+    size_t n_floats;       /* decode: offsets of string floats (tag 99) */
+    uint64_t *floats;
     int64_t err_offset;    /* decode: the byte offset of the error */
     char err[256];         /* the error message, without the offset */
     void *priv;
@@ -47,7 +49,9 @@ sshrpc_io *sshrpc_io_new(uint32_t atom_cache);
 void sshrpc_io_free(sshrpc_io *io);
 
 /* ETF (version byte included) -> pickle stream written to out[0, cap).
- * Returns 2 * (stream length) + (1 if io->n_oob binaries go out of band);
+ * Returns 4 * (stream length) + (2 if io->n_floats string floats need
+ * checking) + (1 if io->n_oob binaries go out of band); when it fails,
+ * io->floats still lists the string floats read before the error;
  * -1 for a malformed term (io->err, io->err_offset), -2 for out of memory,
  * -3 when cap is too small (call again with a larger buffer). */
 int64_t sshrpc_etf_to_pickle(sshrpc_io *io, const char *data, size_t len,

@@ -346,6 +346,12 @@ def test_trailing_bytes_and_bad_headers(codec: Any) -> None:
         (b"u" + u32(0) + b"a\x01" + atom("m") + b"a\x01a\x01", "FUN_EXT without a pid"),
         (b"u" + u32(0) + bytes(PID.raw) + atom("m") + b"F" + b"\x00" * 8 + b"a\x01", "index"),
         (b"u" + u32(0) + bytes(PID.raw) + atom("m") + b"a\x01" + atom("x"), "uniq"),
+        (
+            b"u" + u32(1) + bytes(PID.raw) + atom("m") + b"a\x01a\x01" + _float_ext(b"bad"),
+            "FLOAT_EXT is not a number",
+        ),
+        (b"u" + u32(0) + b"h\x01" + _float_ext(b"bad") + atom("m") + b"a\x01a\x01", "FLOAT_EXT"),
+        (b"h\x02" + _float_ext(b"bad") + b"\xff", r"FLOAT_EXT is not a number: b'bad' at byte 3"),
         (b"u" + u32(100) + bytes(PID.raw) + atom("m") + b"a\x01a\x01", "free variables"),
     ],
 )

@@ -56,7 +56,7 @@ except ImportError as exc:  # pragma: no cover - a broken install
 __all__ = ["decode", "encode", "encode_frame"]
 
 #: The C module this Python code was written against (csrc/etf.h).
-C_VERSION = 5
+C_VERSION = 6
 if lib.sshrpc_c_version() != C_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"sshrpc's C module is version {lib.sshrpc_c_version()}, this Python code needs "
@@ -238,7 +238,7 @@ def decode(
         rc = lib.sshrpc_etf_to_pickle(
             state.io, data, len(data), max_depth, max_big_bytes, OOB_MIN, state.c_out, state.cap
         )
-        if rc < 0 or rc & 1:
+        if rc < 0 or rc & 3:
             rc = _decode_rare(state, data, rc, max_depth, max_big_bytes, inflated)
         state.bio.seek(0)
         try:
@@ -268,6 +268,15 @@ def _decode_rare(
         rc = lib.sshrpc_etf_to_pickle(
             state.io, data, len(data), max_depth, max_big, OOB_MIN, state.c_out, state.cap
         )
+    if ((rc >= 0 and rc & 2) or rc == -1) and state.io.n_floats:
+        # String floats, in document order: the first bad one is the error.
+        for pos in ffi.unpack(state.io.floats, state.io.n_floats):
+            try:
+                _string_float(data[pos + 1 : pos + 32], pos)
+            except TermError as exc:
+                if inflated:
+                    raise TermError(exc.detail + " (in the inflated term)", exc.offset) from None
+                raise
     if rc < 0:
         if rc == -2:
             raise MemoryError("out of memory decoding a term")
