@@ -317,13 +317,13 @@ class Connection:
         self._name = name
         self._max_depth = max_depth
         self._frames = FrameBuffer(DEFAULT_MAX_FRAME)
+        self._limit = DEFAULT_MAX_FRAME  # the receive limit, also in _frames
         self._send_limit = DEFAULT_MAX_FRAME
         self._open: dict[int, _Open] = {}
         self._legacy_in_flight = 0
         self._eof = False
         self._error: ProtocolError | None = None
         self._bye_after_error = False
-        self._got_frame = False
         self._first_bytes = b""
         # Server: what our sent hello promised.
         self._hello_max_calls = max_calls
@@ -360,7 +360,7 @@ class Connection:
     @property
     def max_frame(self) -> int:
         """The largest payload received frames may carry right now."""
-        return self._frames.max_frame
+        return self._limit
 
     @property
     def open_ids(self) -> KeysView[int]:
@@ -413,7 +413,7 @@ class Connection:
         if not data:
             self._eof = True
             return
-        if not self._got_frame and len(self._first_bytes) < _JUNK_SHOWN:
+        if not self._frames_received and len(self._first_bytes) < _JUNK_SHOWN:
             self._first_bytes += bytes(data[: _JUNK_SHOWN - len(self._first_bytes)])
         self._frames.feed(data)
 
@@ -448,7 +448,6 @@ class Connection:
                     )
                 return CLOSED
             self._frames_received += 1
-            self._got_frame = True
             term = self._decode(payload)
             if type(term) is not tuple or not term or type(term[0]) is not Atom:
                 event: Event | None = self._not_a_message(term)
@@ -459,7 +458,7 @@ class Connection:
                 return event
 
     def _decode(self, payload: bytes) -> Any:
-        limit = self._frames.max_frame
+        limit = self._limit
         if len(payload) >= 6 and payload[1] == 80:
             inflated = int.from_bytes(payload[2:6], "big")
             if inflated > limit:
@@ -584,8 +583,12 @@ class Connection:
         if self.role is Role.CLIENT:
             # Hellos exchanged (ours went first).
             self._send_limit = min(max_frame, 2**32 - 1)
-            self._frames.max_frame = self._our_max_frame()
+            self._set_limit(self._our_max_frame())
         return hello
+
+    def _set_limit(self, limit: int) -> None:
+        self._frames.max_frame = limit
+        self._limit = limit
 
     def _our_max_frame(self) -> int:
         ours = self.our_hello.max_frame if self.our_hello is not None else self._max_frame
@@ -726,7 +729,7 @@ class Connection:
 
     def _enter_legacy(self) -> None:
         self.legacy = True
-        self._frames.max_frame = self._max_frame
+        self._set_limit(self._max_frame)
         self._send_limit = 2**32 - 1
         # Only mfa (server) or answer (client) means anything from now on.
         if self.role is Role.SERVER:
@@ -892,7 +895,7 @@ class Connection:
             # Hellos exchanged (the client's came first).
             assert self.peer_hello is not None
             self._send_limit = min(self.peer_hello.max_frame, 2**32 - 1)
-            self._frames.max_frame = min(ev.max_frame, 2**32 - 1)
+            self._set_limit(min(ev.max_frame, 2**32 - 1))
         self._state = new
         return frame
 
