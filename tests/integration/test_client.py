@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -166,6 +167,33 @@ async def test_cancellation_reaches_the_server(sshrpc_server: Any) -> None:
         assert await _poll(node, "slow", "status", "cancelled", 5) == "cancelled"
         assert await node.call("slow", "was_cancelled", []) is True
         assert node.statistics().open_calls == 0
+
+
+async def test_leaving_a_stream_early_cancels_it(sshrpc_server: Any) -> None:
+    async with _connect(sshrpc_server) as node:
+        async with contextlib.aclosing(node.stream("feed", "tail", [10**9], credit=4)) as items:
+            async for item in items:
+                if item == 20:
+                    break
+        # The server answers the cancel; only then is the id free again.
+        with trio.fail_after(5):
+            while node.statistics().open_calls or node._pending:
+                await trio.sleep(0.01)  # bounded polling for the final answer
+        assert node.statistics().undelivered == 0
+        assert await node.call("echo", "echo", [b"after"]) == b"after"
+
+
+async def test_aclose_is_idempotent_and_completes_when_cancelled(sshrpc_server: Any) -> None:
+    async with _connect(sshrpc_server) as node:
+        assert await node.call("echo", "echo", [1]) == 1
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await node.aclose()
+        assert node.closed
+        assert node._pump.closed  # channel, session and socket are gone
+        await node.aclose()
+        with pytest.raises(sshrpc.ConnectionLost):
+            await node.call("echo", "echo", [1])
 
 
 async def test_remote_errors_are_typed(sshrpc_server: Any) -> None:
