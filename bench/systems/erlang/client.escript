@@ -62,9 +62,12 @@ payload(Size) ->
 %% A server's max_calls below the calls in flight answers overload at once
 %% (the Erlang client does not hold slots): such a call is sent again.
 echo(Conn, V) ->
+    echo(Conn, V, 10000).
+
+echo(Conn, V, Tries) ->
     case sshrpc:call(Conn, sshrpc_bench, echo, [V]) of
         {ok, V} -> ok;
-        {error, {sshrpc, overload, _}} -> erlang:yield(), echo(Conn, V)
+        {error, {sshrpc, overload, _}} when Tries > 0 -> erlang:yield(), echo(Conn, V, Tries - 1)
     end.
 
 connect(#{port := Port, opts := Opts}) ->
