@@ -40,6 +40,18 @@ async def quick(x: int) -> int:
     return x
 
 
+CLOSED_GENERATORS: list[int] = []
+
+
+@t.export
+async def chunks(size: int, n: int):
+    try:
+        for _ in range(n):
+            yield b"x" * size
+    finally:
+        CLOSED_GENERATORS.append(size)
+
+
 @t.export
 def fail() -> None:
     raise KeyError("k")
@@ -194,3 +206,26 @@ async def test_node_shutdown_says_bye(nursery):
     with trio.fail_after(5):
         while n.statistics()["channels"]:
             await trio.sleep(0.01)  # bounded poll of the node's counters
+
+
+async def test_stream_chunk_too_large_and_cancel_mid_stream(nursery):
+    _, c = await start(nursery)
+    await c.send((A("hello"), 1, {A("max_frame"): 1000}))
+    await c.recv()
+    await c.send((A("call"), 1, A("t"), A("chunks"), [10, 3], {A("stream"): True}))
+    assert [await c.recv() for _ in range(4)] == [
+        (A("chunk"), 1, b"x" * 10),
+        (A("chunk"), 1, b"x" * 10),
+        (A("chunk"), 1, b"x" * 10),
+        (A("reply"), 1, A("done")),
+    ]
+    await c.send((A("call"), 2, A("t"), A("chunks"), [5000, 3], {A("stream"): True}))
+    assert await c.recv() == (A("error"), 2, (A("sshrpc"), A("too_large"), {}))
+    # cancel while the stream waits for credit: one cancelled, generator closed
+    await c.send((A("call"), 3, A("t"), A("chunks"), [7, 100], {A("stream"): True, A("credit"): 1}))
+    assert await c.recv() == (A("chunk"), 3, b"x" * 7)
+    await c.send((A("cancel"), 3))
+    assert await c.recv() == (A("error"), 3, (A("sshrpc"), A("cancelled"), {}))
+    await c.send((A("ping"), 1))
+    assert await c.recv() == (A("pong"), 1)
+    assert CLOSED_GENERATORS == [10, 5000, 7]
