@@ -312,12 +312,12 @@ copyreg.pickle(Atom, _AtomReducers().__getitem__)
 class _EncodeState:
     """One thread's pickler, transcoder and output buffer.
 
-    The pickler is reused with a memo that already holds the sshrpc classes
-    (the C side knows the same memo), so a stream never pays for a global
-    lookup; it writes into ``chunks``.
+    The pickler is reused in fast mode with a memo that holds only the sshrpc
+    classes (the C side knows the same memo), so a stream never pays for a
+    global lookup; it writes into ``chunks``.
     """
 
-    __slots__ = ("busy", "c_out", "cap", "chunks", "io", "memo", "out", "pickler", "preamble")
+    __slots__ = ("busy", "c_out", "cap", "chunks", "io", "out", "pickler", "preamble")
 
     def __init__(self) -> None:
         handle = lib.sshrpc_io_new(0)
@@ -333,9 +333,9 @@ class _EncodeState:
         self.pickler.dump((Atom, BitString, ImproperList, Map, Pid, Port, Reference, Fun, Export))
         self.preamble = b"".join(self.chunks)
         self.chunks.clear()
-        self.memo = self.pickler.memo.copy()
-        # No memo puts from here on: shared objects are written twice (the C
-        # side would emit them twice anyway) and a cycle raises ValueError.
+        # No memo puts from here on, so the memo keeps exactly the preamble's
+        # entries across calls; shared objects are written twice (the C side
+        # would emit them twice anyway) and a cycle raises ValueError.
         self.pickler.fast = True
         if lib.sshrpc_enc_preamble(self.io, self.preamble, len(self.preamble)):
             raise ImportError("sshrpc's C encoder rejected the pickle preamble")
@@ -362,10 +362,8 @@ def _encode_c(obj: Any, max_depth: int, reserve: int) -> bytes | None:
     state.busy = True
     try:
         chunks = state.chunks
-        pickler = state.pickler
-        pickler.memo = state.memo
         try:
-            pickler.dump(obj)
+            state.pickler.dump(obj)
         except Exception:  # unpicklable, a cycle, too deep: the reference decides
             chunks.clear()
             return None
