@@ -363,10 +363,10 @@ class _Channel:
         Cancellation (the node stopping) cancels every task of the channel.
         """
         self.node.pids[self.pid] = self
-        self.node.channels.add(self)
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
+                self.node.channels.add(self)
                 nursery.start_soon(self._writer)
                 try:
                     graceful = await self._reader()
