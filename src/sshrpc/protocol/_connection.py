@@ -597,20 +597,28 @@ class Connection:
     # Server role.
 
     def _srv_call(self, term: tuple[Any, ...]) -> Event:
-        self._advance("Call")
-        call_id = self._read_id(term, "call")
-        if call_id in self._open:
-            raise self._fail(_protocol_error(f"call id {call_id} is already open"))
+        # The common call first: allowed now, a fresh valid id, no options,
+        # room for it.  Everything else takes the checks below.
+        new = self._recv_rows[self._state].get("Call")
+        opened = self._open
         if (
-            len(term) == 5
+            new is not None
+            and len(term) == 5
+            and type(call_id := term[1]) is int
+            and 0 <= call_id <= MAX_ID
+            and call_id not in opened
             and type(term[2]) is Atom
             and type(term[3]) is Atom
             and type(term[4]) is list
-            and len(self._open) < self._hello_max_calls
+            and len(opened) < self._hello_max_calls
         ):
-            # The common call: no options, room for it.
-            self._open[call_id] = _PLAIN
+            self._state = new
+            opened[call_id] = _PLAIN
             return _call(call_id, term[2], term[3], term[4], None, False, DEFAULT_CREDIT)
+        self._advance("Call")
+        call_id = self._read_id(term, "call")
+        if call_id in opened:
+            raise self._fail(_protocol_error(f"call id {call_id} is already open"))
         refusal = None
         n = len(term)
         if n not in (5, 6):
@@ -740,6 +748,15 @@ class Connection:
     # Client role.
 
     def _cli_reply(self, term: tuple[Any, ...]) -> Event:
+        new = self._recv_rows[self._state].get("Reply")
+        if (
+            new is not None
+            and len(term) == 3
+            and type(term[1]) is int
+            and self._open.pop(term[1], None) is not None
+        ):
+            self._state = new
+            return _reply(term[1], term[2])
         self._advance("Reply")
         if len(term) != 3 or not _is_id(term[1]):
             raise self._bad_shape(term)
