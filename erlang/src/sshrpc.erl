@@ -2,6 +2,8 @@
 %%
 %% One connection is one SSH connection with one sshrpc channel. Any number of
 %% processes may use it at once; each waits in its own receive (like erpc).
+%% Calls beyond the server's max_calls (from its hello) wait in the client
+%% until an open call ends, instead of drawing `overload' answers.
 %%
 %% Results are tagged tuples, never exceptions:
 %%   {ok, Value}

@@ -35,6 +35,9 @@
     calls = #{} :: #{non_neg_integer() => reference()},   %% id -> caller alias
     aliases = #{} :: #{reference() => non_neg_integer()}, %% alias -> id
     pings = #{} :: #{integer() => reference()},
+    max_calls = infinity :: pos_integer() | infinity, %% the server's, from its hello
+    waiting = queue:new() :: queue:queue({reference(), term()}), %% beyond max_calls
+    waiting_aliases = #{} :: #{reference() => true},
     writer :: pid(),
     closing :: undefined | term(), %% the From of close/1
     stop = false :: boolean()
@@ -80,11 +83,15 @@ handle_msg({ssh_channel_up, _Ch, _CM}, St) ->
     {ok, St};
 handle_msg({sshrpc_req, Alias, Req}, St) ->
     {ok, request(Alias, Req, St)};
-handle_msg({sshrpc_cancel, Alias}, St = #st{aliases = As}) ->
+handle_msg({sshrpc_cancel, Alias}, St = #st{aliases = As, waiting_aliases = WA}) ->
     case As of
         #{Alias := Id} ->
             out({cancel, Id}, St),
             {ok, St#st{aliases = maps:remove(Alias, As)}};
+        _ when is_map_key(Alias, WA) ->
+            %% Never sent: drop it from the queue.
+            {ok, St#st{waiting_aliases = maps:remove(Alias, WA),
+                       waiting = queue:filter(fun({A, _}) -> A =/= Alias end, St#st.waiting)}};
         _ ->
             {ok, St}
     end;
@@ -131,7 +138,8 @@ handle_ssh_msg(_Msg, St) ->
 
 terminate(Reason, St = #st{calls = Calls, pings = Pings, cm = CM}) ->
     Closed = {error, {sshrpc, closed, #{reason => closed_reason(Reason)}}},
-    [A ! {A, Closed} || A <- maps:values(Calls) ++ maps:values(Pings)],
+    Waiting = [A || {A, _} <- queue:to_list(St#st.waiting)],
+    [A ! {A, Closed} || A <- maps:values(Calls) ++ maps:values(Pings) ++ Waiting],
     [gen_server:reply(W, Closed) || W <- St#st.hello_waiters],
     case St#st.closing of
         undefined -> ok;
@@ -156,7 +164,15 @@ request(Alias, ping, St = #st{pings = P}) ->
     Token = erlang:unique_integer([positive]),
     out({ping, Token}, St),
     St#st{pings = P#{Token => Alias}};
-request(Alias, Req, St = #st{next_id = Id, calls = Calls, aliases = As, peer_max = Max}) ->
+request(Alias, Req, St = #st{calls = Calls, max_calls = MaxCalls, waiting = W})
+  when is_integer(MaxCalls), map_size(Calls) >= MaxCalls ->
+    %% The server would answer overload: the caller waits here instead.
+    St#st{waiting = queue:in({Alias, Req}, W),
+          waiting_aliases = maps:put(Alias, true, St#st.waiting_aliases)};
+request(Alias, Req, St) ->
+    send_request(Alias, Req, St).
+
+send_request(Alias, Req, St = #st{next_id = Id, calls = Calls, aliases = As, peer_max = Max}) ->
     Msg = case Req of
               {call, M, F, A, O} when map_size(O) =:= 0 -> {call, Id, M, F, A};
               {call, M, F, A, O} -> {call, Id, M, F, A, O};
@@ -217,7 +233,11 @@ answer({hello, 1, H}, St = #st{hello = undefined}) when is_map(H) ->
                   N when is_integer(N), N > 0 -> N;
                   _ -> ?DEFAULT_PEER_MAX
               end,
-    St#st{hello = H, hello_waiters = [], peer_max = PeerMax};
+    MaxCalls = case maps:get(max_calls, H, infinity) of
+                   M when is_integer(M), M > 0 -> M;
+                   _ -> infinity
+               end,
+    St#st{hello = H, hello_waiters = [], peer_max = PeerMax, max_calls = MaxCalls};
 answer({reply, Id, V}, St) ->
     final(Id, {ok, V}, St);
 answer({error, Id, {C, R, D}}, St) ->
@@ -249,9 +269,17 @@ final(Id, Result, St = #st{calls = Calls, aliases = As}) ->
     case maps:take(Id, Calls) of
         {Alias, Calls1} ->
             Alias ! {Alias, Result},
-            St#st{calls = Calls1, aliases = maps:remove(Alias, As)};
+            next_waiting(St#st{calls = Calls1, aliases = maps:remove(Alias, As)});
         error ->
             St
+    end.
+
+next_waiting(St = #st{waiting = W, waiting_aliases = WA}) ->
+    case queue:out(W) of
+        {empty, _} ->
+            St;
+        {{value, {Alias, Req}}, W1} ->
+            send_request(Alias, Req, St#st{waiting = W1, waiting_aliases = maps:remove(Alias, WA)})
     end.
 
 detail(Fmt, Args) ->

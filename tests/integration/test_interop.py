@@ -19,7 +19,9 @@ import trio
 from erlang_helpers import (
     ErlangNode,
     ErlangServer,
+    erl_string,
     erlang_available,
+    erlang_client_dir,
     start_erlang_server,
 )
 
@@ -236,3 +238,158 @@ async def test_erlang_pids_come_back_as_the_same_pid(node: Any) -> None:
     await node.send(pid, Atom("stop"))
     assert await node.receive() == ("down", pid, "normal")
     assert await node.call("sshrpc_test_funs", "alive", [pid]) is False
+
+
+# --- Erlang client -> Python node behind OpenSSH's sshd -----------------------
+
+
+@pytest.fixture(scope="module")
+def python_node(tmp_path_factory: pytest.TempPathFactory, client_key: Any) -> Iterator[Any]:
+    """``sshrpc serve sshrpc.demo:services`` (OpenSSH sshd + the Python node)."""
+    from conftest import start_serve, stop_serve
+
+    base = tmp_path_factory.mktemp("python_node")
+    keys = base / "authorized_keys"
+    keys.write_text(client_key.public_line + "\n")
+    info = start_serve(
+        ["sshrpc.demo:services"],
+        state_dir=base / "state",
+        authorized_keys=keys,
+        identity=client_key.private,
+    )
+    try:
+        yield info
+    finally:
+        stop_serve(info)
+
+
+@pytest.fixture(scope="module")
+def erl(
+    python_node: Any, tmp_path_factory: pytest.TempPathFactory, client_key: Any
+) -> Iterator[ErlangNode]:
+    """An Erlang VM with ``PC`` bound to an sshrpc connection to the Python node."""
+    user_dir = erlang_client_dir(
+        tmp_path_factory.mktemp("erl_client"),
+        client_key.private,
+        python_node.known_hosts.read_text().splitlines(),
+    )
+    node = ErlangNode()
+    try:
+        node.eval(
+            f'{{ok, PC}} = sshrpc:connect("127.0.0.1", {python_node.port}, '
+            f'[{{user, "{python_node.user}"}}, {{user_dir, {erl_string(user_dir)}}}, '
+            f"{{max_frame, {MAX_FRAME}}}])"
+        )
+        node.eval("{ok, PHello} = sshrpc:server_info(PC)")
+        yield node
+    finally:
+        node.close()
+
+
+def flat(text: str) -> str:
+    return text.replace(" ", "").replace("\n", "")
+
+
+def test_erlang_calls_python(erl: ErlangNode) -> None:
+    assert erl.eval("sshrpc:call(PC, lists, reverse, [[1, 2, 3]])") == ("ok", [3, 2, 1])
+    assert erl.eval("sshrpc:call(PC, lists, seq, [1, 4])") == ("ok", [1, 2, 3, 4])
+    assert erl.eval("{ok, P} = sshrpc:call(PC, os, getpid, []), is_integer(P)") is True
+    assert erl.eval("element(1, sshrpc:ping(PC))") == "ok"
+
+
+@pytest.mark.parametrize(
+    ("expr", "expected"),
+    [
+        ("errors, raise, [error, badarith]", "{error,{error,badarith,#{}}}"),
+        ("errors, raise, [exit, {shutdown, 1}]", "{error,{exit,{shutdown,1},#{}}}"),
+        ('errors, raise, [throw, <<"t">>]', '{error,{throw,<<"t">>,#{}}}'),
+        ('errors, raise, [other, <<"bad">>]', "{error,{error,{'ValueError',<<\"bad\">>},"),
+        ("erlang, halt, []", "{error,{sshrpc,forbidden,"),
+        ("lists, sort, [[2, 1]]", "{error,{sshrpc,undef,"),
+        ("lists, reverse, [[1], [2]]", "{error,{sshrpc,undef,"),
+    ],
+)
+def test_erlang_sees_python_error_classes(erl: ErlangNode, expr: str, expected: str) -> None:
+    text = flat(erl.eval_text(f"sshrpc:call(PC, {expr})"))
+    assert text.startswith(expected), text
+    assert "Traceback" not in text and ".py" not in text
+
+
+def test_erlang_timeout_cancels_python_work(erl: ErlangNode) -> None:
+    assert erl.eval_text("sshrpc:call(PC, slow, work, [30], 300)") == (
+        "{error,{sshrpc,timeout,#{}}}"
+    )
+    erl.wait_until("sshrpc:call(PC, slow, status, []) =:= {ok, cancelled}")
+
+
+def test_erlang_1000_concurrent_calls_to_python(erl: ErlangNode) -> None:
+    ok = erl.eval(
+        "Self = self(), "
+        "[spawn(fun() -> Self ! {py, I, sshrpc:call(PC, echo, echo, [{I, <<I:32>>}])} end) "
+        "|| I <- lists:seq(1, 1000)], "
+        "lists:all(fun(I) -> receive {py, I, {ok, {I, <<I:32>>}}} -> true "
+        "after 30000 -> false end end, lists:seq(1, 1000))",
+        timeout=60,
+    )
+    assert ok is True
+
+
+def test_erlang_largest_frames_both_ways_with_python(erl: ErlangNode) -> None:
+    # `sshrpc serve` announces its max_frame in the hello (1 MiB by default,
+    # no option to raise it yet): the largest binary that fits crosses both
+    # ways intact, and one past it is refused locally, before sending.
+    limit = erl.eval("maps:get(max_frame, PHello)")
+    size = min(limit, 16 * 1048576) - 64
+    assert erl.eval(
+        f"PBig = crypto:strong_rand_bytes({size}), "
+        "{ok, PBack} = sshrpc:call(PC, echo, echo, [PBig]), PBack =:= PBig",
+        timeout=60,
+    )
+    if limit <= 16 * 1048576:
+        text = flat(erl.eval_text(f"sshrpc:call(PC, echo, echo, [binary:copy(<<1>>, {limit})])"))
+        assert text.startswith("{error,{sshrpc,too_large,"), text
+        assert erl.eval("sshrpc:call(PC, lists, reverse, [[1]])") == ("ok", [1])
+
+
+ERLANG_TERMS = [
+    "1 bsl 200",
+    "-(1 bsl 70) + 3",
+    "1.5",
+    "-0.0",
+    "1.0e300",
+    "'" + UTF8_ATOM + "'",
+    '#{a => 1, <<"k">> => [1, 2], 3 => #{b => {}}, 1.0 => x}',
+    "[1, 2 | 3]",
+    "<<16#AB, 6:3>>",
+    "{self(), make_ref(), hd(erlang:ports())}",
+    "fun erlang:node/0",
+    '[{list_to_atom(""), <<>>, [], {}}]',
+]
+
+
+@pytest.mark.parametrize("index", range(len(ERLANG_TERMS)), ids=ERLANG_TERMS)
+def test_erlang_terms_cross_python_unchanged(erl: ErlangNode, index: int) -> None:
+    sent, back = f"Sent{index}", f"Back{index}"  # bindings persist in the driver
+    assert erl.eval(
+        f"{sent} = ({ERLANG_TERMS[index]}), {{ok, {back}}} = sshrpc:call(PC, echo, echo, [{sent}]), "
+        f"{{{back} =:= {sent}, term_to_binary({back}) =:= term_to_binary({sent})}}"
+    ) == (True, True)
+
+
+def test_erlang_spawns_and_messages_python_processes(erl: ErlangNode) -> None:
+    erl.eval("{ok, PW} = sshrpc:spawn(PC, worker, loop, [])")
+    erl.eval("sshrpc:send(PC, PW, {hello, self()})")
+    assert erl.eval(
+        "Me = self(), receive {sshrpc, PC, {send, _, {echo, {hello, Me}}}} -> true "
+        "after 10000 -> false end"
+    )
+    erl.eval("sshrpc:send(PC, PW, {crash, boom})")
+    assert erl.eval("receive {sshrpc, PC, {down, PW, Why}} -> Why after 10000 -> timeout end") == (
+        "exit",
+        "boom",
+    )
+
+
+def test_erlang_casts_to_python(erl: ErlangNode) -> None:
+    erl.eval("sshrpc:cast(PC, log, info, [{from_erlang, 42}])")
+    erl.wait_until("sshrpc:call(PC, log, last, []) =:= {ok, {from_erlang, 42}}")
