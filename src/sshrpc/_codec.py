@@ -341,15 +341,6 @@ class _EncodeState:
             raise ImportError("sshrpc's C encoder rejected the pickle preamble")
 
 
-def _encoder() -> _EncodeState:
-    state: _EncodeState | None = getattr(_local, "encoder", None)
-    if state is None:
-        state = _local.encoder = _EncodeState()
-    elif state.busy:
-        state = _EncodeState()
-    return state
-
-
 def _encode_c(obj: Any, max_depth: int, reserve: int) -> bytes | None:
     """ETF for ``obj`` after ``reserve`` bytes (see sshrpc_pickle_to_etf), or
     None if the transcoder cannot (then the reference encoder decides)."""
@@ -358,15 +349,25 @@ def _encode_c(obj: Any, max_depth: int, reserve: int) -> bytes | None:
         if reserve:
             head = bytes(reserve - 4) + struct.pack(">I", len(obj) + 6) + head
         return head + obj
-    state = _encoder()
+    try:
+        state: _EncodeState = _local.encoder
+    except AttributeError:
+        state = _local.encoder = _EncodeState()
+    if state.busy:  # re-entered (a __reduce__ or finalizer encoding)
+        state = _EncodeState()
     state.busy = True
     try:
         chunks = state.chunks
         try:
             state.pickler.dump(obj)
-        except Exception:  # unpicklable, a cycle, too deep: the reference decides
-            chunks.clear()
-            return None
+        except BaseException as exc:
+            # Unpicklable, a cycle, too deep: the reference decides.  The
+            # pickler may be mid-way, so this thread gets a new one.
+            if _local.__dict__.get("encoder") is state:
+                del _local.encoder
+            if isinstance(exc, Exception):
+                return None
+            raise
         stream = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         rc = lib.sshrpc_pickle_to_etf(
