@@ -27,7 +27,6 @@ from erlang_helpers import (
 
 import sshrpc
 from sshrpc import Atom, BitString, ImproperList
-from sshrpc.client import open_connection
 
 pytestmark = [
     pytest.mark.skipif(not erlang_available(), reason="Erlang/OTP is not installed"),
@@ -71,7 +70,7 @@ def erlang_server(
 async def node(erlang_server: ErlangServer, tmp_path: Path, client_key: Any) -> AsyncIterator[Any]:
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(erlang_server.known_hosts_line + "\n")
-    async with open_connection(
+    async with sshrpc.open_connection(
         "127.0.0.1",
         port=erlang_server.port,
         user="tester",
@@ -371,7 +370,8 @@ ERLANG_TERMS = [
 def test_erlang_terms_cross_python_unchanged(erl: ErlangNode, index: int) -> None:
     sent, back = f"Sent{index}", f"Back{index}"  # bindings persist in the driver
     assert erl.eval(
-        f"{sent} = ({ERLANG_TERMS[index]}), {{ok, {back}}} = sshrpc:call(PC, echo, echo, [{sent}]), "
+        f"{sent} = ({ERLANG_TERMS[index]}), "
+        f"{{ok, {back}}} = sshrpc:call(PC, echo, echo, [{sent}]), "
         f"{{{back} =:= {sent}, term_to_binary({back}) =:= term_to_binary({sent})}}"
     ) == (True, True)
 
