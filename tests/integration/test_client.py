@@ -567,3 +567,26 @@ async def test_cli_call(sshrpc_server: Any) -> None:
         )
         assert bad.returncode == 2
         assert "column" in bad.stderr.decode()
+
+
+async def test_ssh_config_alias(test_sshd: Any, tmp_path: Path) -> None:
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        "Host mynode\n"
+        f"    HostName {test_sshd.host}\n"
+        f"    Port {test_sshd.port}\n"
+        f"    User {test_sshd.user}\n"
+        f"    IdentityFile {test_sshd.identity}\n"
+        f"    UserKnownHostsFile {test_sshd.known_hosts}\n"
+    )
+    async with open_connection(
+        "mynode", ssh_config=str(config), agent=False, subsystem="opts"
+    ) as node:
+        assert node.destination == f"{test_sshd.user}@{test_sshd.host}:{test_sshd.port}"
+        assert await node.call("m", "f", []) == {}
+    # An explicit argument wins over the config: a port nothing listens on.
+    with pytest.raises(sshrpc.ConnectionLost, match="cannot connect"):
+        async with open_connection(
+            "mynode", port=free_port(), ssh_config=str(config), agent=False, subsystem="opts"
+        ):
+            pass
