@@ -185,7 +185,8 @@ class _DecodeState:
         self._release()
         self.bio.seek(0)
         self.bio.truncate()
-        self.bio.write(bytes(size))
+        self.bio.seek(size - 1)
+        self.bio.write(b"\0")  # zero-fills the rest
         self.view = self.bio.getbuffer()
         self.c_out = ffi.from_buffer(self.view)
         self.cap = size
@@ -264,7 +265,7 @@ def _decode_rare(
     """The transcoder's uncommon outcomes: a larger stream buffer, errors,
     out-of-band binaries.  Returns the final status."""
     while rc == -3:
-        state.resize(max(2 * state.cap, 4 * len(data) + 64))
+        state.resize(max(2 * state.cap, len(data) + 64))
         rc = lib.sshrpc_etf_to_pickle(
             state.io, data, len(data), max_depth, max_big, OOB_MIN, state.c_out, state.cap
         )
