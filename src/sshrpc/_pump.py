@@ -105,6 +105,7 @@ class Pump:
         self.closed = False
         self.error: BaseException | None = None
         self._done = trio.Event()
+        self._close_done = trio.Event()
         self.bytes_sent = 0
         self.bytes_received = 0
         self.paused = False
@@ -304,13 +305,15 @@ class Pump:
             await self._room.wait()
 
     async def aclose(self) -> None:
-        """Close the channel and session, then the socket.  Idempotent.
+        """Close the channel and session, then the socket.  Idempotent: a
+        second caller waits until the first has finished.
 
         Called after the pump task has stopped.  Best effort: the channel
         close and SSH disconnect are bounded by ``CLOSE_TIMEOUT`` and shielded
         from cancellation so that the socket is always closed last.
         """
         if self.closed:
+            await self._close_done.wait()
             return
         self.closed = True
         self.closing = True
@@ -328,6 +331,7 @@ class Pump:
         self.channel = None
         self.session = None
         self.sock.close()
+        self._close_done.set()
 
 
 async def connect_socket(host: str, port: int) -> trio.socket.SocketType:

@@ -190,11 +190,16 @@ class Connection:
             nursery.start_soon(watch, self._ended)
 
     async def _run(self) -> None:
-        with self._cancel_scope:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                await self._pump.run(self._on_data, self._should_read, self._on_eof)
-                nursery.cancel_scope.cancel()
+        try:
+            with self._cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    await self._pump.run(self._on_data, self._should_read, self._on_eof)
+                    nursery.cancel_scope.cancel()
+        finally:
+            # Also when the owner's nursery is cancelled without aclose().
+            with trio.CancelScope(shield=True):
+                await self._pump.aclose()
 
     # -- the receive side (runs in the pump task) ---------------------------
 

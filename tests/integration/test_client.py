@@ -196,6 +196,26 @@ async def test_aclose_is_idempotent_and_completes_when_cancelled(sshrpc_server: 
             await node.call("echo", "echo", [1])
 
 
+async def test_connect_node_in_a_nursery_closes_when_the_nursery_is_cancelled(
+    sshrpc_server: Any,
+) -> None:
+    info = sshrpc_server
+    async with trio.open_nursery() as nursery:
+        node = await sshrpc.connect_node(
+            nursery,
+            info.host,
+            info.port,
+            identity=str(info.identity),
+            known_hosts=str(info.known_hosts),
+            agent=False,
+        )
+        assert await node.call("echo", "echo", [2]) == 2
+        nursery.cancel_scope.cancel()
+    assert node._pump.closed and node._pump.sock.fileno() == -1
+    with pytest.raises(sshrpc.ConnectionLost):
+        await node.call("echo", "echo", [2])
+
+
 async def test_remote_errors_are_typed(sshrpc_server: Any) -> None:
     async with _connect(sshrpc_server) as node:
         with pytest.raises(sshrpc.Undef):
