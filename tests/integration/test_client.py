@@ -250,6 +250,24 @@ async def test_1000_concurrent_calls_from_100_tasks_routed_right(sshrpc_server: 
         assert node.statistics().open_calls == 0
 
 
+async def test_large_payloads_from_many_tasks_arrive_intact(sshrpc_server: Any) -> None:
+    # Writes beyond the SSH window come back as (EAGAIN, n>0) partial writes;
+    # any slip in advancing by n would corrupt a frame.
+    blobs = [os.urandom(300_000 + 4099 * i) for i in range(16)]
+    async with _connect(sshrpc_server, write_limit=512 * 1024) as node:
+        results: dict[int, bytes] = {}
+
+        async def echo(i: int) -> None:
+            results[i] = await node.call("echo", "echo", [blobs[i]])
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(len(blobs)):
+                    nursery.start_soon(echo, i)
+        assert all(results[i] == blobs[i] for i in range(len(blobs)))
+        assert node.statistics().queued_bytes == 0
+
+
 async def test_multicall_and_pool(sshrpc_server: Any, client_key: Any) -> None:
     opts = {
         "identity": str(sshrpc_server.identity),
