@@ -12,11 +12,14 @@ measurements that chose it; in short:
   unpickler, put there once from a stream built here.  Atoms are cached
   across calls in the same memo (bounded by ``ATOM_CACHE``), binaries of
   ``OOB_MIN`` bytes or more travel out of band as one slice of the input.
-- encode: ``pickle.dumps`` (C) flattens the value; C (``sshrpc_pickle_to_etf``)
-  transcodes that stream into canonical ETF.  Anything the transcoder does
-  not know (a subclass, an unsupported type, a cycle, a value the reference
-  rejects) is handed to the reference encoder, which encodes it or raises
-  the documented error.
+- encode: a per-thread fast-mode ``pickle.Pickler`` (C) flattens the value;
+  C (``sshrpc_pickle_to_etf``) transcodes that stream into canonical ETF.
+  Anything the transcoder does not know (a subclass, an unsupported type, a
+  cycle, a value the reference rejects) is handed to the reference encoder,
+  which encodes it or raises the documented error.
+
+Neither direction holds a lock: each thread has its own state, and a call
+that re-enters (from a finalizer) uses a fresh one.
 """
 
 from __future__ import annotations
