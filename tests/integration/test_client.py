@@ -622,6 +622,10 @@ async def test_ssh_config_alias(test_sshd: Any, tmp_path: Path) -> None:
     ) as node:
         assert node.destination == f"{test_sshd.user}@{test_sshd.host}:{test_sshd.port}"
         assert await node.call("m", "f", []) == {}
+    # An error in the body comes out as itself, not in an ExceptionGroup.
+    with pytest.raises(KeyError):
+        async with open_connection("mynode", ssh_config=str(config), agent=False, subsystem="opts"):
+            raise KeyError("body")
     # An explicit argument wins over the config: a port nothing listens on.
     with pytest.raises(sshrpc.ConnectionLost, match="cannot connect"):
         async with open_connection(
