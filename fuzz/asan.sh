@@ -13,7 +13,9 @@
 # 3. fuzzes each target for SECONDS (default 30).  Under a preloaded ASan
 #    runtime atheris gets no coverage feedback, so this is plain mutation of
 #    the corpus.
-# A sanitizer report aborts the process.  The script prints each step's
+# A sanitizer report aborts the process.  ASAN_OPTIONS and UBSAN_OPTIONS
+# from the environment replace the defaults (e.g. to add a suppressions file
+# for a known report and look past it).  The script prints each step's
 # result, then exits 1 if any sanitizer report or crash appeared (Python-level
 # failures are listed but left to the normal test suite).  Logs: DEST/logs.
 set -u
@@ -30,8 +32,8 @@ SSHRPC_SANITIZE=1 "$dest/scripts/build-c" >/dev/null || exit 2
 
 # libstdc++ too, so ASan's __cxa_throw interceptor resolves (atheris is C++).
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)"
-ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=1
-UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1
+ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=1}
+UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1:abort_on_error=1}
 PYTHONPATH="$dest/src"
 export LD_PRELOAD ASAN_OPTIONS UBSAN_OPTIONS PYTHONPATH
 cd "$dest" || exit 2
