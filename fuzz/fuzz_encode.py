@@ -12,6 +12,10 @@ PROTOCOL.md section 8 maps (and some it does not).  Properties:
 - the bytes decode, with both decoders, to a value that re-encodes to the
   same bytes, and to the value itself wherever the mapping is two-way.
 
+Strings are built without lone surrogates: encoding one raises
+``UnicodeEncodeError`` today, a known finding kept as
+tests/test_fuzz_short.py::test_lone_surrogate_is_a_term_error.
+
 Run it with ``python fuzz/run.py encode`` (docs/fuzzing.md).
 """
 
