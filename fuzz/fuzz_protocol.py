@@ -17,7 +17,8 @@ legacy protocol.  Properties:
 - ``send`` raises only ``LocalProtocolError`` or ``MessageTooLarge``, and
   then changes nothing (state, open ids, credit, frames sent);
 - every frame ``send`` returns is one valid term within the peer's
-  ``max_frame``;
+  ``max_frame``; waiting for data, the connection holds less than one
+  frame of ``max_frame`` bytes;
 - the open ids and stream credit are exactly the harness's model of them:
   a call's id opens once and closes with exactly one final answer (a second
   one raises), a chunk needs credit, a reply is delivered only for an open id.
@@ -309,6 +310,9 @@ class _Harness:
                 self.protocol_error(exc)
                 return
             if event is NEED_DATA:
+                # Memory: at most one incomplete frame is held.
+                held = conn.statistics().bytes_buffered
+                assert held < 4 + conn.max_frame, (held, conn.max_frame)
                 return
             if event is CLOSED:
                 assert conn.state is CLOSED or conn.statistics().state is not None
