@@ -4,7 +4,9 @@ Properties checked for every input (an ``AssertionError`` or any exception
 other than ``TermError`` is a finding):
 
 - each decoder returns a value or raises ``TermError``, nothing else (no
-  ``RecursionError``, ``MemoryError``, ``OverflowError``, ``SystemError``...);
+  ``RecursionError``, ``MemoryError``, ``OverflowError``, ``SystemError``...),
+  whose message names a byte offset inside the input (or the inflated term),
+  the same offset for both decoders;
 - both decoders agree: both refuse the input, or both return the same value
   of the same types (``same``);
 - a decoded value encodes (both encoders give the same bytes), and those
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from _common import DECODERS, ENCODERS, attempt, same
+from _common import DECODERS, ENCODERS, MAX_INFLATED, attempt, same
 
 from sshrpc import Atom, BitString, ImproperList, Map, Pid, Reference, TermError
 
@@ -28,6 +30,13 @@ def test_one_input(data: bytes) -> None:
     ref_failed, fast_failed = isinstance(ref, TermError), isinstance(fast, TermError)
     assert ref_failed == fast_failed, f"decoders disagree on {data!r}: {ref!r} vs {fast!r}"
     if ref_failed:
+        # The message names the byte offset, within the (inflated) input,
+        # and both decoders name the same one.
+        limit = MAX_INFLATED + 1 if len(data) > 1 and data[1] == 80 else len(data)
+        for err in (ref, fast):
+            assert type(err.offset) is int and 0 <= err.offset <= limit, (data, err)
+            assert f"at byte {err.offset}" in str(err), (data, err)
+        assert ref.offset == fast.offset, f"offsets differ on {data!r}: {ref} vs {fast}"
         return
     assert same(ref, fast), f"decoders disagree on {data!r}: {ref!r} vs {fast!r}"
     encoded = {name: encode(ref) for name, encode in ENCODERS.items()}
