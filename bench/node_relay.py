@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import sshrpc
 from sshrpc import Atom
 from sshrpc._sshd import PrivateSSHD
-from sshrpc.subsystem import RELAY_PATH, in_process_command, relay_command
+from sshrpc.subsystem import RELAY_PATH, in_process_command, native_relay, relay_command
 
 A = Atom
 
@@ -156,9 +156,11 @@ def main() -> None:
         )  # fmt: skip
         assert node_proc.stdout is not None
         assert node_proc.stdout.readline().startswith(b"ready")
+        native = native_relay(tmp / "bin")
         modes = {
             "cat (ssh floor)": "cat",
             "relay": relay_command(sock),
+            **({"relay-c": relay_command(sock, native=native)} if native else {}),
             "in-process": in_process_command(["sshrpc.demo:services"]),
         }
         for mode, command in modes.items():
@@ -193,6 +195,8 @@ def main() -> None:
         results["relay"]["startup_ms"] = (
             startup([sys.executable, "-I", "-S", RELAY_PATH, str(tmp / "none.sock")]) * 1e3
         )
+        if native:
+            results["relay-c"]["startup_ms"] = startup([native, str(tmp / "none.sock")]) * 1e3
         results["in-process"]["startup_ms"] = (
             startup([sys.executable, "-c", "import sshrpc.node, sshrpc.demo"]) * 1e3
         )

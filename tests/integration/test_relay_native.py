@@ -1,0 +1,159 @@
+"""The C relay (``_relay.c``, built by ``native_relay``) behaves as the Python
+relay: same header, bytes both ways with flow control, same endings.  Run
+for both programs, with a socketpair as stdin/stdout as sshd runs them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import trio
+
+from sshrpc import subsystem
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory) -> str:
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine")
+    path = subsystem.native_relay(tmp_path_factory.mktemp("bin"))
+    assert path is not None, "the C relay did not compile"
+    return path
+
+
+@pytest.fixture(params=["python", "c"])
+def relay_argv(request) -> list[str]:
+    if request.param == "python":
+        return [sys.executable, "-I", "-S", subsystem.RELAY_PATH]
+    return [request.getfixturevalue("native")]
+
+
+async def _unix_server(path: str):
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    sock.listen(4)
+    return sock
+
+
+async def _recv_exactly(stream, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = await stream.receive_some(n - len(data))
+        assert chunk, "EOF"
+        data += chunk
+    return bytes(data)
+
+
+def test_native_relay_is_cached(native, tmp_path):
+    again = subsystem.native_relay(os.path.dirname(native))
+    assert again == native
+    assert subsystem.native_relay(tmp_path, compiler="/nonexistent/cc") is None
+    assert os.listdir(tmp_path) == []  # no half-built file left behind
+
+
+def test_relay_command_names_the_native_relay(native):
+    command = subsystem.relay_command("/run/x/node.sock", native=native)
+    assert command == f"{native} /run/x/node.sock"
+
+
+def test_unreachable_node_is_one_line_and_status_1(relay_argv, tmp_path):
+    out = subprocess.run(
+        [*relay_argv, str(tmp_path / "none.sock")], capture_output=True, text=True, timeout=20
+    )
+    assert out.returncode == 1
+    assert out.stderr.startswith(f"sshrpc relay: cannot reach the node at {tmp_path}/none.sock: ")
+    assert out.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("auth_text", ["publickey ssh-ed25519 AAAAtest\n", None])
+async def test_header_and_bytes_both_ways(relay_argv, tmp_path, auth_text):
+    path = str(tmp_path / "n.sock")
+    server = await _unix_server(path)
+    env = dict(os.environ, SSH_CONNECTION="1.2.3.4 5 6.7.8.9 22")
+    env.pop("SSH_USER_AUTH", None)
+    if auth_text is not None:
+        auth = tmp_path / "auth"
+        auth.write_bytes(auth_text.encode() + b"\0")  # NULs are dropped
+        env["SSH_USER_AUTH"] = str(auth)
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([*relay_argv, path], stdin=theirs, stdout=theirs, env=env)
+    theirs.close()
+    try:
+        raw, _ = await server.accept()
+        conn = trio.SocketStream(raw)
+        head = await _recv_exactly(conn, 8)
+        assert head[:4] == b"SRLY"
+        body = await _recv_exactly(conn, int.from_bytes(head[4:], "big"))
+        assert body == (auth_text or "").encode() + b"\x001.2.3.4 5 6.7.8.9 22"
+        ours_t = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+        big = os.urandom(3_000_000)  # several times either buffer
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ours_t.send_all, big)
+            assert await _recv_exactly(conn, len(big)) == big
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.send_all, big[::-1])
+            assert await _recv_exactly(ours_t, len(big)) == big[::-1]
+        # Both ways at once, with neither side reading until it has sent
+        # half: the bounded buffers fill and drain without losing a byte.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ours_t.send_all, big)
+            nursery.start_soon(conn.send_all, big[::-1])
+            got_up = await _recv_exactly(conn, len(big))
+            got_down = await _recv_exactly(ours_t, len(big))
+        assert got_up == big and got_down == big[::-1]
+        # EOF from the client (half-close) does not end the relay.
+        ours_t.socket.shutdown(socket.SHUT_WR)
+        await conn.send_all(b"late answer")
+        assert await _recv_exactly(ours_t, 11) == b"late answer"
+        assert proc.poll() is None
+        # The node closing ends the relay after the last bytes are written.
+        await conn.send_all(b"bye")
+        await conn.aclose()
+        assert await _recv_exactly(ours_t, 3) == b"bye"
+        with trio.fail_after(10):
+            assert await trio.to_thread.run_sync(proc.wait) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.close()
+        ours.close()
+
+
+async def test_relay_ends_when_channel_closes(relay_argv, tmp_path):
+    path = str(tmp_path / "n.sock")
+    server = await _unix_server(path)
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([*relay_argv, path], stdin=theirs, stdout=theirs)
+    theirs.close()
+    try:
+        raw, _ = await server.accept()
+        conn = trio.SocketStream(raw)
+        head = await _recv_exactly(conn, 8)
+        await _recv_exactly(conn, int.from_bytes(head[4:], "big"))
+        ours.close()
+        with trio.fail_after(10):
+            assert await conn.receive_some(10) == b""
+            assert await trio.to_thread.run_sync(proc.wait) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.close()
+
+
+def test_native_relay_starts_fast(native, tmp_path):
+    """Per-channel start-up of the C relay: a few ms, not an interpreter's tens."""
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        subprocess.run([native, str(tmp_path / "none")], capture_output=True, timeout=20)
+        times.append(time.perf_counter() - start)
+    assert sorted(times)[len(times) // 2] < 0.015
