@@ -114,16 +114,15 @@ handle_msg({'EXIT', W, _}, St = #st{writer = W}) ->
 handle_msg(_Other, St) ->
     {ok, St}.
 
-handle_ssh_msg({ssh_cm, CM, {data, Ch, 0, Data}}, St = #st{buf = Buf}) ->
+%% The ssh_client_channel behaviour gives the window back when we return.
+handle_ssh_msg({ssh_cm, _CM, {data, _Ch, 0, Data}}, St = #st{buf = Buf}) ->
     St1 = case sshrpc_wire:buffer_add(Data, Buf) of
               {wait, Buf1} -> St#st{buf = Buf1};
               {ready, Bin} -> parse(Bin, St)
           end,
-    ssh_connection:adjust_window(CM, Ch, byte_size(Data)),
     ret(St1);
-handle_ssh_msg({ssh_cm, CM, {data, Ch, 1, Data}}, St) ->
+handle_ssh_msg({ssh_cm, _CM, {data, _Ch, 1, Data}}, St) ->
     logger:info("sshrpc: server diagnostics: ~ts", [Data]),
-    ssh_connection:adjust_window(CM, Ch, byte_size(Data)),
     {ok, St};
 handle_ssh_msg({ssh_cm, _, {eof, _}}, St) ->
     {ok, St};

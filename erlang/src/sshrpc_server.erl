@@ -15,8 +15,11 @@
 %% call gets exactly one final answer. Bytes go out through a writer process
 %% that calls the blocking ssh_connection:send/4, so the SSH window paces the
 %% writer, not the session. The session counts the bytes it queued to the
-%% writer; while they exceed max_out_bytes it holds back WINDOW_ADJUST for
-%% what it read, so a client that does not read its answers soon cannot send.
+%% writer. The ssh_server_channel behaviour gives the client window back each
+%% time handle_ssh_msg/2 returns, so while the queued bytes exceed
+%% max_out_bytes the session does not return from handle_ssh_msg/2: it waits
+%% there for the writer (and nothing else), the window stays shut, and a
+%% client that does not read its answers soon cannot send.
 -module(sshrpc_server).
 -behaviour(ssh_server_channel).
 
@@ -74,7 +77,6 @@
     writer :: pid() | undefined,
     session :: pid() | undefined, %% the relay named in the hello
     out_bytes = 0 :: non_neg_integer(), %% queued to the writer, not yet sent
-    held_window = 0 :: non_neg_integer(), %% WINDOW_ADJUST bytes held back
     legacy_q = queue:new() :: queue:queue(term()),
     legacy_busy = false :: false | {pid(), reference()}
 }).
@@ -118,7 +120,7 @@ handle_msg({sshrpc_chunk, Pid, Ref, Frame}, St) ->
 handle_msg({sshrpc_timeout, Pid}, St) ->
     ret(stop_call(Pid, timeout, St));
 handle_msg({sshrpc_written, N}, St = #st{out_bytes = Out}) ->
-    ret(maybe_release_window(St#st{out_bytes = Out - N}));
+    {ok, St#st{out_bytes = Out - N}};
 handle_msg(sshrpc_flushed, St) ->
     ret(St#st{stop = true});
 handle_msg(sshrpc_close_now, St) ->
@@ -131,6 +133,9 @@ handle_msg({sshrpc_mailbox, Msg}, St = #st{session = S, peer_max = Max}) ->
                            "client's max_frame", [N, S]),
             ret(St)
     end;
+handle_msg({sshrpc_statistics, From, Ref}, St) ->
+    From ! {Ref, session_statistics(St)},
+    {ok, St};
 handle_msg({'DOWN', MRef, process, Pid, Reason}, St) ->
     ret(down(MRef, Pid, Reason, St));
 handle_msg({'EXIT', Pid, Reason}, St = #st{writer = Pid}) ->
@@ -149,9 +154,8 @@ handle_ssh_msg({ssh_cm, _CM, {data, _Ch, 0, Data}}, St = #st{buf = Buf}) ->
               {wait, Buf1} -> St#st{buf = Buf1};
               {ready, Bin} -> parse(Bin, St)
           end,
-    ret(window(byte_size(Data), St1));
-handle_ssh_msg({ssh_cm, CM, {data, Ch, _Type, Data}}, St) ->
-    ssh_connection:adjust_window(CM, Ch, byte_size(Data)),
+    ret(wait_for_room(St1));
+handle_ssh_msg({ssh_cm, _CM, {data, _Ch, _Type, _Data}}, St) ->
     {ok, St};
 handle_ssh_msg({ssh_cm, _CM, {eof, _Ch}}, St) ->
     ret(drain(St));
@@ -172,6 +176,11 @@ terminate(_Reason, St = #st{calls = Calls, legacy_busy = LB}) ->
     end,
     [exit(P, kill) || P <- [St#st.writer, St#st.session], is_pid(P)],
     ok.
+
+%% What `{sshrpc_statistics, From, Ref}' answers (for operators and tests).
+session_statistics(#st{calls = C, out_bytes = Out, casts = Casts, spawned = Sp}) ->
+    #{open_calls => map_size(C), queued_answer_bytes => Out,
+      running_casts => map_size(Casts), spawned => map_size(Sp)}.
 
 ret(St = #st{stop = true, ch = Ch}) -> {stop, Ch, St};
 ret(St) -> {ok, St}.
@@ -670,28 +679,16 @@ out(Frame, St = #st{writer = W, out_bytes = Out}) ->
     W ! {write, Frame},
     St#st{out_bytes = Out + iolist_size(Frame)}.
 
-%% Give the client window back for N bytes read, unless answers are piling up.
-window(N, St = #st{cm = CM, ch = Ch, out_bytes = Out, opts = O, held_window = H, stop = false,
-                   closing = false}) ->
-    case Out > maps:get(max_out_bytes, O) of
-        true -> St#st{held_window = H + N};
-        false ->
-            ssh_connection:adjust_window(CM, Ch, N),
-            St
+%% Do not return to the behaviour (which would give the client window back)
+%% while more than max_out_bytes of answers wait for the SSH window.
+wait_for_room(St = #st{out_bytes = Out, opts = #{max_out_bytes := Max}, writer = W,
+                       stop = false, closing = false}) when Out > Max ->
+    receive
+        {sshrpc_written, N} -> wait_for_room(St#st{out_bytes = Out - N});
+        {'EXIT', W, _} -> St#st{stop = true}
     end;
-window(_N, St) ->
+wait_for_room(St) ->
     St.
-
-maybe_release_window(St = #st{held_window = 0}) ->
-    St;
-maybe_release_window(St = #st{cm = CM, ch = Ch, out_bytes = Out, opts = O, held_window = H}) ->
-    case Out =< maps:get(max_out_bytes, O) of
-        true ->
-            ssh_connection:adjust_window(CM, Ch, H),
-            St#st{held_window = 0};
-        false ->
-            St
-    end.
 
 %% Writes frames in order; ssh_connection:send/4 returns once the SSH window
 %% took the bytes. Frames queued meanwhile go out together.

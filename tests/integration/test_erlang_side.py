@@ -8,7 +8,11 @@ loopback port with generated keys; another VM connects with the Erlang client
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,7 @@ from erlang_helpers import (
     start_erlang_server,
 )
 
+import sshrpc
 from sshrpc import Atom
 
 pytestmark = [
@@ -459,3 +464,70 @@ def test_exec_shell_and_other_subsystems_are_refused(
     assert proc.returncode != 0, proc
     assert b"request failed on channel" in proc.stderr, proc.stderr
     assert server_node.eval("1 + 1") == 2
+
+
+def test_traces_only_when_the_operator_exposes_them(
+    server_node: ErlangNode, tmp_path: Path, client_key: Any
+) -> None:
+    srv = start_erlang_server(
+        server_node, tmp_path, [client_key.public_line], allow=ALLOW,
+        options="{expose_traces, true}", ref="Traced",
+    )  # fmt: skip
+    (tmp_path / "kh").write_text(srv.known_hosts_line + "\n")
+    ch = RawChannel(srv.port, client_key.private, tmp_path / "kh")
+    try:
+        hello(ch)
+        ch.send((Atom("call"), 1, Atom("sshrpc_test_funs"), Atom("add"), [1, Atom("ok")]))
+        tag, rid, (cls, reason, details) = ch.recv()
+        assert (tag, rid, cls, reason) == ("error", 1, "error", "badarith")
+        assert any(b"sshrpc_test_funs" in frame for frame in details["trace"])
+    finally:
+        ch.close()
+        srv.stop()
+
+
+def test_a_client_that_does_not_read_cannot_keep_sending(raw: RawChannel) -> None:
+    # 400 requests of 64 KiB whose answers are 64 KiB each. Without reading the
+    # answers, the server's window to us fills, its answer queue passes
+    # max_out_bytes, it stops reading, and our writes block long before all
+    # 25 MiB of requests are taken. Then reading lets every call finish.
+    hello(raw)
+    payload = b"r" * 65536
+    frames = b"".join(
+        len(p).to_bytes(4, "big") + p
+        for p in (
+            sshrpc.encode((Atom("call"), i, Atom("sshrpc_test_funs"), Atom("echo"), [payload]))
+            for i in range(400)
+        )
+    )
+    assert raw.proc.stdin is not None and raw.proc.stdout is not None
+    fd_in = raw.proc.stdin.fileno()
+    os.set_blocking(fd_in, False)
+    sent = 0
+    deadline = time.monotonic() + 20
+    while sent < len(frames) and time.monotonic() < deadline:
+        _, writable, _ = select.select([], [fd_in], [], 0.5)
+        if not writable:
+            break  # blocked for half a second: the server stopped reading
+        try:
+            sent += os.write(fd_in, frames[sent : sent + 65536])
+        except BlockingIOError:
+            continue
+    assert sent < len(frames) // 2, f"the server took {sent} bytes without being read"
+    answered: set[int] = set()
+    fd_out = raw.proc.stdout.fileno()
+    deadline = time.monotonic() + 30
+    while len(answered) < 400:
+        assert time.monotonic() < deadline, f"{len(answered)} answers"
+        want_write = [fd_in] if sent < len(frames) else []
+        readable, writable, _ = select.select([fd_out], want_write, [], 1.0)
+        if writable:
+            with contextlib.suppress(BlockingIOError):
+                sent += os.write(fd_in, frames[sent : sent + 65536])
+        if readable:
+            raw._fill(len(raw._buf) + 1, time.monotonic() + 5)
+            while len(raw._buf) >= 4 and len(raw._buf) >= 4 + int.from_bytes(raw._buf[:4], "big"):
+                tag, rid, value = raw.recv()
+                assert (tag, value) == ("reply", payload)
+                answered.add(rid)
+    assert answered == set(range(400))
