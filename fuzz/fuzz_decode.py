@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from _common import DECODERS, ENCODERS, MAX_INFLATED, attempt, same
+from fuzz_common import DECODERS, ENCODERS, MAX_INFLATED, attempt, same
 
 from sshrpc import Atom, BitString, ImproperList, Map, Pid, Reference, TermError
 

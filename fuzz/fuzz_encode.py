@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import atheris
-from _common import DECODERS, ENCODERS, same
+from fuzz_common import DECODERS, ENCODERS, same
 
 from sshrpc import Atom, BitString, ImproperList, Map, Pid, Reference, TermError
 from sshrpc._codec import encode_frame

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import pathlib
 import re
 import struct
@@ -36,8 +37,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 FUZZ = ROOT / "fuzz"
 REGRESSIONS = ROOT / "tests" / "regressions"
 
+# The targets (fuzz/fuzz_*.py) import each other by name; fuzz/run.py is
+# loaded under a name of its own, not as a top-level ``run``.
 sys.path.insert(0, str(FUZZ))
-import run as fuzz_run  # noqa: E402  (fuzz/run.py)
+_spec = importlib.util.spec_from_file_location("sshrpc_fuzz_run", FUZZ / "run.py")
+assert _spec is not None and _spec.loader is not None
+fuzz_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fuzz_run)
 
 #: Seconds of fuzzing per target in the suite; their sum stays under 15.
 SECONDS = {"decode": 2, "encode": 2, "framing": 1, "protocol": 2}
