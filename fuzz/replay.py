@@ -35,6 +35,9 @@ def main(argv: list[str]) -> int:
     inputs = [("seed", s) for s in module.seeds()]
     for arg in argv[1:]:
         root = pathlib.Path(arg)
+        if not root.exists():
+            print(f"replay: {arg}: no such file or directory", file=sys.stderr)
+            return 2
         paths = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
         inputs += [(str(p), p.read_bytes()) for p in paths]
     start = time.perf_counter()
