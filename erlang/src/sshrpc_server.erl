@@ -353,8 +353,9 @@ start_call(Id, M, F, A, O, Stream, St = #st{calls = Calls, workers = Ws}) ->
     {Pid, MRef} = spawn_opt(fun() -> worker(Self, Id, M, F, A, Stream, Cfg) end,
                             [link, monitor]),
     Timer = case O of
-                #{timeout := Ms} -> erlang:send_after(Ms, Self, {sshrpc_timeout, Pid});
-                _ -> undefined
+                #{timeout := Ms} when Ms =< 16#FFFFFFFF ->
+                    erlang:send_after(Ms, Self, {sshrpc_timeout, Pid});
+                _ -> undefined  %% none, or beyond erlang:send_after's range (49 days)
             end,
     C = #call{pid = Pid, mref = MRef, timer = Timer,
               credit = maps:get(credit, O, ?DEFAULT_CREDIT)},

@@ -156,6 +156,15 @@ async def test_python_deadline_reaches_erlang(node: Any, erlang_node: ErlangNode
     await wait_in_erlang(erlang_node, "whereis(h3_py_block) =:= undefined")
 
 
+async def test_python_streams_from_erlang_with_credit(node: Any) -> None:
+    items = [item async for item in node.stream("sshrpc_test_funs", "stream", [40], credit=3)]
+    assert items == list(range(1, 41))
+    # A huge timeout (beyond erlang:send_after's range) is accepted, not fatal.
+    assert await node.call("sshrpc_test_funs", "add", [1, 2]) == 3
+    with trio.fail_after(2**33 / 1000):
+        assert await node.call("sshrpc_test_funs", "add", [2, 2]) == 4
+
+
 async def test_python_1000_concurrent_calls(node: Any) -> None:
     results: dict[int, Any] = {}
 
