@@ -98,6 +98,9 @@ init([Opts0]) ->
     process_flag(trap_exit, true),
     Opts = maps:merge(default_options(), maps:from_list(to_list(Opts0))),
     Allow = maps:from_list([{Rule, true} || Rule <- maps:get(allow, Opts)]),
+    %% Load the exposed modules, so that their function names exist as atoms
+    %% before a request names them (requests are decoded with [safe]).
+    _ = [code:ensure_loaded(M) || {M, _, _} <- maps:get(allow, Opts)],
     {ok, #st{opts = Opts, allow = Allow,
              rx_max = min(?MIB, maps:get(max_frame, Opts))}}.
 
@@ -595,20 +598,23 @@ legacy_next(St = #st{legacy_busy = false, legacy_q = Q}) ->
 legacy_next(St) ->
     St.
 
-legacy_start({mfa, {M, F, A}}, St) when is_atom(M), is_atom(F) ->
-    case is_proper_list(A) andalso allowed(M, F, length(A), St) of
-        false when not is_list(A) ->
-            legacy_answer({{exec_error, {mfa, {M, F, A}}}, -1}, St);
+legacy_start({mfa, {M, F, A}} = T, St) when is_atom(M), is_atom(F) ->
+    case is_proper_list(A) of
         false ->
-            logger:warning("sshrpc: forbidden legacy ~p:~p/~p for user ~p",
-                           [M, F, catch length(A), St#st.user]),
-            legacy_answer({{exec_badrpc, forbidden}, -1}, St);
+            legacy_answer({{exec_error, T}, -1}, St);
         true ->
-            Self = self(),
-            Max = maps:get(max_frame, St#st.opts),
-            {Pid, MRef} = spawn_opt(fun() -> legacy_worker(Self, M, F, A, Max) end,
-                                    [link, monitor]),
-            St#st{legacy_busy = {Pid, MRef}}
+            case allowed(M, F, length(A), St) of
+                false ->
+                    logger:warning("sshrpc: forbidden legacy ~p:~p/~b for user ~p",
+                                   [M, F, length(A), St#st.user]),
+                    legacy_answer({{exec_badrpc, forbidden}, -1}, St);
+                true ->
+                    Self = self(),
+                    Max = maps:get(max_frame, St#st.opts),
+                    {Pid, MRef} = spawn_opt(fun() -> legacy_worker(Self, M, F, A, Max) end,
+                                            [link, monitor]),
+                    St#st{legacy_busy = {Pid, MRef}}
+            end
     end;
 legacy_start(T, St) ->
     legacy_answer({{exec_error, T}, -1}, St).

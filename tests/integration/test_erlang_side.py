@@ -29,7 +29,7 @@ from erlang_helpers import (
 )
 
 import sshrpc
-from sshrpc import Atom
+from sshrpc import Atom, ImproperList
 
 pytestmark = [
     pytest.mark.skipif(not erlang_available(), reason="Erlang/OTP is not installed"),
@@ -423,11 +423,16 @@ def test_legacy_mfa_mode(raw: RawChannel) -> None:
     raw.send((Atom("mfa"), (Atom("lists"), Atom("sort"), [[1]])))
     raw.send((Atom("mfa"), (Atom("sshrpc_test_funs"), Atom("raise"), [Atom("error"), 1])))
     raw.send((Atom("ok"), 1))
+    raw.send((Atom("mfa"), (Atom("lists"), Atom("reverse"), ImproperList([1], 2))))
     raw.send((Atom("mfa"), (Atom("sshrpc_test_funs"), Atom("sized"), [70000])))
     assert raw.recv() == ("answer", ([3, 2, 1], 0))
     assert raw.recv() == ("answer", (("exec_badrpc", "forbidden"), -1))
     assert raw.recv() == ("answer", (("exec_badrpc", ("error", 1)), -1))
     assert raw.recv() == ("answer", (("exec_error", ("ok", 1)), -1))
+    assert raw.recv() == (
+        "answer",
+        (("exec_error", ("mfa", ("lists", "reverse", ImproperList([1], 2)))), -1),
+    )
     assert raw.recv(timeout=20) == ("answer", (b"x" * 70000, 0))
 
 
