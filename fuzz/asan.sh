@@ -78,7 +78,7 @@ for target in $targets; do
         if grep -qE "$report" "logs/fuzz-$target-$runs.log"; then break; fi
     done
 done
-echo "asan.sh: Python-level findings (for the normal suite): $(ls "$dest/crashes" 2>/dev/null | wc -l)"
+echo "asan.sh: inputs saved by the fuzz steps: $(ls "$dest/crashes" 2>/dev/null | wc -l) (in $dest/crashes)"
 if [ "$crashes" -ne 0 ]; then
     echo "asan.sh: $crashes step(s) with a sanitizer report or crash"
     exit 1
