@@ -9,7 +9,7 @@
 %% funs of this node) stay in memory between them:
 %%
 %%   1. `main([Dir])` builds the corpus, writes every encoding of every term to
-%%      Dir/corpus.bin and prints "READY <count>".
+%%      Dir/corpus.bin and prints "READY <count> <OTP version>".
 %%   2. It then reads one line "CHECK Label..." from stdin.  For each label,
 %%      Python has written Dir/ours_<Label>.bin (its re-encodings of
 %%      corpus.bin, in order) and Dir/pyvalues_<Label>.bin (Python values
@@ -47,13 +47,21 @@ main([Dir]) ->
     Entries = entries(Live),
     ok = file:write_file(filename:join(Dir, "corpus.bin"),
                          [record(Name, Bytes) || {Name, _Term, Bytes, _Expect} <- Entries]),
-    io:format("READY ~b~n", [length(Entries)]),
+    io:format("READY ~b ~s~n", [length(Entries), otp_version()]),
     Line = io:get_line(""),
     ["CHECK" | Labels] = string:lexemes(string:trim(Line), " "),
     [check(Dir, Label, Entries) || Label <- Labels],
     catch port_close(maps:get(cat, Live)),
     io:format("DONE~n"),
     halt(0).
+
+otp_version() ->
+    File = filename:join([code:root_dir(), "releases", erlang:system_info(otp_release),
+                          "OTP_VERSION"]),
+    case file:read_file(File) of
+        {ok, Version} -> string:trim(Version);
+        {error, _} -> erlang:system_info(otp_release)
+    end.
 
 record(Name, Bytes) ->
     N = unicode:characters_to_binary(Name),

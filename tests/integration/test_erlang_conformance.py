@@ -196,6 +196,7 @@ class Outcome:
     seconds: float = 0.0
     mutants: list[bytes] = field(default_factory=list)
     mutant_opaque: list[bool] = field(default_factory=list)
+    otp: str = ""
 
 
 def _records(data: bytes) -> list[tuple[str, bytes]]:
@@ -372,6 +373,8 @@ def conformance(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
             assert ready.startswith("READY"), (ready, (work / "stderr.txt").read_text())
             corpus = _records((work / "corpus.bin").read_bytes())
             assert len(corpus) == int(ready.split()[1])
+            for outcome in outcomes.values():
+                outcome.otp = ready.split()[2]
             mutants = _mutants(corpus)
             for label, codec in CODECS.items():
                 data = _reencode(codec, corpus, outcomes[label])
@@ -455,8 +458,9 @@ def test_report_counts(conformance: dict[str, Outcome], capsys: pytest.CaptureFi
         op: "reference" if getattr(sshrpc, op) is getattr(sshrpc._etf, op) else "C"
         for op in ("decode", "encode")
     }
+    otp = conformance["reference"].otp
     lines = [
-        f"ETF conformance vs Erlang/OTP (sshrpc.decode: {paths['decode']}, "
+        f"ETF conformance vs Erlang/OTP {otp} (sshrpc.decode: {paths['decode']}, "
         f"sshrpc.encode: {paths['encode']}):"
     ]
     for label, outcome in conformance.items():
