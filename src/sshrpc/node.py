@@ -308,8 +308,39 @@ class _Channel:
         )
         self.closing = False
         self.idle = trio.lowlevel.ParkingLot()
+        #: The stream's file descriptor for direct writes (see ``_queue``),
+        #: None for streams without one and once the channel ends.
+        self.fd: int | None = None
+        if isinstance(stream, trio.SocketStream):
+            self.fd = stream.socket.fileno()
+        elif isinstance(stream, _StdioStream):
+            self.fd = stream.out_fd
+        self.writing = False
 
     # sending ---------------------------------------------------------------
+
+    def _queue(self, data: bytes) -> None:
+        """Send ``data`` now if that is cheap and safe, else queue it for the
+        writer task.
+
+        When no other call is open and the writer is idle with nothing
+        queued, the frame goes straight to the socket with one non-blocking
+        ``os.write``: no writer wake-up, one task switch less per sequential
+        call.  With other calls open, answers are queued so that the writer
+        sends everything ready in one write (one SSH packet, not one each).
+        A partial or failed write queues the rest; the writer then finds any
+        error.
+        """
+        fd = self.fd
+        if fd is not None and not self.writing and not self.outbox.nbytes and not self.calls:
+            try:
+                n = os.write(fd, data)
+            except OSError:
+                n = 0
+            if n == len(data):
+                return
+            data = data[n:]
+        self.outbox.put(data)
 
     def emit(self, event: _p.Event) -> bool:
         """Encode ``event`` and queue it; False if the connection refuses it."""
@@ -334,7 +365,7 @@ class _Channel:
         except LocalProtocolError as exc:  # e.g. after the channel closed
             log.debug("not sent (%s): %r", exc, event)
             return False
-        self.outbox.put(data)
+        self._queue(data)
         return True
 
     def deliver(self, message: Any) -> bool:
@@ -348,7 +379,9 @@ class _Channel:
         try:
             while True:
                 data = await self.outbox.take()
+                self.writing = True
                 await self.stream.send_all(data)
+                self.writing = False
                 self.outbox.written(len(data))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The client is gone: end the channel, cancelling its tasks.
@@ -380,6 +413,7 @@ class _Channel:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
+            self.fd = None  # its number may be reused once the stream is closed
             self.node.pids.pop(self.pid, None)
             self.node.channels.discard(self)
             with trio.CancelScope(shield=True), contextlib.suppress(Exception):
@@ -930,6 +964,7 @@ class _StdioStream(trio.abc.Stream):
     def __init__(self, fd_in: int = 0, fd_out: int = 1) -> None:
         self._in = trio.lowlevel.FdStream(os.dup(fd_in))
         self._out = trio.lowlevel.FdStream(os.dup(fd_out))
+        self.out_fd = self._out.fileno()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._out.send_all(data)
