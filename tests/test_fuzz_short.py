@@ -267,13 +267,7 @@ def test_depth_limit_is_exact_and_configurable(codec: str) -> None:
     decode(b"\x83" + b"h\x01" * 5000 + b"j", max_depth=5000)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeEncodeError,
-    reason="finding (fuzz/fuzz_encode.py): a str or Atom holding a lone surrogate makes "
-    "encode raise UnicodeEncodeError, not the documented TermError (src/sshrpc/_etf.py "
-    "_encode/_encode_atom, and the C path that falls back to it)",
-)
+# A finding of fuzz/fuzz_encode.py: lone surrogates raised UnicodeEncodeError.
 @pytest.mark.parametrize("codec", list(ENCODERS))
 def test_lone_surrogate_is_a_term_error(codec: str) -> None:
     encode = ENCODERS[codec]

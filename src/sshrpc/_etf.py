@@ -464,7 +464,7 @@ def _encode(obj: Any, out: bytearray, depth: int, max_depth: int) -> None:
     elif kind is Atom:
         _encode_atom(obj, out)
     elif kind is str:
-        _encode_binary(obj.encode("utf-8"), out)
+        _encode_binary(_utf8(obj), out)
     elif kind is bytes or kind is bytearray or kind is memoryview:
         _encode_binary(bytes(obj), out)
     elif kind is tuple:
@@ -548,13 +548,23 @@ def _encode_float(value: float, out: bytearray) -> None:
 def _encode_atom(name: str, out: bytearray) -> None:
     if len(name) > _MAX_ATOM_CHARS:
         raise TermError(f"atom of {len(name)} characters is longer than 255")
-    text = name.encode("utf-8")
+    text = _utf8(name)
     if len(text) <= 255:
         out += bytes([SMALL_ATOM_UTF8_EXT, len(text)])
     else:
         out.append(ATOM_UTF8_EXT)
         out += struct.pack(">H", len(text))
     out += text
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TermError(
+            f"text holds a lone surrogate at index {exc.start}, which is not Unicode "
+            "and has no UTF-8 form"
+        ) from None
 
 
 def _encode_binary(data: bytes, out: bytearray) -> None:
