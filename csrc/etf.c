@@ -357,7 +357,8 @@ static int atom(dec_t *d, size_t pos, size_t *end, int emit) {
         }
         if (pv->n_atoms < pv->cache_cap && pv->arena_len + ulen <= UINT32_MAX) {
             if (grow((void **)&pv->arena, &pv->arena_cap, pv->arena_len + ulen, 1)) return doom(d);
-            memcpy(pv->arena + pv->arena_len, u, ulen);
+            /* The arena may still be NULL when the first atom is empty. */
+            if (ulen) memcpy(pv->arena + pv->arena_len, u, ulen);
             slot->hash = h;
             slot->name_off = (uint32_t)pv->arena_len;
             slot->name_len = (uint16_t)ulen;
