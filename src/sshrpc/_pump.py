@@ -4,8 +4,12 @@ Theory of operation
 -------------------
 
 libssh2 is not thread-safe and knows nothing of Trio.  A ``Pump`` owns one
-libssh2 session, its socket and one channel, and exactly one task (the pump
-task, ``Pump.run``) makes every libssh2 call once the connection is set up.
+libssh2 session, its socket and one channel, and one task (the pump task,
+``Pump.run``) makes the libssh2 calls once the connection is set up -- with
+one exception: while the pump task is parked on the socket waiting for
+inbound packets and nothing is queued, ``send_nowait`` offers a frame to the
+channel from the caller's task (one thread, and the pump is not inside
+libssh2 then), which saves a pump wake-up per sequential call.
 (Set-up -- handshake, host key check, auth, channel open -- runs in the task
 that opens the connection, before the pump task exists, through the same
 ``retry`` helper, so there is still only ever one caller at a time.)
@@ -109,6 +113,10 @@ class Pump:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.paused = False
+        #: True while the pump task sleeps on the socket for inbound packets
+        #: only, with nothing of ours half-sent: another task may then make
+        #: the channel write itself (``send_nowait``).
+        self._parked = False
 
     # -- the retry loop ------------------------------------------------------
 
@@ -196,11 +204,39 @@ class Pump:
         self.wake()
 
     def send_nowait(self, data: bytes) -> None:
-        """Queue ``data`` without waiting for room (small control frames:
-        cancel, credit, pong).  Raises ``ConnectionLost`` if closed."""
+        """Queue ``data`` without waiting for room.  Raises ``ConnectionLost``
+        if closed.
+
+        When the pump task is parked on the socket waiting for inbound
+        packets and nothing is queued, the calling task offers ``data`` to
+        the channel itself (the pump is not inside libssh2 then, and all
+        tasks share one thread): a sequential call then costs no pump
+        wake-up.  Whatever the channel did not take is queued for the pump,
+        exactly as after the pump's own partial write, and the pump is woken
+        if that write left anything for it: bytes queued, or packets that
+        libssh2 pulled off the socket into its own queue (which the pump's
+        socket wait would not see).
+        """
         if self.error is not None:
             raise self._lost()
-        self._out += data
+        channel = self.channel
+        if self._parked and not self._out and channel is not None and len(data) <= WRITE_SLICE:
+            try:
+                _, n = channel.write(data)  # an error: the pump's own write reports it
+            except ssh2_exc.SSH2Error:
+                n = 0
+            if n > 0:
+                self.bytes_sent += n
+            if (
+                n == len(data)
+                and not channel.poll_channel_read(0)
+                and not channel.poll_channel_read(1)
+                and not channel.eof()
+            ):
+                return
+            data = data[n:] if n > 0 else data
+        if data:
+            self._out += data
         self.wake()
 
     def _lost(self) -> ConnectionLost:
@@ -282,7 +318,15 @@ class Pump:
                             self._wake_scope = None
                             self._wake_pending = False
                 else:
-                    await self.wait_socket()
+                    session = self.session
+                    directions = session.block_directions() if session is not None else 0
+                    self._parked = not self._out and not (
+                        directions & LIBSSH2_SESSION_BLOCK_OUTBOUND
+                    )
+                    try:
+                        await self.wait_socket()
+                    finally:
+                        self._parked = False
         except ssh2_exc.SSH2Error as exc:
             self.fail(ConnectionLost(f"SSH connection failed: {type(exc).__name__} {exc}"))
         except ConnectionLost as exc:

@@ -350,7 +350,10 @@ class Connection:
         self._check_open()
         slots = self._slots
         if slots is not None:
-            await slots.acquire()
+            try:
+                slots.acquire_nowait()  # no scheduler round trip when free
+            except trio.WouldBlock:
+                await slots.acquire()
         try:
             while self._pump.queued_bytes >= self._pump.write_limit:
                 await self._pump.send(b"")  # waits for room (or raises if lost)
