@@ -9,7 +9,9 @@ libssh2 session, its socket and one channel, and one task (the pump task,
 one exception: while the pump task is parked on the socket waiting for
 inbound packets and nothing is queued, ``send_nowait`` offers a frame to the
 channel from the caller's task (one thread, and the pump is not inside
-libssh2 then), which saves a pump wake-up per sequential call.
+libssh2 then), which saves a pump wake-up per sequential call.  With other
+requests in flight frames are left to the pump, which writes all that is
+queued at once (fewer, fuller SSH packets).
 (Set-up -- handshake, host key check, auth, channel open -- runs in the task
 that opens the connection, before the pump task exists, through the same
 ``retry`` helper, so there is still only ever one caller at a time.)
@@ -203,13 +205,14 @@ class Pump:
         self._out += data
         self.wake()
 
-    def send_nowait(self, data: bytes) -> None:
+    def send_nowait(self, data: bytes, direct: bool = False) -> None:
         """Queue ``data`` without waiting for room.  Raises ``ConnectionLost``
         if closed.
 
-        When the pump task is parked on the socket waiting for inbound
-        packets and nothing is queued, the calling task offers ``data`` to
-        the channel itself (the pump is not inside libssh2 then, and all
+        With ``direct`` (the caller expects no other frame soon: nothing else
+        is in flight), when the pump task is parked on the socket waiting for
+        inbound packets and nothing is queued, the calling task offers
+        ``data`` to the channel itself (the pump is not inside libssh2 then, and all
         tasks share one thread): a sequential call then costs no pump
         wake-up.  Whatever the channel did not take is queued for the pump,
         exactly as after the pump's own partial write, and the pump is woken
@@ -220,7 +223,13 @@ class Pump:
         if self.error is not None:
             raise self._lost()
         channel = self.channel
-        if self._parked and not self._out and channel is not None and len(data) <= WRITE_SLICE:
+        if (
+            direct
+            and self._parked
+            and not self._out
+            and channel is not None
+            and len(data) <= WRITE_SLICE
+        ):
             try:
                 _, n = channel.write(data)  # an error: the pump's own write reports it
             except ssh2_exc.SSH2Error:

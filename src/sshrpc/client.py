@@ -369,8 +369,10 @@ class Connection:
                 slots.release()
             raise
         pending.slot = slots
+        # Alone in flight: write at once; else let the pump batch the frames.
+        direct = not self._pending
         self._pending[pending.id] = pending
-        self._pump.send_nowait(frame)
+        self._pump.send_nowait(frame, direct)
 
     def _new_id(self) -> int:
         while True:
@@ -455,7 +457,7 @@ class Connection:
             frame = self._proto.send(make())
         except LocalProtocolError as exc:
             raise ConnectionLost(f"{self.destination}: {exc}") from exc
-        self._pump.send_nowait(frame)
+        self._pump.send_nowait(frame, not self._pending)
 
     async def spawn(self, module: str, function: str, args: Sequence[Any] = ()) -> Any:
         """Start ``module:function(*args)`` as a long-lived process on the
