@@ -28,7 +28,7 @@ The steady-state loop (``run``) does three things per turn, without blocking:
    most ``WRITE_SLICE`` bytes.  A write may return ``(EAGAIN, n)`` with
    ``n > 0``: those ``n`` bytes *were* accepted; drop them and re-offer the
    rest later.  Slicing keeps re-offers from being quadratic in the payload.
-2. read the channel (stderr, then stdout) unless the consumer asked for a
+2. read the channel (stdout, then stderr if queued) unless the consumer asked for a
    pause (too many answers nobody has taken).  Reading is what makes libssh2
    send WINDOW_ADJUST to the server; while paused the server's window closes
    and the server stops sending: receive-side backpressure.  Write EAGAINs
@@ -36,8 +36,8 @@ The steady-state loop (``run``) does three things per turn, without blocking:
    packets cure, so the pump keeps reading while writers wait.
    Any libssh2 call may pull packets off the socket into libssh2's own
    queue, so the pump only sleeps on the socket after a stdout read said
-   EAGAIN with nothing queued (otherwise a reply already inside libssh2
-   would wait for the next unrelated packet: a lost wake-up).
+   EAGAIN with nothing of either stream queued (otherwise a reply already
+   inside libssh2 would wait for the next unrelated packet: a lost wake-up).
 3. when neither made progress, sleep until the socket is ready in the
    direction libssh2 is blocked on, or until another task wakes the pump
    (new bytes to write, reading resumed, close requested).  The wake-up is a
@@ -290,15 +290,13 @@ class Pump:
                         raise ConnectionLost(f"channel write failed (libssh2 error {rc})")
                 if should_read():
                     self.paused = False
-                    # stderr first, stdout last: any call may pull packets of
-                    # either stream off the socket into libssh2's queue, and
-                    # the pump must not sleep on the socket with stdout data
-                    # queued inside libssh2 (a lost wake-up).
-                    rc, data = channel.read_stderr(READ_SIZE)
-                    if rc > 0:
-                        for line in data.decode("utf-8", "replace").splitlines():
-                            log.warning("server stderr: %s", line)
-                        progress = True
+                    # Any libssh2 call may pull packets of either stream off
+                    # the socket into libssh2's queue, and the pump must not
+                    # sleep on the socket with data queued inside libssh2 (a
+                    # lost wake-up).  The stdout read drains the socket; stderr
+                    # is read only if that left some queued (a queue check,
+                    # no system call), and reading it counts as progress, so
+                    # stdout is read again before the pump sleeps.
                     rc, data = channel.read(READ_SIZE)
                     if rc > 0:
                         self.bytes_received += rc
@@ -309,12 +307,24 @@ class Pump:
                             raise ConnectionLost("the server closed the channel")
                         if rc < 0 and rc != EAGAIN:
                             raise ConnectionLost(f"channel read failed (libssh2 error {rc})")
-                    elif channel.poll_channel_read(1):
-                        progress = True  # stderr queued by the stdout read
+                    if channel.poll_channel_read(1):
+                        rc, data = channel.read_stderr(READ_SIZE)
+                        if rc > 0:
+                            for line in data.decode("utf-8", "replace").splitlines():
+                                log.warning("server stderr: %s", line)
+                        progress = True
                 else:
                     self.paused = True
                 if progress:
-                    await trio.lowlevel.checkpoint()
+                    # Not inside libssh2 here either: a caller may write.
+                    self._parked = not self._out and not (
+                        self.session is not None
+                        and self.session.block_directions() & LIBSSH2_SESSION_BLOCK_OUTBOUND
+                    )
+                    try:
+                        await trio.lowlevel.checkpoint()
+                    finally:
+                        self._parked = False
                 elif self.paused and not self._out:
                     # Nothing to write and not reading: sleep until woken.
                     with trio.CancelScope() as scope:
