@@ -351,7 +351,8 @@ static int atom(dec_t *d, size_t pos, size_t *end, int emit) {
                 slot = sl;
                 break;
             }
-            if (sl->hash == h && sl->name_len == ulen && !memcmp(pv->arena + sl->name_off, u, ulen))
+            if (sl->hash == h && sl->name_len == ulen &&
+                (!ulen || !memcmp(pv->arena + sl->name_off, u, ulen)))
                 return emit_get(d, sl->idx);
             i = (i + 1) & pv->table_mask;
         }
