@@ -31,6 +31,7 @@ import pytest
 import trio
 
 import sshrpc
+from sshrpc import Atom
 from sshrpc._pump import READ_SIZE
 from sshrpc.client import Connection, open_connection
 
@@ -529,3 +530,41 @@ async def test_slow_readers_keep_memory_bounded(netlab: Any) -> None:
         finally:
             os.kill(a.proc.pid, signal.SIGCONT)
         assert answered == 64
+
+
+# -- the deadline as it travels (loopback, a test subsystem, a frozen clock) --------
+
+
+@pytest.fixture
+def opts_sshd(private_sshd: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """test_client.py's test subsystem; mode ``opts`` answers a call with the
+    options map it received."""
+    from test_client import _start_test_sshd
+
+    return _start_test_sshd(private_sshd, tmp_path_factory.mktemp("subsys"))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="client bug: Connection._timeout_ms truncates the remaining time to whole "
+    "ms, so the server's deadline falls up to 1 ms before the caller's and its "
+    "`timeout` answer can beat the caller's scope: RemoteTimeout escapes "
+    "trio.move_on_after (seen 0-6 times in 100 loopback calls with k.95 ms deadlines)",
+)
+async def test_deadline_travels_rounded_up(opts_sshd: Any, mock_clock: Any) -> None:
+    """With the clock frozen the remaining time is exact: 5.9 ms left must
+    travel as at least 6 ms, never as 5."""
+    async with open_connection(
+        opts_sshd.host,
+        opts_sshd.port,
+        user=opts_sshd.user,
+        identity=str(opts_sshd.identity),
+        known_hosts=str(opts_sshd.known_hosts),
+        agent=False,
+        use_ssh_config=False,
+        subsystem="opts",
+        keepalive=None,
+    ) as conn:
+        with trio.move_on_after(0.0059):
+            opts = await conn.call("m", "f", [])
+        assert opts[Atom("timeout")] >= 5.9
