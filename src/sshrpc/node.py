@@ -67,7 +67,15 @@ import trio
 from . import protocol as _p
 from ._errors import LocalProtocolError, MessageTooLarge, ProtocolError, TermError
 from ._types import Atom, Pid
-from .policy import ANONYMOUS, ExposureTable, KeyIdentity, Policy, audit, identify_key
+from .policy import (
+    ANONYMOUS,
+    Decision,
+    ExposureTable,
+    KeyIdentity,
+    Policy,
+    audit,
+    identify_key,
+)
 from .service import Exported, Service, error_term, flatten_services
 
 __all__ = [
@@ -105,6 +113,8 @@ MAX_HEADER = 65536
 #: How long a fresh Unix-socket peer has to send its header.
 HEADER_TIMEOUT = 10.0
 RECEIVE_SIZE = 65536
+#: Policy decisions remembered per channel (per module/function/arity).
+DECISION_CACHE = 256
 
 SERVER_NAME = "sshrpc-python/0.1.0"
 
@@ -308,6 +318,7 @@ class _Channel:
         )
         self.closing = False
         self.idle = trio.lowlevel.ParkingLot()
+        self._decisions: dict[tuple[str, str, int], Decision] = {}
         #: The stream's file descriptor for direct writes (see ``_queue``),
         #: None for streams without one and once the channel ends.
         self.fd: int | None = None
@@ -506,7 +517,15 @@ class _Channel:
     def _check(
         self, kind: str, module: str, function: str, arity: int, id: int | None
     ) -> Exported | None:
-        decision = self.node.table.decide(self.key, module, function, arity)
+        # The table and this channel's key never change: decide each name
+        # once (pattern matching per call showed in profiles), bounded so
+        # that a client probing names cannot grow the cache.
+        name = (module, function, arity)
+        decision = self._decisions.get(name)
+        if decision is None:
+            decision = self.node.table.decide(self.key, module, function, arity)
+            if len(self._decisions) < DECISION_CACHE:
+                self._decisions[name] = decision
         if decision.outcome == "allow":
             return decision.exported
         audit(self.key, kind, module, function, arity, decision.outcome, 0.0)
