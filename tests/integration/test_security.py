@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -211,6 +212,29 @@ async def test_no_agent_forwarding(sshrpc_server: Any, tmp_path: Path) -> None:
     finally:
         agent.kill()
         agent.wait()
+
+
+def test_state_files_are_private(sshrpc_server: Any) -> None:
+    """What a local user must not read or enter: the state directory and the
+    node's socket directory are 0700; the host key and the generated
+    authorized_keys (with the forced command) are 0600."""
+    state = sshrpc_server.state_dir
+    modes = {
+        path.name: stat.S_IMODE(path.stat().st_mode)
+        for path in (
+            state,
+            state / "node",
+            state / "ssh_host_ed25519_key",
+            state / "authorized_keys",
+        )
+    }
+    assert modes == {
+        state.name: 0o700,
+        "node": 0o700,
+        "ssh_host_ed25519_key": 0o600,
+        "authorized_keys": 0o600,
+    }
+    assert 'restrict,command="' in (state / "authorized_keys").read_text()
 
 
 # -- a malicious server --------------------------------------------------------------
