@@ -284,6 +284,7 @@ async def test_link_cut_mid_call_fails_every_call_within_the_keepalive_bound(net
                 multi = await sshrpc.multicall([na, nb], "echo", "echo", [b"m"])
             with trio.fail_after(DETECT_BOUND + 2):
                 await all_failed.wait()
+        print(f"\nlink cut: 5 calls lost after {sorted(round(t, 2) for _, t in outcomes)} s")
         assert [kind for kind, _ in outcomes] == ["lost"] * 5
         assert max(t for _, t in outcomes) < DETECT_BOUND, outcomes
         assert isinstance(multi[0], sshrpc.ConnectionLost) and multi[1] == b"m"
@@ -382,6 +383,7 @@ async def _hang_and_expect_lost(conn: Connection, kill: Any, bound: float = 2.0)
         with trio.fail_after(bound):
             await failed.wait()
         took.append(trio.current_time() - start)
+    print(f"\n{getattr(kill, '__name__', kill)}: ConnectionLost after {took[0]:.3f} s")
     return took[0]
 
 
@@ -494,6 +496,7 @@ async def test_slow_readers_keep_memory_bounded(netlab: Any) -> None:
         # already in hand are still delivered: at most one READ_SIZE of them.
         assert max(held) <= 64 + READ_SIZE // 16, held
         assert held[-1] == held[len(held) // 2], held  # stopped growing
+        print(f"\nslow client: node RSS {baseline} -> peak {peak} KiB, untaken {max(held)}")
         assert peak - baseline < 32 * 1024, (baseline, peak)
         # then it reads a few and leaves early: the server cancels the stream
         for i in range(1, 100):
@@ -522,6 +525,7 @@ async def test_slow_readers_keep_memory_bounded(netlab: Any) -> None:
                     await trio.sleep(0.05)  # sampling while the node is stopped
                     peak_queued = max(peak_queued, conn.statistics().queued_bytes)
                 assert answered == 0
+                print(f"\nstopped node: client queued bytes peak {peak_queued}")
                 assert peak_queued <= 256 * 1024 + 70_000, peak_queued
                 os.kill(a.proc.pid, signal.SIGCONT)
                 with trio.fail_after(30):

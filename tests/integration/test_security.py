@@ -358,6 +358,8 @@ async def test_malicious_server_gets_a_typed_error_and_bounded_memory(
                 with pytest.raises(sshrpc.SSHRPCError):  # the connection is over
                     await conn.call("m", "f", [])
     growth = _hwm_kib() - start_rss
+    print(f"\nmalicious {mode}: {type(info.value).__name__ if expected else 'ok'}, "
+          f"peak RSS growth {growth} KiB")  # fmt: skip
     assert growth < 32 * 1024, f"peak RSS grew {growth} KiB"
     assert not evil_sshd.marker.exists()
 
