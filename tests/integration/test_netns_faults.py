@@ -348,7 +348,24 @@ async def test_throttled_link_calls_complete_deadlines_hold_cancel_reaches_serve
     await _deadlines_and_cancel_hold(a)
 
 
-async def test_netem_delay_and_loss(netlab: Any) -> None:
+@pytest.fixture
+def netem() -> None:
+    """Skip unless this kernel has ``sch_netem`` (probed on ``lo`` of a
+    throw-away namespace)."""
+    reason = _namespaces_permitted()
+    if reason is not None:
+        pytest.skip(reason)
+    probe = f"sshrpc-netem-{os.getpid()}"
+    _ip("netns", "add", probe)
+    try:
+        out = _tc("qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms", ns=probe)
+    finally:
+        _ip("netns", "del", probe, check=False)
+    if out.returncode != 0:
+        pytest.skip(f"this kernel has no sch_netem (tc netem: {out.stderr.strip()})")
+
+
+async def test_netem_delay_and_loss(netem: None, netlab: Any) -> None:
     """With 40 ms delay and 2 % loss each way (``tc ... netem``): calls complete,
     deadlines hold, cancellation reaches the server."""
     (a,) = netlab(1)
