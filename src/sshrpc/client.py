@@ -308,8 +308,8 @@ class Connection:
             return ConnectionLost(f"{self.destination}: {error}")
         return ConnectionLost(f"{self.destination}: connection closed ({error})")
 
-    def _taken(self) -> None:
-        self._undelivered -= 1
+    def _taken(self, n: int = 1) -> None:
+        self._undelivered -= n
         if self._pump.paused and self._should_read():
             self._pump.wake()
 
@@ -385,7 +385,9 @@ class Connection:
         deadline = trio.current_effective_deadline()
         if math.isinf(deadline):
             return None
-        return max(0, int((deadline - trio.current_time()) * 1000))
+        # Rounded up, so the server's deadline is never before the caller's:
+        # the caller's scope fires first and the call ends as cancelled.
+        return max(0, math.ceil((deadline - trio.current_time()) * 1000))
 
     async def _await(self, pending: _Pending) -> Any:
         try:
@@ -550,10 +552,15 @@ class Connection:
                     continue
                 await pending.chunk_event.wait()
         except BaseException:
-            if not pending.done.is_set():
+            # Left early: the untaken chunks, and the final reply if it has
+            # arrived, no longer count against max_undelivered.
+            untaken = len(pending.chunks)
+            pending.chunks.clear()
+            if pending.done.is_set():
+                self._taken(untaken + 1)
+            else:
                 pending.abandoned = True
-                self._undelivered -= len(pending.chunks)
-                pending.chunks.clear()
+                self._taken(untaken)
                 if self._error is None:
                     self._send_control(_p.Cancel(id=pending.id))
             raise

@@ -164,13 +164,6 @@ async def test_casts_in_flight_do_not_make_calls_overload(sshrpc_server: Any) ->
         assert await conn.call("echo", "echo", [1]) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client bug: Connection.stream leaving early after the final reply "
-    "arrived (pending.done set) skips the cleanup, so the untaken chunks and the "
-    "reply stay counted in _undelivered forever; once max_undelivered is reached "
-    "the pump never reads again and every call on the connection hangs",
-)
 async def test_leaving_a_finished_stream_early_does_not_stall_the_connection(
     sshrpc_server: Any,
 ) -> None:

@@ -565,13 +565,6 @@ def opts_sshd(private_sshd: Any, tmp_path_factory: pytest.TempPathFactory) -> An
     return _start_test_sshd(private_sshd, tmp_path_factory.mktemp("subsys"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client bug: Connection._timeout_ms truncates the remaining time to whole "
-    "ms, so the server's deadline falls up to 1 ms before the caller's and its "
-    "`timeout` answer can beat the caller's scope: RemoteTimeout escapes "
-    "trio.move_on_after (seen 0-6 times in 100 loopback calls with k.95 ms deadlines)",
-)
 async def test_deadline_travels_rounded_up(opts_sshd: Any, mock_clock: Any) -> None:
     """With the clock frozen the remaining time is exact: 5.9 ms left must
     travel as at least 6 ms, never as 5."""
