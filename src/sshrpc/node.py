@@ -485,6 +485,10 @@ class _Channel:
             self.emit(_p.Pong(token=event.token))
         elif isinstance(event, _p.Cast):
             self._start_cast(event)
+            # Let the cast's task start before later requests are dispatched
+            # (tasks started together run in any order): a cast followed by
+            # a call on one channel begins first, as the client sent them.
+            await trio.lowlevel.checkpoint()
         elif isinstance(event, _p.Spawn):
             self._spawn(event)
         elif isinstance(event, _p.Send):

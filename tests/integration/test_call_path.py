@@ -1,0 +1,61 @@
+"""Call-path properties the performance work must keep: a node serving a
+real protocol session over an in-memory stream (no sshd needed for these)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from sshrpc import Atom, Service
+from sshrpc import protocol as _p
+from sshrpc.node import Node
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_cast_starts_before_a_call_sent_after_it():
+    """A cast followed by a call in the same write: the cast's function has
+    begun (here: finished its first step) when the call runs, every time."""
+    svc = Service("state")
+    seen: dict[str, int] = {"last": -1}
+
+    @svc.export
+    async def put(n: int) -> None:
+        seen["last"] = n
+
+    @svc.export
+    async def get() -> int:
+        return seen["last"]
+
+    node = Node([svc])
+    client_side, server_side = trio.testing.memory_stream_pair()
+    client = _p.Connection(_p.Role.CLIENT, name="test")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node.serve_channel, server_side)
+        await client_side.send_all(client.send(client.hello()))
+        pending = bytearray()
+
+        async def next_answer() -> _p.Event:
+            while True:
+                event = client.next_event()
+                if event is not _p.NEED_DATA:
+                    assert isinstance(event, _p.Event)
+                    return event
+                with trio.fail_after(10):
+                    data = await client_side.receive_some()
+                assert data, "the node closed the channel"
+                client.receive_data(data)
+
+        assert isinstance(await next_answer(), _p.Hello)
+        for i in range(50):
+            pending += client.send(_p.Cast(module=Atom("state"), function=Atom("put"), args=[i]))
+            pending += client.send(
+                _p.Call(id=i, module=Atom("state"), function=Atom("get"), args=[])
+            )
+            await client_side.send_all(bytes(pending))
+            pending.clear()
+            answer = await next_answer()
+            assert isinstance(answer, _p.Reply), answer
+            assert (answer.id, answer.value) == (i, i)
+        nursery.cancel_scope.cancel()
