@@ -89,7 +89,8 @@ def native_relay(directory: str | os.PathLike[str], compiler: str | None = None)
     compiler is found or compiling fails (then use the Python relay).
 
     The executable's name carries a hash of the source, so it is compiled
-    once per version and reused; it is built under a temporary name and
+    once per version and reused (only if it is ours and writable by nobody
+    else; otherwise it is rebuilt); it is built under a temporary name and
     renamed into place, so a relay being started by sshd is never half
     written.  Blocks while the compiler runs (a fraction of a second).
     """
@@ -99,8 +100,14 @@ def native_relay(directory: str | os.PathLike[str], compiler: str | None = None)
     except OSError:
         return None
     target = os.path.join(os.fspath(directory), "relay-" + hashlib.sha256(source).hexdigest()[:16])
-    if os.access(target, os.X_OK):
-        return target
+    try:
+        info = os.stat(target)
+    except OSError:
+        pass
+    else:
+        # Reuse only our own build that nobody else could have replaced.
+        if info.st_uid == os.getuid() and not info.st_mode & 0o022 and os.access(target, os.X_OK):
+            return target
     cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         return None

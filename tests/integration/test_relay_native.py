@@ -157,3 +157,14 @@ def test_native_relay_starts_fast(native, tmp_path):
         subprocess.run([native, str(tmp_path / "none")], capture_output=True, timeout=20)
         times.append(time.perf_counter() - start)
     assert sorted(times)[len(times) // 2] < 0.015
+
+
+def test_a_relay_others_could_have_replaced_is_rebuilt(native, tmp_path):
+    built = subsystem.native_relay(tmp_path)
+    assert built is not None
+    os.chmod(built, 0o777)  # group/world-writable: not trusted
+    before = os.stat(built).st_ino
+    again = subsystem.native_relay(tmp_path)
+    assert again == built
+    assert os.stat(again).st_mode & 0o022 == 0
+    assert os.stat(again).st_ino != before
