@@ -254,6 +254,10 @@ class PrivateSSHD:
             "PrintMotd no",
             "PrintLastLog no",
             "Banner none",
+            # A vanished client (host off, link cut) is dropped after 45 s, so
+            # its channel closes and the node cancels its calls.
+            "ClientAliveInterval 15",
+            "ClientAliveCountMax 3",
             "LogLevel VERBOSE",
         ]
         for name, command in self.subsystems.items():

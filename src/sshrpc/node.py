@@ -537,14 +537,11 @@ class _Channel:
             self.emit(_p.ErrorReply(id=id, cls=Atom("sshrpc"), reason=Atom(decision.outcome)))
         return None
 
-    def _busy(self) -> bool:
-        return len(self.calls) + self.casts >= self.node.max_calls
-
     def _start_call(self, call: _p.Call) -> None:
         if self.closing:
             self.emit(_p.ErrorReply(id=call.id, cls=Atom("sshrpc"), reason=Atom("shutting_down")))
             return
-        if self._busy():
+        if len(self.calls) >= self.node.max_calls:
             self.emit(_p.ErrorReply(id=call.id, cls=Atom("sshrpc"), reason=Atom("overload")))
             return
         exported = self._check("call", call.module, call.function, len(call.args), call.id)
@@ -625,7 +622,10 @@ class _Channel:
     def _start_cast(self, cast: _p.Cast) -> None:
         if self.closing:
             return
-        if self._busy():
+        # Casts have a bound of their own, the same size: PROTOCOL.md's
+        # max_calls counts calls (a client waits for a free call slot, and
+        # cannot see casts), and running casts must still be bounded.
+        if self.casts >= self.node.max_calls:
             log.warning(
                 "session %r: cast %s:%s dropped (max_calls open)",
                 self.pid,

@@ -146,12 +146,6 @@ async def test_10000_calls_from_100_tasks_on_20_connections(sshrpc_server: Any) 
                 await conn.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="node bug: _Channel._busy() counts running casts against max_calls, so a "
-    "call gets overload with fewer than max_calls calls open (PROTOCOL.md section 3 "
-    "bounds calls; the client's slot wait cannot see casts)",
-)
 async def test_casts_in_flight_do_not_make_calls_overload(sshrpc_server: Any) -> None:
     """PROTOCOL.md section 3: ``max_calls`` bounds the *calls* open on a
     channel, and the client waits for a free slot rather than drawing
