@@ -22,6 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._framing import MAX_FRAME_LIMIT
+from .protocol import DEFAULT_MAX_FRAME
+
 __all__ = ["main"]
 
 DEFAULT_PORT = 2222
@@ -48,6 +51,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--expose-traces", action="store_true", help="send stack traces in error details"
     )
+    parser.add_argument(
+        "--max-frame",
+        type=_max_frame,
+        default=DEFAULT_MAX_FRAME,
+        metavar="BYTES",
+        help=f"largest request payload accepted (default {DEFAULT_MAX_FRAME}, 1 MiB)",
+    )
+
+
+def _max_frame(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r}") from None
+    if not 1024 <= value <= MAX_FRAME_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be within 1024..{MAX_FRAME_LIMIT} bytes")
+    return value
 
 
 def _sshd_default() -> str:
@@ -160,6 +180,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
         if args.expose_traces:
             command += " --expose-traces"
+        command += f" --max-frame {args.max_frame}"
     else:
         # The C relay starts per channel in ~1 ms instead of ~30 ms.
         native = None if args.python_relay else native_relay(state / "bin")
@@ -191,6 +212,7 @@ def _serve(args: argparse.Namespace) -> int:
                             policy=policy,
                             authorized_keys=keys_path,
                             expose_traces=args.expose_traces,
+                            max_frame=args.max_frame,
                             task_status=task_status,
                         )
                     )
@@ -254,6 +276,7 @@ def _node(args: argparse.Namespace) -> int:
                         policy=policy,
                         authorized_keys=args.authorized_keys,
                         expose_traces=args.expose_traces,
+                        max_frame=args.max_frame,
                         task_status=task_status,
                     )
                 )

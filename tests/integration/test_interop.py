@@ -250,6 +250,9 @@ async def test_erlang_pids_come_back_as_the_same_pid(node: Any) -> None:
 
 # --- Erlang client -> Python node behind OpenSSH's sshd -----------------------
 
+#: The Python node's max_frame for these tests: room for a 16 MiB binary.
+PYTHON_NODE_MAX_FRAME = 17 * 1048576
+
 
 @pytest.fixture(scope="module")
 def python_node(tmp_path_factory: pytest.TempPathFactory, client_key: Any) -> Iterator[Any]:
@@ -264,6 +267,7 @@ def python_node(tmp_path_factory: pytest.TempPathFactory, client_key: Any) -> It
         state_dir=base / "state",
         authorized_keys=keys,
         identity=client_key.private,
+        extra_args=["--max-frame", str(PYTHON_NODE_MAX_FRAME)],
     )
     try:
         yield info
@@ -342,21 +346,20 @@ def test_erlang_1000_concurrent_calls_to_python(erl: ErlangNode) -> None:
     assert ok is True
 
 
-def test_erlang_largest_frames_both_ways_with_python(erl: ErlangNode) -> None:
-    # `sshrpc serve` announces its max_frame in the hello (1 MiB by default,
-    # no option to raise it yet): the largest binary that fits crosses both
-    # ways intact, and one past it is refused locally, before sending.
+def test_erlang_16_mib_both_ways_with_python(erl: ErlangNode) -> None:
+    # `sshrpc serve --max-frame` announces its limit in the hello: a 16 MiB
+    # binary crosses both ways intact, and a payload past the limit is
+    # refused locally, before sending, with the channel still usable.
     limit = erl.eval("maps:get(max_frame, PHello)")
-    size = min(limit, 16 * 1048576) - 64
+    assert limit == PYTHON_NODE_MAX_FRAME
     assert erl.eval(
-        f"PBig = crypto:strong_rand_bytes({size}), "
+        f"PBig = crypto:strong_rand_bytes({16 * 1048576}), "
         "{ok, PBack} = sshrpc:call(PC, echo, echo, [PBig]), PBack =:= PBig",
         timeout=60,
     )
-    if limit <= 16 * 1048576:
-        text = flat(erl.eval_text(f"sshrpc:call(PC, echo, echo, [binary:copy(<<1>>, {limit})])"))
-        assert text.startswith("{error,{sshrpc,too_large,"), text
-        assert erl.eval("sshrpc:call(PC, lists, reverse, [[1]])") == ("ok", [1])
+    text = flat(erl.eval_text(f"sshrpc:call(PC, echo, echo, [binary:copy(<<1>>, {limit})])"))
+    assert text.startswith("{error,{sshrpc,too_large,"), text
+    assert erl.eval("sshrpc:call(PC, lists, reverse, [[1]])") == ("ok", [1])
 
 
 ERLANG_TERMS = [
