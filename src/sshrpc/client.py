@@ -355,15 +355,7 @@ class Connection:
             except trio.WouldBlock:
                 await slots.acquire()
         try:
-            while self._pump.queued_bytes >= self._pump.write_limit:
-                await self._pump.send(b"")  # waits for room (or raises if lost)
-                self._check_open()
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self._check_open()
-            try:
-                frame = self._proto.send(make())
-            except LocalProtocolError as exc:
-                raise ConnectionLost(f"{self.destination}: {exc}") from exc
+            frame = await self._encode_when_room(make)
         except BaseException:
             if slots is not None:
                 slots.release()
@@ -450,16 +442,22 @@ class Connection:
         """Wait for room in the send queue, then encode and queue ``make()``
         (no checkpoint in between: a cancel sends nothing)."""
         self._check_open()
+        frame = await self._encode_when_room(make)
+        self._pump.send_nowait(frame, not self._pending)
+
+    async def _encode_when_room(self, make: Callable[[], _p.Event]) -> bytes:
+        """Wait until the send queue is below ``write_limit``, then encode
+        ``make()``; the last checkpoint is before the encode, so a cancel
+        leaves nothing encoded."""
         while self._pump.queued_bytes >= self._pump.write_limit:
             await self._pump.send(b"")  # waits for room (or raises if lost)
             self._check_open()
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
         try:
-            frame = self._proto.send(make())
+            return self._proto.send(make())
         except LocalProtocolError as exc:
             raise ConnectionLost(f"{self.destination}: {exc}") from exc
-        self._pump.send_nowait(frame, not self._pending)
 
     async def spawn(self, module: str, function: str, args: Sequence[Any] = ()) -> Any:
         """Start ``module:function(*args)`` as a long-lived process on the
