@@ -223,6 +223,7 @@ def start_serve(
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=_terminate_with_parent,
     )
     log.close()
     _SERVE_PROCS[proc.pid] = proc
@@ -258,6 +259,17 @@ def start_serve(
         state_dir=state_dir,
         pid=proc.pid,
     )
+
+
+def _terminate_with_parent() -> None:
+    """In the child: SIGTERM when the test process dies, so a pytest killed
+    by a timeout does not leave ``sshrpc serve`` and its sshd running (the
+    fixtures call ``start_serve`` from the main thread, which is the thread
+    whose exit Linux reports)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
