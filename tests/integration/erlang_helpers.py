@@ -147,6 +147,11 @@ class ErlangNode:
         etf, _ = self._eval(expr, timeout)
         return sshrpc.decode(etf)
 
+    def make_atoms(self, names: list[str]) -> None:
+        """Create the atoms ``names`` in this VM, for a server that decodes
+        with ``[safe]`` (which refuses atoms the VM does not know)."""
+        self.eval("[list_to_atom(A) || A <- [" + ",".join(erl_string(n) for n in names) + "]]")
+
     def eval_text(self, expr: str, timeout: float = 30.0) -> str:
         """Evaluate ``expr``; its value printed by Erlang with ~tp."""
         return self._eval(expr, timeout)[1]

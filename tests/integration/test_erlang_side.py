@@ -55,7 +55,7 @@ ALLOW = "[{erlang, node, 0}, {os, getpid, 0}, {lists, reverse, 1}, {sshrpc_test_
 def server_node() -> Iterator[ErlangNode]:
     node = ErlangNode()
     try:
-        node.eval("[list_to_atom(A) || A <- [" + ",".join(f'"{a}"' for a in TEST_ATOMS) + "]]")
+        node.make_atoms(TEST_ATOMS)
         yield node
     finally:
         node.close()
