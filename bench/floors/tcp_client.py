@@ -4,6 +4,18 @@ that speaks sshrpc's framing over a Trio TCP stream to ``tcp_server.py``.
 Usage: ``python bench/floors/tcp_client.py PORT``.  Pipelined calls keep a
 window of DEPTH calls open and refill it as answers arrive, in one write per
 read: the least work a client with this framing can do.
+
+Beyond the common protocol (for bench/call_cpu.py):
+
+    tasks DEPTH N MAX_S -> ok CALLS NS   DEPTH Trio tasks calling at once, as an
+                           application would with sshrpc's ``call``: each task
+                           sends its frame (whoever finds the stream idle writes
+                           every frame queued so far in one write) and parks;
+                           one reader task decodes the answers and wakes each
+                           caller by id (``trio.lowlevel.reschedule``), or
+                           leaves the answer for a caller still writing
+    reqs OPEN N MAX_S   -> the same as ``pipe OPEN N MAX_S`` (one task, a window
+                           of OPEN frames)
 """
 
 from __future__ import annotations
@@ -11,7 +23,9 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import outcome
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -104,6 +118,78 @@ class Floor:
                 sent += more
         return ok([done, time.perf_counter_ns() - t0])
 
+    async def reqs(self, open_: float, n: float, max_s: float) -> str:
+        return await self.pipe(open_, n, max_s)
+
+    async def tasks(self, depth: float, n: float, max_s: float) -> str:
+        conn = self.conn
+        assert conn
+        end = time.perf_counter() + max_s
+        left, done = int(n), 0
+        waiting: dict[int, trio.lowlevel.Task] = {}
+        early: dict[int, Any] = {}
+        outbox: list[bytes] = []
+        writing = False
+
+        async def send(data: bytes) -> None:
+            nonlocal writing
+            outbox.append(data)
+            if writing:
+                return  # the task writing now takes it along
+            writing = True
+            try:
+                while outbox:
+                    chunk = b"".join(outbox) if len(outbox) > 1 else outbox[0]
+                    outbox.clear()
+                    await conn.stream.send_all(chunk)
+            finally:
+                writing = False
+
+        async def call(value: Any) -> Any:
+            conn.next_id += 1
+            call_id = conn.next_id
+            await send(call_frame(call_id, value))
+            if call_id in early:  # answered while this task was still writing
+                return early.pop(call_id)
+            waiting[call_id] = trio.lowlevel.current_task()
+
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                waiting.pop(call_id, None)
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            return await trio.lowlevel.wait_task_rescheduled(abort)
+
+        async def reader() -> None:
+            while True:
+                data = await conn.stream.receive_some(1 << 18)
+                if not data:
+                    raise EOFError("server closed")
+                conn.frames.feed(data)
+                while (p := conn.frames.pop()) is not None:
+                    term = decode(p)
+                    task = waiting.pop(term[1], None)
+                    if task is None:
+                        early[term[1]] = term[2]
+                    else:
+                        trio.lowlevel.reschedule(task, outcome.Value(term[2]))
+
+        async def worker() -> None:
+            nonlocal left, done
+            while left > 0 and time.perf_counter() < end:
+                left -= 1
+                await call(SMALL)
+                done += 1
+
+        t0 = time.perf_counter_ns()
+        with trio.fail_after(max_s + 10):
+            async with trio.open_nursery() as outer:
+                outer.start_soon(reader)
+                async with trio.open_nursery() as callers:
+                    for _ in range(int(depth)):
+                        callers.start_soon(worker)
+                outer.cancel_scope.cancel()
+        return ok([done, time.perf_counter_ns() - t0])
+
     async def bulk(self, size: float, reps: float, max_s: float) -> str:
         assert self.conn
         value = payload(int(size))
@@ -140,6 +226,8 @@ if __name__ == "__main__":
             "connect": floor.connect,
             "latency": floor.latency,
             "pipe": floor.pipe,
+            "tasks": floor.tasks,
+            "reqs": floor.reqs,
             "bulk": floor.bulk,
             "setup": floor.setup,
         },

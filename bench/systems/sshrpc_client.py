@@ -3,6 +3,14 @@ libssh2) speaking the driver protocol of _common.py.  Pipelined calls are
 DEPTH Trio tasks calling on one connection, as an application would.
 
 Usage: ``python bench/systems/sshrpc_client.py PORT KEY KNOWN_HOSTS``.
+
+Beyond the common protocol (for bench/call_cpu.py): ``latency`` and ``pipe``
+take an optional last number, the function (0 ``echo``, async; 1
+``echo_inline``; 2 ``echo_thread``, see sshrpc_service.py), and
+
+    reqs OPEN N MAX_S   -> ok CALLS NS   one task keeping OPEN requests open
+                           (the request API: ``send_request``/``RequestSet``);
+                           ``err n/a: no request API`` where it is missing
 """
 
 from __future__ import annotations
@@ -25,9 +33,12 @@ from bench.systems._common import (
     run_trio_driver,
 )
 
+import sshrpc
 from sshrpc.client import Connection, connect_node
 
 SMALL = payload(32)
+#: The functions ``latency`` and ``pipe`` can call, by index.
+FUNCTIONS = (ECHO_FUNCTION, "echo_inline", "echo_thread")
 #: A pipelined run that has not finished this long after its time is up is
 #: reported as stuck (with the connection's statistics) instead of hanging.
 STUCK_S = 10.0
@@ -62,16 +73,17 @@ class Client:
         await self._echo(self.conn, SMALL)
         return ok([time.perf_counter() - t0])
 
-    async def latency(self, n: float, max_s: float, size: float) -> str:
+    async def latency(self, n: float, max_s: float, size: float, fn: float = 0) -> str:
         conn = self.conn
         assert conn
+        function = FUNCTIONS[int(fn)]
         value = payload(int(size))
         end = time.perf_counter() + max_s
         out: list[int] = []
         with trio.move_on_after(max_s + STUCK_S) as scope:
             for _ in range(int(n)):
                 t0 = time.perf_counter_ns()
-                await conn.call(ECHO_MODULE, ECHO_FUNCTION, [value])
+                await conn.call(ECHO_MODULE, function, [value])
                 out.append(time.perf_counter_ns() - t0)
                 if time.perf_counter() > end:
                     break
@@ -85,9 +97,10 @@ class Client:
         print(f"stuck at {what}: {stats}", file=sys.stderr, flush=True)
         return f"err stuck at {what}: {stats}".replace("\n", " ")
 
-    async def pipe(self, depth: float, n: float, max_s: float) -> str:
+    async def pipe(self, depth: float, n: float, max_s: float, fn: float = 0) -> str:
         conn = self.conn
         assert conn
+        function = FUNCTIONS[int(fn)]
         end = time.perf_counter() + max_s
         left = int(n)
         done = 0
@@ -96,7 +109,7 @@ class Client:
             nonlocal left, done
             while left > 0 and time.perf_counter() < end:
                 left -= 1
-                await conn.call(ECHO_MODULE, ECHO_FUNCTION, [SMALL])
+                await conn.call(ECHO_MODULE, function, [SMALL])
                 done += 1
 
         t0 = time.perf_counter_ns()
@@ -106,6 +119,34 @@ class Client:
                     nursery.start_soon(worker)
         if scope.cancelled_caught:
             return self._stuck(f"{done} of {int(n)} calls, {depth:.0f} in flight", conn)
+        return ok([done, time.perf_counter_ns() - t0])
+
+    async def reqs(self, open_: float, n: float, max_s: float) -> str:
+        """One task keeps ``open_`` requests open with the request API, refilling
+        as answers arrive, until ``n`` answers or ``max_s`` seconds."""
+        conn = self.conn
+        assert conn
+        send_request = getattr(conn, "send_request", None)
+        request_set = getattr(sshrpc, "RequestSet", None)
+        if send_request is None or request_set is None:
+            return "err n/a: no request API"
+        reqs = request_set()
+        n_calls = int(n)
+        end = time.perf_counter() + max_s
+        sent = done = 0
+        t0 = time.perf_counter_ns()
+        with trio.move_on_after(max_s + STUCK_S) as scope:
+            for _ in range(min(int(open_), n_calls)):
+                await send_request(ECHO_MODULE, ECHO_FUNCTION, [SMALL], into=reqs, label=sent)
+                sent += 1
+            while done < sent:
+                await reqs.receive_response()
+                done += 1
+                if sent < n_calls and time.perf_counter() < end:
+                    await send_request(ECHO_MODULE, ECHO_FUNCTION, [SMALL], into=reqs, label=sent)
+                    sent += 1
+        if scope.cancelled_caught:
+            return self._stuck(f"{done} of {sent} requests, {open_:.0f} open", conn)
         return ok([done, time.perf_counter_ns() - t0])
 
     async def bulk(self, size: float, reps: float, max_s: float) -> str:
@@ -150,6 +191,7 @@ async def main() -> None:
                 "connect": client.connect,
                 "latency": client.latency,
                 "pipe": client.pipe,
+                "reqs": client.reqs,
                 "bulk": client.bulk,
                 "setup": client.setup,
             }

@@ -4,6 +4,12 @@
 %% bench/systems/_common.py on stdin/stdout. Every loop is bounded in count
 %% and time.
 %%
+%% Beyond the common protocol (for bench/call_cpu.py):
+%%   reqs OPEN N MAX_S -> ok CALLS NS: one process keeping OPEN requests open
+%%   on the connection and sending the next as each answer arrives, as
+%%   erpc:send_request/receive_response would (each request is
+%%   sshrpc:call/4's own message to the connection process, one alias each).
+%%
 %% Usage: escript client.escript PORT USER_DIR EBIN...
 %% (USER_DIR holds id_ed25519 and known_hosts.)
 -mode(compile).
@@ -98,6 +104,14 @@ op("pipe", [Depth, N, MaxS], S = #{conn := Conn}) ->
             || _ <- lists:seq(1, round(Depth))],
     Done = lists:sum([receive {done, P, K} -> K end || P <- Pids]),
     {ok([Done, now_ns() - T0]), S};
+op("reqs", [Open, N, MaxS], S = #{conn := Conn}) ->
+    End = deadline(MaxS),
+    T0 = now_ns(),
+    V = ?SMALL,
+    First = min(round(Open), round(N)),
+    [send_req(Conn, V) || _ <- lists:seq(1, First)],
+    Done = reqs_loop({Conn, V}, First, First, round(N), End, 0),
+    {ok([Done, now_ns() - T0]), S};
 op(Op, _, S) ->
     {"err " ++ Op ++ " unsupported", S}.
 
@@ -105,6 +119,33 @@ worker(Conn, Left, End, K) ->
     case atomics:sub_get(Left, 1, 1) >= 0 andalso now_ns() < End of
         true -> echo(Conn, ?SMALL), worker(Conn, Left, End, K + 1);
         false -> K
+    end.
+
+%% sshrpc:call/4 without the wait: the same message to the connection process.
+send_req(Conn, V) ->
+    Alias = erlang:monitor(process, Conn, [{alias, demonitor}]),
+    Conn ! {sshrpc_req, Alias, {call, sshrpc_bench, echo, [V], #{}}},
+    Alias.
+
+reqs_loop(_Conn, 0, _Sent, _N, _End, Done) ->
+    Done;
+reqs_loop(CV = {Conn, V}, Open, Sent, N, End, Done) ->
+    receive
+        {Alias, {ok, _}} when is_reference(Alias) ->
+            erlang:demonitor(Alias, [flush]),
+            case Sent < N andalso now_ns() < End of
+                true ->
+                    send_req(Conn, V),
+                    reqs_loop(CV, Open, Sent + 1, N, End, Done + 1);
+                false ->
+                    reqs_loop(CV, Open - 1, Sent, N, End, Done + 1)
+            end;
+        {Alias, {error, Reason}} when is_reference(Alias) ->
+            error({call_failed, Reason});
+        {'DOWN', _, process, Conn, Reason} ->
+            error({connection_down, Reason})
+    after 30000 ->
+        error(reqs_stuck)
     end.
 
 repeat(0, _End, _F) -> [];
