@@ -1,7 +1,7 @@
 """CPU per call, per process, for sshrpc and its anchors, in one run.
 
-    .venv/bin/python bench/call_cpu.py                       # 5 rounds, a few minutes
-    .venv/bin/python bench/call_cpu.py --rounds 5 --calls 2000 --seq-calls 400   # smaller
+    .venv/bin/python bench/call_cpu.py                       # 5 rounds, 1-2 minutes
+    .venv/bin/python bench/call_cpu.py --rounds 5 --calls 3000 --seq-calls 500   # smaller
     .venv/bin/python bench/call_cpu.py --only 'p64_*,tcp_*'  # some rows (--list names them)
     .venv/bin/python bench/call_cpu.py --json                # JSON on stdout instead
 
@@ -261,6 +261,10 @@ class RowResult:
     errors: list[str] = field(default_factory=list)
 
     def med(self, name: str) -> float | None:
+        """The median over rounds of a column (a role's CPU or an attribute);
+        None where not measured, and for sshd and relay outside sshrpc."""
+        if name in ("sshd", "relay") and self.row.system != "sshrpc":
+            return None
         values = self.cpu_us[name] if name in ROLES else getattr(self, name)
         return statistics.median(values) if values else None
 
@@ -475,10 +479,12 @@ def render(results: list[RowResult], meta: dict[str, Any], args: argparse.Namesp
         add(f"| {t['target']} | {t['limit']} | {shown} | {met} |")
     add("")
     add("Columns: wall µs = median round trip (sequential rows) or elapsed time / calls;")
-    add("calls/s = calls / elapsed; CPU µs = CPU used during the row / calls: client = the")
+    add("calls/s = calls / elapsed (sequential rows: calls / the sum of their round trips, so")
+    add("outliers count); CPU µs = CPU used during the row / calls: client = the")
     add("driver's process tree; sshd = all sshd processes under `sshrpc serve` (listener and")
     add("the connection's); relay = the subsystem command per channel; node = the `sshrpc")
-    add("serve` process (for the TCP floor and the seed: their whole server process tree).")
+    add("serve` process (for the TCP floor and the seed: their whole server process tree);")
+    add("all processes = their sum per round, then the median. Sources: bench/README.md.")
     errs = [(r.row.key, e) for r in results for e in r.errors]
     if errs:
         add("")
@@ -490,6 +496,8 @@ def render(results: list[RowResult], meta: dict[str, Any], args: argparse.Namesp
 
 
 def plot(results: list[RowResult], path: Path) -> str:
+    """CPU per call stacked by process, one bar per row; sequential and
+    pipelined rows in two panels (linear scales, they differ ~10x)."""
     try:
         import matplotlib
 
@@ -498,23 +506,39 @@ def plot(results: list[RowResult], path: Path) -> str:
     except ImportError as exc:
         return f"no plot: {exc} (.venv/bin/pip install -e '.[bench]')"
     shown = [r for r in results if not r.unavailable and r.wall_us]
-    if not shown:
+    panels = [
+        (title, rows)
+        for title, rows in (
+            ("one call at a time", [r for r in shown if r.row.sequential]),
+            ("many calls in flight", [r for r in shown if not r.row.sequential]),
+        )
+        if rows
+    ]
+    if not panels:
         return "no plot: no figures"
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(shown) + 1.6))
-    ys = list(range(len(shown)))[::-1]
-    left = [0.0] * len(shown)
-    for role, colour in zip(ROLES, ("#4c72b0", "#dd8452", "#55a868", "#c44e52"), strict=True):
-        widths = [r.med(role) or 0.0 for r in shown]
-        ax.barh(ys, widths, left=left, color=colour, label=role)
-        left = [a + b for a, b in zip(left, widths, strict=True)]
-    for y, total in zip(ys, left, strict=True):
-        ax.text(total, y, f" {total:.0f}", va="center", fontsize=8)
-    ax.set_yticks(ys, [r.row.label.replace("`", "") for r in shown], fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("CPU µs per call (log), medians; stacked by process")
-    ax.set_title("CPU per call by process")
-    ax.grid(True, axis="x", which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(9, 0.42 * len(shown) + 1.4 * len(panels) + 0.6),
+        gridspec_kw={"height_ratios": [len(rows) for _, rows in panels]},
+        squeeze=False,
+    )
+    colours = ("#4c72b0", "#dd8452", "#55a868", "#c44e52")
+    for ax, (title, rows) in zip(axes[:, 0], panels, strict=True):
+        ys = list(range(len(rows)))[::-1]
+        left = [0.0] * len(rows)
+        for role, colour in zip(ROLES, colours, strict=True):
+            widths = [r.med(role) or 0.0 for r in rows]
+            ax.barh(ys, widths, left=left, color=colour, label=role)
+            left = [a + b for a, b in zip(left, widths, strict=True)]
+        for y, total, r in zip(ys, left, rows, strict=True):
+            ax.text(total, y, f" {fmt(r.med('all_us'))}", va="center", fontsize=8)
+        ax.set_yticks(ys, [r.row.label.replace("`", "") for r in rows], fontsize=8)
+        ax.set_xlim(0, max(left) * 1.15)
+        ax.set_title(f"CPU µs per call by process, {title} (medians)", fontsize=10)
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    axes[-1, 0].set_xlabel("CPU µs per call, stacked: client, sshd, relay, node")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -525,10 +549,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5, help="measured rounds (default 5)")
     ap.add_argument(
-        "--calls", type=int, default=6000, help="calls per pipelined row per round (6000)"
+        "--calls", type=int, default=10000, help="calls per pipelined row per round (10000)"
     )
     ap.add_argument(
-        "--seq-calls", type=int, default=1500, help="calls per sequential row per round (1500)"
+        "--seq-calls", type=int, default=2000, help="calls per sequential row per round (2000)"
     )
     ap.add_argument(
         "--max-s", type=float, default=4.0, help="a row stops after this many seconds (4)"
