@@ -1,6 +1,6 @@
 """CPU per call, per process, for sshrpc and its anchors, in one run.
 
-    .venv/bin/python bench/call_cpu.py                       # 5 rounds, 1-2 minutes
+    .venv/bin/python bench/call_cpu.py                       # 5 rounds, 1-3 minutes
     .venv/bin/python bench/call_cpu.py --rounds 5 --calls 3000 --seq-calls 500   # smaller
     .venv/bin/python bench/call_cpu.py --only 'p64_*,tcp_*'  # some rows (--list names them)
     .venv/bin/python bench/call_cpu.py --json                # JSON on stdout instead
