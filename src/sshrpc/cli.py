@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._framing import MAX_FRAME_LIMIT
+from ._pyframing import MAX_FRAME_LIMIT
 from .protocol import DEFAULT_MAX_FRAME
 
 __all__ = ["main"]
