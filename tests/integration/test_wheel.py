@@ -72,9 +72,7 @@ def test_wheel_has_compiled_parts_and_no_c_sources(dist: Path) -> None:
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in infos)
 
 
-def test_wheel_serves_without_a_compiler(
-    dist: Path, tmp_path: Path, client_key: object
-) -> None:
+def test_wheel_serves_without_a_compiler(dist: Path, tmp_path: Path, client_key: object) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = str(venv / "bin" / "python")
@@ -117,7 +115,8 @@ def test_wheel_serves_without_a_compiler(
                 "async def main():\n"
                 "    async with sshrpc.open_connection(sys.argv[1], identity=sys.argv[2],\n"
                 "            known_hosts=sys.argv[3], use_ssh_config=False, agent=False) as n:\n"
-                "        print(sshrpc.c_accelerated, await n.call('lists', 'reverse', [[1, 2, 3]]))\n"
+                "        value = await n.call('lists', 'reverse', [[1, 2, 3]])\n"
+                "        print(sshrpc.c_accelerated, value)\n"
                 "trio.run(main)\n",
                 f"{info.user}@{info.host}:{info.port}",
                 str(info.identity),
