@@ -156,7 +156,7 @@ def main() -> None:
         )  # fmt: skip
         assert node_proc.stdout is not None
         assert node_proc.stdout.readline().startswith(b"ready")
-        native = native_relay(tmp / "bin")
+        native = native_relay()
         modes = {
             "cat (ssh floor)": "cat",
             "relay": relay_command(sock),

@@ -194,11 +194,14 @@ def start_serve(
     identity: Path,
     extra_args: Sequence[str] = (),
     timeout: float = 30.0,
+    python: str = sys.executable,
+    env: Mapping[str, str] | None = None,
 ) -> SSHDInfo:
     """Run ``sshrpc serve`` and wait for its ready line; return where it listens.
 
     The known_hosts file is written next to the state dir from the line
-    ``sshrpc serve`` prints.
+    ``sshrpc serve`` prints.  ``python`` and ``env`` choose the interpreter
+    (and so the installed sshrpc) and the environment it runs with.
     """
     port = free_port()
     state_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +209,7 @@ def start_serve(
     log = open(log_path, "wb")  # noqa: SIM115 -- handed to the child
     proc = subprocess.Popen(
         [
-            sys.executable,
+            python,
             "-m",
             "sshrpc.cli",
             "serve",
@@ -224,6 +227,7 @@ def start_serve(
         stderr=subprocess.STDOUT,
         start_new_session=True,
         preexec_fn=_terminate_with_parent,
+        env=env,
     )
     log.close()
     _SERVE_PROCS[proc.pid] = proc

@@ -14,6 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sshrpc
+
+if not sshrpc.c_accelerated:
+    pytest.skip("the C codec is not in use (pure-Python mode)", allow_module_level=True)
+
 from sshrpc import (
     Atom,
     BitString,

@@ -1,18 +1,23 @@
-"""Frame reassembly (sshrpc._framing.FrameBuffer): any chunking, keepalives,
-the max_frame check on the header alone, linear cost."""
+"""Frame reassembly: any chunking, keepalives, the max_frame check on the
+header alone, linear cost.  The tests run on the frame buffer in use
+(``sshrpc._accel``: C, or pure Python with ``SSHRPC_PURE_PYTHON=1``, as one
+CI run does); the last test checks that both give the same payloads and
+errors."""
 
 from __future__ import annotations
 
 import itertools
 import struct
+import sys
 import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sshrpc import FrameTooLarge, ProtocolError
-from sshrpc._framing import FrameBuffer, encode_length
+from sshrpc import FrameTooLarge, ProtocolError, _pyframing, c_accelerated
+from sshrpc._accel import FrameBuffer
+from sshrpc._pyframing import encode_length
 
 
 def frame(payload: bytes) -> bytes:
@@ -290,4 +295,43 @@ def test_a_large_straddling_frame_does_not_pin_its_buffer() -> None:
         fb.feed(data[i : i + 1000])
         got.extend(drain(fb))
     assert got == [big, b"small"]
-    assert fb._fb.cap <= 256 * 1024  # type: ignore[attr-defined]
+    if c_accelerated:
+        assert fb._fb.cap <= 256 * 1024  # type: ignore[attr-defined]
+    else:
+        assert sys.getsizeof(fb._buf) <= 256 * 1024  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not c_accelerated, reason="the C module is not in use (pure-Python mode)")
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(min_value=0, max_value=70), max_size=30),
+    st.lists(st.integers(min_value=0), max_size=40),
+    st.integers(min_value=0, max_value=64),
+    st.integers(min_value=0, max_value=64),
+)
+def test_python_and_c_buffers_agree(
+    sizes: list[int], cuts: list[int], limit: int, lowered: int
+) -> None:
+    """The pure-Python fallback gives the C buffer's payloads and errors for
+    any chunking, also when ``max_frame`` is lowered halfway."""
+    from sshrpc._framing import FrameBuffer as CFrameBuffer
+
+    data = b"".join(frame(bytes([n % 251]) * n) for n in sizes)
+    results = []
+    for cls in (CFrameBuffer, _pyframing.FrameBuffer):
+        fb = cls(limit)
+        out: list[object] = []
+        buffered: int | None = None
+        for i, piece in enumerate(split(data, cuts)):
+            if i == 2:
+                fb.max_frame = lowered
+            fb.feed(piece)
+            try:
+                out.extend(drain(fb))
+            except FrameTooLarge as exc:
+                out.append(("too large", exc.length, exc.maximum))
+                break
+        else:
+            buffered = fb.buffered
+        results.append((out, buffered))
+    assert results[0] == results[1]

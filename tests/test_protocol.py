@@ -24,7 +24,7 @@ from sshrpc import (
     decode,
     encode,
 )
-from sshrpc._codec import encode_frame
+from sshrpc._accel import encode_frame
 from sshrpc.protocol import (
     ALL_FEATURES,
     AWAIT_HELLO,

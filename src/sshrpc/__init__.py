@@ -5,7 +5,7 @@ This module only re-exports; each name is documented where it is defined.
 
 from typing import TYPE_CHECKING
 
-from ._codec import decode, encode
+from ._accel import c_accelerated, decode, encode
 from ._errors import (
     AuthenticationFailed,
     ConnectionLost,
@@ -103,6 +103,7 @@ __all__ = [
     "Throw",
     "Undef",
     "UnknownHostKey",
+    "c_accelerated",
     "decode",
     "encode",
 ]

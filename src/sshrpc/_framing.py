@@ -33,22 +33,16 @@ import itertools
 from collections import deque
 
 from ._errors import FrameTooLarge
+from ._pyframing import MAX_FRAME_LIMIT, encode_length
 from ._sshrpc_c import ffi, lib
 
 __all__ = ["MAX_FRAME_LIMIT", "FrameBuffer", "encode_length"]
 
-#: The largest length a 4-byte header can carry.
-MAX_FRAME_LIMIT = 2**32 - 1
 # Frames found per C call: bounds a batch, not the number of frames.
 _BATCH = 1024
 # Reads gathered in Python before one C call, while a frame straddles them.
 _SMALL = 4096
 _OUT_OF_MEMORY = 2**64 - 1 if ffi.sizeof("size_t") == 8 else 2**32 - 1
-
-
-def encode_length(length: int) -> bytes:
-    """The 4-byte big-endian header of a payload of ``length`` bytes."""
-    return length.to_bytes(4, "big")
 
 
 def _new_buffer() -> object:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._framing import MAX_FRAME_LIMIT
+from ._pyframing import MAX_FRAME_LIMIT
 from .protocol import DEFAULT_MAX_FRAME
 
 __all__ = ["main"]
@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--python-relay",
         action="store_true",
-        help="relay channels with the Python relay, not the C one compiled at start",
+        help="relay channels with the Python relay, not the C one built with the package",
     )
     serve.add_argument("--sshd", metavar="PATH", help=f"sshd binary (default {_sshd_default()})")
     serve.add_argument("--list", action="store_true", help="print the exposure table at start")
@@ -183,7 +183,11 @@ def _serve(args: argparse.Namespace) -> int:
         command += f" --max-frame {args.max_frame}"
     else:
         # The C relay starts per channel in ~1 ms instead of ~30 ms.
-        native = None if args.python_relay else native_relay(state / "bin")
+        native = None if args.python_relay else native_relay()
+        if native is None and not args.python_relay:
+            logging.getLogger("sshrpc.serve").warning(
+                "this sshrpc build has no C relay; the Python relay serves (~30 ms per channel)"
+            )
         command = relay_command(socket_path, native=native)
     try:
         sshd = _sshd.PrivateSSHD(

@@ -4,9 +4,10 @@ Two modes:
 
 - relay (default): ``python -I -S .../_relay.py SOCKET`` relays the channel to
   a long-lived node (``relay_command``).  Start-up: a bare interpreter, no
-  site, four stdlib modules (~20-35 ms).  The same relay in C (``_relay.c``,
-  compiled by ``native_relay`` where a C compiler exists) starts in ~1 ms
-  and copies with 256 KiB buffers; ``sshrpc serve`` uses it when it can.
+  site, four stdlib modules (~20-35 ms).  The same relay in C
+  (csrc/relay.c, built with the package as ``sshrpc/sshrpc-relay``; see
+  ``native_relay``) starts in ~1 ms and copies with 256 KiB buffers;
+  ``sshrpc serve`` uses it when the package has it.
 - in-process: ``python -m sshrpc.subsystem TARGET...`` serves the services
   itself on stdin/stdout (``in_process_command``), for one-shot use; every
   channel is a fresh process with fresh state.
@@ -18,21 +19,17 @@ one-line errors (``TargetError``).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import os
 import re
 import shlex
-import shutil
-import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 
 from .service import Service, flatten_services
 
 __all__ = [
-    "RELAY_C_PATH",
+    "NATIVE_RELAY_PATH",
     "RELAY_PATH",
     "TargetError",
     "forced_authorized_keys",
@@ -45,8 +42,9 @@ __all__ = [
 
 #: The relay script, run by path (not as a module) so that it needs no site.
 RELAY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_relay.py")
-#: The same relay in C, compiled by ``native_relay``.
-RELAY_C_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_relay.c")
+#: The same relay in C (csrc/relay.c), compiled into the package when it is
+#: built (setup.py).
+NATIVE_RELAY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sshrpc-relay")
 
 
 class TargetError(ValueError):
@@ -84,54 +82,13 @@ def load_targets(targets: Sequence[str]) -> list[Service]:
     return found
 
 
-def native_relay(directory: str | os.PathLike[str], compiler: str | None = None) -> str | None:
-    """The C relay compiled into ``directory``; its path, or None when no C
-    compiler is found or compiling fails (then use the Python relay).
-
-    The executable's name carries a hash of the source, so it is compiled
-    once per version and reused (only if it is ours and writable by nobody
-    else; otherwise it is rebuilt); it is built under a temporary name and
-    renamed into place, so a relay being started by sshd is never half
-    written.  Blocks while the compiler runs (a fraction of a second).
-    """
-    try:
-        with open(RELAY_C_PATH, "rb") as f:
-            source = f.read()
-    except OSError:
-        return None
-    target = os.path.join(os.fspath(directory), "relay-" + hashlib.sha256(source).hexdigest()[:16])
-    try:
-        info = os.stat(target)
-    except OSError:
-        pass
-    else:
-        # Reuse only our own build that nobody else could have replaced.
-        if info.st_uid == os.getuid() and not info.st_mode & 0o022 and os.access(target, os.X_OK):
-            return target
-    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        return None
-    os.makedirs(os.fspath(directory), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.fspath(directory), prefix=".relay-")
-    os.close(fd)
-    try:
-        done = subprocess.run(
-            [*shlex.split(cc), "-O2", "-o", tmp, RELAY_C_PATH],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        if done.returncode != 0:
-            return None
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, target)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+def native_relay() -> str | None:
+    """The C relay installed with the package (``NATIVE_RELAY_PATH``), or None
+    when this build has none (built without a C compiler, or a checkout that
+    was never built): then use the Python relay.  Nothing is ever compiled at
+    run time: the relay is built with the package (setup.py), so it is as
+    trusted as the package's own code and needs no cache."""
+    return NATIVE_RELAY_PATH if os.access(NATIVE_RELAY_PATH, os.X_OK) else None
 
 
 def relay_command(

@@ -70,7 +70,7 @@ async def test_call_cast_stream_spawn_ping(sshrpc_server: Any) -> None:
 SUBSYSTEM_SCRIPT = r"""
 import os, struct, sys, time
 sys.path[:0] = [{src!r}]
-from sshrpc._codec import decode, encode
+from sshrpc._accel import decode, encode
 from sshrpc._types import Atom as A, Pid
 
 mode = sys.argv[1]

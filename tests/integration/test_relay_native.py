@@ -1,11 +1,10 @@
-"""The C relay (``_relay.c``, built by ``native_relay``) behaves as the Python
+"""The C relay (csrc/relay.c, built with the package) behaves as the Python
 relay: same header, bytes both ways with flow control, same endings.  Run
 for both programs, with a socketpair as stdin/stdout as sshd runs them."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,11 +19,9 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
-def native(tmp_path_factory) -> str:
-    if not (shutil.which("cc") or shutil.which("gcc")):
-        pytest.skip("no C compiler on this machine")
-    path = subsystem.native_relay(tmp_path_factory.mktemp("bin"))
-    assert path is not None, "the C relay did not compile"
+def native() -> str:
+    path = subsystem.native_relay()
+    assert path is not None, "the package was built without its C relay (sshrpc/sshrpc-relay)"
     return path
 
 
@@ -51,11 +48,10 @@ async def _recv_exactly(stream, n: int) -> bytes:
     return bytes(data)
 
 
-def test_native_relay_is_cached(native, tmp_path):
-    again = subsystem.native_relay(os.path.dirname(native))
-    assert again == native
-    assert subsystem.native_relay(tmp_path, compiler="/nonexistent/cc") is None
-    assert os.listdir(tmp_path) == []  # no half-built file left behind
+def test_native_relay_is_the_packaged_executable(native):
+    assert native == subsystem.NATIVE_RELAY_PATH
+    info = os.stat(native)
+    assert info.st_mode & 0o111 and not info.st_mode & 0o022
 
 
 def test_relay_command_names_the_native_relay(native):
@@ -157,14 +153,3 @@ def test_native_relay_starts_fast(native, tmp_path):
         subprocess.run([native, str(tmp_path / "none")], capture_output=True, timeout=20)
         times.append(time.perf_counter() - start)
     assert sorted(times)[len(times) // 2] < 0.015
-
-
-def test_a_relay_others_could_have_replaced_is_rebuilt(native, tmp_path):
-    built = subsystem.native_relay(tmp_path)
-    assert built is not None
-    os.chmod(built, 0o777)  # group/world-writable: not trusted
-    before = os.stat(built).st_ino
-    again = subsystem.native_relay(tmp_path)
-    assert again == built
-    assert os.stat(again).st_mode & 0o022 == 0
-    assert os.stat(again).st_ino != before

@@ -242,7 +242,7 @@ def test_state_files_are_private(sshrpc_server: Any) -> None:
 EVIL_SCRIPT = r"""
 import os, struct, sys, zlib
 sys.path[:0] = [{src!r}]
-from sshrpc._codec import decode, encode
+from sshrpc._accel import decode, encode
 from sshrpc._types import Atom as A, Pid
 
 mode = sys.argv[1]

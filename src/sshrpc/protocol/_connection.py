@@ -41,10 +41,9 @@ from collections.abc import Callable, Iterable, KeysView
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .._codec import decode, encode_frame
+from .._accel import FrameBuffer, decode, encode_frame
 from .._errors import FrameTooLarge, LocalProtocolError, MessageTooLarge, ProtocolError, TermError
 from .._etf import DEFAULT_MAX_DEPTH
-from .._framing import FrameBuffer
 from .._types import Atom, Map
 from ._events import (
     DEFAULT_CREDIT,

@@ -1,10 +1,11 @@
 /* The sshrpc subsystem relay in C: stdin/stdout <-> the node's Unix socket.
  *
- * The same program as _relay.py (same header, same flow control, same
- * endings and exit statuses), for a per-channel start-up of about a
+ * The same program as src/sshrpc/_relay.py (same header, same flow control,
+ * same endings and exit statuses), for a per-channel start-up of about a
  * millisecond instead of a Python interpreter's tens of milliseconds.
- * sshrpc.subsystem.native_relay() compiles it with the system's C compiler;
- * without one, the Python relay is used.
+ * setup.py compiles it when the package is built, into the package as the
+ * executable sshrpc/sshrpc-relay (sshrpc.subsystem.native_relay() finds it);
+ * nothing is compiled at run time.  Without it, the Python relay is used.
  *
  *   usage: relay SOCKET
  *
