@@ -44,6 +44,8 @@ def _default_state_dir() -> Path:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    from .node import DEFAULT_MAX_CALLS
+
     parser.add_argument("targets", nargs="+", metavar="TARGET", help="package.module:attribute")
     parser.add_argument(
         "--policy", metavar="FILE", help="TOML access policy (default: all exported)"
@@ -58,6 +60,24 @@ def _common(parser: argparse.ArgumentParser) -> None:
         metavar="BYTES",
         help=f"largest request payload accepted (default {DEFAULT_MAX_FRAME}, 1 MiB)",
     )
+    parser.add_argument(
+        "--max-calls",
+        type=_max_calls,
+        default=DEFAULT_MAX_CALLS,
+        metavar="N",
+        help=f"calls open at once per channel (default {DEFAULT_MAX_CALLS}); raise it for "
+        "many requests in flight on long round trips",
+    )
+
+
+def _max_calls(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= value <= 65536:
+        raise argparse.ArgumentTypeError("must be within 1..65536")
+    return value
 
 
 def _max_frame(text: str) -> int:
@@ -180,7 +200,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
         if args.expose_traces:
             command += " --expose-traces"
-        command += f" --max-frame {args.max_frame}"
+        command += f" --max-frame {args.max_frame} --max-calls {args.max_calls}"
     else:
         # The C relay starts per channel in ~1 ms instead of ~30 ms.
         native = None if args.python_relay else native_relay()
@@ -217,6 +237,7 @@ def _serve(args: argparse.Namespace) -> int:
                             authorized_keys=keys_path,
                             expose_traces=args.expose_traces,
                             max_frame=args.max_frame,
+                            max_calls=args.max_calls,
                             task_status=task_status,
                         )
                     )
@@ -281,6 +302,7 @@ def _node(args: argparse.Namespace) -> int:
                         authorized_keys=args.authorized_keys,
                         expose_traces=args.expose_traces,
                         max_frame=args.max_frame,
+                        max_calls=args.max_calls,
                         task_status=task_status,
                     )
                 )

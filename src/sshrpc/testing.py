@@ -15,6 +15,9 @@ objects (no importable ``module:attribute`` needed) and the ``Node`` is
 there to inspect (``test_node.node.statistics()``).  Needs OpenSSH's
 ``sshd`` and ``ssh-keygen``; ``TestNodeError`` says what is missing.
 
+``open_link`` (from ``sshrpc._link``) puts an emulated long-haul link (a
+delaying, rate-pacing TCP proxy) between a client and a node.
+
 The pytest plugin (``sshrpc.pytest_plugin``, registered on install) builds
 fixtures on this; docs/testing.md shows both.
 """
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import _sshd
+from ._link import Link, open_link
 from .service import Service
 from .subsystem import forced_authorized_keys, load_targets, native_relay, relay_command
 
@@ -41,7 +45,7 @@ if TYPE_CHECKING:
     from .node import Node
     from .policy import Policy
 
-__all__ = ["TestNode", "TestNodeError", "open_test_node"]
+__all__ = ["Link", "TestNode", "TestNodeError", "open_link", "open_test_node"]
 
 
 class TestNodeError(RuntimeError):
