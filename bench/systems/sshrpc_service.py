@@ -7,7 +7,9 @@
   ``Service.export`` accepts ``inline``; on a checkout without it, a plain
   ``def`` (``INLINE`` is then ``False`` and bench/call_cpu.py says so);
 - ``sshrpc_bench:echo_thread(Value)``, a plain ``def`` (the node runs it off
-  the loop, in a worker thread).
+  the loop, in a worker thread);
+- ``sshrpc_bench:size(Binary) -> int`` and ``sshrpc_bench:blob(N) -> Binary``
+  (async), for one-way bulk transfers (bench/longhaul.py).
 """
 
 from __future__ import annotations
@@ -44,3 +46,15 @@ if INLINE:
 else:
     svc.export(echo_inline)
 svc.export(echo_thread)
+
+
+@svc.export
+async def size(value: bytes) -> int:
+    """The length of its binary argument: bulk towards the node."""
+    return len(value)
+
+
+@svc.export
+async def blob(n: int) -> bytes:
+    """``n`` zero bytes: bulk towards the client."""
+    return bytes(n)

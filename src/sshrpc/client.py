@@ -682,6 +682,7 @@ async def connect_node(
     max_frame: int = DEFAULT_MAX_FRAME,
     keepalive: float | None = DEFAULT_KEEPALIVE,
     keepalive_misses: int = DEFAULT_KEEPALIVE_MISSES,
+    window: int | None = None,
 ) -> Connection:
     """Open a connection whose background tasks run in ``nursery``.
 
@@ -690,6 +691,8 @@ async def connect_node(
     the pump task ends).  A checkpoint; on any error or cancel nothing stays
     open.
     """
+    if window is not None and not 0 < window <= 2**31:
+        raise ValueError(f"window must be 1..2**31 bytes, not {window!r}")
     settings = await trio.to_thread.run_sync(
         lambda: _ssh_config.resolve(
             host,
@@ -716,6 +719,8 @@ async def connect_node(
         subsystem=subsystem,
     )
     pump.write_limit = write_limit
+    if window is not None:
+        _grow_receive_window(pump, window)
     destination = f"{settings.user}@{settings.hostname}:{settings.port}"
     connection = Connection(
         pump,
@@ -732,6 +737,15 @@ async def connect_node(
             await connection.aclose()
         raise
     return connection
+
+
+def _grow_receive_window(pump: Pump, window: int) -> None:
+    """Raise the channel's receive window to ``window`` bytes (libssh2 opens
+    it at 2 MiB), so the server may have that much in flight towards us:
+    size it to the bandwidth-delay product on long links."""
+    current = pump.channel.window_read()
+    if window > current:
+        pump.channel.receive_window_adjust2(window - current, True)
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -774,8 +788,10 @@ async def open_connection(
     False: trust and record an unknown host key), ``ssh_config``,
     ``use_ssh_config``, ``subsystem``, ``write_limit`` (request bytes queued
     before callers wait), ``max_undelivered`` (untaken answers before reading
-    pauses), ``max_frame``, ``keepalive`` (seconds, None to disable) and
-    ``keepalive_misses``.
+    pauses), ``max_frame``, ``keepalive`` (seconds, None to disable),
+    ``keepalive_misses`` and ``window`` (the channel's receive window in
+    bytes; libssh2 opens it at 2 MiB: size it to the bandwidth-delay
+    product for large answers over long round trips).
 
     Raises ``ConnectionLost`` (unreachable, refused, no SSH server, subsystem
     refused), ``UnknownHostKey``/``HostKeyMismatch``, ``AuthenticationFailed``

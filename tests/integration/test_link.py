@@ -114,3 +114,47 @@ async def test_bad_parameters_are_refused() -> None:
     with pytest.raises(ValueError, match="rate"):
         async with open_link("127.0.0.1", 1, rtt=0.01, rate=0):
             pass
+
+
+async def test_window_and_max_calls_for_long_links(tmp_path, client_key) -> None:
+    """What a long link needs: ``sshrpc serve --max-calls`` lets many calls
+    be open, ``window=`` lets the server have a bandwidth-delay product in
+    flight towards us."""
+    import sshrpc
+    from conftest import start_serve, stop_serve
+
+    info = start_serve(
+        ["sshrpc.demo:services"],
+        state_dir=tmp_path / "state",
+        authorized_keys=client_key.public,
+        identity=client_key.private,
+        extra_args=["--max-calls", "1100"],
+    )
+    try:
+        options = {
+            "identity": str(info.identity),
+            "known_hosts": str(info.known_hosts),
+            "agent": False,
+            "use_ssh_config": False,
+        }
+        destination = f"{info.user}@{info.host}:{info.port}"
+        async with sshrpc.open_connection(destination, window=16 << 20, **options) as node:
+            assert node.hello["max_calls"] == 1100
+            assert node.statistics().window_read >= 15 << 20
+            # 300 calls open at once on one channel, none waiting for a slot.
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(300):
+                        nursery.start_soon(node.call, "slow", "work", [30])
+                    deadline = trio.current_time() + 20
+                    while node.statistics().open_calls < 300:
+                        assert trio.current_time() < deadline, node.statistics()
+                        await trio.sleep(0.01)  # bounded polling with a deadline
+                    assert node.statistics().waiting_for_slot == 0
+                    scope.cancel()
+            assert await node.call("lists", "reverse", [[1, 2]]) == [2, 1]
+        with pytest.raises(ValueError, match="window"):
+            async with sshrpc.open_connection(destination, window=0, **options):
+                pass
+    finally:
+        assert stop_serve(info) == 0
