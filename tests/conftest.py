@@ -26,6 +26,25 @@ import pytest
 from sshrpc._sshd import PrivateSSHD, free_port
 
 
+def _safe_temp_root() -> None:
+    """Put pytest's ``tmp_path`` directories under ``~/.cache/sshrpc-t``.
+
+    The private sshd runs with ``StrictModes yes``, and ``sshrpc serve``
+    refuses a state directory that sshd would: every directory above it must be
+    owned by root or the serving user and writable by no one else.  ``/tmp``
+    (mode 1777) is not, so the default ``/tmp/pytest-of-USER`` cannot hold a
+    state directory.  An explicit ``--basetemp`` is still honoured.  (Short:
+    ``STATE/node/node.sock`` must fit a Unix socket path.)
+    """
+    root = Path.home() / ".cache" / "sshrpc-t"
+    for directory in (root.parent, root):
+        directory.mkdir(mode=0o700, exist_ok=True)
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(root))
+
+
+_safe_temp_root()
+
+
 @dataclasses.dataclass(frozen=True)
 class ClientKey:
     """An ed25519 key pair on disk."""
@@ -194,13 +213,15 @@ def start_serve(
     identity: Path,
     extra_args: Sequence[str] = (),
     timeout: float = 30.0,
+    port: int | None = None,
 ) -> SSHDInfo:
     """Run ``sshrpc serve`` and wait for its ready line; return where it listens.
 
     The known_hosts file is written next to the state dir from the line
-    ``sshrpc serve`` prints.
+    ``sshrpc serve`` prints.  ``port`` defaults to a free one.  Raises
+    ``RuntimeError`` with serve's output if it exits before it is ready.
     """
-    port = free_port()
+    port = free_port() if port is None else port
     state_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = state_dir.parent / f"serve-{port}.log"
     log = open(log_path, "wb")  # noqa: SIM115 -- handed to the child
