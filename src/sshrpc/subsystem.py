@@ -24,6 +24,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -89,29 +90,40 @@ def native_relay(directory: str | os.PathLike[str], compiler: str | None = None)
     compiler is found or compiling fails (then use the Python relay).
 
     The executable's name carries a hash of the source, so it is compiled
-    once per version and reused (only if it is ours and writable by nobody
-    else; otherwise it is rebuilt); it is built under a temporary name and
-    renamed into place, so a relay being started by sshd is never half
-    written.  Blocks while the compiler runs (a fraction of a second).
+    once per version and reused (only a regular file -- not a symbolic link
+    -- that is ours and writable by nobody else; otherwise it is rebuilt); it
+    is built under a fresh temporary name (``O_EXCL``) and renamed into place,
+    so a relay being started by sshd is never half written.  ``directory`` is
+    created 0700 if absent; if it is not ours and private (a symbolic link,
+    another owner, writable by others, an unsafe parent) this raises
+    ``sshrpc._statedir.StateDirError``: sshd runs this file for every channel.
+    Blocks while the compiler runs (a fraction of a second).
     """
+    from ._statedir import check_private_dir
+
     try:
         with open(RELAY_C_PATH, "rb") as f:
             source = f.read()
     except OSError:
         return None
+    check_private_dir(directory)
     target = os.path.join(os.fspath(directory), "relay-" + hashlib.sha256(source).hexdigest()[:16])
     try:
-        info = os.stat(target)
+        info = os.lstat(target)
     except OSError:
         pass
     else:
         # Reuse only our own build that nobody else could have replaced.
-        if info.st_uid == os.getuid() and not info.st_mode & 0o022 and os.access(target, os.X_OK):
+        if (
+            stat.S_ISREG(info.st_mode)
+            and info.st_uid == os.geteuid()
+            and not info.st_mode & 0o022
+            and os.access(target, os.X_OK)
+        ):
             return target
     cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         return None
-    os.makedirs(os.fspath(directory), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.fspath(directory), prefix=".relay-")
     os.close(fd)
     try:

@@ -71,7 +71,9 @@ def attacker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attacker]:
     """A throwaway local account (no home, no login shell) with its own key."""
     name = f"sshrpc-atk-{secrets.token_hex(4)}"
     subprocess.run(
-        ["useradd", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin", name],
+        # Password "*": no password works, but the account is not locked, so
+        # only AllowUsers keeps it out of sshd.
+        ["useradd", "-M", "-U", "-p", "*", "-s", "/usr/sbin/nologin", name],
         check=True,
         capture_output=True,
         timeout=30,
@@ -281,7 +283,9 @@ def test_group_or_world_writable_state_dir_is_refused(
     assert list(state.iterdir()) == []
 
 
-def test_symlinked_state_dir_is_refused(attacker: Attacker, shared: Path, tmp_path: Path, keys: Path) -> None:
+def test_symlinked_state_dir_is_refused(
+    attacker: Attacker, shared: Path, tmp_path: Path, keys: Path
+) -> None:
     target = shared / "theirs"
     attacker.run(f"mkdir -m 700 {target}")
     state = tmp_path / "state"
@@ -399,7 +403,8 @@ def test_sshd_lets_in_only_the_serving_user_and_honours_strict_modes(
         theirs = _ssh(sshd.port, "root", attacker.key.private, "id")
         assert theirs.returncode == 255 and "uid=0" not in theirs.stdout
         log = sshd.log_path.read_text()
-    assert f"User {attacker.name} from 127.0.0.1 not allowed because not listed in AllowUsers" in log
+    refused = f"User {attacker.name} from 127.0.0.1 not allowed because not listed in AllowUsers"
+    assert refused in log, log
     assert "bad ownership or modes for file" in log
 
 
@@ -416,7 +421,9 @@ def test_non_root_serving_user_gets_no_root_login(tmp_path: Path) -> None:
         PrivateSSHD(tmp_path / "state", authorized_keys=keys, subsystems={}, user="a*")
 
 
-def test_write_file_replaces_a_symlink_never_writes_through_it(tmp_path: Path, victim: Path) -> None:
+def test_write_file_replaces_a_symlink_never_writes_through_it(
+    tmp_path: Path, victim: Path
+) -> None:
     """The state dir's writes: O_CREAT|O_EXCL|O_NOFOLLOW to a fresh random
     name, then rename; a file or symlink already at the final name is
     replaced, never written through."""
