@@ -31,6 +31,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import client_latency as cl
+from sshrpc._statedir import temp_root
 from sshrpc.client import open_connection
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -114,7 +115,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", choices=["seq", "pipe64", "bulk512K"])
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="sshrpc-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sshrpc-bench-", dir=temp_root()) as tmp:
         d = Path(tmp)
         identity = d / "id_ed25519"
         proc, port, known_line = cl.start_serve(d, cl.keygen(identity))

@@ -155,7 +155,8 @@ def private_sshd(
         sshd = PrivateSSHD(
             state, authorized_keys=keys_file, subsystems=subsystems, extra_config=extra_config
         )
-        sshd.start()
+        # From the test's main thread: sshd ends with pytest, even a killed one.
+        sshd.start(die_with_parent=True)
         started.append(sshd)
         known_hosts = base / "known_hosts"
         known_hosts.write_text(sshd.known_hosts_line + "\n")

@@ -37,6 +37,7 @@ __all__ = [
     "check_private_dir",
     "open_append",
     "prepare_state_dir",
+    "temp_root",
     "write_file",
 ]
 
@@ -237,6 +238,16 @@ def prepare_state_dir(path: str | os.PathLike[str], *, subdirs: tuple[str, ...] 
     for name in subdirs:
         _private_dir(os.path.join(absolute, name), uid, top=False)
     return Path(absolute)
+
+
+def temp_root() -> Path:
+    """A place for throw-away state directories (scripts, benchmarks):
+    ``~/.cache/sshrpc-tmp``, created 0700.  Not ``/tmp``: a state directory
+    below a directory others can write is refused (sshd's StrictModes)."""
+    root = Path.home() / ".cache" / "sshrpc-tmp"
+    for directory in (root.parent, root):
+        directory.mkdir(mode=0o700, exist_ok=True)
+    return root
 
 
 def check_private_dir(path: str | os.PathLike[str]) -> None:

@@ -15,13 +15,14 @@ import re
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
 from _sshwire import EOF, SSHChannel
 
-from conftest import _SERVE_PROCS, ClientKey, start_serve, stop_serve
+from conftest import _SERVE_PROCS, ClientKey, SSHDInfo, start_serve, stop_serve
 from sshrpc import Atom
 from sshrpc._sshd import _descendants
 
@@ -41,9 +42,8 @@ def _alive(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 :][:1] != b"Z"
 
 
-async def _until(predicate: object, what: str) -> None:
+async def _until(predicate: Callable[[], bool], what: str) -> None:
     """Bounded polling of other processes' state, with a deadline."""
-    assert callable(predicate)
     deadline = time.monotonic() + DEADLINE
     while not predicate():
         if time.monotonic() > deadline:
@@ -65,7 +65,7 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _serve(tmp_path: Path, client_key: ClientKey, port: int | None = None):  # type: ignore[no-untyped-def]
+def _serve(tmp_path: Path, client_key: ClientKey, port: int | None = None) -> SSHDInfo:
     keys = tmp_path / "ak"
     keys.write_text(client_key.public_line + "\n")
     return start_serve(
@@ -77,7 +77,7 @@ def _serve(tmp_path: Path, client_key: ClientKey, port: int | None = None):  # t
     )
 
 
-async def _open_channel(info) -> SSHChannel:  # type: ignore[no-untyped-def]
+async def _open_channel(info: SSHDInfo) -> SSHChannel:
     ch = await SSHChannel.open(info.ssh_argv())
     await ch.hello()
     assert await ch.call(1, "lists", "reverse", [[1, 2]]) == (A("reply"), 1, [2, 1])
