@@ -483,6 +483,24 @@ def stop_orphans(timeout: float = STOP_TIMEOUT) -> None:
             pass
 
 
+def reap_adopted(exclude: int) -> None:
+    """Reap every exited direct child of this process but ``exclude``: for a
+    child subreaper, the orphans it adopted (no Popen waits for them)."""
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == exclude:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if fields[0] == b"Z" and int(fields[1]) == me:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(entry), os.WNOHANG)
+
+
 def _die_with_parent() -> Callable[[], None]:
     """A ``preexec_fn``: SIGTERM when the forking thread ends; exit at once if
     the parent is already gone (the signal would never come)."""

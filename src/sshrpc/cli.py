@@ -275,6 +275,14 @@ def _serve(args: argparse.Namespace) -> int:
         )
         waiting.cancel()
 
+    async def reap_adopted(sshd_pid: int) -> None:
+        # As a subreaper we inherit whatever a dead process left behind below
+        # sshd (a killed connection's processes, a subsystem's own children);
+        # reap those when they exit, never sshd itself (its Popen does).
+        with trio.open_signal_receiver(signal.SIGCHLD) as children:
+            async for _ in children:
+                _sshd.reap_adopted(exclude=sshd_pid)
+
     async def run() -> None:
         nonlocal stopping
         async with trio.open_nursery() as nursery:
@@ -325,6 +333,7 @@ def _serve(args: argparse.Namespace) -> int:
                     )
                     with trio.CancelScope() as waiting:
                         nursery.start_soon(watch_sshd, sshd.process, waiting)
+                        nursery.start_soon(reap_adopted, sshd.process.pid)
                         async for signum in signals:
                             print(f"stopping ({signal.Signals(signum).name})", flush=True)
                             break

@@ -136,3 +136,68 @@ async def test_serve_exits_1_and_says_why_when_its_sshd_is_killed(
     assert not (info.state_dir / "node" / "node.sock").exists()
     assert not (info.state_dir / "sshd.pid").exists()
     assert not _listening(info.port)
+
+
+def _children_of(pid: int) -> dict[int, bytes]:
+    """Direct children of ``pid`` and their state letter (``Z`` for zombies)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_bytes()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(b")") + 2 :].split()
+            if int(fields[1]) == pid:
+                found[int(entry)] = fields[0]
+    return found
+
+
+async def test_in_process_sessions_end_when_sshd_dies(
+    tmp_path: Path, client_key: ClientKey
+) -> None:
+    """``--in-process``: no node to lose, so the session sshd left behind
+    would serve on; serve (a child subreaper, so it adopted them) stops it."""
+    keys = tmp_path / "ak"
+    keys.write_text(client_key.public_line + "\n")
+    info = start_serve(
+        ["sshrpc.demo:services"],
+        state_dir=tmp_path / "st",
+        authorized_keys=keys,
+        identity=client_key.private,
+        extra_args=["--in-process"],
+    )
+    assert info.pid is not None
+    proc = _SERVE_PROCS[info.pid]
+    listener = _sshd_pid(tmp_path, info.port)
+    ch = await _open_channel(info)
+    tree = [pid for pid in _descendants(info.pid) if pid != listener]
+    os.kill(listener, signal.SIGKILL)
+    await _until(lambda: proc.poll() is not None, "serve exited")
+    assert stop_serve(info) == 1
+    assert await ch.recv() is EOF
+    await ch.aclose()
+    await _until(lambda: not [pid for pid in tree if _alive(pid)], "orphans gone")
+
+
+async def test_serve_reaps_what_a_dead_connection_process_leaves_behind(
+    sshrpc_server: SSHDInfo,
+) -> None:
+    """Killing one connection's sshd process orphans the processes below it;
+    serve adopted them (subreaper) and reaps them when they exit: no zombies
+    pile up under a long-running serve.  The other channels go on."""
+    info = sshrpc_server
+    assert info.pid is not None
+    listener = _sshd_pid(info.state_dir.parent, info.port)
+    ch = await _open_channel(info)
+    other = await _open_channel(info)
+    await _until(lambda: len(_children_of(listener)) >= 2, "two connection processes")
+    victim = min(_children_of(listener))
+    below = _descendants(victim)
+    assert below
+    os.kill(victim, signal.SIGKILL)
+    await _until(lambda: not [pid for pid in below if pid in _children_of(info.pid)], "reaped")
+    assert _alive(listener)
+    assert await other.call(2, "lists", "reverse", [[3, 4]]) == (A("reply"), 2, [4, 3])
+    await other.aclose()
+    await ch.aclose()
