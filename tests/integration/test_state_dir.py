@@ -440,3 +440,26 @@ def test_write_file_replaces_a_symlink_never_writes_through_it(
     assert os.listdir(state) == ["f"]
     with contextlib.suppress(FileNotFoundError):
         (state / "f").unlink()
+
+
+async def test_node_socket_and_relay_dirs_of_another_user_are_refused_on_their_own(
+    attacker: Attacker, shared: Path, tmp_path: Path
+) -> None:
+    """Without serve's check in front: ``Node.serve_unix`` will not listen in
+    (nor chmod) a socket directory that is a link or another user's, and
+    ``native_relay`` will not build into or run from such a ``bin/``."""
+    from sshrpc._statedir import StateDirError
+    from sshrpc.node import Node
+    from sshrpc.subsystem import native_relay
+
+    theirs = shared / "theirs"
+    attacker.run(f"mkdir -m 755 {theirs}")
+    linked = tmp_path / "linked"
+    linked.symlink_to(theirs)
+    for directory in (theirs, linked):
+        with pytest.raises(PermissionError, match="not a directory owned by uid 0"):
+            await Node([]).serve_unix(directory / "node.sock")
+        with pytest.raises(StateDirError):
+            native_relay(directory)
+    assert os.listdir(theirs) == []
+    assert stat.S_IMODE(os.lstat(theirs).st_mode) == 0o755
