@@ -501,12 +501,16 @@ def reap_adopted(exclude: int) -> None:
                 os.waitpid(int(entry), os.WNOHANG)
 
 
-def _die_with_parent() -> Callable[[], None]:
+def _die_with_parent() -> Callable[[], None] | None:
     """A ``preexec_fn``: SIGTERM when the forking thread ends; exit at once if
-    the parent is already gone (the signal would never come)."""
+    the parent is already gone (the signal would never come).  None where
+    there is no ``prctl`` (not Linux)."""
     import ctypes
 
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
     parent = os.getpid()
 
     def preexec() -> None:
