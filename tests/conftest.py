@@ -27,7 +27,7 @@ from sshrpc._sshd import PrivateSSHD, free_port
 
 
 def _safe_temp_root() -> None:
-    """Put pytest's ``tmp_path`` directories under ``~/.cache/sshrpc-t``.
+    """Put pytest's ``tmp_path`` directories under ``~/.cache/st``.
 
     The private sshd runs with ``StrictModes yes``, and ``sshrpc serve``
     refuses a state directory that sshd would: every directory above it must be
@@ -36,7 +36,7 @@ def _safe_temp_root() -> None:
     state directory.  An explicit ``--basetemp`` is still honoured.  (Short:
     ``STATE/node/node.sock`` must fit a Unix socket path.)
     """
-    root = Path.home() / ".cache" / "sshrpc-t"
+    root = Path.home() / ".cache" / "st"
     for directory in (root.parent, root):
         directory.mkdir(mode=0o700, exist_ok=True)
     os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(root))
