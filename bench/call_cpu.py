@@ -59,6 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.systems import registry
 from bench.systems._common import ROOT, Driver, DriverError, DriverTimeout
 
+from sshrpc._statedir import temp_root
+
 ROLES = ("client", "sshd", "relay", "node")
 TICK = os.sysconf("SC_CLK_TCK")
 #: The value every row echoes: 32 bytes, as in bench/run.py.
@@ -350,7 +352,7 @@ def run_row(live: Live, res: RowResult, n: int, max_s: float, record: bool) -> N
 def run(
     args: argparse.Namespace, rows: list[Row], out: Path
 ) -> tuple[list[RowResult], dict[str, Any]]:
-    state = Path(tempfile.mkdtemp(prefix="sshrpc-callcpu-"))
+    state = Path(tempfile.mkdtemp(prefix="sshrpc-callcpu-", dir=temp_root()))
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     ctx = registry.Context(state=state, logs=logs)

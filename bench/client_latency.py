@@ -36,6 +36,7 @@ import trio
 
 import sshrpc
 from sshrpc._sshd import free_port
+from sshrpc._statedir import temp_root
 from sshrpc.client import Connection, open_connection
 
 
@@ -164,7 +165,7 @@ def main() -> None:
 
     user = pwd.getpwuid(os.getuid()).pw_name
     ssh_version = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip()
-    with tempfile.TemporaryDirectory(prefix="sshrpc-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sshrpc-bench-", dir=temp_root()) as tmp:
         d = Path(tmp)
         identity = d / "id_ed25519"
         proc, port, known_line = start_serve(d, keygen(identity))

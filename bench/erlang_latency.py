@@ -33,6 +33,7 @@ from pathlib import Path
 import trio
 
 import sshrpc
+from sshrpc._statedir import temp_root
 from sshrpc.client import open_connection
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +191,7 @@ def main() -> None:
     print(f"# lists:reverse([1,2,3]) x {args.calls}, sequential, one channel, 127.0.0.1")
     user = os.environ.get("USER") or "root"
     results: list[tuple[str, tuple[float, float, int] | str]] = []
-    with tempfile.TemporaryDirectory(prefix="sshrpc-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sshrpc-bench-", dir=temp_root()) as tmp:
         base = Path(tmp)
         pub = keygen(base / "client" / "id_ed25519")
         identity = base / "client" / "id_ed25519"

@@ -43,6 +43,7 @@ from typing import Any
 import trio
 
 import sshrpc
+from sshrpc._statedir import temp_root
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -296,7 +297,7 @@ def main() -> None:
     args = parser.parse_args()
     rtts = [float(x) / 1000 for x in args.rtts.split(",")]
     samples: dict[float, list[dict[str, float]]] = {r: [] for r in rtts}
-    with tempfile.TemporaryDirectory(prefix="sshrpc-longhaul-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sshrpc-longhaul-", dir=temp_root()) as tmp:
         server = Server(Path(tmp))
         try:
             for round_ in range(args.rounds):

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import sshrpc
 from sshrpc import Atom
 from sshrpc._sshd import PrivateSSHD
+from sshrpc._statedir import temp_root
 from sshrpc.subsystem import RELAY_PATH, in_process_command, native_relay, relay_command
 
 A = Atom
@@ -139,7 +140,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=20)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="sshrpc-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="sshrpc-bench-", dir=temp_root()))
     results: dict[str, dict[str, float]] = {}
     node_proc = None
     try:

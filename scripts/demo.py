@@ -24,6 +24,7 @@ import trio
 
 import sshrpc
 from sshrpc._literal import format_term
+from sshrpc._statedir import temp_root
 
 
 def show(label: str, value: Any, started: float | None = None) -> None:
@@ -157,7 +158,7 @@ async def _pipeline(node: sshrpc.client.Connection, ids: range) -> None:
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="sshrpc-demo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sshrpc-demo-", dir=temp_root()) as tmp:
         base = Path(tmp)
         identity = base / "id_ed25519"
         subprocess.run(

@@ -26,6 +26,25 @@ import pytest
 from sshrpc._sshd import PrivateSSHD, free_port
 
 
+def _safe_temp_root() -> None:
+    """Put pytest's ``tmp_path`` directories under ``~/.cache/st``.
+
+    The private sshd runs with ``StrictModes yes``, and ``sshrpc serve``
+    refuses a state directory that sshd would: every directory above it must be
+    owned by root or the serving user and writable by no one else.  ``/tmp``
+    (mode 1777) is not, so the default ``/tmp/pytest-of-USER`` cannot hold a
+    state directory.  An explicit ``--basetemp`` is still honoured.  (Short:
+    ``STATE/node/node.sock`` must fit a Unix socket path.)
+    """
+    root = Path.home() / ".cache" / "st"
+    for directory in (root.parent, root):
+        directory.mkdir(mode=0o700, exist_ok=True)
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(root))
+
+
+_safe_temp_root()
+
+
 @dataclasses.dataclass(frozen=True)
 class ClientKey:
     """An ed25519 key pair on disk."""
@@ -136,7 +155,8 @@ def private_sshd(
         sshd = PrivateSSHD(
             state, authorized_keys=keys_file, subsystems=subsystems, extra_config=extra_config
         )
-        sshd.start()
+        # From the test's main thread: sshd ends with pytest, even a killed one.
+        sshd.start(die_with_parent=True)
         started.append(sshd)
         known_hosts = base / "known_hosts"
         known_hosts.write_text(sshd.known_hosts_line + "\n")
@@ -196,14 +216,17 @@ def start_serve(
     timeout: float = 30.0,
     python: str = sys.executable,
     env: Mapping[str, str] | None = None,
+    port: int | None = None,
 ) -> SSHDInfo:
     """Run ``sshrpc serve`` and wait for its ready line; return where it listens.
 
     The known_hosts file is written next to the state dir from the line
     ``sshrpc serve`` prints.  ``python`` and ``env`` choose the interpreter
     (and so the installed sshrpc) and the environment it runs with.
+    ``port`` defaults to a free one.  Raises ``RuntimeError`` with serve's
+    output if it exits before it is ready.
     """
-    port = free_port()
+    port = free_port() if port is None else port
     state_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = state_dir.parent / f"serve-{port}.log"
     log = open(log_path, "wb")  # noqa: SIM115 -- handed to the child

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sshrpc._statedir import temp_root
+
 from ._common import (
     PYTHON,
     ROOT,
@@ -172,7 +174,8 @@ def _start_sshrpc_serve(ctx: Context, name: str, extra: list[str]) -> ServerHand
         raise Unavailable("sshrpc serve (sshrpc.cli) is not there yet")
     if importlib.util.find_spec("sshrpc.node") is None:
         raise Unavailable("the node (sshrpc.node) is not there yet")
-    d = Path(tempfile.mkdtemp(prefix=f"{name}-", dir="/tmp"))  # short: a Unix socket lives here
+    # Short (a Unix socket lives here); not under /tmp (sshd's StrictModes).
+    d = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=temp_root()))
     ak = d / "client_authorized_keys"
     ak.write_text(Path(f"{ctx.client_key}.pub").read_text())
     port = free_port()

@@ -1,7 +1,9 @@
 """A private OpenSSH ``sshd``: state directory, generated config, child process.
 
 Used by ``sshrpc serve`` and by the test fixtures.  Everything lives in one
-state directory (mode 0700) that this module creates:
+state directory (mode 0700) that this module creates, or refuses when another
+user could have planted anything in it (``_statedir``: not ours, writable by
+others, a symbolic link anywhere in it, an unsafe parent):
 
 - ``ssh_host_ed25519_key`` (+ ``.pub``): the host key, generated once and kept,
   so clients' known_hosts lines stay valid across restarts;
@@ -13,7 +15,13 @@ The child runs ``sshd -D -e -f CONFIG`` (no daemonising, so its pid is ours to
 stop).  ``start`` returns once sshd answers with an SSH banner on its port, or
 raises ``SSHDError`` with the reason sshd logged.  ``stop`` sends SIGTERM to
 sshd and to every process below it (per-connection sshd processes and the
-subsystem programs they run), then SIGKILL after a bound.
+subsystem programs they run), then SIGKILL after a bound.  With
+``die_with_parent``, sshd gets SIGTERM when the thread that started it ends
+(``PR_SET_PDEATHSIG``), so a killed parent leaves no sshd listening.
+
+The generated config lets in only the serving user (``AllowUsers``), root
+only when root is the serving user (``PermitRootLogin``), and only through an
+``authorized_keys`` file that sshd itself checks (``StrictModes yes``).
 
 Blocking calls (``subprocess``, ``socket``), no Trio: callers in a Trio program
 run ``start`` and ``stop`` with ``trio.to_thread.run_sync``.
@@ -25,12 +33,15 @@ import base64
 import contextlib
 import hashlib
 import os
+import pwd
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -57,6 +68,12 @@ START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 
 HOST_KEY_NAME = "ssh_host_ed25519_key"
+
+#: User names sshd's AllowUsers takes literally (no patterns, no spaces).
+_USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?")
+
+#: prctl(2) option: the signal a child gets when the thread that forked it ends.
+_PR_SET_PDEATHSIG = 1
 
 
 class SSHDError(RuntimeError):
@@ -140,7 +157,11 @@ class PrivateSSHD:
 
     ``subsystems`` maps a subsystem name to the command sshd runs for it (sshd
     runs it through the user's login shell, ``$SHELL -c COMMAND``).
-    ``authorized_keys`` is the file sshd reads the allowed keys from.  Use as a
+    ``authorized_keys`` is the file sshd reads the allowed keys from; with
+    ``StrictModes yes`` it and every directory above it must be owned by root
+    or ``user`` and writable by no one else, or sshd ignores it.  ``user``
+    (default: this process's user) is the only account sshd lets in.  The
+    state directory is created or checked here (``StateDirError``).  Use as a
     context manager, or call ``start`` and ``stop``.
     """
 
@@ -154,7 +175,11 @@ class PrivateSSHD:
         port: int | None = None,
         sshd_path: str | None = None,
         extra_config: Sequence[str] = (),
+        user: str | None = None,
     ) -> None:
+        self.user = user if user is not None else pwd.getpwuid(os.geteuid()).pw_name
+        if not _USER_NAME.fullmatch(self.user):
+            raise ValueError(f"cannot name user name {self.user!r} in sshd's AllowUsers")
         self.state_dir = Path(state_dir).absolute()
         self.authorized_keys = Path(authorized_keys).absolute()
         self.subsystems = dict(subsystems)
@@ -199,14 +224,20 @@ class PrivateSSHD:
         return known_hosts_line(self.host, self.port, self.host_public_key)
 
     def prepare_state(self) -> None:
-        """Create the state directory (0700) and the host key if missing."""
-        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.state_dir, 0o700)
-        if not self.host_key_path.exists():
-            keygen = shutil.which("ssh-keygen")
-            if keygen is None:
-                raise SSHDError("ssh-keygen not found; install OpenSSH (Debian: openssh-client)")
-            key = str(self.host_key_path)
+        """Create the state directory (0700) or check it (``StateDirError``),
+        and generate the host key if missing (in a fresh private directory,
+        then renamed into place)."""
+        from ._statedir import prepare_state_dir
+
+        prepare_state_dir(self.state_dir)
+        if os.path.lexists(self.host_key_path):
+            return
+        keygen = shutil.which("ssh-keygen")
+        if keygen is None:
+            raise SSHDError("ssh-keygen not found; install OpenSSH (Debian: openssh-client)")
+        scratch = tempfile.mkdtemp(prefix=".keygen-", dir=self.state_dir)
+        try:
+            key = os.path.join(scratch, HOST_KEY_NAME)
             result = subprocess.run(
                 [keygen, "-q", "-t", "ed25519", "-N", "", "-C", "sshrpc-host", "-f", key],
                 stdin=subprocess.DEVNULL,
@@ -216,6 +247,10 @@ class PrivateSSHD:
             if result.returncode != 0:
                 message = result.stderr.decode(errors="replace").strip()
                 raise SSHDError(f"ssh-keygen failed: {message}")
+            os.rename(key + ".pub", self.state_dir / (HOST_KEY_NAME + ".pub"))
+            os.rename(key, self.host_key_path)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def config_text(self) -> str:
         """The generated sshd_config."""
@@ -232,14 +267,17 @@ class PrivateSSHD:
             "KbdInteractiveAuthentication no",
             "HostbasedAuthentication no",
             "UsePAM no",
-            # We often run as root (containers, CI); keys only.
-            "PermitRootLogin prohibit-password",
-            # StrictModes checks that the user's home and every parent of the
-            # authorized_keys file are owned by the user and not group/world
-            # writable.  Our files sit in a state directory we created 0700,
-            # but its parents may be /tmp (world-writable, sticky), which
-            # StrictModes would reject.  The 0700 state directory is the guard.
-            "StrictModes no",
+            # Only the serving user, whose node the relays reach: the key file
+            # is the same for every account, so without this an authorized key
+            # could log in as any other user and run the command as them.
+            f"AllowUsers {self.user}",
+            # Root only when root serves (containers, CI); keys only then.
+            "PermitRootLogin " + ("prohibit-password" if self.user == "root" else "no"),
+            # sshd checks the authorized_keys file and every directory above
+            # it: owned by root or the user, writable by no one else.  The
+            # state directory is refused earlier under the same rule
+            # (_statedir), so this is the second guard, at every login.
+            "StrictModes yes",
             # Puts the authenticated key in $SSH_USER_AUTH for the subsystem.
             "ExposeAuthInfo yes",
             "AllowTcpForwarding no",
@@ -271,13 +309,24 @@ class PrivateSSHD:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
-    def start(self, timeout: float = START_TIMEOUT) -> None:
+    def start(self, timeout: float = START_TIMEOUT, *, die_with_parent: bool = False) -> None:
         """Write the config, run sshd, and return once it accepts connections.
 
         Raises ``SSHDError`` (one line: sshd's own complaint, such as the port
         being in use) if sshd exits or does not answer within ``timeout``; no
-        process is left running then.
+        process is left running then.  ``die_with_parent``: see ``spawn``.
+        The same as ``prepare_start``, ``spawn``, ``wait_ready`` in a row.
         """
+        self.prepare_start()
+        self.spawn(die_with_parent=die_with_parent)
+        self.wait_ready(timeout)
+
+    def prepare_start(self) -> None:
+        """Check the binary and the key file, write the config (atomically,
+        never through a link) and have sshd check it (``sshd -t``).  Raises
+        ``SSHDError``."""
+        from ._statedir import write_file
+
         if self.process is not None:
             raise RuntimeError("this sshd is already running")
         sshd = find_sshd(self.sshd_path)
@@ -286,8 +335,7 @@ class PrivateSSHD:
         if os.geteuid() == 0:
             # sshd's privilege separation directory (Debian creates it at boot).
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-        self.config_path.write_text(self.config_text())
-        os.chmod(self.config_path, 0o600)
+        write_file(self.state_dir, self.config_path.name, self.config_text().encode())
         with contextlib.suppress(FileNotFoundError):
             self.pid_path.unlink()
         check = subprocess.run(
@@ -298,23 +346,44 @@ class PrivateSSHD:
         )
         if check.returncode != 0:
             raise SSHDError("sshd rejected its config: " + _last_line(check.stderr))
-        log = open(self.log_path, "ab")  # noqa: SIM115 -- handed to the child
+
+    def spawn(self, *, die_with_parent: bool = False) -> None:
+        """Run sshd (after ``prepare_start``); does not wait for it.
+
+        ``die_with_parent``: sshd gets SIGTERM when the *thread* that calls
+        this ends (Linux's ``PR_SET_PDEATHSIG`` follows the forking thread),
+        so call it from a thread that lives as long as the process -- the
+        main thread -- not from a worker thread.
+        """
+        from ._statedir import open_append
+
+        if self.process is not None:
+            raise RuntimeError("this sshd is already running")
+        sshd = find_sshd(self.sshd_path)
+        log = open_append(self.state_dir, self.log_path.name)
         try:
+            self._log_start = os.fstat(log).st_size
             self.process = subprocess.Popen(
                 [sshd, "-D", "-e", "-f", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
+                preexec_fn=_die_with_parent() if die_with_parent else None,
             )
         finally:
-            log.close()
-        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+            os.close(log)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Return once the spawned sshd answers with an SSH banner; else stop
+        it and raise ``SSHDError`` with what sshd logged."""
         try:
-            self._wait_ready(timeout, log_start)
+            self._wait_ready(timeout, self._log_start)
         except BaseException:
             self.stop()
             raise
+
+    _log_start = 0
 
     def _wait_ready(self, timeout: float, log_start: int) -> None:
         assert self.process is not None
@@ -358,8 +427,13 @@ class PrivateSSHD:
         process = self.process
         if process is None:
             return
-        victims = [*_descendants(process.pid)]
-        for pid in [process.pid, *victims]:
+        # Once reaped, sshd's pid may belong to someone else: no signal then.
+        running = process.poll() is None
+        victims = [*_descendants(process.pid)] if running else []
+        for pid in [process.pid] if running else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in victims:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -386,6 +460,65 @@ class PrivateSSHD:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def stop_orphans(timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM every live process below this one, then SIGKILL what is left
+    after ``timeout``.  For a parent that is a child subreaper: after sshd
+    died, its connection processes were re-parented to us."""
+    victims = _descendants(os.getpid())
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for pid in victims:
+        while _alive(pid) and _is_zombie_free(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with contextlib.suppress(ProcessLookupError):
+            if _alive(pid) and _is_zombie_free(pid):
+                os.kill(pid, signal.SIGKILL)
+    # Reap the ones that were re-parented to us (they are no Popen's).
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
+def reap_adopted(exclude: int) -> None:
+    """Reap every exited direct child of this process but ``exclude``: for a
+    child subreaper, the orphans it adopted (no Popen waits for them)."""
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == exclude:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if fields[0] == b"Z" and int(fields[1]) == me:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(entry), os.WNOHANG)
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn``: SIGTERM when the forking thread ends; exit at once if
+    the parent is already gone (the signal would never come).  None where
+    there is no ``prctl`` (not Linux)."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 def _is_zombie_free(pid: int) -> bool:

@@ -2,6 +2,11 @@
 
 - ``sshrpc serve TARGET...``: a node and a private OpenSSH sshd as children,
   until Ctrl-C or SIGTERM; then both stop (no orphans, no stale pid files).
+  sshd ends with ``serve`` even when ``serve`` is killed (SIGKILL): it gets
+  SIGTERM from the kernel.  If sshd dies first, ``serve`` says so on stderr,
+  stops the node and the connections left behind, and exits with status 1
+  (a service manager restarts it).  The state directory is created or refused
+  (``_statedir``): one line, status 2.
 - ``sshrpc node TARGET... --socket PATH``: only the node, for a system sshd.
 - ``sshrpc sshd-config TARGET...``: what to add to a system sshd.
 - ``sshrpc list TARGET... [--policy F] [--key FINGERPRINT]``: the exposure table.
@@ -17,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -172,10 +178,53 @@ def _check_port(host: str, port: int) -> None:
             raise StartError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
+#: prctl(2) option: orphaned descendants are re-parented to this process.
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper() -> None:
+    """Orphans of a dead sshd (its connection processes) become our children,
+    so ``serve`` can still find and stop them.  Best effort (Linux only)."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+async def _wait_exited(process: subprocess.Popen[bytes]) -> int:
+    """``process``'s exit status once it has exited (it is reaped here).
+
+    Waits on a pidfd (Linux >= 5.3), else polls twice a second.  Cancellable.
+    """
+    import trio
+
+    try:
+        fd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):
+        while process.poll() is None:
+            await trio.sleep(0.5)
+    else:
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        finally:
+            os.close(fd)
+    return process.wait()
+
+
+def _how(status: int) -> str:
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exit status {status}"
+
+
 def _serve(args: argparse.Namespace) -> int:
     import trio
 
-    from . import _sshd
+    from . import _sshd, _statedir
     from .node import serve_node
     from .subsystem import forced_authorized_keys, in_process_command, native_relay, relay_command
 
@@ -194,6 +243,11 @@ def _serve(args: argparse.Namespace) -> int:
     socket_path = state / "node" / "node.sock"
     if len(os.fsencode(socket_path)) > 100:
         raise UsageError(f"--state-dir {state}: too long for a Unix socket path; use a shorter one")
+    try:
+        state = _statedir.prepare_state_dir(state, subdirs=("node",))
+    except _statedir.StateDirError as exc:
+        raise UsageError(f"--state-dir {state}: {exc}") from None
+    socket_path = state / "node" / "node.sock"
     if args.in_process:
         command = in_process_command(
             args.targets, policy=args.policy, authorized_keys=str(keys_path)
@@ -218,13 +272,40 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             sshd_path=sshd_path,
         )
+        _statedir.write_file(
+            state, "authorized_keys", forced_authorized_keys(keys_text, command).encode()
+        )
+    except _statedir.StateDirError as exc:
+        raise UsageError(f"--state-dir {state}: {exc}") from None
     except _sshd.SSHDError as exc:
         raise StartError(str(exc)) from None
-    generated = state / "authorized_keys"
-    generated.write_text(forced_authorized_keys(keys_text, command))
-    os.chmod(generated, 0o600)
+    died: list[int] = []
+    stopping = False
+
+    async def watch_sshd(process: subprocess.Popen[bytes], waiting: trio.CancelScope) -> None:
+        status = await _wait_exited(process)
+        if stopping:
+            return
+        died.append(status)
+        print(
+            f"sshrpc serve: sshd (pid {process.pid}) exited unexpectedly ({_how(status)}); "
+            f"nothing listens on {args.host}:{args.port} any more: stopping the node "
+            f"and exiting with status 1 (sshd's log: {sshd.log_path})",
+            file=sys.stderr,
+            flush=True,
+        )
+        waiting.cancel()
+
+    async def reap_adopted(sshd_pid: int) -> None:
+        # As a subreaper we inherit whatever a dead process left behind below
+        # sshd (a killed connection's processes, a subsystem's own children);
+        # reap those when they exit, never sshd itself (its Popen does).
+        with trio.open_signal_receiver(signal.SIGCHLD) as children:
+            async for _ in children:
+                _sshd.reap_adopted(exclude=sshd_pid)
 
     async def run() -> None:
+        nonlocal stopping
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 node = None
@@ -248,7 +329,12 @@ def _serve(args: argparse.Namespace) -> int:
                     table = ExposureTable(flatten_services(services), policy or Policy.allow_all())
                     sys.stdout.write(table.listing())
                 try:
-                    await trio.to_thread.run_sync(sshd.start)
+                    await trio.to_thread.run_sync(sshd.prepare_start)
+                    # From this (the main) thread: sshd gets SIGTERM when it
+                    # ends, i.e. when serve does, even by SIGKILL.
+                    sshd.spawn(die_with_parent=True)
+                    assert sshd.process is not None
+                    await trio.to_thread.run_sync(sshd.wait_ready)
                     user = _user()
                     mode = "in-process" if args.in_process else f"node {socket_path}"
                     print(f"fingerprint: {sshd.host_fingerprint}")
@@ -267,21 +353,28 @@ def _serve(args: argparse.Namespace) -> int:
                         f"({mode}; sshd pid {sshd.pid}; pid {os.getpid()})",
                         flush=True,
                     )
-                    async for signum in signals:
-                        print(f"stopping ({signal.Signals(signum).name})", flush=True)
-                        break
+                    with trio.CancelScope() as waiting:
+                        nursery.start_soon(watch_sshd, sshd.process, waiting)
+                        nursery.start_soon(reap_adopted, sshd.process.pid)
+                        async for signum in signals:
+                            print(f"stopping ({signal.Signals(signum).name})", flush=True)
+                            break
                 finally:
+                    stopping = True
                     with trio.CancelScope(shield=True):
                         if node is not None:
                             await node.shutdown()
                         await trio.to_thread.run_sync(sshd.stop)
+                        if died:
+                            await trio.to_thread.run_sync(_sshd.stop_orphans)
                     nursery.cancel_scope.cancel()
 
+    _become_subreaper()
     try:
         trio.run(run)
     except _sshd.SSHDError as exc:
         raise StartError(str(exc)) from None
-    return 0
+    return 1 if died else 0
 
 
 def _node(args: argparse.Namespace) -> int:

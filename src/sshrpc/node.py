@@ -857,8 +857,10 @@ class Node:
     ) -> None:
         """Listen on ``socket_path`` for relays until cancelled.
 
-        The socket's directory is created with mode 0700 (or must already be
-        owned by this user and not reachable by others).  Peers whose uid is
+        The socket's directory is created with mode 0700; an existing one must
+        be a directory (not a symbolic link) owned by this user, or this raises
+        ``PermissionError`` (whoever owns it could swap the socket); it is
+        set to 0700.  Peers whose uid is
         not ours (``SO_PEERCRED``) are refused and logged.  ``task_status``
         gets the socket path once it listens.  Cancellation closes the socket
         (the file is removed) and every channel.
@@ -866,8 +868,13 @@ class Node:
         path = os.fspath(socket_path)
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        info = os.stat(directory)
-        if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        info = os.lstat(directory)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise PermissionError(
+                f"node socket directory {directory} is not a directory owned by uid "
+                f"{os.getuid()} (a symbolic link, or another user's): refusing to listen there"
+            )
+        if stat.S_IMODE(info.st_mode) & 0o077:
             os.chmod(directory, 0o700)
         if os.path.exists(path):
             os.unlink(path)

@@ -6,7 +6,8 @@ Trio loop.
         async with test_node.connect() as node:
             assert await node.call("calc", "add", [1, 2]) == 3
 
-Everything lives in a temporary directory removed at the end: the sshd's
+Everything lives in a temporary directory removed at the end (under
+``~/.cache/sshrpc-tmp``: sshd's StrictModes refuses keys below ``/tmp``): the sshd's
 state (config, host key), a client key pair, an ``authorized_keys`` that
 lets that key reach the node and nothing else (``restrict,command=``, as
 ``sshrpc serve`` writes it), and a ``known_hosts`` that trusts the sshd.  The
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import _sshd
+from . import _sshd, _statedir
 from ._link import Link, open_link
 from .service import Service
 from .subsystem import forced_authorized_keys, load_targets, native_relay, relay_command
@@ -148,11 +149,17 @@ async def open_test_node(
         sshd_binary = _sshd.find_sshd(sshd_path)
     except _sshd.SSHDError as exc:
         raise TestNodeError(str(exc)) from None
-    with tempfile.TemporaryDirectory(prefix="sshrpc-test-") as tmp:
+    # The keys and sshd's state below ~/.cache (sshd's StrictModes refuses
+    # /tmp); the node's socket in a fresh 0700 directory of the system's temp
+    # directory, whose path stays short enough for AF_UNIX whatever $HOME is.
+    with (
+        tempfile.TemporaryDirectory(prefix="sshrpc-test-", dir=_statedir.temp_root()) as tmp,
+        tempfile.TemporaryDirectory(prefix="sshrpc-sock-") as sockets,
+    ):
         base = Path(tmp)
         identity = base / "id_ed25519"
         public_key = await trio.to_thread.run_sync(_keygen, identity, "sshrpc-test-client")
-        socket_path = base / "node" / "node.sock"
+        socket_path = Path(sockets) / "node.sock"
         command = relay_command(socket_path, native=native_relay())
         keys_file = base / "authorized_keys"
         keys_file.write_text(forced_authorized_keys(public_key + "\n", command))
