@@ -196,14 +196,16 @@ def start_serve(
     timeout: float = 30.0,
     python: str = sys.executable,
     env: Mapping[str, str] | None = None,
+    host: str = "127.0.0.1",
 ) -> SSHDInfo:
     """Run ``sshrpc serve`` and wait for its ready line; return where it listens.
 
     The known_hosts file is written next to the state dir from the line
     ``sshrpc serve`` prints.  ``python`` and ``env`` choose the interpreter
-    (and so the installed sshrpc) and the environment it runs with.
+    (and so the installed sshrpc) and the environment it runs with; ``host``
+    the address it listens on (``::1`` for IPv6).
     """
-    port = free_port()
+    port = free_port(host)
     state_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = state_dir.parent / f"serve-{port}.log"
     log = open(log_path, "wb")  # noqa: SIM115 -- handed to the child
@@ -214,6 +216,8 @@ def start_serve(
             "sshrpc.cli",
             "serve",
             *targets,
+            "--host",
+            host,
             "--port",
             str(port),
             "--state-dir",
@@ -254,7 +258,7 @@ def start_serve(
     known_hosts = state_dir.parent / f"known_hosts-{port}"
     known_hosts.write_text(known_line + "\n")
     return SSHDInfo(
-        host="127.0.0.1",
+        host=host,
         port=port,
         user=_user(),
         known_hosts=known_hosts,
