@@ -171,9 +171,7 @@ def _check_port(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise StartError(
-                f"cannot listen on {host_port(host, port)}: {exc.strerror}"
-            ) from None
+            raise StartError(f"cannot listen on {host_port(host, port)}: {exc.strerror}") from None
 
 
 def _serve(args: argparse.Namespace) -> int:
