@@ -217,16 +217,18 @@ def start_serve(
     python: str = sys.executable,
     env: Mapping[str, str] | None = None,
     port: int | None = None,
+    host: str = "127.0.0.1",
 ) -> SSHDInfo:
     """Run ``sshrpc serve`` and wait for its ready line; return where it listens.
 
     The known_hosts file is written next to the state dir from the line
     ``sshrpc serve`` prints.  ``python`` and ``env`` choose the interpreter
-    (and so the installed sshrpc) and the environment it runs with.
-    ``port`` defaults to a free one.  Raises ``RuntimeError`` with serve's
-    output if it exits before it is ready.
+    (and so the installed sshrpc) and the environment it runs with; ``host``
+    the address it listens on (``::1`` for IPv6).  ``port`` defaults to a
+    free one.  Raises ``RuntimeError`` with serve's output if it exits
+    before it is ready.
     """
-    port = free_port() if port is None else port
+    port = free_port(host) if port is None else port
     state_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = state_dir.parent / f"serve-{port}.log"
     log = open(log_path, "wb")  # noqa: SIM115 -- handed to the child
@@ -237,6 +239,8 @@ def start_serve(
             "sshrpc.cli",
             "serve",
             *targets,
+            "--host",
+            host,
             "--port",
             str(port),
             "--state-dir",
@@ -277,7 +281,7 @@ def start_serve(
     known_hosts = state_dir.parent / f"known_hosts-{port}"
     known_hosts.write_text(known_line + "\n")
     return SSHDInfo(
-        host="127.0.0.1",
+        host=host,
         port=port,
         user=_user(),
         known_hosts=known_hosts,

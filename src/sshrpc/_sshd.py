@@ -92,10 +92,20 @@ def find_sshd(path: str | None = None) -> str:
     return candidate
 
 
+def address_family(host: str) -> socket.AddressFamily:
+    """``AF_INET6`` for an IPv6 address literal (``::1``), else ``AF_INET``."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as users write it: ``[::1]:2222`` for IPv6 literals."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` that nothing listens on right now (the kernel's
     choice for port 0).  Another process may take it before you bind it."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(address_family(host), socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port

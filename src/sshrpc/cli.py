@@ -168,14 +168,16 @@ def _load(args: argparse.Namespace) -> tuple[list[Any], Any]:
 
 
 def _check_port(host: str, port: int) -> None:
+    from ._sshd import address_family, host_port
+
     if not 0 < port < 65536:
         raise UsageError(f"--port {port}: not a TCP port")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(address_family(host), socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise StartError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise StartError(f"cannot listen on {host_port(host, port)}: {exc.strerror}") from None
 
 
 #: prctl(2) option: orphaned descendants are re-parented to this process.
@@ -349,7 +351,8 @@ def _serve(args: argparse.Namespace) -> int:
                         f"port={args.port}, user={user!r}) as node: ..."
                     )
                     print(
-                        f"ready: {len(services)} services on {args.host}:{args.port} "
+                        f"ready: {len(services)} services on "
+                        f"{_sshd.host_port(args.host, args.port)} "
                         f"({mode}; sshd pid {sshd.pid}; pid {os.getpid()})",
                         flush=True,
                     )
