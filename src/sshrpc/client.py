@@ -702,12 +702,7 @@ async def connect_node(
         )
     )
     pump = await _ssh.open_channel(
-        settings.hostname,
-        settings.port,
-        user=settings.user,
-        identities=settings.identity_files,
-        skip_missing_identities=settings.default_identities,
-        known_hosts_files=settings.known_hosts_files,
+        settings,
         verify_host_key=verify_host_key,
         accept_new_host_keys=accept_new_host_keys,
         passphrase=passphrase,
@@ -715,6 +710,15 @@ async def connect_node(
         password=password,
         subsystem=subsystem,
     )
+    if (
+        settings.server_alive_interval > 0
+        and keepalive == DEFAULT_KEEPALIVE
+        and keepalive_misses == DEFAULT_KEEPALIVE_MISSES
+    ):
+        # ServerAliveInterval/CountMax of the ssh config, unless the caller
+        # chose the keepalive: our pings do what OpenSSH's do.
+        keepalive = settings.server_alive_interval
+        keepalive_misses = settings.server_alive_count_max
     pump.write_limit = write_limit
     destination = f"{settings.user}@{settings.hostname}:{settings.port}"
     connection = Connection(
