@@ -41,6 +41,7 @@ __all__ = [
     "Proxy",
     "SSHSettings",
     "parse_config_text",
+    "parse_ssh_g",
     "resolve",
     "settings_from_values",
     "unsupported",
@@ -135,7 +136,7 @@ def _local_user() -> str:
         return os.environ.get("USER", "root")
 
 
-def _parse_g(text: str) -> dict[str, list[str]]:
+def parse_ssh_g(text: str) -> dict[str, list[str]]:
     values: dict[str, list[str]] = {}
     for line in text.splitlines():
         key, _, value = line.strip().partition(" ")
@@ -147,7 +148,7 @@ def _parse_g(text: str) -> dict[str, list[str]]:
 def _ssh_g(host: str, config_file: str | None) -> dict[str, list[str]] | None:
     """``ssh -G`` for ``host``; None without ``ssh`` or when it fails."""
     text = _ssh_g_text(host, config_file)
-    return None if text is None else _parse_g(text)
+    return None if text is None else parse_ssh_g(text)
 
 
 @functools.lru_cache(maxsize=1)
@@ -155,7 +156,7 @@ def _openssh_defaults() -> dict[str, list[str]]:
     """What ``ssh -G`` prints with no config at all: tells an option the
     config set from OpenSSH's default (cached: one ``ssh -G`` a process)."""
     text = _ssh_g_text("sshrpc.invalid", os.devnull)
-    return {} if text is None else _parse_g(text)
+    return {} if text is None else parse_ssh_g(text)
 
 
 def _ssh_g_text(host: str, config_file: str | None) -> str | None:

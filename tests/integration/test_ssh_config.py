@@ -166,7 +166,7 @@ async def test_proxy_command_that_fails_says_so(sshrpc_server: Any, tmp_path: Pa
     config.write_text(
         _host_block("broken", sshrpc_server, "ProxyCommand sh -c 'echo no route >&2; exit 3'")
     )
-    with pytest.raises(sshrpc.ConnectionLost, match="ProxyCommand.*no route"):
+    with pytest.raises(sshrpc.ConnectionLost, match=r"ProxyCommand.*no route"):
         async with _connect("broken", config):
             pass
 
@@ -228,9 +228,7 @@ async def test_other_key_type_than_known_is_unknown_not_changed(
 ) -> None:
     # HostKeyAlgorithms allows only ecdsa; known_hosts lists only ed25519.
     config = tmp_path / "ssh_config"
-    config.write_text(
-        _host_block("multi", multikey_sshd, "HostKeyAlgorithms ecdsa-sha2-nistp256")
-    )
+    config.write_text(_host_block("multi", multikey_sshd, "HostKeyAlgorithms ecdsa-sha2-nistp256"))
     with pytest.raises(sshrpc.UnknownHostKey, match="ssh-ed25519") as info:
         async with _connect("multi", config):
             pass
@@ -249,9 +247,11 @@ async def test_global_known_hosts_file_is_read(sshrpc_server: Any, tmp_path: Pat
     empty.write_text("")
     config = tmp_path / "ssh_config"
     config.write_text(
-        _host_block("g", sshrpc_server).replace(
+        _host_block("g", sshrpc_server)
+        .replace(
             "GlobalKnownHostsFile /dev/null", f"GlobalKnownHostsFile {sshrpc_server.known_hosts}"
-        ).replace(f"UserKnownHostsFile {sshrpc_server.known_hosts}", f"UserKnownHostsFile {empty}")
+        )
+        .replace(f"UserKnownHostsFile {sshrpc_server.known_hosts}", f"UserKnownHostsFile {empty}")
     )
     async with _connect("g", config) as node:
         assert await node.call("lists", "reverse", [[1]]) == [1]
