@@ -276,3 +276,90 @@ async def test_host_key_alias(sshrpc_server: Any, tmp_path: Path) -> None:
     async with _connect("a", config, accept_new_host_keys=True):
         pass
     assert fresh.read_text().startswith("mynode.alias ssh-ed25519 ")
+
+
+# -- hints for the caller, and sshrpc -v ------------------------------------------
+
+
+async def _cli(*argv: str) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(30):
+        return await trio.run_process(
+            [sys.executable, "-m", "sshrpc.cli", *argv],
+            capture_stdout=True,
+            capture_stderr=True,
+            env={**os.environ, "SSH_AUTH_SOCK": "", "SSHRPC_PASSPHRASE": ""},
+            check=False,
+        )
+
+
+def _encrypted_key(tmp_path: Path) -> Path:
+    key = tmp_path / "id_encrypted"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-C", "", "-f", str(key)],
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
+    return key
+
+
+async def test_hints_name_python_keywords_in_python_and_flags_in_the_cli(
+    sshrpc_server: Any, tmp_path: Path
+) -> None:
+    info = sshrpc_server
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    encrypted = _encrypted_key(tmp_path)
+    where = f"{info.user}@{info.host}:{info.port}"
+    # Python: keywords.
+    with pytest.raises(sshrpc.UnknownHostKey, match=r"accept_new_host_keys=True"):
+        async with open_connection(
+            where, identity=str(info.identity), known_hosts=str(empty), agent=False
+        ):
+            pass
+    with pytest.raises(sshrpc.KeyPassphraseError, match=r"passphrase="):
+        async with open_connection(
+            where, identity=str(encrypted), known_hosts=str(info.known_hosts), agent=False
+        ):
+            pass
+    # CLI: flags, and no Python keyword.
+    base = ("call", where, "lists", "reverse", "[1]", "-F", "/dev/null")
+    unknown = await _cli(*base, "-i", str(info.identity), "--known-hosts", str(empty))
+    assert unknown.returncode == 1
+    assert b"--accept-new-host-key" in unknown.stderr
+    assert b"accept_new_host_keys" not in unknown.stderr
+    locked = await _cli(*base, "-i", str(encrypted), "--known-hosts", str(info.known_hosts))
+    assert locked.returncode == 1
+    assert b"--passphrase-env" in locked.stderr
+    assert b"passphrase=" not in locked.stderr
+    assert empty.read_text() == ""
+
+
+async def test_cli_verbose_shows_the_ssh_steps(sshrpc_server: Any) -> None:
+    info = sshrpc_server
+    base = (
+        "call",
+        f"{info.user}@{info.host}:{info.port}",
+        "lists",
+        "reverse",
+        "[1,2]",
+        "-F",
+        "/dev/null",
+        "-i",
+        str(info.identity),
+        "--known-hosts",
+        str(info.known_hosts),
+    )
+    quiet = await _cli(*base)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout.strip() == b"[2,1]" and quiet.stderr == b""
+    verbose = await _cli(*base, "-v")
+    assert verbose.returncode == 0, verbose.stderr
+    text = verbose.stderr.decode()
+    assert "config from ssh -G (/dev/null)" in text
+    assert f"checking the host key of [{info.host}]:{info.port} against {info.known_hosts}" in text
+    assert f"matches {info.known_hosts} line 1" in text
+    assert f"offering identity file {info.identity}" in text
+    assert "authenticated with identity file" in text
+    assert "host key algorithms offered" not in text  # DEBUG: -vv only
+    debug = await _cli("-vv", *base)
+    assert "host key algorithms offered: ssh-ed25519," in debug.stderr.decode()
