@@ -363,3 +363,133 @@ async def test_cli_verbose_shows_the_ssh_steps(sshrpc_server: Any) -> None:
     assert "host key algorithms offered" not in text  # DEBUG: -vv only
     debug = await _cli("-vv", *base)
     assert "host key algorithms offered: ssh-ed25519," in debug.stderr.decode()
+
+
+# -- timeouts, keepalive, refused options, certificates ---------------------------
+
+
+async def test_connect_timeout_bounds_connect_and_handshake(tmp_path: Path) -> None:
+    # A port that completes TCP (backlog) but never says a word of SSH.
+    silent = trio.socket.socket()
+    await silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host quiet\n  HostName 127.0.0.1\n  Port {port}\n  ConnectTimeout 1\n"
+        f"Host patient\n  HostName 127.0.0.1\n  Port {port}\n  ConnectTimeout 30\n"
+    )
+    with silent:
+        started = trio.current_time()
+        with pytest.raises(sshrpc.ConnectionLost, match=r"within 1 s \(ConnectTimeout\)"):
+            async with _connect("quiet", config):
+                pass
+        assert 0.9 < trio.current_time() - started < 10
+        # The caller's cancel scope still wins over a longer ConnectTimeout.
+        with trio.move_on_after(0.3) as scope:
+            async with _connect("patient", config):
+                pass
+        assert scope.cancelled_caught
+
+
+async def test_server_alive_sets_the_keepalive(sshrpc_server: Any, tmp_path: Path) -> None:
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        _host_block("alive", sshrpc_server, "ServerAliveInterval 5", "ServerAliveCountMax 2")
+    )
+    async with _connect("alive", config) as node:
+        assert (node.keepalive, node.keepalive_misses) == (5, 2)
+    async with _connect("alive", config, keepalive=9.0) as node:
+        assert node.keepalive == 9.0  # an explicit argument wins
+
+
+async def test_strict_host_key_checking_accept_new_from_the_config(
+    sshrpc_server: Any, tmp_path: Path
+) -> None:
+    fresh = tmp_path / "fresh_known_hosts"
+    config = tmp_path / "ssh_config"
+    block = _host_block("new", sshrpc_server, "StrictHostKeyChecking accept-new")
+    config.write_text(block.replace(str(sshrpc_server.known_hosts), str(fresh)))
+    async with _connect("new", config) as node:
+        assert await node.call("lists", "reverse", [[1]]) == [1]
+    assert "ssh-ed25519" in fresh.read_text()
+
+
+async def test_refused_option_is_an_error_before_any_connection(tmp_path: Path) -> None:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host dns\n  HostName 127.0.0.1\n  Port {port}\n  VerifyHostKeyDNS yes\n"
+        f"Host lax\n  HostName 127.0.0.1\n  Port {port}\n  StrictHostKeyChecking no\n"
+    )
+    with listener:
+        with pytest.raises(sshrpc.SSHConfigError, match="VerifyHostKeyDNS"):
+            async with _connect("dns", config):
+                pass
+        with pytest.raises(sshrpc.SSHConfigError, match="StrictHostKeyChecking"):
+            async with _connect("lax", config):
+                pass
+        cli = await _cli("call", "dns", "m", "f", "-F", str(config))
+        assert cli.returncode == 1
+        assert b"SSHConfigError" in cli.stderr and b"VerifyHostKeyDNS" in cli.stderr
+        # Nothing connected: the listener's backlog is empty.
+        with pytest.raises(BlockingIOError):
+            _accept(listener)
+
+
+def _accept(sock: Any) -> None:
+    """Accept on ``sock`` without blocking (BlockingIOError: nobody came)."""
+    import socket
+
+    raw = socket.socket(fileno=os.dup(sock.fileno()))
+    raw.setblocking(False)
+    try:
+        raw.accept()
+    finally:
+        raw.close()
+
+
+async def test_certificate_file(private_sshd: Any, tmp_path: Path, client_key: Any) -> None:
+    """A user certificate signed by a CA the server trusts, no authorized key."""
+    ca = tmp_path / "ca"
+    _keygen(ca, "ed25519")
+    user = tmp_path / "user"
+    _keygen(user, "ed25519")
+    info = private_sshd(
+        {"sshrpc@k2r.org": in_process_command(["sshrpc.demo:services"])},
+        authorized_keys=[],
+        extra_config=[f"TrustedUserCAKeys {ca}.pub"],
+    )
+    subprocess.run(
+        ["ssh-keygen", "-q", "-s", str(ca), "-I", "test", "-n", info.user, "-V", "+1h",
+         str(user) + ".pub"],
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    certificate = tmp_path / "user-cert.pub"
+    moved = tmp_path / "elsewhere-cert.pub"
+    certificate.rename(moved)
+    config = tmp_path / "ssh_config"
+    block = _host_block("c", info).replace(str(info.identity), str(user))
+    config.write_text(block)
+    # Without the certificate the key alone is refused.
+    with pytest.raises(sshrpc.AuthenticationFailed, match="refused"):
+        async with _connect("c", config):
+            pass
+    # CertificateFile names it.
+    config.write_text(block + f"    CertificateFile {moved}\n")
+    async with _connect("c", config) as node:
+        assert await node.call("lists", "reverse", [[1, 2]]) == [2, 1]
+    # IDENTITY-cert.pub beside the key is used by itself, as by ssh.
+    moved.rename(certificate)
+    config.write_text(block)
+    async with _connect("c", config) as node:
+        assert await node.call("lists", "reverse", [[1, 2]]) == [2, 1]
+    # A CertificateFile that does not exist is an error naming it.
+    config.write_text(block + f"    CertificateFile {tmp_path / 'missing-cert.pub'}\n")
+    with pytest.raises(sshrpc.AuthenticationFailed, match=r"missing-cert\.pub"):
+        async with _connect("c", config):
+            pass
