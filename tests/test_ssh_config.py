@@ -245,3 +245,16 @@ def test_fallback_parser_reads_the_new_options(tmp_path: Path) -> None:
     assert s.proxy is not None and s.proxy.argv[-1] == "bastion"
     assert s.host_key_algorithms is not None and s.host_key_algorithms[-1] == "ssh-rsa"
     assert len(s.certificate_files) == 2
+
+
+def test_algorithm_lists_set_by_the_config() -> None:
+    s = _settings(
+        "ciphers aes256-ctr,aes128-ctr\nmacs hmac-sha2-512\nkexalgorithms curve25519-sha256\n"
+    )
+    assert s.ciphers == ("aes256-ctr", "aes128-ctr")
+    assert s.macs == ("hmac-sha2-512",)
+    assert s.kex_algorithms == ("curve25519-sha256",)
+    assert _settings().ciphers is None  # not set: sshrpc's defaults
+    values = parse_config_text("Host x\n  Ciphers -aes128-ctr\n", "x")
+    parsed = settings_from_values("x", values, source="parser").ciphers
+    assert parsed is not None and "aes128-ctr" not in parsed and "aes256-ctr" in parsed

@@ -44,40 +44,35 @@ from ssh2.session import (
     LIBSSH2_METHOD_CRYPT_SC,
     LIBSSH2_METHOD_HOSTKEY,
     LIBSSH2_METHOD_KEX,
+    LIBSSH2_METHOD_MAC_CS,
+    LIBSSH2_METHOD_MAC_SC,
     Session,
 )
 
 from . import _known_hosts
 from ._errors import AuthenticationFailed, ConnectionLost, SSHConfigError, hint
 from ._pump import Pump, connect_socket
-from ._ssh_config import DEFAULT_HOST_KEY_ALGORITHMS, Proxy, SSHSettings
+from ._ssh_config import (
+    DEFAULT_CIPHERS,
+    DEFAULT_HOST_KEY_ALGORITHMS,
+    DEFAULT_KEX,
+    DEFAULT_MACS,
+    Proxy,
+    SSHSettings,
+)
 
 log = logging.getLogger("sshrpc.ssh")
 
-#: Key exchange offered: OpenSSH 9's defaults that libssh2 has (no SHA-1
-#: groups, which libssh2 would otherwise offer), then the two pseudo
-#: algorithms for extension negotiation and strict KEX (CVE-2023-48795).
-KEX = (
-    "curve25519-sha256",
-    "curve25519-sha256@libssh.org",
-    "ecdh-sha2-nistp256",
-    "ecdh-sha2-nistp384",
-    "ecdh-sha2-nistp521",
-    "diffie-hellman-group-exchange-sha256",
-    "diffie-hellman-group16-sha512",
-    "diffie-hellman-group18-sha512",
-    "diffie-hellman-group14-sha256",
-    "ext-info-c",
-    "kex-strict-c-v00@openssh.com",
-)
+#: Pseudo key exchange names that must stay in the list: extension
+#: negotiation and strict KEX (CVE-2023-48795).
+_KEX_EXTENSIONS = ("ext-info-c", "kex-strict-c-v00@openssh.com")
 #: How long a failed proxy gets to exit, so its stderr can be quoted.
 PROXY_EXIT_WAIT = 2.0
 
-#: Cipher preference offered to the server (it picks the first it also has).
-CIPHERS = (
-    "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,"
-    "aes128-ctr,aes192-ctr,aes256-ctr"
-)
+#: Cipher, MAC and key exchange preferences offered (see _ssh_config).
+CIPHERS = ",".join(DEFAULT_CIPHERS)
+MACS = DEFAULT_MACS
+KEX = DEFAULT_KEX
 
 __all__ = [
     "SUBSYSTEM",
@@ -422,6 +417,52 @@ def _host_key_order(
     return order
 
 
+def _prefer(
+    session: Session,
+    methods: Sequence[int],
+    ours: Sequence[str],
+    configured: Sequence[str] | None,
+    option: str,
+    keep: Sequence[str] = (),
+) -> None:
+    """Offer ``configured`` (the config's list, in its order) or ``ours``,
+    less what libssh2 lacks; ``keep`` is appended as is."""
+    supported = session.supported_algs(methods[0])
+    wanted = ours if configured is None else configured
+    order = [a for a in wanted if a in supported and a not in keep]
+    if not order:
+        raise SSHConfigError(
+            f"{option} {','.join(wanted)}: sshrpc (libssh2) has none of these; it has: "
+            + ",".join(a for a in supported if a not in keep)
+        )
+    if configured is not None:
+        log.debug("%s from the ssh config: %s", option, ",".join(order))
+    order += [a for a in keep if a in supported]
+    for method in methods:
+        session.method_pref(method, ",".join(order))
+
+
+def _algorithm_preferences(session: Session, settings: SSHSettings) -> None:
+    # Ciphers: AES-GCM (hardware AES via OpenSSL) before libssh2's own
+    # portable chacha20-poly1305, which it would pick first and is slower.
+    _prefer(
+        session,
+        (LIBSSH2_METHOD_CRYPT_CS, LIBSSH2_METHOD_CRYPT_SC),
+        CIPHERS.split(","),
+        settings.ciphers,
+        "Ciphers",
+    )
+    _prefer(session, (LIBSSH2_METHOD_MAC_CS, LIBSSH2_METHOD_MAC_SC), MACS, settings.macs, "MACs")
+    _prefer(
+        session,
+        (LIBSSH2_METHOD_KEX,),
+        KEX,
+        settings.kex_algorithms,
+        "KexAlgorithms",
+        keep=_KEX_EXTENSIONS,
+    )
+
+
 def _verify_host_key(settings: SSHSettings, blob: bytes, *, verify: bool, accept_new: bool) -> None:
     host, port, alias = settings.hostname, settings.port, settings.host_key_alias
     name = alias or _known_hosts.host_entry_name(host, port)
@@ -487,13 +528,8 @@ async def open_channel(
                 ) from exc
             session = Session()
             session.set_blocking(False)
-            for direction in (LIBSSH2_METHOD_CRYPT_CS, LIBSSH2_METHOD_CRYPT_SC):
-                # AES-GCM (hardware AES via OpenSSL) before libssh2's own portable
-                # chacha20-poly1305, which it would pick first and which is slower.
-                session.method_pref(direction, CIPHERS)
             pump = Pump(sock, session)
-            supported_kex = set(session.supported_algs(LIBSSH2_METHOD_KEX))
-            session.method_pref(LIBSSH2_METHOD_KEX, ",".join(k for k in KEX if k in supported_kex))
+            _algorithm_preferences(session, settings)
             files = [*settings.known_hosts_files, *settings.global_known_hosts_files]
             order = _host_key_order(session, settings, files)
             log.debug("host key algorithms offered: %s", ",".join(order))
@@ -549,7 +585,12 @@ async def open_channel(
 def _methods(session: Session) -> str:
     from ssh2.session import LIBSSH2_METHOD_CRYPT_CS as CS
 
-    names = {"kex": LIBSSH2_METHOD_KEX, "hostkey": LIBSSH2_METHOD_HOSTKEY, "cipher": CS}
+    names = {
+        "kex": LIBSSH2_METHOD_KEX,
+        "hostkey": LIBSSH2_METHOD_HOSTKEY,
+        "cipher": CS,
+        "mac": LIBSSH2_METHOD_MAC_CS,
+    }
     out = []
     for label, method in names.items():
         with contextlib.suppress(ssh2_exc.SSH2Error):

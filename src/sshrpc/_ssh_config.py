@@ -36,8 +36,11 @@ from pathlib import Path
 from ._errors import SSHConfigError
 
 __all__ = [
+    "DEFAULT_CIPHERS",
     "DEFAULT_HOST_KEY_ALGORITHMS",
     "DEFAULT_IDENTITIES",
+    "DEFAULT_KEX",
+    "DEFAULT_MACS",
     "Proxy",
     "SSHSettings",
     "parse_config_text",
@@ -73,6 +76,43 @@ DEFAULT_HOST_KEY_ALGORITHMS = (
     "rsa-sha2-512",
     "rsa-sha2-256",
 )
+#: Cipher preference: AES-GCM (hardware AES via OpenSSL) before libssh2's own
+#: portable chacha20-poly1305, which it would pick first and which is slower.
+DEFAULT_CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes192-ctr",
+    "aes256-ctr",
+)
+#: MACs offered: OpenSSH 9's defaults that libssh2 has (libssh2 would also
+#: offer hmac-md5 and hmac-ripemd160).  AES-GCM and chacha20 need no MAC.
+DEFAULT_MACS = (
+    "hmac-sha2-256-etm@openssh.com",
+    "hmac-sha2-512-etm@openssh.com",
+    "hmac-sha1-etm@openssh.com",
+    "hmac-sha2-256",
+    "hmac-sha2-512",
+    "hmac-sha1",
+)
+#: Key exchange offered: OpenSSH 9's defaults that libssh2 has (no SHA-1
+#: groups, which libssh2 would otherwise offer), then the two pseudo
+#: algorithms for extension negotiation and strict KEX (CVE-2023-48795).
+DEFAULT_KEX = (
+    "curve25519-sha256",
+    "curve25519-sha256@libssh.org",
+    "ecdh-sha2-nistp256",
+    "ecdh-sha2-nistp384",
+    "ecdh-sha2-nistp521",
+    "diffie-hellman-group-exchange-sha256",
+    "diffie-hellman-group16-sha512",
+    "diffie-hellman-group18-sha512",
+    "diffie-hellman-group14-sha256",
+    "ext-info-c",
+    "kex-strict-c-v00@openssh.com",
+)
+
 #: ``ssh -G`` reads only local files; it answers in milliseconds.
 SSH_G_TIMEOUT = 10.0
 
@@ -127,6 +167,11 @@ class SSHSettings:
     address_family: str = "any"
     #: The host as the caller named it (``%n``).
     original_host: str = ""
+    #: ``Ciphers``, ``MACs``, ``KexAlgorithms`` when the config sets them
+    #: (in its order); ``None``: sshrpc's defaults (OpenSSH's, less SHA-1 KEX).
+    ciphers: tuple[str, ...] | None = None
+    macs: tuple[str, ...] | None = None
+    kex_algorithms: tuple[str, ...] | None = None
 
 
 def _local_user() -> str:
@@ -529,12 +574,15 @@ def settings_from_values(
     global_known = tuple(_expand(p, hostname, final_user, final_port) for p in global_listed)
     identities_only = (first("identitiesonly") or "no").lower() in ("yes", "true")
     alias = first("hostkeyalias")
-    algorithms = first("hostkeyalgorithms")
-    default_algorithms = (defaults.get("hostkeyalgorithms") or [""])[0]
-    if algorithms is not None and (source != "ssh -G" or algorithms != default_algorithms):
-        explicit: tuple[str, ...] | None = _algorithms(algorithms, DEFAULT_HOST_KEY_ALGORITHMS)
-    else:
-        explicit = None
+
+    def explicit_list(key: str, fallback: tuple[str, ...]) -> tuple[str, ...] | None:
+        """An algorithm list the config sets (differs from OpenSSH's default)."""
+        value = first(key)
+        if value is None or (source == "ssh -G" and value == (defaults.get(key) or [""])[0]):
+            return None
+        return _algorithms(value, fallback)
+
+    explicit = explicit_list("hostkeyalgorithms", DEFAULT_HOST_KEY_ALGORITHMS)
     strict = (first("stricthostkeychecking") or "ask").lower()
     timeout = first("connecttimeout")
     alive = first("serveraliveinterval")
@@ -580,6 +628,9 @@ def settings_from_values(
         agent=(first("identityagent") or "").lower() != "none",
         address_family=family if family in ("inet", "inet6") else "any",
         original_host=host,
+        ciphers=explicit_list("ciphers", DEFAULT_CIPHERS),
+        macs=explicit_list("macs", DEFAULT_MACS),
+        kex_algorithms=explicit_list("kexalgorithms", DEFAULT_KEX),
     )
 
 

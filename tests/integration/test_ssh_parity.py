@@ -493,3 +493,22 @@ async def test_certificate_file(private_sshd: Any, tmp_path: Path, client_key: A
     with pytest.raises(sshrpc.AuthenticationFailed, match=r"missing-cert\.pub"):
         async with _connect("c", config):
             pass
+
+
+async def test_ciphers_macs_and_kex_from_the_config(
+    sshrpc_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        _host_block("algs", sshrpc_server, "Ciphers aes256-ctr", "MACs hmac-sha2-512")
+        + _host_block("nokex", sshrpc_server, "KexAlgorithms sntrup761x25519-sha512@openssh.com")
+    )
+    caplog.set_level("DEBUG", logger="sshrpc.ssh")
+    async with _connect("algs", config) as node:
+        assert await node.call("lists", "reverse", [[1]]) == [1]
+    negotiated = [r.getMessage() for r in caplog.records if "negotiated" in r.getMessage()]
+    assert "cipher aes256-ctr" in negotiated[-1] and "mac hmac-sha2-512" in negotiated[-1]
+    # A list libssh2 has nothing of is an error naming the option.
+    with pytest.raises(sshrpc.SSHConfigError, match="KexAlgorithms"):
+        async with _connect("nokex", config):
+            pass
