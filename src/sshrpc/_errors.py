@@ -53,8 +53,10 @@ _HINTS: dict[str, tuple[str, str]] = {
         "(default SSHRPC_PASSPHRASE)",
     ),
     "identity": ("identity=", "-i FILE"),
-    "known_hosts": ("known_hosts=", "--known-hosts FILE"),
-    "ssh_config": ("ssh_config=", "-F FILE"),
+    "no_config": (
+        "pass use_ssh_config=False with explicit arguments",
+        "run with -F /dev/null and explicit flags (-l, -p, -i, --known-hosts)",
+    ),
 }
 
 

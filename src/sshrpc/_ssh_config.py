@@ -33,7 +33,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from ._errors import SSHConfigError
+from ._errors import SSHConfigError, hint
 
 __all__ = [
     "DEFAULT_CIPHERS",
@@ -538,8 +538,7 @@ def settings_from_values(
         raise SSHConfigError(
             f"the ssh config for {host!r} sets what sshrpc does not implement: "
             + "; ".join(refused)
-            + ".  Change the config for this host (or pass use_ssh_config=False "
-            "with explicit arguments)"
+            + f".  Change the config for this host (or {hint('no_config')})"
         )
     defaults = defaults or {}
 

@@ -688,7 +688,14 @@ async def connect_node(
     Same arguments as ``open_connection``.  The caller must ``aclose()`` the
     connection; cancelling ``nursery`` abandons it (the socket is closed when
     the pump task ends).  A checkpoint; on any error or cancel nothing stays
-    open.
+    open (a ProxyCommand/ProxyJump process is ended too).
+
+    The ssh config is honoured as ``ssh`` would (docs/client.md, "ssh_config
+    parity"): ProxyJump/ProxyCommand, known_hosts files and HostKeyAlias,
+    ConnectTimeout (bounds connect + handshake), ServerAliveInterval/CountMax
+    (become ``keepalive``/``keepalive_misses`` unless you pass other
+    values).  An option sshrpc refuses raises ``SSHConfigError`` before
+    anything is connected.
     """
     settings = await trio.to_thread.run_sync(
         lambda: _ssh_config.resolve(

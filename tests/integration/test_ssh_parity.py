@@ -426,7 +426,7 @@ async def test_refused_option_is_an_error_before_any_connection(tmp_path: Path) 
         f"Host lax\n  HostName 127.0.0.1\n  Port {port}\n  StrictHostKeyChecking no\n"
     )
     with listener:
-        with pytest.raises(sshrpc.SSHConfigError, match="VerifyHostKeyDNS"):
+        with pytest.raises(sshrpc.SSHConfigError, match=r"VerifyHostKeyDNS.*use_ssh_config=False"):
             async with _connect("dns", config):
                 pass
         with pytest.raises(sshrpc.SSHConfigError, match="StrictHostKeyChecking"):
@@ -435,6 +435,7 @@ async def test_refused_option_is_an_error_before_any_connection(tmp_path: Path) 
         cli = await _cli("call", "dns", "m", "f", "-F", str(config))
         assert cli.returncode == 1
         assert b"SSHConfigError" in cli.stderr and b"VerifyHostKeyDNS" in cli.stderr
+        assert b"-F /dev/null" in cli.stderr and b"use_ssh_config" not in cli.stderr
         # Nothing connected: the listener's backlog is empty.
         with pytest.raises(BlockingIOError):
             _accept(listener)
@@ -512,3 +513,20 @@ async def test_ciphers_macs_and_kex_from_the_config(
     with pytest.raises(sshrpc.SSHConfigError, match="KexAlgorithms"):
         async with _connect("nokex", config):
             pass
+
+
+async def test_a_proxy_that_never_answers_is_ended_on_timeout(tmp_path: Path) -> None:
+    record = tmp_path / "pid"
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        "Host mute\n  HostName 127.0.0.1\n  ConnectTimeout 1\n"
+        f"  ProxyCommand sh -c 'echo $$ > {record}; exec sleep 60'\n"
+    )
+    with pytest.raises(sshrpc.ConnectionLost, match="ConnectTimeout"):
+        async with _connect("mute", config):
+            pass
+    pid = int(record.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(pid):
+        assert time.monotonic() < deadline, "ProxyCommand process still running"
+        await trio.sleep(0.02)  # bounded polling of another process
