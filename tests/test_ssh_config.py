@@ -258,3 +258,10 @@ def test_algorithm_lists_set_by_the_config() -> None:
     values = parse_config_text("Host x\n  Ciphers -aes128-ctr\n", "x")
     parsed = settings_from_values("x", values, source="parser").ciphers
     assert parsed is not None and "aes128-ctr" not in parsed and "aes256-ctr" in parsed
+
+
+def test_fallback_parser_keeps_a_proxy_command_as_written() -> None:
+    values = parse_config_text("Host x\n  ProxyCommand sh -c 'echo a  b; exit 3'\n", "x")
+    proxy = settings_from_values("x", values, source="parser").proxy
+    assert proxy is not None
+    assert proxy.argv[1:] == ("-c", "exec sh -c 'echo a  b; exit 3'")

@@ -63,6 +63,7 @@ DEFAULT_IDENTITIES = (
     "~/.ssh/id_xmss",
     "~/.ssh/id_dsa",
 )
+_RAW = ("proxycommand", "localcommand", "remotecommand", "knownhostscommand")
 _ACCUMULATE = ("identityfile", "userknownhostsfile", "certificatefile")
 _DEFAULT_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
 _DEFAULT_GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
@@ -288,6 +289,9 @@ def parse_config_text(
             continue
         if key in _ACCUMULATE:
             values.setdefault(key, []).extend(args)
+        elif key in _RAW and rest.strip():
+            # A command line: the rest of the line as written, as OpenSSH does.
+            values.setdefault(key, [rest.strip()])
         elif args:
             values.setdefault(key, [" ".join(args)])
     return values
