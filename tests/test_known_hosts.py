@@ -13,7 +13,17 @@ from pathlib import Path
 import pytest
 
 from sshrpc import HostKeyMismatch, UnknownHostKey
-from sshrpc._known_hosts import add, check, fingerprint, key_type
+from sshrpc._known_hosts import (
+    HostKeyStatus,
+    add,
+    check,
+    fingerprint,
+    host_key_algorithms,
+    key_type,
+    known_key_types,
+    status,
+)
+from sshrpc._ssh_config import DEFAULT_HOST_KEY_ALGORITHMS
 
 
 def _blob(seed: bytes) -> bytes:
@@ -104,3 +114,48 @@ def test_add_then_trusted(tmp_path: Path) -> None:
     assert Path(path).stat().st_mode & 0o777 == 0o600
     check([path], "127.0.0.1", 2222, KEY)
     assert key_type(KEY) == "ssh-ed25519"
+
+
+def _typed_blob(kind: str, seed: bytes) -> bytes:
+    raw = kind.encode()
+    key = hashlib.sha256(seed).digest()
+    return struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(key)) + key
+
+
+def test_a_key_of_another_type_is_not_changed(tmp_path: Path) -> None:
+    """Only ed25519 known; the server shows ecdsa: unknown (never CHANGED),
+    and the message names the known type."""
+    known = _file(tmp_path, f"[h]:2222 ssh-ed25519 {B64}")
+    ecdsa = _typed_blob("ecdsa-sha2-nistp256", b"server")
+    assert status([known], "h", 2222, ecdsa) is HostKeyStatus.OTHER_TYPE
+    with pytest.raises(UnknownHostKey, match="only by ssh-ed25519") as info:
+        check([known], "h", 2222, ecdsa)
+    assert not isinstance(info.value, HostKeyMismatch)
+    # Same type, other key: CHANGED, as before.
+    assert status([known], "h", 2222, OTHER) is HostKeyStatus.CHANGED
+
+
+def test_host_key_algorithms_put_known_types_first(tmp_path: Path) -> None:
+    preferred = list(DEFAULT_HOST_KEY_ALGORITHMS)
+    assert host_key_algorithms(preferred, []) == preferred
+    assert host_key_algorithms(preferred, ["ssh-rsa"])[:2] == ["rsa-sha2-512", "rsa-sha2-256"]
+    order = host_key_algorithms(preferred, ["ecdsa-sha2-nistp384", "ssh-ed25519"])
+    assert order[:2] == ["ssh-ed25519", "ecdsa-sha2-nistp384"]
+    assert sorted(order) == sorted(preferred)
+    known = _file(
+        tmp_path,
+        f"[h]:2222 ssh-ed25519 {B64}",
+        f"@revoked [h]:2222 ssh-ed25519 {OTHER_B64}",
+        f"other ssh-rsa {OTHER_B64}",
+    )
+    assert known_key_types([known], "[h]:2222") == ["ssh-ed25519"]
+
+
+def test_alias_and_hashed_entries(tmp_path: Path) -> None:
+    path = str(tmp_path / "kh")
+    add(path, "h", 2222, KEY, alias="myalias", hashed=True)
+    line = Path(path).read_text()
+    assert line.startswith("|1|") and "myalias" not in line
+    check([path], "h", 2222, KEY, alias="myalias")
+    with pytest.raises(UnknownHostKey):
+        check([path], "h", 2222, KEY)

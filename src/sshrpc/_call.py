@@ -30,6 +30,13 @@ def add_parser(sub: Any) -> None:
     call.add_argument("module", metavar="MODULE")
     call.add_argument("function", metavar="FUNCTION")
     call.add_argument("args", nargs="*", metavar="ARG", help="an Erlang term literal")
+    call.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="show the SSH steps (config, host key check, authentication); -vv: more",
+    )
     call.add_argument("-p", "--port", type=int, default=None)
     call.add_argument("-l", "--user", default=None)
     call.add_argument("-i", "--identity", action="append", metavar="FILE", default=None)
@@ -60,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     import trio
 
     from . import _ssh
-    from ._errors import RemoteError, SSHRPCError
+    from ._errors import RemoteError, SSHRPCError, hint_style
     from ._literal import LiteralError, format_term, parse
     from .client import open_connection
 
@@ -92,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     print(format_term(await node.call(args.module, args.function, call_args)))
 
+    # Error hints name our flags (--accept-new-host-key), not Python keywords.
+    hint_style.set("cli")
     try:
         trio.run(main)
     except RemoteError as exc:

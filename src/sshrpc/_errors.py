@@ -6,6 +6,7 @@ are re-exported from ``sshrpc``.
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any
 
 from ._types import Atom as _atom
@@ -25,12 +26,44 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "RemoteTimeout",
+    "SSHConfigError",
     "SSHRPCError",
     "TermError",
     "Throw",
     "Undef",
     "UnknownHostKey",
+    "hint",
+    "hint_style",
 ]
+
+#: Who reads our error messages: ``"python"`` (the default: hints name the
+#: keyword arguments of ``open_connection``) or ``"cli"`` (hints name the
+#: flags of ``sshrpc call``).  The CLI sets it before it connects; as a
+#: ``ContextVar`` it follows the Trio tasks and worker threads it starts.
+hint_style: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "sshrpc_hint_style", default="python"
+)
+
+#: What each hint says to a Python caller and to a CLI user.
+_HINTS: dict[str, tuple[str, str]] = {
+    "accept_new": ("connect with accept_new_host_keys=True", "run with --accept-new-host-key"),
+    "passphrase": (
+        "pass its passphrase as passphrase=",
+        "put its passphrase in the environment variable named by --passphrase-env "
+        "(default SSHRPC_PASSPHRASE)",
+    ),
+    "identity": ("identity=", "-i FILE"),
+    "no_config": (
+        "pass use_ssh_config=False with explicit arguments",
+        "run with -F /dev/null and explicit flags (-l, -p, -i, --known-hosts)",
+    ),
+}
+
+
+def hint(name: str) -> str:
+    """The hint ``name`` in the words of the current ``hint_style``."""
+    python, cli = _HINTS[name]
+    return cli if hint_style.get() == "cli" else python
 
 
 class SSHRPCError(Exception):
@@ -104,6 +137,14 @@ class ConnectionLost(SSHRPCError):
     """The SSH connection or channel ended (peer closed it, network failure,
     keepalive missed, server sent ``bye``) while a call was open.  The call's
     outcome on the server is unknown: retry only idempotent work."""
+
+
+class SSHConfigError(SSHRPCError):
+    """The ssh config (``ssh -G``) sets an option that could change where
+    sshrpc connects or whom it trusts and that sshrpc does not implement, or
+    sets it to a value sshrpc refuses (``StrictHostKeyChecking no``).  The
+    message names the option; nothing was connected.  Change the config for
+    this host, or pass ``use_ssh_config=False`` and explicit arguments."""
 
 
 class HostKeyError(SSHRPCError):

@@ -689,7 +689,14 @@ async def connect_node(
     Same arguments as ``open_connection``.  The caller must ``aclose()`` the
     connection; cancelling ``nursery`` abandons it (the socket is closed when
     the pump task ends).  A checkpoint; on any error or cancel nothing stays
-    open.
+    open (a ProxyCommand/ProxyJump process is ended too).
+
+    The ssh config is honoured as ``ssh`` would (docs/client.md, "ssh_config
+    parity"): ProxyJump/ProxyCommand, known_hosts files and HostKeyAlias,
+    ConnectTimeout (bounds connect + handshake), ServerAliveInterval/CountMax
+    (become ``keepalive``/``keepalive_misses`` unless you pass other
+    values).  An option sshrpc refuses raises ``SSHConfigError`` before
+    anything is connected.
     """
     if window is not None and not 0 < window <= 2**31:
         raise ValueError(f"window must be 1..2**31 bytes, not {window!r}")
@@ -705,12 +712,7 @@ async def connect_node(
         )
     )
     pump = await _ssh.open_channel(
-        settings.hostname,
-        settings.port,
-        user=settings.user,
-        identities=settings.identity_files,
-        skip_missing_identities=settings.default_identities,
-        known_hosts_files=settings.known_hosts_files,
+        settings,
         verify_host_key=verify_host_key,
         accept_new_host_keys=accept_new_host_keys,
         passphrase=passphrase,
@@ -718,6 +720,15 @@ async def connect_node(
         password=password,
         subsystem=subsystem,
     )
+    if (
+        settings.server_alive_interval > 0
+        and keepalive == DEFAULT_KEEPALIVE
+        and keepalive_misses == DEFAULT_KEEPALIVE_MISSES
+    ):
+        # ServerAliveInterval/CountMax of the ssh config, unless the caller
+        # chose the keepalive: our pings do what OpenSSH's do.
+        keepalive = settings.server_alive_interval
+        keepalive_misses = settings.server_alive_count_max
     pump.write_limit = write_limit
     if window is not None:
         _grow_receive_window(pump, window)
