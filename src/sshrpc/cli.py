@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -223,6 +224,23 @@ def _how(status: int) -> str:
     return f"exit status {status}"
 
 
+def _example_call(services: list[Any]) -> str:
+    """``MODULE FUNCTION [ARG...]`` of one exported function, for the client
+    line ``serve`` prints: the first (by name) that takes no argument, else
+    the first, with one ``ARG`` per argument it needs."""
+    from .service import flatten_services
+
+    functions = sorted(
+        (exported.service, exported.name, exported)
+        for service in flatten_services(services).values()
+        for exported in service.functions.values()
+    )
+    if not functions:
+        return "MODULE FUNCTION [ARG...]"
+    chosen = next((f for f in functions if f[2].min_arity == 0), functions[0])
+    return " ".join([chosen[0], chosen[1], *["ARG"] * chosen[2].min_arity])
+
+
 def _serve(args: argparse.Namespace) -> int:
     import trio
 
@@ -339,16 +357,21 @@ def _serve(args: argparse.Namespace) -> int:
                     await trio.to_thread.run_sync(sshd.wait_ready)
                     user = _user()
                     mode = "in-process" if args.in_process else f"node {socket_path}"
+                    known_file = state / "known_hosts"
+                    _statedir.write_file(
+                        state, "known_hosts", (sshd.known_hosts_line + "\n").encode(), mode=0o644
+                    )
+                    destination = f"{user}@{_sshd.host_port(args.host, args.port)}"
                     print(f"fingerprint: {sshd.host_fingerprint}")
                     print(f"known_hosts: {sshd.known_hosts_line}")
-                    where = f"{user}@{args.host}"
+                    print(f"known_hosts file: {known_file}")
                     print(
-                        f"client: ssh -s -p {args.port} -o StrictHostKeyChecking=yes "
-                        f"{where} sshrpc@k2r.org"
+                        "client: sshrpc call --known-hosts "
+                        f"{shlex.quote(str(known_file))} {destination} {_example_call(services)}"
                     )
                     print(
-                        f"python: async with sshrpc.open_connection({args.host!r}, "
-                        f"port={args.port}, user={user!r}) as node: ..."
+                        f"python: async with sshrpc.open_connection({destination!r}, "
+                        f"known_hosts={str(known_file)!r}) as node: ..."
                     )
                     print(
                         f"ready: {len(services)} services on "

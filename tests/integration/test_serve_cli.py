@@ -197,3 +197,45 @@ def test_sshd_config_and_list(tmp_path, client_key):
         for line in out.stdout.splitlines()
         if not line.startswith("lists")
     )
+
+
+def test_the_printed_client_command_works_as_printed(tmp_path, client_key) -> None:
+    """``serve`` prints an ``sshrpc call`` line with the right user, port and a
+    known_hosts file it wrote: run verbatim (by a user whose default key is
+    authorized), it calls the node; the ``known_hosts:`` line is that file's."""
+    import shlex
+    import shutil
+
+    info = start_serve(
+        ["sshrpc.demo:services"],
+        state_dir=tmp_path / "state",
+        authorized_keys=client_key.public,
+        identity=client_key.private,
+    )
+    try:
+        text = (tmp_path / f"serve-{info.port}.log").read_text()
+        lines = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+        command = lines["client"]
+        assert command.startswith("sshrpc call --known-hosts ")
+        known_file = Path(lines["known_hosts file"])
+        assert known_file.read_text() == lines["known_hosts"] + "\n"
+        home = tmp_path / "home"
+        (home / ".ssh").mkdir(parents=True, mode=0o700)
+        shutil.copy(client_key.private, home / ".ssh" / "id_ed25519")
+        env = {
+            "HOME": str(home),
+            "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+            "SSH_AUTH_SOCK": "",
+        }
+        out = subprocess.run(
+            shlex.split(command),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert out.returncode == 0, (command, out.stderr)
+        assert out.stdout.strip(), command
+    finally:
+        assert stop_serve(info) == 0
