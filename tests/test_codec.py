@@ -265,9 +265,11 @@ def test_limits_outside_the_c_range_use_the_reference() -> None:
 
 # -- the decode budget (max_cost) ----------------------------------------------
 
-budget_values = values | st.lists(
-    st.integers(-(2**31), 2**31 - 1) | st.integers(0, 255), min_size=8, max_size=30
-) | st.lists(floats, min_size=8, max_size=30)
+budget_values = (
+    values
+    | st.lists(st.integers(-(2**31), 2**31 - 1) | st.integers(0, 255), min_size=8, max_size=30)
+    | st.lists(floats, min_size=8, max_size=30)
+)
 
 
 def cost_outcome(fn: Any, data: bytes, max_cost: int) -> tuple[str, Any]:

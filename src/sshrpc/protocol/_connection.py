@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, KeysView
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .._codec import decode, encode_frame
+from .._codec import decode_cost, encode_frame
 from .._errors import FrameTooLarge, LocalProtocolError, MessageTooLarge, ProtocolError, TermError
 from .._etf import DEFAULT_MAX_DEPTH
 from .._framing import FrameBuffer
@@ -83,8 +83,10 @@ from ._state import (
 
 __all__ = [
     "ALL_FEATURES",
+    "COST_PER_BYTE",
     "DEFAULT_MAX_CALLS",
     "DEFAULT_MAX_FRAME",
+    "DEFAULT_MAX_INFLATE_RATIO",
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "Connection",
@@ -97,6 +99,16 @@ PROTOCOL_VERSION: Final = 1
 DEFAULT_MAX_FRAME: Final = 1024 * 1024
 #: Open calls a server allows per channel unless configured otherwise.
 DEFAULT_MAX_CALLS: Final = 64
+#: A received term's decode budget (``sshrpc._etf.TERM_COST``), unless
+#: configured: this many cost units per byte of the receive limit, so 16 MiB
+#: of estimated objects for 1 MiB frames.  A 1 MiB list of integers costs
+#: 10.5 MiB, a 1 MiB binary 56 bytes; a 1 MiB list of empty lists (75 MiB of
+#: objects, 1 KB compressed) is refused.  docs/security.md, "Work bounds".
+COST_PER_BYTE: Final = 16
+#: A compressed payload may inflate to at most this many times its size.
+DEFAULT_MAX_INFLATE_RATIO: Final = 128
+#: The cost of one byte in the worst case (NIL_EXT: a new empty list).
+_WORST_COST_PER_BYTE = 72
 #: Every feature of PROTOCOL.md section 3.
 ALL_FEATURES: Final = ("call", "cast", "cancel", "deadline", "stream", "spawn", "send", "ping")
 #: ``next_event`` needs more bytes: call ``receive_data``.
@@ -282,6 +294,11 @@ class Connection:
         ``hello()``); ``features`` defaults to all of them.
       name: ``"name/version"`` for the hello's ``client``/``server`` key.
       max_depth: the deepest nesting accepted in a received term.
+      max_cost: the decode budget of one received term (see
+        ``sshrpc._etf.TERM_COST``); None: ``COST_PER_BYTE`` times the
+        receive limit in force.  A term over it is a ``bad_term``.
+      max_inflate_ratio: a compressed payload that claims to inflate to more
+        than this many times its own size is a ``bad_term``.
 
     ``send(Hello(...))`` makes the sent hello authoritative: its
     ``max_frame`` is this side's receive limit, and a server enforces its
@@ -299,6 +316,8 @@ class Connection:
         session: Any = None,
         name: str = _DEFAULT_NAME,
         max_depth: int = DEFAULT_MAX_DEPTH,
+        max_cost: int | None = None,
+        max_inflate_ratio: int = DEFAULT_MAX_INFLATE_RATIO,
     ) -> None:
         if not isinstance(role, Role):
             raise TypeError(f"role must be Role.CLIENT or Role.SERVER, not {role!r}")
@@ -316,6 +335,18 @@ class Connection:
         self._session = session
         self._name = name
         self._max_depth = max_depth
+        if max_cost is not None and (type(max_cost) is not int or max_cost < 0):
+            raise ValueError(f"max_cost must be a non-negative integer, not {max_cost!r}")
+        if type(max_inflate_ratio) is not int or max_inflate_ratio < 1:
+            raise ValueError(
+                f"max_inflate_ratio must be a positive integer, not {max_inflate_ratio!r}"
+            )
+        self._max_cost = max_cost
+        self._max_inflate_ratio = max_inflate_ratio
+        self._peeked: bytes | None = None
+        #: The decode cost of the last term ``next_event`` read (an estimate
+        #: of the bytes of objects it became; ``sshrpc._etf.TERM_COST``).
+        self.last_cost = 0
         self._frames = FrameBuffer(DEFAULT_MAX_FRAME)
         self._limit = DEFAULT_MAX_FRAME  # the receive limit, also in _frames
         self._send_limit = DEFAULT_MAX_FRAME
@@ -363,6 +394,38 @@ class Connection:
         return self._limit
 
     @property
+    def max_cost(self) -> int:
+        """The decode budget of the next received term, in cost units."""
+        if self._max_cost is not None:
+            return self._max_cost
+        return COST_PER_BYTE * self._limit
+
+    def next_cost_bound(self) -> int:
+        """An upper bound of what decoding the next buffered frame costs
+        (``sshrpc._etf.TERM_COST`` units), 0 when no whole frame is buffered.
+
+        Cheap: it looks at the payload's length only (the compressed header's
+        size for a compressed one), nothing is decoded.  Lets an I/O layer
+        take turns before an expensive ``next_event``.  Never raises: a
+        broken stream is left for ``next_event`` to report.
+        """
+        if self._error is not None or self._state is CLOSED:
+            return 0
+        payload = self._peeked
+        if payload is None:
+            try:
+                payload = self._frames.next_frame()
+            except (FrameTooLarge, MemoryError):
+                return 0
+            if payload is None:
+                return 0
+            self._peeked = payload
+        size = len(payload)
+        if size >= 6 and payload[1] == 80:
+            size = int.from_bytes(payload[2:6], "big")
+        return min(self.max_cost, _WORST_COST_PER_BYTE * size)
+
+    @property
     def open_ids(self) -> KeysView[int]:
         """The ids of calls and spawns that still await their final answer
         (a live view).  After a ``bye`` the remaining ones never get one."""
@@ -382,7 +445,7 @@ class Connection:
             legacy_in_flight=self._legacy_in_flight,
             frames_received=self._frames_received,
             frames_sent=self._frames_sent,
-            bytes_buffered=self._frames.buffered,
+            bytes_buffered=self._frames.buffered + len(self._peeked or b""),
             answers_too_large=self._too_large,
         )
 
@@ -430,14 +493,20 @@ class Connection:
         while True:
             if self._state is CLOSED:
                 return CLOSED
-            try:
-                payload = self._frames.next_frame()
-            except FrameTooLarge as exc:
-                raise self._fail(self._junk_error(exc) or exc) from None
+            payload = self._peeked
+            if payload is not None:
+                self._peeked = None
+                if len(payload) > self._limit:  # the limit went down since the peek
+                    raise self._fail(FrameTooLarge(len(payload), self._limit))
+            else:
+                try:
+                    payload = self._frames.next_frame()
+                except FrameTooLarge as exc:
+                    raise self._fail(self._junk_error(exc) or exc) from None
             if payload is None:
                 if not self._eof:
                     return NEED_DATA
-                if self._frames.buffered:
+                if self._frames.buffered:  # (a peeked frame is never pending here)
                     eof = EOFError("the channel ended")
                     raise self._fail(
                         self._junk_error(eof)
@@ -468,8 +537,20 @@ class Connection:
                         bye=(A_FRAME_TOO_LARGE, inflated, limit),
                     )
                 )
+            ratio = self._max_inflate_ratio
+            if inflated > ratio * len(payload):
+                detail = (
+                    f"compressed term of {len(payload)} bytes claims to inflate to "
+                    f"{inflated} bytes, more than {ratio} times its size at byte 2"
+                )
+                raise self._fail(
+                    ProtocolError(f"bad term: {detail}", bye=(A_BAD_TERM, detail.encode()))
+                )
         try:
-            return decode(payload, max_depth=self._max_depth, max_inflated=limit)
+            term, self.last_cost = decode_cost(
+                payload, max_depth=self._max_depth, max_inflated=limit, max_cost=self.max_cost
+            )
+            return term
         except TermError as exc:
             junk = self._junk_error(exc)
             if junk is not None:
