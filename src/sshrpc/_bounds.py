@@ -133,3 +133,45 @@ class Held:
             self.account.release(self.cost)
             self.cost = 0
         return self.message
+
+
+#: After decoding a frame that took longer than this (seconds), the node
+#: keeps the heavy-frame turn for ``HEAVY_PACE`` times as long before the
+#: next such frame (of any key) is decoded: large terms take at most about a
+#: fifth of the event loop, and calls of other keys run in between.
+HEAVY_PACE_MIN = 0.001
+HEAVY_PACE = 4.0
+#: Full (oldest generation) garbage collections run this often in ``serve``
+#: and ``node`` (see ``tune_gc``).
+FULL_GC_INTERVAL = 60.0
+
+
+def tune_gc() -> None:
+    """Garbage collection for a long-running node (``sshrpc serve`` and
+    ``sshrpc node`` call it; a program embedding ``Node`` may).
+
+    CPython collects its oldest generation whenever it grew by a quarter,
+    and that pass visits every live container: with a client's large terms
+    alive it took 50 to 150 ms, on the event loop, again and again (issue
+    11).  Decoded terms are trees, which reference counting frees; so the
+    oldest generation is collected only every ``FULL_GC_INTERVAL`` seconds
+    (``collect_periodically``), the young ones as usual, and what was alive
+    at start is frozen out of every collection.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, 1 << 30)
+
+
+async def collect_periodically(interval: float = FULL_GC_INTERVAL) -> None:
+    """Run a full collection every ``interval`` seconds, until cancelled."""
+    import gc
+
+    import trio
+
+    while True:
+        await trio.sleep(interval)
+        gc.collect()

@@ -55,12 +55,14 @@ DEFAULT_MAX_BIG_BYTES = 8192
 #: protocol, from ``max_frame``) passes its own.
 DEFAULT_MAX_INFLATED = 64 * 1024 * 1024
 #: The decode budget: the largest total ``TERM_COST`` of one term's tags.
-#: Costs estimate the bytes of Python objects a term becomes (a reference in
-#: its container, plus the object unless it is shared), so a term decodes
-#: to about ``max_cost`` bytes of objects at most, on top of its binaries'
-#: bytes (bounded by the input) and its work is in proportion.  64 MiB here;
-#: the protocol passes ``COST_PER_BYTE`` times its ``max_frame`` (16 MiB for
-#: 1 MiB frames).  docs/security.md ("Work bounds") has the measurements.
+#: A tag costs the larger of the bytes of Python objects it becomes (a
+#: reference in its container, plus the object unless it is shared) and
+#: about 1 unit per 2 ns of decoding it and encoding it back, measured; so
+#: a term decodes to at most about ``max_cost`` bytes of objects, on top of
+#: its binaries' bytes (bounded by the input), and its work is in
+#: proportion.  64 MiB here; the protocol passes ``COST_PER_BYTE`` times its
+#: ``max_frame`` (5 MiB for 1 MiB frames).  docs/security.md ("Work
+#: bounds") has the measurements.
 DEFAULT_MAX_COST = 64 * 1024 * 1024
 
 VERSION = 131
@@ -104,27 +106,27 @@ def _cost_table() -> tuple[int, ...]:
     costs = [0] * 256  # an unknown tag costs nothing: it is an error
     for tag, cost in (
         (SMALL_INTEGER_EXT, 8),  # a reference to a shared small int
-        (INTEGER_EXT, 40),  # + an int object
+        (INTEGER_EXT, 24),
         (NEW_FLOAT_EXT, 32),
-        (FLOAT_EXT, 32),
-        (ATOM_EXT, 32),  # atoms are cached, but encoding one back is slow
-        (SMALL_ATOM_EXT, 32),
-        (ATOM_UTF8_EXT, 32),
-        (SMALL_ATOM_UTF8_EXT, 32),
-        (SMALL_TUPLE_EXT, 48),
-        (LARGE_TUPLE_EXT, 48),
+        (FLOAT_EXT, 512),  # parsed by float() in Python
+        (ATOM_EXT, 80),  # cached, but encoding one back takes ~150 ns
+        (SMALL_ATOM_EXT, 80),
+        (ATOM_UTF8_EXT, 80),
+        (SMALL_ATOM_UTF8_EXT, 80),
+        (SMALL_TUPLE_EXT, 64),
+        (LARGE_TUPLE_EXT, 64),
         (NIL_EXT, 72),  # a new list
-        (STRING_EXT, 72),
-        (LIST_EXT, 72),
+        (STRING_EXT, 256),  # a list of ints, slow to encode back
+        (LIST_EXT, 256),  # may be an ImproperList, built in Python
         (BINARY_EXT, 48),  # the bytes themselves are bounded by the input
-        (BIT_BINARY_EXT, 48),
+        (BIT_BINARY_EXT, 512),  # a BitString, built in Python
         (SMALL_BIG_EXT, 48),
         (LARGE_BIG_EXT, 48),
-        (MAP_EXT, 72),
+        (MAP_EXT, 256),
     ):
         costs[tag] = cost
     for tag in (88, 89, 90, 101, 102, 103, 112, 113, 114, 117, 120):
-        costs[tag] = 72  # pids, ports, references, funs, exports
+        costs[tag] = 512  # pids, ports, references, funs, exports: built in Python
     return tuple(costs)
 
 

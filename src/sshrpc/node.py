@@ -57,6 +57,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -69,6 +70,8 @@ from ._bounds import (
     DEFAULT_MAX_CHANNELS_PER_KEY,
     DEFAULT_MAX_HELD_PER_KEY,
     HEAVY_COST,
+    HEAVY_PACE,
+    HEAVY_PACE_MIN,
     Held,
     KeyAccount,
     KeyAccounts,
@@ -481,15 +484,25 @@ class _Channel:
 
     async def _next_event(self) -> Any:
         """``conn.next_event()``; a frame that may cost more than
-        ``HEAVY_COST`` to decode is decoded in its turn (the node's
-        ``heavy`` lock, first come first served), so that one key's large
-        terms cannot hold the event loop for many frames in a row.  Sets
-        ``frame_cost``.  A checkpoint only for such a frame."""
+        ``HEAVY_COST`` to decode is decoded in its turn (the node's ``heavy``
+        lock, first come first served, kept for ``HEAVY_PACE`` times the
+        decoding time), so that large terms cannot hold the event loop for
+        many frames in a row.  Sets ``frame_cost``.  A checkpoint only for
+        such a frame; a cancel while waiting for the turn leaves the frame
+        buffered."""
         if self.conn.next_cost_bound() <= HEAVY_COST:
             event = self.conn.next_event()
         else:
             async with self.node.heavy:
-                event = self.conn.next_event()
+                start = time.perf_counter()
+                try:
+                    event = self.conn.next_event()
+                finally:
+                    took = time.perf_counter() - start
+                    if took > HEAVY_PACE_MIN:
+                        # Keep the turn a while: other heavy frames wait,
+                        # everything else runs.
+                        await trio.sleep(took * HEAVY_PACE)
         self.frame_cost = self.conn.last_cost
         return event
 

@@ -100,15 +100,16 @@ DEFAULT_MAX_FRAME: Final = 1024 * 1024
 #: Open calls a server allows per channel unless configured otherwise.
 DEFAULT_MAX_CALLS: Final = 64
 #: A received term's decode budget (``sshrpc._etf.TERM_COST``), unless
-#: configured: this many cost units per byte of the receive limit, so 16 MiB
-#: of estimated objects for 1 MiB frames.  A 1 MiB list of integers costs
-#: 10.5 MiB, a 1 MiB binary 56 bytes; a 1 MiB list of empty lists (75 MiB of
-#: objects, 1 KB compressed) is refused.  docs/security.md, "Work bounds".
-COST_PER_BYTE: Final = 16
+#: configured: this many cost units per byte of the receive limit, so 5 MiB
+#: for 1 MiB frames: about 12 ms of decoding and encoding back, at most.  A
+#: 1 MiB list of integers costs 4.8 Mi units, a 1 MiB binary 56; a 1 MiB
+#: list of empty lists (75 MiB of objects, 1 KB compressed) is refused.
+#: docs/security.md, "Work bounds".
+COST_PER_BYTE: Final = 5
 #: A compressed payload may inflate to at most this many times its size.
 DEFAULT_MAX_INFLATE_RATIO: Final = 128
-#: The cost of one byte in the worst case (NIL_EXT: a new empty list).
-_WORST_COST_PER_BYTE = 72
+#: The most a tag costs (``sshrpc._etf.TERM_COST``): a bound per byte.
+_WORST_COST_PER_BYTE = 512
 #: Every feature of PROTOCOL.md section 3.
 ALL_FEATURES: Final = ("call", "cast", "cancel", "deadline", "stream", "spawn", "send", "ping")
 #: ``next_event`` needs more bytes: call ``receive_data``.
