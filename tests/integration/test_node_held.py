@@ -109,9 +109,9 @@ async def test_mailbox_messages_hold_the_senders_units(nursery, caplog):
 
 async def test_received_messages_give_the_units_back(nursery):
     n, c = await start(nursery, max_held_per_key=LIMIT)
-    await c.send((A("spawn"), 1, A("t"), A("reader"), [30]))
+    await c.send((A("spawn"), 1, A("t"), A("reader"), [15]))
     _, _, pid = await c.recv()  # type: ignore[misc]
-    for _ in range(30):  # 30 x 1.4 Mi units: five times the limit, in turns
+    for _ in range(15):  # 15 x 1.4 Mi units: 2.5 times the limit, in turns
         await c.send((A("send"), pid, heavy(20_000)))
         assert n.statistics()["held"] <= LIMIT
     assert await c.recv() == (A("down"), pid, A("normal"))
