@@ -354,13 +354,16 @@ def test_budget_error_names_the_limit_and_offset() -> None:
 
 
 def test_budget_ordinary_traffic_fits_the_protocol_default() -> None:
-    """A 1 MiB list of ints and a 1 MiB binary fit 5 MiB, the budget the
+    """A 1 MiB list of ints and a 1 MiB binary fit 4 MiB, the budget the
     protocol gives 1 MiB frames; a 1 MiB list of empty lists does not."""
-    budget = 5 * 1024 * 1024
+    budget = 4 * 1024 * 1024
     ints = _codec.encode(list(range(1000, 1000 + 1024 * 1024 // 5)))
     assert len(ints) >= 1024 * 1024
     assert _codec.decode_cost(ints, max_cost=budget)[1] < budget
     assert _etf.decode_cost(ints, max_cost=budget)[1] < budget
+    small = _codec.encode([7, 200] * (1024 * 1024 // 4 - 8))  # SMALL_INTEGER_EXT
+    assert len(small) >= 1024 * 1024 - 64
+    assert _codec.decode_cost(small, max_cost=budget)[1] < budget
     big = _codec.encode(b"x" * 1024 * 1024)
     assert _codec.decode(big, max_cost=budget) == b"x" * 1024 * 1024
     nils = b"\x83l" + struct.pack(">I", 1024 * 1024) + b"j" * (1024 * 1024 + 1)

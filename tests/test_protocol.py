@@ -1279,13 +1279,13 @@ def _nil_ping(n: int, compressed: bool = False) -> bytes:
 
 
 def test_decode_budget_is_a_bad_term_with_the_offset() -> None:
-    # 1 MiB frames: 5 MiB of cost units; a list of empty lists costs 72 each.
+    # 1 MiB frames: 4 MiB of cost units; a list of empty lists costs 72 each.
     _client, server = handshake()
-    assert server.max_cost == 5 * 1024 * 1024
+    assert server.max_cost == 4 * 1024 * 1024
     exc = protocol_error(server, _nil_ping(300_000))
     tag, detail = bye_detail(exc)
     assert tag == "bad_term"
-    assert detail.startswith(b"term exceeds the decode budget of 5242880 at byte ")
+    assert detail.startswith(b"term exceeds the decode budget of 4194304 at byte ")
     assert server.state is CLOSED
 
 
@@ -1295,25 +1295,25 @@ def test_decode_budget_compressed_amplification() -> None:
     data = _nil_ping(1024 * 1024 - 64, compressed=True)
     assert len(data) < 2048
     exc = protocol_error(server, data)
-    assert b"decode budget of 5242880 (in the inflated term) at byte" in bye_detail(exc)[1]
+    assert b"decode budget of 4194304 (in the inflated term) at byte" in bye_detail(exc)[1]
 
 
 def test_inflate_ratio_cap() -> None:
     _client, server = handshake()
-    data = _nil_ping(70_000, compressed=True)
+    data = _nil_ping(55_000, compressed=True)
     exc = protocol_error(server, data)
     tag, detail = bye_detail(exc)
     assert tag == "bad_term" and b"more than 128 times its size" in detail
     # Within the ratio, a compressed frame is fine.
     _client, server = handshake(max_inflate_ratio=10**6)
     (ping,) = events(server, data)
-    assert isinstance(ping, Ping) and len(ping.token) == 70_000
-    assert server.last_cost == 64 + 80 + 256 + 72 * 70_000 + 72
+    assert isinstance(ping, Ping) and len(ping.token) == 55_000
+    assert server.last_cost == 64 + 80 + 256 + 72 * 55_000 + 72
 
 
 def test_budget_follows_max_cost_and_the_receive_limit() -> None:
     _client, server = handshake(max_frame=64 * 1024)
-    assert server.max_cost == 5 * 64 * 1024
+    assert server.max_cost == 4 * 64 * 1024
     _client, server = handshake(max_cost=1000)
     assert server.max_cost == 1000
     (ping,) = events(server, _nil_ping(5))

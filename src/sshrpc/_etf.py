@@ -61,7 +61,7 @@ DEFAULT_MAX_INFLATED = 64 * 1024 * 1024
 #: a term decodes to at most about ``max_cost`` bytes of objects, on top of
 #: its binaries' bytes (bounded by the input), and its work is in
 #: proportion.  64 MiB here; the protocol passes ``COST_PER_BYTE`` times its
-#: ``max_frame`` (5 MiB for 1 MiB frames).  docs/security.md ("Work
+#: ``max_frame`` (4 MiB for 1 MiB frames).  docs/security.md ("Work
 #: bounds") has the measurements.
 DEFAULT_MAX_COST = 64 * 1024 * 1024
 
@@ -105,8 +105,8 @@ _ATOM_TAGS = (ATOM_EXT, SMALL_ATOM_EXT, ATOM_UTF8_EXT, SMALL_ATOM_UTF8_EXT)
 def _cost_table() -> tuple[int, ...]:
     costs = [0] * 256  # an unknown tag costs nothing: it is an error
     for tag, cost in (
-        (SMALL_INTEGER_EXT, 8),  # a reference to a shared small int
-        (INTEGER_EXT, 24),
+        (SMALL_INTEGER_EXT, 6),  # a reference (8 bytes) to a shared small int
+        (INTEGER_EXT, 16),
         (NEW_FLOAT_EXT, 32),
         (FLOAT_EXT, 512),  # parsed by float() in Python
         (ATOM_EXT, 80),  # cached, but encoding one back takes ~150 ns

@@ -100,12 +100,12 @@ DEFAULT_MAX_FRAME: Final = 1024 * 1024
 #: Open calls a server allows per channel unless configured otherwise.
 DEFAULT_MAX_CALLS: Final = 64
 #: A received term's decode budget (``sshrpc._etf.TERM_COST``), unless
-#: configured: this many cost units per byte of the receive limit, so 5 MiB
-#: for 1 MiB frames: about 12 ms of decoding and encoding back, at most.  A
-#: 1 MiB list of integers costs 4.8 Mi units, a 1 MiB binary 56; a 1 MiB
+#: configured: this many cost units per byte of the receive limit, so 4 MiB
+#: for 1 MiB frames: about 10 ms of decoding and encoding back, at most.  A
+#: 1 MiB list of integers costs 3.2 Mi units, a 1 MiB binary 56; a 1 MiB
 #: list of empty lists (75 MiB of objects, 1 KB compressed) is refused.
 #: docs/security.md, "Work bounds".
-COST_PER_BYTE: Final = 5
+COST_PER_BYTE: Final = 4
 #: A compressed payload may inflate to at most this many times its size.
 DEFAULT_MAX_INFLATE_RATIO: Final = 128
 #: The most a tag costs (``sshrpc._etf.TERM_COST``): a bound per byte.
