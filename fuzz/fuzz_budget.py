@@ -10,8 +10,8 @@ An input is ``Budget:24, Term``: a budget of 0..2**24-1 cost units and a term
 - a decoded term's cost is within the budget, and the cost is the sum of
   ``TERM_COST`` over its tags (so every tag was paid for);
 - the work the term becomes is bounded by its cost: the number of Python
-  containers and objects in the value is at most cost / 8 (every tag costs
-  at least 8), so a cheap frame can never be a costly one, however well it
+  containers and objects in the value is at most cost / 6 (every tag costs
+  at least 6), so a cheap frame can never be a costly one, however well it
   compresses;
 - a budget one unit below the cost fails with the budget error (and only
   that error: the term was otherwise valid).
