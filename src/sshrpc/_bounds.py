@@ -25,7 +25,7 @@ __all__ = [
 #: Channels one key may have open at once; one more is refused with
 #: ``{bye, {too_many_channels, Limit}}``.  Each channel costs a relay
 #: process, two tasks and its buffers.
-DEFAULT_MAX_CHANNELS_PER_KEY = 16
+DEFAULT_MAX_CHANNELS_PER_KEY = 32
 #: Cost units (about bytes) one key's requests may hold at once: arguments
 #: of its running calls, casts and spawned processes, its messages waiting
 #: in mailboxes, and its answers waiting to be written.  A request that
