@@ -1314,8 +1314,9 @@ def test_inflate_ratio_cap() -> None:
 def test_budget_follows_max_cost_and_the_receive_limit() -> None:
     _client, server = handshake(max_frame=64 * 1024)
     assert server.max_cost == 4 * 64 * 1024
-    _client, server = handshake(max_cost=1000)
+    client, server = handshake(max_cost=1000)
     assert server.max_cost == 1000
+    assert client.max_cost == 64 * 1024 * 1024  # a client: 64 units per byte
     (ping,) = events(server, _nil_ping(5))
     assert isinstance(ping, Ping) and server.last_cost == 64 + 80 + 256 + 72 * 6
     exc = protocol_error(server, _nil_ping(20))

@@ -83,6 +83,7 @@ from ._state import (
 
 __all__ = [
     "ALL_FEATURES",
+    "CLIENT_COST_PER_BYTE",
     "COST_PER_BYTE",
     "DEFAULT_MAX_CALLS",
     "DEFAULT_MAX_FRAME",
@@ -106,6 +107,10 @@ DEFAULT_MAX_CALLS: Final = 64
 #: list of empty lists (75 MiB of objects, 1 KB compressed) is refused.
 #: docs/security.md, "Work bounds".
 COST_PER_BYTE: Final = 4
+#: The same for a client, which serves no other keys from its event loop:
+#: generous (answers of large records pass), still a bound (64 MiB of
+#: estimated objects for 1 MiB frames, whatever the compression).
+CLIENT_COST_PER_BYTE: Final = 64
 #: A compressed payload may inflate to at most this many times its size.
 DEFAULT_MAX_INFLATE_RATIO: Final = 128
 #: The most a tag costs (``sshrpc._etf.TERM_COST``): a bound per byte.
@@ -297,7 +302,8 @@ class Connection:
       max_depth: the deepest nesting accepted in a received term.
       max_cost: the decode budget of one received term (see
         ``sshrpc._etf.TERM_COST``); None: ``COST_PER_BYTE`` times the
-        receive limit in force.  A term over it is a ``bad_term``.
+        receive limit in force (``CLIENT_COST_PER_BYTE`` for a client).
+        A term over it is a ``bad_term``.
       max_inflate_ratio: a compressed payload that claims to inflate to more
         than this many times its own size is a ``bad_term``.
 
@@ -399,7 +405,8 @@ class Connection:
         """The decode budget of the next received term, in cost units."""
         if self._max_cost is not None:
             return self._max_cost
-        return COST_PER_BYTE * self._limit
+        per_byte = COST_PER_BYTE if self.role is Role.SERVER else CLIENT_COST_PER_BYTE
+        return per_byte * self._limit
 
     def next_cost_bound(self) -> int:
         """An upper bound of what decoding the next buffered frame costs
