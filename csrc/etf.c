@@ -154,7 +154,7 @@ typedef struct {
     priv_t *pv;
     const uint8_t *data;
     size_t len;
-    uint64_t max_depth, max_big;
+    uint64_t max_depth, max_big, max_cost, cost;
     size_t oob_min;
     int skip;
     int oom;
@@ -184,6 +184,23 @@ static int doom(dec_t *d) {
         if ((uint64_t)(n) > (uint64_t)(d->len - (pos)))                             \
             return dfail(d, (pos), "truncated %s: needs %llu bytes, %llu left", what, \
                          (unsigned long long)(n), (unsigned long long)(d->len - (pos))); \
+    } while (0)
+
+/* sshrpc._etf.TERM_COST: what each tag read as a term costs. */
+static const uint16_t term_cost[256] = {
+    [97] = 6,    [98] = 16,   [70] = 32,   [99] = 512,  [100] = 80,  [115] = 80,  [118] = 80,
+    [119] = 80,  [104] = 64,  [105] = 64,  [106] = 72,  [107] = 256, [108] = 256, [109] = 48,
+    [77] = 512,  [110] = 48,  [111] = 48,  [116] = 256, [88] = 512,  [89] = 512,  [90] = 512,
+    [101] = 512, [102] = 512, [103] = 512, [112] = 512, [113] = 512, [114] = 512, [117] = 512,
+    [120] = 512,
+};
+
+#define CHARGE(tag, pos)                                                              \
+    do {                                                                              \
+        d->cost += term_cost[(tag)];                                                  \
+        if (d->cost > d->max_cost)                                                    \
+            return dfail(d, (pos), "term exceeds the decode budget of %llu",          \
+                         (unsigned long long)d->max_cost);                            \
     } while (0)
 
 static inline uint16_t be16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
@@ -512,6 +529,7 @@ static int emit_opaque(dec_t *d, size_t pos, size_t end) {
 static int fun_int(dec_t *d, size_t p, size_t *end, const char *what) {
     NEED(p, 1, "term");
     uint8_t t = d->data[p];
+    CHARGE(t, p);
     if (t == 97) {
         NEED(p + 1, 1, "SMALL_INTEGER_EXT");
         *end = p + 2;
@@ -682,9 +700,10 @@ static int homogeneous(dec_t *d, size_t p, uint64_t n, size_t *end) {
     const uint8_t *s = d->data;
     size_t q = p, len = d->len;
     int kind = 0;
-    uint64_t i;
+    uint64_t i, cost = d->cost;
     for (i = 0; i < n && q < len; i++) {
         uint8_t t = s[q];
+        cost += term_cost[t];
         if (kind != 2 && t == 97 && len - q >= 2) {
             kind = 1;
             q += 2;
@@ -699,7 +718,10 @@ static int homogeneous(dec_t *d, size_t p, uint64_t n, size_t *end) {
             return 1;
         }
     }
-    if (i < n || q >= len || s[q] != 106 || d->skip) return 1;
+    cost += term_cost[106];
+    /* Over budget: the generic path reports it at the right element. */
+    if (i < n || q >= len || s[q] != 106 || d->skip || cost > d->max_cost) return 1;
+    d->cost = cost;
     int rc;
     if ((rc = emit_get(d, kind == 1 ? SSHRPC_M_INTS : SSHRPC_M_FLOATS))) return rc;
     size_t size = (kind == 1 ? 4 : 8) * (size_t)n;
@@ -739,6 +761,7 @@ static int decode_term(dec_t *d) {
 
 next_term:
     NEED(pos, 1, "term");
+    CHARGE(s[pos], pos);
     {
         uint8_t tag = s[pos];
         size_t p = pos + 1;
@@ -972,6 +995,7 @@ next_term:
             p += 4;
             if ((rc = check_count(d, p, nfree, 1, "FUN_EXT free variables"))) return rc;
             NEED(p, 1, "term");
+            if (s[p] == 88 || s[p] == 103) CHARGE(s[p], p);
             if (s[p] != 88 && s[p] != 103) {
                 /* Like the reference: check that term first, then fail. */
                 if ((rc = push(d, &top))) return rc;
@@ -1070,6 +1094,7 @@ complete:
             NEED(pos, 1, "term");
             uint8_t t = s[pos];
             size_t p = pos + 1;
+            if (t == 106 || t == 107 || t == 108) CHARGE(t, pos);
             if (t == 106) {
                 pos = p;
                 goto list_done;
@@ -1128,7 +1153,8 @@ complete:
 #undef top
 
 int64_t sshrpc_etf_to_pickle(sshrpc_io *io, const char *cdata, size_t len, uint64_t max_depth,
-                             uint64_t max_big, size_t oob_min, char *out, size_t cap) {
+                             uint64_t max_big, uint64_t max_cost, size_t oob_min, char *out,
+                             size_t cap) {
     const uint8_t *data = (const uint8_t *)cdata;
     priv_t *pv = PRIV(io);
     dec_t dd;
@@ -1140,6 +1166,7 @@ int64_t sshrpc_etf_to_pickle(sshrpc_io *io, const char *cdata, size_t len, uint6
     d->len = len;
     d->max_depth = max_depth;
     d->max_big = max_big;
+    d->max_cost = max_cost;
     d->oob_min = oob_min;
     d->fixed = 1;
     d->fixed_cap = cap;
@@ -1167,6 +1194,7 @@ int64_t sshrpc_etf_to_pickle(sshrpc_io *io, const char *cdata, size_t len, uint6
     io->out[0] = 0x95;
     io->out_len = 9;
     rc = decode_term(d);
+    io->cost = d->cost;
     if (rc == -2 && d->too_small) rc = -3;
     if (rc == 0 && d->end != len)
         rc = dfail(d, d->end, "%zu trailing bytes after the term", len - d->end);

@@ -13,7 +13,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define SSHRPC_C_VERSION 6
+#define SSHRPC_C_VERSION 7
 int sshrpc_c_version(void);
 
 /* Memo indices the decoder's pickle stream relies on; the Python side puts
@@ -42,6 +42,7 @@ typedef struct {
     uint64_t *floats;
     int64_t err_offset;    /* decode: the byte offset of the error */
     char err[256];         /* the error message, without the offset */
+    uint64_t cost;         /* decode: the term's cost (sshrpc._etf.TERM_COST) */
     void *priv;
 } sshrpc_io;
 
@@ -53,10 +54,12 @@ void sshrpc_io_free(sshrpc_io *io);
  * checking) + (1 if io->n_oob binaries go out of band); when it fails,
  * io->floats still lists the string floats read before the error;
  * -1 for a malformed term (io->err, io->err_offset), -2 for out of memory,
- * -3 when cap is too small (call again with a larger buffer). */
+ * -3 when cap is too small (call again with a larger buffer).  Every tag
+ * read as a term costs its TERM_COST; more than max_cost in all is an error
+ * at the tag that went over (the decode budget, as in sshrpc._etf). */
 int64_t sshrpc_etf_to_pickle(sshrpc_io *io, const char *data, size_t len,
-                             uint64_t max_depth, uint64_t max_big, size_t oob_min,
-                             char *out, size_t cap);
+                             uint64_t max_depth, uint64_t max_big, uint64_t max_cost,
+                             size_t oob_min, char *out, size_t cap);
 
 /* Forget every cached atom (after the unpickler's memo was lost). */
 void sshrpc_dec_forget_atoms(sshrpc_io *io);

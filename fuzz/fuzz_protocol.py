@@ -304,11 +304,19 @@ class _Harness:
     def drain(self) -> None:
         conn = self.conn
         while not self.done:
+            # The I/O layer's peek (issue 11): a bound on the next frame's
+            # decode cost that the decode then keeps to.
+            self._peek = not getattr(self, "_peek", False)
+            bound = conn.next_cost_bound() if self._peek else None
+            budget = conn.max_cost  # a hello may change it
             try:
                 event = conn.next_event()
             except ProtocolError as exc:
                 self.protocol_error(exc)
                 return
+            if bound is not None and isinstance(event, Event):
+                assert conn.last_cost <= max(bound, budget), (conn.last_cost, bound)
+                assert conn.last_cost <= budget, (conn.last_cost, budget)
             if event is NEED_DATA:
                 # Memory: at most one incomplete frame is held.
                 held = conn.statistics().bytes_buffered

@@ -29,6 +29,7 @@ ROOT = HERE.parent
 
 #: target name -> module in fuzz/.
 TARGETS = {
+    "budget": "fuzz_budget",
     "decode": "fuzz_decode",
     "encode": "fuzz_encode",
     "framing": "fuzz_framing",

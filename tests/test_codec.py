@@ -265,3 +265,115 @@ def test_limits_outside_the_c_range_use_the_reference() -> None:
     with pytest.raises(TermError):
         _codec.decode(b"\x83h\x00", max_depth=-1)
     assert _codec.decode(b"\x83h\x00", max_depth=2**70) == ()
+
+
+# -- the decode budget (max_cost) ----------------------------------------------
+
+budget_values = (
+    values
+    | st.lists(st.integers(-(2**31), 2**31 - 1) | st.integers(0, 255), min_size=8, max_size=30)
+    | st.lists(floats, min_size=8, max_size=30)
+)
+
+
+def cost_outcome(fn: Any, data: bytes, max_cost: int) -> tuple[str, Any]:
+    try:
+        return "ok", fn(data, max_cost=max_cost)
+    except TermError as exc:
+        return "TermError", (exc.detail, exc.offset)
+
+
+def assert_same_budget(data: bytes, max_cost: int) -> None:
+    ref = cost_outcome(_etf.decode_cost, data, max_cost)
+    fast = cost_outcome(_codec.decode_cost, data, max_cost)
+    assert ref[0] == fast[0], (data, max_cost, ref, fast)
+    if ref[0] == "ok":
+        assert ref[1][1] == fast[1][1], (data, max_cost, ref, fast)  # the same cost
+        assert same(ref[1][0], fast[1][0])
+    else:
+        assert ref[1] == fast[1], (data, max_cost, ref, fast)
+
+
+@SETTINGS
+@given(budget_values, st.data())
+def test_budget_same_cost_and_same_error(value: Any, data: Any) -> None:
+    raw = _etf.encode(value)
+    _, cost = _etf.decode_cost(raw)
+    for budget in (cost, max(0, cost - 1), data.draw(st.integers(0, cost + 8))):
+        assert_same_budget(raw, budget)
+    assert_same_budget(_etf.encode(value, compressed=True), data.draw(st.integers(0, cost)))
+
+
+@SETTINGS
+@given(
+    budget_values,
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=3),
+    st.integers(0, 2000),
+)
+def test_budget_mutated_terms_same_outcome(
+    value: Any, flips: list[tuple[int, int]], budget: int
+) -> None:
+    raw = bytearray(_etf.encode(value))
+    for where, byte in flips:
+        raw[where % len(raw)] = byte
+    assert_same_budget(bytes(raw), budget)
+
+
+NON_CANONICAL = [
+    b"\x83l\x00\x00\x00\x01a\x01l\x00\x00\x00\x01a\x02j",  # a list tail that is a list
+    b"\x83l\x00\x00\x00\x01a\x01k\x00\x02\x01\x02",  # a STRING_EXT tail
+    b"\x83l\x00\x00\x00\x00a\x07",  # no elements: the tail
+    b"\x83l\x00\x00\x00\x01a\x01a\x02",  # improper
+    b"\x83l\x00\x00\x00\x08" + b"b\x00\x00\x01\x00" * 8 + b"j",  # a packed int list
+    b"\x83l\x00\x00\x00\x08" + b"F?\xf0\x00\x00\x00\x00\x00\x00" * 8 + b"j",
+    b"\x83l\x00\x00\x00\x02jjj",
+]
+
+
+@pytest.mark.parametrize("raw", NON_CANONICAL)
+def test_budget_non_canonical_lists(raw: bytes) -> None:
+    _, cost = _etf.decode_cost(raw)
+    for budget in range(cost + 2):
+        assert_same_budget(raw, budget)
+
+
+def test_budget_fun_ext_pid_index_uniq() -> None:
+    pid = Pid.new("a@b", 1, 2, 3).raw
+    for index in (b"a\x01", b"b\x00\x00\x01\x00", b"j", b"n\x01\x00\x05"):
+        # One free variable; a bad index is an error that the budget may precede.
+        raw = b"\x83u\x00\x00\x00\x01" + pid + b"w\x01m" + index + b"a\x02" + b"j"
+        for budget in range(0, 1200, 7):
+            assert_same_budget(raw, budget)
+
+
+def test_budget_error_names_the_limit_and_offset() -> None:
+    raw = b"\x83h\x02w\x04pingl\x00\x00\x00\x03jjjj"
+    _, cost = _etf.decode_cost(raw)
+    assert cost == 64 + 80 + 256 + 3 * 72 + 72
+    assert _codec.decode_cost(raw) == _etf.decode_cost(raw)
+    with pytest.raises(TermError) as info:
+        _codec.decode(raw, max_cost=cost - 1)
+    assert info.value.detail == f"term exceeds the decode budget of {cost - 1}"
+    assert info.value.offset == len(raw) - 1  # the tail's NIL went over
+
+
+def test_budget_ordinary_traffic_fits_the_protocol_default() -> None:
+    """A 1 MiB list of ints and a 1 MiB binary fit 4 MiB, the budget the
+    protocol gives 1 MiB frames; a 1 MiB list of empty lists does not."""
+    budget = 4 * 1024 * 1024
+    ints = _codec.encode(list(range(1000, 1000 + 1024 * 1024 // 5)))
+    assert len(ints) >= 1024 * 1024
+    assert _codec.decode_cost(ints, max_cost=budget)[1] < budget
+    assert _etf.decode_cost(ints, max_cost=budget)[1] < budget
+    small = _codec.encode([7, 200] * (1024 * 1024 // 4 - 8))  # SMALL_INTEGER_EXT
+    assert len(small) >= 1024 * 1024 - 64
+    assert _codec.decode_cost(small, max_cost=budget)[1] < budget
+    big = _codec.encode(b"x" * 1024 * 1024)
+    assert _codec.decode(big, max_cost=budget) == b"x" * 1024 * 1024
+    nils = b"\x83l" + struct.pack(">I", 1024 * 1024) + b"j" * (1024 * 1024 + 1)
+    with pytest.raises(TermError, match="decode budget"):
+        _codec.decode(nils, max_cost=budget)
+    packed = _codec.encode([[]] * (1024 * 1024), compressed=True)
+    assert len(packed) < 2048  # the amplification of issue 11
+    with pytest.raises(TermError, match=r"decode budget .*\(in the inflated term\)"):
+        _codec.decode(packed, max_cost=budget)

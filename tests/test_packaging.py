@@ -3,6 +3,7 @@ pure-Python codec and frame buffer, says so once, and works."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -23,12 +24,14 @@ HIDE_C = textwrap.dedent(
 
 
 def run_hidden(code: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "SSHRPC_PURE_PYTHON"}
     return subprocess.run(
         [sys.executable, "-c", HIDE_C + textwrap.dedent(code)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env=env,
     )
 
 

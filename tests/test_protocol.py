@@ -1268,3 +1268,84 @@ def test_every_error_shape(cls: str, reason: Any, details: dict[Any, Any]) -> No
     got = one(client, data)
     assert got == ErrorReply(id=1, cls=A(cls), reason=reason, details=details)
     assert type(got.cls) is Atom  # type: ignore[attr-defined]
+
+
+# -- work bounds (issue 11): the decode budget and the inflate ratio -------------
+
+
+def _nil_ping(n: int, compressed: bool = False) -> bytes:
+    payload = encode((A("ping"), [[]] * n), compressed=compressed)
+    return struct.pack(">I", len(payload)) + payload
+
+
+def test_decode_budget_is_a_bad_term_with_the_offset() -> None:
+    # 1 MiB frames: 4 MiB of cost units; a list of empty lists costs 72 each.
+    _client, server = handshake()
+    assert server.max_cost == 4 * 1024 * 1024
+    exc = protocol_error(server, _nil_ping(300_000))
+    tag, detail = bye_detail(exc)
+    assert tag == "bad_term"
+    assert detail.startswith(b"term exceeds the decode budget of 4194304 at byte ")
+    assert server.state is CLOSED
+
+
+def test_decode_budget_compressed_amplification() -> None:
+    """Issue 11: 1 KB compressed inflated to a million empty lists."""
+    _client, server = handshake(max_inflate_ratio=10**6)
+    data = _nil_ping(1024 * 1024 - 64, compressed=True)
+    assert len(data) < 2048
+    exc = protocol_error(server, data)
+    assert b"decode budget of 4194304 (in the inflated term) at byte" in bye_detail(exc)[1]
+
+
+def test_inflate_ratio_cap() -> None:
+    _client, server = handshake()
+    data = _nil_ping(55_000, compressed=True)
+    exc = protocol_error(server, data)
+    tag, detail = bye_detail(exc)
+    assert tag == "bad_term" and b"more than 128 times its size" in detail
+    # Within the ratio, a compressed frame is fine.
+    _client, server = handshake(max_inflate_ratio=10**6)
+    (ping,) = events(server, data)
+    assert isinstance(ping, Ping) and len(ping.token) == 55_000
+    assert server.last_cost == 64 + 80 + 256 + 72 * 55_000 + 72
+
+
+def test_budget_follows_max_cost_and_the_receive_limit() -> None:
+    _client, server = handshake(max_frame=64 * 1024)
+    assert server.max_cost == 4 * 64 * 1024
+    client, server = handshake(max_cost=1000)
+    assert server.max_cost == 1000
+    assert client.max_cost == 64 * 1024 * 1024  # a client: 64 units per byte
+    (ping,) = events(server, _nil_ping(5))
+    assert isinstance(ping, Ping) and server.last_cost == 64 + 80 + 256 + 72 * 6
+    exc = protocol_error(server, _nil_ping(20))
+    assert bye_detail(exc)[0] == "bad_term"
+    with pytest.raises(ValueError, match="max_cost"):
+        Connection(Role.SERVER, max_cost=-1)
+    with pytest.raises(ValueError, match="max_inflate_ratio"):
+        Connection(Role.SERVER, max_inflate_ratio=0)
+
+
+def test_next_cost_bound_peeks_without_decoding() -> None:
+    client, server = handshake()
+    assert server.next_cost_bound() == 0
+    server.receive_data(_nil_ping(1000) + client.send(Ping(token=1)))
+    assert server.next_cost_bound() == 512 * (len(_nil_ping(1000)) - 4)
+    assert server.next_cost_bound() == 512 * (len(_nil_ping(1000)) - 4)  # idempotent
+    assert server.statistics().bytes_buffered >= len(_nil_ping(1000)) - 4  # the peeked one
+    first, second = events(server)
+    assert isinstance(first, Ping) and len(first.token) == 1000
+    assert second == Ping(token=1)
+    assert server.next_cost_bound() == 0
+    # A compressed payload's bound comes from the size it claims.
+    big = _nil_ping(1000, compressed=True)
+    _client, server = handshake(max_inflate_ratio=10**6)
+    server.receive_data(big)
+    assert server.next_cost_bound() == 512 * (len(encode((A("ping"), [[]] * 1000))) - 1)
+    # A frame over the limit: the bound is 0 and next_event reports it.
+    _client, server = handshake(max_frame=100)
+    server.receive_data(struct.pack(">I", 1000))
+    assert server.next_cost_bound() == 0
+    with pytest.raises(FrameTooLarge):
+        server.next_event()

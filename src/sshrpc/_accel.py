@@ -1,7 +1,8 @@
 """Which codec and frame buffer run: the C fast path, or the pure-Python
 reference when the compiled module is missing.
 
-Every other module takes ``decode``, ``encode``, ``encode_frame`` and
+Every other module takes ``decode``, ``decode_cost``, ``encode``,
+``encode_frame`` and
 ``FrameBuffer`` from here.  Without the C module (a platform with no wheel
 and no compiler, or ``SSHRPC_PURE_PYTHON=1`` in the environment) sshrpc still
 works, on ``sshrpc._etf`` and ``sshrpc._pyframing``, and logs one warning at
@@ -16,7 +17,7 @@ import os
 import struct
 from typing import Any
 
-__all__ = ["FrameBuffer", "c_accelerated", "decode", "encode", "encode_frame"]
+__all__ = ["FrameBuffer", "c_accelerated", "decode", "decode_cost", "encode", "encode_frame"]
 
 #: Why the C module is not in use ("" when it is).
 fallback_reason = ""
@@ -24,7 +25,7 @@ if os.environ.get("SSHRPC_PURE_PYTHON", "") not in ("", "0"):
     fallback_reason = "SSHRPC_PURE_PYTHON is set"
 else:
     try:
-        from ._codec import decode, encode, encode_frame
+        from ._codec import decode, decode_cost, encode, encode_frame
         from ._framing import FrameBuffer
     except ImportError as exc:
         fallback_reason = str(exc)
@@ -33,7 +34,7 @@ else:
 c_accelerated = not fallback_reason
 
 if not c_accelerated:
-    from ._etf import decode, encode
+    from ._etf import decode, decode_cost, encode
     from ._pyframing import FrameBuffer  # type: ignore[assignment]
 
     def encode_frame(obj: Any) -> bytes:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import array
 import collections
 import copyreg
+import gc
 import io
 import math
 import pickle
@@ -41,6 +42,7 @@ from . import _etf
 from ._errors import TermError
 from ._etf import (
     DEFAULT_MAX_BIG_BYTES,
+    DEFAULT_MAX_COST,
     DEFAULT_MAX_DEPTH,
     DEFAULT_MAX_INFLATED,
     _inflate,
@@ -56,10 +58,10 @@ except ImportError as exc:  # pragma: no cover - a broken install
         "checkout, run scripts/build-c"
     ) from exc
 
-__all__ = ["decode", "encode", "encode_frame"]
+__all__ = ["decode", "decode_cost", "encode", "encode_frame"]
 
 #: The C module this Python code was written against (csrc/etf.h).
-C_VERSION = 6
+C_VERSION = 7
 if lib.sshrpc_c_version() != C_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"sshrpc's C module is version {lib.sshrpc_c_version()}, this Python code needs "
@@ -78,6 +80,11 @@ _ENCODE_BUFFER = 64 * 1024
 # A thread keeps a stream buffer up to this size between calls.
 _KEEP_OUT = 1 << 20
 _MAX_C_LIMIT = 2**63
+#: Terms at least this long decode with the cyclic garbage collector paused:
+#: a term is a tree (no cycles), and a collection pass over the containers
+#: still being built made decoding many small lists about 2.7 times slower
+#: (docs/security.md, "Work bounds").
+GC_PAUSE_MIN = 64 * 1024
 
 
 def _string_float(raw: bytes, pos: int) -> float:
@@ -214,23 +221,64 @@ def decode(
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_big_bytes: int = DEFAULT_MAX_BIG_BYTES,
     max_inflated: int = DEFAULT_MAX_INFLATED,
+    max_cost: int = DEFAULT_MAX_COST,
 ) -> Any:
     """Decode one complete term, version byte included.
 
     Exactly ``sshrpc._etf.decode``: raises ``TermError`` (and nothing else)
     for anything that is not one valid term within the limits.
     """
+    return decode_cost(
+        data,
+        max_depth=max_depth,
+        max_big_bytes=max_big_bytes,
+        max_inflated=max_inflated,
+        max_cost=max_cost,
+    )[0]
+
+
+def decode_cost(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_big_bytes: int = DEFAULT_MAX_BIG_BYTES,
+    max_inflated: int = DEFAULT_MAX_INFLATED,
+    max_cost: int = DEFAULT_MAX_COST,
+) -> tuple[Any, int]:
+    """``decode``, and the term's cost: the sum of its tags'
+    ``sshrpc._etf.TERM_COST``, an estimate of the bytes of objects it became
+    (exactly ``sshrpc._etf.decode_cost``)."""
     if type(data) is not bytes:
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"decode needs bytes, not {type(data).__name__}")
         data = bytes(data)
-    if not (0 <= max_depth < _MAX_C_LIMIT and 0 <= max_big_bytes < _MAX_C_LIMIT):
-        return _etf.decode(
-            data, max_depth=max_depth, max_big_bytes=max_big_bytes, max_inflated=max_inflated
+    if not (
+        0 <= max_depth < _MAX_C_LIMIT
+        and 0 <= max_big_bytes < _MAX_C_LIMIT
+        and 0 <= max_cost < _MAX_C_LIMIT
+    ):
+        return _etf.decode_cost(
+            data,
+            max_depth=max_depth,
+            max_big_bytes=max_big_bytes,
+            max_inflated=max_inflated,
+            max_cost=max_cost,
         )
     inflated = len(data) > 1 and data[1] == 80 and data[0] == 131
     if inflated:
         data = _inflate(data, max_inflated)
+    if len(data) < GC_PAUSE_MIN or not gc.isenabled():
+        return _decode_c(data, max_depth, max_big_bytes, max_cost, inflated)
+    gc.disable()
+    try:
+        return _decode_c(data, max_depth, max_big_bytes, max_cost, inflated)
+    finally:
+        gc.enable()
+
+
+def _decode_c(
+    data: bytes, max_depth: int, max_big_bytes: int, max_cost: int, inflated: bool
+) -> tuple[Any, int]:
     try:
         state: _DecodeState = _local.decoder
     except AttributeError:
@@ -240,10 +288,19 @@ def decode(
     state.busy = True
     try:
         rc = lib.sshrpc_etf_to_pickle(
-            state.io, data, len(data), max_depth, max_big_bytes, OOB_MIN, state.c_out, state.cap
+            state.io,
+            data,
+            len(data),
+            max_depth,
+            max_big_bytes,
+            max_cost,
+            OOB_MIN,
+            state.c_out,
+            state.cap,
         )
         if rc < 0 or rc & 3:
-            rc = _decode_rare(state, data, rc, max_depth, max_big_bytes, inflated)
+            rc = _decode_rare(state, data, rc, max_depth, max_big_bytes, max_cost, inflated)
+        cost = int(state.io.cost)
         state.bio.seek(0)
         try:
             value = state.unpickler.load()
@@ -257,20 +314,26 @@ def decode(
             raise
         if state.cap > _KEEP_OUT:
             state.resize(_KEEP_OUT // 16)
-        return value
+        return value, cost
     finally:
         state.busy = False
 
 
 def _decode_rare(
-    state: _DecodeState, data: bytes, rc: int, max_depth: int, max_big: int, inflated: bool
+    state: _DecodeState,
+    data: bytes,
+    rc: int,
+    max_depth: int,
+    max_big: int,
+    max_cost: int,
+    inflated: bool,
 ) -> int:
     """The transcoder's uncommon outcomes: a larger stream buffer, errors,
     out-of-band binaries.  Returns the final status."""
     while rc == -3:
         state.resize(max(2 * state.cap, len(data) + 64))
         rc = lib.sshrpc_etf_to_pickle(
-            state.io, data, len(data), max_depth, max_big, OOB_MIN, state.c_out, state.cap
+            state.io, data, len(data), max_depth, max_big, max_cost, OOB_MIN, state.c_out, state.cap
         )
     if ((rc >= 0 and rc & 2) or rc == -1) and state.io.n_floats:
         # String floats, in document order: the first bad one is the error.

@@ -38,6 +38,7 @@ from ._types import Atom, BitString, Export, Fun, ImproperList, Map, Opaque, Pid
 
 __all__ = [
     "DEFAULT_MAX_BIG_BYTES",
+    "DEFAULT_MAX_COST",
     "DEFAULT_MAX_DEPTH",
     "DEFAULT_MAX_INFLATED",
     "decode",
@@ -53,6 +54,16 @@ DEFAULT_MAX_BIG_BYTES = 8192
 #: Largest inflated size of a compressed term, unless the caller (the
 #: protocol, from ``max_frame``) passes its own.
 DEFAULT_MAX_INFLATED = 64 * 1024 * 1024
+#: The decode budget: the largest total ``TERM_COST`` of one term's tags.
+#: A tag costs the larger of the bytes of Python objects it becomes (a
+#: reference in its container, plus the object unless it is shared) and
+#: about 1 unit per 2 ns of decoding it and encoding it back, measured; so
+#: a term decodes to at most about ``max_cost`` bytes of objects, on top of
+#: its binaries' bytes (bounded by the input), and its work is in
+#: proportion.  64 MiB here; the protocol passes ``COST_PER_BYTE`` times its
+#: ``max_frame`` (4 MiB for 1 MiB frames).  docs/security.md ("Work
+#: bounds") has the measurements.
+DEFAULT_MAX_COST = 64 * 1024 * 1024
 
 VERSION = 131
 COMPRESSED = 80
@@ -89,6 +100,40 @@ SMALL_ATOM_UTF8_EXT = 119
 V4_PORT_EXT = 120
 
 _ATOM_TAGS = (ATOM_EXT, SMALL_ATOM_EXT, ATOM_UTF8_EXT, SMALL_ATOM_UTF8_EXT)
+
+
+def _cost_table() -> tuple[int, ...]:
+    costs = [0] * 256  # an unknown tag costs nothing: it is an error
+    for tag, cost in (
+        (SMALL_INTEGER_EXT, 6),  # a reference (8 bytes) to a shared small int
+        (INTEGER_EXT, 16),
+        (NEW_FLOAT_EXT, 32),
+        (FLOAT_EXT, 512),  # parsed by float() in Python
+        (ATOM_EXT, 80),  # cached, but encoding one back takes ~150 ns
+        (SMALL_ATOM_EXT, 80),
+        (ATOM_UTF8_EXT, 80),
+        (SMALL_ATOM_UTF8_EXT, 80),
+        (SMALL_TUPLE_EXT, 64),
+        (LARGE_TUPLE_EXT, 64),
+        (NIL_EXT, 72),  # a new list
+        (STRING_EXT, 256),  # a list of ints, slow to encode back
+        (LIST_EXT, 256),  # may be an ImproperList, built in Python
+        (BINARY_EXT, 48),  # the bytes themselves are bounded by the input
+        (BIT_BINARY_EXT, 512),  # a BitString, built in Python
+        (SMALL_BIG_EXT, 48),
+        (LARGE_BIG_EXT, 48),
+        (MAP_EXT, 256),
+    ):
+        costs[tag] = cost
+    for tag in (88, 89, 90, 101, 102, 103, 112, 113, 114, 117, 120):
+        costs[tag] = 512  # pids, ports, references, funs, exports: built in Python
+    return tuple(costs)
+
+
+#: What each tag costs against the decode budget (``max_cost``), wherever
+#: it appears as a term (a list's tail, a fun's pid, index and uniq too; not
+#: the atoms inside a pid or an export, which are part of that term).
+TERM_COST = _cost_table()
 _SPECIAL_ATOMS: dict[str, Any] = {"true": True, "false": False, "undefined": None}
 _MAX_ATOM_CHARS = 255
 
@@ -109,11 +154,20 @@ def _ensure_recursion(depth: int) -> None:
 
 
 class _Decoder:
-    def __init__(self, data: bytes, max_depth: int, max_big: int, inflated: bool) -> None:
+    def __init__(
+        self, data: bytes, max_depth: int, max_big: int, inflated: bool, max_cost: int
+    ) -> None:
         self.data = data
         self.max_depth = max_depth
         self.max_big = max_big
         self.inflated = inflated
+        self.max_cost = max_cost
+        self.cost = 0
+
+    def charge(self, tag: int, pos: int) -> None:
+        self.cost += TERM_COST[tag]
+        if self.cost > self.max_cost:
+            raise self.fail(f"term exceeds the decode budget of {self.max_cost}", pos)
 
     def fail(self, message: str, pos: int) -> TermError:
         # Offsets in a compressed term count in the inflated term, whose
@@ -139,6 +193,7 @@ class _Decoder:
     def term(self, pos: int, depth: int) -> tuple[Any, int]:
         """Decode the term whose tag is at ``pos``; return it and the offset after it."""
         tag = self.u8(pos, "term")
+        self.charge(tag, pos)
         p = pos + 1
         if tag == SMALL_INTEGER_EXT:
             return self.u8(p, "SMALL_INTEGER_EXT"), p + 1
@@ -373,6 +428,7 @@ def decode(
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_big_bytes: int = DEFAULT_MAX_BIG_BYTES,
     max_inflated: int = DEFAULT_MAX_INFLATED,
+    max_cost: int = DEFAULT_MAX_COST,
 ) -> Any:
     """Decode one complete term, version byte included.
 
@@ -380,8 +436,28 @@ def decode(
     one valid term within the limits: a missing version byte, an unknown tag,
     truncation, trailing bytes, nesting deeper than ``max_depth``, a bignum of
     more than ``max_big_bytes`` bytes, a compressed term that would inflate
-    past ``max_inflated`` bytes or does not inflate to the size it claims.
+    past ``max_inflated`` bytes or does not inflate to the size it claims,
+    tags whose ``TERM_COST`` adds up to more than ``max_cost`` (the error is
+    at the tag that went over).
     """
+    return decode_cost(
+        data,
+        max_depth=max_depth,
+        max_big_bytes=max_big_bytes,
+        max_inflated=max_inflated,
+        max_cost=max_cost,
+    )[0]
+
+
+def decode_cost(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_big_bytes: int = DEFAULT_MAX_BIG_BYTES,
+    max_inflated: int = DEFAULT_MAX_INFLATED,
+    max_cost: int = DEFAULT_MAX_COST,
+) -> tuple[Any, int]:
+    """``decode``, and the term's cost (the sum of its tags' ``TERM_COST``)."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"decode needs bytes, not {type(data).__name__}")
     data = bytes(data)
@@ -393,11 +469,11 @@ def decode(
     if inflated:
         data = _inflate(data, max_inflated)
     _ensure_recursion(min(max_depth, len(data)))  # each level takes at least a byte
-    decoder = _Decoder(data, max_depth, max_big_bytes, inflated)
+    decoder = _Decoder(data, max_depth, max_big_bytes, inflated, max_cost)
     value, end = decoder.term(1, 0)
     if end != len(data):
         raise decoder.fail(f"{len(data) - end} trailing bytes after the term", end)
-    return value
+    return value, decoder.cost
 
 
 def _inflate(data: bytes, max_inflated: int) -> bytes:

@@ -29,6 +29,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._bounds import (
+    DEFAULT_MAX_CHANNELS_PER_KEY,
+    DEFAULT_MAX_HELD_PER_KEY,
+    collect_periodically,
+    tune_gc,
+)
 from ._pyframing import MAX_FRAME_LIMIT
 from .protocol import DEFAULT_MAX_FRAME
 
@@ -75,14 +81,37 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help=f"calls open at once per channel (default {DEFAULT_MAX_CALLS}); raise it for "
         "many requests in flight on long round trips",
     )
+    parser.add_argument(
+        "--max-channels-per-key",
+        type=_positive,
+        default=DEFAULT_MAX_CHANNELS_PER_KEY,
+        metavar="N",
+        help="channels one key may have open at once; one more is refused "
+        f"(default {DEFAULT_MAX_CHANNELS_PER_KEY})",
+    )
+    parser.add_argument(
+        "--max-held-per-key",
+        type=_positive,
+        default=DEFAULT_MAX_HELD_PER_KEY,
+        metavar="BYTES",
+        help="estimated bytes one key's requests, mailbox messages and queued answers may "
+        f"hold; past it requests get overload (default {DEFAULT_MAX_HELD_PER_KEY}, 64 MiB)",
+    )
 
 
-def _max_calls(text: str) -> int:
+def _positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 1 <= value <= 65536:
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _max_calls(text: str) -> int:
+    value = _positive(text)
+    if value > 65536:
         raise argparse.ArgumentTypeError("must be within 1..65536")
     return value
 
@@ -330,6 +359,8 @@ def _serve(args: argparse.Namespace) -> int:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 node = None
                 if not args.in_process:
+                    tune_gc()
+                    nursery.start_soon(collect_periodically)
                     node = await nursery.start(
                         lambda task_status: serve_node(
                             services,
@@ -339,6 +370,8 @@ def _serve(args: argparse.Namespace) -> int:
                             expose_traces=args.expose_traces,
                             max_frame=args.max_frame,
                             max_calls=args.max_calls,
+                            max_channels_per_key=args.max_channels_per_key,
+                            max_held_per_key=args.max_held_per_key,
                             task_status=task_status,
                         )
                     )
@@ -413,6 +446,8 @@ def _node(args: argparse.Namespace) -> int:
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                tune_gc()
+                nursery.start_soon(collect_periodically)
                 node = await nursery.start(
                     lambda task_status: serve_node(
                         services,
@@ -422,6 +457,8 @@ def _node(args: argparse.Namespace) -> int:
                         expose_traces=args.expose_traces,
                         max_frame=args.max_frame,
                         max_calls=args.max_calls,
+                        max_channels_per_key=args.max_channels_per_key,
+                        max_held_per_key=args.max_held_per_key,
                         task_status=task_status,
                     )
                 )

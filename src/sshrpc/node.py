@@ -57,6 +57,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -65,6 +66,16 @@ from typing import Any, TypeVar
 import trio
 
 from . import protocol as _p
+from ._bounds import (
+    DEFAULT_MAX_CHANNELS_PER_KEY,
+    DEFAULT_MAX_HELD_PER_KEY,
+    HEAVY_COST,
+    HEAVY_PACE,
+    HEAVY_PACE_MIN,
+    Held,
+    KeyAccount,
+    KeyAccounts,
+)
 from ._errors import LocalProtocolError, MessageTooLarge, ProtocolError, TermError
 from ._types import Atom, Pid
 from .policy import (
@@ -81,7 +92,9 @@ from .service import Exported, Service, error_term, flatten_services
 __all__ = [
     "DEFAULT_MAILBOX_SIZE",
     "DEFAULT_MAX_CALLS",
+    "DEFAULT_MAX_CHANNELS_PER_KEY",
     "DEFAULT_MAX_FRAME",
+    "DEFAULT_MAX_HELD_PER_KEY",
     "DEFAULT_MAX_QUEUED",
     "DEFAULT_WORKER_THREADS",
     "Node",
@@ -190,7 +203,8 @@ async def receive() -> Any:
     process = _context().process
     if process is None:
         raise RuntimeError("receive() only works in a spawned process")
-    return await process.inbox_receive.receive()
+    message = await process.inbox_receive.receive()
+    return message.take() if type(message) is Held else message
 
 
 def register(name: str | bytes, pid: Pid | None = None) -> None:
@@ -240,6 +254,8 @@ class _Outbox:
         self.limit = limit
         self.frames: deque[bytes] = deque()
         self.nbytes = 0
+        #: The key's account, which counts queued bytes as held (issue 11).
+        self.account: KeyAccount | None = None
         self._data = trio.lowlevel.ParkingLot()
         self._room = trio.lowlevel.ParkingLot()
         self._empty = trio.lowlevel.ParkingLot()
@@ -252,6 +268,8 @@ class _Outbox:
         if frame:
             self.frames.append(frame)
             self.nbytes += len(frame)
+            if self.account is not None:
+                self.account.add(len(frame))
             self._data.unpark_all()
 
     async def wait_room(self) -> None:
@@ -275,6 +293,8 @@ class _Outbox:
 
     def written(self, n: int) -> None:
         self.nbytes -= n
+        if self.account is not None:
+            self.account.release(n)
         if not self.full:
             self._room.unpark_all()
         if not self.nbytes:
@@ -315,7 +335,13 @@ class _Channel:
             node=node.name,
             session=self.pid,
             name=SERVER_NAME,
+            max_cost=node.max_cost,
+            max_inflate_ratio=node.max_inflate_ratio,
         )
+        #: This key's account (channels, held units) while the channel runs.
+        self.account: KeyAccount | None = None
+        #: The decode cost of the request being dispatched.
+        self.frame_cost = 0
         self.closing = False
         self.idle = trio.lowlevel.ParkingLot()
         self._decisions: dict[tuple[str, str, int], Decision] = {}
@@ -406,6 +432,11 @@ class _Channel:
 
         Cancellation (the node stopping) cancels every task of the channel.
         """
+        self.account = self.node.accounts.open_channel(self.key)
+        if self.account is None:
+            await self._refuse_channel()
+            return
+        self.outbox.account = self.account
         self.node.pids[self.pid] = self
         try:
             async with trio.open_nursery() as nursery:
@@ -427,8 +458,95 @@ class _Channel:
             self.fd = None  # its number may be reused once the stream is closed
             self.node.pids.pop(self.pid, None)
             self.node.channels.discard(self)
+            self.outbox.account = None
+            self.account.release(self.outbox.nbytes)
+            self.node.accounts.close_channel(self.account)
             with trio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await self.stream.aclose()
+
+    async def _refuse_channel(self) -> None:
+        """One channel too many for this key: ``{bye, {too_many_channels,
+        Limit}}``, then close.  Bounded in time (a client that does not read
+        is cut off)."""
+        limit = self.node.accounts.max_channels
+        log.warning(
+            "session %r (%s): refused: the key has %d channels open already",
+            self.pid,
+            self.key,
+            limit,
+        )
+        with trio.move_on_after(5), contextlib.suppress(Exception):
+            await self.stream.send_all(
+                self.conn.send(_p.Bye(reason=(Atom("too_many_channels"), limit)))
+            )
+        with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await self.stream.aclose()
+
+    async def _next_event(self) -> Any:
+        """``conn.next_event()``; a frame that may cost more than
+        ``HEAVY_COST`` to decode is decoded in its turn (the node's ``heavy``
+        lock, first come first served, kept for ``HEAVY_PACE`` times the
+        decoding time), so that large terms cannot hold the event loop for
+        many frames in a row.  Sets ``frame_cost``.  A checkpoint only for
+        such a frame; a cancel while waiting for the turn leaves the frame
+        buffered."""
+        if self.conn.next_cost_bound() <= HEAVY_COST:
+            event = self.conn.next_event()
+        else:
+            async with self.node.heavy:
+                start = time.perf_counter()
+                try:
+                    event = self.conn.next_event()
+                finally:
+                    took = time.perf_counter() - start
+                    if took > HEAVY_PACE_MIN:
+                        # Keep the turn a while: other heavy frames wait,
+                        # everything else runs.
+                        await trio.sleep(took * HEAVY_PACE)
+        self.frame_cost = self.conn.last_cost
+        return event
+
+    def _hold(self, what: str, id: int | None) -> bool:
+        """Charge the request being dispatched to the key; False (and, with
+        an ``id``, an ``overload`` answer) when the key holds too much."""
+        assert self.account is not None
+        if self.account.charge(self.frame_cost):
+            return True
+        log.warning(
+            "session %r (%s): %s refused: the key holds %d of %d units",
+            self.pid,
+            self.key,
+            what,
+            self.account.held,
+            self.account.limit,
+        )
+        if id is not None:
+            self.emit(_p.ErrorReply(id=id, cls=Atom("sshrpc"), reason=Atom("overload")))
+        return False
+
+    async def _holding(self, cost: int, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)``, then give the key back ``cost`` units."""
+        try:
+            await fn(*args)
+        finally:
+            assert self.account is not None
+            self.account.release(cost)
+
+    def _send(self, send: _p.Send) -> None:
+        """A client's ``{send, Dest, Msg}``: a message to a process holds the
+        key's units until it is received (or the process ends)."""
+        target = self.node.pids.get(send.dest) if isinstance(send.dest, Pid) else None
+        if isinstance(send.dest, str):
+            pid = self.node.registry.get(send.dest)
+            target = self.node.pids.get(pid) if pid is not None else None
+        if not isinstance(target, _Process):
+            self.node.send(send.dest, send.msg)
+            return
+        if not self._hold("send", None):
+            return
+        assert self.account is not None
+        if not target.deliver(Held(send.msg, self.frame_cost, self.account)):
+            self.account.release(self.frame_cost)
 
     async def _drain(self) -> None:
         """Wait for open calls to end, then say ``{bye, normal}``."""
@@ -451,7 +569,7 @@ class _Channel:
             self.conn.receive_data(data)
             while True:
                 try:
-                    event = self.conn.next_event()
+                    event = await self._next_event()
                 except ProtocolError as exc:
                     log.warning("session %r (%s): %s", self.pid, self.key, exc)
                     if exc.bye is not None:
@@ -469,7 +587,6 @@ class _Channel:
 
     async def _dispatch(self, event: Any) -> bool:
         """Act on one event; True when the client said bye."""
-        node = self.node
         if isinstance(event, _p.Call):
             self._start_call(event)
         elif isinstance(event, _p.Cancel):
@@ -492,7 +609,7 @@ class _Channel:
         elif isinstance(event, _p.Spawn):
             self._spawn(event)
         elif isinstance(event, _p.Send):
-            node.send(event.dest, event.msg)
+            self._send(event)
         elif isinstance(event, _p.Hello):
             self._hello(event)
         elif isinstance(event, _p.Mfa):
@@ -545,13 +662,13 @@ class _Channel:
             self.emit(_p.ErrorReply(id=call.id, cls=Atom("sshrpc"), reason=Atom("overload")))
             return
         exported = self._check("call", call.module, call.function, len(call.args), call.id)
-        if exported is None:
+        if exported is None or not self._hold("call", call.id):
             return
         scope = trio.CancelScope()
         if call.timeout is not None:
             scope.deadline = trio.current_time() + call.timeout / 1000
         self.calls[call.id] = _OpenCall(scope)
-        self.nursery.start_soon(self._run_call, call, exported)
+        self.nursery.start_soon(self._holding, self.frame_cost, self._run_call, call, exported)
 
     async def _invoke(self, exported: Exported, args: list[Any], stream_id: int | None) -> Any:
         if exported.kind == "async":
@@ -634,10 +751,10 @@ class _Channel:
             )
             return
         exported = self._check("cast", cast.module, cast.function, len(cast.args), None)
-        if exported is None:
+        if exported is None or not self._hold("cast", None):
             return
         self.casts += 1
-        self.nursery.start_soon(self._run_cast, cast, exported)
+        self.nursery.start_soon(self._holding, self.frame_cost, self._run_cast, cast, exported)
 
     async def _run_cast(self, cast: _p.Cast, exported: Exported) -> None:
         token = _current.set(_Context(self.node, self, None, self.key))
@@ -673,14 +790,16 @@ class _Channel:
             self.emit(_p.ErrorReply(id=spawn.id, cls=Atom("sshrpc"), reason=Atom("overload")))
             return
         exported = self._check("spawn", spawn.module, spawn.function, len(spawn.args), spawn.id)
-        if exported is None:
+        if exported is None or not self._hold("spawn", spawn.id):
             return
         process = _Process(self.node, self.node.new_pid(), self.node.mailbox_size)
         self.processes[process.pid] = process
         self.node.pids[process.pid] = process
         self.emit(_p.Reply(id=spawn.id, value=process.pid))
         audit(self.key, "spawn", spawn.module, spawn.function, len(spawn.args), "ok", 0.0)
-        self.nursery.start_soon(self._run_process, process, exported, spawn.args)
+        self.nursery.start_soon(
+            self._holding, self.frame_cost, self._run_process, process, exported, spawn.args
+        )
 
     async def _run_process(self, process: _Process, exported: Exported, args: list[Any]) -> None:
         token = _current.set(_Context(self.node, self, process, self.key))
@@ -740,6 +859,13 @@ class Node:
         bounds described in the module docstring.
       expose_traces: put ``trace => [Binary]`` in error details (off by
         default: no stack trace leaves the node).
+      max_channels_per_key, max_held_per_key: per-key bounds
+        (``sshrpc._bounds``): channels open at once, and cost units held
+        by its requests (running calls' arguments, mailbox messages,
+        queued answers).
+      max_cost, max_inflate_ratio: the decode budget of one request
+        (default: ``protocol.COST_PER_BYTE`` times ``max_frame``) and the
+        inflate ratio allowed for a compressed one (``protocol.Connection``).
     """
 
     def __init__(
@@ -755,6 +881,10 @@ class Node:
         worker_threads: int = DEFAULT_WORKER_THREADS,
         mailbox_size: int = DEFAULT_MAILBOX_SIZE,
         expose_traces: bool = False,
+        max_channels_per_key: int = DEFAULT_MAX_CHANNELS_PER_KEY,
+        max_held_per_key: int = DEFAULT_MAX_HELD_PER_KEY,
+        max_cost: int | None = None,
+        max_inflate_ratio: int = _p.DEFAULT_MAX_INFLATE_RATIO,
     ) -> None:
         found = flatten_services(services.values() if isinstance(services, Mapping) else services)
         self.table = ExposureTable(found, policy or Policy.allow_all())
@@ -765,6 +895,11 @@ class Node:
         self.max_queued = max_queued
         self.mailbox_size = mailbox_size
         self.expose_traces = expose_traces
+        self.max_cost = max_cost
+        self.max_inflate_ratio = max_inflate_ratio
+        self.accounts = KeyAccounts(max_held_per_key, max_channels_per_key)
+        #: Taken to decode a frame that may be expensive (``_Channel._next_event``).
+        self.heavy = trio.Lock()
         self.limiter = trio.CapacityLimiter(worker_threads)
         self.pids: dict[Pid, _Channel | _Process] = {}
         self.registry: dict[str, Pid] = {}
@@ -808,6 +943,13 @@ class Node:
         for name in process.names:
             self.registry.pop(name, None)
         process.inbox_send.close()
+        while True:  # messages never received give their senders' units back
+            try:
+                message = process.inbox_receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if type(message) is Held:
+                message.take()
 
     async def shutdown(self, grace: float = 2.0) -> None:
         """Tell every channel ``{bye, shutting_down}`` and end it.
@@ -838,6 +980,7 @@ class Node:
             "pids": len(self.pids),
             "registered": len(self.registry),
             "tasks": _count_tasks(),
+            "held": self.accounts.held(),
         }
 
     async def serve_channel(

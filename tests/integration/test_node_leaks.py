@@ -99,6 +99,7 @@ async def test_open_call_drop_cycles_leak_nothing(nursery, private_sshd, tmp_pat
         "pids": 0,
         "registered": 0,
         "tasks": baseline_tasks,
+        "held": 0,
     }
     growth = _rss_kib() - rss_before
     fds = len(os.listdir("/proc/self/fd"))

@@ -7,8 +7,10 @@ events are in ``_events.py``, the states and their transition tables in
 
 from ._connection import (
     ALL_FEATURES,
+    COST_PER_BYTE,
     DEFAULT_MAX_CALLS,
     DEFAULT_MAX_FRAME,
+    DEFAULT_MAX_INFLATE_RATIO,
     NEED_DATA,
     PROTOCOL_VERSION,
     Connection,
@@ -23,8 +25,10 @@ __all__ = [
     "ALL_FEATURES",
     "AWAIT_HELLO",
     "CLOSED",
+    "COST_PER_BYTE",
     "DEFAULT_MAX_CALLS",
     "DEFAULT_MAX_FRAME",
+    "DEFAULT_MAX_INFLATE_RATIO",
     "DRAINING",
     "IDLE",
     "LEGACY",

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, KeysView
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .._accel import FrameBuffer, decode, encode_frame
+from .._accel import FrameBuffer, decode_cost, encode_frame
 from .._errors import FrameTooLarge, LocalProtocolError, MessageTooLarge, ProtocolError, TermError
 from .._etf import DEFAULT_MAX_DEPTH
 from .._types import Atom, Map
@@ -82,8 +82,11 @@ from ._state import (
 
 __all__ = [
     "ALL_FEATURES",
+    "CLIENT_COST_PER_BYTE",
+    "COST_PER_BYTE",
     "DEFAULT_MAX_CALLS",
     "DEFAULT_MAX_FRAME",
+    "DEFAULT_MAX_INFLATE_RATIO",
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "Connection",
@@ -96,6 +99,21 @@ PROTOCOL_VERSION: Final = 1
 DEFAULT_MAX_FRAME: Final = 1024 * 1024
 #: Open calls a server allows per channel unless configured otherwise.
 DEFAULT_MAX_CALLS: Final = 64
+#: A received term's decode budget (``sshrpc._etf.TERM_COST``), unless
+#: configured: this many cost units per byte of the receive limit, so 4 MiB
+#: for 1 MiB frames: about 10 ms of decoding and encoding back, at most.  A
+#: 1 MiB list of integers costs 3.2 Mi units, a 1 MiB binary 56; a 1 MiB
+#: list of empty lists (75 MiB of objects, 1 KB compressed) is refused.
+#: docs/security.md, "Work bounds".
+COST_PER_BYTE: Final = 4
+#: The same for a client, which serves no other keys from its event loop:
+#: generous (answers of large records pass), still a bound (64 MiB of
+#: estimated objects for 1 MiB frames, whatever the compression).
+CLIENT_COST_PER_BYTE: Final = 64
+#: A compressed payload may inflate to at most this many times its size.
+DEFAULT_MAX_INFLATE_RATIO: Final = 128
+#: The most a tag costs (``sshrpc._etf.TERM_COST``): a bound per byte.
+_WORST_COST_PER_BYTE = 512
 #: Every feature of PROTOCOL.md section 3.
 ALL_FEATURES: Final = ("call", "cast", "cancel", "deadline", "stream", "spawn", "send", "ping")
 #: ``next_event`` needs more bytes: call ``receive_data``.
@@ -281,6 +299,12 @@ class Connection:
         ``hello()``); ``features`` defaults to all of them.
       name: ``"name/version"`` for the hello's ``client``/``server`` key.
       max_depth: the deepest nesting accepted in a received term.
+      max_cost: the decode budget of one received term (see
+        ``sshrpc._etf.TERM_COST``); None: ``COST_PER_BYTE`` times the
+        receive limit in force (``CLIENT_COST_PER_BYTE`` for a client).
+        A term over it is a ``bad_term``.
+      max_inflate_ratio: a compressed payload that claims to inflate to more
+        than this many times its own size is a ``bad_term``.
 
     ``send(Hello(...))`` makes the sent hello authoritative: its
     ``max_frame`` is this side's receive limit, and a server enforces its
@@ -298,6 +322,8 @@ class Connection:
         session: Any = None,
         name: str = _DEFAULT_NAME,
         max_depth: int = DEFAULT_MAX_DEPTH,
+        max_cost: int | None = None,
+        max_inflate_ratio: int = DEFAULT_MAX_INFLATE_RATIO,
     ) -> None:
         if not isinstance(role, Role):
             raise TypeError(f"role must be Role.CLIENT or Role.SERVER, not {role!r}")
@@ -315,6 +341,18 @@ class Connection:
         self._session = session
         self._name = name
         self._max_depth = max_depth
+        if max_cost is not None and (type(max_cost) is not int or max_cost < 0):
+            raise ValueError(f"max_cost must be a non-negative integer, not {max_cost!r}")
+        if type(max_inflate_ratio) is not int or max_inflate_ratio < 1:
+            raise ValueError(
+                f"max_inflate_ratio must be a positive integer, not {max_inflate_ratio!r}"
+            )
+        self._max_cost = max_cost
+        self._max_inflate_ratio = max_inflate_ratio
+        self._peeked: bytes | None = None
+        #: The decode cost of the last term ``next_event`` read (an estimate
+        #: of the bytes of objects it became; ``sshrpc._etf.TERM_COST``).
+        self.last_cost = 0
         self._frames = FrameBuffer(DEFAULT_MAX_FRAME)
         self._limit = DEFAULT_MAX_FRAME  # the receive limit, also in _frames
         self._send_limit = DEFAULT_MAX_FRAME
@@ -362,6 +400,39 @@ class Connection:
         return self._limit
 
     @property
+    def max_cost(self) -> int:
+        """The decode budget of the next received term, in cost units."""
+        if self._max_cost is not None:
+            return self._max_cost
+        per_byte = COST_PER_BYTE if self.role is Role.SERVER else CLIENT_COST_PER_BYTE
+        return per_byte * self._limit
+
+    def next_cost_bound(self) -> int:
+        """An upper bound of what decoding the next buffered frame costs
+        (``sshrpc._etf.TERM_COST`` units), 0 when no whole frame is buffered.
+
+        Cheap: it looks at the payload's length only (the compressed header's
+        size for a compressed one), nothing is decoded.  Lets an I/O layer
+        take turns before an expensive ``next_event``.  Never raises: a
+        broken stream is left for ``next_event`` to report.
+        """
+        if self._error is not None or self._state is CLOSED:
+            return 0
+        payload = self._peeked
+        if payload is None:
+            try:
+                payload = self._frames.next_frame()
+            except (FrameTooLarge, MemoryError):
+                return 0
+            if payload is None:
+                return 0
+            self._peeked = payload
+        size = len(payload)
+        if size >= 6 and payload[1] == 80:
+            size = int.from_bytes(payload[2:6], "big")
+        return min(self.max_cost, _WORST_COST_PER_BYTE * size)
+
+    @property
     def open_ids(self) -> KeysView[int]:
         """The ids of calls and spawns that still await their final answer
         (a live view).  After a ``bye`` the remaining ones never get one."""
@@ -381,7 +452,7 @@ class Connection:
             legacy_in_flight=self._legacy_in_flight,
             frames_received=self._frames_received,
             frames_sent=self._frames_sent,
-            bytes_buffered=self._frames.buffered,
+            bytes_buffered=self._frames.buffered + len(self._peeked or b""),
             answers_too_large=self._too_large,
         )
 
@@ -429,14 +500,20 @@ class Connection:
         while True:
             if self._state is CLOSED:
                 return CLOSED
-            try:
-                payload = self._frames.next_frame()
-            except FrameTooLarge as exc:
-                raise self._fail(self._junk_error(exc) or exc) from None
+            payload = self._peeked
+            if payload is not None:
+                self._peeked = None
+                if len(payload) > self._limit:  # the limit went down since the peek
+                    raise self._fail(FrameTooLarge(len(payload), self._limit))
+            else:
+                try:
+                    payload = self._frames.next_frame()
+                except FrameTooLarge as exc:
+                    raise self._fail(self._junk_error(exc) or exc) from None
             if payload is None:
                 if not self._eof:
                     return NEED_DATA
-                if self._frames.buffered:
+                if self._frames.buffered:  # (a peeked frame is never pending here)
                     eof = EOFError("the channel ended")
                     raise self._fail(
                         self._junk_error(eof)
@@ -467,8 +544,20 @@ class Connection:
                         bye=(A_FRAME_TOO_LARGE, inflated, limit),
                     )
                 )
+            ratio = self._max_inflate_ratio
+            if inflated > ratio * len(payload):
+                detail = (
+                    f"compressed term of {len(payload)} bytes claims to inflate to "
+                    f"{inflated} bytes, more than {ratio} times its size at byte 2"
+                )
+                raise self._fail(
+                    ProtocolError(f"bad term: {detail}", bye=(A_BAD_TERM, detail.encode()))
+                )
         try:
-            return decode(payload, max_depth=self._max_depth, max_inflated=limit)
+            term, self.last_cost = decode_cost(
+                payload, max_depth=self._max_depth, max_inflated=limit, max_cost=self.max_cost
+            )
+            return term
         except TermError as exc:
             junk = self._junk_error(exc)
             if junk is not None:
