@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ._framing import MAX_FRAME_LIMIT
-from .protocol import DEFAULT_MAX_FRAME
+from .protocol import DEFAULT_MAX_CALLS, DEFAULT_MAX_FRAME
 
 __all__ = ["main"]
 
@@ -70,6 +70,27 @@ def _max_frame(text: str) -> int:
     return value
 
 
+def _max_calls_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-calls",
+        type=_max_calls,
+        default=DEFAULT_MAX_CALLS,
+        metavar="N",
+        help=f"calls one channel may keep open at once (default {DEFAULT_MAX_CALLS}; "
+        "not with --in-process)",
+    )
+
+
+def _max_calls(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of calls: {text!r}") from None
+    if not 1 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError("must be within 1..1000000")
+    return value
+
+
 def _sshd_default() -> str:
     from ._sshd import DEFAULT_SSHD
 
@@ -100,12 +121,14 @@ def _parser() -> argparse.ArgumentParser:
         help="relay channels with the Python relay, not the C one compiled at start",
     )
     serve.add_argument("--sshd", metavar="PATH", help=f"sshd binary (default {_sshd_default()})")
+    _max_calls_option(serve)
     serve.add_argument("--list", action="store_true", help="print the exposure table at start")
 
     node = sub.add_parser("node", help="run only the node (behind a system sshd)")
     _common(node)
     node.add_argument("--socket", required=True, metavar="PATH")
     node.add_argument("--authorized-keys", metavar="FILE")
+    _max_calls_option(node)
 
     config = sub.add_parser("sshd-config", help="print what to add to a system sshd")
     _common(config)
@@ -175,6 +198,8 @@ def _serve(args: argparse.Namespace) -> int:
     if len(os.fsencode(socket_path)) > 100:
         raise UsageError(f"--state-dir {state}: too long for a Unix socket path; use a shorter one")
     if args.in_process:
+        if args.max_calls != DEFAULT_MAX_CALLS:
+            raise UsageError("--max-calls applies to the node, not to --in-process")
         command = in_process_command(
             args.targets, policy=args.policy, authorized_keys=str(keys_path)
         )
@@ -213,6 +238,7 @@ def _serve(args: argparse.Namespace) -> int:
                             authorized_keys=keys_path,
                             expose_traces=args.expose_traces,
                             max_frame=args.max_frame,
+                            max_calls=args.max_calls,
                             task_status=task_status,
                         )
                     )
@@ -277,6 +303,7 @@ def _node(args: argparse.Namespace) -> int:
                         authorized_keys=args.authorized_keys,
                         expose_traces=args.expose_traces,
                         max_frame=args.max_frame,
+                        max_calls=args.max_calls,
                         task_status=task_status,
                     )
                 )
