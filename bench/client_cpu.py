@@ -37,7 +37,6 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import client_latency as cl
-
 import sshrpc
 from sshrpc import _pump
 from sshrpc.client import Connection, open_connection

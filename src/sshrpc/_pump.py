@@ -35,9 +35,16 @@ The steady-state loop (``run``) does three things per turn, without blocking:
    are usually our peer window being full, which only inbound WINDOW_ADJUST
    packets cure, so the pump keeps reading while writers wait.
    Any libssh2 call may pull packets off the socket into libssh2's own
-   queue, so the pump only sleeps on the socket after a stdout read said
-   EAGAIN with nothing of either stream queued (otherwise a reply already
-   inside libssh2 would wait for the next unrelated packet: a lost wake-up).
+   queue, so the pump only sleeps on the socket when nothing of the channel
+   waits inside libssh2 (otherwise a reply already there would wait for the
+   next unrelated packet: a lost wake-up).  libssh2's channel read drains
+   the socket until EAGAIN and then takes every queued stdout packet that
+   fits, so after a read that did not fill its buffer only stderr data or
+   the EOF flag can be left: ``poll_channel_read(1)`` (true for data of
+   either stream) and, if the read returned bytes, ``eof()`` -- two queue
+   checks, no second read.  A sequential call costs 7 libssh2 calls: the
+   caller's write and its two checks, the pump's read, its two checks and
+   ``block_directions``.
 3. when neither made progress, sleep until the socket is ready in the
    direction libssh2 is blocked on, or until another task wakes the pump
    (new bytes to write, reading resumed, close requested).  The wake-up is a
@@ -119,16 +126,21 @@ class Pump:
         #: only, with nothing of ours half-sent: another task may then make
         #: the channel write itself (``send_nowait``).
         self._parked = False
+        #: Frames were queued since the pump last looked: more may follow
+        #: from tasks that have not run yet (see ``run``).
+        self._fresh = False
 
     # -- the retry loop ------------------------------------------------------
 
-    async def wait_socket(self) -> None:
-        """Wait until the socket is ready the way libssh2 is blocked on.
+    async def wait_socket(self, directions: int | None = None) -> None:
+        """Wait until the socket is ready the way libssh2 is blocked on
+        (``directions``, else ``session.block_directions()``).
 
         A checkpoint.  Returns early (without error) when ``wake()`` is called.
         """
-        session = self.session
-        directions = session.block_directions() if session is not None else 0
+        if directions is None:
+            session = self.session
+            directions = session.block_directions() if session is not None else 0
         with trio.CancelScope() as scope:
             self._wake_scope = scope
             if self._wake_pending:
@@ -157,6 +169,10 @@ class Pump:
 
     def wake(self) -> None:
         """Make the pump task look at its buffers again (from any task)."""
+        if self._wake_pending:
+            # Already woken (its wait's scope cancelled, or the next wait
+            # will cancel itself): a second cancel() costs microseconds.
+            return
         self._wake_pending = True
         if self._wake_scope is not None:
             self._wake_scope.cancel()
@@ -236,16 +252,15 @@ class Pump:
                 n = 0
             if n > 0:
                 self.bytes_sent += n
-            if (
-                n == len(data)
-                and not channel.poll_channel_read(0)
-                and not channel.poll_channel_read(1)
-                and not channel.eof()
-            ):
+            # A write drains the socket into libssh2's queue first.
+            # poll_channel_read(1) is true for queued data of either stream
+            # (libssh2's channel.c), so two queue checks, no system call.
+            if n == len(data) and not channel.poll_channel_read(1) and not channel.eof():
                 return
             data = data[n:] if n > 0 else data
         if data:
             self._out += data
+            self._fresh = True
         self.wake()
 
     def _lost(self) -> ConnectionLost:
@@ -277,6 +292,13 @@ class Pump:
         assert channel is not None
         try:
             while self.error is None:
+                # Frames arrived since the last look: let the tasks that
+                # queue them run first (one checkpoint per batch, while the
+                # queue keeps growing), so that one task keeping many
+                # requests open, or many tasks, share one write.
+                while self._fresh and len(self._out) < WRITE_SLICE:
+                    self._fresh = False
+                    await trio.lowlevel.checkpoint()
                 progress = False
                 if self._out:
                     rc, n = channel.write(bytes(self._out[:WRITE_SLICE]))
@@ -293,38 +315,36 @@ class Pump:
                     # Any libssh2 call may pull packets of either stream off
                     # the socket into libssh2's queue, and the pump must not
                     # sleep on the socket with data queued inside libssh2 (a
-                    # lost wake-up).  The stdout read drains the socket; stderr
-                    # is read only if that left some queued (a queue check,
-                    # no system call), and reading it counts as progress, so
-                    # stdout is read again before the pump sleeps.
+                    # lost wake-up).  libssh2's channel read first drains the
+                    # socket until EAGAIN, then takes every queued stdout
+                    # packet that fits.  So unless the read filled the whole
+                    # buffer, all that can still wait inside libssh2 is
+                    # stderr data (poll_channel_read(1), true for either
+                    # stream, means exactly that now) or the EOF flag (a
+                    # read with no bytes reports it as 0, so only a read
+                    # that returned data needs eof()).  Two queue checks,
+                    # no second read, before the pump sleeps.
                     rc, data = channel.read(READ_SIZE)
                     if rc > 0:
                         self.bytes_received += rc
                         on_data(data)
-                        progress = True
-                    elif rc == 0 or rc != EAGAIN:
+                        if rc == READ_SIZE:
+                            progress = True  # more stdout may be queued
+                    elif rc != EAGAIN:
                         if channel.eof():
                             raise ConnectionLost("the server closed the channel")
-                        if rc < 0 and rc != EAGAIN:
+                        if rc < 0:
                             raise ConnectionLost(f"channel read failed (libssh2 error {rc})")
-                    if channel.poll_channel_read(1):
-                        rc, data = channel.read_stderr(READ_SIZE)
-                        if rc > 0:
-                            for line in data.decode("utf-8", "replace").splitlines():
-                                log.warning("server stderr: %s", line)
-                        progress = True
+                    if not progress:
+                        if channel.poll_channel_read(1):
+                            self._read_stderr(channel)
+                            progress = True
+                        elif rc > 0 and channel.eof():
+                            raise ConnectionLost("the server closed the channel")
                 else:
                     self.paused = True
                 if progress:
-                    # Not inside libssh2 here either: a caller may write.
-                    self._parked = not self._out and not (
-                        self.session is not None
-                        and self.session.block_directions() & LIBSSH2_SESSION_BLOCK_OUTBOUND
-                    )
-                    try:
-                        await trio.lowlevel.checkpoint()
-                    finally:
-                        self._parked = False
+                    await trio.lowlevel.checkpoint()
                 elif self.paused and not self._out:
                     # Nothing to write and not reading: sleep until woken.
                     with trio.CancelScope() as scope:
@@ -339,11 +359,12 @@ class Pump:
                 else:
                     session = self.session
                     directions = session.block_directions() if session is not None else 0
+                    # Not inside libssh2 while parked: a caller may write.
                     self._parked = not self._out and not (
                         directions & LIBSSH2_SESSION_BLOCK_OUTBOUND
                     )
                     try:
-                        await self.wait_socket()
+                        await self.wait_socket(directions)
                     finally:
                         self._parked = False
         except ssh2_exc.SSH2Error as exc:
@@ -358,6 +379,13 @@ class Pump:
             self._done.set()
             assert self.error is not None
             on_eof(self.error)
+
+    @staticmethod
+    def _read_stderr(channel: Any) -> None:
+        rc, data = channel.read_stderr(READ_SIZE)
+        if rc > 0:
+            for line in data.decode("utf-8", "replace").splitlines():
+                log.warning("server stderr: %s", line)
 
     async def flush(self) -> None:
         """Wait (bounded by the caller's scope) until every queued byte was
