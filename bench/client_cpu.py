@@ -9,7 +9,10 @@ session, connects once and runs, per round, each mode on ``echo:echo(1)``:
 - ``tasks64``: the same number of calls from 64 tasks at once;
 - ``req64`` / ``req1024``: one task keeping 64 / 1,024 requests open with
   ``send_request`` into a ``RequestSet`` and ``RequestSet.receive_response``
-  (skipped when the client has no request API).
+  (skipped when the client has no request API);
+- ``req64_batch`` / ``req1024_batch``: the same, refilled per batch of
+  answers with ``check_response`` and ``send_request_nowait`` (one
+  checkpoint per batch).
 
 Client CPU is this process's, from ``/proc/self/task/*/schedstat`` (every
 thread; the on-CPU nanoseconds).  libssh2 calls are counted by a proxy around
@@ -86,8 +89,8 @@ def install_counter() -> None:
     _pump.Pump.attach_channel = attach  # type: ignore[method-assign]
 
 
-def start_serve(d: Path, client_pub: str) -> tuple[Any, int, str]:
-    """bench/client_latency.py's start_serve with ``--max-calls 2048``."""
+def start_serve(d: Path, client_pub: str, max_calls: int) -> tuple[Any, int, str]:
+    """bench/client_latency.py's start_serve with ``--max-calls``."""
     import subprocess
 
     keys = d / "authorized_keys"
@@ -96,7 +99,7 @@ def start_serve(d: Path, client_pub: str) -> tuple[Any, int, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "sshrpc.cli", "serve", "sshrpc.demo:services",
          "--port", str(port), "--state-dir", str(d / "state"), "--authorized-keys", str(keys),
-         "--max-calls", "2048"],
+         *(["--max-calls", str(max_calls)] if max_calls else [])],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True,
     )  # fmt: skip
@@ -144,9 +147,36 @@ def modes(node: Connection, n: int) -> list[tuple[str, Callable[[], Awaitable[No
 
         return run
 
+    def batched(depth: int) -> Callable[[], Awaitable[None]]:
+        """One checkpoint per batch: check_response and send_request_nowait."""
+
+        async def run() -> None:
+            reqs = sshrpc.RequestSet()  # type: ignore[attr-defined]
+            send = node.send_request_nowait  # type: ignore[attr-defined]
+            sent = 0
+            while sent < min(depth, n):
+                send(*ECHO, [1], into=reqs, label=sent)
+                sent += 1
+            while len(reqs):
+                await reqs.receive_response()
+                got = 1
+                while True:
+                    try:
+                        reqs.check_response()
+                    except trio.WouldBlock:
+                        break
+                    got += 1
+                for _ in range(min(got, n - sent)):
+                    send(*ECHO, [1], into=reqs, label=sent)
+                    sent += 1
+
+        return run
+
     out = [("seq", seq, n), ("tasks64", tasks64, n // 64 * 64)]
     if hasattr(node, "send_request"):
         out += [("req64", window(64), n), ("req1024", window(1024), n)]
+    if hasattr(node, "send_request_nowait"):
+        out += [("req64_batch", batched(64), n), ("req1024_batch", batched(1024), n)]
     return out
 
 
@@ -190,13 +220,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--no-count", action="store_true", help="no libssh2 call counting")
+    parser.add_argument(
+        "--max-calls", type=int, default=2048, help="the server's (0: its default, not passed)"
+    )
     args = parser.parse_args()
     if not args.no_count:
         install_counter()
     with tempfile.TemporaryDirectory(prefix="sshrpc-bench-") as tmp:
         d = Path(tmp)
         identity = d / "id_ed25519"
-        proc, port, known_line = start_serve(d, cl.keygen(identity))
+        proc, port, known_line = start_serve(d, cl.keygen(identity), args.max_calls)
         known = d / "known_hosts"
         known.write_text(known_line + "\n")
         try:

@@ -299,6 +299,11 @@ class Pump:
                 while self._fresh and len(self._out) < WRITE_SLICE:
                     self._fresh = False
                     await trio.lowlevel.checkpoint()
+                # The pump looks at everything a wake() asks it to look at
+                # (queued bytes, should_read, the error) from here on, so
+                # earlier wake-ups are served; a later one makes the next
+                # wait return at once.
+                self._wake_pending = False
                 progress = False
                 if self._out:
                     rc, n = channel.write(bytes(self._out[:WRITE_SLICE]))
