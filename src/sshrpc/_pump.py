@@ -48,7 +48,12 @@ The steady-state loop (``run``) does three things per turn, without blocking:
 3. when neither made progress, sleep until the socket is ready in the
    direction libssh2 is blocked on, or until another task wakes the pump
    (new bytes to write, reading resumed, close requested).  The wake-up is a
-   cancel scope around the socket wait that ``wake()`` cancels.
+   cancel scope around the pump's turns that ``wake()`` cancels: it
+   interrupts whatever the pump awaits (a wait or a checkpoint, never a
+   libssh2 call), and the next turn runs in a new scope -- a scope per
+   wake-up, not per wait.  Before it writes, the pump lets the tasks that
+   queued frames since its last look run first (a checkpoint while the queue
+   keeps growing), so frames of one batch leave in one write.
 
 Closing (``aclose``) frees the libssh2 session *before* closing its socket:
 freeing a session restores the blocking mode the fd had at handshake time,
@@ -146,26 +151,30 @@ class Pump:
             if self._wake_pending:
                 scope.cancel()
             try:
-                if directions & LIBSSH2_SESSION_BLOCK_OUTBOUND and not (
-                    directions & LIBSSH2_SESSION_BLOCK_INBOUND
-                ):
-                    await trio.lowlevel.wait_writable(self.sock)
-                elif directions & LIBSSH2_SESSION_BLOCK_OUTBOUND:
-                    # Both ways: wait for whichever comes first.  Rare (during
-                    # key re-exchange), so a small nursery is fine here.
-                    async with trio.open_nursery() as nursery:
-
-                        async def one(fn: Callable[[Any], Any]) -> None:
-                            await fn(self.sock)
-                            nursery.cancel_scope.cancel()
-
-                        nursery.start_soon(one, trio.lowlevel.wait_readable)
-                        nursery.start_soon(one, trio.lowlevel.wait_writable)
-                else:
-                    await trio.lowlevel.wait_readable(self.sock)
+                await self._wait_for(directions)
             finally:
                 self._wake_scope = None
                 self._wake_pending = False
+
+    async def _wait_for(self, directions: int) -> None:
+        """Wait until the socket is ready for ``directions`` (a checkpoint)."""
+        if directions & LIBSSH2_SESSION_BLOCK_OUTBOUND and not (
+            directions & LIBSSH2_SESSION_BLOCK_INBOUND
+        ):
+            await trio.lowlevel.wait_writable(self.sock)
+        elif directions & LIBSSH2_SESSION_BLOCK_OUTBOUND:
+            # Both ways: wait for whichever comes first.  Rare (during key
+            # re-exchange), so a small nursery is fine here.
+            async with trio.open_nursery() as nursery:
+
+                async def one(fn: Callable[[Any], Any]) -> None:
+                    await fn(self.sock)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(one, trio.lowlevel.wait_readable)
+                nursery.start_soon(one, trio.lowlevel.wait_writable)
+        else:
+            await trio.lowlevel.wait_readable(self.sock)
 
     def wake(self) -> None:
         """Make the pump task look at its buffers again (from any task)."""
@@ -292,86 +301,17 @@ class Pump:
         assert channel is not None
         try:
             while self.error is None:
-                # Frames arrived since the last look: let the tasks that
-                # queue them run first (one checkpoint per batch, while the
-                # queue keeps growing), so that one task keeping many
-                # requests open, or many tasks, share one write.
-                while self._fresh and len(self._out) < WRITE_SLICE:
-                    self._fresh = False
-                    await trio.lowlevel.checkpoint()
-                # The pump looks at everything a wake() asks it to look at
-                # (queued bytes, should_read, the error) from here on, so
-                # earlier wake-ups are served; a later one makes the next
-                # wait return at once.
-                self._wake_pending = False
-                progress = False
-                if self._out:
-                    rc, n = channel.write(bytes(self._out[:WRITE_SLICE]))
-                    if n > 0:
-                        del self._out[:n]
-                        self.bytes_sent += n
-                        progress = True
-                        if len(self._out) < self.write_limit:
-                            self._room.set()
-                    elif rc < 0 and rc != EAGAIN:
-                        raise ConnectionLost(f"channel write failed (libssh2 error {rc})")
-                if should_read():
-                    self.paused = False
-                    # Any libssh2 call may pull packets of either stream off
-                    # the socket into libssh2's queue, and the pump must not
-                    # sleep on the socket with data queued inside libssh2 (a
-                    # lost wake-up).  libssh2's channel read first drains the
-                    # socket until EAGAIN, then takes every queued stdout
-                    # packet that fits.  So unless the read filled the whole
-                    # buffer, all that can still wait inside libssh2 is
-                    # stderr data (poll_channel_read(1), true for either
-                    # stream, means exactly that now) or the EOF flag (a
-                    # read with no bytes reports it as 0, so only a read
-                    # that returned data needs eof()).  Two queue checks,
-                    # no second read, before the pump sleeps.
-                    rc, data = channel.read(READ_SIZE)
-                    if rc > 0:
-                        self.bytes_received += rc
-                        on_data(data)
-                        if rc == READ_SIZE:
-                            progress = True  # more stdout may be queued
-                    elif rc != EAGAIN:
-                        if channel.eof():
-                            raise ConnectionLost("the server closed the channel")
-                        if rc < 0:
-                            raise ConnectionLost(f"channel read failed (libssh2 error {rc})")
-                    if not progress:
-                        if channel.poll_channel_read(1):
-                            self._read_stderr(channel)
-                            progress = True
-                        elif rc > 0 and channel.eof():
-                            raise ConnectionLost("the server closed the channel")
-                else:
-                    self.paused = True
-                if progress:
-                    await trio.lowlevel.checkpoint()
-                elif self.paused and not self._out:
-                    # Nothing to write and not reading: sleep until woken.
-                    with trio.CancelScope() as scope:
-                        self._wake_scope = scope
-                        if self._wake_pending:
-                            scope.cancel()
-                        try:
-                            await trio.sleep_forever()
-                        finally:
-                            self._wake_scope = None
-                            self._wake_pending = False
-                else:
-                    session = self.session
-                    directions = session.block_directions() if session is not None else 0
-                    # Not inside libssh2 while parked: a caller may write.
-                    self._parked = not self._out and not (
-                        directions & LIBSSH2_SESSION_BLOCK_OUTBOUND
-                    )
+                # One cancel scope for as many turns as pass without a
+                # wake(): wake() cancels it, which interrupts whatever the
+                # pump awaits (a checkpoint or a wait; never a libssh2
+                # call), and the next turn starts in a new scope.  A scope
+                # per wake-up, not per wait.
+                with trio.CancelScope() as scope:
+                    self._wake_scope = scope
                     try:
-                        await self.wait_socket(directions)
+                        await self._turns(channel, on_data, should_read)
                     finally:
-                        self._parked = False
+                        self._wake_scope = None
         except ssh2_exc.SSH2Error as exc:
             self.fail(ConnectionLost(f"SSH connection failed: {type(exc).__name__} {exc}"))
         except ConnectionLost as exc:
@@ -384,6 +324,82 @@ class Pump:
             self._done.set()
             assert self.error is not None
             on_eof(self.error)
+
+    async def _turns(
+        self, channel: Any, on_data: Callable[[bytes], None], should_read: Callable[[], bool]
+    ) -> None:
+        """``run``'s loop, inside the wake-up scope (see ``run``)."""
+        while self.error is None:
+            # Frames arrived since the last look: let the tasks that
+            # queue them run first (one checkpoint per batch, while the
+            # queue keeps growing), so that one task keeping many
+            # requests open, or many tasks, share one write.
+            while self._fresh and len(self._out) < WRITE_SLICE:
+                self._fresh = False
+                await trio.lowlevel.checkpoint()
+            # The pump looks at everything a wake() asks it to look at
+            # (queued bytes, should_read, the error) from here on, so
+            # earlier wake-ups are served; a later one makes the next
+            # wait return at once.
+            self._wake_pending = False
+            progress = False
+            if self._out:
+                rc, n = channel.write(bytes(self._out[:WRITE_SLICE]))
+                if n > 0:
+                    del self._out[:n]
+                    self.bytes_sent += n
+                    progress = True
+                    if len(self._out) < self.write_limit:
+                        self._room.set()
+                elif rc < 0 and rc != EAGAIN:
+                    raise ConnectionLost(f"channel write failed (libssh2 error {rc})")
+            if should_read():
+                self.paused = False
+                # Any libssh2 call may pull packets of either stream off
+                # the socket into libssh2's queue, and the pump must not
+                # sleep on the socket with data queued inside libssh2 (a
+                # lost wake-up).  libssh2's channel read first drains the
+                # socket until EAGAIN, then takes every queued stdout
+                # packet that fits.  So unless the read filled the whole
+                # buffer, all that can still wait inside libssh2 is
+                # stderr data (poll_channel_read(1), true for either
+                # stream, means exactly that now) or the EOF flag (a
+                # read with no bytes reports it as 0, so only a read
+                # that returned data needs eof()).  Two queue checks,
+                # no second read, before the pump sleeps.
+                rc, data = channel.read(READ_SIZE)
+                if rc > 0:
+                    self.bytes_received += rc
+                    on_data(data)
+                    if rc == READ_SIZE:
+                        progress = True  # more stdout may be queued
+                elif rc != EAGAIN:
+                    if channel.eof():
+                        raise ConnectionLost("the server closed the channel")
+                    if rc < 0:
+                        raise ConnectionLost(f"channel read failed (libssh2 error {rc})")
+                if not progress:
+                    if channel.poll_channel_read(1):
+                        self._read_stderr(channel)
+                        progress = True
+                    elif rc > 0 and channel.eof():
+                        raise ConnectionLost("the server closed the channel")
+            else:
+                self.paused = True
+            if progress:
+                await trio.lowlevel.checkpoint()
+            elif self.paused and not self._out:
+                # Nothing to write and not reading: sleep until woken.
+                await trio.sleep_forever()
+            else:
+                session = self.session
+                directions = session.block_directions() if session is not None else 0
+                # Not inside libssh2 while parked: a caller may write.
+                self._parked = not self._out and not (directions & LIBSSH2_SESSION_BLOCK_OUTBOUND)
+                try:
+                    await self._wait_for(directions)
+                finally:
+                    self._parked = False
 
     @staticmethod
     def _read_stderr(channel: Any) -> None:

@@ -710,8 +710,13 @@ async def test_requests_beyond_max_calls_wait_for_a_slot(sshrpc_server: Any) -> 
     async with _connect(sshrpc_server) as node:
         max_calls = node.hello["max_calls"]
         reqs = sshrpc.RequestSet()
-        for i in range(max_calls):
+        for i in range(max_calls // 2):
             await node.send_request("slow", "work", [30], into=reqs, label=i)
+        for i in range(max_calls // 2, max_calls):
+            node.send_request_nowait("slow", "work", [30], into=reqs, label=i)
+        with pytest.raises(trio.WouldBlock):
+            node.send_request_nowait("echo", "echo", [1], into=reqs)
+        assert len(reqs) == max_calls and node.statistics().open_calls == max_calls
         with trio.move_on_after(0.3) as scope:
             await node.send_request("echo", "echo", [1], into=reqs)
         assert scope.cancelled_caught  # waited for a slot; cancelled: nothing sent
