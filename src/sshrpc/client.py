@@ -5,6 +5,9 @@ explicit-nursery variant) give a ``Connection``.  Any number of tasks may use
 one connection at once: each request gets an id and its answer is routed back
 to its caller.  The bytes go through one pump task (``sshrpc._pump``).
 
+Many requests from one task: ``send_request``/``receive_response`` and
+``RequestSet`` (``sshrpc._request``), like OTP's ``erpc:send_request``.
+
 Cancellation and deadlines (Trio's conventions, no ``timeout=``): a call sends
 the remaining time of the caller's cancel scopes as its ``timeout`` option, so
 the server gives up too; leaving the scope early raises ``Cancelled`` at once
@@ -108,6 +111,13 @@ class Connection:
 
     Get one from ``open_connection`` or ``connect_node``.  ``hello`` holds the
     server's hello map (``node``, ``session``, ``max_calls``, ``features``...).
+
+    ``call`` is one request and one waiting task.  One task may keep many
+    requests open with ``send_request`` (returns a ``Request``) and
+    ``receive_response(req)``, or with a ``RequestSet`` (``into=``,
+    ``label=``) whose ``receive_response()`` gives answers in completion
+    order; cancellation as in ``call``.  At most the server's ``max_calls``
+    are open at once: beyond it senders wait for a slot.
     """
 
     def __init__(
