@@ -454,10 +454,12 @@ class Connection:
         module: str,
         function: str,
         args: Sequence[Any],
+        batch: bool = False,
     ) -> None:
         """Encode the call (the caller's deadline as its timeout), register
         ``pending`` with ``slots``'s slot, which the caller holds, and queue
-        the frame.  Not a checkpoint.  On an error nothing is registered or
+        the frame (``batch``: more frames follow at once, leave the write to
+        the pump).  Not a checkpoint.  On an error nothing is registered or
         sent and the slot is released."""
         try:
             self._check_open()
@@ -477,7 +479,7 @@ class Connection:
             raise
         pending.slot = slots
         # Alone in flight: write at once; else let the pump batch the frames.
-        direct = not self._pending
+        direct = not self._pending and not batch
         self._pending[pending.id] = pending
         self._pump.send_nowait(frame, direct)
 
@@ -504,7 +506,7 @@ class Connection:
         if slots is not None and not slots.acquire_nowait():
             raise trio.WouldBlock
         req = Request(self._new_id(), self, label)
-        self._queue_call(req, slots, module, function, args)
+        self._queue_call(req, slots, module, function, args, batch=True)
         if into is not None:
             into._add(req)
         return req
