@@ -53,7 +53,8 @@ The steady-state loop (``run``) does three things per turn, without blocking:
    libssh2 call), and the next turn runs in a new scope -- a scope per
    wake-up, not per wait.  Before it writes, the pump lets the tasks that
    queued frames since its last look run first (a checkpoint while the queue
-   keeps growing), so frames of one batch leave in one write.
+   keeps growing, at most ``DEFER_ROUNDS`` rounds or ``WRITE_SLICE`` bytes),
+   so frames of one batch leave in one write.
 
 Closing (``aclose``) frees the libssh2 session *before* closing its socket:
 freeing a session restores the blocking mode the fd had at handshake time,
@@ -82,7 +83,7 @@ from ssh2.session import (
 
 from ._errors import ConnectionLost
 
-__all__ = ["DEFAULT_WRITE_LIMIT", "EAGAIN", "READ_SIZE", "WRITE_SLICE", "Pump"]
+__all__ = ["DEFAULT_WRITE_LIMIT", "DEFER_ROUNDS", "EAGAIN", "READ_SIZE", "WRITE_SLICE", "Pump"]
 
 log = logging.getLogger("sshrpc.client")
 
@@ -91,6 +92,9 @@ EAGAIN = LIBSSH2_ERROR_EAGAIN
 #: 32 KiB packet per call anyway, and a bounded slice keeps re-offering the
 #: remainder after a partial write linear in the payload size.
 WRITE_SLICE = 32 * 1024
+#: Scheduler rounds the pump waits at most, while tasks keep queueing
+#: frames, before it writes what is queued (bounds the added latency).
+DEFER_ROUNDS = 64
 #: Bytes asked of one ``channel.read``.
 READ_SIZE = 64 * 1024
 #: Default bound on request bytes queued but not yet accepted by the channel:
@@ -334,8 +338,10 @@ class Pump:
             # queue them run first (one checkpoint per batch, while the
             # queue keeps growing), so that one task keeping many
             # requests open, or many tasks, share one write.
-            while self._fresh and len(self._out) < WRITE_SLICE:
+            rounds = 0
+            while self._fresh and len(self._out) < WRITE_SLICE and rounds < DEFER_ROUNDS:
                 self._fresh = False
+                rounds += 1
                 await trio.lowlevel.checkpoint()
             # The pump looks at everything a wake() asks it to look at
             # (queued bytes, should_read, the error) from here on, so
