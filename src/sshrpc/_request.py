@@ -50,6 +50,7 @@ class Request:
         "abandoned",
         "chunk_event",
         "chunks",
+        "counted",
         "done",
         "error",
         "id",
@@ -69,6 +70,11 @@ class Request:
         self.error: BaseException | None = None
         #: The caller gave up: the answer is discarded (not counted).
         self.abandoned = False
+        #: Its answer counts against ``max_undelivered`` until taken: true
+        #: for ``call``/``spawn``/``stream``, whose caller always takes it;
+        #: not for ``send_request``, whose handle may be dropped unreceived
+        #: (the answer then goes with it; nothing to leak).
+        self.counted = conn is None
         #: The result was handed out (``receive_response``).
         self.received = False
         self.chunks: deque[Any] | None = None
@@ -167,8 +173,6 @@ class RequestSet:
         self._requests.discard(req)
         req._owner = None
         req.received = True
-        if not req.abandoned and req._conn is not None:
-            req._conn._taken()
         if req.ok:
             return req.label, req.value
         error: RemoteError | ConnectionLost | BaseException | None = req.error

@@ -234,7 +234,7 @@ class Connection:
             else:
                 assert isinstance(event, _ErrorReply)
                 pending.error = RemoteError.from_term(event.cls, event.reason, event.details)
-            if not pending.abandoned:
+            if pending.counted and not pending.abandoned:
                 self._undelivered += 1
             pending._finish()
         elif isinstance(event, _p.Chunk):
@@ -284,7 +284,7 @@ class Connection:
             pending.release()
             if not pending.done:
                 pending.error = error
-                if not pending.abandoned:
+                if pending.counted and not pending.abandoned:
                     self._undelivered += 1
                 pending._finish()
         for event in self._pings.values():
@@ -385,7 +385,8 @@ class Connection:
             return
         pending.abandoned = True
         if pending.done:
-            self._taken()
+            if pending.counted:
+                self._taken()
         elif self._error is None:
             self._send_control(_p.Cancel(id=pending.id))
 
@@ -401,7 +402,8 @@ class Connection:
             self._abandon(pending)
             raise
         pending.received = True
-        self._taken()
+        if pending.counted:
+            self._taken()
         if pending.ok:
             return pending.value
         error = pending.error
@@ -526,10 +528,11 @@ class Connection:
 
         Take the result with ``receive_response(req)``, or pass ``into=`` a
         ``RequestSet`` (with a ``label``, returned with the result) and take
-        results in completion order from the set.  Every request must be
-        received or abandoned (cancel its ``receive_response``, or
-        ``RequestSet.abandon()``): an answer that arrived and was not taken
-        counts against ``max_undelivered``.
+        results in completion order from the set.  A request's answer is
+        held by its handle (not counted against ``max_undelivered``): a
+        dropped ``Request`` or ``RequestSet`` takes its answers with it.  To
+        stop the server's work too, cancel a ``receive_response`` or call
+        ``RequestSet.abandon()``.
 
         Waits, like ``call``, for a call slot (the server's ``max_calls``:
         a task keeping more than ``max_calls`` requests open waits forever
