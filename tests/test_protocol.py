@@ -528,6 +528,56 @@ def test_bad_shapes_with_a_readable_id_are_refused_badarg(term: Any, detail: str
     assert not server.open_ids
 
 
+@pytest.mark.parametrize("call_id", [0, 1, 255, 256, 2**31 - 1, 2**31, 2**64 - 1])
+@pytest.mark.parametrize("timeout", [None, 0, 255, 70_000, 2**31, 2**40])
+@pytest.mark.parametrize(
+    "args", [[], [1], [Atom("x"), b"bin", [1, 2]], (1.5, "text"), [b"y" * 70_000]]
+)
+def test_send_call_is_send_of_a_call(call_id: int, timeout: int | None, args: Any) -> None:
+    """The client's fast path gives the bytes and state of send(Call(...))."""
+    fast, _ = handshake()
+    slow, _ = handshake()
+    module, function = ("mod", "fun") if call_id % 2 else ("ünïcode_mod", "f")
+    for _ in range(2):  # the second time from the cache
+        got = fast.send_call(call_id, module, function, args, timeout)
+        want = slow.send(
+            Call(
+                id=call_id,
+                module=Atom(module),
+                function=Atom(function),
+                args=list(args),
+                timeout=timeout,
+            )
+        )
+        assert got == want
+        assert list(fast.open_ids) == list(slow.open_ids) == [call_id]
+        assert fast.statistics() == slow.statistics()
+        for conn in (fast, slow):
+            conn._open.clear()
+
+
+def test_send_call_errors_change_nothing() -> None:
+    client, _ = handshake()
+    with pytest.raises(LocalProtocolError):
+        Connection(Role.CLIENT).send_call(1, "m", "f", [])  # before the hellos
+    client.send_call(7, "m", "f", [])
+    with pytest.raises(LocalProtocolError, match="already open"):
+        client.send_call(7, "m", "f", [])
+    with pytest.raises(ValueError, match="timeout"):
+        client.send_call(8, "m", "f", [], -1)
+    with pytest.raises(ValueError, match="module"):
+        client.send_call(8, "", "f", [])
+    with pytest.raises(ValueError, match="id"):
+        client.send_call(-1, "m", "f", [])
+    with pytest.raises(TypeError):
+        client.send_call(8, "m", "f", [object()])
+    client2, _ = handshake(client_max_frame=1 << 20, max_frame=1024)
+    with pytest.raises(MessageTooLarge):
+        client2.send_call(8, "m", "f", [b"z" * 2000])
+    assert list(client.open_ids) == [7] and not client2.open_ids
+    assert client.statistics().frames_sent == client2.statistics().frames_sent + 1
+
+
 def test_overload_beyond_max_calls() -> None:
     client, server = handshake(max_calls=2)
     data = b"".join(client.send(Call(id=i, module="m", function="f", args=[])) for i in range(3))

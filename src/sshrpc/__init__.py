@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from .client import Connection as Connection
     from .client import ConnectionStatistics as ConnectionStatistics
     from .client import Pool as Pool
+    from .client import Request as Request
+    from .client import RequestSet as RequestSet
     from .client import connect_node as connect_node
     from .client import multicall as multicall
     from .client import open_connection as open_connection
@@ -55,6 +57,8 @@ _CLIENT_NAMES = {
     "KeyFileNotFound": "_ssh",
     "KeyPassphraseError": "_ssh",
     "Pool": "client",
+    "Request": "client",
+    "RequestSet": "client",
     "connect_node": "client",
     "multicall": "client",
     "open_connection": "client",

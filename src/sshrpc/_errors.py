@@ -136,7 +136,12 @@ class MessageTooLarge(ValueError):
 class ConnectionLost(SSHRPCError):
     """The SSH connection or channel ended (peer closed it, network failure,
     keepalive missed, server sent ``bye``) while a call was open.  The call's
-    outcome on the server is unknown: retry only idempotent work."""
+    outcome on the server is unknown: retry only idempotent work.
+
+    Raised by ``RequestSet.receive_response``, ``label`` is the label of
+    the request it ended (None otherwise)."""
+
+    label: Any = None
 
 
 class SSHConfigError(SSHRPCError):
@@ -184,7 +189,11 @@ class RemoteError(SSHRPCError):
     ``cls`` is the class atom (``error``, ``exit``, ``throw`` or ``sshrpc``),
     ``reason`` the reason term, ``details`` the details map.  Subclasses name
     the ``sshrpc`` reasons a caller usually handles on its own.
+    Raised by ``RequestSet.receive_response``, ``label`` is the label of
+    the request it answered (None otherwise).
     """
+
+    label: Any = None
 
     def __init__(self, cls: str, reason: Any, details: Any = None) -> None:
         self.cls = cls

@@ -35,13 +35,26 @@ The steady-state loop (``run``) does three things per turn, without blocking:
    are usually our peer window being full, which only inbound WINDOW_ADJUST
    packets cure, so the pump keeps reading while writers wait.
    Any libssh2 call may pull packets off the socket into libssh2's own
-   queue, so the pump only sleeps on the socket after a stdout read said
-   EAGAIN with nothing of either stream queued (otherwise a reply already
-   inside libssh2 would wait for the next unrelated packet: a lost wake-up).
+   queue, so the pump only sleeps on the socket when nothing of the channel
+   waits inside libssh2 (otherwise a reply already there would wait for the
+   next unrelated packet: a lost wake-up).  libssh2's channel read drains
+   the socket until EAGAIN and then takes every queued stdout packet that
+   fits, so after a read that did not fill its buffer only stderr data or
+   the EOF flag can be left: ``poll_channel_read(1)`` (true for data of
+   either stream) and, if the read returned bytes, ``eof()`` -- two queue
+   checks, no second read.  A sequential call costs 7 libssh2 calls: the
+   caller's write and its two checks, the pump's read, its two checks and
+   ``block_directions``.
 3. when neither made progress, sleep until the socket is ready in the
    direction libssh2 is blocked on, or until another task wakes the pump
    (new bytes to write, reading resumed, close requested).  The wake-up is a
-   cancel scope around the socket wait that ``wake()`` cancels.
+   cancel scope around the pump's turns that ``wake()`` cancels: it
+   interrupts whatever the pump awaits (a wait or a checkpoint, never a
+   libssh2 call), and the next turn runs in a new scope -- a scope per
+   wake-up, not per wait.  Before it writes, the pump lets the tasks that
+   queued frames since its last look run first (a checkpoint while the queue
+   keeps growing, at most ``DEFER_ROUNDS`` rounds or ``WRITE_SLICE`` bytes),
+   so frames of one batch leave in one write.
 
 Closing (``aclose``) frees the libssh2 session *before* closing its socket:
 freeing a session restores the blocking mode the fd had at handshake time,
@@ -70,7 +83,7 @@ from ssh2.session import (
 
 from ._errors import ConnectionLost
 
-__all__ = ["DEFAULT_WRITE_LIMIT", "EAGAIN", "READ_SIZE", "WRITE_SLICE", "Pump"]
+__all__ = ["DEFAULT_WRITE_LIMIT", "DEFER_ROUNDS", "EAGAIN", "READ_SIZE", "WRITE_SLICE", "Pump"]
 
 log = logging.getLogger("sshrpc.client")
 
@@ -79,6 +92,9 @@ EAGAIN = LIBSSH2_ERROR_EAGAIN
 #: 32 KiB packet per call anyway, and a bounded slice keeps re-offering the
 #: remainder after a partial write linear in the payload size.
 WRITE_SLICE = 32 * 1024
+#: Scheduler rounds the pump waits at most, while tasks keep queueing
+#: frames, before it writes what is queued (bounds the added latency).
+DEFER_ROUNDS = 64
 #: Bytes asked of one ``channel.read``.
 READ_SIZE = 64 * 1024
 #: Default bound on request bytes queued but not yet accepted by the channel:
@@ -119,44 +135,57 @@ class Pump:
         #: only, with nothing of ours half-sent: another task may then make
         #: the channel write itself (``send_nowait``).
         self._parked = False
+        #: Frames were queued since the pump last looked: more may follow
+        #: from tasks that have not run yet (see ``run``).
+        self._fresh = False
 
     # -- the retry loop ------------------------------------------------------
 
-    async def wait_socket(self) -> None:
-        """Wait until the socket is ready the way libssh2 is blocked on.
+    async def wait_socket(self, directions: int | None = None) -> None:
+        """Wait until the socket is ready the way libssh2 is blocked on
+        (``directions``, else ``session.block_directions()``).
 
         A checkpoint.  Returns early (without error) when ``wake()`` is called.
         """
-        session = self.session
-        directions = session.block_directions() if session is not None else 0
+        if directions is None:
+            session = self.session
+            directions = session.block_directions() if session is not None else 0
         with trio.CancelScope() as scope:
             self._wake_scope = scope
             if self._wake_pending:
                 scope.cancel()
             try:
-                if directions & LIBSSH2_SESSION_BLOCK_OUTBOUND and not (
-                    directions & LIBSSH2_SESSION_BLOCK_INBOUND
-                ):
-                    await trio.lowlevel.wait_writable(self.sock)
-                elif directions & LIBSSH2_SESSION_BLOCK_OUTBOUND:
-                    # Both ways: wait for whichever comes first.  Rare (during
-                    # key re-exchange), so a small nursery is fine here.
-                    async with trio.open_nursery() as nursery:
-
-                        async def one(fn: Callable[[Any], Any]) -> None:
-                            await fn(self.sock)
-                            nursery.cancel_scope.cancel()
-
-                        nursery.start_soon(one, trio.lowlevel.wait_readable)
-                        nursery.start_soon(one, trio.lowlevel.wait_writable)
-                else:
-                    await trio.lowlevel.wait_readable(self.sock)
+                await self._wait_for(directions)
             finally:
                 self._wake_scope = None
                 self._wake_pending = False
 
+    async def _wait_for(self, directions: int) -> None:
+        """Wait until the socket is ready for ``directions`` (a checkpoint)."""
+        if directions & LIBSSH2_SESSION_BLOCK_OUTBOUND and not (
+            directions & LIBSSH2_SESSION_BLOCK_INBOUND
+        ):
+            await trio.lowlevel.wait_writable(self.sock)
+        elif directions & LIBSSH2_SESSION_BLOCK_OUTBOUND:
+            # Both ways: wait for whichever comes first.  Rare (during key
+            # re-exchange), so a small nursery is fine here.
+            async with trio.open_nursery() as nursery:
+
+                async def one(fn: Callable[[Any], Any]) -> None:
+                    await fn(self.sock)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(one, trio.lowlevel.wait_readable)
+                nursery.start_soon(one, trio.lowlevel.wait_writable)
+        else:
+            await trio.lowlevel.wait_readable(self.sock)
+
     def wake(self) -> None:
         """Make the pump task look at its buffers again (from any task)."""
+        if self._wake_pending:
+            # Already woken (its wait's scope cancelled, or the next wait
+            # will cancel itself): a second cancel() costs microseconds.
+            return
         self._wake_pending = True
         if self._wake_scope is not None:
             self._wake_scope.cancel()
@@ -236,16 +265,15 @@ class Pump:
                 n = 0
             if n > 0:
                 self.bytes_sent += n
-            if (
-                n == len(data)
-                and not channel.poll_channel_read(0)
-                and not channel.poll_channel_read(1)
-                and not channel.eof()
-            ):
+            # A write drains the socket into libssh2's queue first.
+            # poll_channel_read(1) is true for queued data of either stream
+            # (libssh2's channel.c), so two queue checks, no system call.
+            if n == len(data) and not channel.poll_channel_read(1) and not channel.eof():
                 return
             data = data[n:] if n > 0 else data
         if data:
             self._out += data
+            self._fresh = True
         self.wake()
 
     def _lost(self) -> ConnectionLost:
@@ -277,75 +305,17 @@ class Pump:
         assert channel is not None
         try:
             while self.error is None:
-                progress = False
-                if self._out:
-                    rc, n = channel.write(bytes(self._out[:WRITE_SLICE]))
-                    if n > 0:
-                        del self._out[:n]
-                        self.bytes_sent += n
-                        progress = True
-                        if len(self._out) < self.write_limit:
-                            self._room.set()
-                    elif rc < 0 and rc != EAGAIN:
-                        raise ConnectionLost(f"channel write failed (libssh2 error {rc})")
-                if should_read():
-                    self.paused = False
-                    # Any libssh2 call may pull packets of either stream off
-                    # the socket into libssh2's queue, and the pump must not
-                    # sleep on the socket with data queued inside libssh2 (a
-                    # lost wake-up).  The stdout read drains the socket; stderr
-                    # is read only if that left some queued (a queue check,
-                    # no system call), and reading it counts as progress, so
-                    # stdout is read again before the pump sleeps.
-                    rc, data = channel.read(READ_SIZE)
-                    if rc > 0:
-                        self.bytes_received += rc
-                        on_data(data)
-                        progress = True
-                    elif rc == 0 or rc != EAGAIN:
-                        if channel.eof():
-                            raise ConnectionLost("the server closed the channel")
-                        if rc < 0 and rc != EAGAIN:
-                            raise ConnectionLost(f"channel read failed (libssh2 error {rc})")
-                    if channel.poll_channel_read(1):
-                        rc, data = channel.read_stderr(READ_SIZE)
-                        if rc > 0:
-                            for line in data.decode("utf-8", "replace").splitlines():
-                                log.warning("server stderr: %s", line)
-                        progress = True
-                else:
-                    self.paused = True
-                if progress:
-                    # Not inside libssh2 here either: a caller may write.
-                    self._parked = not self._out and not (
-                        self.session is not None
-                        and self.session.block_directions() & LIBSSH2_SESSION_BLOCK_OUTBOUND
-                    )
+                # One cancel scope for as many turns as pass without a
+                # wake(): wake() cancels it, which interrupts whatever the
+                # pump awaits (a checkpoint or a wait; never a libssh2
+                # call), and the next turn starts in a new scope.  A scope
+                # per wake-up, not per wait.
+                with trio.CancelScope() as scope:
+                    self._wake_scope = scope
                     try:
-                        await trio.lowlevel.checkpoint()
+                        await self._turns(channel, on_data, should_read)
                     finally:
-                        self._parked = False
-                elif self.paused and not self._out:
-                    # Nothing to write and not reading: sleep until woken.
-                    with trio.CancelScope() as scope:
-                        self._wake_scope = scope
-                        if self._wake_pending:
-                            scope.cancel()
-                        try:
-                            await trio.sleep_forever()
-                        finally:
-                            self._wake_scope = None
-                            self._wake_pending = False
-                else:
-                    session = self.session
-                    directions = session.block_directions() if session is not None else 0
-                    self._parked = not self._out and not (
-                        directions & LIBSSH2_SESSION_BLOCK_OUTBOUND
-                    )
-                    try:
-                        await self.wait_socket()
-                    finally:
-                        self._parked = False
+                        self._wake_scope = None
         except ssh2_exc.SSH2Error as exc:
             self.fail(ConnectionLost(f"SSH connection failed: {type(exc).__name__} {exc}"))
         except ConnectionLost as exc:
@@ -358,6 +328,91 @@ class Pump:
             self._done.set()
             assert self.error is not None
             on_eof(self.error)
+
+    async def _turns(
+        self, channel: Any, on_data: Callable[[bytes], None], should_read: Callable[[], bool]
+    ) -> None:
+        """``run``'s loop, inside the wake-up scope (see ``run``)."""
+        while self.error is None:
+            # Frames arrived since the last look: let the tasks that
+            # queue them run first (one checkpoint per batch, while the
+            # queue keeps growing), so that one task keeping many
+            # requests open, or many tasks, share one write.
+            rounds = 0
+            while self._fresh and len(self._out) < WRITE_SLICE and rounds < DEFER_ROUNDS:
+                self._fresh = False
+                rounds += 1
+                await trio.lowlevel.checkpoint()
+            # The pump looks at everything a wake() asks it to look at
+            # (queued bytes, should_read, the error) from here on, so
+            # earlier wake-ups are served; a later one makes the next
+            # wait return at once.
+            self._wake_pending = False
+            progress = False
+            if self._out:
+                rc, n = channel.write(bytes(self._out[:WRITE_SLICE]))
+                if n > 0:
+                    del self._out[:n]
+                    self.bytes_sent += n
+                    progress = True
+                    if len(self._out) < self.write_limit:
+                        self._room.set()
+                elif rc < 0 and rc != EAGAIN:
+                    raise ConnectionLost(f"channel write failed (libssh2 error {rc})")
+            if should_read():
+                self.paused = False
+                # Any libssh2 call may pull packets of either stream off
+                # the socket into libssh2's queue, and the pump must not
+                # sleep on the socket with data queued inside libssh2 (a
+                # lost wake-up).  libssh2's channel read first drains the
+                # socket until EAGAIN, then takes every queued stdout
+                # packet that fits.  So unless the read filled the whole
+                # buffer, all that can still wait inside libssh2 is
+                # stderr data (poll_channel_read(1), true for either
+                # stream, means exactly that now) or the EOF flag (a
+                # read with no bytes reports it as 0, so only a read
+                # that returned data needs eof()).  Two queue checks,
+                # no second read, before the pump sleeps.
+                rc, data = channel.read(READ_SIZE)
+                if rc > 0:
+                    self.bytes_received += rc
+                    on_data(data)
+                    if rc == READ_SIZE:
+                        progress = True  # more stdout may be queued
+                elif rc != EAGAIN:
+                    if channel.eof():
+                        raise ConnectionLost("the server closed the channel")
+                    if rc < 0:
+                        raise ConnectionLost(f"channel read failed (libssh2 error {rc})")
+                if not progress:
+                    if channel.poll_channel_read(1):
+                        self._read_stderr(channel)
+                        progress = True
+                    elif rc > 0 and channel.eof():
+                        raise ConnectionLost("the server closed the channel")
+            else:
+                self.paused = True
+            if progress:
+                await trio.lowlevel.checkpoint()
+            elif self.paused and not self._out:
+                # Nothing to write and not reading: sleep until woken.
+                await trio.sleep_forever()
+            else:
+                session = self.session
+                directions = session.block_directions() if session is not None else 0
+                # Not inside libssh2 while parked: a caller may write.
+                self._parked = not self._out and not (directions & LIBSSH2_SESSION_BLOCK_OUTBOUND)
+                try:
+                    await self._wait_for(directions)
+                finally:
+                    self._parked = False
+
+    @staticmethod
+    def _read_stderr(channel: Any) -> None:
+        rc, data = channel.read_stderr(READ_SIZE)
+        if rc > 0:
+            for line in data.decode("utf-8", "replace").splitlines():
+                log.warning("server stderr: %s", line)
 
     async def flush(self) -> None:
         """Wait (bounded by the caller's scope) until every queued byte was

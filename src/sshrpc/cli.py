@@ -36,7 +36,7 @@ from ._bounds import (
     tune_gc,
 )
 from ._pyframing import MAX_FRAME_LIMIT
-from .protocol import DEFAULT_MAX_FRAME
+from .protocol import DEFAULT_MAX_CALLS, DEFAULT_MAX_FRAME
 
 __all__ = ["main"]
 
@@ -57,8 +57,6 @@ def _default_state_dir() -> Path:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    from .node import DEFAULT_MAX_CALLS
-
     parser.add_argument("targets", nargs="+", metavar="TARGET", help="package.module:attribute")
     parser.add_argument(
         "--policy", metavar="FILE", help="TOML access policy (default: all exported)"

@@ -5,6 +5,9 @@ explicit-nursery variant) give a ``Connection``.  Any number of tasks may use
 one connection at once: each request gets an id and its answer is routed back
 to its caller.  The bytes go through one pump task (``sshrpc._pump``).
 
+Many requests from one task: ``send_request``/``receive_response`` and
+``RequestSet`` (``sshrpc._request``), like OTP's ``erpc:send_request``.
+
 Cancellation and deadlines (Trio's conventions, no ``timeout=``): a call sends
 the remaining time of the caller's cancel scopes as its ``timeout`` option, so
 the server gives up too; leaving the scope early raises ``Cancelled`` at once
@@ -45,6 +48,7 @@ from ._errors import (
     TermError,
 )
 from ._pump import DEFAULT_WRITE_LIMIT, Pump
+from ._request import CallSlots, Request, RequestSet
 from ._types import Atom
 
 __all__ = [
@@ -52,6 +56,8 @@ __all__ = [
     "Connection",
     "ConnectionStatistics",
     "Pool",
+    "Request",
+    "RequestSet",
     "connect_node",
     "multicall",
     "open_connection",
@@ -77,24 +83,8 @@ CLOSE_DRAIN_TIMEOUT = 5.0
 _A = Atom
 
 
-@dataclasses.dataclass
-class _Pending:
-    """One open call, spawn or stream."""
-
-    id: int
-    done: trio.Event = dataclasses.field(default_factory=trio.Event)
-    ok: bool = False
-    value: Any = None
-    error: BaseException | None = None
-    abandoned: bool = False
-    chunks: deque[Any] | None = None
-    chunk_event: trio.Event | None = None
-    slot: trio.Semaphore | None = None
-
-    def release(self) -> None:
-        if self.slot is not None:
-            self.slot.release()
-            self.slot = None
+_INF = math.inf
+_Reply, _ErrorReply = _p.Reply, _p.ErrorReply
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +111,13 @@ class Connection:
 
     Get one from ``open_connection`` or ``connect_node``.  ``hello`` holds the
     server's hello map (``node``, ``session``, ``max_calls``, ``features``...).
+
+    ``call`` is one request and one waiting task.  One task may keep many
+    requests open with ``send_request`` (returns a ``Request``) and
+    ``receive_response(req)``, or with a ``RequestSet`` (``into=``,
+    ``label=``) whose ``receive_response()`` gives answers in completion
+    order; cancellation as in ``call``.  At most the server's ``max_calls``
+    are open at once: beyond it senders wait for a slot.
     """
 
     def __init__(
@@ -136,7 +133,7 @@ class Connection:
         self._pump = pump
         self.destination = destination
         self._proto = _p.Connection(_p.Role.CLIENT, max_frame=max_frame, name=CLIENT_NAME)
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, Request] = {}
         self._ids = itertools.count()
         self._mailbox: deque[Any] = deque()
         self._mailbox_event = trio.Event()
@@ -157,7 +154,7 @@ class Connection:
         #: One slot per call the server allows open at once (hello's
         #: ``max_calls``): callers beyond it wait here instead of getting
         #: ``overload``.  A slot is freed by the call's final answer.
-        self._slots: trio.Semaphore | None = None
+        self._slots: CallSlots | None = None
         self._nursery: trio.Nursery | None = None
 
     # -- set-up --------------------------------------------------------------
@@ -227,18 +224,19 @@ class Connection:
             self._pump.fail(exc)
 
     def _dispatch(self, event: _p.Event) -> None:
-        if isinstance(event, _p.Reply | _p.ErrorReply):
-            pending = self._pending.pop(event.id)  # the core checked it is open
-            pending.release()
-            if isinstance(event, _p.Reply):
-                pending.ok, pending.value = True, event.value
+        kind = type(event)
+        if kind is _Reply or kind is _ErrorReply:
+            pending = self._pending.pop(event.id)  # type: ignore[attr-defined]
+            pending.release()  # (the core checked the id is open)
+            if kind is _Reply:
+                pending.ok = True
+                pending.value = event.value  # type: ignore[attr-defined]
             else:
+                assert isinstance(event, _ErrorReply)
                 pending.error = RemoteError.from_term(event.cls, event.reason, event.details)
-            if not pending.abandoned:
+            if pending.counted and not pending.abandoned:
                 self._undelivered += 1
-            pending.done.set()
-            if pending.chunk_event is not None:
-                pending.chunk_event.set()
+            pending._finish()
         elif isinstance(event, _p.Chunk):
             pending = self._pending[event.id]
             if not pending.abandoned and pending.chunks is not None:
@@ -270,7 +268,7 @@ class Connection:
                 **{str(k): v for k, v in event.extra.items()},
             }
             if event.max_calls is not None and event.max_calls > 0:
-                self._slots = trio.Semaphore(event.max_calls)
+                self._slots = CallSlots(event.max_calls)
             self._hello_event.set()
         elif isinstance(event, _p.Bye):
             self._pump.fail(ConnectionLost(f"the server closed the session: {event.reason!r}"))
@@ -280,14 +278,15 @@ class Connection:
     def _on_eof(self, error: BaseException) -> None:
         if self._error is None:
             self._error = error
-        for pending in list(self._pending.values()):
-            pending.release()
-            if not pending.done.is_set():
-                pending.error = error
-                pending.done.set()
-                if pending.chunk_event is not None:
-                    pending.chunk_event.set()
+        pendings = list(self._pending.values())
         self._pending.clear()
+        for pending in pendings:
+            pending.release()
+            if not pending.done:
+                pending.error = error
+                if pending.counted and not pending.abandoned:
+                    self._undelivered += 1
+                pending._finish()
         for event in self._pings.values():
             event.set()
         self._pings.clear()
@@ -341,7 +340,7 @@ class Connection:
         if self._closing:
             raise ConnectionLost(f"{self.destination}: the connection is closing")
 
-    async def _send_request(self, make: Callable[[], _p.Event], pending: _Pending) -> None:
+    async def _send_request(self, make: Callable[[], _p.Event | bytes], pending: Request) -> None:
         """Wait for a call slot and room in the send queue, then encode
         ``make()``, register ``pending`` and queue the frame, with no
         checkpoint in between: a cancel leaves nothing registered or sent.
@@ -349,11 +348,8 @@ class Connection:
         propagate with nothing sent."""
         self._check_open()
         slots = self._slots
-        if slots is not None:
-            try:
-                slots.acquire_nowait()  # no scheduler round trip when free
-            except trio.WouldBlock:
-                await slots.acquire()
+        if slots is not None and not slots.acquire_nowait():
+            await slots.acquire()  # (no scheduler round trip when one is free)
         try:
             frame = await self._encode_when_room(make)
         except BaseException:
@@ -375,24 +371,39 @@ class Connection:
     @staticmethod
     def _timeout_ms() -> int | None:
         deadline = trio.current_effective_deadline()
-        if math.isinf(deadline):
+        if deadline == _INF:
             return None
         # Rounded up, so the server's deadline is never before the caller's:
         # the caller's scope fires first and the call ends as cancelled.
         return max(0, math.ceil((deadline - trio.current_time()) * 1000))
 
-    async def _await(self, pending: _Pending) -> Any:
-        try:
-            await pending.done.wait()
-        except BaseException:
-            if not pending.done.is_set():
-                pending.abandoned = True
-                if self._error is None:
-                    self._send_control(_p.Cancel(id=pending.id))
-            elif not pending.abandoned:
+    def _abandon(self, pending: Request) -> None:
+        """Give up ``pending``: discard its answer if it came (uncounting
+        it), else tell the server ``{cancel, Id}`` and discard the answer
+        when it comes."""
+        if pending.abandoned or pending.received:
+            return
+        pending.abandoned = True
+        if pending.done:
+            if pending.counted:
                 self._taken()
+        elif self._error is None:
+            self._send_control(_p.Cancel(id=pending.id))
+
+    async def _await(self, pending: Request) -> Any:
+        """Wait for ``pending``'s answer and take it (a checkpoint).  If
+        cancelled: the request is abandoned (see ``_abandon``)."""
+        try:
+            if pending.done:
+                await trio.lowlevel.checkpoint()
+            else:
+                await pending._wait()
+        except BaseException:
+            self._abandon(pending)
             raise
-        self._taken()
+        pending.received = True
+        if pending.counted:
+            self._taken()
         if pending.ok:
             return pending.value
         error = pending.error
@@ -414,19 +425,146 @@ class Connection:
         connection ends first, ``TermError`` for an argument with no Erlang
         term (nothing is sent then).
         """
-        pending = _Pending(self._new_id())
-
-        def make() -> _p.Event:
-            return _p.Call(
-                id=pending.id,
-                module=_A(module),
-                function=_A(function),
-                args=list(args),
-                timeout=self._timeout_ms(),
-            )
-
-        await self._send_request(make, pending)
+        pending = Request(self._new_id())
+        await self._send_call(pending, module, function, args)
         return await self._await(pending)
+
+    async def _send_call(
+        self, pending: Request, module: str, function: str, args: Sequence[Any]
+    ) -> None:
+        """``_send_request`` for a call, flattened: the per-call path."""
+        self._check_open()
+        slots = self._slots
+        if slots is not None and not slots.acquire_nowait():
+            await slots.acquire()  # (no scheduler round trip when one is free)
+        try:
+            pump = self._pump
+            while len(pump._out) >= pump.write_limit:
+                await pump.send(b"")  # waits for room (or raises if lost)
+                self._check_open()
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:
+            if slots is not None:
+                slots.release()
+            raise
+        self._queue_call(pending, slots, module, function, args)
+
+    def _queue_call(
+        self,
+        pending: Request,
+        slots: CallSlots | None,
+        module: str,
+        function: str,
+        args: Sequence[Any],
+        batch: bool = False,
+    ) -> None:
+        """Encode the call (the caller's deadline as its timeout), register
+        ``pending`` with ``slots``'s slot, which the caller holds, and queue
+        the frame (``batch``: more frames follow at once, leave the write to
+        the pump).  Not a checkpoint.  On an error nothing is registered or
+        sent and the slot is released."""
+        try:
+            self._check_open()
+            deadline = trio.current_effective_deadline()
+            if deadline == _INF:
+                timeout = None
+            else:
+                # Rounded up, so the server's deadline is never before the
+                # caller's: the caller's scope fires first.
+                timeout = max(0, math.ceil((deadline - trio.current_time()) * 1000))
+            frame = self._proto.send_call(pending.id, module, function, args, timeout)
+        except BaseException as exc:
+            if slots is not None:
+                slots.release()
+            if isinstance(exc, LocalProtocolError):
+                raise ConnectionLost(f"{self.destination}: {exc}") from exc
+            raise
+        pending.slot = slots
+        # Alone in flight: write at once; else let the pump batch the frames.
+        direct = not self._pending and not batch
+        self._pending[pending.id] = pending
+        self._pump.send_nowait(frame, direct)
+
+    def send_request_nowait(
+        self,
+        module: str,
+        function: str,
+        args: Sequence[Any] = (),
+        *,
+        into: RequestSet | None = None,
+        label: Any = None,
+    ) -> Request:
+        """``send_request`` without waiting and without a checkpoint: raises
+        ``trio.WouldBlock`` (nothing sent) when no call slot is free or the
+        send queue is full.  For a task that refills many requests per
+        batch of answers: ``label, value = await reqs.receive_response()``,
+        then ``reqs.check_response()`` and ``send_request_nowait`` until
+        ``WouldBlock`` -- one checkpoint per batch instead of two per call.
+        Raises as ``send_request`` otherwise."""
+        self._check_open()
+        if len(self._pump._out) >= self._pump.write_limit:
+            raise trio.WouldBlock
+        slots = self._slots
+        if slots is not None and not slots.acquire_nowait():
+            raise trio.WouldBlock
+        req = Request(self._new_id(), self, label)
+        self._queue_call(req, slots, module, function, args, batch=True)
+        if into is not None:
+            into._add(req)
+        return req
+
+    async def send_request(
+        self,
+        module: str,
+        function: str,
+        args: Sequence[Any] = (),
+        *,
+        into: RequestSet | None = None,
+        label: Any = None,
+    ) -> Request:
+        """Send ``module:function(*args)`` like ``call`` and return at once
+        with a ``Request`` handle, without waiting for the answer (OTP's
+        ``erpc:send_request``).  One task may keep many requests open.
+
+        Take the result with ``receive_response(req)``, or pass ``into=`` a
+        ``RequestSet`` (with a ``label``, returned with the result) and take
+        results in completion order from the set.  A request's answer is
+        held by its handle (not counted against ``max_undelivered``): a
+        dropped ``Request`` or ``RequestSet`` takes its answers with it.  To
+        stop the server's work too, cancel a ``receive_response`` or call
+        ``RequestSet.abandon()``.
+
+        Waits, like ``call``, for a call slot (the server's ``max_calls``:
+        a task keeping more than ``max_calls`` requests open waits forever
+        for its own answers) and for room in the send queue.  The remaining
+        time of the caller's cancel scopes at send time travels as the
+        call's ``timeout``.  A checkpoint; if cancelled, nothing was sent.
+        Raises ``ConnectionLost``, ``TermError`` (nothing sent) as ``call``.
+        """
+        req = Request(self._new_id(), self, label)
+        await self._send_call(req, module, function, args)
+        if into is not None:
+            into._add(req)
+        return req
+
+    async def receive_response(self, req: Request) -> Any:
+        """The result of ``req`` (from ``send_request`` without ``into``),
+        waiting for it; raises exactly as ``call`` does (``RemoteError`` and
+        subclasses, ``ConnectionLost``).
+
+        A checkpoint.  If cancelled, ``Cancelled`` propagates, the request is
+        abandoned (``{cancel, Id}`` is sent if it is still open; its answer
+        is discarded), as when a ``call`` is cancelled.  Raises
+        ``ValueError`` for a request of another connection, of a
+        ``RequestSet``, or already received or abandoned.
+        """
+        if req._conn is not self:
+            raise ValueError(f"{req!r} was not sent on this connection")
+        if req._owner is not None:
+            raise ValueError(f"{req!r} belongs to a RequestSet: use its receive_response()")
+        if req.received or req.abandoned:
+            raise ValueError(f"{req!r} was already received or abandoned")
+        return await self._await(req)
 
     async def cast(self, module: str, function: str, args: Sequence[Any] = ()) -> None:
         """Ask the server to run ``module:function(*args)``; no answer, ever.
@@ -445,17 +583,19 @@ class Connection:
         frame = await self._encode_when_room(make)
         self._pump.send_nowait(frame, not self._pending)
 
-    async def _encode_when_room(self, make: Callable[[], _p.Event]) -> bytes:
+    async def _encode_when_room(self, make: Callable[[], _p.Event | bytes]) -> bytes:
         """Wait until the send queue is below ``write_limit``, then encode
-        ``make()``; the last checkpoint is before the encode, so a cancel
-        leaves nothing encoded."""
+        ``make()`` (an event, or a frame from the core's ``send_call``); the
+        last checkpoint is before the encode, so a cancel leaves nothing
+        encoded."""
         while self._pump.queued_bytes >= self._pump.write_limit:
             await self._pump.send(b"")  # waits for room (or raises if lost)
             self._check_open()
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
         try:
-            return self._proto.send(make())
+            made = make()
+            return made if type(made) is bytes else self._proto.send(made)  # type: ignore[arg-type]
         except LocalProtocolError as exc:
             raise ConnectionLost(f"{self.destination}: {exc}") from exc
 
@@ -464,7 +604,7 @@ class Connection:
         server; return its pid.  Its messages to this session's pid and its
         ``{down, Pid, Reason}`` arrive in ``receive()``.  Cancellation as in
         ``call``."""
-        pending = _Pending(self._new_id())
+        pending = Request(self._new_id())
         await self._send_request(
             lambda: _p.Spawn(
                 id=pending.id, module=_A(module), function=_A(function), args=list(args)
@@ -515,7 +655,9 @@ class Connection:
         Leaving the loop early (break, exception, cancel) sends ``{cancel, Id}``.
         Raises as ``call``.
         """
-        pending = _Pending(self._new_id(), chunks=deque(), chunk_event=trio.Event())
+        pending = Request(self._new_id())
+        pending.chunks = deque()
+        pending.chunk_event = trio.Event()
 
         def make() -> _p.Event:
             return _p.Call(
@@ -537,12 +679,12 @@ class Connection:
                     item = pending.chunks.popleft()
                     self._taken()
                     consumed += 1
-                    if consumed >= max(1, credit // 2) and not pending.done.is_set():
+                    if consumed >= max(1, credit // 2) and not pending.done:
                         self._send_control(_p.Credit(id=pending.id, n=consumed))
                         consumed = 0
                     yield item
                     continue
-                if pending.done.is_set():
+                if pending.done:
                     break
                 assert pending.chunk_event is not None
                 if pending.chunk_event.is_set():
@@ -554,7 +696,7 @@ class Connection:
             # arrived, no longer count against max_undelivered.
             untaken = len(pending.chunks)
             pending.chunks.clear()
-            if pending.done.is_set():
+            if pending.done:
                 self._taken(untaken + 1)
             else:
                 pending.abandoned = True
@@ -597,7 +739,7 @@ class Connection:
             except Exception:  # a getter; a closed channel has no windows
                 pass
         return ConnectionStatistics(
-            waiting_for_slot=self._slots.statistics().tasks_waiting if self._slots else 0,
+            waiting_for_slot=self._slots.waiting if self._slots else 0,
             open_calls=sum(1 for p in self._pending.values() if not p.abandoned),
             queued_bytes=self._pump.queued_bytes,
             write_limit=self._pump.write_limit,

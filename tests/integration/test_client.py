@@ -639,3 +639,194 @@ async def test_ssh_config_alias(test_sshd: Any, tmp_path: Path) -> None:
             "mynode", port=free_port(), ssh_config=str(config), agent=False, subsystem="opts"
         ):
             pass
+
+
+# -- the request API (send_request / receive_response / RequestSet) -------------
+
+
+@pytest.fixture
+def wide_server(tmp_path_factory: pytest.TempPathFactory, client_key: Any) -> Any:
+    """``sshrpc serve sshrpc.demo:services --max-calls 2048``."""
+    from conftest import start_serve, stop_serve
+
+    if not os.path.exists("/usr/sbin/sshd"):
+        pytest.skip("OpenSSH (sshd) is not installed on this machine")
+    base = tmp_path_factory.mktemp("wide")
+    keys = base / "authorized_keys"
+    keys.write_text(client_key.public_line + "\n")
+    info = start_serve(
+        ["sshrpc.demo:services"],
+        state_dir=base / "state",
+        authorized_keys=keys,
+        identity=client_key.private,
+        extra_args=["--max-calls", "2048"],
+    )
+    try:
+        yield info
+    finally:
+        stop_serve(info)
+
+
+async def test_one_task_keeps_1024_requests_open(wide_server: Any) -> None:
+    async with _connect(wide_server) as node:
+        assert node.hello["max_calls"] == 2048
+        reqs = sshrpc.RequestSet()
+        with pytest.raises(trio.WouldBlock):
+            reqs.check_response()
+        for i in range(1024):
+            await node.send_request("echo", "echo", [i], into=reqs, label=("n", i))
+        assert len(reqs) == 1024
+        got = {}
+        with trio.fail_after(30):
+            while reqs:
+                label, value = await reqs.receive_response()
+                got[label] = value
+        assert got == {("n", i): i for i in range(1024)}
+        with pytest.raises(ValueError, match="empty"):
+            await reqs.receive_response()
+        # All 1,024 open on the server at once: none answers for a second.
+        for i in range(1024):
+            await node.send_request("slow", "work", [1], into=reqs, label=i)
+        assert node.statistics().open_calls == 1024
+        assert node.statistics().waiting_for_slot == 0
+        labels = set()
+        with trio.fail_after(30):
+            while reqs:
+                label, value = await reqs.receive_response()
+                assert value == "done"
+                labels.add(label)
+                with contextlib.suppress(trio.WouldBlock):
+                    while True:  # the answers that are already here, no waiting
+                        label, value = reqs.check_response()
+                        labels.add(label)
+        assert labels == set(range(1024))
+        stats = node.statistics()
+        assert (stats.open_calls, stats.undelivered) == (0, 0)
+        # A plain request, outside a set.
+        req = await node.send_request("lists", "reverse", [[1, 2]])
+        assert await node.receive_response(req) == [2, 1]
+        assert req.done
+        with pytest.raises(ValueError, match="already received"):
+            await node.receive_response(req)
+
+
+async def test_requests_beyond_max_calls_wait_for_a_slot(sshrpc_server: Any) -> None:
+    async with _connect(sshrpc_server) as node:
+        max_calls = node.hello["max_calls"]
+        reqs = sshrpc.RequestSet()
+        for i in range(max_calls // 2):
+            await node.send_request("slow", "work", [30], into=reqs, label=i)
+        for i in range(max_calls // 2, max_calls):
+            node.send_request_nowait("slow", "work", [30], into=reqs, label=i)
+        with pytest.raises(trio.WouldBlock):
+            node.send_request_nowait("echo", "echo", [1], into=reqs)
+        assert len(reqs) == max_calls and node.statistics().open_calls == max_calls
+        with trio.move_on_after(0.3) as scope:
+            await node.send_request("echo", "echo", [1], into=reqs)
+        assert scope.cancelled_caught  # waited for a slot; cancelled: nothing sent
+        assert len(reqs) == max_calls and node.statistics().open_calls == max_calls
+        assert node.statistics().waiting_for_slot == 0
+        reqs.abandon()  # {cancel, Id} for each
+        assert len(reqs) == 0
+        with trio.fail_after(10):
+            while node._pending:
+                await trio.sleep(0.01)  # bounded polling for the servers' answers
+        stats = node.statistics()
+        assert (stats.open_calls, stats.undelivered) == (0, 0)
+        assert await node.call("echo", "echo", [b"after"]) == b"after"
+
+
+async def test_cancelled_receive_response_cancels_the_request(sshrpc_server: Any) -> None:
+    async with _connect(sshrpc_server) as node:
+        req = await node.send_request("slow", "work", [30])
+        with trio.move_on_after(0.3) as scope:
+            await node.receive_response(req)
+        assert scope.cancelled_caught and not req.done
+        assert await _poll(node, "slow", "status", "cancelled", 5) == "cancelled"
+        with pytest.raises(ValueError, match="abandoned"):
+            await node.receive_response(req)
+        with trio.fail_after(5):
+            while node._pending:
+                await trio.sleep(0.01)  # bounded polling for the final answer
+        assert node.statistics().undelivered == 0
+        # An answer that arrived before the cancel is discarded.
+        req = await node.send_request("echo", "echo", [1])
+        with trio.fail_after(5):
+            while not req.done:
+                await trio.sleep(0.01)  # bounded polling for the answer
+        with trio.CancelScope() as cancelled:
+            cancelled.cancel()
+            await node.receive_response(req)
+        assert cancelled.cancelled_caught and req.abandoned
+        assert node.statistics().undelivered == 0
+        # A cancelled RequestSet wait takes nothing.
+        reqs = sshrpc.RequestSet()
+        await node.send_request("slow", "work", [0.5], into=reqs, label="w")
+        with trio.move_on_after(0.05):
+            await reqs.receive_response()
+        assert len(reqs) == 1
+        with trio.fail_after(10):
+            assert await reqs.receive_response() == ("w", "done")
+
+
+async def test_error_answers_carry_the_label(sshrpc_server: Any) -> None:
+    async with _connect(sshrpc_server) as node:
+        reqs = sshrpc.RequestSet()
+        await node.send_request("errors", "raise", [Atom("error"), b"boom"], into=reqs, label="bad")
+        await node.send_request("nosuch", "fun", [], into=reqs, label="undef")
+        await node.send_request("echo", "echo", [2], into=reqs, label="good")
+        seen: dict[Any, Any] = {}
+        with trio.fail_after(10):
+            while reqs:
+                try:
+                    label, value = await reqs.receive_response()
+                    seen[label] = value
+                except sshrpc.RemoteError as exc:
+                    seen[exc.label] = type(exc)
+        assert seen == {"good": 2, "bad": sshrpc.RemoteError, "undef": sshrpc.Forbidden}
+        req = await node.send_request("errors", "raise", [Atom("throw"), 7])
+        with pytest.raises(sshrpc.RemoteError) as info:
+            await node.receive_response(req)
+        assert (info.value.cls, info.value.reason, info.value.label) == ("throw", 7, None)
+
+
+async def test_connection_lost_fails_every_open_request(test_sshd: Any) -> None:
+    async with _channel(test_sshd, "opts") as node:
+        with trio.fail_after(2):
+            req = await node.send_request("m", "f", [])
+        opts = await node.receive_response(req)
+        assert 1500 < opts["timeout"] <= 2000  # the deadline at send time travels
+        reqs = sshrpc.RequestSet()
+        for i in range(10):
+            await node.send_request("m", "hang", [], into=reqs, label=i)
+        alone = await node.send_request("m", "hang", [])
+        assert await node.ping() >= 0  # the server has read them all
+        os.kill(_pid(test_sshd, "opts"), signal.SIGKILL)
+        labels = set()
+        with trio.fail_after(5):
+            while reqs:
+                with pytest.raises(sshrpc.ConnectionLost) as info:
+                    await reqs.receive_response()
+                labels.add(info.value.label)
+            with pytest.raises(sshrpc.ConnectionLost):
+                await node.receive_response(alone)
+        assert labels == set(range(10))
+        with pytest.raises(sshrpc.ConnectionLost):
+            await node.send_request("m", "f", [])
+
+
+async def test_dropped_requests_leak_no_undelivered_count(sshrpc_server: Any) -> None:
+    import gc
+
+    async with _connect(sshrpc_server) as node:
+        reqs = sshrpc.RequestSet()
+        for i in range(20):
+            await node.send_request("echo", "echo", [i], into=reqs, label=i)
+        alone = await node.send_request("echo", "echo", [b"x"])
+        with trio.fail_after(10):
+            while node._pending:
+                await trio.sleep(0.01)  # bounded polling for the answers
+        del reqs, alone  # dropped without receiving, e.g. on an error path
+        gc.collect()
+        stats = node.statistics()
+        assert (stats.open_calls, stats.undelivered) == (0, 0)

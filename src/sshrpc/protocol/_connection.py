@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, KeysView
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .._accel import FrameBuffer, decode_cost, encode_frame
+from .._accel import FrameBuffer, decode_cost, encode, encode_frame
 from .._errors import FrameTooLarge, LocalProtocolError, MessageTooLarge, ProtocolError, TermError
 from .._etf import DEFAULT_MAX_DEPTH
 from .._types import Atom, Map
@@ -368,6 +368,7 @@ class Connection:
         self._frames_received = 0
         self._frames_sent = 0
         self._too_large = 0
+        self._call_names: dict[tuple[str, str], bytes] = {}
         #: The hello this side sent, once sent.
         self.our_hello: Hello | None = None
         #: The peer's ``Hello`` event, once received.
@@ -955,6 +956,60 @@ class Connection:
             raise LocalProtocolError(f"a {self.role.value} does not send {type(event).__name__}")
         return handler(self, event)
 
+    def send_call(
+        self, call_id: int, module: str, function: str, args: Any, timeout: int | None = None
+    ) -> bytes:
+        """``send(Call(id=call_id, module=module, function=function,
+        args=list(args), timeout=timeout))`` -- the same bytes, errors and
+        state change -- without building the event: the client's per-call
+        path.  The frame's ``{call, Id, M, F`` part is assembled from cached
+        encodings (one per (module, function), bounded); only ``Args``, the
+        id and the timeout are encoded per call."""
+        new = self._send_rows[self._state].get("Call")
+        if (
+            new is None
+            or type(call_id) is not int
+            or not 0 <= call_id <= MAX_ID
+            or call_id in self._open
+            or (timeout is not None and (type(timeout) is not int or timeout < 0))
+        ):
+            # The slow path raises the right error (or handles the rare id).
+            return self.send(
+                Call(
+                    id=call_id,
+                    module=_atom(module),
+                    function=_atom(function),
+                    args=list(args),
+                    timeout=timeout,
+                )
+            )
+        names = self._call_names.get((module, function))
+        if names is None:
+            Call(id=0, module=_atom(module), function=_atom(function), args=[])  # checks names
+            names = encode(_atom(module))[1:] + encode(_atom(function))[1:]
+            if len(self._call_names) >= _CALL_NAMES_CACHED:
+                self._call_names.clear()
+            self._call_names[(module, function)] = names
+        body = encode(args if type(args) is list else list(args))
+        parts: list[bytes | memoryview] = [
+            b"",
+            _CALL_HEAD5 if timeout is None else _CALL_HEAD6,
+            _int_term(call_id),
+            names,
+            memoryview(body)[1:],
+        ]
+        if timeout is not None:
+            parts += (_TIMEOUT_OPTS, _int_term(timeout))
+        size = sum(map(len, parts))
+        if size > self._send_limit:
+            raise MessageTooLarge(size, self._send_limit)
+        parts[0] = size.to_bytes(4, "big")
+        frame = b"".join(parts)
+        self._frames_sent += 1
+        self._open[call_id] = _PLAIN
+        self._state = new
+        return frame
+
     def send_keepalive(self) -> bytes:
         """A zero-length frame, which the peer ignores.  Allowed in any state
         before ``CLOSED``."""
@@ -1185,6 +1240,26 @@ class Connection:
         Bye: _send_bye,
         Answer: _send_answer,
     }
+
+
+#: (module, function) pairs whose encoded atoms ``send_call`` keeps.
+_CALL_NAMES_CACHED: Final = 256
+# 131 (version), SMALL_TUPLE_EXT of 5 or 6, then the atom ``call``.
+_CALL_HEAD5: Final = b"\x83h\x05" + encode(A_CALL)[1:]
+_CALL_HEAD6: Final = b"\x83h\x06" + encode(A_CALL)[1:]
+# ``#{timeout => `` (MAP_EXT of one pair, the key atom); the value follows.
+_TIMEOUT_OPTS: Final = encode({K_TIMEOUT: 0})[1:-2]
+assert encode({K_TIMEOUT: 0})[-2:] == b"a\x00"
+_INT32: Final = 2**31
+
+
+def _int_term(value: int) -> bytes:
+    """The canonical ETF of a non-negative integer, no version byte."""
+    if value < 256:
+        return b"a" + value.to_bytes(1, "big")
+    if value < _INT32:
+        return b"b" + value.to_bytes(4, "big")
+    return encode(value)[1:]
 
 
 def _short(term: Any) -> str:

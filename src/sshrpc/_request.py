@@ -1,0 +1,279 @@
+"""The client's per-call records: ``Request`` (one open call, spawn or stream,
+also the handle ``Connection.send_request`` returns), ``RequestSet`` (many
+requests answered in completion order) and ``CallSlots`` (the server's
+``max_calls`` as a counter with parked waiters).
+
+Theory of operation.  A waiting task does not wait on a ``trio.Event``: it
+parks itself with ``trio.lowlevel.wait_task_rescheduled`` and records itself
+in the request (or set, or slot queue); the pump task, when the answer
+arrives, stores the outcome in the request and ``reschedule``s the parked
+task.  The abort callback (run by Trio when the parked task is cancelled)
+forgets the task, so a task is rescheduled at most once and never after it
+was cancelled.  Everything runs in one thread; no locks.
+
+The pump task calls ``Request._finish`` exactly once per request (final
+answer, error answer or connection end).  A finished request that belongs to
+a ``RequestSet`` goes into the set's completion deque, so
+``RequestSet.receive_response`` finds the next answer in O(1).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import trio
+from trio.lowlevel import Abort, Task, current_task, reschedule, wait_task_rescheduled
+
+from ._errors import ConnectionLost, RemoteError
+
+if TYPE_CHECKING:
+    from .client import Connection
+
+__all__ = ["CallSlots", "Request", "RequestSet"]
+
+
+class Request:
+    """One request in flight: the handle ``Connection.send_request`` returns.
+
+    ``id`` is the call's protocol id, ``label`` what ``RequestSet`` returns
+    with its result (None outside a set), ``done`` whether its final answer
+    (or the connection's end) has arrived.  Get its result once with
+    ``Connection.receive_response(req)`` or, inside a set,
+    ``RequestSet.receive_response()``.  The other attributes are private.
+    """
+
+    __slots__ = (
+        "_conn",
+        "_owner",
+        "_task",
+        "abandoned",
+        "chunk_event",
+        "chunks",
+        "counted",
+        "done",
+        "error",
+        "id",
+        "label",
+        "ok",
+        "received",
+        "slot",
+        "value",
+    )
+
+    def __init__(self, id: int, conn: Connection | None = None, label: Any = None) -> None:
+        self.id = id
+        self.label = label
+        self.done = False
+        self.ok = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+        #: The caller gave up: the answer is discarded (not counted).
+        self.abandoned = False
+        #: Its answer counts against ``max_undelivered`` until taken: true
+        #: for ``call``/``spawn``/``stream``, whose caller always takes it;
+        #: not for ``send_request``, whose handle may be dropped unreceived
+        #: (the answer then goes with it; nothing to leak).
+        self.counted = conn is None
+        #: The result was handed out (``receive_response``).
+        self.received = False
+        self.chunks: deque[Any] | None = None
+        self.chunk_event: trio.Event | None = None
+        self.slot: CallSlots | None = None
+        self._conn = conn
+        self._owner: RequestSet | None = None
+        self._task: Task | None = None
+
+    def __repr__(self) -> str:
+        state = "done" if self.done else "open"
+        return f"<sshrpc.Request id={self.id} label={self.label!r} {state}>"
+
+    def release(self) -> None:
+        """Give the call slot back (once)."""
+        slot = self.slot
+        if slot is not None:
+            self.slot = None
+            slot.release()
+
+    def _finish(self) -> None:
+        """Mark done and wake whoever waits for it (pump task only)."""
+        self.done = True
+        task = self._task
+        if task is not None:
+            self._task = None
+            reschedule(task)
+        owner = self._owner
+        if owner is not None:
+            owner._completed(self)
+        if self.chunk_event is not None:
+            self.chunk_event.set()
+
+    def _abort(self, _: Any) -> Abort:
+        self._task = None
+        return Abort.SUCCEEDED
+
+    async def _wait(self) -> None:
+        """Park until ``_finish`` (precondition: not done).  Cancellable;
+        a cancel leaves ``done`` as the pump left it."""
+        self._task = current_task()
+        await wait_task_rescheduled(self._abort)
+
+
+class RequestSet:
+    """Requests answered in the order they complete, like an OTP request-id
+    collection.
+
+    ``await conn.send_request(m, f, args, into=reqs, label=x)`` adds a
+    request; ``label, value = await reqs.receive_response()`` takes whichever
+    answer arrived first.  ``len(reqs)`` counts the requests not yet taken.
+    One task at a time may wait on a set.  Requests of several connections
+    may share a set.
+    """
+
+    __slots__ = ("_ready", "_requests", "_task")
+
+    def __init__(self) -> None:
+        self._requests: set[Request] = set()
+        self._ready: deque[Request] = deque()
+        self._task: Task | None = None
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def __bool__(self) -> bool:
+        return bool(self._requests)
+
+    def __repr__(self) -> str:
+        return f"<sshrpc.RequestSet {len(self._requests)} requests, {len(self._ready)} answered>"
+
+    @property
+    def answered(self) -> int:
+        """How many requests of the set have an answer waiting to be taken."""
+        return len(self._ready)
+
+    def _add(self, req: Request) -> None:
+        req._owner = self
+        self._requests.add(req)
+        if req.done:  # (cannot happen today: no checkpoint in between)
+            self._ready.append(req)
+
+    def _completed(self, req: Request) -> None:
+        self._ready.append(req)
+        task = self._task
+        if task is not None:
+            self._task = None
+            reschedule(task)
+
+    def _abort(self, _: Any) -> Abort:
+        self._task = None
+        return Abort.SUCCEEDED
+
+    def _take(self) -> tuple[Any, Any]:
+        req = self._ready.popleft()
+        self._requests.discard(req)
+        req._owner = None
+        req.received = True
+        if req.ok:
+            return req.label, req.value
+        error: RemoteError | ConnectionLost | BaseException | None = req.error
+        if not isinstance(error, RemoteError):
+            conn = req._conn
+            error = conn._raise_error() if conn is not None else ConnectionLost(str(error))
+        if isinstance(error, RemoteError | ConnectionLost):
+            error.label = req.label
+        raise error
+
+    async def receive_response(self) -> tuple[Any, Any]:
+        """Wait for the next request of the set to complete; remove it and
+        return ``(label, value)``.
+
+        An error answer raises its ``RemoteError`` (subclass) with ``.label``
+        set to the request's label; a connection that ended first raises
+        ``ConnectionLost`` (also with ``.label``).  Either way the request
+        leaves the set, so ``while reqs:`` loops end.  A checkpoint.  If
+        cancelled, no answer is taken: every request stays in the set (use
+        ``abandon()`` to give them up).  Raises ``ValueError`` if the set is
+        empty and ``trio.BusyResourceError`` if another task waits on it.
+        """
+        if self._ready:
+            await trio.lowlevel.checkpoint()
+        else:
+            if not self._requests:
+                raise ValueError("receive_response on an empty RequestSet")
+            if self._task is not None:
+                raise trio.BusyResourceError("another task is waiting on this RequestSet")
+            self._task = current_task()
+            await wait_task_rescheduled(self._abort)
+        if not self._ready:  # e.g. abandon() from another task while waiting
+            return await self.receive_response()
+        return self._take()
+
+    def check_response(self) -> tuple[Any, Any]:
+        """``receive_response`` without waiting: raises ``trio.WouldBlock``
+        when no request of the set has completed.  Not a checkpoint."""
+        if not self._ready:
+            raise trio.WouldBlock
+        return self._take()
+
+    def abandon(self) -> None:
+        """Give up every request of the set: ``{cancel, Id}`` goes to the
+        server for each one still open, answers that arrived are discarded,
+        and the set is empty.  Not a checkpoint."""
+        requests, self._requests = self._requests, set()
+        self._ready.clear()
+        for req in requests:
+            req._owner = None
+            conn = req._conn
+            if conn is not None:
+                conn._abandon(req)
+        task = self._task
+        if task is not None:
+            self._task = None
+            reschedule(task)
+
+
+class CallSlots:
+    """``n`` call slots: a counter plus a queue of parked tasks.
+
+    ``release`` hands a slot straight to the longest-waiting task, so a freed
+    slot is never taken by a newcomer while others wait.
+    """
+
+    __slots__ = ("_waiters", "free")
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self._waiters: deque[Task] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def acquire_nowait(self) -> bool:
+        """Take a slot if one is free and nobody waits; True if taken."""
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        """Wait for a slot (parks; first come, first served).  If cancelled,
+        no slot was taken."""
+        if self.acquire_nowait():
+            await trio.lowlevel.checkpoint()
+            return
+        task = current_task()
+        self._waiters.append(task)
+
+        def abort(_: Any) -> Abort:
+            self._waiters.remove(task)
+            return Abort.SUCCEEDED
+
+        await wait_task_rescheduled(abort)
+
+    def release(self) -> None:
+        """Free a slot, handing it to the first waiter if there is one."""
+        if self._waiters:
+            reschedule(self._waiters.popleft())
+        else:
+            self.free += 1
