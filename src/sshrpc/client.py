@@ -45,6 +45,7 @@ from ._errors import (
     TermError,
 )
 from ._pump import DEFAULT_WRITE_LIMIT, Pump
+from ._saferepr import safe_repr
 from ._types import Atom
 
 __all__ = [
@@ -273,9 +274,11 @@ class Connection:
                 self._slots = trio.Semaphore(event.max_calls)
             self._hello_event.set()
         elif isinstance(event, _p.Bye):
-            self._pump.fail(ConnectionLost(f"the server closed the session: {event.reason!r}"))
+            self._pump.fail(
+                ConnectionLost(f"the server closed the session: {safe_repr(event.reason)}")
+            )
         else:
-            log.info("ignored message from the server: %r", event)
+            log.info("ignored message from the server: %s", safe_repr(event))
 
     def _on_eof(self, error: BaseException) -> None:
         if self._error is None:
