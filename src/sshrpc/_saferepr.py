@@ -115,7 +115,7 @@ def safe_repr(value: Any, limit: int = LIMIT) -> str:
         _walk(value, out, 0)
     except _Full:
         pass
-    except Exception:  # noqa: BLE001 -- this helper must not raise
+    except Exception:  # this helper must not raise
         out.parts.append(" <unprintable>")
     text = clean("".join(out.parts))
     if len(text) > limit:

@@ -60,6 +60,27 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+_AUDIT_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+
+
+def _serving(parser: argparse.ArgumentParser) -> None:
+    """Options of the commands that run a node (``serve``, ``node``)."""
+    parser.add_argument(
+        "--redact-errors",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send clients only the class of an exception, not its message "
+        "(default: on; sshrpc.Error/Exit/Throw reasons are always sent)",
+    )
+    parser.add_argument(
+        "--audit-level",
+        choices=sorted(_AUDIT_LEVELS),
+        default="info",
+        help="level of the audit line of each request that ran (default info; "
+        "denials are warnings, rate-limited)",
+    )
+
+
 def _max_frame(text: str) -> int:
     try:
         value = int(text)
@@ -83,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve services behind a private sshd")
     _common(serve)
+    _serving(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT)
     serve.add_argument(
@@ -104,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
 
     node = sub.add_parser("node", help="run only the node (behind a system sshd)")
     _common(node)
+    _serving(node)
     node.add_argument("--socket", required=True, metavar="PATH")
     node.add_argument("--authorized-keys", metavar="FILE")
 
@@ -180,6 +203,8 @@ def _serve(args: argparse.Namespace) -> int:
         )
         if args.expose_traces:
             command += " --expose-traces"
+        if not args.redact_errors:
+            command += " --no-redact-errors"
         command += f" --max-frame {args.max_frame}"
     else:
         # The C relay starts per channel in ~1 ms instead of ~30 ms.
@@ -212,6 +237,8 @@ def _serve(args: argparse.Namespace) -> int:
                             policy=policy,
                             authorized_keys=keys_path,
                             expose_traces=args.expose_traces,
+                            redact_errors=args.redact_errors,
+                            audit_level=_AUDIT_LEVELS[args.audit_level],
                             max_frame=args.max_frame,
                             task_status=task_status,
                         )
@@ -276,6 +303,8 @@ def _node(args: argparse.Namespace) -> int:
                         policy=policy,
                         authorized_keys=args.authorized_keys,
                         expose_traces=args.expose_traces,
+                        redact_errors=args.redact_errors,
+                        audit_level=_AUDIT_LEVELS[args.audit_level],
                         max_frame=args.max_frame,
                         task_status=task_status,
                     )
@@ -360,10 +389,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sshrpc`` command; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if getattr(args, "audit_level", None) is not None:
+        # Audit lines at INFO and above show without -v; ``--audit-level
+        # debug`` hides the lines of allowed requests unless -vv.
+        from .policy import AUDIT_LOGGER
+
+        logging.getLogger(AUDIT_LOGGER).setLevel(min(logging.INFO, level))
     from . import _call
 
     handlers = {

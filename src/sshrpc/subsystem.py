@@ -211,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--policy")
     parser.add_argument("--authorized-keys")
     parser.add_argument("--expose-traces", action="store_true")
+    parser.add_argument("--redact-errors", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--max-frame", type=int, default=None)
     parser.add_argument(
         "--path", action="append", default=[], help="directory to import targets from"
@@ -229,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             policy=policy,
             authorized_keys=args.authorized_keys,
             expose_traces=args.expose_traces,
+            redact_errors=args.redact_errors,
             **({} if args.max_frame is None else {"max_frame": args.max_frame}),
         )
     )
