@@ -235,9 +235,9 @@ def test_identical_denials_are_counted(caplog):
         auditor.record(BOB, "call calc:add/2", "ok", 0.001)
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
-        "key=SHA256:bob cast calc:mul/2 outcome=forbidden",
-        "key=SHA256:bob cast calc:mul/2 outcome=forbidden (repeated 999 times)",
-        "key=SHA256:bob cast calc:mul/2 outcome=forbidden",
+        "key=SHA256:bob cast calc:mul/2 outcome=forbidden duration_ms=0.000",
+        "key=SHA256:bob cast calc:mul/2 outcome=forbidden duration_ms=0.000 (repeated 999 times)",
+        "key=SHA256:bob cast calc:mul/2 outcome=forbidden duration_ms=0.000",
         "key=SHA256:bob call calc:add/2 outcome=ok duration_ms=1.000",
         "key=SHA256:bob call calc:add/2 outcome=ok duration_ms=1.000",
     ]
@@ -257,9 +257,9 @@ def test_distinct_denials_are_limited_per_key(caplog):
         auditor.flush()
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 20 + 1 + 1 + 1
-    assert lines[20] == "key=SHA256:alice cast calc:f1/0 outcome=forbidden"
+    assert lines[20] == "key=SHA256:alice cast calc:f1/0 outcome=forbidden duration_ms=0.000"
     assert lines[21] == "key=SHA256:bob: 19980 more denials not logged"
-    assert lines[22] == "key=SHA256:bob cast calc:g/0 outcome=undef"
+    assert lines[22] == "key=SHA256:bob cast calc:g/0 outcome=undef duration_ms=0.000"
     assert sum(len(line) for line in lines) < 3000
 
 

@@ -405,10 +405,10 @@ class Auditor:
         (escaped here)."""
         fingerprint = clean(key.fingerprint or "-", 120)
         line = f"key={fingerprint} {clean(what, 600)} outcome={clean(outcome, 60)}"
+        if duration is not None:
+            line += f" duration_ms={duration * 1000.0:.3f}"
         if outcome not in DENIALS:
             if self.logger.isEnabledFor(self.allowed_level):
-                if duration is not None:
-                    line += f" duration_ms={duration * 1000.0:.3f}"
                 self.logger.log(self.allowed_level, "%s", line)
             return
         if not self.logger.isEnabledFor(logging.WARNING):

@@ -392,7 +392,7 @@ AUDIT_LINE = re.compile(
 
 async def test_serve_writes_an_audit_line_per_call(tmp_path: Path, client_key: Any) -> None:
     """``sshrpc -vv serve --policy F``: one ``sshrpc.audit`` line per call that
-    ran (DEBUG) and per denied call (WARNING), each with the key's
+    ran (INFO) and per denied call (WARNING), each with the key's
     fingerprint, kind, service:function/arity, outcome and duration."""
     from sshrpc._sshd import free_port
 
@@ -487,8 +487,8 @@ async def test_audit_lines_reach_syslog_via_sysloghandler(
         audit.setLevel(old_level)
         handler.close()
         receiver.close()
-    # <PRI>: facility auth (4) * 8 + severity debug (7) = 39
-    assert datagram.startswith("<39>sshrpc["), datagram
+    # <PRI>: facility auth (4) * 8 + severity info (6) = 38
+    assert datagram.startswith("<38>sshrpc["), datagram
     m = AUDIT_LINE.search(datagram)
     assert m is not None, datagram
     assert m.groups()[:6] == (client_key.fingerprint, "call", "lists", "reverse", "1", "ok")
