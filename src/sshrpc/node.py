@@ -685,12 +685,8 @@ class _Channel:
         # max_calls counts calls (a client waits for a free call slot, and
         # cannot see casts), and running casts must still be bounded.
         if self.casts >= self.node.max_calls:
-            log.warning(
-                "session %r: cast %s:%s dropped (max_calls open)",
-                self.pid,
-                clean(cast.module),
-                clean(cast.function),
-            )
+            # Dropped; logged as a denial (rate-limited), not a line each.
+            audit(self.key, "cast", cast.module, cast.function, len(cast.args), "overload", 0.0)
             return
         exported = self._check("cast", cast.module, cast.function, len(cast.args), None)
         if exported is None:

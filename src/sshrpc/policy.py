@@ -364,7 +364,7 @@ def _sample_arities(e: Exported) -> range:
 _audit = logging.getLogger(AUDIT_LOGGER)
 
 #: Outcomes that are denials: logged at WARNING and rate-limited.
-DENIALS = frozenset({"forbidden", "undef", "noproc", "dropped"})
+DENIALS = frozenset({"forbidden", "undef", "noproc", "dropped", "overload"})
 
 
 class Auditor:
