@@ -37,6 +37,11 @@ Theory of operation, cancellation and bounds:
   is dropped and logged (a warning), as a message to a dead process is.
   Messages to the client's mailbox (the session pid) are dropped the same
   way while the channel's answer queue is full.
+- A client's ``{send, Dest, Msg}`` is under the policy (``_client_send``):
+  registered names its key's rules list in ``send``, and pids of its own
+  session and of the processes it spawned (wider with ``send_pids``); each
+  send gets an audit line.  Pids are random (``new_pid``).  Service code's
+  ``send`` is trusted and not checked.
 - Processes spawned on a channel are linked to it: when the channel ends
   (``bye``, disconnect, protocol error) they are cancelled.
 - When the channel ends without a ``bye`` (the client disconnected, EOF), every
