@@ -243,3 +243,48 @@ async def test_bignum_cancel_gets_a_bye_and_no_traceback(served: Served) -> None
     text = served.text()
     assert "Traceback" not in text
     assert "int of 64001 bits" in text
+
+
+@pytest.mark.parametrize(
+    ("extra", "message", "info_line"),
+    [
+        (["--in-process"], b"", None),  # its log is sshd's stderr, not ours
+        (["--no-redact-errors", "--audit-level", "debug"], b"/srv/secret/path.py", False),
+    ],
+    ids=["in-process-redacts", "no-redact-audit-debug"],
+)
+async def test_serve_error_and_audit_flags(
+    tmp_path: Path,
+    client_key: ClientKey,
+    extra: list[str],
+    message: bytes,
+    info_line: bool | None,
+) -> None:
+    """``--redact-errors`` is on by default also in in-process mode (the flag
+    travels to the subsystem); ``--no-redact-errors`` sends the message;
+    ``--audit-level debug`` keeps the lines of allowed calls out of the
+    default log."""
+    keys = tmp_path / "authorized_keys"
+    keys.write_text(client_key.public_line + "\n")
+    state = tmp_path / "state"
+    info = start_serve(
+        ["sshrpc.demo:services"],
+        state_dir=state,
+        authorized_keys=keys,
+        identity=client_key.private,
+        extra_args=extra,
+    )
+    try:
+        ch = await SSHChannel.open(info.ssh_argv())
+        try:
+            await ch.hello()
+            reply = await ch.call(1, "errors", "raise", [A("other"), b"/srv/secret/path.py"])
+            assert reply == (A("error"), 1, (A("error"), (A("ValueError"), message), {}))
+            assert await ch.call(2, "echo", "echo", [b"x"]) == (A("reply"), 2, b"x")
+        finally:
+            await ch.aclose()
+    finally:
+        stop_serve(info)
+    text = (tmp_path / f"serve-{info.port}.log").read_text()
+    if info_line is not None:
+        assert ("call echo:echo/1 outcome=ok" in text) == info_line, text
