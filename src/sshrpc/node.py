@@ -507,7 +507,7 @@ class _Channel:
         elif isinstance(event, _p.Hello):
             self._hello(event)
         elif isinstance(event, _p.Mfa):
-            await self._legacy(event)
+            await self._audit_cut_off("mfa", event, functools.partial(self._legacy, event))
         elif isinstance(event, _p.Bye):
             if event.reason == Atom("normal"):
                 return True
@@ -633,17 +633,21 @@ class _Channel:
         self.emit(answer)
 
     async def _audit_cut_off(
-        self, kind: str, request: _p.Call | _p.Cast, run: Callable[[], Awaitable[None]]
+        self, kind: str, request: _p.Call | _p.Cast | _p.Mfa, run: Callable[[], Awaitable[None]]
     ) -> None:
-        """Run a call's or cast's task; if the channel ends under it (its
-        audit line is written only once it answered), write the audit line
-        with outcome ``disconnected``: one line per request, always."""
+        """Run a call's, cast's or legacy request's task; if the channel ends
+        under it (its audit line is written only once it answered), write
+        the audit line with outcome ``disconnected``: one line per request,
+        always."""
         start = trio.current_time()
         try:
             await run()
         except trio.Cancelled:
             duration = trio.current_time() - start
-            m, f, n = request.module, request.function, len(request.args)
+            m, f, args = request.module, request.function, request.args
+            m = m if isinstance(m, str) else safe_repr(m, 60)
+            f = f if isinstance(f, str) else safe_repr(f, 60)
+            n = len(args) if isinstance(args, list) else 0
             audit(self.key, kind, m, f, n, "disconnected", duration)
             raise
 

@@ -150,3 +150,42 @@ async def test_redact_errors(nursery: trio.Nursery, redact: bool) -> None:
     else:
         assert b"/srv/app/secret/config.toml" in reason[1]
         assert b"cannot encode" in reason2[1]
+
+
+async def test_requests_cut_off_by_a_disconnect_are_audited(
+    nursery: trio.Nursery, caplog: Any
+) -> None:
+    """One audit line per request, also for a call, a cast and a legacy mfa
+    still running when the channel ends."""
+    from sshrpc import demo
+
+    n = Node(demo.services)
+    with caplog.at_level(logging.INFO, logger="sshrpc.audit"):
+        ours, theirs = trio.testing.memory_stream_pair()
+        nursery.start_soon(n.serve_channel, theirs, ALICE)
+        c = Client(ours)
+        await c.hello()
+        await c.send((A("call"), 1, A("slow"), A("work"), [30]))
+        await c.send((A("cast"), A("slow"), A("work"), [30]))
+        await c.send((A("ping"), 1))
+        assert await c.recv() == (A("pong"), 1)
+        legacy_ours, legacy_theirs = trio.testing.memory_stream_pair()
+        nursery.start_soon(n.serve_channel, legacy_theirs, ALICE)
+        legacy = Client(legacy_ours)
+        await legacy.send((A("mfa"), (A("slow"), A("work"), [30])))
+        await trio.testing.wait_all_tasks_blocked()
+        await ours.aclose()
+        with trio.fail_after(5):
+            while n.statistics()["channels"] > 1:
+                await trio.sleep(0.01)  # bounded polling: the channel ends
+        # A legacy request is served inline (the reader waits for it), so a
+        # disconnect is seen once it answers; the node stopping cuts it off.
+        await n.shutdown(grace=0.5)
+        await legacy_ours.aclose()
+        with trio.fail_after(5):
+            while n.statistics()["channels"]:
+                await trio.sleep(0.01)
+    lines = [r.getMessage() for r in caplog.records if "outcome=disconnected" in r.getMessage()]
+    kinds = sorted(line.split()[1] for line in lines)
+    assert kinds == ["call", "cast", "mfa"], lines
+    assert all("slow:work/1" in line for line in lines)
