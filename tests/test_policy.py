@@ -269,3 +269,22 @@ def test_audit_bookkeeping_is_bounded(caplog):
         for n in range(5000):
             auditor.record(KeyIdentity(f"SHA256:k{n % 300}"), f"call m:f{n}/0", "forbidden", 0)
     assert len(auditor._same) <= 100 and len(auditor._per_key) <= 100
+
+
+def test_flushing_as_channels_end_keeps_the_windows(caplog):
+    """Ending channels (which flushes passed windows) does not reset a key's
+    budget: cycling channels cannot buy more lines."""
+    auditor, clock = _auditor(window=10.0, burst=2)
+    with caplog.at_level(logging.DEBUG, logger="sshrpc.audit.test"):
+        for n in range(100):
+            auditor.record(BOB, f"call m:f{n % 5}/0", "forbidden", None)
+            auditor.flush(expired_only=True)  # a channel ended
+        assert len(caplog.records) == 2
+        clock.now = 10.0
+        auditor.flush(expired_only=True)  # the node's periodic check
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[2:] == [
+        "key=SHA256:bob call m:f0/0 outcome=forbidden (repeated 19 times)",
+        "key=SHA256:bob call m:f1/0 outcome=forbidden (repeated 19 times)",
+        "key=SHA256:bob: 60 more denials not logged",
+    ]

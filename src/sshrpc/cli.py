@@ -79,6 +79,24 @@ def _serving(parser: argparse.ArgumentParser) -> None:
         help="level of the audit line of each request that ran (default info; "
         "denials are warnings, rate-limited)",
     )
+    parser.add_argument(
+        "--audit-window",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="rate limit of denial lines: an identical one once, at most 20 per key, "
+        "per window (default 10)",
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError("must be within 0..86400 seconds")
+    return value
 
 
 def _max_frame(text: str) -> int:
@@ -239,6 +257,7 @@ def _serve(args: argparse.Namespace) -> int:
                             expose_traces=args.expose_traces,
                             redact_errors=args.redact_errors,
                             audit_level=_AUDIT_LEVELS[args.audit_level],
+                            audit_window=args.audit_window,
                             max_frame=args.max_frame,
                             task_status=task_status,
                         )
@@ -305,6 +324,7 @@ def _node(args: argparse.Namespace) -> int:
                         expose_traces=args.expose_traces,
                         redact_errors=args.redact_errors,
                         audit_level=_AUDIT_LEVELS[args.audit_level],
+                        audit_window=args.audit_window,
                         max_frame=args.max_frame,
                         task_status=task_status,
                     )

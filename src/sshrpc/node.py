@@ -819,6 +819,7 @@ class Node:
         turn it on.
       audit_level: the level of audit lines for requests that ran (INFO by
         default); denials are WARNING lines, rate-limited (``Auditor``).
+      audit_window: the rate limit's window in seconds (default 10).
     """
 
     def __init__(
@@ -836,6 +837,7 @@ class Node:
         expose_traces: bool = False,
         redact_errors: bool = False,
         audit_level: int = logging.INFO,
+        audit_window: float = 10.0,
     ) -> None:
         found = flatten_services(services.values() if isinstance(services, Mapping) else services)
         self.table = ExposureTable(found, policy or Policy.allow_all())
@@ -847,7 +849,7 @@ class Node:
         self.mailbox_size = mailbox_size
         self.expose_traces = expose_traces
         self.redact_errors = redact_errors
-        self.auditor = Auditor(allowed_level=audit_level)
+        self.auditor = Auditor(allowed_level=audit_level, window=audit_window)
         self.limiter = trio.CapacityLimiter(worker_threads)
         self.pids: dict[Pid, _Channel | _Process] = {}
         self.registry: dict[str, Pid] = {}
@@ -932,6 +934,7 @@ class Node:
                 await channel.outbox.wait_empty()
         for channel in channels:
             channel.nursery.cancel_scope.cancel()
+        self.auditor.flush()
 
     def statistics(self) -> dict[str, int]:
         """Counts for leak checks: channels, open calls, processes, pids,
@@ -956,7 +959,7 @@ class Node:
         try:
             await _Channel(self, stream, key, peer).run()
         finally:
-            self.auditor.flush()
+            self.auditor.flush(expired_only=True)
             current_auditor.reset(token)
 
     async def serve_unix(
@@ -987,6 +990,7 @@ class Node:
             sock.listen(128)
             listener = trio.SocketListener(sock)
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._flush_audit)
                 task_status.started(path)
                 while True:
                     stream = await listener.accept()
@@ -995,6 +999,12 @@ class Node:
             sock.close()
             with contextlib.suppress(Exception):
                 os.unlink(path)
+
+    async def _flush_audit(self) -> None:
+        """Write the audit counts of passed rate-limit windows, once a window."""
+        while True:
+            await trio.sleep(self.auditor.window)
+            self.auditor.flush(expired_only=True)
 
     async def _serve_relay(self, stream: trio.SocketStream) -> None:
         try:

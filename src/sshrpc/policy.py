@@ -443,9 +443,15 @@ class Auditor:
         self._same[line] = [now, 0]
         self.logger.warning("%s", line)
 
-    def flush(self) -> None:
+    def flush(self, *, expired_only: bool = False) -> None:
         """Write the pending counts (``repeated N times``, ``N more denials
-        not logged``) and forget them; the node calls it as channels end."""
+        not logged``) and forget them: of windows that have passed (the node
+        does this every ``window`` seconds and as channels end), or all
+        (when the node stops).  Windows still running are kept, so ending
+        channels cannot reset a key's budget."""
+        if expired_only:
+            self._expire(self.clock())
+            return
         for line, (_, count) in self._same.items():
             self._repeated(line, int(count))
         for fingerprint, (_, _, count) in self._per_key.items():
