@@ -400,18 +400,23 @@ class Auditor:
         # fingerprint -> [window start, lines logged, lines not logged]
         self._per_key: dict[str, list[float]] = {}
 
+    def enabled(self, outcome: str) -> bool:
+        """Whether a line with ``outcome`` would be written (the level check)."""
+        level = logging.WARNING if outcome in DENIALS else self.allowed_level
+        return self.logger.isEnabledFor(level)
+
     def record(self, key: KeyIdentity, what: str, outcome: str, duration: float | None) -> None:
         """One request: ``what`` is e.g. ``call m:f/2`` or ``send <dest>``
         (escaped here)."""
+        denied = outcome in DENIALS
+        if not self.logger.isEnabledFor(logging.WARNING if denied else self.allowed_level):
+            return
         fingerprint = clean(key.fingerprint or "-", 120)
         line = f"key={fingerprint} {clean(what, 600)} outcome={clean(outcome, 60)}"
         if duration is not None:
             line += f" duration_ms={duration * 1000.0:.3f}"
-        if outcome not in DENIALS:
-            if self.logger.isEnabledFor(self.allowed_level):
-                self.logger.log(self.allowed_level, "%s", line)
-            return
-        if not self.logger.isEnabledFor(logging.WARNING):
+        if not denied:
+            self.logger.log(self.allowed_level, "%s", line)
             return
         now = self.clock()
         same = self._same.get(line)
@@ -498,7 +503,9 @@ def audit(
     ``outcome`` is ``ok``, ``forbidden``, ``undef``, ``error``, ``exit``,
     ``throw``, ``timeout``, ``cancelled``, ``disconnected``, ...
     """
-    current_auditor.get().record(key, f"{kind} {module}:{function}/{arity}", outcome, duration)
+    auditor = current_auditor.get()
+    if auditor.enabled(outcome):
+        auditor.record(key, f"{kind} {module}:{function}/{arity}", outcome, duration)
 
 
 def audit_send(key: KeyIdentity, dest: str, outcome: str) -> None:
