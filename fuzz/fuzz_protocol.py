@@ -10,7 +10,9 @@ later, some with chunks while credit lasts), answers refusals, pings and the
 legacy protocol.  Properties:
 
 - ``next_event`` returns an event, ``NEED_DATA`` or ``CLOSED``, or raises
-  ``ProtocolError`` (``FrameTooLarge`` included) and nothing else; after
+  ``ProtocolError`` (``FrameTooLarge`` included) and nothing else, also for
+  integers past Python's int-to-str digit limit; its message is bounded
+  (under 1,000 characters) and never the core's "internal error"; after
   that error the state is ``CLOSED``, the same error is raised again, its
   ``bye`` is a reason term of PROTOCOL.md's shapes, and ``send(Bye(reason=
   exc.bye))`` works exactly once;
@@ -67,7 +69,9 @@ _A = Atom
 SERVER_TAGS = ["hello", "call", "cast", "cancel", "credit", "ping", "bye", "spawn", "send", "mfa"]
 CLIENT_TAGS = ["hello", "reply", "error", "chunk", "send", "down", "pong", "bye", "answer"]
 PID = Pid.new("node@host", 7, 0, 1)
-IDS = [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 2**64 - 1, 2**64, -1, 1.0, _A("x"), b"1"]
+#: More than 4300 decimal digits (Python's int-to-str limit), small on the wire.
+HUGE = 2**20000
+IDS = [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 2**64 - 1, 2**64, -1, 1.0, _A("x"), b"1", HUGE, -HUGE]
 HELLO_KEYS = ["max_frame", "client", "server", "node", "session", "max_calls", "features", "new"]
 BYE_SHAPES = {"protocol_error": (bytes,), "bad_term": (bytes,), "frame_too_large": (int, int)}
 
@@ -79,6 +83,8 @@ def _leaf(fdp: atheris.FuzzedDataProvider) -> Any:
             _A("ok"), _A("normal"), _A("true"), _A("call"), _A("error"), _A("sshrpc"),
             _A("cancelled"), _A("calc"), _A("add"), PID, Reference.new("n@h", (1, 2, 3)),
             {}, {_A("timeout"): 5}, [_A("call"), _A("stream")], "str",
+            # past Python's int-to-str digit limit: error text must not repr them
+            HUGE, -HUGE, [[[[[HUGE]]]]],
         ]
     )  # fmt: skip
 
@@ -336,6 +342,11 @@ class _Harness:
     def protocol_error(self, exc: ProtocolError) -> None:
         conn = self.conn
         assert conn.state is CLOSED, conn.state
+        # Error text from peer data is bounded (safe_repr), and no bug hides
+        # behind the core's catch-all.
+        text = str(exc)
+        assert len(text) < 1000, len(text)
+        assert not text.startswith("internal error"), (text, exc.__cause__)
         reason = exc.bye
         assert reason is not None, exc
         if isinstance(exc, FrameTooLarge):

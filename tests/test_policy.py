@@ -8,6 +8,7 @@ import pytest
 
 from sshrpc.policy import (
     ANONYMOUS,
+    Auditor,
     ExposureTable,
     KeyIdentity,
     Policy,
@@ -134,4 +135,156 @@ def test_audit_lines(caplog):
     warn, debug = caplog.records
     assert warn.levelno == logging.WARNING
     assert "key=SHA256:bob call calc:sub/2 outcome=forbidden" in warn.getMessage()
-    assert debug.levelno == logging.DEBUG and "outcome=ok" in debug.getMessage()
+    assert debug.levelno == logging.INFO and "outcome=ok" in debug.getMessage()
+
+
+# -- sends under the policy (issue 11, finding 4) ----------------------------------
+
+
+SEND_POLICY = """
+[[rule]]
+keys = ["ops@*"]
+allow = ["calc"]
+send = ["jobs_*", "logger"]
+send_pids = "key"
+
+[[rule]]
+keys = ["root@*"]
+send_pids = "any"
+
+[[rule]]
+keys = ["*"]
+allow = ["calc:add"]
+"""
+
+
+def test_send_rules(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text(SEND_POLICY)
+    policy = Policy.load(path)
+    ops = KeyIdentity("SHA256:ops", "ops@host")
+    root = KeyIdentity("SHA256:root", "root@host")
+    assert policy.may_send_to_name(ops, "jobs_1") and policy.may_send_to_name(ops, "logger")
+    assert not policy.may_send_to_name(ops, "other")
+    assert not policy.may_send_to_name(BOB, "logger")  # a rule without send: no names
+    assert policy.pid_scope(ops) == "key"
+    assert policy.pid_scope(root) == "any"
+    assert policy.pid_scope(BOB) == "session"
+    # the default policy: every name, pids per session
+    assert Policy.allow_all().may_send_to_name(BOB, "anything")
+    assert Policy.allow_all().pid_scope(BOB) == "session"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[[rule]]\nsend = 'x'", "'send' must be a list of strings"),
+        ("[[rule]]\nsend_pids = 'all'", "'send_pids' must be"),
+    ],
+)
+def test_bad_send_rules(tmp_path, text, message):
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    with pytest.raises(PolicyError, match=message):
+        Policy.load(path)
+
+
+# -- safe audit (issue 11, findings 5 and 9) ----------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _auditor(**kw):
+    logger = logging.getLogger("sshrpc.audit.test")
+    clock = Clock()
+    return Auditor(logger=logger, clock=clock, **kw), clock
+
+
+def test_audit_escapes_control_characters(caplog):
+    """A function atom holding a newline cannot forge a second line."""
+    auditor, _ = _auditor()
+    forged = "x\nkey=SHA256:alice call calc:add/2 outcome=ok\r\x1b[2J\u2028"
+    mallory = KeyIdentity("SHA256:mal\nlory", "m")
+    with caplog.at_level(logging.DEBUG, logger="sshrpc.audit.test"):
+        auditor.record(mallory, f"call calc:{forged}/2", "forbidden", 0.0)
+        auditor.record(mallory, f"send {forged}", "ok\nforged", None)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    for line in lines:
+        assert line.isprintable(), line
+        assert line.startswith("key=SHA256:mal\\x0alory ")
+    assert (
+        "calc:x\\x0akey=SHA256:alice call calc:add/2 outcome=ok\\x0d\\x1b[2J\\u2028/2" in lines[0]
+    )
+
+
+def test_identical_denials_are_counted(caplog):
+    auditor, clock = _auditor(window=10.0, burst=5)
+    with caplog.at_level(logging.DEBUG, logger="sshrpc.audit.test"):
+        for _ in range(1000):
+            auditor.record(BOB, "cast calc:mul/2", "forbidden", 0.0)
+        clock.now = 11.0
+        auditor.record(BOB, "cast calc:mul/2", "forbidden", 0.0)
+        auditor.record(BOB, "call calc:add/2", "ok", 0.001)  # allowed: always a line
+        auditor.record(BOB, "call calc:add/2", "ok", 0.001)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "key=SHA256:bob cast calc:mul/2 outcome=forbidden duration_ms=0.000",
+        "key=SHA256:bob cast calc:mul/2 outcome=forbidden duration_ms=0.000 (repeated 999 times)",
+        "key=SHA256:bob cast calc:mul/2 outcome=forbidden duration_ms=0.000",
+        "key=SHA256:bob call calc:add/2 outcome=ok duration_ms=1.000",
+        "key=SHA256:bob call calc:add/2 outcome=ok duration_ms=1.000",
+    ]
+
+
+def test_distinct_denials_are_limited_per_key(caplog):
+    """20,000 denials of distinct names write at most ``burst`` lines per
+    key per window, plus one count; another key keeps its own budget."""
+    auditor, clock = _auditor(window=10.0, burst=20)
+    alice = KeyIdentity("SHA256:alice")
+    with caplog.at_level(logging.DEBUG, logger="sshrpc.audit.test"):
+        for n in range(20_000):
+            auditor.record(BOB, f"cast calc:f{n}/0", "forbidden", 0.0)
+        auditor.record(alice, "cast calc:f1/0", "forbidden", 0.0)
+        clock.now = 10.5
+        auditor.record(BOB, "cast calc:g/0", "undef", 0.0)
+        auditor.flush()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 20 + 1 + 1 + 1
+    assert lines[20] == "key=SHA256:alice cast calc:f1/0 outcome=forbidden duration_ms=0.000"
+    assert lines[21] == "key=SHA256:bob: 19980 more denials not logged"
+    assert lines[22] == "key=SHA256:bob cast calc:g/0 outcome=undef duration_ms=0.000"
+    assert sum(len(line) for line in lines) < 3000
+
+
+def test_audit_bookkeeping_is_bounded(caplog):
+    auditor, _ = _auditor(window=10.0, burst=10**9, max_entries=100)
+    with caplog.at_level(logging.DEBUG, logger="sshrpc.audit.test"):
+        for n in range(5000):
+            auditor.record(KeyIdentity(f"SHA256:k{n % 300}"), f"call m:f{n}/0", "forbidden", 0)
+    assert len(auditor._same) <= 100 and len(auditor._per_key) <= 100
+
+
+def test_flushing_as_channels_end_keeps_the_windows(caplog):
+    """Ending channels (which flushes passed windows) does not reset a key's
+    budget: cycling channels cannot buy more lines."""
+    auditor, clock = _auditor(window=10.0, burst=2)
+    with caplog.at_level(logging.DEBUG, logger="sshrpc.audit.test"):
+        for n in range(100):
+            auditor.record(BOB, f"call m:f{n % 5}/0", "forbidden", None)
+            auditor.flush(expired_only=True)  # a channel ended
+        assert len(caplog.records) == 2
+        clock.now = 10.0
+        auditor.flush(expired_only=True)  # the node's periodic check
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[2:] == [
+        "key=SHA256:bob call m:f0/0 outcome=forbidden (repeated 19 times)",
+        "key=SHA256:bob call m:f1/0 outcome=forbidden (repeated 19 times)",
+        "key=SHA256:bob: 60 more denials not logged",
+    ]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextvars
 from typing import Any
 
+from ._saferepr import clean as _clean
+from ._saferepr import safe_repr as _safe_repr
 from ._types import Atom as _atom
 
 __all__ = [
@@ -203,13 +205,14 @@ class RemoteError(SSHRPCError):
         super().__init__(message)
 
     def _message(self) -> str:
-        text = f"remote {self.cls}: {self.reason!r}"
+        # The server's terms: bounded text that cannot raise (safe_repr).
+        text = f"remote {_clean(str(self.cls), 255)}: {_safe_repr(self.reason, 500)}"
         if isinstance(self.details, dict):
             detail = self.details.get("message")
             if isinstance(detail, bytes | str):
                 if isinstance(detail, bytes):
-                    detail = detail.decode("utf-8", "replace")
-                text += f" ({detail})"
+                    detail = detail[:2000].decode("utf-8", "replace")
+                text += f" ({_clean(detail, 500)})"
         return text
 
     @classmethod

@@ -235,6 +235,20 @@ class Pid(Opaque):
             struct.unpack_from(">I", self.raw, len(self.raw) - (12 if self.raw[0] == 88 else 9))[0]
         )
 
+    @property
+    def serial(self) -> int:
+        """The pid's Serial field (the ``Y`` in ``<N.X.Y>``)."""
+        return int(
+            struct.unpack_from(">I", self.raw, len(self.raw) - (8 if self.raw[0] == 88 else 5))[0]
+        )
+
+    def __str__(self) -> str:
+        """``<node.X.Y>``, as in logs (the node name as it arrived)."""
+        try:
+            return f"<{self.node}.{self.id}.{self.serial}>"
+        except (ValueError, IndexError, struct.error):
+            return "<pid>"
+
 
 class Port(Opaque):
     """An Erlang port (tags 89 ``NEW_PORT_EXT``, 120 ``V4_PORT_EXT``, 102)."""

@@ -114,6 +114,45 @@ def _max_calls(text: str) -> int:
     return value
 
 
+_AUDIT_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+
+
+def _serving(parser: argparse.ArgumentParser) -> None:
+    """Options of the commands that run a node (``serve``, ``node``)."""
+    parser.add_argument(
+        "--redact-errors",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send clients only the class of an exception, not its message "
+        "(default: on; sshrpc.Error/Exit/Throw reasons are always sent)",
+    )
+    parser.add_argument(
+        "--audit-level",
+        choices=sorted(_AUDIT_LEVELS),
+        default="info",
+        help="level of the audit line of each request that ran (default info; "
+        "denials are warnings, rate-limited)",
+    )
+    parser.add_argument(
+        "--audit-window",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="rate limit of denial lines: an identical one once, at most 20 per key, "
+        "per window (default 10)",
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError("must be within 0..86400 seconds")
+    return value
+
+
 def _max_frame(text: str) -> int:
     try:
         value = int(text)
@@ -137,6 +176,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve services behind a private sshd")
     _common(serve)
+    _serving(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT)
     serve.add_argument(
@@ -158,6 +198,7 @@ def _parser() -> argparse.ArgumentParser:
 
     node = sub.add_parser("node", help="run only the node (behind a system sshd)")
     _common(node)
+    _serving(node)
     node.add_argument("--socket", required=True, metavar="PATH")
     node.add_argument("--authorized-keys", metavar="FILE")
 
@@ -301,6 +342,8 @@ def _serve(args: argparse.Namespace) -> int:
         )
         if args.expose_traces:
             command += " --expose-traces"
+        if not args.redact_errors:
+            command += " --no-redact-errors"
         command += f" --max-frame {args.max_frame} --max-calls {args.max_calls}"
     else:
         # The C relay starts per channel in ~1 ms instead of ~30 ms.
@@ -366,6 +409,9 @@ def _serve(args: argparse.Namespace) -> int:
                             policy=policy,
                             authorized_keys=keys_path,
                             expose_traces=args.expose_traces,
+                            redact_errors=args.redact_errors,
+                            audit_level=_AUDIT_LEVELS[args.audit_level],
+                            audit_window=args.audit_window,
                             max_frame=args.max_frame,
                             max_calls=args.max_calls,
                             max_channels_per_key=args.max_channels_per_key,
@@ -453,6 +499,9 @@ def _node(args: argparse.Namespace) -> int:
                         policy=policy,
                         authorized_keys=args.authorized_keys,
                         expose_traces=args.expose_traces,
+                        redact_errors=args.redact_errors,
+                        audit_level=_AUDIT_LEVELS[args.audit_level],
+                        audit_window=args.audit_window,
                         max_frame=args.max_frame,
                         max_calls=args.max_calls,
                         max_channels_per_key=args.max_channels_per_key,
@@ -540,10 +589,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sshrpc`` command; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if getattr(args, "audit_level", None) is not None:
+        # Audit lines at INFO and above show without -v; ``--audit-level
+        # debug`` hides the lines of allowed requests unless -vv.
+        from .policy import AUDIT_LOGGER
+
+        logging.getLogger(AUDIT_LOGGER).setLevel(min(logging.INFO, level))
     from . import _call
 
     handlers = {

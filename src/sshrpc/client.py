@@ -49,6 +49,7 @@ from ._errors import (
 )
 from ._pump import DEFAULT_WRITE_LIMIT, Pump
 from ._request import CallSlots, Request, RequestSet
+from ._saferepr import safe_repr
 from ._types import Atom
 
 __all__ = [
@@ -271,9 +272,11 @@ class Connection:
                 self._slots = CallSlots(event.max_calls)
             self._hello_event.set()
         elif isinstance(event, _p.Bye):
-            self._pump.fail(ConnectionLost(f"the server closed the session: {event.reason!r}"))
+            self._pump.fail(
+                ConnectionLost(f"the server closed the session: {safe_repr(event.reason)}")
+            )
         else:
-            log.info("ignored message from the server: %r", event)
+            log.info("ignored message from the server: %s", safe_repr(event))
 
     def _on_eof(self, error: BaseException) -> None:
         if self._error is None:

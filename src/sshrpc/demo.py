@@ -19,6 +19,8 @@
                        the spawning session's mailbox as ``{echo, Msg}``; the
                        message ``stop`` ends it normally, ``{crash, Reason}``
                        ends it with ``sshrpc.Exit(Reason)``
+``worker:named/1``     for ``spawn``: registers the process under the atom
+                       Name (a binary), then runs as ``worker:loop``
 ``errors:raise/2``     ``errors:raise(Class, Reason)``: Class ``error``,
                        ``exit`` or ``throw`` raises ``sshrpc.Error``/``Exit``/
                        ``Throw`` with Reason; ``other`` raises
@@ -132,6 +134,12 @@ async def loop() -> None:
         if isinstance(message, tuple) and len(message) == 2 and message[0] == Atom("crash"):
             raise Exit(message[1])
         node.send(session, (Atom("echo"), message))
+
+
+@worker.export
+async def named(name: bytes) -> None:
+    node.register(name)
+    await loop()
 
 
 @errors.export(name="raise")

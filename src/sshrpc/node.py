@@ -37,6 +37,11 @@ Theory of operation, cancellation and bounds:
   is dropped and logged (a warning), as a message to a dead process is.
   Messages to the client's mailbox (the session pid) are dropped the same
   way while the channel's answer queue is full.
+- A client's ``{send, Dest, Msg}`` is under the policy (``_client_send``):
+  registered names its key's rules list in ``send``, and pids of its own
+  session and of the processes it spawned (wider with ``send_pids``); each
+  send gets an audit line.  Pids are random (``new_pid``).  Service code's
+  ``send`` is trusted and not checked.
 - Processes spawned on a channel are linked to it: when the channel ends
   (``bye``, disconnect, protocol error) they are cancelled.
 - When the channel ends without a ``bye`` (the client disconnected, EOF), every
@@ -51,15 +56,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import itertools
 import logging
 import os
+import secrets
 import socket
 import stat
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -77,14 +82,18 @@ from ._bounds import (
     KeyAccounts,
 )
 from ._errors import LocalProtocolError, MessageTooLarge, ProtocolError, TermError
+from ._saferepr import clean, safe_repr
 from ._types import Atom, Pid
 from .policy import (
     ANONYMOUS,
+    Auditor,
     Decision,
     ExposureTable,
     KeyIdentity,
     Policy,
     audit,
+    audit_send,
+    current_auditor,
     identify_key,
 )
 from .service import Exported, Service, error_term, flatten_services
@@ -226,9 +235,13 @@ def whereis(name: str) -> Pid | None:
 
 
 class _Process:
-    def __init__(self, node: Node, pid: Pid, mailbox_size: int) -> None:
+    def __init__(
+        self, node: Node, pid: Pid, mailbox_size: int, owner: _Channel | None = None
+    ) -> None:
         self.node = node
         self.pid = pid
+        #: The session that spawned it (it runs with that session's key).
+        self.owner = owner
         self.inbox_send, self.inbox_receive = trio.open_memory_channel[Any](mailbox_size)
         self.names: set[str] = set()
 
@@ -236,7 +249,6 @@ class _Process:
         try:
             self.inbox_send.send_nowait(message)
         except trio.WouldBlock:
-            log.warning("mailbox of %r full; message dropped", self.pid)
             return False
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False
@@ -393,14 +405,14 @@ class _Channel:
         except (TermError, TypeError) as exc:
             if isinstance(event, _p.Reply | _p.Chunk):
                 # A value with no Erlang term: answer with an error instead.
-                cls, reason, details = error_term(exc, traces=self.node.expose_traces)
+                cls, reason, details = self.node.error_term(exc)
                 return self.emit(
                     _p.ErrorReply(id=event.id, cls=cls, reason=reason, details=details)
                 )
             log.warning("cannot send %s: %s", type(event).__name__, exc)
             return False
         except LocalProtocolError as exc:  # e.g. after the channel closed
-            log.debug("not sent (%s): %r", exc, event)
+            log.debug("not sent (%s): %s", exc, safe_repr(event))
             return False
         self._queue(data)
         return True
@@ -532,22 +544,6 @@ class _Channel:
             assert self.account is not None
             self.account.release(cost)
 
-    def _send(self, send: _p.Send) -> None:
-        """A client's ``{send, Dest, Msg}``: a message to a process holds the
-        key's units until it is received (or the process ends)."""
-        target = self.node.pids.get(send.dest) if isinstance(send.dest, Pid) else None
-        if isinstance(send.dest, str):
-            pid = self.node.registry.get(send.dest)
-            target = self.node.pids.get(pid) if pid is not None else None
-        if not isinstance(target, _Process):
-            self.node.send(send.dest, send.msg)
-            return
-        if not self._hold("send", None):
-            return
-        assert self.account is not None
-        if not target.deliver(Held(send.msg, self.frame_cost, self.account)):
-            self.account.release(self.frame_cost)
-
     async def _drain(self) -> None:
         """Wait for open calls to end, then say ``{bye, normal}``."""
         self.closing = True
@@ -609,25 +605,25 @@ class _Channel:
         elif isinstance(event, _p.Spawn):
             self._spawn(event)
         elif isinstance(event, _p.Send):
-            self._send(event)
+            self._client_send(event)
         elif isinstance(event, _p.Hello):
             self._hello(event)
         elif isinstance(event, _p.Mfa):
-            await self._legacy(event)
+            await self._audit_cut_off("mfa", event, functools.partial(self._legacy, event))
         elif isinstance(event, _p.Bye):
             if event.reason == Atom("normal"):
                 return True
             # Any other reason: the client is aborting; end like a disconnect.
-            log.info("session %r: client said bye %r", self.pid, event.reason)
+            log.info("session %r: client said bye %s", self.pid, safe_repr(event.reason))
             raise _ChannelEnded
         elif isinstance(event, _p.Refused):
-            log.info("session %r: refused (%s): %s", self.pid, event.reason, event.detail)
+            log.info("session %r: refused (%s): %s", self.pid, clean(event.reason), event.detail)
             if event.id is None:
                 self.emit(_p.Answer(result=(Atom("exec_error"), event.term), status=-1))
             else:
                 self.emit(_p.ErrorReply(id=event.id, cls=Atom("sshrpc"), reason=event.reason))
         else:
-            log.info("session %r: ignored %r", self.pid, event)
+            log.info("session %r: ignored %s", self.pid, safe_repr(getattr(event, "term", event)))
         return False
 
     def _hello(self, hello: _p.Hello) -> None:
@@ -668,7 +664,12 @@ class _Channel:
         if call.timeout is not None:
             scope.deadline = trio.current_time() + call.timeout / 1000
         self.calls[call.id] = _OpenCall(scope)
-        self.nursery.start_soon(self._holding, self.frame_cost, self._run_call, call, exported)
+        self.nursery.start_soon(
+            self._audit_cut_off,
+            "call",
+            call,
+            functools.partial(self._holding, self.frame_cost, self._run_call, call, exported),
+        )
 
     async def _invoke(self, exported: Exported, args: list[Any], stream_id: int | None) -> Any:
         if exported.kind == "async":
@@ -711,7 +712,7 @@ class _Channel:
                 outcome = "too_large"
                 answer = _p.ErrorReply(id=call.id, cls=Atom("sshrpc"), reason=Atom("too_large"))
             except Exception as exc:
-                cls, reason, details = error_term(exc, traces=self.node.expose_traces)
+                cls, reason, details = self.node.error_term(exc)
                 outcome = str(cls)
                 answer = _p.ErrorReply(id=call.id, cls=cls, reason=reason, details=details)
             if open_call.scope.cancelled_caught:
@@ -736,6 +737,70 @@ class _Channel:
         )
         self.emit(answer)
 
+    async def _audit_cut_off(
+        self, kind: str, request: _p.Call | _p.Cast | _p.Mfa, run: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run a call's, cast's or legacy request's task; if the channel ends
+        under it (its audit line is written only once it answered), write
+        the audit line with outcome ``disconnected``: one line per request,
+        always."""
+        start = trio.current_time()
+        try:
+            await run()
+        except trio.Cancelled:
+            duration = trio.current_time() - start
+            m, f, args = request.module, request.function, request.args
+            m = m if isinstance(m, str) else safe_repr(m, 60)
+            f = f if isinstance(f, str) else safe_repr(f, 60)
+            n = len(args) if isinstance(args, list) else 0
+            audit(self.key, kind, m, f, n, "disconnected", duration)
+            raise
+
+    def _client_send(self, send: _p.Send) -> None:
+        """A client's ``{send, Dest, Msg}``: delivered when the policy lets
+        this key send there (registered names listed in its ``send``; pids of
+        this session and its processes, or wider with ``send_pids``), then
+        audited: ``ok``, ``forbidden``, ``noproc`` or ``dropped``."""
+        node = self.node
+        dest = send.dest
+        target: _Channel | _Process | None = None
+        if type(dest) is Atom:
+            if node.table.policy.may_send_to_name(self.key, dest):
+                pid = node.registry.get(dest)
+                target = None if pid is None else node.pids.get(pid)
+                outcome = "noproc" if target is None else "ok"
+            else:
+                outcome = "forbidden"
+        elif isinstance(dest, Pid):
+            target = node.pids.get(dest)
+            if target is None:
+                outcome = "noproc"
+            else:
+                outcome = "ok" if self._may_send_to(target) else "forbidden"
+        else:
+            outcome = "noproc"
+        if outcome == "ok" and isinstance(target, _Process):
+            # A message to a process holds the key's units until it is
+            # received (or the process ends).
+            assert self.account is not None
+            if not self._hold("send", None):
+                outcome = "dropped"
+            elif not target.deliver(Held(send.msg, self.frame_cost, self.account)):
+                self.account.release(self.frame_cost)
+                outcome = "dropped"
+        elif outcome == "ok" and target is not None and not target.deliver(send.msg):
+            outcome = "dropped"
+        audit_send(self.key, str(dest) if isinstance(dest, Pid) else safe_repr(dest, 120), outcome)
+
+    def _may_send_to(self, target: _Channel | _Process) -> bool:
+        owner = target.owner if isinstance(target, _Process) else target
+        if owner is self:
+            return True
+        scope = self.node.table.policy.pid_scope(self.key)
+        if scope == "any":
+            return True
+        return scope == "key" and owner is not None and owner.key == self.key
+
     def _start_cast(self, cast: _p.Cast) -> None:
         if self.closing:
             return
@@ -743,18 +808,19 @@ class _Channel:
         # max_calls counts calls (a client waits for a free call slot, and
         # cannot see casts), and running casts must still be bounded.
         if self.casts >= self.node.max_calls:
-            log.warning(
-                "session %r: cast %s:%s dropped (max_calls open)",
-                self.pid,
-                cast.module,
-                cast.function,
-            )
+            # Dropped; logged as a denial (rate-limited), not a line each.
+            audit(self.key, "cast", cast.module, cast.function, len(cast.args), "overload", 0.0)
             return
         exported = self._check("cast", cast.module, cast.function, len(cast.args), None)
         if exported is None or not self._hold("cast", None):
             return
         self.casts += 1
-        self.nursery.start_soon(self._holding, self.frame_cost, self._run_cast, cast, exported)
+        self.nursery.start_soon(
+            self._audit_cut_off,
+            "cast",
+            cast,
+            functools.partial(self._holding, self.frame_cost, self._run_cast, cast, exported),
+        )
 
     async def _run_cast(self, cast: _p.Cast, exported: Exported) -> None:
         token = _current.set(_Context(self.node, self, None, self.key))
@@ -764,7 +830,13 @@ class _Channel:
             await self._invoke(exported, cast.args, None)
         except Exception as exc:
             outcome = str(error_term(exc)[0])
-            log.warning("cast %s:%s/%d failed: %r", cast.module, cast.function, len(cast.args), exc)
+            log.warning(
+                "cast %s:%s/%d failed: %s",
+                clean(cast.module),
+                clean(cast.function),
+                len(cast.args),
+                safe_repr(exc),
+            )
         finally:
             _current.reset(token)
             self.casts -= 1
@@ -792,7 +864,7 @@ class _Channel:
         exported = self._check("spawn", spawn.module, spawn.function, len(spawn.args), spawn.id)
         if exported is None or not self._hold("spawn", spawn.id):
             return
-        process = _Process(self.node, self.node.new_pid(), self.node.mailbox_size)
+        process = _Process(self.node, self.node.new_pid(), self.node.mailbox_size, owner=self)
         self.processes[process.pid] = process
         self.node.pids[process.pid] = process
         self.emit(_p.Reply(id=spawn.id, value=process.pid))
@@ -807,7 +879,7 @@ class _Channel:
         try:
             await self._invoke(exported, args, None)
         except Exception as exc:
-            cls, term, _ = error_term(exc)
+            cls, term, _ = self.node.error_term(exc, traces=False)
             reason = (cls, term)
         finally:
             _current.reset(token)
@@ -832,7 +904,7 @@ class _Channel:
         try:
             value = await self._invoke(exported, a, None)
         except Exception as exc:
-            cls, reason, _ = error_term(exc)
+            cls, reason, _ = self.node.error_term(exc, traces=False)
             audit(self.key, "mfa", m, f, len(a), str(cls), trio.current_time() - start)
             self.emit(_p.Answer(result=(Atom("exec_badrpc"), (cls, reason)), status=-1))
             return
@@ -866,6 +938,14 @@ class Node:
       max_cost, max_inflate_ratio: the decode budget of one request
         (default: ``protocol.COST_PER_BYTE`` times ``max_frame``) and the
         inflate ratio allowed for a compressed one (``protocol.Connection``).
+      redact_errors: an exception other than ``sshrpc.Error``/``Exit``/
+        ``Throw`` reaches the client as ``{'ExceptionClassName', <<>>}``:
+        its message (which may hold file paths, reprs, data) stays on the
+        node.  Off by default here; ``sshrpc serve`` and ``sshrpc node``
+        turn it on.
+      audit_level: the level of audit lines for requests that ran (INFO by
+        default); denials are WARNING lines, rate-limited (``Auditor``).
+      audit_window: the rate limit's window in seconds (default 10).
     """
 
     def __init__(
@@ -885,6 +965,9 @@ class Node:
         max_held_per_key: int = DEFAULT_MAX_HELD_PER_KEY,
         max_cost: int | None = None,
         max_inflate_ratio: int = _p.DEFAULT_MAX_INFLATE_RATIO,
+        redact_errors: bool = False,
+        audit_level: int = logging.INFO,
+        audit_window: float = 10.0,
     ) -> None:
         found = flatten_services(services.values() if isinstance(services, Mapping) else services)
         self.table = ExposureTable(found, policy or Policy.allow_all())
@@ -900,20 +983,40 @@ class Node:
         self.accounts = KeyAccounts(max_held_per_key, max_channels_per_key)
         #: Taken to decode a frame that may be expensive (``_Channel._next_event``).
         self.heavy = trio.Lock()
+        self.redact_errors = redact_errors
+        self.auditor = Auditor(allowed_level=audit_level, window=audit_window)
         self.limiter = trio.CapacityLimiter(worker_threads)
         self.pids: dict[Pid, _Channel | _Process] = {}
         self.registry: dict[str, Pid] = {}
         self.channels: set[_Channel] = set()
-        self._ids = itertools.count(1)
-        self._creation = os.getpid() & 0xFFFFFFFF
+        #: Random per node (never 0), as Erlang's creation differs per start.
+        self._creation = secrets.randbits(32) or 1
 
     def new_pid(self) -> Pid:
-        """A fresh pid of this node."""
-        n = next(self._ids)
-        return Pid.new(self.name, n & 0x7FFF, n >> 15, self._creation)
+        """A fresh pid of this node, unguessable: 28 random bits (a 15-bit ID
+        and a 13-bit serial, as ``PID_EXT`` allows) under a random creation;
+        never the pid of a live process or session."""
+        while True:
+            bits = secrets.randbits(28)
+            pid = Pid.new(self.name, bits & 0x7FFF, bits >> 15, self._creation)
+            if pid not in self.pids:
+                return pid
+
+    def error_term(self, exc: BaseException, *, traces: bool | None = None) -> Any:
+        """``service.error_term`` with this node's ``expose_traces`` (unless
+        ``traces`` says otherwise) and ``redact_errors``."""
+        return error_term(
+            exc,
+            traces=self.expose_traces if traces is None else traces,
+            redact=self.redact_errors,
+        )
 
     def send(self, dest: Pid | str, message: Any) -> bool:
-        """Deliver to a pid or registered name; ``False`` if dropped."""
+        """Deliver to a pid or registered name; ``False`` if dropped.
+
+        For service code (trusted): not checked against the policy.  Clients'
+        sends go through the policy (``_Channel._client_send``).
+        """
         if isinstance(dest, str):
             pid = self.registry.get(dest)
             if pid is None:
@@ -922,7 +1025,11 @@ class Node:
         target = self.pids.get(dest) if isinstance(dest, Pid) else None
         if target is None:
             return False
-        return target.deliver(message)
+        if not target.deliver(message):
+            if isinstance(target, _Process):
+                log.warning("mailbox of %r full; message dropped", target.pid)
+            return False
+        return True
 
     def register(self, name: str | bytes, pid: Pid) -> None:
         """Register ``pid`` under the atom ``name`` (a binary is taken as its
@@ -969,6 +1076,7 @@ class Node:
                 await channel.outbox.wait_empty()
         for channel in channels:
             channel.nursery.cancel_scope.cancel()
+        self.auditor.flush()
 
     def statistics(self) -> dict[str, int]:
         """Counts for leak checks: channels, open calls, processes, pids,
@@ -990,7 +1098,12 @@ class Node:
 
         Cancelling this cancels every task of the session; the stream is closed.
         """
-        await _Channel(self, stream, key, peer).run()
+        token = current_auditor.set(self.auditor)
+        try:
+            await _Channel(self, stream, key, peer).run()
+        finally:
+            self.auditor.flush(expired_only=True)
+            current_auditor.reset(token)
 
     async def serve_unix(
         self,
@@ -1027,6 +1140,7 @@ class Node:
             sock.listen(128)
             listener = trio.SocketListener(sock)
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._flush_audit)
                 task_status.started(path)
                 while True:
                     stream = await listener.accept()
@@ -1035,6 +1149,12 @@ class Node:
             sock.close()
             with contextlib.suppress(Exception):
                 os.unlink(path)
+
+    async def _flush_audit(self) -> None:
+        """Write the audit counts of passed rate-limit windows, once a window."""
+        while True:
+            await trio.sleep(self.auditor.window)
+            self.auditor.flush(expired_only=True)
 
     async def _serve_relay(self, stream: trio.SocketStream) -> None:
         try:
@@ -1058,7 +1178,9 @@ class Node:
                 return
             user_auth, ssh_connection = header
             key = identify_key(user_auth, self.authorized_keys)
-            log.info("channel from %s key %s", ssh_connection or "-", key)
+            log.info(
+                "channel from %s key %s", clean(ssh_connection or "-", 200), clean(str(key), 300)
+            )
             await self.serve_channel(stream, key, ssh_connection)
         except Exception:
             # A bug in one channel must not take the node down: log it.

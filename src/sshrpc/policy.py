@@ -30,24 +30,52 @@ let in.  The policy file (TOML) narrows that::
 
 Patterns are shell globs (``fnmatch``) on ``service``, ``service:function``
 or ``service:function/arity``; a missing part matches anything.
+
+Sends (``{send, Dest, Msg}`` from a client) are under the policy too::
+
+    [[rule]]
+    keys = ["ops@*"]
+    allow = ["jobs"]
+    send = ["jobs_*", "logger"]   # registered names (globs) this key may send to
+    send_pids = "session"         # pids: "session" (default), "key" or "any"
+
+A client may always send to its own session pid and to the processes its own
+session spawned.  ``send_pids = "key"`` widens that to processes spawned by
+any session of the same key, ``"any"`` to every pid of the node (other
+sessions' mailboxes included).  A rule without ``send`` allows no registered
+name; the default policy (no file) allows every name, and pids per session.
+Sends by service code (``sshrpc.node.send``) are not checked: the code is
+trusted.
+
+Audit (``AUDIT_LOGGER``): one line per call, cast, spawn, legacy mfa and
+client send, with every field escaped (``_saferepr.clean``) so a name holding
+a newline cannot forge a line.  Allowed requests are logged at
+``Auditor.allowed_level`` (INFO by default); denials at WARNING, rate-limited
+per key: an identical denial is logged once per ``window`` seconds and then
+as ``... repeated N times``, and at most ``burst`` denial lines per key per
+window are written (then ``N more denials not logged``).
 """
 
 from __future__ import annotations
 
 import binascii
+import contextvars
 import fnmatch
 import logging
 import os
+import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ._saferepr import clean
 from ._sshd import key_fingerprint
 from .service import Exported, Service
 
 __all__ = [
     "AUDIT_LOGGER",
+    "Auditor",
     "Decision",
     "ExposureTable",
     "KeyIdentity",
@@ -57,11 +85,14 @@ __all__ = [
     "identify_key",
 ]
 
-#: The logger audit lines go to (one per call at DEBUG, one per denied call at
-#: WARNING); route it to syslog with ``logging.handlers.SysLogHandler``.
+#: The logger audit lines go to (one per request at INFO by default, one per
+#: denied request at WARNING, rate-limited); route it to syslog with
+#: ``logging.handlers.SysLogHandler``.
 AUDIT_LOGGER = "sshrpc.audit"
 
 Outcome = Literal["allow", "forbidden", "undef"]
+PidScope = Literal["session", "key", "any"]
+_SCOPES: dict[str, int] = {"session": 0, "key": 1, "any": 2}
 
 
 class PolicyError(ValueError):
@@ -140,6 +171,8 @@ class Rule:
     keys: tuple[str, ...]
     allow: tuple[tuple[str, str, str], ...]
     deny: tuple[tuple[str, str, str], ...]
+    send: tuple[str, ...] = ()
+    send_pids: PidScope | None = None
 
     def matches_key(self, key: KeyIdentity) -> bool:
         for pattern in self.keys:
@@ -172,7 +205,7 @@ class Policy:
 
     @classmethod
     def allow_all(cls) -> Policy:
-        return cls((Rule(("*",), (("*", "*", "*"),), ()),))
+        return cls((Rule(("*",), (("*", "*", "*"),), (), ("*",)),))
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "<policy>") -> Policy:
@@ -187,20 +220,27 @@ class Policy:
         for n, raw in enumerate(raw_rules, 1):
             if not isinstance(raw, dict):
                 raise PolicyError(f"{source}: rule {n} is not a table")
-            bad = set(raw) - {"keys", "allow", "deny"}
+            bad = set(raw) - {"keys", "allow", "deny", "send", "send_pids"}
             if bad:
                 raise PolicyError(f"{source}: rule {n}: unknown keys {sorted(bad)}")
             lists = {}
-            for name in ("keys", "allow", "deny"):
+            for name in ("keys", "allow", "deny", "send"):
                 value = raw.get(name, ["*"] if name == "keys" else [])
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise PolicyError(f"{source}: rule {n}: '{name}' must be a list of strings")
                 lists[name] = value
+            scope = raw.get("send_pids")
+            if scope is not None and scope not in _SCOPES:
+                raise PolicyError(
+                    f'{source}: rule {n}: \'send_pids\' must be "session", "key" or "any"'
+                )
             rules.append(
                 Rule(
                     tuple(lists["keys"]),
                     tuple(_split_pattern(p) for p in lists["allow"]),
                     tuple(_split_pattern(p) for p in lists["deny"]),
+                    tuple(lists["send"]),
+                    scope,
                 )
             )
         return cls(tuple(rules), source)
@@ -228,6 +268,25 @@ class Policy:
                 return False
             allowed = allowed or Rule._hit(rule.allow, module, function, arity)
         return allowed
+
+    def may_send_to_name(self, key: KeyIdentity, name: str) -> bool:
+        """True when some rule for ``key`` lists the registered ``name`` (a
+        glob) in its ``send``."""
+        return any(
+            rule.matches_key(key) and any(fnmatch.fnmatchcase(name, p) for p in rule.send)
+            for rule in self.rules
+        )
+
+    def pid_scope(self, key: KeyIdentity) -> PidScope:
+        """Which pids ``key`` may send to: ``session`` (its own session and the
+        processes it spawned; the default), ``key`` (every session of this
+        key) or ``any``; the widest of the rules for ``key``."""
+        widest: PidScope = "session"
+        for rule in self.rules:
+            scope = rule.send_pids
+            if scope is not None and _SCOPES[scope] > _SCOPES[widest] and rule.matches_key(key):
+                widest = scope
+        return widest
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +363,128 @@ def _sample_arities(e: Exported) -> range:
 
 _audit = logging.getLogger(AUDIT_LOGGER)
 
+#: Outcomes that are denials: logged at WARNING and rate-limited.
+DENIALS = frozenset({"forbidden", "undef", "noproc", "dropped", "overload"})
+
+
+class Auditor:
+    """Writes audit lines to ``logger``; one per node.
+
+    ``allowed_level``: the level of lines for requests that ran (whatever
+    their outcome: ``ok``, ``error``, ``timeout``, ``disconnected``...).
+    Denials (``DENIALS``) are WARNING lines, rate-limited per key: an
+    identical line at most once per ``window`` seconds, then ``... repeated
+    N times``; at most ``burst`` denial lines per key per window, then ``N
+    more denials not logged``.  The bookkeeping is bounded (``max_entries``).
+    Every field is escaped with ``clean``.  Never raises for any input.
+    """
+
+    def __init__(
+        self,
+        *,
+        allowed_level: int = logging.INFO,
+        window: float = 10.0,
+        burst: int = 20,
+        max_entries: int = 4096,
+        logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.allowed_level = allowed_level
+        self.window = window
+        self.burst = burst
+        self.max_entries = max_entries
+        self.logger = logger or _audit
+        self.clock = clock
+        # line -> [window start, identical lines not logged]
+        self._same: dict[str, list[float]] = {}
+        # fingerprint -> [window start, lines logged, lines not logged]
+        self._per_key: dict[str, list[float]] = {}
+
+    def enabled(self, outcome: str) -> bool:
+        """Whether a line with ``outcome`` would be written (the level check)."""
+        level = logging.WARNING if outcome in DENIALS else self.allowed_level
+        return self.logger.isEnabledFor(level)
+
+    def record(self, key: KeyIdentity, what: str, outcome: str, duration: float | None) -> None:
+        """One request: ``what`` is e.g. ``call m:f/2`` or ``send <dest>``
+        (escaped here)."""
+        denied = outcome in DENIALS
+        if not self.logger.isEnabledFor(logging.WARNING if denied else self.allowed_level):
+            return
+        fingerprint = clean(key.fingerprint or "-", 120)
+        line = f"key={fingerprint} {clean(what, 600)} outcome={clean(outcome, 60)}"
+        if duration is not None:
+            line += f" duration_ms={duration * 1000.0:.3f}"
+        if not denied:
+            self.logger.log(self.allowed_level, "%s", line)
+            return
+        now = self.clock()
+        same = self._same.get(line)
+        if same is not None and now - same[0] < self.window:
+            same[1] += 1
+            return
+        quota = self._per_key.get(fingerprint)
+        if quota is None or now - quota[0] >= self.window:
+            if quota is not None and quota[2]:
+                self._more(fingerprint, int(quota[2]))
+            if quota is None and len(self._per_key) >= self.max_entries:
+                self._expire(now)
+                while len(self._per_key) >= self.max_entries:  # the oldest goes
+                    oldest = next(iter(self._per_key))
+                    self._more(oldest, int(self._per_key.pop(oldest)[2]))
+            quota = self._per_key[fingerprint] = [now, 0, 0]
+        if same is not None:
+            self._repeated(line, int(same[1]))
+            del self._same[line]
+        if quota[1] >= self.burst:
+            quota[2] += 1
+            return
+        quota[1] += 1
+        if len(self._same) >= self.max_entries:
+            self._expire(now)
+            while len(self._same) >= self.max_entries:  # the oldest goes
+                oldest = next(iter(self._same))
+                self._repeated(oldest, int(self._same.pop(oldest)[1]))
+        self._same[line] = [now, 0]
+        self.logger.warning("%s", line)
+
+    def flush(self, *, expired_only: bool = False) -> None:
+        """Write the pending counts (``repeated N times``, ``N more denials
+        not logged``) and forget them: of windows that have passed (the node
+        does this every ``window`` seconds and as channels end), or all
+        (when the node stops).  Windows still running are kept, so ending
+        channels cannot reset a key's budget."""
+        if expired_only:
+            self._expire(self.clock())
+            return
+        for line, (_, count) in self._same.items():
+            self._repeated(line, int(count))
+        for fingerprint, (_, _, count) in self._per_key.items():
+            self._more(fingerprint, int(count))
+        self._same.clear()
+        self._per_key.clear()
+
+    def _expire(self, now: float) -> None:
+        for line in [k for k, v in self._same.items() if now - v[0] >= self.window]:
+            self._repeated(line, int(self._same.pop(line)[1]))
+        for fp in [k for k, v in self._per_key.items() if now - v[0] >= self.window]:
+            self._more(fp, int(self._per_key.pop(fp)[2]))
+
+    def _repeated(self, line: str, count: int) -> None:
+        if count:
+            self.logger.warning("%s (repeated %d times)", line, count)
+
+    def _more(self, fingerprint: str, count: int) -> None:
+        if count:
+            self.logger.warning("key=%s: %d more denials not logged", fingerprint, count)
+
+
+_default_auditor = Auditor()
+#: The auditor of the node serving the current task (set per channel).
+current_auditor: contextvars.ContextVar[Auditor] = contextvars.ContextVar(
+    "sshrpc_auditor", default=_default_auditor
+)
+
 
 def audit(
     key: KeyIdentity,
@@ -314,21 +495,21 @@ def audit(
     outcome: str,
     duration: float,
 ) -> None:
-    """Log one audit line: DEBUG for a call that ran, WARNING when denied.
+    """Log one audit line for ``kind`` (``call``, ``cast``, ``spawn``,
+    ``mfa``) ``module:function/arity`` through the current node's
+    ``Auditor``: at its allowed level for a request that ran, WARNING
+    (rate-limited) when denied.
 
     ``outcome`` is ``ok``, ``forbidden``, ``undef``, ``error``, ``exit``,
-    ``throw``, ``timeout``, ``cancelled``, ...
+    ``throw``, ``timeout``, ``cancelled``, ``disconnected``, ...
     """
-    level = logging.WARNING if outcome == "forbidden" else logging.DEBUG
-    if _audit.isEnabledFor(level):
-        _audit.log(
-            level,
-            "key=%s %s %s:%s/%d outcome=%s duration_ms=%.3f",
-            key.fingerprint or "-",
-            kind,
-            module,
-            function,
-            arity,
-            outcome,
-            duration * 1000.0,
-        )
+    auditor = current_auditor.get()
+    if auditor.enabled(outcome):
+        auditor.record(key, f"{kind} {module}:{function}/{arity}", outcome, duration)
+
+
+def audit_send(key: KeyIdentity, dest: str, outcome: str) -> None:
+    """Log one client ``send`` to ``dest`` (text of the pid or name):
+    ``ok``, ``forbidden`` (the policy), ``noproc`` (no such process) or
+    ``dropped`` (its mailbox is full)."""
+    current_auditor.get().record(key, f"send {dest}", outcome, None)

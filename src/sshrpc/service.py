@@ -167,11 +167,15 @@ def flatten_services(items: Iterable[Any]) -> dict[str, Service]:
     return found
 
 
-def error_term(exc: BaseException, *, traces: bool = False) -> tuple[Atom, Any, dict[Any, Any]]:
+def error_term(
+    exc: BaseException, *, traces: bool = False, redact: bool = False
+) -> tuple[Atom, Any, dict[Any, Any]]:
     """``(Class, Reason, Details)`` for an exception raised by service code.
 
     ``sshrpc.Error``/``Exit``/``Throw`` keep their class and exact reason.
-    Anything else is ``error`` with ``{'ExceptionClassName', <<"message">>}``.
+    Anything else is ``error`` with ``{'ExceptionClassName', <<"message">>}``,
+    or ``{'ExceptionClassName', <<>>}`` when ``redact`` is true (the message
+    may hold file paths, reprs or data the client should not see).
     ``Details`` holds ``trace => [Binary]`` only when ``traces`` is true.
     """
     details: dict[Any, Any] = {}
@@ -181,4 +185,14 @@ def error_term(exc: BaseException, *, traces: bool = False) -> tuple[Atom, Any, 
         ]
     if isinstance(exc, _Raised):
         return Atom(exc.erlang_class), exc.reason, details
-    return Atom("error"), (Atom(type(exc).__name__), str(exc).encode()), details
+    if redact:
+        return Atom("error"), (Atom(type(exc).__name__[:255]), b""), details
+    try:
+        message = str(exc)
+    except Exception:  # a broken __str__ must not lose the answer
+        message = f"<{type(exc).__name__} (str failed)>"
+    return (
+        Atom("error"),
+        (Atom(type(exc).__name__[:255]), message.encode("utf-8", "replace")),
+        details,
+    )

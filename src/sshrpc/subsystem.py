@@ -168,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--policy")
     parser.add_argument("--authorized-keys")
     parser.add_argument("--expose-traces", action="store_true")
+    parser.add_argument("--redact-errors", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--max-frame", type=int, default=None)
     parser.add_argument("--max-calls", type=int, default=None)
     parser.add_argument(
@@ -187,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             policy=policy,
             authorized_keys=args.authorized_keys,
             expose_traces=args.expose_traces,
+            redact_errors=args.redact_errors,
             **({} if args.max_frame is None else {"max_frame": args.max_frame}),
             **({} if args.max_calls is None else {"max_calls": args.max_calls}),
         )

@@ -315,7 +315,8 @@ def test_erlang_calls_python(erl: ErlangNode) -> None:
         ("errors, raise, [error, badarith]", "{error,{error,badarith,#{}}}"),
         ("errors, raise, [exit, {shutdown, 1}]", "{error,{exit,{shutdown,1},#{}}}"),
         ('errors, raise, [throw, <<"t">>]', '{error,{throw,<<"t">>,#{}}}'),
-        ('errors, raise, [other, <<"bad">>]', "{error,{error,{'ValueError',<<\"bad\">>},"),
+        # sshrpc serve redacts exception messages by default: the class only
+        ('errors, raise, [other, <<"bad">>]', "{error,{error,{'ValueError',<<>>},"),
         ("erlang, halt, []", "{error,{sshrpc,forbidden,"),
         ("lists, sort, [[2, 1]]", "{error,{sshrpc,undef,"),
         ("lists, reverse, [[1], [2]]", "{error,{sshrpc,undef,"),

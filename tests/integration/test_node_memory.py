@@ -152,7 +152,7 @@ async def test_spawn_bound_and_cast_bound(nursery, caplog):
             await c.send((A("cast"), A("t"), A("sleeper"), []))
         await c.send((A("call"), 8, A("t"), A("quick"), [1]))
         assert await c.recv() == (A("error"), 8, (A("sshrpc"), A("overload"), {}))
-    assert caplog.text.count("cast t:sleeper dropped") == 1
+    assert caplog.text.count("cast t:sleeper/0 outcome=overload") == 1  # the audit line
     assert n.statistics()["processes"] == 2
 
 

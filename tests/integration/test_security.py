@@ -293,11 +293,19 @@ elif mode == "hugehello":
     raw(encode((A("reply"), cid, b"y" * (2 << 20))))
 elif mode == "requests":
     send((A("reply"), cid, A("ok")))
+elif mode == "hugeid":
+    # past Python's int-to-str digit limit: the client's error text must cope
+    send((A("reply"), 2**64000, A("ok")))
+elif mode == "hugeerror":
+    send((A("error"), cid, (A("error"), (2**64000, [[[[2**64000]]]]), {{}})))
 while True:
     read()
 """
 
-EVIL_MODES = ["biglen", "deep", "bomb", "bignum", "chunks", "streamflood", "hugehello", "requests"]
+EVIL_MODES = [
+    "biglen", "deep", "bomb", "bignum", "chunks", "streamflood", "hugehello", "requests",
+    "hugeid", "hugeerror",
+]  # fmt: skip
 
 
 @pytest.fixture
@@ -340,6 +348,8 @@ def _rss_kib() -> int:
         ("chunks", sshrpc.ProtocolError),  # chunks for a call that is no stream
         ("hugehello", sshrpc.ProtocolError),  # our max_frame holds, not theirs
         ("requests", sshrpc.ProtocolError),  # "a server does not send call": nothing ran
+        ("hugeid", sshrpc.ProtocolError),  # was ValueError (int-to-str digit limit)
+        ("hugeerror", sshrpc.RemoteError),  # was ValueError building the message
     ],
 )
 async def test_malicious_server_gets_a_typed_error_and_bounded_memory(
@@ -355,8 +365,13 @@ async def test_malicious_server_gets_a_typed_error_and_bounded_memory(
                 with pytest.raises(expected) as info:
                     await conn.call("m", "f", [])
                 assert not isinstance(info.value, MemoryError | RecursionError)
-                with pytest.raises(sshrpc.SSHRPCError):  # the connection is over
-                    await conn.call("m", "f", [])
+                assert len(str(info.value)) < 2000
+                if mode == "hugeerror":  # a valid answer: the value whole, bounded text
+                    assert info.value.reason[0] == 2**64000
+                    assert "<int of 64001 bits>" in str(info.value)
+                else:
+                    with pytest.raises(sshrpc.SSHRPCError):  # the connection is over
+                        await conn.call("m", "f", [])
     growth = _hwm_kib() - start_rss
     print(f"\nmalicious {mode}: {type(info.value).__name__ if expected else 'ok'}, "
           f"peak RSS growth {growth} KiB")  # fmt: skip
@@ -392,7 +407,7 @@ AUDIT_LINE = re.compile(
 
 async def test_serve_writes_an_audit_line_per_call(tmp_path: Path, client_key: Any) -> None:
     """``sshrpc -vv serve --policy F``: one ``sshrpc.audit`` line per call that
-    ran (DEBUG) and per denied call (WARNING), each with the key's
+    ran (INFO) and per denied call (WARNING), each with the key's
     fingerprint, kind, service:function/arity, outcome and duration."""
     from sshrpc._sshd import free_port
 
@@ -487,8 +502,8 @@ async def test_audit_lines_reach_syslog_via_sysloghandler(
         audit.setLevel(old_level)
         handler.close()
         receiver.close()
-    # <PRI>: facility auth (4) * 8 + severity debug (7) = 39
-    assert datagram.startswith("<39>sshrpc["), datagram
+    # <PRI>: facility auth (4) * 8 + severity info (6) = 38
+    assert datagram.startswith("<38>sshrpc["), datagram
     m = AUDIT_LINE.search(datagram)
     assert m is not None, datagram
     assert m.groups()[:6] == (client_key.fingerprint, "call", "lists", "reverse", "1", "ok")

@@ -44,6 +44,7 @@ from typing import Any, Final
 from .._accel import FrameBuffer, decode_cost, encode, encode_frame
 from .._errors import FrameTooLarge, LocalProtocolError, MessageTooLarge, ProtocolError, TermError
 from .._etf import DEFAULT_MAX_DEPTH
+from .._saferepr import safe_repr
 from .._types import Atom, Map
 from ._events import (
     DEFAULT_CREDIT,
@@ -280,7 +281,7 @@ def _atom(value: str) -> Atom:
 
 
 def _text(value: object) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else repr(value)
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else safe_repr(value)
 
 
 def _protocol_error(message: str) -> ProtocolError:
@@ -526,11 +527,18 @@ class Connection:
                 return CLOSED
             self._frames_received += 1
             term = self._decode(payload)
-            if type(term) is not tuple or not term or type(term[0]) is not Atom:
-                event: Event | None = self._not_a_message(term)
-            else:
-                handler = self._recv.get(term[0])
-                event = self._unknown(term) if handler is None else handler(self, term)
+            try:
+                if type(term) is not tuple or not term or type(term[0]) is not Atom:
+                    event: Event | None = self._not_a_message(term)
+                else:
+                    handler = self._recv.get(term[0])
+                    event = self._unknown(term) if handler is None else handler(self, term)
+            except ProtocolError:
+                raise
+            except Exception as exc:  # a bug here must still be a ProtocolError
+                raise self._fail(
+                    _protocol_error(f"internal error on a frame: {type(exc).__name__}")
+                ) from exc
             if event is not None:
                 return event
 
@@ -634,7 +642,7 @@ class Connection:
         if version != PROTOCOL_VERSION or type(version) is not int:
             raise self._fail(
                 ProtocolError(
-                    f"the peer speaks protocol version {version!r}, this side only 1",
+                    f"the peer speaks protocol version {_short(version)}, this side only 1",
                     bye=(A_UNSUPPORTED_VERSION, [PROTOCOL_VERSION]),
                 )
             )
@@ -646,15 +654,15 @@ class Connection:
         features = fields.get(K_FEATURES, [])
         try:
             if type(max_frame) is not int or max_frame <= 0:
-                raise ValueError(f"max_frame {max_frame!r}")
+                raise ValueError(f"max_frame {_short(max_frame)}")
             if max_calls is not None and (type(max_calls) is not int or max_calls < 1):
-                raise ValueError(f"max_calls {max_calls!r}")
+                raise ValueError(f"max_calls {_short(max_calls)}")
             if type(features) is not list or not all(type(f) is Atom for f in features):
-                raise ValueError(f"features {features!r}")
+                raise ValueError(f"features {_short(features)}")
             client, server = fields.get(K_CLIENT), fields.get(K_SERVER)
             node = fields.get(K_NODE)
             if node is not None and type(node) is not Atom:
-                raise ValueError(f"node {node!r}")
+                raise ValueError(f"node {_short(node)}")
             hello = Hello(
                 version=version,
                 max_frame=max_frame,
@@ -1263,5 +1271,6 @@ def _int_term(value: int) -> bytes:
 
 
 def _short(term: Any) -> str:
-    text = repr(term)
-    return text if len(text) <= 200 else text[:197] + "..."
+    """Peer data for an error message: bounded, never raises (huge ints,
+    deep terms; ``safe_repr``)."""
+    return safe_repr(term, 200)
