@@ -220,6 +220,10 @@ parse(Bin, St = #st{max_frame = Max}) ->
                 {error, Detail} ->
                     out({bye, {bad_term, Detail}}, St),
                     St#st{stop = true};
+                {new_atoms, _N, Detail} ->
+                    %% More new atoms than max_new_atoms still allows.
+                    out({bye, {atom_limit, Detail}}, St),
+                    St#st{stop = true};
                 {inflate_too_large, Size} ->
                     out({bye, {frame_too_large, Size, Max}}, St),
                     St#st{stop = true}

@@ -23,7 +23,7 @@
 -module(sshrpc_server).
 -behaviour(ssh_server_channel).
 
--export([subsystem_spec/1, default_options/0]).
+-export([subsystem_spec/1, default_options/0, atom_statistics/0]).
 -export([init/1, handle_msg/2, handle_ssh_msg/2, terminate/2]).
 -export([writer/3]).  %% shared with sshrpc_client
 
@@ -44,7 +44,9 @@
     expose_traces => boolean(),  %% put stack traces in error Details (default false)
     send_names => [atom()],      %% registered names a client may send to (default [])
     send_any => boolean(),       %% let clients send to any pid or name (default false)
-    name => binary()             %% the hello's `server' value
+    name => binary(),            %% the hello's `server' value
+    max_session_atoms => non_neg_integer(), %% new atoms one session may add (default 4096)
+    max_node_atoms => non_neg_integer()     %% new atoms all sessions on this node may add (default 65536)
 }.
 -export_type([options/0, mfa_rule/0]).
 
@@ -78,8 +80,11 @@
     session :: pid() | undefined, %% the relay named in the hello
     out_bytes = 0 :: non_neg_integer(), %% queued to the writer, not yet sent
     legacy_q = queue:new() :: queue:queue(term()),
-    legacy_busy = false :: false | {pid(), reference()}
+    legacy_busy = false :: false | {pid(), reference()},
+    atoms_left :: non_neg_integer()  %% new atoms this session may still add
 }).
+
+-define(ATOM_COUNTER, {?MODULE, new_atoms}).
 
 %% @doc The entry for ssh:daemon's `subsystems' option, name "sshrpc@k2r.org".
 -spec subsystem_spec(options()) -> {string(), {module(), [options()]}}.
@@ -90,7 +95,34 @@ subsystem_spec(Opts) ->
 default_options() ->
     #{allow => [], max_calls => 1024, max_frame => 64 * ?MIB, max_out_bytes => 4 * ?MIB,
       expose_traces => false, send_names => [], send_any => false,
-      name => <<"sshrpc-erlang/0.1.0">>}.
+      name => <<"sshrpc-erlang/0.1.0">>,
+      max_session_atoms => 4096, max_node_atoms => 65536}.
+
+%% @doc How many atoms sshrpc sessions have added to this node's atom table
+%% since it started (the count the `max_node_atoms' ceiling applies to).
+-spec atom_statistics() -> #{new_atoms := non_neg_integer()}.
+atom_statistics() ->
+    #{new_atoms => atomics:get(atom_counter(), 1)}.
+
+%% The node-wide count of atoms added by sessions: one atomics array, made
+%% once per node (global:trans serialises the first sessions).
+atom_counter() ->
+    case persistent_term:get(?ATOM_COUNTER, undefined) of
+        undefined ->
+            global:trans({?ATOM_COUNTER, self()},
+                         fun() ->
+                             case persistent_term:get(?ATOM_COUNTER, undefined) of
+                                 undefined ->
+                                     Ref = atomics:new(1, [{signed, false}]),
+                                     persistent_term:put(?ATOM_COUNTER, Ref),
+                                     Ref;
+                                 Ref ->
+                                     Ref
+                             end
+                         end, [node()]);
+        Ref ->
+            Ref
+    end.
 
 %%% ssh_server_channel callbacks
 
@@ -101,8 +133,10 @@ init([Opts0]) ->
     %% Load the exposed modules, so that their function names exist as atoms
     %% before a request names them (requests are decoded with [safe]).
     _ = [code:ensure_loaded(M) || {M, _, _} <- maps:get(allow, Opts)],
+    _ = atom_counter(),
     {ok, #st{opts = Opts, allow = Allow,
-             rx_max = min(?MIB, maps:get(max_frame, Opts))}}.
+             rx_max = min(?MIB, maps:get(max_frame, Opts)),
+             atoms_left = maps:get(max_session_atoms, Opts)}}.
 
 to_list(M) when is_map(M) -> maps:to_list(M);
 to_list(L) when is_list(L) -> L.
@@ -181,9 +215,10 @@ terminate(_Reason, St = #st{calls = Calls, legacy_busy = LB}) ->
     ok.
 
 %% What `{sshrpc_statistics, From, Ref}' answers (for operators and tests).
-session_statistics(#st{calls = C, out_bytes = Out, casts = Casts, spawned = Sp}) ->
+session_statistics(#st{calls = C, out_bytes = Out, casts = Casts, spawned = Sp,
+                        atoms_left = AL, opts = #{max_session_atoms := AMax}}) ->
     #{open_calls => map_size(C), queued_answer_bytes => Out,
-      running_casts => map_size(Casts), spawned => map_size(Sp)}.
+      running_casts => map_size(Casts), spawned => map_size(Sp), new_atoms => AMax - AL}.
 
 ret(St = #st{stop = true, ch = Ch}) -> {stop, Ch, St};
 ret(St) -> {ok, St}.
@@ -206,8 +241,86 @@ payload(Payload, St = #st{rx_max = Max}) ->
     case sshrpc_wire:decode(Payload, #{max => Max}) of
         {ok, Term, _} -> term(Term, St);
         {error, Detail} -> bye({bad_term, Detail}, St);
-        {inflate_too_large, Size} -> bye({frame_too_large, Size, Max}, St)
+        {inflate_too_large, Size} -> bye({frame_too_large, Size, Max}, St);
+        {new_atoms, N, Detail} -> new_atoms(Payload, N, Detail, St)
     end.
+
+%%% Atoms this node does not know yet
+%%
+%% The atom table is never collected, so a request that would add N atoms is
+%% charged to two budgets before binary_to_term creates any: the session's
+%% (max_session_atoms) and the node's (max_node_atoms, one counter for every
+%% sshrpc session on the node). Within both it is decoded and served like
+%% any other. Beyond either nothing is created and the request is answered
+%% from its envelope, read without decoding: a call or spawn gets
+%% {error, Id, {sshrpc, badarg, #{reason => atom_limit, ...}}}, a ping its
+%% pong, a legacy mfa {answer, {{exec_badrpc, atom_limit}, -1}}; a cast or
+%% send is dropped and logged (they are never answered). Only a frame whose
+%% envelope cannot be read ends the session, with {bye, {atom_limit, Detail}}.
+
+new_atoms(Payload, N, Detail, St) ->
+    case charge_atoms(N, St) of
+        {ok, St1} ->
+            case sshrpc_wire:decode_new_atoms(Payload) of
+                {ok, Term} -> term(Term, St1);
+                {error, D} -> bye({bad_term, D}, St1)
+            end;
+        {refused, Scope, Limit} ->
+            Msg = detail("~b new atoms would pass the ~p budget of ~b (~ts)",
+                         [N, Scope, Limit, Detail]),
+            logger:warning("sshrpc: refused a request from user ~p: ~ts", [St#st.user, Msg]),
+            Details = #{reason => atom_limit, scope => Scope, new_atoms => N, limit => Limit,
+                        message => Msg},
+            atom_limit(sshrpc_wire:envelope(Payload), Details, St)
+    end.
+
+charge_atoms(N, #st{atoms_left = Left, opts = #{max_session_atoms := Max}}) when N > Left ->
+    {refused, session, Max};
+charge_atoms(N, St = #st{atoms_left = Left, opts = #{max_node_atoms := Max}}) ->
+    Ref = atom_counter(),
+    case atomics:add_get(Ref, 1, N) of
+        Total when Total > Max ->
+            atomics:sub(Ref, 1, N),
+            {refused, node, Max};
+        _ ->
+            {ok, St#st{atoms_left = Left - N}}
+    end.
+
+atom_limit({mfa, _, _, _}, Details, St = #st{mode = init, opts = O}) ->
+    atom_limit({mfa, 2, unknown, <<>>}, Details,
+               St#st{mode = legacy, rx_max = maps:get(max_frame, O)});
+atom_limit(_, Details, St = #st{mode = legacy}) ->
+    %% Legacy mode answers every frame, in order.
+    legacy({sshrpc_atom_limit, Details}, St);
+atom_limit({Tag, _, Id, _}, Details, St = #st{mode = v1})
+  when Tag =:= call; Tag =:= spawn; Tag =:= cancel; Tag =:= credit ->
+    case valid_id(Id) andalso not is_map_key(Id, St#st.calls) of
+        true ->
+            out(error_frame(Id, sshrpc, badarg, Details), St);
+        false ->
+            bye({protocol_error, detail("~p message with too many new atoms and no usable id",
+                                        [Tag])}, St)
+    end;
+atom_limit({ping, 2, _, Token}, _Details, St = #st{mode = v1}) ->
+    %% {pong, Token} built from the token's own bytes: no atom is created.
+    Pong = <<131, 104, 2, 119, 4, "pong", Token/binary>>,
+    out([<<(byte_size(Pong)):32>>, Pong], St);
+atom_limit({Tag, _, _, _}, #{message := Msg}, St = #st{mode = v1})
+  when Tag =:= cast; Tag =:= send ->
+    logger:warning("sshrpc: dropped a ~p from user ~p: ~ts", [Tag, St#st.user, Msg]),
+    St;
+atom_limit({bye, _, _, _}, _Details, St = #st{mode = v1}) ->
+    St#st{stop = true};
+atom_limit({Tag, _, _, _}, _Details, St = #st{mode = v1}) ->
+    case lists:member(Tag, ?KNOWN_TAGS) of
+        false ->
+            logger:info("sshrpc: ignored a message with unknown tag ~p", [Tag]),
+            St;
+        true ->
+            bye({protocol_error, detail("malformed ~p message", [Tag])}, St)
+    end;
+atom_limit(_, #{message := Msg}, St) ->
+    bye({atom_limit, Msg}, St).
 
 %% The first frame decides the mode.
 term({hello, 1, M}, St = #st{mode = init}) when is_map(M) ->
@@ -616,6 +729,8 @@ legacy_start({mfa, {M, F, A}} = T, St) when is_atom(M), is_atom(F) ->
                     St#st{legacy_busy = {Pid, MRef}}
             end
     end;
+legacy_start({sshrpc_atom_limit, _Details}, St) ->
+    legacy_answer({{exec_badrpc, atom_limit}, -1}, St);
 legacy_start(T, St) ->
     legacy_answer({{exec_error, T}, -1}, St).
 

@@ -9,7 +9,8 @@
 %% offset (PROTOCOL.md section 2).
 -module(sshrpc_wire).
 
--export([frame/1, frame/2, encode/1, take/2, take_one/2, decode/2, check/1]).
+-export([frame/1, frame/2, encode/1, take/2, take_one/2, decode/2, decode_new_atoms/1,
+         check/1, envelope/1]).
 -export([buffer/0, buffer/1, buffer_add/2]).
 
 -define(MAX_DEPTH, 10000).
@@ -96,11 +97,21 @@ take(<<Len:32, Payload:Len/binary, Rest/binary>>, Max, Acc) ->
 take(Rest, _Max, Acc) ->
     {lists:reverse(Acc), Rest}.
 
-%% @doc Decode one payload. With #{new_atoms => N} (N > 0) a payload whose only
-%% fault is atoms this node does not know yet is decoded anyway if it holds at
-%% most N of them (clients use this for node names); the server always passes 0.
+%% @doc Decode one payload.
+%%
+%% A payload that binary_to_term(B, [safe]) accepts decodes at once. One
+%% whose only fault is atoms this node does not know yet (or external funs,
+%% `fun M:F/A', whose export entries are not collected either) is walked
+%% first, without creating anything, and the distinct unknown atoms counted:
+%% - with #{new_atoms => Budget}, up to Budget of them are accepted and the
+%%   payload decoded ({ok, Term, Count}); the client uses this for the atoms
+%%   in a server's answers;
+%% - otherwise (or beyond Budget) the answer is {new_atoms, Count, Detail}:
+%%   nothing was created; the caller charges Count to its budgets and calls
+%%   decode_new_atoms/1 if they allow it (the server does this).
 -spec decode(binary(), decode_opts()) ->
-    {ok, term(), non_neg_integer()} | {error, binary()} | {inflate_too_large, non_neg_integer()}.
+    {ok, term(), non_neg_integer()} | {error, binary()} | {inflate_too_large, non_neg_integer()}
+    | {new_atoms, pos_integer(), binary()}.
 decode(<<131, 80, Size:32, _/binary>>, #{max := Max}) when Size > Max ->
     {inflate_too_large, Size};
 decode(Payload, Opts) ->
@@ -115,28 +126,79 @@ decode_unsafe(Payload, Opts) ->
     Budget = maps:get(new_atoms, Opts, 0),
     case check(Payload) of
         {ok, NewAtoms, _} when NewAtoms > 0, NewAtoms =< Budget ->
-            try binary_to_term(Payload, [used]) of
-                {Term, Used} when Used =:= byte_size(Payload) -> {ok, Term, NewAtoms};
-                {_, Used} -> {error, detail(<<"trailing bytes after the term">>, Used)}
-            catch
-                error:badarg -> {error, detail(<<"invalid term">>, 0)}
+            case decode_new_atoms(Payload) of
+                {ok, Term} -> {ok, Term, NewAtoms};
+                Error -> Error
             end;
         {ok, NewAtoms, {Offset, Text}} when NewAtoms > 0 ->
-            {error, detail(iolist_to_binary(io_lib:format(
-                "~b atoms unknown to this node (only existing atoms are accepted), "
-                "the first '~ts'", [NewAtoms, Text])), Offset)};
+            {new_atoms, NewAtoms, detail(iolist_to_binary(io_lib:format(
+                "~b atoms unknown to this node, the first '~ts'", [NewAtoms, Text])), Offset)};
+        {ok, NewAtoms, none} when NewAtoms > 0 ->
+            {new_atoms, NewAtoms, detail(iolist_to_binary(io_lib:format(
+                "~b external funs", [NewAtoms])), 0)};
         {ok, 0, _} ->
             {error, detail(<<"term refused by binary_to_term(B, [safe])">>, 0)};
         {error, What, Offset} ->
             {error, detail(What, Offset)}
     end.
 
+%% @doc Decode a payload for which decode/2 answered {new_atoms, N, _}, once
+%% the caller has accepted N new atoms: this creates them.
+-spec decode_new_atoms(binary()) -> {ok, term()} | {error, binary()}.
+decode_new_atoms(Payload) ->
+    try binary_to_term(Payload, [used]) of
+        {Term, Used} when Used =:= byte_size(Payload) -> {ok, Term};
+        {_, Used} -> {error, detail(<<"trailing bytes after the term">>, Used)}
+    catch
+        error:badarg -> {error, detail(<<"invalid term">>, 0)}
+    end.
+
+%% @doc The start of a request, read without decoding it (for a payload that
+%% cannot be decoded now): its tag, if it is an atom this node knows, the
+%% second element if it is an integer (the id of call, spawn, cancel and
+%% credit), and the bytes after the tag. `unknown' where a part cannot be read.
+-spec envelope(binary()) ->
+    {atom(), pos_integer(), integer() | unknown, binary()} | unknown.
+envelope(<<131, 104, Arity, Rest/binary>>) when Arity >= 1 ->
+    envelope_tag(Arity, Rest);
+envelope(<<131, 105, Arity:32, Rest/binary>>) when Arity >= 1 ->
+    envelope_tag(Arity, Rest);
+envelope(_) ->
+    unknown.
+
+envelope_tag(Arity, Bin) ->
+    Parsed = case Bin of
+                 <<118, L:16, T:L/binary, R/binary>> -> {T, utf8, R};
+                 <<119, L, T:L/binary, R/binary>> -> {T, utf8, R};
+                 <<100, L:16, T:L/binary, R/binary>> -> {T, latin1, R};
+                 <<115, L, T:L/binary, R/binary>> -> {T, latin1, R};
+                 _ -> unknown
+             end,
+    case Parsed of
+        unknown -> unknown;
+        {Text, Enc, Rest} ->
+            try binary_to_existing_atom(Text, Enc) of
+                Tag when Arity >= 2 -> {Tag, Arity, envelope_int(Rest), Rest};
+                Tag -> {Tag, Arity, unknown, Rest}
+            catch
+                error:badarg -> unknown
+            end
+    end.
+
+envelope_int(<<97, I, _/binary>>) -> I;
+envelope_int(<<98, I:32/signed, _/binary>>) -> I;
+envelope_int(<<110, N, Sign, Digits:N/binary, _/binary>>) ->
+    I = binary:decode_unsigned(Digits, little),
+    case Sign of 0 -> I; _ -> -I end;
+envelope_int(_) -> unknown.
+
 detail(What, Offset) ->
     iolist_to_binary([What, io_lib:format(" at byte ~b", [Offset])]).
 
-%% @doc Walk an ETF payload without building it. Returns how many atoms in it
-%% are unknown to this node, or what is wrong and where. The first unknown
-%% atom is not an error here: decode/2 decides.
+%% @doc Walk an ETF payload without building it. Returns how many distinct
+%% atoms in it are unknown to this node (plus one per external fun,
+%% `fun M:F/A', whose export entry is never collected either), or what is
+%% wrong and where. Unknown atoms are not an error here: decode/2 decides.
 -spec check(binary()) ->
     {ok, non_neg_integer(), none | {non_neg_integer(), binary()}}
     | {error, binary(), non_neg_integer()}.
@@ -145,16 +207,18 @@ check(<<131, 80, _:32, _/binary>>) ->
     {error, <<"invalid compressed term">>, 0};
 check(<<131, Rest/binary>> = Payload) ->
     erase(sshrpc_first_unknown_atom),
+    put(sshrpc_unknown_atoms, #{}),
     try walk(Rest, 1, 0, 0) of
         {<<>>, _Off, New} ->
+            erase(sshrpc_unknown_atoms),
             case erase(sshrpc_first_unknown_atom) of
                 undefined -> {ok, New, none};
                 First -> {ok, New, First}
             end;
-        {_, Off, _} -> {error, <<"trailing bytes after the term">>, Off}
+        {_, Off, _} -> erase(sshrpc_unknown_atoms), {error, <<"trailing bytes after the term">>, Off}
     catch
-        throw:{bad, What, Off} -> {error, What, Off};
-        error:_ -> {error, <<"truncated term">>, byte_size(Payload)}
+        throw:{bad, What, Off} -> erase(sshrpc_unknown_atoms), {error, What, Off};
+        error:_ -> erase(sshrpc_unknown_atoms), {error, <<"truncated term">>, byte_size(Payload)}
     end;
 check(<<>>) ->
     {error, <<"empty payload">>, 0};
@@ -210,7 +274,7 @@ walk(<<Tag, R/binary>>, Off, D, N) ->
             {R2, O2, N2} = walk(R1, O + 2, D + 1, N),
             skip(R2, 1 + 4 * L, O2, N2);
         113 ->
-            {R1, O1, N1} = walk(R, O, D + 1, N),
+            {R1, O1, N1} = walk(R, O, D + 1, N + 1),
             {R2, O2, N2} = walk(R1, O1, D + 1, N1),
             walk(R2, O2, D + 1, N2);
         112 ->
@@ -246,8 +310,19 @@ atom(R, LenBytes, Enc, Off, N) ->
                     _ -> bad(<<"invalid atom text">>, Off)
                 end
         end,
-    Known orelse N > 0 orelse put(sshrpc_first_unknown_atom, {Off, Text}),
-    {R2, O + LenBytes + L, case Known of true -> N; false -> N + 1 end}.
+    Seen = get(sshrpc_unknown_atoms),
+    Key = case Enc of
+              utf8 -> Text;
+              latin1 -> unicode:characters_to_binary(Text, latin1, utf8)
+          end,
+    case Known orelse is_map_key(Key, Seen) of
+        true ->
+            {R2, O + LenBytes + L, N};
+        false ->
+            map_size(Seen) > 0 orelse put(sshrpc_first_unknown_atom, {Off, Text}),
+            put(sshrpc_unknown_atoms, Seen#{Key => true}),
+            {R2, O + LenBytes + L, N + 1}
+    end.
 
 elems(R, 0, O, _D, N) -> {R, O, N};
 elems(R, K, O, D, N) ->

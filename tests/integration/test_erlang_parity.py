@@ -1,0 +1,343 @@
+"""The Erlang daemon at parity with the Python node (issue 14).
+
+- Atoms the node does not know are accepted within a per-session and a
+  node-wide budget; past a budget the request is answered, the channel kept.
+- Processes a session spawned and casts it runs end with the session.
+- Per-key policy and one audit line per call through ``logger``.
+
+Real VMs (erlang_helpers), OTP's ssh daemon, OpenSSH's ``ssh -s`` for
+hand-built frames and the Python client (``sshrpc.open_connection``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from erlang_helpers import (
+    ErlangNode,
+    ErlangServer,
+    RawChannel,
+    erl_string,
+    erlang_available,
+    erlang_client_dir,
+    start_erlang_server,
+)
+
+import sshrpc
+from sshrpc import Atom
+
+pytestmark = [
+    pytest.mark.skipif(not erlang_available(), reason="Erlang/OTP is not installed"),
+    pytest.mark.timeout(60),
+]
+
+ALLOW = "[{erlang, node, 0}, {lists, reverse, 1}, {sshrpc_test_funs, '_', '_'}]"
+
+_serial = itertools.count()
+
+
+def fresh(n: int = 1, prefix: str = "fresh") -> list[str]:
+    """Atom names no VM has seen: unique per call, per test run."""
+    run = uuid.uuid4().hex[:10]
+    return [f"{prefix}_{run}_{next(_serial)}_{i}" for i in range(n)]
+
+
+def erl_atom(name: str) -> str:
+    return "'" + name.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@pytest.fixture(scope="module")
+def server_node() -> Iterator[ErlangNode]:
+    node = ErlangNode()
+    try:
+        yield node
+    finally:
+        node.close()
+
+
+@pytest.fixture(scope="module")
+def server(
+    server_node: ErlangNode, tmp_path_factory: pytest.TempPathFactory, client_key: Any
+) -> Iterator[ErlangServer]:
+    srv = start_erlang_server(
+        server_node, tmp_path_factory.mktemp("parity"), [client_key.public_line], allow=ALLOW
+    )
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client_node(
+    server: ErlangServer, tmp_path_factory: pytest.TempPathFactory, client_key: Any
+) -> Iterator[ErlangNode]:
+    """A client VM with ``UserDir`` bound (its key and the server's host key)."""
+    user_dir = erlang_client_dir(
+        tmp_path_factory.mktemp("parity_client"), client_key.private, [server.known_hosts_line]
+    )
+    node = ErlangNode()
+    try:
+        node.eval(f"UserDir = {erl_string(user_dir)}")
+        yield node
+    finally:
+        node.close()
+
+
+def connect(client_node: ErlangNode, srv: ErlangServer, var: str) -> None:
+    """Bind ``var`` in the client VM to a connection to ``srv``."""
+    client_node.eval(
+        f'{{ok, {var}}} = sshrpc:connect("127.0.0.1", {srv.port}, '
+        '[{user, "tester"}, {user_dir, UserDir}])'
+    )
+
+
+def raw_channel(srv: ErlangServer, tmp_path: Path, client_key: Any) -> RawChannel:
+    kh = tmp_path / f"kh_{srv.port}"
+    kh.write_text(srv.known_hosts_line + "\n")
+    return RawChannel(srv.port, client_key.private, kh)
+
+
+def hello(ch: RawChannel) -> dict[Any, Any]:
+    ch.send((Atom("hello"), 1, {Atom("max_frame"): 1 << 20, Atom("client"): b"raw/0"}))
+    tag, version, info = ch.recv()
+    assert (tag, version) == ("hello", 1)
+    return info  # type: ignore[no-any-return]
+
+
+def exists_in(node: ErlangNode, name: str) -> bool:
+    return node.eval(  # type: ignore[no-any-return]
+        f"try binary_to_existing_atom(<<{erl_string(name)}/utf8>>) of _ -> true "
+        "catch error:badarg -> false end"
+    )
+
+
+def node_atoms(node: ErlangNode) -> int:
+    return node.eval("maps:get(new_atoms, sshrpc_server:atom_statistics())")  # type: ignore[no-any-return]
+
+
+# --- atoms: an ordinary client keeps its channel ------------------------------
+
+
+def test_erlang_client_sends_fresh_atoms_in_every_message(
+    client_node: ErlangNode, server_node: ErlangNode, server: ErlangServer
+) -> None:
+    connect(client_node, server, "A1")
+    client_node.eval("{ok, #{session := A1S}} = sshrpc:server_info(A1)")
+    tag, key, elem, mod, fn, msg = (erl_atom(a) for a in fresh(6))
+    hw = erl_atom(f"Hello World {uuid.uuid4().hex}")
+    # Echo of an atom, a tuple and a map holding fresh atoms.
+    assert client_node.eval(f"{{ok, {hw}}} =:= sshrpc:call(A1, sshrpc_test_funs, echo, [{hw}])")
+    assert client_node.eval(
+        f"T = {{{tag}, #{{{key} => [{elem}, {{{elem}}}]}}}}, "
+        "{ok, T} =:= sshrpc:call(A1, sshrpc_test_funs, echo, [T])"
+    )
+    # A module and a function the node cannot know: forbidden and undef.
+    assert client_node.eval_text(f"sshrpc:call(A1, {mod}, {fn}, [])").startswith(
+        "{error,{sshrpc,forbidden,"
+    )
+    assert client_node.eval_text(f"sshrpc:call(A1, sshrpc_test_funs, {fn}, [{elem}])").startswith(
+        "{error,{sshrpc,undef,"
+    )
+    # A cast and a spawned process carrying fresh atoms; a send with a fresh tag.
+    client_node.eval(f"sshrpc:cast(A1, sshrpc_test_funs, notify, [A1S, {{{tag}, {msg}}}])")
+    assert client_node.eval(
+        f"receive {{sshrpc, A1, {{send, A1S, {{{tag}, {msg}}}}}}} -> true after 5000 -> false end"
+    )
+    client_node.eval("{ok, A1P} = sshrpc:spawn(A1, sshrpc_test_funs, loop, [])")
+    client_node.eval(f"sshrpc:send(A1, A1P, {{{erl_atom(fresh()[0])}, 1}})")
+    client_node.eval("sshrpc:send(A1, A1P, {ping, A1S})")
+    assert client_node.eval(
+        "receive {sshrpc, A1, {send, A1S, {pong, A1P}}} -> true after 5000 -> false end"
+    )
+    # The same channel throughout: one connection process, still answering.
+    assert client_node.eval("element(1, sshrpc:ping(A1))") == "ok"
+    assert client_node.eval("is_process_alive(A1)") is True
+    assert exists_in(server_node, mod.strip("'"))
+    client_node.eval("sshrpc:close(A1)")
+
+
+def test_raw_fresh_atoms_in_tokens_tags_and_legacy_frames(
+    server: ErlangServer, tmp_path: Path, client_key: Any
+) -> None:
+    ch = raw_channel(server, tmp_path, client_key)
+    try:
+        hello(ch)
+        token = (Atom(fresh()[0]), {Atom(fresh()[0]): [Atom(fresh()[0])]})
+        ch.send((Atom("ping"), token))
+        assert ch.recv() == ("pong", token)
+        ch.send((Atom(fresh(prefix="tag")[0]), 1, 2))  # an unknown, fresh tag: ignored
+        ch.send((Atom("call"), 1, Atom("lists"), Atom("reverse"), [[Atom(fresh()[0])]]))
+        tag, rid, value = ch.recv()
+        assert (tag, rid) == ("reply", 1) and len(value) == 1
+    finally:
+        ch.close()
+    legacy = raw_channel(server, tmp_path, client_key)
+    try:
+        legacy.send((Atom("mfa"), (Atom(fresh()[0]), Atom("f"), [])))
+        assert legacy.recv() == ("answer", (("exec_badrpc", "forbidden"), -1))
+        echo = Atom(fresh()[0])
+        legacy.send((Atom("mfa"), (Atom("sshrpc_test_funs"), Atom("echo"), [echo])))
+        assert legacy.recv() == ("answer", (echo, 0))
+    finally:
+        legacy.close()
+
+
+@pytest.fixture
+async def py_conn(server: ErlangServer, tmp_path: Path, client_key: Any) -> AsyncIterator[Any]:
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(server.known_hosts_line + "\n")
+    async with sshrpc.open_connection(
+        "127.0.0.1",
+        port=server.port,
+        user="tester",
+        identity=str(client_key.private),
+        known_hosts=str(known_hosts),
+        agent=False,
+    ) as conn:
+        yield conn
+
+
+async def test_python_client_sends_fresh_atoms_in_every_message(py_conn: Any) -> None:
+    hw = Atom(f"Hello World {uuid.uuid4().hex}")
+    assert await py_conn.call("sshrpc_test_funs", "echo", [hw]) == hw
+    a, b, c = (Atom(x) for x in fresh(3))
+    value = (a, {b: [c, (c,)]}, [a, b])
+    assert await py_conn.call("sshrpc_test_funs", "echo", [value]) == value
+    with pytest.raises(sshrpc.Forbidden):
+        await py_conn.call(fresh()[0], fresh()[0], [])
+    with pytest.raises(sshrpc.Undef):
+        await py_conn.call("sshrpc_test_funs", fresh()[0], [a])
+    session = py_conn.hello["session"]
+    await py_conn.cast("sshrpc_test_funs", "notify", [session, (a, Atom(fresh()[0]))])
+    with trio.fail_after(10):
+        assert (await py_conn.receive())[0] == a
+    pid = await py_conn.spawn("sshrpc_test_funs", "loop", [])
+    await py_conn.send(pid, (Atom(fresh()[0]), 1))
+    await py_conn.send(pid, (Atom("ping"), session))
+    with trio.fail_after(10):
+        assert await py_conn.receive() == ("pong", pid)
+    await py_conn.ping()
+    assert await py_conn.call("lists", "reverse", [[1, 2]]) == [2, 1]
+
+
+# --- atoms: the budgets ------------------------------------------------------
+
+
+def test_session_budget_answers_instead_of_closing(
+    server_node: ErlangNode, tmp_path: Path, client_key: Any
+) -> None:
+    srv = start_erlang_server(
+        server_node, tmp_path, [client_key.public_line], allow=ALLOW,
+        options="{max_session_atoms, 10}", ref="SessionBudget",
+    )  # fmt: skip
+    ch = raw_channel(srv, tmp_path, client_key)
+    try:
+        hello(ch)
+        first = [Atom(x) for x in fresh(6)]
+        ch.send((Atom("call"), 1, Atom("sshrpc_test_funs"), Atom("echo"), [first + first]))
+        assert ch.recv() == ("reply", 1, first + first)  # six distinct atoms, counted once
+        before = node_atoms(server_node)
+        refused = fresh(6)
+        ch.send(
+            (Atom("call"), 2, Atom("sshrpc_test_funs"), Atom("echo"), [list(map(Atom, refused))])
+        )
+        tag, rid, (cls, reason, details) = ch.recv()
+        assert (tag, rid, cls, reason) == ("error", 2, "sshrpc", "badarg")
+        assert details["reason"] == "atom_limit" and details["scope"] == "session"
+        assert (details["new_atoms"], details["limit"]) == (6, 10)
+        # Refused spawns, casts and sends, and a ping whose token is refused too.
+        ch.send((Atom("spawn"), 3, Atom(refused[0]), Atom("f"), list(map(Atom, refused))))
+        ch.send((Atom("cast"), Atom("sshrpc_test_funs"), Atom("echo"), list(map(Atom, refused))))
+        ch.send((Atom("send"), Atom(refused[0]), list(map(Atom, refused))))
+        token = (list(map(Atom, refused)), 7)
+        ch.send((Atom("ping"), token))
+        assert ch.recv()[:2] == ("error", 3)
+        assert ch.recv() == ("pong", token)
+        # Nothing was created, and the session still serves known atoms and
+        # new ones within what is left.
+        assert not any(exists_in(server_node, name) for name in refused)
+        assert node_atoms(server_node) == before
+        ch.send((Atom("call"), 4, Atom("sshrpc_test_funs"), Atom("echo"), [Atom(refused[0])]))
+        assert ch.recv() == ("reply", 4, refused[0])
+        ch.send((Atom("call"), 5, Atom("lists"), Atom("reverse"), [[1, 2]]))
+        assert ch.recv() == ("reply", 5, [2, 1])
+    finally:
+        ch.close()
+    legacy = raw_channel(srv, tmp_path, client_key)
+    try:
+        legacy.send(
+            (Atom("mfa"), (Atom("sshrpc_test_funs"), Atom("echo"), [list(map(Atom, fresh(11)))]))
+        )
+        assert legacy.recv() == ("answer", (("exec_badrpc", "atom_limit"), -1))
+        legacy.send((Atom("mfa"), (Atom("lists"), Atom("reverse"), [[1]])))
+        assert legacy.recv() == ("answer", ([1], 0))
+    finally:
+        legacy.close()
+        srv.stop()
+
+
+def test_an_unreadable_envelope_past_the_budget_ends_the_session(
+    server_node: ErlangNode, tmp_path: Path, client_key: Any
+) -> None:
+    srv = start_erlang_server(
+        server_node, tmp_path, [client_key.public_line], allow=ALLOW,
+        options="{max_session_atoms, 2}", ref="TinyBudget",
+    )  # fmt: skip
+    ch = raw_channel(srv, tmp_path, client_key)
+    try:
+        hello(ch)
+        ch.send([Atom(x) for x in fresh(3)])  # not even a tuple: no envelope
+        tag, (what, detail) = ch.recv()
+        assert (tag, what) == ("bye", "atom_limit")
+        assert b"session budget of 2" in detail
+        ch.wait_closed()
+    finally:
+        ch.close()
+        srv.stop()
+
+
+def test_node_budget_across_sessions_each_under_their_own(
+    server_node: ErlangNode, client_node: ErlangNode, tmp_path: Path, client_key: Any
+) -> None:
+    # Six sessions may add 40 atoms each; together they may add only 100 more
+    # than the node holds now. Each sends 30: the first three get through,
+    # the rest are answered atom_limit (scope node) and keep their channel.
+    base = node_atoms(server_node)
+    srv = start_erlang_server(
+        server_node, tmp_path, [client_key.public_line], allow=ALLOW,
+        options=f"{{max_session_atoms, 40}}, {{max_node_atoms, {base + 100}}}", ref="NodeBudget",
+    )  # fmt: skip
+    client_node.eval(f"NbKh = {erl_string(srv.known_hosts_line + chr(10))}")
+    client_node.eval('file:write_file(filename:join(UserDir, "known_hosts"), NbKh, [append])')
+    try:
+        results = client_node.eval(
+            "[begin "
+            f'  {{ok, Cn}} = sshrpc:connect("127.0.0.1", {srv.port}, '
+            '      [{user, "tester"}, {user_dir, UserDir}]), '
+            f'  Names = [list_to_atom("nb_{uuid.uuid4().hex}_" ++ integer_to_list(I) ++ "_" '
+            "           ++ integer_to_list(J)) || J <- lists:seq(1, 30)], "
+            "  R = case sshrpc:call(Cn, sshrpc_test_funs, echo, [Names]) of "
+            "        {ok, Names} -> ok; "
+            "        {error, {sshrpc, badarg, #{reason := atom_limit, scope := S}}} -> S; "
+            "        Other -> Other "
+            "      end, "
+            "  Alive = sshrpc:call(Cn, lists, reverse, [[1, 2]]), "
+            "  sshrpc:close(Cn), "
+            "  {R, Alive} "
+            "end || I <- lists:seq(1, 6)]",
+            timeout=40,
+        )
+        assert [r for r, _ in results] == ["ok", "ok", "ok", "node", "node", "node"]
+        assert all(alive == ("ok", [2, 1]) for _, alive in results)
+        assert node_atoms(server_node) == base + 90
+    finally:
+        srv.stop()
