@@ -34,7 +34,7 @@ start(Port, Opts0) ->
                L -> L
            end,
     ServerKeys = [allow, max_calls, max_frame, max_out_bytes, expose_traces, send_names,
-                  send_any, name, max_session_atoms, max_node_atoms],
+                  send_any, name, max_session_atoms, max_node_atoms, detached],
     ServerOpts = maps:from_list([KV || {K, _} = KV <- Opts, lists:member(K, ServerKeys)]),
     Rest = [KV || {K, _} = KV <- Opts, not lists:member(K, [ip | ServerKeys])],
     Ip = proplists:get_value(ip, Opts, {127, 0, 0, 1}),

@@ -45,6 +45,7 @@
     send_names => [atom()],      %% registered names a client may send to (default [])
     send_any => boolean(),       %% let clients send to any pid or name (default false)
     name => binary(),            %% the hello's `server' value
+    detached => [mfa_rule()],    %% casts and spawns of these outlive the session (default [])
     max_session_atoms => non_neg_integer(), %% new atoms one session may add (default 4096)
     max_node_atoms => non_neg_integer()     %% new atoms all sessions on this node may add (default 65536)
 }.
@@ -76,6 +77,7 @@
     casts = #{} :: #{reference() => pid()}, %% running casts
     spawned = #{} :: #{reference() => pid()}, %% processes from {spawn, ...}
     spawned_pids = #{} :: #{pid() => reference()},
+    detached = #{} :: #{pid() => true}, %% casts and spawns that outlive the session
     writer :: pid() | undefined,
     session :: pid() | undefined, %% the relay named in the hello
     out_bytes = 0 :: non_neg_integer(), %% queued to the writer, not yet sent
@@ -96,7 +98,7 @@ default_options() ->
     #{allow => [], max_calls => 1024, max_frame => 64 * ?MIB, max_out_bytes => 4 * ?MIB,
       expose_traces => false, send_names => [], send_any => false,
       name => <<"sshrpc-erlang/0.1.0">>,
-      max_session_atoms => 4096, max_node_atoms => 65536}.
+      max_session_atoms => 4096, max_node_atoms => 65536, detached => []}.
 
 %% @doc How many atoms sshrpc sessions have added to this node's atom table
 %% since it started (the count the `max_node_atoms' ceiling applies to).
@@ -211,6 +213,8 @@ terminate(_Reason, St = #st{calls = Calls, legacy_busy = LB}) ->
         {LP, _} -> exit(LP, kill);
         false -> ok
     end,
+    [exit(P, kill) || P <- maps:values(St#st.casts) ++ maps:values(St#st.spawned),
+                      not is_map_key(P, St#st.detached)],
     [exit(P, kill) || P <- [St#st.writer, St#st.session], is_pid(P)],
     ok.
 
@@ -608,13 +612,15 @@ down(MRef, Pid, Reason, St = #st{workers = Ws, calls = Calls, spawned = Sp, cast
             check_drained(out(error_frame(Id, exit, Reason, #{}), St1));
         {_, #{MRef := Pid}, _} ->
             St1 = St#st{spawned = maps:remove(MRef, Sp),
-                        spawned_pids = maps:remove(Pid, St#st.spawned_pids)},
+                        spawned_pids = maps:remove(Pid, St#st.spawned_pids),
+                        detached = maps:remove(Pid, St#st.detached)},
             case sshrpc_wire:frame({down, Pid, down_reason(Reason)}, St#st.peer_max) of
                 {ok, F, _} -> out(F, St1);
                 {too_large, _} -> out(sshrpc_wire:frame({down, Pid, {exit, too_large}}), St1)
             end;
         {_, _, #{MRef := _}} ->
-            St#st{casts = maps:remove(MRef, Casts)};
+            St#st{casts = maps:remove(MRef, Casts),
+                  detached = maps:remove(Pid, St#st.detached)};
         _ ->
             legacy_down(Pid, Reason, St)
     end.
@@ -633,8 +639,9 @@ cast(M, F, A, St = #st{casts = Casts, opts = O, user = U}) ->
             logger:warning("sshrpc: dropped cast ~p:~p/~b: too many running", [M, F, Arity]),
             St;
         {true, false} ->
-            {_, MRef} = spawn_monitor(fun() -> run_cast(M, F, A) end),
-            St#st{casts = Casts#{MRef => true}}
+            {Pid, MRef} = spawn_opt(fun() -> run_cast(M, F, A) end,
+                                    spawn_opts(M, F, Arity, St)),
+            detach(Pid, M, F, Arity, St#st{casts = Casts#{MRef => Pid}})
     end.
 
 run_cast(M, F, A) ->
@@ -665,12 +672,36 @@ spawn_req(Id, M, F, A, St = #st{opts = O, spawned = Sp, spawned_pids = SpP}) ->
                         {true, true} ->
                             error_out(Id, overload, St);
                         {true, false} ->
-                            {Pid, MRef} = spawn_monitor(fun() -> run_spawned(M, F, A) end),
+                            {Pid, MRef} = spawn_opt(fun() -> run_spawned(M, F, A) end,
+                                                    spawn_opts(M, F, Arity, St)),
+                            St1 = detach(Pid, M, F, Arity, St),
                             out(sshrpc_wire:frame({reply, Id, Pid}),
-                                St#st{spawned = Sp#{MRef => Pid}, spawned_pids = SpP#{Pid => MRef}})
+                                St1#st{spawned = Sp#{MRef => Pid},
+                                       spawned_pids = SpP#{Pid => MRef}})
                     end
             end
     end.
+
+%% Casts and spawned processes are linked to the session and killed when it
+%% ends (terminate/2), unless the operator listed their function in
+%% `detached': those are only monitored and outlive the session.
+spawn_opts(M, F, A, St) ->
+    case is_detached(M, F, A, St) of
+        true -> [monitor];
+        false -> [link, monitor]
+    end.
+
+detach(Pid, M, F, A, St = #st{detached = D}) ->
+    case is_detached(M, F, A, St) of
+        true -> St#st{detached = D#{Pid => true}};
+        false -> St
+    end.
+
+is_detached(M, F, A, #st{opts = #{detached := Rules}}) ->
+    lists:any(fun({RM, RF, RA}) ->
+                      RM =:= M andalso (RF =:= '_' orelse RF =:= F)
+                          andalso (RA =:= '_' orelse RA =:= A)
+              end, Rules).
 
 run_spawned(M, F, A) ->
     try apply(M, F, A) of

@@ -341,3 +341,130 @@ def test_node_budget_across_sessions_each_under_their_own(
         assert node_atoms(server_node) == base + 90
     finally:
         srv.stop()
+
+
+# --- lifetimes: nothing a session started outlives it --------------------------
+
+
+def start_everything(ch: RawChannel, names: dict[str, str]) -> None:
+    """Through ``ch``: two spawns (one trapping exits), a cast, a call and a
+    stream waiting for credit, each registered on the server under its name."""
+    ch.send((Atom("spawn"), 1, Atom("sshrpc_test_funs"), Atom("block"), [Atom(names["spawn"])]))
+    ch.send((Atom("spawn"), 2, Atom("sshrpc_test_funs"), Atom("trap_block"), [Atom(names["trap"])]))
+    ch.send((Atom("cast"), Atom("sshrpc_test_funs"), Atom("block"), [Atom(names["cast"])]))
+    ch.send((Atom("call"), 3, Atom("sshrpc_test_funs"), Atom("block"), [Atom(names["call"])]))
+    ch.send(
+        (Atom("call"), 4, Atom("sshrpc_test_funs"), Atom("stream_forever"),
+         [Atom(names["stream"])], {Atom("stream"): True, Atom("credit"): 1})
+    )  # fmt: skip
+
+
+def registered(node: ErlangNode, names: list[str]) -> str:
+    return "[N || N <- [" + ",".join(erl_atom(n) for n in names) + "], is_pid(whereis(N))]"
+
+
+def assert_all_end(node: ErlangNode, names: list[str]) -> None:
+    node.wait_until(f"{registered(node, names)} =:= []", timeout=15)
+
+
+def test_nothing_outlives_a_killed_openssh_client(
+    server: ErlangServer, server_node: ErlangNode, tmp_path: Path, client_key: Any
+) -> None:
+    names = dict(zip(["spawn", "trap", "cast", "call", "stream"], fresh(5, "life"), strict=True))
+    ch = raw_channel(server, tmp_path, client_key)
+    try:
+        hello(ch)
+        start_everything(ch, names)
+        server_node.wait_until(f"length({registered(server_node, list(names.values()))}) =:= 5")
+        os.kill(ch.proc.pid, signal.SIGKILL)
+        assert_all_end(server_node, list(names.values()))
+    finally:
+        ch.close()
+
+
+def test_nothing_outlives_a_killed_erlang_client_vm(
+    server: ErlangServer, server_node: ErlangNode, tmp_path: Path, client_key: Any
+) -> None:
+    names = dict(zip(["spawn", "trap", "cast", "call"], fresh(4, "life"), strict=True))
+    user_dir = erlang_client_dir(tmp_path / "u", client_key.private, [server.known_hosts_line])
+    vm = ErlangNode()
+    try:
+        vm.eval(
+            f'{{ok, K}} = sshrpc:connect("127.0.0.1", {server.port}, '
+            f'[{{user, "tester"}}, {{user_dir, {erl_string(user_dir)}}}])'
+        )
+        vm.eval(
+            f"{{ok, _}} = sshrpc:spawn(K, sshrpc_test_funs, block, [{erl_atom(names['spawn'])}])"
+        )
+        vm.eval(
+            "{ok, _} = sshrpc:spawn(K, sshrpc_test_funs, trap_block, "
+            f"[{erl_atom(names['trap'])}])"
+        )
+        vm.eval(f"sshrpc:cast(K, sshrpc_test_funs, block, [{erl_atom(names['cast'])}])")
+        vm.eval(
+            "spawn(fun() -> sshrpc:call(K, sshrpc_test_funs, block, "
+            f"[{erl_atom(names['call'])}]) end)"
+        )
+        server_node.wait_until(f"length({registered(server_node, list(names.values()))}) =:= 4")
+        os.kill(vm.pid, signal.SIGKILL)
+        vm.proc.wait(10)
+        assert_all_end(server_node, list(names.values()))
+    finally:
+        vm.close()
+
+
+async def test_nothing_outlives_a_closed_python_connection(
+    server: ErlangServer, server_node: ErlangNode, tmp_path: Path, client_key: Any
+) -> None:
+    names = dict(zip(["spawn", "trap", "cast", "call"], fresh(4, "life"), strict=True))
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(server.known_hosts_line + "\n")
+    expr = f"length({registered(server_node, list(names.values()))}) =:= 4"
+    async with (
+        sshrpc.open_connection(
+            "127.0.0.1", port=server.port, user="tester", identity=str(client_key.private),
+            known_hosts=str(known_hosts), agent=False,
+        ) as conn,
+        trio.open_nursery() as nursery,
+    ):  # fmt: skip
+        await conn.spawn("sshrpc_test_funs", "block", [Atom(names["spawn"])])
+        await conn.spawn("sshrpc_test_funs", "trap_block", [Atom(names["trap"])])
+        await conn.cast("sshrpc_test_funs", "block", [Atom(names["cast"])])
+
+        async def blocked() -> None:
+            with pytest.raises(sshrpc.ConnectionLost):
+                await conn.call("sshrpc_test_funs", "block", [Atom(names["call"])])
+
+        nursery.start_soon(blocked)
+        await trio.to_thread.run_sync(server_node.wait_until, expr)
+        await conn.aclose()
+    await trio.to_thread.run_sync(assert_all_end, server_node, list(names.values()))
+
+
+def test_detached_functions_outlive_the_session(
+    server_node: ErlangNode, tmp_path: Path, client_key: Any
+) -> None:
+    srv = start_erlang_server(
+        server_node, tmp_path, [client_key.public_line], allow=ALLOW,
+        options="{detached, [{sshrpc_test_funs, block, 1}]}", ref="Detached",
+    )  # fmt: skip
+    names = dict(zip(["spawn", "trap", "cast", "call", "stream"], fresh(5, "life"), strict=True))
+    ch = raw_channel(srv, tmp_path, client_key)
+    try:
+        hello(ch)
+        start_everything(ch, names)
+        server_node.wait_until(f"length({registered(server_node, list(names.values()))}) =:= 5")
+        os.kill(ch.proc.pid, signal.SIGKILL)
+        assert_all_end(server_node, [names["trap"], names["call"], names["stream"]])
+        # block/1 is detached: its spawn and its cast live on (a call is
+        # never detached: its answer is owed to the session).
+        assert server_node.eval(registered(server_node, [names["spawn"], names["cast"]])) == [
+            names["spawn"],
+            names["cast"],
+        ]
+    finally:
+        server_node.eval(
+            f"[exit(whereis(N), kill) || N <- {registered(server_node, list(names.values()))}]"
+        )
+        ch.close()
+        srv.stop()
