@@ -23,7 +23,7 @@
 -module(sshrpc_server).
 -behaviour(ssh_server_channel).
 
--export([subsystem_spec/1, default_options/0, atom_statistics/0]).
+-export([subsystem_spec/1, default_options/0, atom_statistics/0, compile_policy/1]).
 -export([init/1, handle_msg/2, handle_ssh_msg/2, terminate/2]).
 -export([writer/3]).  %% shared with sshrpc_client
 
@@ -46,6 +46,8 @@
     send_any => boolean(),       %% let clients send to any pid or name (default false)
     name => binary(),            %% the hello's `server' value
     detached => [mfa_rule()],    %% casts and spawns of these outlive the session (default [])
+    policy => none | [tuple()] | {file, file:filename_all()} | {compiled, sshrpc_policy:policy()},
+                                 %% per-key rules; see sshrpc_policy (default none)
     max_session_atoms => non_neg_integer(), %% new atoms one session may add (default 4096)
     max_node_atoms => non_neg_integer()     %% new atoms all sessions on this node may add (default 65536)
 }.
@@ -56,13 +58,17 @@
     mref :: reference(),          %% its monitor
     timer :: reference() | undefined, %% the `timeout' option's timer
     credit = 0 :: non_neg_integer(), %% stream credit left
-    parked :: {reference(), iodata()} | undefined %% a chunk waiting for credit
+    parked :: {reference(), iodata()} | undefined, %% a chunk waiting for credit
+    mfa :: {atom(), atom(), arity()},  %% for the audit line
+    start :: integer()                 %% erlang:monotonic_time() at start
 }).
 
 -record(st, {
     cm :: pid() | undefined,      %% connection manager
     ch :: integer() | undefined,  %% our channel id
     user = <<>> :: term(),        %% the authenticated user name, for logs
+    key = unknown :: sshrpc_keys:identity() | unknown, %% the key that authenticated
+    policy = none :: none | sshrpc_policy:policy(), %% per-key rules (narrow `allow')
     opts :: map(),                %% options(), defaults filled in
     allow :: map(),               %% the allow list as a set
     rx_max :: pos_integer(),      %% max payload we accept right now
@@ -83,6 +89,7 @@
     out_bytes = 0 :: non_neg_integer(), %% queued to the writer, not yet sent
     legacy_q = queue:new() :: queue:queue(term()),
     legacy_busy = false :: false | {pid(), reference()},
+    legacy_audit :: {{atom(), atom(), arity()}, integer()} | undefined,
     atoms_left :: non_neg_integer()  %% new atoms this session may still add
 }).
 
@@ -98,7 +105,15 @@ default_options() ->
     #{allow => [], max_calls => 1024, max_frame => 64 * ?MIB, max_out_bytes => 4 * ?MIB,
       expose_traces => false, send_names => [], send_any => false,
       name => <<"sshrpc-erlang/0.1.0">>,
-      max_session_atoms => 4096, max_node_atoms => 65536, detached => []}.
+      max_session_atoms => 4096, max_node_atoms => 65536, detached => [], policy => none}.
+
+%% @doc The policy option, compiled: `none', or a policy; {error, Why} when
+%% the file or the terms are bad.
+-spec compile_policy(term()) -> {ok, none | sshrpc_policy:policy()} | {error, binary()}.
+compile_policy(none) -> {ok, none};
+compile_policy({compiled, P}) -> {ok, P};
+compile_policy({file, Path}) -> sshrpc_policy:load(Path);
+compile_policy(Terms) -> sshrpc_policy:from_terms(Terms).
 
 %% @doc How many atoms sshrpc sessions have added to this node's atom table
 %% since it started (the count the `max_node_atoms' ceiling applies to).
@@ -136,7 +151,8 @@ init([Opts0]) ->
     %% before a request names them (requests are decoded with [safe]).
     _ = [code:ensure_loaded(M) || {M, _, _} <- maps:get(allow, Opts)],
     _ = atom_counter(),
-    {ok, #st{opts = Opts, allow = Allow,
+    {ok, Policy} = compile_policy(maps:get(policy, Opts)),
+    {ok, #st{opts = Opts, allow = Allow, policy = Policy,
              rx_max = min(?MIB, maps:get(max_frame, Opts)),
              atoms_left = maps:get(max_session_atoms, Opts)}}.
 
@@ -151,9 +167,10 @@ handle_msg({ssh_channel_up, Ch, CM}, St) ->
                [{user, U}] -> U;
                _ -> unknown
            end,
-    {ok, St#st{cm = CM, ch = Ch, writer = Writer, session = Session, user = User}};
-handle_msg({sshrpc_done, Pid, Frame}, St) ->
-    ret(done(Pid, Frame, St));
+    {ok, St#st{cm = CM, ch = Ch, writer = Writer, session = Session, user = User,
+               key = sshrpc_keys:identity(CM)}};
+handle_msg({sshrpc_done, Pid, Frame, Outcome}, St) ->
+    ret(done(Pid, Frame, Outcome, St));
 handle_msg({sshrpc_chunk, Pid, Ref, Frame}, St) ->
     ret(chunk(Pid, Ref, Frame, St));
 handle_msg({sshrpc_timeout, Pid}, St) ->
@@ -433,7 +450,7 @@ call(Id, M, F, A, O, St = #st{opts = Opts, calls = Calls}) ->
                         true -> error_out(Id, overload, St);
                         false ->
                             case allowed(M, F, Arity, St) of
-                                false -> forbidden(Id, M, F, Arity, St);
+                                false -> forbidden(call, Id, M, F, Arity, St);
                                 true -> start_call(Id, M, F, A, O, Stream, St)
                             end
                     end
@@ -459,13 +476,22 @@ is_proper_list(L) when is_list(L) ->
 is_proper_list(_) ->
     false.
 
-allowed(M, F, A, #st{allow = Allow}) ->
-    is_map_key({M, F, A}, Allow) orelse is_map_key({M, F, '_'}, Allow)
-        orelse is_map_key({M, '_', '_'}, Allow).
+%% The allow list exposes M:F/A, and the per-key policy (if any) lets this
+%% session's key call it.
+allowed(M, F, A, #st{allow = Allow, policy = Policy, key = Key}) ->
+    (is_map_key({M, F, A}, Allow) orelse is_map_key({M, F, '_'}, Allow)
+        orelse is_map_key({M, '_', '_'}, Allow))
+        andalso (Policy =:= none orelse sshrpc_policy:permits(Policy, Key, M, F, A)).
 
-forbidden(Id, M, F, A, St = #st{user = U}) ->
-    logger:warning("sshrpc: forbidden ~p:~p/~b for user ~p", [M, F, A, U]),
+forbidden(Kind, Id, M, F, A, St) ->
+    audit(St, Kind, {M, F, A}, forbidden, 0),
     error_out(Id, forbidden, detail("~0p:~0p/~b is not exposed", [M, F, A]), St).
+
+audit(#st{key = Key, user = User}, Kind, MFA, Outcome, Duration) ->
+    sshrpc_audit:log(Key, Kind, MFA, Outcome, Duration, User).
+
+audit_end(St, #call{mfa = MFA, start = T0}, Outcome) ->
+    audit(St, call, MFA, Outcome, erlang:monotonic_time() - T0).
 
 start_call(Id, M, F, A, O, Stream, St = #st{calls = Calls, workers = Ws}) ->
     Self = self(),
@@ -478,7 +504,9 @@ start_call(Id, M, F, A, O, Stream, St = #st{calls = Calls, workers = Ws}) ->
                 _ -> undefined  %% none, or beyond erlang:send_after's range (49 days)
             end,
     C = #call{pid = Pid, mref = MRef, timer = Timer,
-              credit = maps:get(credit, O, ?DEFAULT_CREDIT)},
+              credit = maps:get(credit, O, ?DEFAULT_CREDIT),
+              mfa = {M, F, length(A) + case Stream of true -> 1; false -> 0 end},
+              start = erlang:monotonic_time()},
     St#st{calls = Calls#{Id => C}, workers = Ws#{Pid => Id}}.
 
 %% The worker: apply, encode the answer, hand it to the session.
@@ -496,7 +524,8 @@ worker(Chan, Id, M, F, A, Stream, {PeerMax, Traces}) ->
         catch
             Class:Reason:Stack -> {Class, Reason, Stack}
         end,
-    Chan ! {sshrpc_done, self(), answer(Id, Result, PeerMax, Traces)}.
+    {Frame, Outcome} = answer(Id, Result, PeerMax, Traces),
+    Chan ! {sshrpc_done, self(), Frame, Outcome}.
 
 emit_fun(Chan, Id, PeerMax) ->
     fun(V) ->
@@ -514,24 +543,25 @@ exported(M, F, A) ->
     _ = code:ensure_loaded(M),
     erlang:function_exported(M, F, A).
 
+%% The answer's frame and the outcome for the audit line.
 answer(Id, {ok, V}, PeerMax, _Traces) ->
     case sshrpc_wire:frame({reply, Id, V}, PeerMax) of
-        {ok, Frame, _} -> Frame;
+        {ok, Frame, _} -> {Frame, ok};
         {too_large, N} ->
-            error_frame(Id, sshrpc, too_large,
-                        #{message => detail("the answer is ~b bytes; the client accepts ~b",
-                                            [N, PeerMax])})
+            {error_frame(Id, sshrpc, too_large,
+                         #{message => detail("the answer is ~b bytes; the client accepts ~b",
+                                             [N, PeerMax])}), too_large}
     end;
 answer(Id, {sshrpc, Reason, Msg, _}, _PeerMax, _Traces) ->
-    error_frame(Id, sshrpc, Reason, #{message => Msg});
+    {error_frame(Id, sshrpc, Reason, #{message => Msg}), Reason};
 answer(Id, {Class, Reason, Stack}, PeerMax, Traces) ->
     Details = case Traces of
                   true -> #{trace => [iolist_to_binary(io_lib:format("~0p", [E])) || E <- Stack]};
                   false -> #{}
               end,
     case sshrpc_wire:frame({error, Id, {Class, Reason, Details}}, PeerMax) of
-        {ok, Frame, _} -> Frame;
-        {too_large, _} -> error_frame(Id, sshrpc, too_large, #{})
+        {ok, Frame, _} -> {Frame, Class};
+        {too_large, _} -> {error_frame(Id, sshrpc, too_large, #{}), Class}
     end.
 
 error_frame(Id, Class, Reason, Details) ->
@@ -544,15 +574,16 @@ error_out(Id, Reason, Msg, St) ->
     out(error_frame(Id, sshrpc, Reason, #{message => Msg}), St).
 
 %% A worker finished. Unknown pids are workers already cancelled: drop.
-done(Pid, Frame, St = #st{workers = Ws, calls = Calls}) ->
+done(Pid, Frame, Outcome, St = #st{workers = Ws, calls = Calls}) ->
     case Ws of
         #{Pid := Id} ->
             #{Id := C} = Calls,
             forget(C),
+            audit_end(St, C, Outcome),
             check_drained(out(Frame, St#st{workers = maps:remove(Pid, Ws),
                                           calls = maps:remove(Id, Calls)}));
         _ ->
-            legacy_done(Pid, Frame, St)
+            legacy_done(Pid, Frame, Outcome, St)
     end.
 
 forget(#call{mref = MRef, timer = T}) ->
@@ -569,6 +600,7 @@ stop_call(Pid, Why, St = #st{workers = Ws, calls = Calls}) ->
             #{Id := C} = Calls,
             exit(Pid, kill),
             forget(C),
+            audit_end(St, C, Why),
             St1 = St#st{workers = maps:remove(Pid, Ws), calls = maps:remove(Id, Calls)},
             check_drained(error_out(Id, Why, St1));
         _ ->
@@ -608,6 +640,7 @@ down(MRef, Pid, Reason, St = #st{workers = Ws, calls = Calls, spawned = Sp, cast
             %% A worker died without answering (killed from outside).
             #{Id := C} = Calls,
             forget(C),
+            audit_end(St, C, exit),
             St1 = St#st{workers = maps:remove(Pid, Ws), calls = maps:remove(Id, Calls)},
             check_drained(out(error_frame(Id, exit, Reason, #{}), St1));
         {_, #{MRef := Pid}, _} ->
@@ -629,30 +662,37 @@ down_reason(normal) -> normal;
 down_reason({sshrpc_down, Class, Reason}) -> {Class, Reason};
 down_reason(Reason) -> {exit, Reason}.
 
-cast(M, F, A, St = #st{casts = Casts, opts = O, user = U}) ->
+cast(M, F, A, St = #st{casts = Casts, opts = O, key = Key, user = U}) ->
     Arity = length(A),
     case {allowed(M, F, Arity, St), map_size(Casts) >= maps:get(max_calls, O)} of
         {false, _} ->
-            logger:warning("sshrpc: forbidden cast ~p:~p/~b for user ~p", [M, F, Arity, U]),
+            audit(St, cast, {M, F, Arity}, forbidden, 0),
             St;
         {true, true} ->
             logger:warning("sshrpc: dropped cast ~p:~p/~b: too many running", [M, F, Arity]),
             St;
         {true, false} ->
-            {Pid, MRef} = spawn_opt(fun() -> run_cast(M, F, A) end,
+            {Pid, MRef} = spawn_opt(fun() -> run_cast(M, F, A, {Key, U}) end,
                                     spawn_opts(M, F, Arity, St)),
             detach(Pid, M, F, Arity, St#st{casts = Casts#{MRef => Pid}})
     end.
 
-run_cast(M, F, A) ->
-    try
-        case exported(M, F, length(A)) of
-            true -> apply(M, F, A);
-            false -> logger:warning("sshrpc: cast to undefined ~p:~p/~b", [M, F, length(A)])
-        end
-    catch
-        C:R -> logger:warning("sshrpc: cast ~p:~p/~b failed: ~p:~0p", [M, F, length(A), C, R])
-    end.
+run_cast(M, F, A, {Key, User}) ->
+    T0 = erlang:monotonic_time(),
+    Outcome =
+        try
+            case exported(M, F, length(A)) of
+                true -> _ = apply(M, F, A), ok;
+                false ->
+                    logger:warning("sshrpc: cast to undefined ~p:~p/~b", [M, F, length(A)]),
+                    undef
+            end
+        catch
+            C:R ->
+                logger:warning("sshrpc: cast ~p:~p/~b failed: ~p:~0p", [M, F, length(A), C, R]),
+                C
+        end,
+    sshrpc_audit:log(Key, cast, {M, F, length(A)}, Outcome, erlang:monotonic_time() - T0, User).
 
 spawn_req(Id, M, F, A, St = #st{opts = O, spawned = Sp, spawned_pids = SpP}) ->
     case check_id(Id, St) of
@@ -663,7 +703,7 @@ spawn_req(Id, M, F, A, St = #st{opts = O, spawned = Sp, spawned_pids = SpP}) ->
         ok ->
             Arity = length(A),
             case allowed(M, F, Arity, St) of
-                false -> forbidden(Id, M, F, Arity, St);
+                false -> forbidden(spawn, Id, M, F, Arity, St);
                 true ->
                     case {exported(M, F, Arity), map_size(Sp) >= maps:get(max_calls, O)} of
                         {false, _} ->
@@ -672,6 +712,7 @@ spawn_req(Id, M, F, A, St = #st{opts = O, spawned = Sp, spawned_pids = SpP}) ->
                         {true, true} ->
                             error_out(Id, overload, St);
                         {true, false} ->
+                            audit(St, spawn, {M, F, Arity}, ok, 0),
                             {Pid, MRef} = spawn_opt(fun() -> run_spawned(M, F, A) end,
                                                     spawn_opts(M, F, Arity, St)),
                             St1 = detach(Pid, M, F, Arity, St),
@@ -749,15 +790,15 @@ legacy_start({mfa, {M, F, A}} = T, St) when is_atom(M), is_atom(F) ->
         true ->
             case allowed(M, F, length(A), St) of
                 false ->
-                    logger:warning("sshrpc: forbidden legacy ~p:~p/~b for user ~p",
-                                   [M, F, length(A), St#st.user]),
+                    audit(St, mfa, {M, F, length(A)}, forbidden, 0),
                     legacy_answer({{exec_badrpc, forbidden}, -1}, St);
                 true ->
                     Self = self(),
                     Max = maps:get(max_frame, St#st.opts),
                     {Pid, MRef} = spawn_opt(fun() -> legacy_worker(Self, M, F, A, Max) end,
                                             [link, monitor]),
-                    St#st{legacy_busy = {Pid, MRef}}
+                    St#st{legacy_busy = {Pid, MRef},
+                          legacy_audit = {{M, F, length(A)}, erlang:monotonic_time()}}
             end
     end;
 legacy_start({sshrpc_atom_limit, _Details}, St) ->
@@ -772,28 +813,35 @@ legacy_answer(Answer, St = #st{opts = O}) ->
     end.
 
 legacy_worker(Chan, M, F, A, Max) ->
-    Answer =
+    {Answer, Outcome} =
         try
             case exported(M, F, length(A)) of
-                true -> {apply(M, F, A), 0};
-                false -> {{exec_badrpc, undef}, -1}
+                true -> {{apply(M, F, A), 0}, ok};
+                false -> {{{exec_badrpc, undef}, -1}, undef}
             end
         catch
-            Class:Reason -> {{exec_badrpc, {Class, Reason}}, -1}
+            Class:Reason -> {{{exec_badrpc, {Class, Reason}}, -1}, Class}
         end,
-    Frame = case sshrpc_wire:frame({answer, Answer}, Max) of
-                {ok, Fr, _} -> Fr;
-                {too_large, _} -> sshrpc_wire:frame({answer, {{exec_badrpc, too_large}, -1}})
-            end,
-    Chan ! {sshrpc_done, self(), Frame}.
+    {Frame, Outcome1} =
+        case sshrpc_wire:frame({answer, Answer}, Max) of
+            {ok, Fr, _} -> {Fr, Outcome};
+            {too_large, _} ->
+                {sshrpc_wire:frame({answer, {{exec_badrpc, too_large}, -1}}), too_large}
+        end,
+    Chan ! {sshrpc_done, self(), Frame, Outcome1}.
 
-legacy_done(Pid, Frame, St = #st{legacy_busy = {Pid, MRef}}) ->
+legacy_done(Pid, Frame, Outcome, St = #st{legacy_busy = {Pid, MRef}}) ->
     erlang:demonitor(MRef, [flush]),
+    legacy_audit(St, Outcome),
     legacy_next(out(Frame, St#st{legacy_busy = false}));
-legacy_done(_Pid, _Frame, St) ->
+legacy_done(_Pid, _Frame, _Outcome, St) ->
     St.
 
+legacy_audit(St = #st{legacy_audit = {MFA, T0}}, Outcome) ->
+    audit(St, mfa, MFA, Outcome, erlang:monotonic_time() - T0).
+
 legacy_down(Pid, Reason, St = #st{legacy_busy = {Pid, _}}) ->
+    legacy_audit(St, exit),
     legacy_next(legacy_answer({{exec_badrpc, {exit, Reason}}, -1},
                               St#st{legacy_busy = false}));
 legacy_down(_Pid, _Reason, St) ->
