@@ -195,6 +195,8 @@ array([], L) -> throw({policy, L, "expected an array of strings"}).
 elements([{']', _} | T], Acc) -> {lists:reverse(Acc), T};
 elements([{string, _, S}, {',', _} | T], Acc) -> elements(T, [S | Acc]);
 elements([{string, _, S}, {']', _} | T], Acc) -> {lists:reverse([S | Acc]), T};
+elements([{string, L, _}], _) -> throw({policy, L, "unterminated array"});
+elements([{',', L}], _) -> throw({policy, L, "unterminated array"});
 elements([Tok | _], _) -> throw({policy, element(2, Tok), "expected a string in the array"});
 elements([], _) -> throw({policy, 0, "unterminated array"}).
 

@@ -468,3 +468,222 @@ def test_detached_functions_outlive_the_session(
         )
         ch.close()
         srv.stop()
+
+
+# --- per-key policy and the audit line ----------------------------------------
+
+POLICY = """\
+# Every key: two functions. The ops key: the whole test module but raise.
+[[rule]]
+keys = ["*"]
+allow = ["lists:reverse/1", "sshrpc_test_funs:echo"]
+
+[[rule]]
+keys = ['ops@*']                       # an authorized_keys comment glob
+allow = [
+    "sshrpc_test_funs",                # a whole module
+]
+deny = ["sshrpc_test_funs:raise/*"]    # deny beats allow
+
+[[rule]]
+keys = ["{fingerprint}"]               # one key, exactly
+allow = ["erlang:node/0", "sshrpc_test_funs:s?eep/[0-9]"]
+"""
+
+
+@pytest.fixture(scope="module")
+def ops_key(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from conftest import make_key
+
+    return make_key(tmp_path_factory.mktemp("ops_key"), comment="ops@example.org")
+
+
+@pytest.fixture(scope="module")
+def policy_server(
+    server_node: ErlangNode, tmp_path_factory: pytest.TempPathFactory, client_key: Any, ops_key: Any
+) -> Iterator[ErlangServer]:
+    directory = tmp_path_factory.mktemp("policy")
+    policy = directory / "policy.toml"
+    policy.write_text(POLICY.format(fingerprint=client_key.fingerprint))
+    server_node.eval("ok = sshrpc_test_log:start()")
+    srv = start_erlang_server(
+        server_node, directory, [client_key.public_line, ops_key.public_line], allow=ALLOW,
+        options=f"{{policy, {{file, {erl_string(policy)}}}}}", ref="PolicyDaemon",
+    )  # fmt: skip
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def audit_lines(node: ErlangNode, needle: str) -> list[str]:
+    lines = [b.decode() for b in node.eval("sshrpc_test_log:lines()")]
+    return [line for line in lines if needle in line]
+
+
+@pytest.mark.parametrize(
+    ("who", "call", "outcome"),
+    [
+        ("default", (Atom("lists"), Atom("reverse"), [[1, 2]]), "ok"),
+        ("default", (Atom("erlang"), Atom("node"), []), "ok"),  # by fingerprint
+        ("default", (Atom("sshrpc_test_funs"), Atom("sleep"), [1]), "ok"),
+        ("default", (Atom("sshrpc_test_funs"), Atom("add"), [1, 2]), "forbidden"),
+        ("ops", (Atom("sshrpc_test_funs"), Atom("add"), [1, 2]), "ok"),
+        ("ops", (Atom("sshrpc_test_funs"), Atom("raise"), [Atom("error"), 1]), "forbidden"),
+        ("ops", (Atom("erlang"), Atom("node"), []), "forbidden"),
+        ("ops", (Atom("lists"), Atom("reverse"), [[]]), "ok"),
+    ],
+)
+def test_policy_per_key_with_an_audit_line_per_call(
+    policy_server: ErlangServer,
+    server_node: ErlangNode,
+    tmp_path: Path,
+    client_key: Any,
+    ops_key: Any,
+    who: str,
+    call: tuple[Any, ...],
+    outcome: str,
+) -> None:
+    key = ops_key if who == "ops" else client_key
+    ch = raw_channel(policy_server, tmp_path, key)
+    try:
+        hello(ch)
+        ch.send((Atom("call"), 1, *call))
+        answer = ch.recv()
+        if outcome == "ok":
+            assert answer[:2] == ("reply", 1)
+        else:
+            assert answer[:2] == ("error", 1) and answer[2][:2] == ("sshrpc", "forbidden")
+    finally:
+        ch.close()
+    m, f, args = call
+    line = f"key={key.fingerprint} call {m}:{f}/{len(args)} outcome={outcome} duration_ms="
+    server_node.wait_until(
+        f"lists:any(fun(L) -> binary:match(L, <<{erl_string(line)}>>) =/= nomatch end, "
+        "sshrpc_test_log:lines())"
+    )
+
+
+def test_audit_lines_for_cast_spawn_legacy_and_errors(
+    policy_server: ErlangServer, server_node: ErlangNode, tmp_path: Path, ops_key: Any
+) -> None:
+    fp = ops_key.fingerprint
+    ch = raw_channel(policy_server, tmp_path, ops_key)
+    try:
+        hello(ch)
+        ch.send((Atom("cast"), Atom("sshrpc_test_funs"), Atom("echo"), [1]))
+        ch.send((Atom("cast"), Atom("sshrpc_test_funs"), Atom("raise"), [Atom("error"), 1]))
+        ch.send((Atom("spawn"), 1, Atom("sshrpc_test_funs"), Atom("loop"), []))
+        ch.send((Atom("call"), 2, Atom("sshrpc_test_funs"), Atom("add"), [1, Atom("x")]))
+        ch.send((Atom("call"), 3, Atom("sshrpc_test_funs"), Atom("sleep"), [5000],
+                 {Atom("timeout"): 50}))  # fmt: skip
+        ch.send((Atom("call"), 4, Atom("sshrpc_test_funs"), Atom("nosuch"), []))
+        answers = {ch.recv()[1] for _ in range(4)}
+        assert answers == {1, 2, 3, 4}
+    finally:
+        ch.close()
+    legacy = raw_channel(policy_server, tmp_path, ops_key)
+    try:
+        legacy.send((Atom("mfa"), (Atom("lists"), Atom("reverse"), [[1]])))
+        assert legacy.recv() == ("answer", ([1], 0))
+    finally:
+        legacy.close()
+    expected = [
+        f"key={fp} cast sshrpc_test_funs:echo/1 outcome=ok ",
+        f"key={fp} cast sshrpc_test_funs:raise/2 outcome=forbidden ",
+        f"key={fp} spawn sshrpc_test_funs:loop/0 outcome=ok ",
+        f"key={fp} call sshrpc_test_funs:add/2 outcome=error ",
+        f"key={fp} call sshrpc_test_funs:sleep/1 outcome=timeout ",
+        f"key={fp} call sshrpc_test_funs:nosuch/0 outcome=undef ",
+        f"key={fp} mfa lists:reverse/1 outcome=ok ",
+    ]
+    server_node.wait_until(
+        "lists:all(fun(E) -> lists:any(fun(L) -> binary:match(L, E) =/= nomatch end, "
+        "sshrpc_test_log:lines()) end, [" + ",".join(f"<<{erl_string(e)}>>" for e in expected)
+        + "])"
+    )  # fmt: skip
+
+
+async def test_python_client_under_the_policy(
+    policy_server: ErlangServer, server_node: ErlangNode, tmp_path: Path, ops_key: Any
+) -> None:
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(policy_server.known_hosts_line + "\n")
+    async with sshrpc.open_connection(
+        "127.0.0.1", port=policy_server.port, user="tester", identity=str(ops_key.private),
+        known_hosts=str(known_hosts), agent=False,
+    ) as conn:  # fmt: skip
+        assert await conn.call("sshrpc_test_funs", "add", [2, 3]) == 5
+        with pytest.raises(sshrpc.Forbidden):
+            await conn.call("sshrpc_test_funs", "raise", [Atom("error"), 1])
+    line = f"key={ops_key.fingerprint} call sshrpc_test_funs:add/2 outcome=ok"
+    assert audit_lines(server_node, line)
+
+
+# The policy file the Python node reads decides the same in Erlang.
+PARITY_POLICY = """\
+[[rule]]
+keys = ["*"]
+allow = ["lists", "echo:echo/1", "m?th:*/[12]", "x[!y]z:f"]
+deny = ["lists:reverse/2"]
+
+[[rule]]
+keys = ["ops@*", "SHA256:abc"]
+allow = ["*"]
+deny = ["os:getpid/0", "os:cmd"]
+"""
+
+
+def test_the_python_nodes_policy_file_decides_the_same_in_erlang(
+    server_node: ErlangNode, tmp_path: Path
+) -> None:
+    from sshrpc.policy import KeyIdentity, Policy
+
+    path = tmp_path / "policy.toml"
+    path.write_text(PARITY_POLICY)
+    py = Policy.load(path)
+    server_node.eval(f"{{ok, ParityPolicy}} = sshrpc_policy:load({erl_string(path)})")
+    keys = [KeyIdentity(), KeyIdentity("SHA256:abc"), KeyIdentity("SHA256:zzz", "ops@host"),
+            KeyIdentity("SHA256:zzz", "dev@host")]  # fmt: skip
+    mfas = [("lists", "reverse", 1), ("lists", "reverse", 2), ("echo", "echo", 1),
+            ("echo", "echo", 2), ("math", "pi", 1), ("moth", "x", 2), ("math", "pi", 3),
+            ("xaz", "f", 0), ("xyz", "f", 0), ("os", "getpid", 0), ("os", "cmd", 1),
+            ("os", "type", 0)]  # fmt: skip
+    for key in keys:
+        key_erl = (
+            "unknown"
+            if not key.fingerprint
+            else f"#{{fingerprint => <<{erl_string(key.fingerprint)}>>, "
+            f"comment => <<{erl_string(key.comment)}>>}}"
+        )
+        got = server_node.eval(
+            f"[sshrpc_policy:permits(ParityPolicy, {key_erl}, M, F, A) || {{M, F, A}} <- "
+            "[" + ",".join(f"{{{m}, {f}, {a}}}" for m, f, a in mfas) + "]]"
+        )
+        assert got == [py.permits(key, m, f, a) for m, f, a in mfas], key
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('[[rule]]\nkeys = ["*"\n', "unterminated array"),
+        ('[[rule]]\nallow = ["a"]\nallow = ["b"]\n', "line 3: 'allow' given twice"),
+        ("[[rules]]\n", "line 1: unknown table [[rules]]"),
+        ('allow = ["a"]\n', "line 1: a key outside [[rule]]"),
+        ('[[rule]]\nalow = ["a"]\n', "line 2: unknown key 'alow'"),
+        ('[[rule]]\nallow = "a"\n', "line 2: expected an array of strings"),
+        ("[[rule]]\nallow = [1]\n", "line 2: unexpected character '1'"),
+    ],
+)
+def test_a_bad_policy_file_starts_nothing(
+    server_node: ErlangNode, tmp_path: Path, client_key: Any, text: str, fragment: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    result = server_node.eval(
+        f"sshrpc_daemon:start(0, [{{system_dir, {erl_string(tmp_path)}}}, "
+        f"{{user_dir, {erl_string(tmp_path)}}}, {{policy, {{file, {erl_string(path)}}}}}])"
+    )
+    assert result[0] == "error"
+    assert fragment.encode() in result[1], result
+    assert str(path).encode() in result[1]
