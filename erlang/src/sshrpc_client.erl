@@ -33,6 +33,8 @@
     hello_waiters = [] :: [term()],
     next_id = 1 :: non_neg_integer(),
     calls = #{} :: #{non_neg_integer() => reference()},   %% id -> caller alias
+    streams = #{} :: #{non_neg_integer() => {non_neg_integer(), non_neg_integer()}},
+                                 %% stream id -> {window, chunks consumed since the last credit}
     aliases = #{} :: #{reference() => non_neg_integer()}, %% alias -> id
     pings = #{} :: #{integer() => reference()},
     max_calls = infinity :: pos_integer() | infinity, %% the server's, from its hello
@@ -92,6 +94,23 @@ handle_msg({sshrpc_cancel, Alias}, St = #st{aliases = As, waiting_aliases = WA})
             %% Never sent: drop it from the queue.
             {ok, St#st{waiting_aliases = maps:remove(Alias, WA),
                        waiting = queue:filter(fun({A, _}) -> A =/= Alias end, St#st.waiting)}};
+        _ ->
+            {ok, St}
+    end;
+handle_msg({sshrpc_ack, Alias}, St = #st{aliases = As, streams = Ss}) ->
+    %% The consumer took one chunk: grant credit back in batches of half the
+    %% window, so at most a window of chunks waits in its mailbox.
+    case As of
+        #{Alias := Id} ->
+            case Ss of
+                #{Id := {Window, Taken}} when Taken + 1 >= Window div 2 ->
+                    out({credit, Id, Taken + 1}, St),
+                    {ok, St#st{streams = Ss#{Id := {Window, 0}}}};
+                #{Id := {Window, Taken}} ->
+                    {ok, St#st{streams = Ss#{Id := {Window, Taken + 1}}}};
+                _ ->
+                    {ok, St}
+            end;
         _ ->
             {ok, St}
     end;
@@ -180,7 +199,13 @@ send_request(Alias, Req, St = #st{next_id = Id, calls = Calls, aliases = As, pee
     case sshrpc_wire:frame(Msg, Max) of
         {ok, Frame, _} ->
             St#st.writer ! {write, Frame},
-            St#st{next_id = Id + 1, calls = Calls#{Id => Alias}, aliases = As#{Alias => Id}};
+            Streams = case Msg of
+                          {call, _, _, _, _, #{stream := true, credit := W}} ->
+                              (St#st.streams)#{Id => {W, 0}};
+                          _ -> St#st.streams
+                      end,
+            St#st{next_id = Id + 1, calls = Calls#{Id => Alias}, aliases = As#{Alias => Id},
+                  streams = Streams};
         {too_large, N} ->
             Alias ! {Alias, {error, {sshrpc, too_large,
                                      #{message => detail("the request is ~b bytes; the server "
@@ -262,17 +287,25 @@ answer({bye, Reason}, St) ->
         _ -> logger:warning("sshrpc: server closed the session: ~0p", [Reason])
     end,
     St#st{stop = true};
-answer({chunk, _Id, _V}, St) ->
+answer({chunk, Id, V}, St = #st{calls = Calls, streams = Ss}) ->
+    case {Calls, Ss} of
+        {#{Id := Alias}, #{Id := _}} -> Alias ! {Alias, {chunk, V}};
+        _ -> ok
+    end,
     St;
 answer(Other, St) ->
     logger:info("sshrpc: ignored ~0p", [Other]),
     St.
 
-final(Id, Result, St = #st{calls = Calls, aliases = As}) ->
+final(Id, Result, St = #st{calls = Calls, aliases = As, streams = Ss}) ->
     case maps:take(Id, Calls) of
         {Alias, Calls1} ->
-            Alias ! {Alias, Result},
-            next_waiting(St#st{calls = Calls1, aliases = maps:remove(Alias, As)});
+            case is_map_key(Id, Ss) of
+                true -> Alias ! {Alias, {done, Result}};
+                false -> Alias ! {Alias, Result}
+            end,
+            next_waiting(St#st{calls = Calls1, aliases = maps:remove(Alias, As),
+                               streams = maps:remove(Id, Ss)});
         error ->
             St
     end.

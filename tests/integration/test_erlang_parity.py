@@ -687,3 +687,66 @@ def test_a_bad_policy_file_starts_nothing(
     assert result[0] == "error"
     assert fragment.encode() in result[1], result
     assert str(path).encode() in result[1]
+
+
+# --- streams and multicall from the Erlang client -----------------------------
+
+
+def test_erlang_stream_with_credit_from_an_erlang_server(
+    client_node: ErlangNode, server_node: ErlangNode, server: ErlangServer
+) -> None:
+    connect(client_node, server, "S1")
+    assert client_node.eval(
+        "{ok, St1} = sshrpc:stream(S1, sshrpc_test_funs, stream, [50], #{window => 3}), "
+        "sshrpc:fold(fun(V, Acc) -> [V | Acc] end, [], St1)"
+    ) == ("ok", list(range(50, 0, -1)), "done")
+    # A consumer that does not take its chunks holds at most a window of them;
+    # the producer waits on the server meanwhile.
+    name = fresh(1, "stream")[0]
+    client_node.eval(
+        f"{{ok, St2}} = sshrpc:stream(S1, sshrpc_test_funs, stream_forever, [{erl_atom(name)}], "
+        "#{window => 4})"
+    )
+    client_node.wait_until("element(2, process_info(self(), message_queue_len)) >= 4")
+    for _ in range(3):  # frames in flight would have arrived after a round trip
+        assert client_node.eval("element(1, sshrpc:ping(S1))") == "ok"
+    assert client_node.eval("element(2, process_info(self(), message_queue_len))") == 4
+    assert client_node.eval("[element(2, sshrpc:next(St2)) || _ <- lists:seq(1, 10)]") == list(
+        range(1, 11)
+    )
+    assert client_node.eval("sshrpc:next(St2, 5000)") == ("chunk", 11)
+    client_node.eval("sshrpc:cancel(St2)")
+    server_node.wait_until(f"whereis({erl_atom(name)}) =:= undefined")
+    assert client_node.eval("sshrpc:next(St2, 200)") == "timeout"
+    # A failing stream: what was folded so far, and the error.
+    assert (
+        client_node.eval(
+            "{ok, St3} = sshrpc:stream(S1, sshrpc_test_funs, nosuch, []), "
+            "element(2, element(2, sshrpc:fold(fun(V, A) -> [V | A] end, [], St3)))"
+        )
+        == "undef"
+    )
+    client_node.eval("sshrpc:close(S1)")
+
+
+def test_erlang_multicall_per_connection_results(
+    client_node: ErlangNode, server: ErlangServer
+) -> None:
+    for var in ("M1", "M2", "M3"):
+        connect(client_node, server, var)
+    client_node.eval("sshrpc:close(M3)")
+    results = client_node.eval("sshrpc:multicall([M1, M2, M3], erlang, node, [])")
+    assert [r[0] for r in results] == ["ok", "ok", "error"]
+    assert results[2][1][:2] == ("sshrpc", "closed")
+    started = client_node.eval("erlang:monotonic_time(millisecond)")
+    timed = client_node.eval_text(
+        "sshrpc:multicall([M1, M2], sshrpc_test_funs, sleep, [5000], 200)"
+    )
+    assert timed.replace(" ", "").replace("\n", "") == (
+        "[{error,{sshrpc,timeout,#{}}},{error,{sshrpc,timeout,#{}}}]"
+    )
+    assert client_node.eval("erlang:monotonic_time(millisecond)") - started < 4000
+    assert client_node.eval("sshrpc:multicall([M1, M2], sshrpc_test_funs, add, [1, 2], 5000)") == [
+        ("ok", 3),
+        ("ok", 3),
+    ]
