@@ -45,8 +45,11 @@ connect(Host, Port) ->
 %%   default: the server's key must be in user_dir's known_hosts.
 %% - `max_frame' (default 64 MiB): the largest answer accepted
 %% - `max_new_atoms' (default 1024): atoms the server may add to this node
-%%   over the connection's life (node names, atoms in answers); the server
-%%   can never add more
+%%   over the connection's life (node names, atoms in answers), and
+%%   `max_node_atoms' (default 65536): atoms all sshrpc connections and
+%%   sessions together may add to this node. An answer beyond either creates
+%%   nothing: its call fails with {error, {sshrpc, badarg, #{reason =>
+%%   atom_limit, ...}}} and the connection stays
 %% - `timeout' (ms, default 10000): for connecting and the handshake
 %% - `subsystem' (default "sshrpc@k2r.org"), `owner' (default self())
 %% - `ssh': a list of extra ssh:connect/3 options

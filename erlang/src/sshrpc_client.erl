@@ -28,6 +28,8 @@
     max_frame :: pos_integer(),  %% what we accept
     peer_max = ?DEFAULT_PEER_MAX :: pos_integer(),
     atom_budget :: non_neg_integer(), %% new atoms we still accept from the server
+    atom_max :: non_neg_integer(),    %% max_new_atoms
+    node_atoms :: non_neg_integer(),  %% max_node_atoms
     buf = sshrpc_wire:buffer() :: sshrpc_wire:buffer(),
     hello :: map() | undefined,  %% the server's hello
     hello_waiters = [] :: [term()],
@@ -59,7 +61,9 @@ init([CM, Ch, Owner, Opts]) ->
             Writer ! {write, sshrpc_wire:frame(Hello)},
             {ok, #st{cm = CM, ch = Ch, owner = Owner, owns_cm = maps:get(owns_cm, Opts, false),
                      max_frame = MaxFrame, writer = Writer,
-                     atom_budget = maps:get(max_new_atoms, Opts, 1024)}};
+                     atom_budget = maps:get(max_new_atoms, Opts, 1024),
+                     atom_max = maps:get(max_new_atoms, Opts, 1024),
+                     node_atoms = maps:get(max_node_atoms, Opts, 65536)}};
         Other ->
             {stop, {subsystem_refused, Other}}
     end.
@@ -235,22 +239,63 @@ parse(Bin, St = #st{max_frame = Max}) ->
             out({bye, {frame_too_large, Len, Max}}, St),
             St#st{stop = true};
         {frame, Payload, Rest} ->
-            case sshrpc_wire:decode(Payload, #{max => Max, new_atoms => St#st.atom_budget}) of
-                {ok, Term, New} ->
-                    St1 = answer(Term, St#st{atom_budget = St#st.atom_budget - New}),
-                    case St1#st.stop of
-                        true -> St1;
-                        false -> parse(Rest, St1)
+            St1 = case sshrpc_wire:decode(Payload, #{max => Max}) of
+                      {ok, Term, _} ->
+                          answer(Term, St);
+                      {error, Detail} ->
+                          out({bye, {bad_term, Detail}}, St),
+                          St#st{stop = true};
+                      {new_atoms, N, Detail} ->
+                          new_atoms(Payload, N, Detail, St);
+                      {inflate_too_large, Size} ->
+                          out({bye, {frame_too_large, Size, Max}}, St),
+                          St#st{stop = true}
+                  end,
+            case St1#st.stop of
+                true -> St1;
+                false -> parse(Rest, St1)
+            end
+    end.
+
+%% Atoms this node does not know, in a frame from the server: charged to the
+%% connection's budget (max_new_atoms) and the node's (max_node_atoms, shared
+%% with the sshrpc servers on this node) before anything is created. Beyond
+%% either, nothing is created: the call it answers fails with
+%% {error, {sshrpc, badarg, #{reason => atom_limit, ...}}} (and is cancelled
+%% on the server), a send or down is dropped and logged; only a frame whose
+%% envelope cannot be read ends the connection.
+new_atoms(Payload, N, Detail, St = #st{atom_budget = Left}) ->
+    NodeMax = St#st.node_atoms,
+    Charged = N =< Left andalso sshrpc_server:charge_node_atoms(N, NodeMax),
+    case Charged of
+        ok ->
+            case sshrpc_wire:decode_new_atoms(Payload) of
+                {ok, Term} -> answer(Term, St#st{atom_budget = Left - N});
+                {error, D} -> out({bye, {bad_term, D}}, St), St#st{stop = true}
+            end;
+        _ ->
+            {Scope, Limit} = case N > Left of
+                                 true -> {connection, St#st.atom_max};
+                                 false -> {node, NodeMax}
+                             end,
+            Msg = detail("~b new atoms would pass the ~p budget of ~b (~ts)",
+                         [N, Scope, Limit, Detail]),
+            logger:warning("sshrpc: refused an answer from the server: ~ts", [Msg]),
+            Details = #{reason => atom_limit, scope => Scope, new_atoms => N, limit => Limit,
+                        message => Msg},
+            case sshrpc_wire:envelope(Payload) of
+                {Tag, _, Id, _} when Tag =:= reply; Tag =:= error; Tag =:= chunk ->
+                    case is_map_key(Id, St#st.calls) of
+                        true ->
+                            out({cancel, Id}, St),
+                            final(Id, {error, {sshrpc, badarg, Details}}, St);
+                        false ->
+                            St
                     end;
-                {error, Detail} ->
-                    out({bye, {bad_term, Detail}}, St),
-                    St#st{stop = true};
-                {new_atoms, _N, Detail} ->
-                    %% More new atoms than max_new_atoms still allows.
-                    out({bye, {atom_limit, Detail}}, St),
-                    St#st{stop = true};
-                {inflate_too_large, Size} ->
-                    out({bye, {frame_too_large, Size, Max}}, St),
+                {Tag, _, _, _} when Tag =:= send; Tag =:= down ->
+                    St;
+                _ ->
+                    out({bye, {atom_limit, Msg}}, St),
                     St#st{stop = true}
             end
     end.

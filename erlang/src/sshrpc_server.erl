@@ -23,7 +23,8 @@
 -module(sshrpc_server).
 -behaviour(ssh_server_channel).
 
--export([subsystem_spec/1, default_options/0, atom_statistics/0, compile_policy/1]).
+-export([subsystem_spec/1, default_options/0, atom_statistics/0, compile_policy/1,
+         charge_node_atoms/2]).
 -export([init/1, handle_msg/2, handle_ssh_msg/2, terminate/2]).
 -export([writer/3]).  %% shared with sshrpc_client
 
@@ -298,13 +299,22 @@ new_atoms(Payload, N, Detail, St) ->
 charge_atoms(N, #st{atoms_left = Left, opts = #{max_session_atoms := Max}}) when N > Left ->
     {refused, session, Max};
 charge_atoms(N, St = #st{atoms_left = Left, opts = #{max_node_atoms := Max}}) ->
+    case charge_node_atoms(N, Max) of
+        ok -> {ok, St#st{atoms_left = Left - N}};
+        refused -> {refused, node, Max}
+    end.
+
+%% @doc Charge N new atoms to the node-wide count if it stays within Max
+%% (shared by every sshrpc session and client connection on this node).
+-spec charge_node_atoms(non_neg_integer(), non_neg_integer()) -> ok | refused.
+charge_node_atoms(N, Max) ->
     Ref = atom_counter(),
     case atomics:add_get(Ref, 1, N) of
         Total when Total > Max ->
             atomics:sub(Ref, 1, N),
-            {refused, node, Max};
+            refused;
         _ ->
-            {ok, St#st{atoms_left = Left - N}}
+            ok
     end.
 
 atom_limit({mfa, _, _, _}, Details, St = #st{mode = init, opts = O}) ->

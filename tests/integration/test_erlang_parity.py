@@ -750,3 +750,31 @@ def test_erlang_multicall_per_connection_results(
         ("ok", 3),
         ("ok", 3),
     ]
+
+
+def test_erlang_client_atom_budget_fails_the_call_not_the_connection(
+    client_node: ErlangNode, server: ErlangServer
+) -> None:
+    client_node.eval(
+        f'{{ok, B1}} = sshrpc:connect("127.0.0.1", {server.port}, '
+        '[{user, "tester"}, {user_dir, UserDir}, {max_new_atoms, 5}])'
+    )
+    first, second = fresh(2, "cli")
+    assert client_node.eval_text(
+        f"sshrpc:call(B1, sshrpc_test_funs, atoms, [<<{erl_string(first)}>>, 3])"
+    ).startswith("{ok,[")
+    text = client_node.eval_text(
+        f"sshrpc:call(B1, sshrpc_test_funs, atoms, [<<{erl_string(second)}>>, 3])"
+    )
+    flat = text.replace(" ", "").replace("\n", "")
+    assert flat.startswith("{error,{sshrpc,badarg,#{"), text
+    assert "reason=>atom_limit" in flat and "scope=>connection" in flat
+    assert (
+        client_node.eval(
+            f'try binary_to_existing_atom(<<{erl_string(second)}, "_1">>) of _ -> true '
+            "catch error:badarg -> false end"
+        )
+        is False
+    )
+    assert client_node.eval("sshrpc:call(B1, lists, reverse, [[1, 2]])") == ("ok", [2, 1])
+    client_node.eval("sshrpc:close(B1)")
