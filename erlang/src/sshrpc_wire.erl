@@ -122,6 +122,28 @@ decode(Payload, Opts) ->
         error:badarg -> decode_unsafe(Payload, Opts)
     end.
 
+decode_unsafe(<<131, 80, Size:32, Z/binary>> = Payload, Opts) ->
+    %% Compressed (Size is at most max, checked above): inflate at most Size
+    %% bytes and look at the term inside.
+    case inflate(Z, Size) of
+        {ok, Raw} ->
+            case decode_unsafe(<<131, Raw/binary>>, Opts#{new_atoms => 0}) of
+                {new_atoms, N, Detail} ->
+                    case N =< maps:get(new_atoms, Opts, 0) of
+                        true ->
+                            case decode_new_atoms(Payload) of
+                                {ok, Term} -> {ok, Term, N};
+                                Error -> Error
+                            end;
+                        false ->
+                            {new_atoms, N, Detail}
+                    end;
+                Other ->
+                    Other
+            end;
+        error ->
+            {error, detail(<<"invalid compressed term">>, 0)}
+    end;
 decode_unsafe(Payload, Opts) ->
     Budget = maps:get(new_atoms, Opts, 0),
     case check(Payload) of
@@ -141,6 +163,31 @@ decode_unsafe(Payload, Opts) ->
         {error, What, Offset} ->
             {error, detail(What, Offset)}
     end.
+
+%% zlib data that inflates to exactly Size bytes, never inflating more.
+inflate(Z, Size) ->
+    S = zlib:open(),
+    try
+        ok = zlib:inflateInit(S),
+        inflate_loop(S, zlib:safeInflate(S, Z), Size, [], 0)
+    catch
+        _:_ -> error
+    after
+        zlib:close(S)
+    end.
+
+inflate_loop(S, {continue, Out}, Size, Acc, N) ->
+    case N + iolist_size(Out) of
+        N1 when N1 > Size -> error;
+        N1 -> inflate_loop(S, zlib:safeInflate(S, []), Size, [Out | Acc], N1)
+    end;
+inflate_loop(_S, {finished, Out}, Size, Acc, N) ->
+    case N + iolist_size(Out) of
+        Size -> {ok, iolist_to_binary(lists:reverse([Out | Acc]))};
+        _ -> error
+    end;
+inflate_loop(_S, _, _Size, _Acc, _N) ->
+    error.
 
 %% @doc Decode a payload for which decode/2 answered {new_atoms, N, _}, once
 %% the caller has accepted N new atoms: this creates them.

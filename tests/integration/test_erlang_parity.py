@@ -15,6 +15,7 @@ import itertools
 import os
 import signal
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -778,3 +779,26 @@ def test_erlang_client_atom_budget_fails_the_call_not_the_connection(
     )
     assert client_node.eval("sshrpc:call(B1, lists, reverse, [[1, 2]])") == ("ok", [2, 1])
     client_node.eval("sshrpc:close(B1)")
+
+
+def test_compressed_requests_with_fresh_atoms(
+    server: ErlangServer, tmp_path: Path, client_key: Any
+) -> None:
+    ch = raw_channel(server, tmp_path, client_key)
+    try:
+        hello(ch)
+        value = [Atom(x) for x in fresh(20)] * 50
+        call = (Atom("call"), 1, Atom("sshrpc_test_funs"), Atom("echo"), [value])
+        payload = sshrpc.encode(call, compressed=True)
+        assert payload[:2] == b"\x83\x50"
+        ch.send_bytes(len(payload).to_bytes(4, "big") + payload)
+        assert ch.recv() == ("reply", 1, value)
+        # A declared size below the inflated one is refused before decoding.
+        body = zlib.compress(sshrpc.encode((Atom("ping"), Atom(fresh()[0])))[1:])
+        bad = b"\x83\x50" + (3).to_bytes(4, "big") + body
+        ch.send_bytes(len(bad).to_bytes(4, "big") + bad)
+        tag, (what, detail) = ch.recv()
+        assert (tag, what) == ("bye", "bad_term")
+        assert b"compressed" in detail
+    finally:
+        ch.close()
