@@ -802,3 +802,20 @@ def test_compressed_requests_with_fresh_atoms(
         assert b"compressed" in detail
     finally:
         ch.close()
+
+
+def test_the_application_and_rebar_layout(server_node: ErlangNode) -> None:
+    # erlang/build.sh writes ebin/sshrpc.app from src/sshrpc.app.src as rebar3
+    # would: every module listed, and the application starts with its deps.
+    src = sorted(p.stem for p in (Path(__file__).parents[2] / "erlang" / "src").glob("*.erl"))
+    assert (
+        server_node.eval(
+            "{ok, [{application, sshrpc, Props}]} = "
+            'file:consult(code:where_is_file("sshrpc.app")), '
+            "lists:sort(proplists:get_value(modules, Props))"
+        )
+        == src
+    )
+    assert server_node.eval("element(1, application:ensure_all_started(sshrpc))") == "ok"
+    rebar = Path(__file__).parents[2] / "erlang" / "rebar.config"
+    assert server_node.eval(f"element(1, file:consult({erl_string(rebar)}))") == "ok"
