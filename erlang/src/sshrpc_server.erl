@@ -149,7 +149,7 @@ init([Opts0]) ->
     Opts = maps:merge(default_options(), maps:from_list(to_list(Opts0))),
     Allow = maps:from_list([{Rule, true} || Rule <- maps:get(allow, Opts)]),
     %% Load the exposed modules, so that their function names exist as atoms
-    %% before a request names them (requests are decoded with [safe]).
+    %% before a request names them (and do not count against the atom budgets).
     _ = [code:ensure_loaded(M) || {M, _, _} <- maps:get(allow, Opts)],
     _ = atom_counter(),
     {ok, Policy} = compile_policy(maps:get(policy, Opts)),
