@@ -417,28 +417,20 @@ def test_nothing_outlives_a_killed_erlang_client_vm(
 async def test_nothing_outlives_a_closed_python_connection(
     server: ErlangServer, server_node: ErlangNode, tmp_path: Path, client_key: Any
 ) -> None:
-    names = dict(zip(["spawn", "trap", "cast", "call"], fresh(4, "life"), strict=True))
+    # Spawns and a cast, no open call (aclose would wait for it to drain:
+    # the killed-client tests above cover calls).
+    names = dict(zip(["spawn", "trap", "cast"], fresh(3, "life"), strict=True))
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(server.known_hosts_line + "\n")
-    expr = f"length({registered(server_node, list(names.values()))}) =:= 4"
-    async with (
-        sshrpc.open_connection(
-            "127.0.0.1", port=server.port, user="tester", identity=str(client_key.private),
-            known_hosts=str(known_hosts), agent=False,
-        ) as conn,
-        trio.open_nursery() as nursery,
-    ):  # fmt: skip
+    expr = f"length({registered(server_node, list(names.values()))}) =:= 3"
+    async with sshrpc.open_connection(
+        "127.0.0.1", port=server.port, user="tester", identity=str(client_key.private),
+        known_hosts=str(known_hosts), agent=False,
+    ) as conn:  # fmt: skip
         await conn.spawn("sshrpc_test_funs", "block", [Atom(names["spawn"])])
         await conn.spawn("sshrpc_test_funs", "trap_block", [Atom(names["trap"])])
         await conn.cast("sshrpc_test_funs", "block", [Atom(names["cast"])])
-
-        async def blocked() -> None:
-            with pytest.raises(sshrpc.ConnectionLost):
-                await conn.call("sshrpc_test_funs", "block", [Atom(names["call"])])
-
-        nursery.start_soon(blocked)
         await trio.to_thread.run_sync(server_node.wait_until, expr)
-        await conn.aclose()
     await trio.to_thread.run_sync(assert_all_end, server_node, list(names.values()))
 
 

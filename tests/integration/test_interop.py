@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -445,3 +446,15 @@ def test_erlang_multicall_across_python_and_erlang(
         erl.eval_text("element(2, lists:nth(2, sshrpc:multicall([EC, PC], erlang, node, [])))")
     ).startswith("{sshrpc,forbidden")
     erl.eval("sshrpc:close(EC)")
+
+
+def test_erlang_sends_fresh_atoms_to_python_and_keeps_its_channel(erl: ErlangNode) -> None:
+    tag = f"h14_{uuid.uuid4().hex}"
+    assert erl.eval(
+        f"PT = {{'{tag}', #{{'{tag}_key' => ['{tag}_elem', '{tag} Hello World']}}}}, "
+        "{ok, PT} =:= sshrpc:call(PC, echo, echo, [PT])"
+    )
+    assert erl.eval(f"element(1, sshrpc:call(PC, '{tag}_mod', '{tag}_fn', []))") == "error"
+    erl.eval(f"sshrpc:cast(PC, log, info, [{{'{tag}_cast', 1}}])")
+    erl.wait_until(f"sshrpc:call(PC, log, last, []) =:= {{ok, {{'{tag}_cast', 1}}}}")
+    assert erl.eval("element(1, sshrpc:ping(PC))") == "ok"
