@@ -286,6 +286,36 @@ def test_session_budget_answers_instead_of_closing(
         srv.stop()
 
 
+async def test_python_client_past_the_session_budget_keeps_its_connection(
+    server_node: ErlangNode, tmp_path: Path, client_key: Any
+) -> None:
+    srv = await trio.to_thread.run_sync(
+        lambda: start_erlang_server(
+            server_node, tmp_path, [client_key.public_line], allow=ALLOW,
+            options="{max_session_atoms, 8}", ref="PyBudget",
+        )
+    )  # fmt: skip
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(srv.known_hosts_line + "\n")
+    try:
+        async with sshrpc.open_connection(
+            "127.0.0.1", port=srv.port, user="tester", identity=str(client_key.private),
+            known_hosts=str(known_hosts), agent=False,
+        ) as conn:  # fmt: skip
+            five = [Atom(x) for x in fresh(5)]
+            assert await conn.call("sshrpc_test_funs", "echo", [five]) == five
+            with pytest.raises(sshrpc.RemoteError) as info:
+                await conn.call("sshrpc_test_funs", "echo", [[Atom(x) for x in fresh(5)]])
+            err = info.value
+            assert (err.cls, err.reason) == ("sshrpc", "badarg")
+            assert (err.details["reason"], err.details["scope"]) == ("atom_limit", "session")
+            assert b"session budget of 8" in err.details["message"]
+            assert await conn.call("sshrpc_test_funs", "echo", [five[:2]]) == five[:2]
+            await conn.ping()
+    finally:
+        await trio.to_thread.run_sync(srv.stop)
+
+
 def test_an_unreadable_envelope_past_the_budget_ends_the_session(
     server_node: ErlangNode, tmp_path: Path, client_key: Any
 ) -> None:
