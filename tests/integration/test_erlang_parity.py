@@ -402,13 +402,18 @@ def test_nothing_outlives_a_killed_openssh_client(
     server: ErlangServer, server_node: ErlangNode, tmp_path: Path, client_key: Any
 ) -> None:
     names = dict(zip(["spawn", "trap", "cast", "call", "stream"], fresh(5, "life"), strict=True))
+    before = server_node.eval("erlang:system_info(process_count)")
     ch = raw_channel(server, tmp_path, client_key)
     try:
         hello(ch)
         start_everything(ch, names)
         server_node.wait_until(f"length({registered(server_node, list(names.values()))}) =:= 5")
+        assert server_node.eval("erlang:system_info(process_count)") >= before + 10
         os.kill(ch.proc.pid, signal.SIGKILL)
         assert_all_end(server_node, list(names.values()))
+        # Not only the named ones: the session's channel, writer and relay, the
+        # connection's processes, every worker are gone too.
+        server_node.wait_until(f"erlang:system_info(process_count) =< {before}")
     finally:
         ch.close()
 
