@@ -170,7 +170,8 @@ close(Conn) ->
 %%
 %% Opts: `window' (the credit, default 16), `timeout' (ms: sent to the server
 %% as the call's timeout, which then ends the stream with
-%% {error, {sshrpc, timeout, #{}}}).
+%% {error, {sshrpc, timeout, #{}}}). If the calling process exits before the
+%% stream ends, the stream is cancelled on the server.
 -spec stream(conn(), module(), atom(), [term()]) -> {ok, stream()}.
 stream(Conn, M, F, Args) ->
     stream(Conn, M, F, Args, #{}).
@@ -182,7 +183,7 @@ stream(Conn, M, F, Args, Opts) ->
     CallOpts = maps:merge(#{stream => true, credit => Window},
                           maps:with([timeout], Opts)),
     Alias = erlang:monitor(process, Conn, [{alias, demonitor}]),
-    Conn ! {sshrpc_req, Alias, {call, M, F, Args, CallOpts}},
+    Conn ! {sshrpc_stream, Alias, self(), {call, M, F, Args, CallOpts}},
     {ok, {sshrpc_stream, Conn, Alias}}.
 
 %% @doc The stream's next item: {chunk, Value}, or {done, Result} once (the

@@ -37,6 +37,8 @@
     calls = #{} :: #{non_neg_integer() => reference()},   %% id -> caller alias
     streams = #{} :: #{non_neg_integer() => {non_neg_integer(), non_neg_integer()}},
                                  %% stream id -> {window, chunks consumed since the last credit}
+    consumers = #{} :: #{reference() => reference()}, %% monitor of a stream's consumer -> alias
+    consumer_mons = #{} :: #{reference() => reference()}, %% alias -> that monitor
     aliases = #{} :: #{reference() => non_neg_integer()}, %% alias -> id
     pings = #{} :: #{integer() => reference()},
     max_calls = infinity :: pos_integer() | infinity, %% the server's, from its hello
@@ -89,7 +91,17 @@ handle_msg({ssh_channel_up, _Ch, _CM}, St) ->
     {ok, St};
 handle_msg({sshrpc_req, Alias, Req}, St) ->
     {ok, request(Alias, Req, St)};
-handle_msg({sshrpc_cancel, Alias}, St = #st{aliases = As, waiting_aliases = WA}) ->
+handle_msg({sshrpc_stream, Alias, Consumer, Req}, St = #st{consumers = Cs}) ->
+    %% A stream whose consumer exits is cancelled: it would otherwise wait
+    %% for credit on the server for ever.
+    MRef = erlang:monitor(process, Consumer),
+    {ok, request(Alias, Req, St#st{consumers = Cs#{MRef => Alias},
+                                   consumer_mons = (St#st.consumer_mons)#{Alias => MRef}})};
+handle_msg({'DOWN', MRef, process, _, _}, St = #st{consumers = Cs}) when is_map_key(MRef, Cs) ->
+    #{MRef := Alias} = Cs,
+    handle_msg({sshrpc_cancel, Alias}, unwatch(Alias, St));
+handle_msg({sshrpc_cancel, Alias}, St0) ->
+    St = #st{aliases = As, waiting_aliases = WA} = unwatch(Alias, St0),
     case As of
         #{Alias := Id} ->
             out({cancel, Id}, St),
@@ -349,8 +361,18 @@ final(Id, Result, St = #st{calls = Calls, aliases = As, streams = Ss}) ->
                 true -> Alias ! {Alias, {done, Result}};
                 false -> Alias ! {Alias, Result}
             end,
-            next_waiting(St#st{calls = Calls1, aliases = maps:remove(Alias, As),
-                               streams = maps:remove(Id, Ss)});
+            next_waiting(unwatch(Alias, St#st{calls = Calls1, aliases = maps:remove(Alias, As),
+                                              streams = maps:remove(Id, Ss)}));
+        error ->
+            St
+    end.
+
+%% Stop watching a stream's consumer.
+unwatch(Alias, St = #st{consumers = Cs, consumer_mons = CM}) ->
+    case maps:take(Alias, CM) of
+        {MRef, CM1} ->
+            erlang:demonitor(MRef, [flush]),
+            St#st{consumers = maps:remove(MRef, Cs), consumer_mons = CM1};
         error ->
             St
     end.

@@ -757,6 +757,24 @@ def test_erlang_stream_with_credit_from_an_erlang_server(
     client_node.eval("sshrpc:close(S1)")
 
 
+def test_a_stream_whose_consumer_exits_is_cancelled(
+    client_node: ErlangNode, server_node: ErlangNode, server: ErlangServer
+) -> None:
+    connect(client_node, server, "S2")
+    name = fresh(1, "stream")[0]
+    client_node.eval(
+        "Me = self(), "
+        "spawn(fun() -> "
+        f"  {{ok, St}} = sshrpc:stream(S2, sshrpc_test_funs, stream_forever, [{erl_atom(name)}]), "
+        "  {chunk, 1} = sshrpc:next(St), {chunk, 2} = sshrpc:next(St), Me ! took_two "
+        "end), "
+        "receive took_two -> ok after 5000 -> timeout end"
+    )
+    server_node.wait_until(f"whereis({erl_atom(name)}) =:= undefined")
+    assert client_node.eval("sshrpc:call(S2, lists, reverse, [[1, 2]])") == ("ok", [2, 1])
+    client_node.eval("sshrpc:close(S2)")
+
+
 def test_erlang_multicall_per_connection_results(
     client_node: ErlangNode, server: ErlangServer
 ) -> None:
