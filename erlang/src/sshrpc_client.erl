@@ -251,7 +251,8 @@ parse(Bin, St = #st{max_frame = Max}) ->
             out({bye, {frame_too_large, Len, Max}}, St),
             St#st{stop = true};
         {frame, Payload, Rest} ->
-            St1 = case sshrpc_wire:decode(Payload, #{max => Max}) of
+            StopAfter = min(St#st.atom_budget, sshrpc_server:node_atoms_left(St#st.node_atoms)),
+            St1 = case sshrpc_wire:decode(Payload, #{max => Max, stop_after => StopAfter}) of
                       {ok, Term, _} ->
                           answer(Term, St);
                       {error, Detail} ->

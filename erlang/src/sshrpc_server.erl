@@ -24,7 +24,7 @@
 -behaviour(ssh_server_channel).
 
 -export([subsystem_spec/1, default_options/0, atom_statistics/0, compile_policy/1,
-         charge_node_atoms/2]).
+         charge_node_atoms/2, node_atoms_left/1]).
 -export([init/1, handle_msg/2, handle_ssh_msg/2, terminate/2]).
 -export([writer/3]).  %% shared with sshrpc_client
 
@@ -259,8 +259,10 @@ parse(Bin, St = #st{rx_max = Max}) ->
             parse(Rest, payload(Payload, St))
     end.
 
-payload(Payload, St = #st{rx_max = Max}) ->
-    case sshrpc_wire:decode(Payload, #{max => Max}) of
+payload(Payload, St = #st{rx_max = Max, atoms_left = Left, opts = #{max_node_atoms := NMax}}) ->
+    %% Counting stops where a budget would refuse anyway.
+    StopAfter = min(Left, node_atoms_left(NMax)),
+    case sshrpc_wire:decode(Payload, #{max => Max, stop_after => StopAfter}) of
         {ok, Term, _} -> term(Term, St);
         {error, Detail} -> bye({bad_term, Detail}, St);
         {inflate_too_large, Size} -> bye({frame_too_large, Size, Max}, St);
@@ -303,6 +305,11 @@ charge_atoms(N, St = #st{atoms_left = Left, opts = #{max_node_atoms := Max}}) ->
         ok -> {ok, St#st{atoms_left = Left - N}};
         refused -> {refused, node, Max}
     end.
+
+%% @doc How many more atoms the node-wide count allows under Max.
+-spec node_atoms_left(non_neg_integer()) -> non_neg_integer().
+node_atoms_left(Max) ->
+    max(0, Max - atomics:get(atom_counter(), 1)).
 
 %% @doc Charge N new atoms to the node-wide count if it stays within Max
 %% (shared by every sshrpc session and client connection on this node).

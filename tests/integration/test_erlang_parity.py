@@ -254,7 +254,9 @@ def test_session_budget_answers_instead_of_closing(
         tag, rid, (cls, reason, details) = ch.recv()
         assert (tag, rid, cls, reason) == ("error", 2, "sshrpc", "badarg")
         assert details["reason"] == "atom_limit" and details["scope"] == "session"
-        assert (details["new_atoms"], details["limit"]) == (6, 10)
+        # The walk stops one atom past what the budget still allows (4 left).
+        assert (details["new_atoms"], details["limit"]) == (5, 10)
+        assert b"more than 4 atoms unknown" in details["message"]
         # Refused spawns, casts and sends, and a ping whose token is refused too.
         ch.send((Atom("spawn"), 3, Atom(refused[0]), Atom("f"), list(map(Atom, refused))))
         ch.send((Atom("cast"), Atom("sshrpc_test_funs"), Atom("echo"), list(map(Atom, refused))))
@@ -314,6 +316,46 @@ async def test_python_client_past_the_session_budget_keeps_its_connection(
             await conn.ping()
     finally:
         await trio.to_thread.run_sync(srv.stop)
+
+
+def test_atoms_inside_funs_pids_and_refs_are_counted(
+    server_node: ErlangNode, client_node: ErlangNode, tmp_path: Path, client_key: Any
+) -> None:
+    # A fun's module and free variables, and a pid's node, are atoms that
+    # binary_to_term would create too: they count against the budget.
+    srv = start_erlang_server(
+        server_node, tmp_path, [client_key.public_line], allow=ALLOW,
+        options="{max_session_atoms, 3}", ref="FunBudget",
+    )  # fmt: skip
+    names = fresh(5, "infun")
+    payload = client_node.eval(
+        f"FunEnv = {{{', '.join(erl_atom(n) for n in names[1:4])}}}, "
+        "term_to_binary({call, 1, sshrpc_test_funs, echo, "
+        f"[{erl_atom(names[0])}, fun() -> FunEnv end]}})"
+    )
+    pid_payload = client_node.eval(
+        "term_to_binary({call, 2, sshrpc_test_funs, echo, "
+        f'[binary_to_term(<<131, 88, 119, {len(names[4]) + 5}, "{names[4]}@host", '
+        "0:32, 0:32, 0:32>>)]})"
+    )
+    ch = raw_channel(srv, tmp_path, client_key)
+    try:
+        hello(ch)
+        ch.send_bytes(len(payload).to_bytes(4, "big") + payload)
+        tag, rid, (cls, reason, details) = ch.recv()
+        assert (tag, rid, cls, reason) == ("error", 1, "sshrpc", "badarg")
+        # One outside the fun and, inside it, three of ours and the names of
+        # the variables it closes over ('FunEnv', ...): the walk stops at the
+        # fourth, one past the budget of 3.
+        assert details["new_atoms"] == 4
+        assert not any(exists_in(server_node, n) for n in names[:4])
+        ch.send_bytes(len(pid_payload).to_bytes(4, "big") + pid_payload)
+        tag, rid, _pid = ch.recv()
+        assert (tag, rid) == ("reply", 2)
+        assert exists_in(server_node, names[4] + "@host")
+    finally:
+        ch.close()
+        srv.stop()
 
 
 def test_an_unreadable_envelope_past_the_budget_ends_the_session(
