@@ -326,6 +326,10 @@ walk(<<115, L, Text:L/binary, R/binary>> = B, K, N, T) ->
     walk(R, K - 1, atom(Text, latin1, N, T - byte_size(B)), T);
 walk(<<100, L:16, Text:L/binary, R/binary>> = B, K, N, T) ->
     walk(R, K - 1, atom(Text, latin1, N, T - byte_size(B)), T);
+%% ATOM_INTERNAL_REF2/3: an atom by its index in this node's table (which
+%% binary_to_term accepts): it exists already.
+walk(<<73, _:16, R/binary>>, K, N, T) -> walk(R, K - 1, N, T);
+walk(<<75, _:24, R/binary>>, K, N, T) -> walk(R, K - 1, N, T);
 %% fun M:F/A: three terms, and an export entry that is never collected.
 walk(<<113, R/binary>>, K, N, T) -> walk(R, K + 2, N + 1, T);
 %% A local fun: fixed fields, then module, old index, old uniq, pid and the
@@ -345,7 +349,7 @@ walk(<<>>, _K, _N, T) ->
     bad(<<"truncated term">>, T);
 walk(<<Tag, _/binary>> = B, _K, _N, T) ->
     case lists:member(Tag, [97, 98, 70, 104, 105, 116, 108, 107, 109, 77, 110, 111, 99, 119,
-                            118, 115, 100, 112, 88, 103, 89, 120, 102, 101, 90, 114]) of
+                            118, 115, 100, 112, 88, 103, 89, 120, 102, 101, 90, 114, 73, 75]) of
         true -> bad(<<"truncated term">>, T);
         false -> bad(iolist_to_binary(io_lib:format("unknown tag ~b", [Tag])), T - byte_size(B))
     end.

@@ -906,3 +906,10 @@ def test_the_application_and_rebar_layout(server_node: ErlangNode) -> None:
     assert server_node.eval("element(1, application:ensure_all_started(sshrpc))") == "ok"
     rebar = Path(__file__).parents[2] / "erlang" / "rebar.config"
     assert server_node.eval(f"element(1, file:consult({erl_string(rebar)}))") == "ok"
+
+
+def test_the_atom_walk_agrees_with_binary_to_term(server_node: ErlangNode) -> None:
+    # Every type, every prefix, 5,000 random one-byte changes: the walk that
+    # counts new atoms never raises, refuses every truncation cleanly and
+    # accepts whatever binary_to_term(B, [safe, used]) accepts whole.
+    assert server_node.eval("sshrpc_test_walk:run(5000)") == (0, 0, 0, 0)
