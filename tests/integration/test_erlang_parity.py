@@ -4,6 +4,8 @@
   node-wide budget; past a budget the request is answered, the channel kept.
 - Processes a session spawned and casts it runs end with the session.
 - Per-key policy and one audit line per call through ``logger``.
+- The Erlang client's streams (with credit) and multicall; its own atom
+  budget; the rebar3 layout.
 
 Real VMs (erlang_helpers), OTP's ssh daemon, OpenSSH's ``ssh -s`` for
 hand-built frames and the Python client (``sshrpc.open_connection``).
