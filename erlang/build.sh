@@ -15,6 +15,12 @@ compile() {  # compile SRC_DIR OUT_DIR
     trap - EXIT
 }
 compile "$here/src" "$here/ebin"
+# ebin/sshrpc.app from src/sshrpc.app.src, with the modules filled in (what
+# rebar3 does), so application:ensure_all_started(sshrpc) works.
+mods="$(cd "$here/src" && ls *.erl | sed 's/\.erl$//' | paste -sd, -)"
+app="$(mktemp "$here/ebin/.sshrpc.app.XXXXXX")"
+sed "s/{modules, \[\]}/{modules, [$mods]}/" "$here/src/sshrpc.app.src" > "$app"
+mv -f "$app" "$here/ebin/sshrpc.app"
 if [ "${1:-}" = "test" ]; then
     compile "$here/test" "$here/ebin/test"
 fi

@@ -22,10 +22,14 @@
 
 -export([connect/2, connect/3, call/4, call/5, cast/4, send/3, spawn/4, ping/1,
          server_info/1, close/1]).
+-export([stream/4, stream/5, next/1, next/2, cancel/1, fold/3, multicall/4, multicall/5]).
 
 -type conn() :: pid().
 -type result() :: {ok, term()} | {error, {atom(), term(), map()}}.
--export_type([conn/0, result/0]).
+-opaque stream() :: {sshrpc_stream, conn(), reference()}.
+-export_type([conn/0, result/0, stream/0]).
+
+-define(DEFAULT_WINDOW, 16).
 
 -spec connect(ssh:host(), inet:port_number()) -> {ok, conn()} | {error, term()}.
 connect(Host, Port) ->
@@ -41,8 +45,11 @@ connect(Host, Port) ->
 %%   default: the server's key must be in user_dir's known_hosts.
 %% - `max_frame' (default 64 MiB): the largest answer accepted
 %% - `max_new_atoms' (default 1024): atoms the server may add to this node
-%%   over the connection's life (node names, atoms in answers); the server
-%%   can never add more
+%%   over the connection's life (node names, atoms in answers), and
+%%   `max_node_atoms' (default 65536): atoms all sshrpc connections and
+%%   sessions together may add to this node. An answer beyond either creates
+%%   nothing: its call fails with {error, {sshrpc, badarg, #{reason =>
+%%   atom_limit, ...}}} and the connection stays
 %% - `timeout' (ms, default 10000): for connecting and the handshake
 %% - `subsystem' (default "sshrpc@k2r.org"), `owner' (default self())
 %% - `ssh': a list of extra ssh:connect/3 options
@@ -150,6 +157,136 @@ server_info(Conn) ->
 close(Conn) ->
     _ = (catch ssh_client_channel:call(Conn, close, 10000)),
     ok.
+
+%% @doc Start a stream call: the server runs M:F(Args ++ [Emit]) (an Erlang
+%% server) or the streaming function M:F (a Python server), and each value it
+%% emits becomes one chunk. Take them with next/1,2 or fold/3, in order, then
+%% the final result. Only the process that called stream/4,5 can take them.
+%%
+%% Flow control is the protocol's credit: at most `window' chunks (default
+%% 16) are ever on their way or waiting in the caller's mailbox; taking one
+%% with next/1,2 gives credit back (in batches of half the window), so a
+%% slow consumer slows the producer on the server, and nothing piles up.
+%%
+%% Opts: `window' (the credit, default 16), `timeout' (ms: sent to the server
+%% as the call's timeout, which then ends the stream with
+%% {error, {sshrpc, timeout, #{}}}). If the calling process exits before the
+%% stream ends, the stream is cancelled on the server.
+-spec stream(conn(), module(), atom(), [term()]) -> {ok, stream()}.
+stream(Conn, M, F, Args) ->
+    stream(Conn, M, F, Args, #{}).
+
+-spec stream(conn(), module(), atom(), [term()],
+             #{window => pos_integer(), timeout => non_neg_integer()}) -> {ok, stream()}.
+stream(Conn, M, F, Args, Opts) ->
+    Window = maps:get(window, Opts, ?DEFAULT_WINDOW),
+    CallOpts = maps:merge(#{stream => true, credit => Window},
+                          maps:with([timeout], Opts)),
+    Alias = erlang:monitor(process, Conn, [{alias, demonitor}]),
+    Conn ! {sshrpc_stream, Alias, self(), {call, M, F, Args, CallOpts}},
+    {ok, {sshrpc_stream, Conn, Alias}}.
+
+%% @doc The stream's next item: {chunk, Value}, or {done, Result} once (the
+%% call's final result, as call/4 returns it; {error, {sshrpc, closed, _}}
+%% if the connection went away).
+-spec next(stream()) -> {chunk, term()} | {done, result()}.
+next(Stream) ->
+    next(Stream, infinity).
+
+%% @doc As next/1, but `timeout' if nothing arrived within TimeoutMs; the
+%% stream goes on (call next again, or cancel/1).
+-spec next(stream(), timeout()) -> {chunk, term()} | {done, result()} | timeout.
+next({sshrpc_stream, Conn, Alias}, Timeout) ->
+    receive
+        {Alias, {chunk, V}} ->
+            Conn ! {sshrpc_ack, Alias},
+            {chunk, V};
+        {Alias, {done, Result}} ->
+            erlang:demonitor(Alias, [flush]),
+            {done, Result};
+        {Alias, {error, _} = Error} ->
+            erlang:demonitor(Alias, [flush]),
+            {done, Error};
+        {'DOWN', Alias, process, _, Reason} ->
+            {done, {error, {sshrpc, closed, #{reason => Reason}}}}
+    after Timeout ->
+        timeout
+    end.
+
+%% @doc Stop a stream: the server is sent {cancel, Id} (its function is
+%% killed) and chunks still on their way are dropped.
+-spec cancel(stream()) -> ok.
+cancel({sshrpc_stream, Conn, Alias}) ->
+    Conn ! {sshrpc_cancel, Alias},
+    erlang:demonitor(Alias, [flush]),
+    flush_alias(Alias).
+
+flush_alias(Alias) ->
+    receive
+        {Alias, _} -> flush_alias(Alias)
+    after 0 ->
+        ok
+    end.
+
+%% @doc Fold Fun(Value, Acc) over the chunks of Stream, in order:
+%% {ok, Acc, FinalValue}, or {error, Reason, Acc} with the chunks folded
+%% before the stream failed.
+-spec fold(fun((term(), Acc) -> Acc), Acc, stream()) ->
+    {ok, Acc, term()} | {error, {atom(), term(), map()}, Acc}.
+fold(Fun, Acc, Stream) ->
+    case next(Stream) of
+        {chunk, V} -> fold(Fun, Fun(V, Acc), Stream);
+        {done, {ok, Final}} -> {ok, Acc, Final};
+        {done, {error, Reason}} -> {error, Reason, Acc}
+    end.
+
+%% @doc M:F(Args...) on every connection at once: one result per connection,
+%% in the order of Conns, each as call/4 returns it (like erpc:multicall/4).
+-spec multicall([conn()], module(), atom(), [term()]) -> [result()].
+multicall(Conns, M, F, Args) ->
+    multicall(Conns, M, F, Args, infinity).
+
+%% @doc As multicall/4 with one deadline for all: a connection that has not
+%% answered within TimeoutMs gets {error, {sshrpc, timeout, #{}}} and its
+%% call is cancelled on its server (the timeout also travels to each server
+%% as the call's `timeout' option).
+-spec multicall([conn()], module(), atom(), [term()], timeout()) -> [result()].
+multicall(Conns, M, F, Args, Timeout) ->
+    Opts = case Timeout of
+               infinity -> #{};
+               Ms when is_integer(Ms), Ms >= 0 -> #{timeout => Ms}
+           end,
+    Deadline = case Timeout of
+                   infinity -> infinity;
+                   _ -> erlang:monotonic_time(millisecond) + Timeout
+               end,
+    Aliases = [begin
+                   Alias = erlang:monitor(process, Conn, [{alias, demonitor}]),
+                   Conn ! {sshrpc_req, Alias, {call, M, F, Args, Opts}},
+                   {Conn, Alias}
+               end || Conn <- Conns],
+    [collect(Conn, Alias, Deadline) || {Conn, Alias} <- Aliases].
+
+collect(Conn, Alias, Deadline) ->
+    Left = case Deadline of
+               infinity -> infinity;
+               _ -> max(0, Deadline - erlang:monotonic_time(millisecond))
+           end,
+    receive
+        {Alias, Reply} ->
+            erlang:demonitor(Alias, [flush]),
+            Reply;
+        {'DOWN', Alias, process, _, Reason} ->
+            {error, {sshrpc, closed, #{reason => Reason}}}
+    after Left ->
+        Conn ! {sshrpc_cancel, Alias},
+        erlang:demonitor(Alias, [flush]),
+        receive
+            {Alias, Reply} -> Reply
+        after 0 ->
+            {error, {sshrpc, timeout, #{}}}
+        end
+    end.
 
 request(Conn, Req, Timeout) ->
     Alias = erlang:monitor(process, Conn, [{alias, demonitor}]),

@@ -28,11 +28,17 @@
     max_frame :: pos_integer(),  %% what we accept
     peer_max = ?DEFAULT_PEER_MAX :: pos_integer(),
     atom_budget :: non_neg_integer(), %% new atoms we still accept from the server
+    atom_max :: non_neg_integer(),    %% max_new_atoms
+    node_atoms :: non_neg_integer(),  %% max_node_atoms
     buf = sshrpc_wire:buffer() :: sshrpc_wire:buffer(),
     hello :: map() | undefined,  %% the server's hello
     hello_waiters = [] :: [term()],
     next_id = 1 :: non_neg_integer(),
     calls = #{} :: #{non_neg_integer() => reference()},   %% id -> caller alias
+    streams = #{} :: #{non_neg_integer() => {non_neg_integer(), non_neg_integer()}},
+                                 %% stream id -> {window, chunks consumed since the last credit}
+    consumers = #{} :: #{reference() => reference()}, %% monitor of a stream's consumer -> alias
+    consumer_mons = #{} :: #{reference() => reference()}, %% alias -> that monitor
     aliases = #{} :: #{reference() => non_neg_integer()}, %% alias -> id
     pings = #{} :: #{integer() => reference()},
     max_calls = infinity :: pos_integer() | infinity, %% the server's, from its hello
@@ -57,7 +63,9 @@ init([CM, Ch, Owner, Opts]) ->
             Writer ! {write, sshrpc_wire:frame(Hello)},
             {ok, #st{cm = CM, ch = Ch, owner = Owner, owns_cm = maps:get(owns_cm, Opts, false),
                      max_frame = MaxFrame, writer = Writer,
-                     atom_budget = maps:get(max_new_atoms, Opts, 1024)}};
+                     atom_budget = maps:get(max_new_atoms, Opts, 1024),
+                     atom_max = maps:get(max_new_atoms, Opts, 1024),
+                     node_atoms = maps:get(max_node_atoms, Opts, 65536)}};
         Other ->
             {stop, {subsystem_refused, Other}}
     end.
@@ -83,7 +91,17 @@ handle_msg({ssh_channel_up, _Ch, _CM}, St) ->
     {ok, St};
 handle_msg({sshrpc_req, Alias, Req}, St) ->
     {ok, request(Alias, Req, St)};
-handle_msg({sshrpc_cancel, Alias}, St = #st{aliases = As, waiting_aliases = WA}) ->
+handle_msg({sshrpc_stream, Alias, Consumer, Req}, St = #st{consumers = Cs}) ->
+    %% A stream whose consumer exits is cancelled: it would otherwise wait
+    %% for credit on the server for ever.
+    MRef = erlang:monitor(process, Consumer),
+    {ok, request(Alias, Req, St#st{consumers = Cs#{MRef => Alias},
+                                   consumer_mons = (St#st.consumer_mons)#{Alias => MRef}})};
+handle_msg({'DOWN', MRef, process, _, _}, St = #st{consumers = Cs}) when is_map_key(MRef, Cs) ->
+    #{MRef := Alias} = Cs,
+    handle_msg({sshrpc_cancel, Alias}, unwatch(Alias, St));
+handle_msg({sshrpc_cancel, Alias}, St0) ->
+    St = #st{aliases = As, waiting_aliases = WA} = unwatch(Alias, St0),
     case As of
         #{Alias := Id} ->
             out({cancel, Id}, St),
@@ -92,6 +110,23 @@ handle_msg({sshrpc_cancel, Alias}, St = #st{aliases = As, waiting_aliases = WA})
             %% Never sent: drop it from the queue.
             {ok, St#st{waiting_aliases = maps:remove(Alias, WA),
                        waiting = queue:filter(fun({A, _}) -> A =/= Alias end, St#st.waiting)}};
+        _ ->
+            {ok, St}
+    end;
+handle_msg({sshrpc_ack, Alias}, St = #st{aliases = As, streams = Ss}) ->
+    %% The consumer took one chunk: grant credit back in batches of half the
+    %% window, so at most a window of chunks waits in its mailbox.
+    case As of
+        #{Alias := Id} ->
+            case Ss of
+                #{Id := {Window, Taken}} when Taken + 1 >= Window div 2 ->
+                    out({credit, Id, Taken + 1}, St),
+                    {ok, St#st{streams = Ss#{Id := {Window, 0}}}};
+                #{Id := {Window, Taken}} ->
+                    {ok, St#st{streams = Ss#{Id := {Window, Taken + 1}}}};
+                _ ->
+                    {ok, St}
+            end;
         _ ->
             {ok, St}
     end;
@@ -180,7 +215,13 @@ send_request(Alias, Req, St = #st{next_id = Id, calls = Calls, aliases = As, pee
     case sshrpc_wire:frame(Msg, Max) of
         {ok, Frame, _} ->
             St#st.writer ! {write, Frame},
-            St#st{next_id = Id + 1, calls = Calls#{Id => Alias}, aliases = As#{Alias => Id}};
+            Streams = case Msg of
+                          {call, _, _, _, _, #{stream := true, credit := W}} ->
+                              (St#st.streams)#{Id => {W, 0}};
+                          _ -> St#st.streams
+                      end,
+            St#st{next_id = Id + 1, calls = Calls#{Id => Alias}, aliases = As#{Alias => Id},
+                  streams = Streams};
         {too_large, N} ->
             Alias ! {Alias, {error, {sshrpc, too_large,
                                      #{message => detail("the request is ~b bytes; the server "
@@ -210,18 +251,64 @@ parse(Bin, St = #st{max_frame = Max}) ->
             out({bye, {frame_too_large, Len, Max}}, St),
             St#st{stop = true};
         {frame, Payload, Rest} ->
-            case sshrpc_wire:decode(Payload, #{max => Max, new_atoms => St#st.atom_budget}) of
-                {ok, Term, New} ->
-                    St1 = answer(Term, St#st{atom_budget = St#st.atom_budget - New}),
-                    case St1#st.stop of
-                        true -> St1;
-                        false -> parse(Rest, St1)
+            StopAfter = min(St#st.atom_budget, sshrpc_server:node_atoms_left(St#st.node_atoms)),
+            St1 = case sshrpc_wire:decode(Payload, #{max => Max, stop_after => StopAfter}) of
+                      {ok, Term, _} ->
+                          answer(Term, St);
+                      {error, Detail} ->
+                          out({bye, {bad_term, Detail}}, St),
+                          St#st{stop = true};
+                      {new_atoms, N, Detail} ->
+                          new_atoms(Payload, N, Detail, St);
+                      {inflate_too_large, Size} ->
+                          out({bye, {frame_too_large, Size, Max}}, St),
+                          St#st{stop = true}
+                  end,
+            case St1#st.stop of
+                true -> St1;
+                false -> parse(Rest, St1)
+            end
+    end.
+
+%% Atoms this node does not know, in a frame from the server: charged to the
+%% connection's budget (max_new_atoms) and the node's (max_node_atoms, shared
+%% with the sshrpc servers on this node) before anything is created. Beyond
+%% either, nothing is created: the call it answers fails with
+%% {error, {sshrpc, badarg, #{reason => atom_limit, ...}}} (and is cancelled
+%% on the server), a send or down is dropped and logged; only a frame whose
+%% envelope cannot be read ends the connection.
+new_atoms(Payload, N, Detail, St = #st{atom_budget = Left}) ->
+    NodeMax = St#st.node_atoms,
+    Charged = N =< Left andalso sshrpc_server:charge_node_atoms(N, NodeMax),
+    case Charged of
+        ok ->
+            case sshrpc_wire:decode_new_atoms(Payload) of
+                {ok, Term} -> answer(Term, St#st{atom_budget = Left - N});
+                {error, D} -> out({bye, {bad_term, D}}, St), St#st{stop = true}
+            end;
+        _ ->
+            {Scope, Limit} = case N > Left of
+                                 true -> {connection, St#st.atom_max};
+                                 false -> {node, NodeMax}
+                             end,
+            Msg = detail("~b new atoms would pass the ~p budget of ~b (~ts)",
+                         [N, Scope, Limit, Detail]),
+            logger:warning("sshrpc: refused an answer from the server: ~ts", [Msg]),
+            Details = #{reason => atom_limit, scope => Scope, new_atoms => N, limit => Limit,
+                        message => Msg},
+            case sshrpc_wire:envelope(Payload) of
+                {Tag, _, Id, _} when Tag =:= reply; Tag =:= error; Tag =:= chunk ->
+                    case is_map_key(Id, St#st.calls) of
+                        true ->
+                            out({cancel, Id}, St),
+                            final(Id, {error, {sshrpc, badarg, Details}}, St);
+                        false ->
+                            St
                     end;
-                {error, Detail} ->
-                    out({bye, {bad_term, Detail}}, St),
-                    St#st{stop = true};
-                {inflate_too_large, Size} ->
-                    out({bye, {frame_too_large, Size, Max}}, St),
+                {Tag, _, _, _} when Tag =:= send; Tag =:= down ->
+                    St;
+                _ ->
+                    out({bye, {atom_limit, Msg}}, St),
                     St#st{stop = true}
             end
     end.
@@ -258,17 +345,35 @@ answer({bye, Reason}, St) ->
         _ -> logger:warning("sshrpc: server closed the session: ~0p", [Reason])
     end,
     St#st{stop = true};
-answer({chunk, _Id, _V}, St) ->
+answer({chunk, Id, V}, St = #st{calls = Calls, streams = Ss}) ->
+    case {Calls, Ss} of
+        {#{Id := Alias}, #{Id := _}} -> Alias ! {Alias, {chunk, V}};
+        _ -> ok
+    end,
     St;
 answer(Other, St) ->
     logger:info("sshrpc: ignored ~0p", [Other]),
     St.
 
-final(Id, Result, St = #st{calls = Calls, aliases = As}) ->
+final(Id, Result, St = #st{calls = Calls, aliases = As, streams = Ss}) ->
     case maps:take(Id, Calls) of
         {Alias, Calls1} ->
-            Alias ! {Alias, Result},
-            next_waiting(St#st{calls = Calls1, aliases = maps:remove(Alias, As)});
+            case is_map_key(Id, Ss) of
+                true -> Alias ! {Alias, {done, Result}};
+                false -> Alias ! {Alias, Result}
+            end,
+            next_waiting(unwatch(Alias, St#st{calls = Calls1, aliases = maps:remove(Alias, As),
+                                              streams = maps:remove(Id, Ss)}));
+        error ->
+            St
+    end.
+
+%% Stop watching a stream's consumer.
+unwatch(Alias, St = #st{consumers = Cs, consumer_mons = CM}) ->
+    case maps:take(Alias, CM) of
+        {MRef, CM1} ->
+            erlang:demonitor(MRef, [flush]),
+            St#st{consumers = maps:remove(MRef, Cs), consumer_mons = CM1};
         error ->
             St
     end.

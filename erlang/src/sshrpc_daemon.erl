@@ -21,7 +21,12 @@
 %% - `system_dir' (required): directory with the host key (ssh_host_ed25519_key, ...)
 %% - `user_dir' (required): directory with `authorized_keys'
 %% - `allow', `max_calls', `max_frame', `max_out_bytes', `expose_traces',
-%%   `send_names', `send_any', `name': the server options (sshrpc_server:options()).
+%%   `send_names', `send_any', `name', `max_session_atoms', `max_node_atoms',
+%%   `detached', `policy': the server options (sshrpc_server:options()).
+%%   `policy' ({file, Path} or [{rule, Keys, Allow, Deny}]) is read once,
+%%   here: a bad policy returns {error, Reason} and starts nothing.
+%% - `key_cb': consulted through sshrpc_keys, which notes the key that
+%%   authenticated each connection.
 %% - `ip': address to bind (default {127,0,0,1}).
 %% Any other key is passed to ssh:daemon/3, after the hardening options
 %% (`shell' and `exec' disabled, `nodelay', publickey auth); keys given here
@@ -34,9 +39,24 @@ start(Port, Opts0) ->
                L -> L
            end,
     ServerKeys = [allow, max_calls, max_frame, max_out_bytes, expose_traces, send_names,
-                  send_any, name],
-    ServerOpts = maps:from_list([KV || {K, _} = KV <- Opts, lists:member(K, ServerKeys)]),
-    Rest = [KV || {K, _} = KV <- Opts, not lists:member(K, [ip | ServerKeys])],
+                  send_any, name, max_session_atoms, max_node_atoms, detached, policy],
+    ServerOpts0 = maps:from_list([KV || {K, _} = KV <- Opts, lists:member(K, ServerKeys)]),
+    Rest0 = [KV || {K, _} = KV <- Opts, not lists:member(K, [ip, key_cb | ServerKeys])],
+    %% The key callback records which key authenticated (for the policy and
+    %% the audit line); it asks the key_cb given here, or ssh_file.
+    KeyCb = case proplists:get_value(key_cb, Opts, ssh_file) of
+                {Mod, KOpts} -> {sshrpc_keys, [{inner, Mod} | KOpts]};
+                Mod -> {sshrpc_keys, [{inner, Mod}]}
+            end,
+    Rest = [{key_cb, KeyCb} | Rest0],
+    case sshrpc_server:compile_policy(maps:get(policy, ServerOpts0, none)) of
+        {ok, Policy} ->
+            start(Port, ServerOpts0#{policy => {compiled, Policy}}, Rest, Opts);
+        {error, _} = Error ->
+            Error
+    end.
+
+start(Port, ServerOpts, Rest, Opts) ->
     Ip = proplists:get_value(ip, Opts, {127, 0, 0, 1}),
     Subsystems = [sshrpc_server:subsystem_spec(ServerOpts),
                   {"sshrpc", {sshrpc_server, [ServerOpts]}}],

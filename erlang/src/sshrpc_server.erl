@@ -23,7 +23,8 @@
 -module(sshrpc_server).
 -behaviour(ssh_server_channel).
 
--export([subsystem_spec/1, default_options/0]).
+-export([subsystem_spec/1, default_options/0, atom_statistics/0, compile_policy/1,
+         charge_node_atoms/2, node_atoms_left/1]).
 -export([init/1, handle_msg/2, handle_ssh_msg/2, terminate/2]).
 -export([writer/3]).  %% shared with sshrpc_client
 
@@ -44,7 +45,12 @@
     expose_traces => boolean(),  %% put stack traces in error Details (default false)
     send_names => [atom()],      %% registered names a client may send to (default [])
     send_any => boolean(),       %% let clients send to any pid or name (default false)
-    name => binary()             %% the hello's `server' value
+    name => binary(),            %% the hello's `server' value
+    detached => [mfa_rule()],    %% casts and spawns of these outlive the session (default [])
+    policy => none | [tuple()] | {file, file:filename_all()} | {compiled, sshrpc_policy:policy()},
+                                 %% per-key rules; see sshrpc_policy (default none)
+    max_session_atoms => non_neg_integer(), %% new atoms one session may add (default 4096)
+    max_node_atoms => non_neg_integer()     %% new atoms all sessions on this node may add (default 65536)
 }.
 -export_type([options/0, mfa_rule/0]).
 
@@ -53,13 +59,17 @@
     mref :: reference(),          %% its monitor
     timer :: reference() | undefined, %% the `timeout' option's timer
     credit = 0 :: non_neg_integer(), %% stream credit left
-    parked :: {reference(), iodata()} | undefined %% a chunk waiting for credit
+    parked :: {reference(), iodata()} | undefined, %% a chunk waiting for credit
+    mfa :: {atom(), atom(), arity()},  %% for the audit line
+    start :: integer()                 %% erlang:monotonic_time() at start
 }).
 
 -record(st, {
     cm :: pid() | undefined,      %% connection manager
     ch :: integer() | undefined,  %% our channel id
     user = <<>> :: term(),        %% the authenticated user name, for logs
+    key = unknown :: sshrpc_keys:identity() | unknown, %% the key that authenticated
+    policy = none :: none | sshrpc_policy:policy(), %% per-key rules (narrow `allow')
     opts :: map(),                %% options(), defaults filled in
     allow :: map(),               %% the allow list as a set
     rx_max :: pos_integer(),      %% max payload we accept right now
@@ -74,12 +84,17 @@
     casts = #{} :: #{reference() => pid()}, %% running casts
     spawned = #{} :: #{reference() => pid()}, %% processes from {spawn, ...}
     spawned_pids = #{} :: #{pid() => reference()},
+    detached = #{} :: #{pid() => true}, %% casts and spawns that outlive the session
     writer :: pid() | undefined,
     session :: pid() | undefined, %% the relay named in the hello
     out_bytes = 0 :: non_neg_integer(), %% queued to the writer, not yet sent
     legacy_q = queue:new() :: queue:queue(term()),
-    legacy_busy = false :: false | {pid(), reference()}
+    legacy_busy = false :: false | {pid(), reference()},
+    legacy_audit :: {{atom(), atom(), arity()}, integer()} | undefined,
+    atoms_left :: non_neg_integer()  %% new atoms this session may still add
 }).
+
+-define(ATOM_COUNTER, {?MODULE, new_atoms}).
 
 %% @doc The entry for ssh:daemon's `subsystems' option, name "sshrpc@k2r.org".
 -spec subsystem_spec(options()) -> {string(), {module(), [options()]}}.
@@ -90,7 +105,42 @@ subsystem_spec(Opts) ->
 default_options() ->
     #{allow => [], max_calls => 1024, max_frame => 64 * ?MIB, max_out_bytes => 4 * ?MIB,
       expose_traces => false, send_names => [], send_any => false,
-      name => <<"sshrpc-erlang/0.1.0">>}.
+      name => <<"sshrpc-erlang/0.1.0">>,
+      max_session_atoms => 4096, max_node_atoms => 65536, detached => [], policy => none}.
+
+%% @doc The policy option, compiled: `none', or a policy; {error, Why} when
+%% the file or the terms are bad.
+-spec compile_policy(term()) -> {ok, none | sshrpc_policy:policy()} | {error, binary()}.
+compile_policy(none) -> {ok, none};
+compile_policy({compiled, P}) -> {ok, P};
+compile_policy({file, Path}) -> sshrpc_policy:load(Path);
+compile_policy(Terms) -> sshrpc_policy:from_terms(Terms).
+
+%% @doc How many atoms sshrpc sessions have added to this node's atom table
+%% since it started (the count the `max_node_atoms' ceiling applies to).
+-spec atom_statistics() -> #{new_atoms := non_neg_integer()}.
+atom_statistics() ->
+    #{new_atoms => atomics:get(atom_counter(), 1)}.
+
+%% The node-wide count of atoms added by sessions: one atomics array, made
+%% once per node (global:trans serialises the first sessions).
+atom_counter() ->
+    case persistent_term:get(?ATOM_COUNTER, undefined) of
+        undefined ->
+            global:trans({?ATOM_COUNTER, self()},
+                         fun() ->
+                             case persistent_term:get(?ATOM_COUNTER, undefined) of
+                                 undefined ->
+                                     Ref = atomics:new(1, [{signed, false}]),
+                                     persistent_term:put(?ATOM_COUNTER, Ref),
+                                     Ref;
+                                 Ref ->
+                                     Ref
+                             end
+                         end, [node()]);
+        Ref ->
+            Ref
+    end.
 
 %%% ssh_server_channel callbacks
 
@@ -99,10 +149,13 @@ init([Opts0]) ->
     Opts = maps:merge(default_options(), maps:from_list(to_list(Opts0))),
     Allow = maps:from_list([{Rule, true} || Rule <- maps:get(allow, Opts)]),
     %% Load the exposed modules, so that their function names exist as atoms
-    %% before a request names them (requests are decoded with [safe]).
+    %% before a request names them (and do not count against the atom budgets).
     _ = [code:ensure_loaded(M) || {M, _, _} <- maps:get(allow, Opts)],
-    {ok, #st{opts = Opts, allow = Allow,
-             rx_max = min(?MIB, maps:get(max_frame, Opts))}}.
+    _ = atom_counter(),
+    {ok, Policy} = compile_policy(maps:get(policy, Opts)),
+    {ok, #st{opts = Opts, allow = Allow, policy = Policy,
+             rx_max = min(?MIB, maps:get(max_frame, Opts)),
+             atoms_left = maps:get(max_session_atoms, Opts)}}.
 
 to_list(M) when is_map(M) -> maps:to_list(M);
 to_list(L) when is_list(L) -> L.
@@ -115,9 +168,10 @@ handle_msg({ssh_channel_up, Ch, CM}, St) ->
                [{user, U}] -> U;
                _ -> unknown
            end,
-    {ok, St#st{cm = CM, ch = Ch, writer = Writer, session = Session, user = User}};
-handle_msg({sshrpc_done, Pid, Frame}, St) ->
-    ret(done(Pid, Frame, St));
+    {ok, St#st{cm = CM, ch = Ch, writer = Writer, session = Session, user = User,
+               key = sshrpc_keys:identity(CM)}};
+handle_msg({sshrpc_done, Pid, Frame, Outcome}, St) ->
+    ret(done(Pid, Frame, Outcome, St));
 handle_msg({sshrpc_chunk, Pid, Ref, Frame}, St) ->
     ret(chunk(Pid, Ref, Frame, St));
 handle_msg({sshrpc_timeout, Pid}, St) ->
@@ -177,13 +231,16 @@ terminate(_Reason, St = #st{calls = Calls, legacy_busy = LB}) ->
         {LP, _} -> exit(LP, kill);
         false -> ok
     end,
+    [exit(P, kill) || P <- maps:values(St#st.casts) ++ maps:values(St#st.spawned),
+                      not is_map_key(P, St#st.detached)],
     [exit(P, kill) || P <- [St#st.writer, St#st.session], is_pid(P)],
     ok.
 
 %% What `{sshrpc_statistics, From, Ref}' answers (for operators and tests).
-session_statistics(#st{calls = C, out_bytes = Out, casts = Casts, spawned = Sp}) ->
+session_statistics(#st{calls = C, out_bytes = Out, casts = Casts, spawned = Sp,
+                        atoms_left = AL, opts = #{max_session_atoms := AMax}}) ->
     #{open_calls => map_size(C), queued_answer_bytes => Out,
-      running_casts => map_size(Casts), spawned => map_size(Sp)}.
+      running_casts => map_size(Casts), spawned => map_size(Sp), new_atoms => AMax - AL}.
 
 ret(St = #st{stop = true, ch = Ch}) -> {stop, Ch, St};
 ret(St) -> {ok, St}.
@@ -202,12 +259,106 @@ parse(Bin, St = #st{rx_max = Max}) ->
             parse(Rest, payload(Payload, St))
     end.
 
-payload(Payload, St = #st{rx_max = Max}) ->
-    case sshrpc_wire:decode(Payload, #{max => Max}) of
+payload(Payload, St = #st{rx_max = Max, atoms_left = Left, opts = #{max_node_atoms := NMax}}) ->
+    %% Counting stops where a budget would refuse anyway.
+    StopAfter = min(Left, node_atoms_left(NMax)),
+    case sshrpc_wire:decode(Payload, #{max => Max, stop_after => StopAfter}) of
         {ok, Term, _} -> term(Term, St);
         {error, Detail} -> bye({bad_term, Detail}, St);
-        {inflate_too_large, Size} -> bye({frame_too_large, Size, Max}, St)
+        {inflate_too_large, Size} -> bye({frame_too_large, Size, Max}, St);
+        {new_atoms, N, Detail} -> new_atoms(Payload, N, Detail, St)
     end.
+
+%%% Atoms this node does not know yet
+%%
+%% The atom table is never collected, so a request that would add N atoms is
+%% charged to two budgets before binary_to_term creates any: the session's
+%% (max_session_atoms) and the node's (max_node_atoms, one counter for every
+%% sshrpc session on the node). Within both it is decoded and served like
+%% any other. Beyond either nothing is created and the request is answered
+%% from its envelope, read without decoding: a call or spawn gets
+%% {error, Id, {sshrpc, badarg, #{reason => atom_limit, ...}}}, a ping its
+%% pong, a legacy mfa {answer, {{exec_badrpc, atom_limit}, -1}}; a cast or
+%% send is dropped and logged (they are never answered). Only a frame whose
+%% envelope cannot be read ends the session, with {bye, {atom_limit, Detail}}.
+
+new_atoms(Payload, N, Detail, St) ->
+    case charge_atoms(N, St) of
+        {ok, St1} ->
+            case sshrpc_wire:decode_new_atoms(Payload) of
+                {ok, Term} -> term(Term, St1);
+                {error, D} -> bye({bad_term, D}, St1)
+            end;
+        {refused, Scope, Limit} ->
+            Msg = detail("~b new atoms would pass the ~p budget of ~b (~ts)",
+                         [N, Scope, Limit, Detail]),
+            logger:warning("sshrpc: refused a request from user ~p: ~ts", [St#st.user, Msg]),
+            Details = #{reason => atom_limit, scope => Scope, new_atoms => N, limit => Limit,
+                        message => Msg},
+            atom_limit(sshrpc_wire:envelope(Payload), Details, St)
+    end.
+
+charge_atoms(N, #st{atoms_left = Left, opts = #{max_session_atoms := Max}}) when N > Left ->
+    {refused, session, Max};
+charge_atoms(N, St = #st{atoms_left = Left, opts = #{max_node_atoms := Max}}) ->
+    case charge_node_atoms(N, Max) of
+        ok -> {ok, St#st{atoms_left = Left - N}};
+        refused -> {refused, node, Max}
+    end.
+
+%% @doc How many more atoms the node-wide count allows under Max.
+-spec node_atoms_left(non_neg_integer()) -> non_neg_integer().
+node_atoms_left(Max) ->
+    max(0, Max - atomics:get(atom_counter(), 1)).
+
+%% @doc Charge N new atoms to the node-wide count if it stays within Max
+%% (shared by every sshrpc session and client connection on this node).
+-spec charge_node_atoms(non_neg_integer(), non_neg_integer()) -> ok | refused.
+charge_node_atoms(N, Max) ->
+    Ref = atom_counter(),
+    case atomics:add_get(Ref, 1, N) of
+        Total when Total > Max ->
+            atomics:sub(Ref, 1, N),
+            refused;
+        _ ->
+            ok
+    end.
+
+atom_limit({mfa, _, _, _}, Details, St = #st{mode = init, opts = O}) ->
+    atom_limit({mfa, 2, unknown, <<>>}, Details,
+               St#st{mode = legacy, rx_max = maps:get(max_frame, O)});
+atom_limit(_, Details, St = #st{mode = legacy}) ->
+    %% Legacy mode answers every frame, in order.
+    legacy({sshrpc_atom_limit, Details}, St);
+atom_limit({Tag, _, Id, _}, Details, St = #st{mode = v1})
+  when Tag =:= call; Tag =:= spawn; Tag =:= cancel; Tag =:= credit ->
+    case valid_id(Id) andalso not is_map_key(Id, St#st.calls) of
+        true ->
+            out(error_frame(Id, sshrpc, badarg, Details), St);
+        false ->
+            bye({protocol_error, detail("~p message with too many new atoms and no usable id",
+                                        [Tag])}, St)
+    end;
+atom_limit({ping, 2, _, Token}, _Details, St = #st{mode = v1}) ->
+    %% {pong, Token} built from the token's own bytes: no atom is created.
+    Pong = <<131, 104, 2, 119, 4, "pong", Token/binary>>,
+    out([<<(byte_size(Pong)):32>>, Pong], St);
+atom_limit({Tag, _, _, _}, #{message := Msg}, St = #st{mode = v1})
+  when Tag =:= cast; Tag =:= send ->
+    logger:warning("sshrpc: dropped a ~p from user ~p: ~ts", [Tag, St#st.user, Msg]),
+    St;
+atom_limit({bye, _, _, _}, _Details, St = #st{mode = v1}) ->
+    St#st{stop = true};
+atom_limit({Tag, _, _, _}, _Details, St = #st{mode = v1}) ->
+    case lists:member(Tag, ?KNOWN_TAGS) of
+        false ->
+            logger:info("sshrpc: ignored a message with unknown tag ~p", [Tag]),
+            St;
+        true ->
+            bye({protocol_error, detail("malformed ~p message", [Tag])}, St)
+    end;
+atom_limit(_, #{message := Msg}, St) ->
+    bye({atom_limit, Msg}, St).
 
 %% The first frame decides the mode.
 term({hello, 1, M}, St = #st{mode = init}) when is_map(M) ->
@@ -316,7 +467,7 @@ call(Id, M, F, A, O, St = #st{opts = Opts, calls = Calls}) ->
                         true -> error_out(Id, overload, St);
                         false ->
                             case allowed(M, F, Arity, St) of
-                                false -> forbidden(Id, M, F, Arity, St);
+                                false -> forbidden(call, Id, M, F, Arity, St);
                                 true -> start_call(Id, M, F, A, O, Stream, St)
                             end
                     end
@@ -342,13 +493,22 @@ is_proper_list(L) when is_list(L) ->
 is_proper_list(_) ->
     false.
 
-allowed(M, F, A, #st{allow = Allow}) ->
-    is_map_key({M, F, A}, Allow) orelse is_map_key({M, F, '_'}, Allow)
-        orelse is_map_key({M, '_', '_'}, Allow).
+%% The allow list exposes M:F/A, and the per-key policy (if any) lets this
+%% session's key call it.
+allowed(M, F, A, #st{allow = Allow, policy = Policy, key = Key}) ->
+    (is_map_key({M, F, A}, Allow) orelse is_map_key({M, F, '_'}, Allow)
+        orelse is_map_key({M, '_', '_'}, Allow))
+        andalso (Policy =:= none orelse sshrpc_policy:permits(Policy, Key, M, F, A)).
 
-forbidden(Id, M, F, A, St = #st{user = U}) ->
-    logger:warning("sshrpc: forbidden ~p:~p/~b for user ~p", [M, F, A, U]),
+forbidden(Kind, Id, M, F, A, St) ->
+    audit(St, Kind, {M, F, A}, forbidden, 0),
     error_out(Id, forbidden, detail("~0p:~0p/~b is not exposed", [M, F, A]), St).
+
+audit(#st{key = Key, user = User}, Kind, MFA, Outcome, Duration) ->
+    sshrpc_audit:log(Key, Kind, MFA, Outcome, Duration, User).
+
+audit_end(St, #call{mfa = MFA, start = T0}, Outcome) ->
+    audit(St, call, MFA, Outcome, erlang:monotonic_time() - T0).
 
 start_call(Id, M, F, A, O, Stream, St = #st{calls = Calls, workers = Ws}) ->
     Self = self(),
@@ -361,7 +521,9 @@ start_call(Id, M, F, A, O, Stream, St = #st{calls = Calls, workers = Ws}) ->
                 _ -> undefined  %% none, or beyond erlang:send_after's range (49 days)
             end,
     C = #call{pid = Pid, mref = MRef, timer = Timer,
-              credit = maps:get(credit, O, ?DEFAULT_CREDIT)},
+              credit = maps:get(credit, O, ?DEFAULT_CREDIT),
+              mfa = {M, F, length(A) + case Stream of true -> 1; false -> 0 end},
+              start = erlang:monotonic_time()},
     St#st{calls = Calls#{Id => C}, workers = Ws#{Pid => Id}}.
 
 %% The worker: apply, encode the answer, hand it to the session.
@@ -379,7 +541,8 @@ worker(Chan, Id, M, F, A, Stream, {PeerMax, Traces}) ->
         catch
             Class:Reason:Stack -> {Class, Reason, Stack}
         end,
-    Chan ! {sshrpc_done, self(), answer(Id, Result, PeerMax, Traces)}.
+    {Frame, Outcome} = answer(Id, Result, PeerMax, Traces),
+    Chan ! {sshrpc_done, self(), Frame, Outcome}.
 
 emit_fun(Chan, Id, PeerMax) ->
     fun(V) ->
@@ -397,24 +560,25 @@ exported(M, F, A) ->
     _ = code:ensure_loaded(M),
     erlang:function_exported(M, F, A).
 
+%% The answer's frame and the outcome for the audit line.
 answer(Id, {ok, V}, PeerMax, _Traces) ->
     case sshrpc_wire:frame({reply, Id, V}, PeerMax) of
-        {ok, Frame, _} -> Frame;
+        {ok, Frame, _} -> {Frame, ok};
         {too_large, N} ->
-            error_frame(Id, sshrpc, too_large,
-                        #{message => detail("the answer is ~b bytes; the client accepts ~b",
-                                            [N, PeerMax])})
+            {error_frame(Id, sshrpc, too_large,
+                         #{message => detail("the answer is ~b bytes; the client accepts ~b",
+                                             [N, PeerMax])}), too_large}
     end;
 answer(Id, {sshrpc, Reason, Msg, _}, _PeerMax, _Traces) ->
-    error_frame(Id, sshrpc, Reason, #{message => Msg});
+    {error_frame(Id, sshrpc, Reason, #{message => Msg}), Reason};
 answer(Id, {Class, Reason, Stack}, PeerMax, Traces) ->
     Details = case Traces of
                   true -> #{trace => [iolist_to_binary(io_lib:format("~0p", [E])) || E <- Stack]};
                   false -> #{}
               end,
     case sshrpc_wire:frame({error, Id, {Class, Reason, Details}}, PeerMax) of
-        {ok, Frame, _} -> Frame;
-        {too_large, _} -> error_frame(Id, sshrpc, too_large, #{})
+        {ok, Frame, _} -> {Frame, Class};
+        {too_large, _} -> {error_frame(Id, sshrpc, too_large, #{}), Class}
     end.
 
 error_frame(Id, Class, Reason, Details) ->
@@ -427,15 +591,16 @@ error_out(Id, Reason, Msg, St) ->
     out(error_frame(Id, sshrpc, Reason, #{message => Msg}), St).
 
 %% A worker finished. Unknown pids are workers already cancelled: drop.
-done(Pid, Frame, St = #st{workers = Ws, calls = Calls}) ->
+done(Pid, Frame, Outcome, St = #st{workers = Ws, calls = Calls}) ->
     case Ws of
         #{Pid := Id} ->
             #{Id := C} = Calls,
             forget(C),
+            audit_end(St, C, Outcome),
             check_drained(out(Frame, St#st{workers = maps:remove(Pid, Ws),
                                           calls = maps:remove(Id, Calls)}));
         _ ->
-            legacy_done(Pid, Frame, St)
+            legacy_done(Pid, Frame, Outcome, St)
     end.
 
 forget(#call{mref = MRef, timer = T}) ->
@@ -452,6 +617,7 @@ stop_call(Pid, Why, St = #st{workers = Ws, calls = Calls}) ->
             #{Id := C} = Calls,
             exit(Pid, kill),
             forget(C),
+            audit_end(St, C, Why),
             St1 = St#st{workers = maps:remove(Pid, Ws), calls = maps:remove(Id, Calls)},
             check_drained(error_out(Id, Why, St1));
         _ ->
@@ -491,17 +657,20 @@ down(MRef, Pid, Reason, St = #st{workers = Ws, calls = Calls, spawned = Sp, cast
             %% A worker died without answering (killed from outside).
             #{Id := C} = Calls,
             forget(C),
+            audit_end(St, C, exit),
             St1 = St#st{workers = maps:remove(Pid, Ws), calls = maps:remove(Id, Calls)},
             check_drained(out(error_frame(Id, exit, Reason, #{}), St1));
         {_, #{MRef := Pid}, _} ->
             St1 = St#st{spawned = maps:remove(MRef, Sp),
-                        spawned_pids = maps:remove(Pid, St#st.spawned_pids)},
+                        spawned_pids = maps:remove(Pid, St#st.spawned_pids),
+                        detached = maps:remove(Pid, St#st.detached)},
             case sshrpc_wire:frame({down, Pid, down_reason(Reason)}, St#st.peer_max) of
                 {ok, F, _} -> out(F, St1);
                 {too_large, _} -> out(sshrpc_wire:frame({down, Pid, {exit, too_large}}), St1)
             end;
         {_, _, #{MRef := _}} ->
-            St#st{casts = maps:remove(MRef, Casts)};
+            St#st{casts = maps:remove(MRef, Casts),
+                  detached = maps:remove(Pid, St#st.detached)};
         _ ->
             legacy_down(Pid, Reason, St)
     end.
@@ -510,29 +679,37 @@ down_reason(normal) -> normal;
 down_reason({sshrpc_down, Class, Reason}) -> {Class, Reason};
 down_reason(Reason) -> {exit, Reason}.
 
-cast(M, F, A, St = #st{casts = Casts, opts = O, user = U}) ->
+cast(M, F, A, St = #st{casts = Casts, opts = O, key = Key, user = U}) ->
     Arity = length(A),
     case {allowed(M, F, Arity, St), map_size(Casts) >= maps:get(max_calls, O)} of
         {false, _} ->
-            logger:warning("sshrpc: forbidden cast ~p:~p/~b for user ~p", [M, F, Arity, U]),
+            audit(St, cast, {M, F, Arity}, forbidden, 0),
             St;
         {true, true} ->
             logger:warning("sshrpc: dropped cast ~p:~p/~b: too many running", [M, F, Arity]),
             St;
         {true, false} ->
-            {_, MRef} = spawn_monitor(fun() -> run_cast(M, F, A) end),
-            St#st{casts = Casts#{MRef => true}}
+            {Pid, MRef} = spawn_opt(fun() -> run_cast(M, F, A, {Key, U}) end,
+                                    spawn_opts(M, F, Arity, St)),
+            detach(Pid, M, F, Arity, St#st{casts = Casts#{MRef => Pid}})
     end.
 
-run_cast(M, F, A) ->
-    try
-        case exported(M, F, length(A)) of
-            true -> apply(M, F, A);
-            false -> logger:warning("sshrpc: cast to undefined ~p:~p/~b", [M, F, length(A)])
-        end
-    catch
-        C:R -> logger:warning("sshrpc: cast ~p:~p/~b failed: ~p:~0p", [M, F, length(A), C, R])
-    end.
+run_cast(M, F, A, {Key, User}) ->
+    T0 = erlang:monotonic_time(),
+    Outcome =
+        try
+            case exported(M, F, length(A)) of
+                true -> _ = apply(M, F, A), ok;
+                false ->
+                    logger:warning("sshrpc: cast to undefined ~p:~p/~b", [M, F, length(A)]),
+                    undef
+            end
+        catch
+            C:R ->
+                logger:warning("sshrpc: cast ~p:~p/~b failed: ~p:~0p", [M, F, length(A), C, R]),
+                C
+        end,
+    sshrpc_audit:log(Key, cast, {M, F, length(A)}, Outcome, erlang:monotonic_time() - T0, User).
 
 spawn_req(Id, M, F, A, St = #st{opts = O, spawned = Sp, spawned_pids = SpP}) ->
     case check_id(Id, St) of
@@ -543,7 +720,7 @@ spawn_req(Id, M, F, A, St = #st{opts = O, spawned = Sp, spawned_pids = SpP}) ->
         ok ->
             Arity = length(A),
             case allowed(M, F, Arity, St) of
-                false -> forbidden(Id, M, F, Arity, St);
+                false -> forbidden(spawn, Id, M, F, Arity, St);
                 true ->
                     case {exported(M, F, Arity), map_size(Sp) >= maps:get(max_calls, O)} of
                         {false, _} ->
@@ -552,12 +729,37 @@ spawn_req(Id, M, F, A, St = #st{opts = O, spawned = Sp, spawned_pids = SpP}) ->
                         {true, true} ->
                             error_out(Id, overload, St);
                         {true, false} ->
-                            {Pid, MRef} = spawn_monitor(fun() -> run_spawned(M, F, A) end),
+                            audit(St, spawn, {M, F, Arity}, ok, 0),
+                            {Pid, MRef} = spawn_opt(fun() -> run_spawned(M, F, A) end,
+                                                    spawn_opts(M, F, Arity, St)),
+                            St1 = detach(Pid, M, F, Arity, St),
                             out(sshrpc_wire:frame({reply, Id, Pid}),
-                                St#st{spawned = Sp#{MRef => Pid}, spawned_pids = SpP#{Pid => MRef}})
+                                St1#st{spawned = Sp#{MRef => Pid},
+                                       spawned_pids = SpP#{Pid => MRef}})
                     end
             end
     end.
+
+%% Casts and spawned processes are linked to the session and killed when it
+%% ends (terminate/2), unless the operator listed their function in
+%% `detached': those are only monitored and outlive the session.
+spawn_opts(M, F, A, St) ->
+    case is_detached(M, F, A, St) of
+        true -> [monitor];
+        false -> [link, monitor]
+    end.
+
+detach(Pid, M, F, A, St = #st{detached = D}) ->
+    case is_detached(M, F, A, St) of
+        true -> St#st{detached = D#{Pid => true}};
+        false -> St
+    end.
+
+is_detached(M, F, A, #st{opts = #{detached := Rules}}) ->
+    lists:any(fun({RM, RF, RA}) ->
+                      RM =:= M andalso (RF =:= '_' orelse RF =:= F)
+                          andalso (RA =:= '_' orelse RA =:= A)
+              end, Rules).
 
 run_spawned(M, F, A) ->
     try apply(M, F, A) of
@@ -605,17 +807,19 @@ legacy_start({mfa, {M, F, A}} = T, St) when is_atom(M), is_atom(F) ->
         true ->
             case allowed(M, F, length(A), St) of
                 false ->
-                    logger:warning("sshrpc: forbidden legacy ~p:~p/~b for user ~p",
-                                   [M, F, length(A), St#st.user]),
+                    audit(St, mfa, {M, F, length(A)}, forbidden, 0),
                     legacy_answer({{exec_badrpc, forbidden}, -1}, St);
                 true ->
                     Self = self(),
                     Max = maps:get(max_frame, St#st.opts),
                     {Pid, MRef} = spawn_opt(fun() -> legacy_worker(Self, M, F, A, Max) end,
                                             [link, monitor]),
-                    St#st{legacy_busy = {Pid, MRef}}
+                    St#st{legacy_busy = {Pid, MRef},
+                          legacy_audit = {{M, F, length(A)}, erlang:monotonic_time()}}
             end
     end;
+legacy_start({sshrpc_atom_limit, _Details}, St) ->
+    legacy_answer({{exec_badrpc, atom_limit}, -1}, St);
 legacy_start(T, St) ->
     legacy_answer({{exec_error, T}, -1}, St).
 
@@ -626,28 +830,35 @@ legacy_answer(Answer, St = #st{opts = O}) ->
     end.
 
 legacy_worker(Chan, M, F, A, Max) ->
-    Answer =
+    {Answer, Outcome} =
         try
             case exported(M, F, length(A)) of
-                true -> {apply(M, F, A), 0};
-                false -> {{exec_badrpc, undef}, -1}
+                true -> {{apply(M, F, A), 0}, ok};
+                false -> {{{exec_badrpc, undef}, -1}, undef}
             end
         catch
-            Class:Reason -> {{exec_badrpc, {Class, Reason}}, -1}
+            Class:Reason -> {{{exec_badrpc, {Class, Reason}}, -1}, Class}
         end,
-    Frame = case sshrpc_wire:frame({answer, Answer}, Max) of
-                {ok, Fr, _} -> Fr;
-                {too_large, _} -> sshrpc_wire:frame({answer, {{exec_badrpc, too_large}, -1}})
-            end,
-    Chan ! {sshrpc_done, self(), Frame}.
+    {Frame, Outcome1} =
+        case sshrpc_wire:frame({answer, Answer}, Max) of
+            {ok, Fr, _} -> {Fr, Outcome};
+            {too_large, _} ->
+                {sshrpc_wire:frame({answer, {{exec_badrpc, too_large}, -1}}), too_large}
+        end,
+    Chan ! {sshrpc_done, self(), Frame, Outcome1}.
 
-legacy_done(Pid, Frame, St = #st{legacy_busy = {Pid, MRef}}) ->
+legacy_done(Pid, Frame, Outcome, St = #st{legacy_busy = {Pid, MRef}}) ->
     erlang:demonitor(MRef, [flush]),
+    legacy_audit(St, Outcome),
     legacy_next(out(Frame, St#st{legacy_busy = false}));
-legacy_done(_Pid, _Frame, St) ->
+legacy_done(_Pid, _Frame, _Outcome, St) ->
     St.
 
+legacy_audit(St = #st{legacy_audit = {MFA, T0}}, Outcome) ->
+    audit(St, mfa, MFA, Outcome, erlang:monotonic_time() - T0).
+
 legacy_down(Pid, Reason, St = #st{legacy_busy = {Pid, _}}) ->
+    legacy_audit(St, exit),
     legacy_next(legacy_answer({{exec_badrpc, {exit, Reason}}, -1},
                               St#st{legacy_busy = false}));
 legacy_down(_Pid, _Reason, St) ->

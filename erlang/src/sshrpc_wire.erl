@@ -9,15 +9,16 @@
 %% offset (PROTOCOL.md section 2).
 -module(sshrpc_wire).
 
--export([frame/1, frame/2, encode/1, take/2, take_one/2, decode/2, check/1]).
+-export([frame/1, frame/2, encode/1, take/2, take_one/2, decode/2, decode_new_atoms/1,
+         check/1, check/2, envelope/1]).
 -export([buffer/0, buffer/1, buffer_add/2]).
 
--define(MAX_DEPTH, 10000).
 
 -opaque buffer() :: {binary(), [binary()], non_neg_integer(), pos_integer()}.
 -export_type([buffer/0]).
 
--type decode_opts() :: #{max := pos_integer(), new_atoms => non_neg_integer()}.
+-type decode_opts() :: #{max := pos_integer(), new_atoms => non_neg_integer(),
+                         stop_after => non_neg_integer() | infinity}.
 -export_type([decode_opts/0]).
 
 %% @doc The ETF payload of Term as OTP 26+ encodes it by default (UTF-8 atoms,
@@ -96,11 +97,24 @@ take(<<Len:32, Payload:Len/binary, Rest/binary>>, Max, Acc) ->
 take(Rest, _Max, Acc) ->
     {lists:reverse(Acc), Rest}.
 
-%% @doc Decode one payload. With #{new_atoms => N} (N > 0) a payload whose only
-%% fault is atoms this node does not know yet is decoded anyway if it holds at
-%% most N of them (clients use this for node names); the server always passes 0.
+%% @doc Decode one payload.
+%%
+%% A payload that binary_to_term(B, [safe]) accepts decodes at once. One
+%% whose only fault is atoms this node does not know yet (or external funs,
+%% `fun M:F/A', whose export entries are not collected either) is walked
+%% first, without creating anything, and the distinct unknown atoms counted:
+%% - with #{new_atoms => Budget}, up to Budget of them are accepted and the
+%%   payload decoded ({ok, Term, Count}); the client uses this for the atoms
+%%   in a server's answers;
+%% - otherwise (or beyond Budget) the answer is {new_atoms, Count, Detail}:
+%%   nothing was created; the caller charges Count to its budgets and calls
+%%   decode_new_atoms/1 if they allow it (the server does this).
+%% With #{stop_after => L} the walk stops at the (L+1)th unknown atom (the
+%% caller could not accept more anyway): Count is then L + 1, "more than L",
+%% and a refused frame costs the walk of at most L + 1 unknown atoms.
 -spec decode(binary(), decode_opts()) ->
-    {ok, term(), non_neg_integer()} | {error, binary()} | {inflate_too_large, non_neg_integer()}.
+    {ok, term(), non_neg_integer()} | {error, binary()} | {inflate_too_large, non_neg_integer()}
+    | {new_atoms, pos_integer(), binary()}.
 decode(<<131, 80, Size:32, _/binary>>, #{max := Max}) when Size > Max ->
     {inflate_too_large, Size};
 decode(Payload, Opts) ->
@@ -111,130 +125,237 @@ decode(Payload, Opts) ->
         error:badarg -> decode_unsafe(Payload, Opts)
     end.
 
+decode_unsafe(<<131, 80, Size:32, Z/binary>> = Payload, Opts) ->
+    %% Compressed (Size is at most max, checked above): inflate at most Size
+    %% bytes and look at the term inside.
+    case inflate(Z, Size) of
+        {ok, Raw} ->
+            case decode_unsafe(<<131, Raw/binary>>, Opts#{new_atoms => 0}) of
+                {new_atoms, N, Detail} ->
+                    case N =< maps:get(new_atoms, Opts, 0) of
+                        true ->
+                            case decode_new_atoms(Payload) of
+                                {ok, Term} -> {ok, Term, N};
+                                Error -> Error
+                            end;
+                        false ->
+                            {new_atoms, N, Detail}
+                    end;
+                Other ->
+                    Other
+            end;
+        error ->
+            {error, detail(<<"invalid compressed term">>, 0)}
+    end;
 decode_unsafe(Payload, Opts) ->
     Budget = maps:get(new_atoms, Opts, 0),
-    case check(Payload) of
+    StopAfter = case maps:get(stop_after, Opts, infinity) of
+                    infinity -> infinity;
+                    S -> max(S, Budget)
+                end,
+    case check(Payload, StopAfter) of
         {ok, NewAtoms, _} when NewAtoms > 0, NewAtoms =< Budget ->
-            try binary_to_term(Payload, [used]) of
-                {Term, Used} when Used =:= byte_size(Payload) -> {ok, Term, NewAtoms};
-                {_, Used} -> {error, detail(<<"trailing bytes after the term">>, Used)}
-            catch
-                error:badarg -> {error, detail(<<"invalid term">>, 0)}
+            case decode_new_atoms(Payload) of
+                {ok, Term} -> {ok, Term, NewAtoms};
+                Error -> Error
             end;
         {ok, NewAtoms, {Offset, Text}} when NewAtoms > 0 ->
-            {error, detail(iolist_to_binary(io_lib:format(
-                "~b atoms unknown to this node (only existing atoms are accepted), "
-                "the first '~ts'", [NewAtoms, Text])), Offset)};
+            Count = case NewAtoms > StopAfter of
+                        true -> io_lib:format("more than ~b", [StopAfter]);
+                        false -> integer_to_list(NewAtoms)
+                    end,
+            {new_atoms, NewAtoms, detail(iolist_to_binary(io_lib:format(
+                "~s atoms unknown to this node, the first '~ts'", [Count, Text])), Offset)};
+        {ok, NewAtoms, none} when NewAtoms > 0 ->
+            {new_atoms, NewAtoms, detail(iolist_to_binary(io_lib:format(
+                "~b external funs", [NewAtoms])), 0)};
         {ok, 0, _} ->
             {error, detail(<<"term refused by binary_to_term(B, [safe])">>, 0)};
         {error, What, Offset} ->
             {error, detail(What, Offset)}
     end.
 
+%% zlib data that inflates to exactly Size bytes, never inflating more.
+inflate(Z, Size) ->
+    S = zlib:open(),
+    try
+        ok = zlib:inflateInit(S),
+        inflate_loop(S, zlib:safeInflate(S, Z), Size, [], 0)
+    catch
+        _:_ -> error
+    after
+        zlib:close(S)
+    end.
+
+inflate_loop(S, {continue, Out}, Size, Acc, N) ->
+    case N + iolist_size(Out) of
+        N1 when N1 > Size -> error;
+        N1 -> inflate_loop(S, zlib:safeInflate(S, []), Size, [Out | Acc], N1)
+    end;
+inflate_loop(_S, {finished, Out}, Size, Acc, N) ->
+    case N + iolist_size(Out) of
+        Size -> {ok, iolist_to_binary(lists:reverse([Out | Acc]))};
+        _ -> error
+    end;
+inflate_loop(_S, _, _Size, _Acc, _N) ->
+    error.
+
+%% @doc Decode a payload for which decode/2 answered {new_atoms, N, _}, once
+%% the caller has accepted N new atoms: this creates them.
+-spec decode_new_atoms(binary()) -> {ok, term()} | {error, binary()}.
+decode_new_atoms(Payload) ->
+    try binary_to_term(Payload, [used]) of
+        {Term, Used} when Used =:= byte_size(Payload) -> {ok, Term};
+        {_, Used} -> {error, detail(<<"trailing bytes after the term">>, Used)}
+    catch
+        error:badarg -> {error, detail(<<"invalid term">>, 0)}
+    end.
+
+%% @doc The start of a request, read without decoding it (for a payload that
+%% cannot be decoded now): its tag, if it is an atom this node knows, the
+%% second element if it is an integer (the id of call, spawn, cancel and
+%% credit), and the bytes after the tag. `unknown' where a part cannot be read.
+-spec envelope(binary()) ->
+    {atom(), pos_integer(), integer() | unknown, binary()} | unknown.
+envelope(<<131, 104, Arity, Rest/binary>>) when Arity >= 1 ->
+    envelope_tag(Arity, Rest);
+envelope(<<131, 105, Arity:32, Rest/binary>>) when Arity >= 1 ->
+    envelope_tag(Arity, Rest);
+envelope(_) ->
+    unknown.
+
+envelope_tag(Arity, Bin) ->
+    Parsed = case Bin of
+                 <<118, L:16, T:L/binary, R/binary>> -> {T, utf8, R};
+                 <<119, L, T:L/binary, R/binary>> -> {T, utf8, R};
+                 <<100, L:16, T:L/binary, R/binary>> -> {T, latin1, R};
+                 <<115, L, T:L/binary, R/binary>> -> {T, latin1, R};
+                 _ -> unknown
+             end,
+    case Parsed of
+        unknown -> unknown;
+        {Text, Enc, Rest} ->
+            try binary_to_existing_atom(Text, Enc) of
+                Tag when Arity >= 2 -> {Tag, Arity, envelope_int(Rest), Rest};
+                Tag -> {Tag, Arity, unknown, Rest}
+            catch
+                error:badarg -> unknown
+            end
+    end.
+
+envelope_int(<<97, I, _/binary>>) -> I;
+envelope_int(<<98, I:32/signed, _/binary>>) -> I;
+envelope_int(<<110, N, Sign, Digits:N/binary, _/binary>>) ->
+    I = binary:decode_unsigned(Digits, little),
+    case Sign of 0 -> I; _ -> -I end;
+envelope_int(_) -> unknown.
+
 detail(What, Offset) ->
     iolist_to_binary([What, io_lib:format(" at byte ~b", [Offset])]).
 
-%% @doc Walk an ETF payload without building it. Returns how many atoms in it
-%% are unknown to this node, or what is wrong and where. The first unknown
-%% atom is not an error here: decode/2 decides.
+%% @doc Walk an ETF payload without building it. Returns how many distinct
+%% atoms in it are unknown to this node (plus one per external fun,
+%% `fun M:F/A', whose export entry is never collected either), or what is
+%% wrong and where. Unknown atoms are not an error here: decode/2 decides.
 -spec check(binary()) ->
     {ok, non_neg_integer(), none | {non_neg_integer(), binary()}}
     | {error, binary(), non_neg_integer()}.
-check(<<131, 80, _:32, _/binary>>) ->
+check(Payload) ->
+    check(Payload, infinity).
+
+%% @doc As check/1, but stops at the (StopAfter+1)th unknown atom and answers
+%% {ok, StopAfter + 1, First}: the rest of the payload is not looked at.
+-spec check(binary(), non_neg_integer() | infinity) ->
+    {ok, non_neg_integer(), none | {non_neg_integer(), binary()}}
+    | {error, binary(), non_neg_integer()}.
+check(<<131, 80, _:32, _/binary>>, _) ->
     %% Compressed: binary_to_term already rejected it; report it as a whole.
     {error, <<"invalid compressed term">>, 0};
-check(<<131, Rest/binary>> = Payload) ->
+check(<<131, Rest/binary>> = Payload, StopAfter) ->
     erase(sshrpc_first_unknown_atom),
-    try walk(Rest, 1, 0, 0) of
-        {<<>>, _Off, New} ->
+    put(sshrpc_unknown_atoms, #{}),
+    put(sshrpc_stop_after, StopAfter),
+    try walk(Rest, 1, 0, byte_size(Payload)) of
+        {<<>>, New} ->
             case erase(sshrpc_first_unknown_atom) of
                 undefined -> {ok, New, none};
                 First -> {ok, New, First}
             end;
-        {_, Off, _} -> {error, <<"trailing bytes after the term">>, Off}
+        {R, _} ->
+            {error, <<"trailing bytes after the term">>, byte_size(Payload) - byte_size(R)}
     catch
         throw:{bad, What, Off} -> {error, What, Off};
-        error:_ -> {error, <<"truncated term">>, byte_size(Payload)}
+        throw:{stop_after, N} -> {ok, N, erase(sshrpc_first_unknown_atom)}
+    after
+        erase(sshrpc_unknown_atoms),
+        erase(sshrpc_stop_after)
     end;
-check(<<>>) ->
+check(<<>>, _) ->
     {error, <<"empty payload">>, 0};
-check(_) ->
+check(_, _) ->
     {error, <<"payload does not start with version byte 131">>, 0}.
 
 bad(What, Off) -> throw({bad, What, Off}).
 
-%% walk(Bytes, Offset, Depth, NewAtoms) -> {Rest, Offset, NewAtoms}
-walk(_, Off, Depth, _) when Depth > ?MAX_DEPTH ->
-    bad(<<"nesting too deep">>, Off);
-walk(<<>>, Off, _, _) ->
-    bad(<<"truncated term">>, Off);
-walk(<<Tag, R/binary>>, Off, D, N) ->
-    O = Off + 1,
-    case Tag of
-        70 -> skip(R, 8, O, N);
-        97 -> skip(R, 1, O, N);
-        98 -> skip(R, 4, O, N);
-        99 -> skip(R, 31, O, N);
-        100 -> atom(R, 2, latin1, Off, N);
-        115 -> atom(R, 1, latin1, Off, N);
-        118 -> atom(R, 2, utf8, Off, N);
-        119 -> atom(R, 1, utf8, Off, N);
-        106 -> {R, O, N};
-        104 -> need(R, 1, O), <<A, R1/binary>> = R, elems(R1, A, O + 1, D, N);
-        105 -> need(R, 4, O), <<A:32, R1/binary>> = R, elems(R1, A, O + 4, D, N);
-        116 -> need(R, 4, O), <<A:32, R1/binary>> = R, elems(R1, 2 * A, O + 4, D, N);
-        108 ->
-            need(R, 4, O),
-            <<A:32, R1/binary>> = R,
-            {R2, O2, N2} = elems(R1, A, O + 4, D, N),
-            walk(R2, O2, D + 1, N2);
-        107 -> need(R, 2, O), <<L:16, R1/binary>> = R, skip(R1, L, O + 2, N);
-        109 -> need(R, 4, O), <<L:32, R1/binary>> = R, skip(R1, L, O + 4, N);
-        77 -> need(R, 5, O), <<L:32, _, R1/binary>> = R, skip(R1, L, O + 5, N);
-        110 -> need(R, 2, O), <<L, _, R1/binary>> = R, skip(R1, L, O + 2, N);
-        111 -> need(R, 5, O), <<L:32, _, R1/binary>> = R, skip(R1, L, O + 5, N);
-        88 -> node_then(R, 12, O, D, N);
-        103 -> node_then(R, 9, O, D, N);
-        89 -> node_then(R, 8, O, D, N);
-        120 -> node_then(R, 12, O, D, N);
-        102 -> node_then(R, 5, O, D, N);
-        101 -> node_then(R, 5, O, D, N);
-        90 ->
-            need(R, 2, O),
-            <<L:16, R1/binary>> = R,
-            {R2, O2, N2} = walk(R1, O + 2, D + 1, N),
-            skip(R2, 4 + 4 * L, O2, N2);
-        114 ->
-            need(R, 2, O),
-            <<L:16, R1/binary>> = R,
-            {R2, O2, N2} = walk(R1, O + 2, D + 1, N),
-            skip(R2, 1 + 4 * L, O2, N2);
-        113 ->
-            {R1, O1, N1} = walk(R, O, D + 1, N),
-            {R2, O2, N2} = walk(R1, O1, D + 1, N1),
-            walk(R2, O2, D + 1, N2);
-        112 ->
-            need(R, 4, O),
-            <<Size:32, _/binary>> = R,
-            skip(R, Size, O, N);
-        _ ->
-            bad(iolist_to_binary(io_lib:format("unknown tag ~b", [Tag])), Off)
+%% walk(Bytes, K, NewAtoms, Total) -> {Rest, NewAtoms}: skip K terms.
+%%
+%% One flat loop, no recursion: a container adds its elements to K, the
+%% number of terms still to skip, so nesting costs nothing and the binary
+%% match context is reused from term to term (tens of nanoseconds a term).
+%% Offsets in errors are Total - byte_size(Rest).
+walk(R, 0, N, _T) -> {R, N};
+walk(<<97, _, R/binary>>, K, N, T) -> walk(R, K - 1, N, T);
+walk(<<98, _:32, R/binary>>, K, N, T) -> walk(R, K - 1, N, T);
+walk(<<70, _:64, R/binary>>, K, N, T) -> walk(R, K - 1, N, T);
+walk(<<106, R/binary>>, K, N, T) -> walk(R, K - 1, N, T);
+walk(<<104, A, R/binary>>, K, N, T) -> walk(R, K - 1 + A, N, T);
+walk(<<105, A:32, R/binary>>, K, N, T) -> walk(R, K - 1 + A, N, T);
+walk(<<116, A:32, R/binary>>, K, N, T) -> walk(R, K - 1 + 2 * A, N, T);
+walk(<<108, L:32, R/binary>>, K, N, T) -> walk(R, K + L, N, T);  %% L elements and a tail
+walk(<<107, L:16, _:L/binary, R/binary>>, K, N, T) -> walk(R, K - 1, N, T);
+walk(<<109, L:32, _:L/binary, R/binary>>, K, N, T) -> walk(R, K - 1, N, T);
+walk(<<77, L:32, _, _:L/binary, R/binary>>, K, N, T) -> walk(R, K - 1, N, T);
+walk(<<110, L, _, _:L/binary, R/binary>>, K, N, T) -> walk(R, K - 1, N, T);
+walk(<<111, L:32, _, _:L/binary, R/binary>>, K, N, T) -> walk(R, K - 1, N, T);
+walk(<<99, _:31/binary, R/binary>>, K, N, T) -> walk(R, K - 1, N, T);
+walk(<<119, L, Text:L/binary, R/binary>> = B, K, N, T) ->
+    walk(R, K - 1, atom(Text, utf8, N, T - byte_size(B)), T);
+walk(<<118, L:16, Text:L/binary, R/binary>> = B, K, N, T) ->
+    walk(R, K - 1, atom(Text, utf8, N, T - byte_size(B)), T);
+walk(<<115, L, Text:L/binary, R/binary>> = B, K, N, T) ->
+    walk(R, K - 1, atom(Text, latin1, N, T - byte_size(B)), T);
+walk(<<100, L:16, Text:L/binary, R/binary>> = B, K, N, T) ->
+    walk(R, K - 1, atom(Text, latin1, N, T - byte_size(B)), T);
+%% ATOM_INTERNAL_REF2/3: an atom by its index in this node's table (which
+%% binary_to_term accepts): it exists already.
+walk(<<73, _:16, R/binary>>, K, N, T) -> walk(R, K - 1, N, T);
+walk(<<75, _:24, R/binary>>, K, N, T) -> walk(R, K - 1, N, T);
+%% fun M:F/A: three terms, and an export entry that is never collected.
+walk(<<113, R/binary>>, K, N, T) -> walk(R, K + 2, N + 1, T);
+%% A local fun: fixed fields, then module, old index, old uniq, pid and the
+%% free variables, all terms.
+walk(<<112, _Size:32, _Arity, _Uniq:16/binary, _Index:32, Free:32, R/binary>>, K, N, T) ->
+    walk(R, K + 3 + Free, N, T);
+%% Pids, ports and references: a node atom, then fixed bytes.
+walk(<<88, R/binary>> = B, K, N, T) -> node_then(R, 12, K, N, T, B);
+walk(<<103, R/binary>> = B, K, N, T) -> node_then(R, 9, K, N, T, B);
+walk(<<89, R/binary>> = B, K, N, T) -> node_then(R, 8, K, N, T, B);
+walk(<<120, R/binary>> = B, K, N, T) -> node_then(R, 12, K, N, T, B);
+walk(<<102, R/binary>> = B, K, N, T) -> node_then(R, 5, K, N, T, B);
+walk(<<101, R/binary>> = B, K, N, T) -> node_then(R, 5, K, N, T, B);
+walk(<<90, L:16, R/binary>> = B, K, N, T) -> node_then(R, 4 + 4 * L, K, N, T, B);
+walk(<<114, L:16, R/binary>> = B, K, N, T) -> node_then(R, 1 + 4 * L, K, N, T, B);
+walk(<<>>, _K, _N, T) ->
+    bad(<<"truncated term">>, T);
+walk(<<Tag, _/binary>> = B, _K, _N, T) ->
+    case lists:member(Tag, [97, 98, 70, 104, 105, 116, 108, 107, 109, 77, 110, 111, 99, 119,
+                            118, 115, 100, 112, 88, 103, 89, 120, 102, 101, 90, 114, 73, 75]) of
+        true -> bad(<<"truncated term">>, T);
+        false -> bad(iolist_to_binary(io_lib:format("unknown tag ~b", [Tag])), T - byte_size(B))
     end.
 
-need(R, Len, O) when byte_size(R) < Len -> bad(<<"truncated term">>, O + byte_size(R));
-need(_, _, _) -> ok.
-
-skip(R, Len, O, N) ->
-    need(R, Len, O),
-    <<_:Len/binary, R1/binary>> = R,
-    {R1, O + Len, N}.
-
-atom(R, LenBytes, Enc, Off, N) ->
-    O = Off + 1,
-    need(R, LenBytes, O),
-    <<L:LenBytes/unit:8, R1/binary>> = R,
-    need(R1, L, O + LenBytes),
-    <<Text:L/binary, R2/binary>> = R1,
+%% Count an atom if this node does not know it (each distinct text once).
+atom(Text, Enc, N, Off) ->
     Known =
         try binary_to_existing_atom(Text, Enc) of
             _ -> true
@@ -242,18 +363,35 @@ atom(R, LenBytes, Enc, Off, N) ->
             error:badarg ->
                 case Enc =:= utf8 andalso unicode:characters_to_list(Text, utf8) of
                     L2 when is_list(L2), length(L2) =< 255 -> false;
-                    false when L =< 255 -> false;
+                    false when byte_size(Text) =< 255 -> false;
                     _ -> bad(<<"invalid atom text">>, Off)
                 end
         end,
-    Known orelse N > 0 orelse put(sshrpc_first_unknown_atom, {Off, Text}),
-    {R2, O + LenBytes + L, case Known of true -> N; false -> N + 1 end}.
+    Seen = get(sshrpc_unknown_atoms),
+    Key = case Enc of
+              utf8 -> Text;
+              latin1 -> unicode:characters_to_binary(Text, latin1, utf8)
+          end,
+    case Known orelse is_map_key(Key, Seen) of
+        true ->
+            N;
+        false ->
+            map_size(Seen) > 0 orelse put(sshrpc_first_unknown_atom, {Off, Text}),
+            put(sshrpc_unknown_atoms, Seen#{Key => true}),
+            N1 = N + 1,
+            N1 > get(sshrpc_stop_after) andalso throw({stop_after, N1}),
+            N1
+    end.
 
-elems(R, 0, O, _D, N) -> {R, O, N};
-elems(R, K, O, D, N) ->
-    {R1, O1, N1} = walk(R, O, D + 1, N),
-    elems(R1, K - 1, O1, D, N1).
-
-node_then(R, Len, O, D, N) ->
-    {R1, O1, N1} = walk(R, O, D + 1, N),
-    skip(R1, Len, O1, N1).
+%% A pid, port or reference: its node atom, then Len fixed bytes.
+node_then(<<Tag, _/binary>> = R, Len, K, N, T, _B) when Tag =:= 100; Tag =:= 115;
+                                                         Tag =:= 118; Tag =:= 119 ->
+    {R1, N1} = walk(R, 1, N, T),
+    case R1 of
+        <<_:Len/binary, R2/binary>> -> walk(R2, K - 1, N1, T);
+        _ -> bad(<<"truncated term">>, T)
+    end;
+node_then(<<>>, _Len, _K, _N, T, _B) ->
+    bad(<<"truncated term">>, T);
+node_then(_R, _Len, _K, _N, T, B) ->
+    bad(<<"a pid, port or reference without a node atom">>, T - byte_size(B)).

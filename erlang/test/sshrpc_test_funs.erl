@@ -2,7 +2,7 @@
 %% sshrpc server's allow list.
 -module(sshrpc_test_funs).
 -export([echo/1, sized/1, sized_list/1, block/1, sleep/1, raise/2, stream/2,
-         notify/2, loop/0, add/2, count/0, store/2, fetch/1, alive/1]).
+         notify/2, loop/0, atoms/2, stream_forever/2, trap_block/1, add/2, count/0, store/2, fetch/1, alive/1]).
 
 echo(X) -> X.
 
@@ -16,6 +16,24 @@ sized_list(Sizes) -> [sized(N) || N <- Sizes].
 block(Name) ->
     register(Name, self()),
     receive after infinity -> ok end.
+
+%% block/1, but trapping exits: only a kill stops it.
+trap_block(Name) ->
+    process_flag(trap_exit, true),
+    block(Name).
+
+%% A stream call that registers as Name and emits forever (it waits for credit).
+stream_forever(Name, Emit) ->
+    register(Name, self()),
+    stream_forever_loop(Emit, 1).
+
+stream_forever_loop(Emit, I) ->
+    ok = Emit(I),
+    stream_forever_loop(Emit, I + 1).
+
+%% N atoms made here (so a client does not know them): Prefix_1 .. Prefix_N.
+atoms(Prefix, N) ->
+    [binary_to_atom(<<Prefix/binary, "_", (integer_to_binary(I))/binary>>) || I <- lists:seq(1, N)].
 
 sleep(Ms) -> timer:sleep(Ms), slept.
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -406,3 +407,55 @@ def test_erlang_spawns_and_messages_python_processes(erl: ErlangNode) -> None:
 def test_erlang_casts_to_python(erl: ErlangNode) -> None:
     erl.eval("sshrpc:cast(PC, log, info, [{from_erlang, 42}])")
     erl.wait_until("sshrpc:call(PC, log, last, []) =:= {ok, {from_erlang, 42}}")
+
+
+def test_erlang_streams_from_python_with_credit(erl: ErlangNode) -> None:
+    assert erl.eval(
+        "{ok, PSt} = sshrpc:stream(PC, feed, tail, [100], #{window => 3}), "
+        "sshrpc:fold(fun(V, Acc) -> [V | Acc] end, [], PSt)",
+        timeout=60,
+    ) == ("ok", list(range(99, -1, -1)), "done")
+    assert erl.eval(
+        "{ok, PSt2} = sshrpc:stream(PC, feed, tail, [1000], #{window => 2}), "
+        "[element(2, sshrpc:next(PSt2)) || _ <- lists:seq(1, 5)]"
+    ) == [0, 1, 2, 3, 4]
+    erl.eval("sshrpc:cancel(PSt2)")
+    assert erl.eval("sshrpc:call(PC, lists, reverse, [[1, 2]])") == ("ok", [2, 1])
+
+
+def test_erlang_multicall_across_python_and_erlang(
+    erl: ErlangNode,
+    erlang_server: ErlangServer,
+    erlang_node: ErlangNode,
+    tmp_path: Path,
+    client_key: Any,
+) -> None:
+    user_dir = erlang_client_dir(
+        tmp_path / "mc", client_key.private, [erlang_server.known_hosts_line]
+    )
+    erl.eval(
+        f'{{ok, EC}} = sshrpc:connect("127.0.0.1", {erlang_server.port}, '
+        f'[{{user, "tester"}}, {{user_dir, {erl_string(user_dir)}}}])'
+    )
+    assert erl.eval("sshrpc:multicall([PC, EC], lists, reverse, [[1, 2, 3]], 10000)") == [
+        ("ok", [3, 2, 1]),
+        ("ok", [3, 2, 1]),
+    ]
+    nodes = erl.eval("sshrpc:multicall([EC, PC], erlang, node, [])")
+    assert nodes[0] == ("ok", erlang_node.eval("node()"))
+    assert flat(
+        erl.eval_text("element(2, lists:nth(2, sshrpc:multicall([EC, PC], erlang, node, [])))")
+    ).startswith("{sshrpc,forbidden")
+    erl.eval("sshrpc:close(EC)")
+
+
+def test_erlang_sends_fresh_atoms_to_python_and_keeps_its_channel(erl: ErlangNode) -> None:
+    tag = f"h14_{uuid.uuid4().hex}"
+    assert erl.eval(
+        f"PT = {{'{tag}', #{{'{tag}_key' => ['{tag}_elem', '{tag} Hello World']}}}}, "
+        "{ok, PT} =:= sshrpc:call(PC, echo, echo, [PT])"
+    )
+    assert erl.eval(f"element(1, sshrpc:call(PC, '{tag}_mod', '{tag}_fn', []))") == "error"
+    erl.eval(f"sshrpc:cast(PC, log, info, [{{'{tag}_cast', 1}}])")
+    erl.wait_until(f"sshrpc:call(PC, log, last, []) =:= {{ok, {{'{tag}_cast', 1}}}}")
+    assert erl.eval("element(1, sshrpc:ping(PC))") == "ok"
