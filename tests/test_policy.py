@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from sshrpc import Atom
 from sshrpc.policy import (
     ANONYMOUS,
     Auditor,
@@ -288,3 +289,48 @@ def test_flushing_as_channels_end_keeps_the_windows(caplog):
         "key=SHA256:bob call m:f1/0 outcome=forbidden (repeated 19 times)",
         "key=SHA256:bob: 60 more denials not logged",
     ]
+
+
+def test_exports_and_callable_arities_follow_the_key(table):
+    """What ``sshrpc:exports/0`` answers and ``undef`` details offer: only
+    what this key may call."""
+    A = Atom
+    assert table.exports(BOB) == [(A("calc"), A("add"), 2)]
+    assert table.exports(ALICE) == [(A("calc"), A("add"), 2), (A("calc"), A("sub"), 2)]
+    assert table.exports(ANONYMOUS) == []
+    assert table.callable_arities(ALICE, "calc", "add") == [2]
+    assert table.callable_arities(BOB, "calc", "sub") == []
+    assert table.callable_arities(ALICE, "os", "getpid") == []
+    assert table.callable_arities(ALICE, "calc", "nope") == []
+    varargs = Service("v")
+
+    @varargs.export
+    def many(a, *rest):
+        return a
+
+    t = ExposureTable({"v": varargs})
+    assert t.exports(ANONYMOUS) == [(A("v"), A("many"), (1, A("infinity")))]
+
+
+def test_the_service_name_sshrpc_is_reserved():
+    with pytest.raises(ValueError, match="reserved"):
+        Service("sshrpc")
+
+
+@pytest.mark.parametrize(
+    "text, remote",
+    [
+        ("calc:calc", False),
+        ("pkg.mod:services", False),
+        ("host", True),
+        ("host:2222", True),
+        ("me@host", True),
+        ("me@host:2222", True),
+        ("[::1]:2222", True),
+        ("me@[::1]:2222", True),
+    ],
+)
+def test_list_tells_a_node_from_a_target(text, remote):
+    from sshrpc._call import looks_remote
+
+    assert looks_remote(text) is remote

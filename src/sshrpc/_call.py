@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_connection_options", "add_parser", "looks_remote", "run", "run_list"]
 
 
 def add_parser(sub: Any) -> None:
@@ -30,6 +30,16 @@ def add_parser(sub: Any) -> None:
     call.add_argument("module", metavar="MODULE")
     call.add_argument("function", metavar="FUNCTION")
     call.add_argument("args", nargs="*", metavar="ARG", help="an Erlang term literal")
+    add_connection_options(call)
+    call.add_argument("--stream", action="store_true", help="print each chunk of a stream call")
+    call.add_argument(
+        "--timeout", type=float, default=None, metavar="SECONDS", help="give up after this long"
+    )
+
+
+def add_connection_options(call: argparse.ArgumentParser) -> None:
+    """The options of a command that connects to a node (``call``, remote
+    ``list``)."""
     call.add_argument(
         "-v",
         "--verbose",
@@ -54,14 +64,15 @@ def add_parser(sub: Any) -> None:
     )
     call.add_argument("-F", "--ssh-config", metavar="FILE", default=None)
     call.add_argument("--subsystem", default=None)
-    call.add_argument("--stream", action="store_true", help="print each chunk of a stream call")
-    call.add_argument(
-        "--timeout", type=float, default=None, metavar="SECONDS", help="give up after this long"
-    )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the ``call`` subcommand; returns the exit status."""
+def run(
+    args: argparse.Namespace,
+    on_result: Any = None,
+    label: str = "sshrpc call",
+) -> int:
+    """Run the ``call`` subcommand; returns the exit status.  ``on_result``
+    (if given) gets the result instead of printing it."""
     import math
 
     import trio
@@ -74,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         call_args = [parse(text) for text in args.args]
     except LiteralError as exc:
-        print(f"sshrpc call: bad argument: {exc}", file=sys.stderr)
+        print(f"{label}: bad argument: {exc}", file=sys.stderr)
         return 2
     options: dict[str, Any] = {
         "accept_new_host_keys": args.accept_new_host_key,
@@ -97,7 +108,11 @@ def run(args: argparse.Namespace) -> int:
                     async for item in node.stream(args.module, args.function, call_args):
                         print(format_term(item), flush=True)
                 else:
-                    print(format_term(await node.call(args.module, args.function, call_args)))
+                    result = await node.call(args.module, args.function, call_args)
+                    if on_result is not None:
+                        on_result(result)
+                    else:
+                        print(format_term(result))
 
     # Error hints name our flags (--accept-new-host-key), not Python keywords.
     hint_style.set("cli")
@@ -111,18 +126,48 @@ def run(args: argparse.Namespace) -> int:
                 message = message.decode("utf-8", "replace")
             details = f" ({message})"
         print(
-            f"sshrpc call: {args.module}:{args.function} failed: "
+            f"{label}: {args.module}:{args.function} failed: "
             f"{exc.cls} {format_term(exc.reason)}{details}",
             file=sys.stderr,
         )
         return 1
     except trio.TooSlowError:
-        print(f"sshrpc call: no answer within {args.timeout:g} s", file=sys.stderr)
+        print(f"{label}: no answer within {args.timeout:g} s", file=sys.stderr)
         return 1
     except SSHRPCError as exc:
-        print(f"sshrpc call: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{label}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:  # an argument with no Erlang term
-        print(f"sshrpc call: {exc}", file=sys.stderr)
+        print(f"{label}: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def looks_remote(text: str) -> bool:
+    """True when ``text`` names a node (``[user@]host[:port]``) rather than a
+    ``package.module:attribute`` target: it has a user, or an IPv6 bracket,
+    or no colon, or only a port after its colon."""
+    if "@" in text or text.startswith("["):
+        return True
+    _, sep, tail = text.rpartition(":")
+    return not sep or tail.isdigit()
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """``sshrpc list [USER@]HOST[:PORT]``: what this key may call there
+    (the node's built-in ``sshrpc:exports/0``), one ``module:function/arity``
+    a line; exit status as ``call``."""
+    args.module, args.function, args.args = "sshrpc", "exports", []
+    args.stream, args.timeout = False, None
+    lines: list[str] = []
+
+    def show(value: Any) -> None:
+        for module, function, arity in value:
+            if isinstance(arity, tuple):
+                arity = f"{arity[0]}.."
+            lines.append(f"{module}:{function}/{arity}")
+
+    status = run(args, on_result=show, label="sshrpc list")
+    if status == 0:
+        print("\n".join(lines) if lines else "(nothing: this key may call no function)")
+    return status

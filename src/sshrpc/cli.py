@@ -210,11 +210,18 @@ def _parser() -> argparse.ArgumentParser:
         "--key", action="append", default=[], metavar="PUBKEY_FILE", help="key to authorize"
     )
 
-    listing = sub.add_parser("list", help="print the exposure table")
+    from . import _call
+
+    listing = sub.add_parser(
+        "list",
+        help="print the exposure table, or what a node lets you call",
+        description="sshrpc list TARGET... prints the exposure table of local services "
+        "(--key: as that key sees it); sshrpc list [USER@]HOST[:PORT] asks a node what "
+        "your key may call there (its built-in sshrpc:exports/0).",
+    )
     _common(listing)
     listing.add_argument("--key", metavar="FINGERPRINT_OR_COMMENT")
-
-    from . import _call
+    _call.add_connection_options(listing)
 
     _call.add_parser(sub)
     return parser
@@ -564,6 +571,11 @@ def _sshd_config(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from . import _call
+
+    if len(args.targets) == 1 and _call.looks_remote(args.targets[0]):
+        args.destination = args.targets[0]
+        return _call.run_list(args)
     from .policy import ExposureTable, KeyIdentity, Policy
     from .service import flatten_services
 

@@ -569,6 +569,14 @@ class Connection:
             raise ValueError(f"{req!r} was already received or abandoned")
         return await self._await(req)
 
+    async def exports(self) -> list[tuple[str, str, Any]]:
+        """What this connection's key may call on the node, as ``(module,
+        function, arity)`` tuples (``arity`` is ``(min, Atom("infinity"))``
+        for a ``*args`` function), from the node's built-in
+        ``sshrpc:exports/0`` (docs/protocol.md).  Raises as ``call``; a node
+        without the built-in (the Erlang daemon) answers ``forbidden``."""
+        return [tuple(entry) for entry in await self.call("sshrpc", "exports", [])]
+
     async def cast(self, module: str, function: str, args: Sequence[Any] = ()) -> None:
         """Ask the server to run ``module:function(*args)``; no answer, ever.
 

@@ -637,6 +637,8 @@ class _Channel:
         # The table and this channel's key never change: decide each name
         # once (pattern matching per call showed in profiles), bounded so
         # that a client probing names cannot grow the cache.
+        if module == "sshrpc" and function == "exports" and arity == 0:
+            return self.node.builtin_exports
         name = (module, function, arity)
         decision = self._decisions.get(name)
         if decision is None:
@@ -647,8 +649,45 @@ class _Channel:
             return decision.exported
         audit(self.key, kind, module, function, arity, decision.outcome, 0.0)
         if id is not None:
-            self.emit(_p.ErrorReply(id=id, cls=Atom("sshrpc"), reason=Atom(decision.outcome)))
+            self.emit(
+                _p.ErrorReply(
+                    id=id,
+                    cls=Atom("sshrpc"),
+                    reason=Atom(decision.outcome),
+                    details=self._denial_details(decision.outcome, module, function, arity),
+                )
+            )
         return None
+
+    def _denial_details(
+        self, outcome: str, module: str, function: str, arity: int
+    ) -> dict[Atom, Any]:
+        """What a ``forbidden``/``undef`` answer tells the caller: the
+        module, function and arity it asked for, a message that says what
+        to do and, for ``undef``, the arities of that function this key may
+        call.  ``forbidden`` reads the same whether or not the function
+        exists: a key learns only what it may call."""
+        mfa = f"{module}:{function}/{arity}"
+        details: dict[Atom, Any] = {
+            Atom("module"): Atom(module),
+            Atom("function"): Atom(function),
+            Atom("arity"): arity,
+        }
+        if outcome == "undef":
+            arities = self.node.table.callable_arities(self.key, module, function)
+            details[Atom("arities")] = arities
+            if arities:
+                count = _arities_text(arities)
+                noun = "argument" if count == "1" else "arguments"
+                text = f"no {mfa}; {module}:{function} takes {count} {noun}"
+            else:
+                text = f"{module} has no function {function} this key may call"
+        else:
+            text = f"{mfa} is not exposed to this key"
+        details[Atom("message")] = (
+            f"{text}; sshrpc:exports() lists what this key may call"
+        ).encode()
+        return details
 
     def _start_call(self, call: _p.Call) -> None:
         if self.closing:
@@ -971,6 +1010,8 @@ class Node:
     ) -> None:
         found = flatten_services(services.values() if isinstance(services, Mapping) else services)
         self.table = ExposureTable(found, policy or Policy.allow_all())
+        #: The built-in ``sshrpc:exports/0`` (docs/protocol.md).
+        self.builtin_exports = Exported("sshrpc", "exports", _exports, "async", 0, 0)
         self.name = name or f"sshrpc@{socket.gethostname().split('.')[0] or 'localhost'}"
         self.authorized_keys = authorized_keys
         self.max_calls = max_calls
@@ -1210,6 +1251,21 @@ async def _read_header(stream: trio.SocketStream) -> tuple[str, str] | None:
         body += data
     auth, _, conn = bytes(body).partition(b"\0")
     return auth.decode("utf-8", "replace"), conn.decode("utf-8", "replace")
+
+
+def _arities_text(arities: list[int]) -> str:
+    if len(arities) == 1:
+        return str(arities[0])
+    if arities == list(range(arities[0], arities[-1] + 1)):
+        return f"{arities[0]}..{arities[-1]}"
+    return ", ".join(map(str, arities))
+
+
+async def _exports() -> list[tuple[Atom, Atom, Any]]:
+    """``sshrpc:exports()``: what the calling key may call (built in, always
+    allowed)."""
+    ctx = _context()
+    return ctx.node.table.exports(ctx.key)
 
 
 def _count_tasks() -> int:

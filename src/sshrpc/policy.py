@@ -71,6 +71,7 @@ from typing import Any, Literal
 
 from ._saferepr import clean
 from ._sshd import key_fingerprint
+from ._types import Atom
 from .service import Exported, Service
 
 __all__ = [
@@ -325,6 +326,32 @@ class ExposureTable:
                 return Decision("undef")
             return Decision("forbidden")
         return Decision("allow", exported)
+
+    def callable_arities(self, key: KeyIdentity, module: str, function: str) -> list[int]:
+        """The arities of ``module:function`` that ``key`` may call (for
+        ``*args`` functions, up to eight past the minimum), ``[]`` if none."""
+        service = self.services.get(module)
+        exported = service.functions.get(function) if service is not None else None
+        if exported is None:
+            return []
+        return [
+            a for a in _sample_arities(exported) if self.policy.permits(key, module, function, a)
+        ]
+
+    def exports(self, key: KeyIdentity) -> list[tuple[Atom, Atom, int | tuple[int, Atom]]]:
+        """What ``key`` may call, as Erlang-style ``{Module, Function, Arity}``
+        terms (``{Min, infinity}`` for a ``*args`` function allowed from its
+        minimum on): the answer of the built-in ``sshrpc:exports/0``."""
+        out: list[tuple[Atom, Atom, int | tuple[int, Atom]]] = []
+        for service in sorted(self.services.values(), key=lambda s: s.name):
+            for name in sorted(service.functions):
+                exported = service.functions[name]
+                arities = self.callable_arities(key, service.name, name)
+                if exported.max_arity is None and arities == list(_sample_arities(exported)):
+                    out.append((Atom(service.name), Atom(name), (arities[0], Atom("infinity"))))
+                    continue
+                out.extend((Atom(service.name), Atom(name), a) for a in arities)
+        return out
 
     def rows(self, key: KeyIdentity | None = None) -> list[tuple[str, str, str, str]]:
         """``(service, function/arity, kind, access)`` for every exported

@@ -93,6 +93,11 @@ class Service:
     def __init__(self, name: str) -> None:
         if not isinstance(name, str) or not 0 < len(name) <= 255:
             raise ValueError(f"a service name is 1..255 characters, not {name!r}")
+        if name == "sshrpc":
+            raise ValueError(
+                "the service name 'sshrpc' is reserved for the node's built-ins "
+                "(sshrpc:exports/0); choose another"
+            )
         self.name = Atom(name)
         self.functions: dict[str, Exported] = {}
 
