@@ -858,6 +858,11 @@ def _parse_all(
             )
         try:
             user, host, port = parse_destination(destination)
+            address = destination.rpartition("@")[2]
+            if address.startswith("[") and not (
+                address.endswith("]") or address[address.find("]") + 1 :].startswith(":")
+            ):
+                raise ValueError("unclosed or trailing text after [address]")
         except ValueError:
             raise ValueError(
                 f"bad destination {destination!r}: expected [user@]host[:port] "
@@ -933,6 +938,7 @@ async def multicall(
             if isinstance(node, Connection):
                 results[index] = await _call_before(
                     node,
+                    node.destination,
                     _deadline_after(per_node_timeout),
                     per_node_timeout,
                     module,
@@ -962,6 +968,7 @@ async def multicall(
 
 async def _call_before(
     connection: Connection,
+    name: str,
     deadline: float,
     timeout: float | None,
     module: str,
@@ -972,7 +979,7 @@ async def _call_before(
     with trio.CancelScope(deadline=deadline) as scope:
         return await connection.call(module, function, args)
     assert scope.cancelled_caught
-    raise NodeTimeout(connection.destination, "call", timeout)
+    raise NodeTimeout(name, "call", timeout)
 
 
 async def _connect_and_call(
@@ -1004,7 +1011,9 @@ async def _connect_and_call(
             if connection is None:
                 raise NodeTimeout(destination, "connect", timeout)
             try:
-                result = await _call_before(connection, deadline, timeout, module, function, args)
+                result = await _call_before(
+                    connection, destination, deadline, timeout, module, function, args
+                )
             except NodeTimeout:
                 nursery.cancel_scope.cancel()  # drop the connection: no bye
                 raise
@@ -1128,7 +1137,7 @@ class Pool:
             try:
                 connection, deadline = await self._get(items[index], per_node_timeout)
                 results[index] = await _call_before(
-                    connection, deadline, per_node_timeout, module, function, args
+                    connection, items[index], deadline, per_node_timeout, module, function, args
                 )
             except _NODE_ERRORS as exc:
                 results[index] = exc
