@@ -19,11 +19,12 @@ every process below it by PID; it is idempotent and safe after a failed
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ._sshd import SUBSYSTEM_NAMES, PrivateSSHD, host_port
+from ._sshd import SUBSYSTEM_NAMES, PrivateSSHD, SSHDError, address_family, free_port, host_port
 from .subsystem import forced_authorized_keys, native_relay, relay_command
 
 __all__ = ["Fleet"]
@@ -67,9 +68,10 @@ class Fleet:
                 authorized_keys=self.authorized_keys,
                 subsystems={name: command for name in SUBSYSTEM_NAMES},
                 host=host,
+                port=port,
                 sshd_path=sshd_path,
             )
-            for i in range(count)
+            for i, port in enumerate(_distinct_ports(host, count))
         ]
 
     @property
@@ -89,11 +91,12 @@ class Fleet:
 
     def start(self) -> None:
         """Start every sshd (``START_THREADS`` at a time); return once all
-        accept connections.  On any failure every sshd is stopped and the
-        first ``SSHDError`` is raised."""
+        accept connections.  A port taken by someone else meanwhile is
+        replaced by a fresh one (``PORT_RETRIES`` times).  On any failure
+        every sshd is stopped and the first ``SSHDError`` is raised."""
         try:
             with ThreadPoolExecutor(max_workers=START_THREADS) as pool:
-                for future in [pool.submit(s.start) for s in self.sshds]:
+                for future in [pool.submit(_start, s) for s in self.sshds]:
                     future.result()
         except BaseException:
             self.stop()
@@ -112,3 +115,33 @@ class Fleet:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+#: Fresh ports tried when an sshd's port was taken between choosing and binding.
+PORT_RETRIES = 3
+
+
+def _distinct_ports(host: str, count: int) -> list[int]:
+    """``count`` different free ports: all bound at once, then released (one
+    ``free_port`` after another may hand out the same port twice)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(address_family(host), socket.SOCK_STREAM)
+            sockets.append(s)
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _start(sshd: PrivateSSHD) -> None:
+    for attempt in range(PORT_RETRIES + 1):
+        try:
+            sshd.start()
+            return
+        except SSHDError as exc:
+            if "already in use" not in str(exc) or attempt == PORT_RETRIES:
+                raise
+            sshd.port = free_port(sshd.host)

@@ -922,7 +922,8 @@ async def multicall(
     the call as its ``timeout`` option, so the server gives up too.
 
     The caller's cancel scope bounds the whole: a cancel propagates (as
-    ``Cancelled``), with every connection opened here closed.  Raises
+    ``Cancelled``) at once, with every connection opened here dropped
+    (sockets closed, no closing handshake to wait for).  Raises
     ``ValueError`` for a malformed destination or option before contacting
     any node.
     """
@@ -1014,8 +1015,10 @@ async def _connect_and_call(
                 result = await _call_before(
                     connection, destination, deadline, timeout, module, function, args
                 )
-            except NodeTimeout:
-                nursery.cancel_scope.cancel()  # drop the connection: no bye
+            except (NodeTimeout, trio.Cancelled):
+                # Past the node's deadline or the caller's: drop the
+                # connection (no bye to wait for from a node that may hang).
+                nursery.cancel_scope.cancel()
                 raise
             except BaseException:
                 await connection.aclose()
