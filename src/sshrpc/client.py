@@ -999,9 +999,10 @@ async def _connect_and_call(
     Past the deadline the connection is dropped without the closing
     handshake, so a hung node costs no more than its deadline."""
     opts = dict(options)
-    user = user or opts.pop("user", None)
-    if port is None:
-        port = opts.pop("port", None)
+    user = user or opts.pop("user", None)  # the destination's own user wins
+    opts.pop("user", None)
+    port = port if port is not None else opts.pop("port", None)
+    opts.pop("port", None)
     try:
         async with trio.open_nursery() as nursery:
             async with slots:
@@ -1094,9 +1095,10 @@ class Pool:
                 await connection.aclose()
             (user, host, port) = _parse_all([destination])[0]
             opts = dict(self._options)
-            user = user or opts.pop("user", None)
-            if port is None:
-                port = opts.pop("port", None)
+            user = user or opts.pop("user", None)  # the destination's own user wins
+            opts.pop("user", None)
+            port = port if port is not None else opts.pop("port", None)
+            opts.pop("port", None)
             async with self._connect_slots:
                 deadline = _deadline_after(timeout)
                 new: Connection | None = None

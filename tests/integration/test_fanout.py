@@ -344,3 +344,24 @@ async def test_at_most_max_connects_set_up_at_once(
     assert counter.accepted == count
     # Never more than the bound, and connects did overlap (unbounded: 9 here).
     assert 2 <= max(counter.in_setup) <= bound, counter.in_setup
+
+
+async def test_a_destinations_user_and_port_win_over_the_options(
+    client_key: Any, tmp_path: Path
+) -> None:
+    # Regression: user@host:port with user=/port= options too passed the
+    # user twice to connect_node (TypeError for every node).
+    import getpass
+
+    me = getpass.getuser()
+    async with fleet_node(client_key, 1, _services(slow=False)) as (fleet, _):
+        known_hosts = tmp_path / "known_hosts"
+        known_hosts.write_text(fleet.known_hosts_text)
+        opts = _options(client_key, known_hosts)
+        dest = f"{me}@{fleet.destinations[0]}"
+        other = {"user": "somebody-else", "port": free_port()}
+        with trio.fail_after(30):
+            assert await sshrpc.multicall([dest], "fan", "work", [5], **opts, **other) == [5]
+            async with sshrpc.Pool(**opts, **other) as pool:
+                assert await pool.multicall([dest], "fan", "work", [6]) == [6]
+                assert await pool.call(dest, "fan", "work", [7]) == 7
