@@ -24,6 +24,7 @@ __all__ = [
     "HostKeyMismatch",
     "LocalProtocolError",
     "MessageTooLarge",
+    "NodeTimeout",
     "Overload",
     "ProtocolError",
     "RemoteError",
@@ -152,6 +153,27 @@ class SSHConfigError(SSHRPCError):
     sets it to a value sshrpc refuses (``StrictHostKeyChecking no``).  The
     message names the option; nothing was connected.  Change the config for
     this host, or pass ``use_ssh_config=False`` and explicit arguments."""
+
+
+class NodeTimeout(SSHRPCError):
+    """One node of ``multicall``/``Pool.multicall`` did not finish within
+    ``per_node_timeout`` seconds (counted from when its connect started).
+
+    ``destination`` names the node; ``phase`` is ``"connect"`` (TCP, SSH
+    set-up or hellos not done: nothing ran there) or ``"call"`` (the call
+    was open and was cancelled: it may have run in part, so retry only
+    idempotent work); ``timeout`` is the bound in seconds.  The other nodes
+    are not affected."""
+
+    def __init__(self, destination: str, phase: str, timeout: float | None) -> None:
+        bound = "" if timeout is None else f" of {timeout:g} s"
+        super().__init__(
+            f"{destination}: no answer within the per-node deadline{bound} "
+            f"({'still connecting' if phase == 'connect' else 'call open; cancelled'})"
+        )
+        self.destination = destination
+        self.phase = phase
+        self.timeout = timeout
 
 
 class HostKeyError(SSHRPCError):

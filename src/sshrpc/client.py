@@ -42,6 +42,8 @@ from . import protocol as _p
 from ._errors import (
     ConnectionLost,
     LocalProtocolError,
+    MessageTooLarge,
+    NodeTimeout,
     ProtocolError,
     RemoteError,
     SSHRPCError,
@@ -54,6 +56,7 @@ from ._types import Atom
 
 __all__ = [
     "DEFAULT_KEEPALIVE",
+    "DEFAULT_MAX_CONNECTS",
     "Connection",
     "ConnectionStatistics",
     "Pool",
@@ -981,53 +984,234 @@ async def open_connection(
 
 # -- many nodes -------------------------------------------------------------------
 
+#: Connection set-ups (TCP connect, SSH key exchange, authentication,
+#: subsystem, hellos) in progress at once in ``multicall`` and per ``Pool``:
+#: each costs a key exchange and a signature on both sides (and the server
+#: forks sshd), so thousands at once only queue on CPU (parallel-ssh's
+#: ``pool_size`` is the same idea).  Established connections are not counted.
+DEFAULT_MAX_CONNECTS = 32
+
+#: What one node's failure may be: recorded in its result slot, never raised.
+_NODE_ERRORS = (SSHRPCError, OSError, TermError, MessageTooLarge)
+
+
+def _check_fanout(max_connects: int, per_node_timeout: float | None) -> None:
+    if isinstance(max_connects, bool) or not isinstance(max_connects, int) or max_connects < 1:
+        raise ValueError(f"max_connects must be an int >= 1, not {max_connects!r}")
+    if per_node_timeout is not None and not (
+        isinstance(per_node_timeout, int | float)
+        and not isinstance(per_node_timeout, bool)
+        and per_node_timeout > 0
+    ):
+        raise ValueError(f"per_node_timeout must be seconds > 0 or None, not {per_node_timeout!r}")
+
+
+def _parse_all(
+    destinations: Sequence[str | Connection],
+) -> list[tuple[str | None, str, int | None]]:
+    """Every host-name destination parsed up front, so a malformed one raises
+    ``ValueError`` before any node is contacted."""
+    parsed: list[tuple[str | None, str, int | None]] = []
+    for destination in destinations:
+        if isinstance(destination, Connection):
+            parsed.append((None, "", None))
+            continue
+        if not isinstance(destination, str):
+            raise TypeError(
+                f"a destination is a str or a Connection, not {type(destination).__name__}"
+            )
+        try:
+            user, host, port = parse_destination(destination)
+            address = destination.rpartition("@")[2]
+            if address.startswith("[") and not (
+                address.endswith("]") or address[address.find("]") + 1 :].startswith(":")
+            ):
+                raise ValueError("unclosed or trailing text after [address]")
+        except ValueError:
+            raise ValueError(
+                f"bad destination {destination!r}: expected [user@]host[:port] "
+                "or [user@][address]:port"
+            ) from None
+        if not host or (port is not None and not 0 < port < 65536):
+            raise ValueError(f"bad destination {destination!r}: empty host or port out of range")
+        parsed.append((user, host, port))
+    return parsed
+
+
+def _deadline_after(seconds: float | None) -> float:
+    return math.inf if seconds is None else trio.current_time() + seconds
+
+
+async def _fan_out(count: int, one: Callable[[int], Any]) -> None:
+    """Run ``await one(i)`` for every index at once; no ExceptionGroup leaks."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for index in range(count):
+                nursery.start_soon(one, index)
+    except BaseExceptionGroup as group:
+        raise _unwrap(group) from None
+
 
 async def multicall(
     nodes: Iterable[str | Connection],
     module: str,
     function: str,
     args: Sequence[Any] = (),
+    *,
+    max_connects: int = DEFAULT_MAX_CONNECTS,
+    per_node_timeout: float | None = None,
     **options: Any,
 ) -> list[Any]:
     """Call ``module:function(*args)`` on every node at once; return one
-    entry per node, in order: the result, or the exception (``RemoteError``,
-    ``ConnectionLost``, ``HostKeyError``...) that node's call raised, like
-    ``erpc:multicall``.  Host names get a connection each (``options`` as in
-    ``open_connection``), closed afterwards.  The caller's cancel scope bounds
-    the whole; a cancel propagates."""
-    items = list(nodes)
-    results: list[Any] = [None] * len(items)
+    entry per node, in order: the result, or the exception that node's call
+    raised (``RemoteError``, ``ConnectionLost``, ``HostKeyError``,
+    ``AuthenticationFailed``, ``NodeTimeout``...), like ``erpc:multicall``.
 
-    async def one(index: int, node: str | Connection) -> None:
+    ``nodes`` are open ``Connection``s (used as they are, left open) and/or
+    destinations ``[user@]host[:port]``, which get a connection each
+    (``options`` as in ``open_connection``), closed after their call.
+
+    At most ``max_connects`` connections are being set up at once (TCP,
+    SSH handshake, authentication, hellos); a node's slot is freed as soon
+    as its connection is up, so the calls themselves all run concurrently
+    and the total time is about the slowest node's, plus the connects
+    queued ``len(nodes) / max_connects`` deep.
+
+    ``per_node_timeout`` (seconds, None for no bound) bounds each node
+    separately: its clock starts when that node's connect starts (after the
+    wait for a connect slot, which the caller's scope bounds), and covers
+    connect and call.  A node past it gets ``NodeTimeout`` in its slot
+    (its call is cancelled, its connection dropped without the closing
+    handshake); the other nodes carry on.  The remaining time travels with
+    the call as its ``timeout`` option, so the server gives up too.
+
+    The caller's cancel scope bounds the whole: a cancel propagates (as
+    ``Cancelled``) at once, with every connection opened here dropped
+    (sockets closed, no closing handshake to wait for).  Raises
+    ``ValueError`` for a malformed destination or option before contacting
+    any node.
+    """
+    _check_fanout(max_connects, per_node_timeout)
+    items = list(nodes)
+    parsed = _parse_all(items)
+    results: list[Any] = [None] * len(items)
+    slots = trio.Semaphore(max_connects)
+
+    async def one(index: int) -> None:
+        node = items[index]
         try:
             if isinstance(node, Connection):
-                results[index] = await node.call(module, function, args)
+                results[index] = await _call_before(
+                    node,
+                    node.destination,
+                    _deadline_after(per_node_timeout),
+                    per_node_timeout,
+                    module,
+                    function,
+                    args,
+                )
             else:
-                async with open_connection(node, **options) as connection:
-                    results[index] = await connection.call(module, function, args)
-        except (SSHRPCError, OSError, TermError) as exc:
+                user, host, port = parsed[index]
+                results[index] = await _connect_and_call(
+                    node,
+                    user,
+                    host,
+                    port,
+                    slots,
+                    per_node_timeout,
+                    options,
+                    module,
+                    function,
+                    args,
+                )
+        except _NODE_ERRORS as exc:
             results[index] = exc
 
-    try:
-        async with trio.open_nursery() as nursery:
-            for index, node in enumerate(items):
-                nursery.start_soon(one, index, node)
-    except BaseExceptionGroup as group:
-        raise _unwrap(group) from None
+    await _fan_out(len(items), one)
     return results
 
 
+async def _call_before(
+    connection: Connection,
+    name: str,
+    deadline: float,
+    timeout: float | None,
+    module: str,
+    function: str,
+    args: Sequence[Any],
+) -> Any:
+    """``connection.call(...)`` bounded by ``deadline``: ``NodeTimeout`` past it."""
+    with trio.CancelScope(deadline=deadline) as scope:
+        return await connection.call(module, function, args)
+    assert scope.cancelled_caught
+    raise NodeTimeout(name, "call", timeout)
+
+
+async def _connect_and_call(
+    destination: str,
+    user: str | None,
+    host: str,
+    port: int | None,
+    slots: trio.Semaphore,
+    timeout: float | None,
+    options: dict[str, Any],
+    module: str,
+    function: str,
+    args: Sequence[Any],
+) -> Any:
+    """One node of ``multicall``: connect (holding a slot), call, close.
+    Past the deadline the connection is dropped without the closing
+    handshake, so a hung node costs no more than its deadline."""
+    opts = dict(options)
+    user = user or opts.pop("user", None)  # the destination's own user wins
+    opts.pop("user", None)
+    port = port if port is not None else opts.pop("port", None)
+    opts.pop("port", None)
+    try:
+        async with trio.open_nursery() as nursery:
+            async with slots:
+                deadline = _deadline_after(timeout)
+                connection: Connection | None = None
+                with trio.CancelScope(deadline=deadline):
+                    connection = await connect_node(nursery, host, port, user, **opts)
+            if connection is None:
+                raise NodeTimeout(destination, "connect", timeout)
+            try:
+                result = await _call_before(
+                    connection, destination, deadline, timeout, module, function, args
+                )
+            except (NodeTimeout, trio.Cancelled):
+                # Past the node's deadline or the caller's: drop the
+                # connection (no bye to wait for from a node that may hang).
+                nursery.cancel_scope.cancel()
+                raise
+            except BaseException:
+                await connection.aclose()
+                raise
+            await connection.aclose()
+            return result
+    except BaseExceptionGroup as group:
+        raise _unwrap(group) from None
+
+
 class Pool:
-    """Connections reused per destination.
+    """Connections reused per destination, opened at most ``max_connects``
+    at a time.
 
     ``async with sshrpc.Pool(identity=..., known_hosts=...) as pool:`` then
-    ``await pool.call("host", "m", "f", [...])`` or ``node = await
-    pool.get("host")``.  A broken connection is replaced on the next ``get``.
-    Keyword options are those of ``open_connection``.
+    ``await pool.call("host", "m", "f", [...])``, ``node = await
+    pool.get("host")``, or ``await pool.multicall(destinations, "m", "f",
+    [...])`` for many nodes at once.  One connection per destination, shared
+    by every task; a broken one is replaced on the next use.  Keyword
+    options are those of ``open_connection``.  Leaving the block closes
+    every connection (concurrently, each bounded as ``Connection.aclose``).
     """
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, *, max_connects: int = DEFAULT_MAX_CONNECTS, **options: Any) -> None:
+        _check_fanout(max_connects, None)
+        self.max_connects = max_connects
         self._options = options
+        self._connect_slots = trio.Semaphore(max_connects)
         self._connections: dict[str, Connection] = {}
         self._locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
@@ -1046,9 +1230,22 @@ class Pool:
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
 
+    def __len__(self) -> int:
+        """Open connections held now."""
+        return sum(1 for c in self._connections.values() if not c.closed)
+
     async def get(self, destination: str) -> Connection:
         """An open connection to ``destination`` (``[user@]host[:port]``),
-        opening one if needed.  Raises as ``open_connection``."""
+        opening one if needed (waiting for one of ``max_connects`` slots).
+        A checkpoint.  Raises as ``open_connection``; a cancel leaves no
+        half-open connection."""
+        connection, _ = await self._get(destination, None)
+        return connection
+
+    async def _get(self, destination: str, timeout: float | None) -> tuple[Connection, float]:
+        """The connection and the node's deadline (``timeout`` from when its
+        connect started, or from now for a pooled one).  ``NodeTimeout`` if
+        the connect does not finish in time."""
         if self._nursery is None:
             raise RuntimeError("use the Pool as `async with sshrpc.Pool(...) as pool`")
         lock = self._locks.setdefault(destination, trio.Lock())
@@ -1056,16 +1253,25 @@ class Pool:
             connection = self._connections.get(destination)
             if connection is not None and not connection.closed:
                 await trio.lowlevel.checkpoint()
-                return connection
+                return connection, _deadline_after(timeout)
             if connection is not None:
+                del self._connections[destination]
                 await connection.aclose()
-            u, h, p = parse_destination(destination)
+            (user, host, port) = _parse_all([destination])[0]
             opts = dict(self._options)
-            connection = await connect_node(
-                self._nursery, h, p, u or opts.pop("user", None), **opts
-            )
-            self._connections[destination] = connection
-            return connection
+            user = user or opts.pop("user", None)  # the destination's own user wins
+            opts.pop("user", None)
+            port = port if port is not None else opts.pop("port", None)
+            opts.pop("port", None)
+            async with self._connect_slots:
+                deadline = _deadline_after(timeout)
+                new: Connection | None = None
+                with trio.CancelScope(deadline=deadline):
+                    new = await connect_node(self._nursery, host, port, user, **opts)
+            if new is None:
+                raise NodeTimeout(destination, "connect", timeout)
+            self._connections[destination] = new
+            return new, deadline
 
     async def call(
         self, destination: str, module: str, function: str, args: Sequence[Any] = ()
@@ -1074,8 +1280,45 @@ class Pool:
         node = await self.get(destination)
         return await node.call(module, function, args)
 
+    async def multicall(
+        self,
+        destinations: Iterable[str],
+        module: str,
+        function: str,
+        args: Sequence[Any] = (),
+        *,
+        per_node_timeout: float | None = None,
+    ) -> list[Any]:
+        """``module:function(*args)`` on every destination at once, through
+        the pool's connections (opened as needed, at most ``max_connects``
+        at a time, and kept for the next call).  One entry per destination,
+        in order: the result or that node's exception, as ``multicall``;
+        ``per_node_timeout`` as there (a timed-out call is cancelled, its
+        connection stays in the pool).  The caller's scope bounds the whole;
+        a cancel propagates.  ``ValueError`` for a malformed destination,
+        before any node is contacted."""
+        _check_fanout(1, per_node_timeout)
+        items = list(destinations)
+        _parse_all(items)
+        results: list[Any] = [None] * len(items)
+
+        async def one(index: int) -> None:
+            try:
+                connection, deadline = await self._get(items[index], per_node_timeout)
+                results[index] = await _call_before(
+                    connection, items[index], deadline, per_node_timeout, module, function, args
+                )
+            except _NODE_ERRORS as exc:
+                results[index] = exc
+
+        await _fan_out(len(items), one)
+        return results
+
     async def aclose(self) -> None:
-        """Close every connection.  Idempotent."""
+        """Close every connection, concurrently.  Idempotent."""
         connections, self._connections = list(self._connections.values()), {}
-        for connection in connections:
-            await connection.aclose()
+
+        async def close(index: int) -> None:
+            await connections[index].aclose()
+
+        await _fan_out(len(connections), close)
