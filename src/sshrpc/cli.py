@@ -21,10 +21,12 @@ import argparse
 import logging
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -335,14 +337,19 @@ def _serve(args: argparse.Namespace) -> int:
         raise StartError(str(exc)) from None
     _check_port(args.host, args.port)
     state = Path(args.state_dir).expanduser() if args.state_dir else _default_state_dir()
-    socket_path = state / "node" / "node.sock"
-    if len(os.fsencode(socket_path)) > 100:
-        raise UsageError(f"--state-dir {state}: too long for a Unix socket path; use a shorter one")
     try:
         state = _statedir.prepare_state_dir(state, subdirs=("node",))
     except _statedir.StateDirError as exc:
         raise UsageError(f"--state-dir {state}: {exc}") from None
     socket_path = state / "node" / "node.sock"
+    socket_dir: str | None = None
+    if len(os.fsencode(socket_path)) > 100:
+        # AF_UNIX paths hold about 100 bytes: below a deep state directory
+        # (a long $HOME) the socket goes into a fresh private directory of
+        # the system's temporary directory (mkdtemp: 0700, unguessable),
+        # removed at exit.
+        socket_dir = tempfile.mkdtemp(prefix="sshrpc-node-")
+        socket_path = Path(socket_dir) / "node.sock"
     if args.in_process:
         command = in_process_command(
             args.targets, policy=args.policy, authorized_keys=str(keys_path)
@@ -484,6 +491,9 @@ def _serve(args: argparse.Namespace) -> int:
         trio.run(run)
     except _sshd.SSHDError as exc:
         raise StartError(str(exc)) from None
+    finally:
+        if socket_dir is not None:
+            shutil.rmtree(socket_dir, ignore_errors=True)
     return 1 if died else 0
 
 
