@@ -47,7 +47,7 @@ import trio
 from . import protocol as _p
 from ._codec import encode_frame
 from ._errors import ProtocolError
-from ._literal import LiteralError, format_term, parse
+from ._literal import LiteralError, _Parser, format_term, parse
 from ._types import Atom
 from .policy import KeyIdentity
 
@@ -147,6 +147,21 @@ def _atom_name(text: str) -> Atom:
     return value
 
 
+def _arguments(text: str) -> list[Any]:
+    """Zero or more comma-separated term literals, and nothing else."""
+    parser = _Parser(text)
+    args: list[Any] = []
+    if parser.peek() is None:
+        return args
+    args.append(parser.term(1))
+    while parser.at(","):
+        parser.take()
+        args.append(parser.term(1))
+    if parser.peek() is not None:
+        raise parser.error("unexpected text after the arguments")
+    return args
+
+
 def parse_command(raw: bytes) -> ExecCommand:
     """Parse an exec command; ``CommandError`` says what is wrong.  Never
     evaluates anything."""
@@ -166,15 +181,11 @@ def parse_command(raw: bytes) -> ExecCommand:
     try:
         module = _atom_name(match["m"])
         function = _atom_name(match["f"])
-        # The arguments as one list literal; the newline ends a trailing
-        # % comment before our bracket.
-        args = parse("[" + match["args"] + "\n]")
+        args = _arguments(match["args"])
     except LiteralError as exc:
         raise CommandError(f"bad arguments: {exc}") from None
     except RecursionError:
         raise CommandError("bad arguments: nested too deeply") from None
-    if not isinstance(args, list):
-        raise CommandError("bad arguments: not a proper list of terms")
     return ExecCommand(module, function, args, etf=match["etf"] is not None)
 
 
@@ -219,7 +230,7 @@ def _answer_outcome(command: ExecCommand, event: _p.Event) -> ExecOutcome:
     reason = event.reason if isinstance(event, _p.Bye) else Atom("closed")
     return _error_outcome(
         command,
-        FAILED,
+        UNAVAILABLE if reason == Atom("shutting_down") else FAILED,
         f"{name} failed: the node ended the call ({format_term(reason)})",
         (Atom("exec_badrpc"), reason),
     )
