@@ -56,6 +56,41 @@ PAPER_MS = {"exec": 412.7, "exec-mod": 106.9, "shell": 8.1, "pipelined": 4.2}
 COMMAND = "lists:reverse([1,2,3])."
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and every descendant, alive or reaped: the sum
+    over the live tree of utime+stime+cutime+cstime (a reaped process is
+    counted in its parent's cutime/cstime, so nothing twice)."""
+    total = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                stat = f.read()
+            total += sum(int(x) for x in stat[stat.rindex(")") + 2 :].split()[11:15])
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            pass  # it exited meanwhile: its parent's cutime has it
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class CPU:
+    """CPU per call of one phase: server (``sshrpc serve``: node, sshd, relays)
+    and client (this process and its other children: ssh, the ssh master)."""
+
+    def __init__(self, serve_pid: int) -> None:
+        self.serve_pid = serve_pid
+        self.server0 = tree_cpu(serve_pid)
+        self.all0 = tree_cpu(os.getpid())
+
+    def per_call_ms(self, calls: int) -> tuple[float, float]:
+        server = tree_cpu(self.serve_pid) - self.server0
+        client = tree_cpu(os.getpid()) - self.all0 - server
+        return server * 1e3 / calls, client * 1e3 / calls
+
+
 def ssh_base(port: int, user: str, identity: Path, known: Path) -> list[str]:
     return [
         "ssh", "-F", "/dev/null", "-p", str(port), "-i", str(identity),
@@ -105,7 +140,14 @@ class Master:
 
 
 async def kept_channel(
-    port: int, user: str, identity: Path, known: Path, seq_calls: int, pipelined: int
+    port: int,
+    user: str,
+    identity: Path,
+    known: Path,
+    seq_calls: int,
+    pipelined: int,
+    serve_pid: int,
+    cpu: dict[str, list[tuple[float, float]]],
 ) -> tuple[list[float], float]:
     async with open_connection(
         "127.0.0.1",
@@ -119,10 +161,12 @@ async def kept_channel(
         for _ in range(20):
             await node.call("lists", "reverse", [[1, 2, 3]])
         samples = []
+        meter = CPU(serve_pid)
         for _ in range(seq_calls):
             t0 = time.perf_counter()
             assert await node.call("lists", "reverse", [[1, 2, 3]]) == [3, 2, 1]
             samples.append((time.perf_counter() - t0) * 1e3)
+        cpu["shell"].append(meter.per_call_ms(seq_calls))
         tasks = 64
         per_task = max(1, pipelined // tasks)
 
@@ -131,9 +175,11 @@ async def kept_channel(
                 await node.call("lists", "reverse", [[1, 2, 3]])
 
         t0 = time.perf_counter()
+        meter = CPU(serve_pid)
         async with trio.open_nursery() as nursery:
             for _ in range(tasks):
                 nursery.start_soon(worker)
+        cpu["pipelined"].append(meter.per_call_ms(per_task * tasks))
         per_call = (time.perf_counter() - t0) * 1e3 / (per_task * tasks)
     return samples, per_call
 
@@ -154,6 +200,7 @@ def main() -> int:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"Python {platform.python_version()}; {ssh_version}", file=sys.stderr)  # fmt: skip
     rows: dict[str, list[float]] = {name: [] for name in PAPER_MS}
+    cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in PAPER_MS}
     with tempfile.TemporaryDirectory(prefix="table1-", dir=temp_root()) as tmp:
         d = Path(tmp)
         identity = d / "id_ed25519"
@@ -175,15 +222,19 @@ def main() -> int:
                 order = names[r % 4 :] + names[: r % 4]
                 for name in order:
                     if name == "exec":
+                        meter = CPU(proc.pid)
                         samples = timed_ssh([*base, target, COMMAND], args.exec_calls)
+                        cpu[name].append(meter.per_call_ms(args.exec_calls))
                         rows[name].append(statistics.median(samples))
                     elif name == "exec-mod":
+                        meter = CPU(proc.pid)
                         samples = timed_ssh([*mod_argv, target, COMMAND], args.mod_calls)
+                        cpu[name].append(meter.per_call_ms(args.mod_calls))
                         rows[name].append(statistics.median(samples))
                     elif name == "shell":
                         seq, piped = trio.run(
                             kept_channel, port, user, identity, known, args.seq_calls,
-                            args.pipelined,
+                            args.pipelined, proc.pid, cpu,
                         )  # fmt: skip
                         rows["shell"].append(statistics.median(seq))
                         rows["pipelined"].append(piped)
@@ -195,14 +246,22 @@ def main() -> int:
                 shutil.rmtree(master.control.parent, ignore_errors=True)
             stop(proc)
     result = {name: statistics.median(values) for name, values in rows.items()}
+    server_cpu = {name: statistics.median(v[0] for v in values) for name, values in cpu.items()}
+    client_cpu = {name: statistics.median(v[1] for v in values) for name, values in cpu.items()}
     if args.json:
-        json.dump({"ms_per_call": result, "rounds": rows, "paper_ms": PAPER_MS}, sys.stdout)
+        json.dump(
+            {"ms_per_call": result, "rounds": rows, "paper_ms": PAPER_MS,
+             "server_cpu_ms_per_call": server_cpu, "client_cpu_ms_per_call": client_cpu},
+            sys.stdout,
+        )  # fmt: skip
         print()
         return 0
-    print("| pattern | sshrpc today (ms/call, median) | paper (ms, Atom) | paper / today |")
-    print("|---|---:|---:|---:|")
+    print("| pattern | wall ms/call | server CPU ms/call | client CPU ms/call "
+          "| paper (ms, Atom) | paper / wall |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
     for name, ms in result.items():
-        print(f"| {name} | {ms:.3f} | {PAPER_MS[name]} | {PAPER_MS[name] / ms:.0f}x |")
+        print(f"| {name} | {ms:.3f} | {server_cpu[name]:.3f} | {client_cpu[name]:.3f} "
+              f"| {PAPER_MS[name]} | {PAPER_MS[name] / ms:.1f}x |")  # fmt: skip
     return 0
 
 
