@@ -7,12 +7,22 @@
  * executable sshrpc/sshrpc-relay (sshrpc.subsystem.native_relay() finds it);
  * nothing is compiled at run time.  Without it, the Python relay is used.
  *
- *   usage: relay SOCKET
+ *   usage: relay SOCKET [--subsystem]
  *
  * Header sent to the node first (the node checks SO_PEERCRED):
  *   "SRLY" LENGTH(4 bytes, big-endian) BODY
  *   BODY = contents of $SSH_USER_AUTH (at most 32 KiB, NULs removed)
  *          NUL $SSH_CONNECTION (at most 1024 bytes)
+ *          [NUL "exec" NUL $SSH_ORIGINAL_COMMAND (at most MAX_COMMAND + 1 bytes)]
+ *
+ * The request sshd runs it for (a key's forced command runs for all three):
+ * subsystem when the last argument is --subsystem (the Subsystem line has it,
+ * the forced command not) or $SSH_ORIGINAL_COMMAND's last word is
+ * --subsystem (sshd puts the Subsystem line's command there when it runs a
+ * forced command instead); exec when $SSH_ORIGINAL_COMMAND is set otherwise
+ * (the node answers once: "SRLX" STATUS(1) OUTLEN(4) ERRLEN(4) OUT ERR,
+ * copied to stdout and stderr, and the relay exits with STATUS); a shell
+ * (neither) is refused with one line on stderr and exit status 3.
  *
  * Each direction has one bounded buffer, read into only while it has room,
  * and written out as soon as it holds bytes.
@@ -35,6 +45,9 @@
 #define BUFFER (256 * 1024)
 #define MAX_AUTH (32 * 1024)
 #define MAX_CONN 1024
+#define MAX_COMMAND 8192 /* sshrpc._exec.MAX_COMMAND */
+#define MARKER "--subsystem"
+#define REFUSED 3
 
 struct buf {
     size_t start, end;
@@ -70,8 +83,8 @@ static int write_all(int fd, const unsigned char *p, size_t n) {
     return 0;
 }
 
-static int send_header(int sock) {
-    static unsigned char head[8 + MAX_AUTH + 1 + MAX_CONN];
+static int send_header(int sock, const char *command) {
+    static unsigned char head[8 + MAX_AUTH + 1 + MAX_CONN + 6 + MAX_COMMAND + 1];
     size_t n = 8;
     const char *path = getenv("SSH_USER_AUTH");
     if (path && *path) {
@@ -98,6 +111,14 @@ static int send_header(int sock) {
         memcpy(head + n, conn, len);
         n += len;
     }
+    if (command) {
+        size_t len = strlen(command);
+        if (len > MAX_COMMAND + 1) len = MAX_COMMAND + 1;
+        memcpy(head + n, "\0exec\0", 6);
+        n += 6;
+        memcpy(head + n, command, len);
+        n += len;
+    }
     size_t body = n - 8;
     memcpy(head, "SRLY", 4);
     head[4] = (unsigned char)(body >> 24);
@@ -107,30 +128,123 @@ static int send_header(int sock) {
     return write_all(sock, head, n);
 }
 
-static int gone_errno(void) { return errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR; }
+/* Is the last white-space separated word of text the marker? */
+static int ends_with_marker(const char *text) {
+    size_t end = strlen(text);
+    while (end > 0 && strchr(" \t\n\r\v\f", text[end - 1])) end--;
+    size_t start = end;
+    while (start > 0 && !strchr(" \t\n\r\v\f", text[start - 1])) start--;
+    return end - start == strlen(MARKER) && memcmp(text + start, MARKER, end - start) == 0;
+}
 
-int main(int argc, char **argv) {
-    if (argc != 2) {
-        fputs("usage: relay SOCKET\n", stderr);
-        return 2;
-    }
-    signal(SIGPIPE, SIG_IGN);
+static int connect_node(const char *path) {
     struct sockaddr_un addr;
     memset(&addr, 0, sizeof addr);
     addr.sun_family = AF_UNIX;
-    if (strlen(argv[1]) >= sizeof addr.sun_path) {
-        fprintf(stderr, "sshrpc relay: cannot reach the node at %s: %s\n", argv[1],
+    if (strlen(path) >= sizeof addr.sun_path) {
+        fprintf(stderr, "sshrpc relay: cannot reach the node at %s: %s\n", path,
                 strerror(ENAMETOOLONG));
-        return 1;
+        return -1;
     }
-    strcpy(addr.sun_path, argv[1]);
+    strcpy(addr.sun_path, path);
     int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof addr) < 0) {
-        fprintf(stderr, "sshrpc relay: cannot reach the node at %s: %s\n", argv[1],
+        fprintf(stderr, "sshrpc relay: cannot reach the node at %s: %s\n", path,
                 strerror(errno));
+        if (sock >= 0) close(sock);
+        return -1;
+    }
+    return sock;
+}
+
+static int recv_exactly(int sock, unsigned char *p, size_t n) {
+    while (n > 0) {
+        ssize_t r = recv(sock, p, n, 0);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return -1;
+        p += r;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+
+/* Copy n bytes from the node to fd: 0, or -1 when cut short, -2 on a write error. */
+static int copy_out(int sock, size_t n, int fd) {
+    while (n > 0) {
+        size_t want = n < BUFFER ? n : BUFFER;
+        ssize_t r = recv(sock, down.data, want, 0);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return -1;
+        if (write_all(fd, down.data, (size_t)r) < 0) return -2;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+
+static size_t be32(const unsigned char *p) {
+    return ((size_t)p[0] << 24) | ((size_t)p[1] << 16) | ((size_t)p[2] << 8) | (size_t)p[3];
+}
+
+/* Exec mode: the command goes to the node, its one answer comes back. */
+static int exec_command(const char *path, const char *command) {
+    int sock = connect_node(path);
+    if (sock < 0) return 1;
+    if (send_header(sock, command) < 0) {
+        close(sock);
         return 1;
     }
-    if (send_header(sock) < 0) return 0; /* the node went away at once */
+    for (;;) {
+        /* stdout watched for POLLHUP/POLLERR: the client went away, and
+           closing the socket cancels the call. */
+        struct pollfd fds[2] = {{sock, POLLIN, 0}, {1, 0, 0}};
+        if (poll(fds, 2, -1) < 0) {
+            if (errno == EINTR) continue;
+            close(sock);
+            return 1;
+        }
+        if (fds[0].revents) break;
+        if (fds[1].revents) {
+            close(sock);
+            return 1;
+        }
+    }
+    unsigned char head[13];
+    if (recv_exactly(sock, head, sizeof head) < 0 || memcmp(head, "SRLX", 4) != 0) {
+        fputs("sshrpc relay: the node closed the channel without an answer\n", stderr);
+        close(sock);
+        return 1;
+    }
+    int status = head[4];
+    int rc = copy_out(sock, be32(head + 5), 1);
+    if (rc == 0) rc = copy_out(sock, be32(head + 9), 2);
+    close(sock);
+    if (rc == -1) {
+        fputs("sshrpc relay: the node's answer was cut short\n", stderr);
+        return 1;
+    }
+    return rc == 0 ? status : 1;
+}
+
+static int gone_errno(void) { return errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR; }
+
+int main(int argc, char **argv) {
+    if (!(argc == 2 || (argc == 3 && strcmp(argv[2], MARKER) == 0))) {
+        fputs("usage: relay SOCKET [" MARKER "]\n", stderr);
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    const char *original = getenv("SSH_ORIGINAL_COMMAND");
+    if (argc == 2 && !(original && ends_with_marker(original))) {
+        if (original) return exec_command(argv[1], original);
+        fputs("sshrpc relay: shell requests are refused; open the subsystem "
+              "(ssh -s HOST sshrpc@k2r.org) or run one call: "
+              "ssh HOST 'lists:reverse([1,2,3]).'\n",
+              stderr);
+        return REFUSED;
+    }
+    int sock = connect_node(argv[1]);
+    if (sock < 0) return 1;
+    if (send_header(sock, NULL) < 0) return 0; /* the node went away at once */
     fcntl(0, F_SETFL, fcntl(0, F_GETFL) | O_NONBLOCK);
     fcntl(1, F_SETFL, fcntl(1, F_GETFL) | O_NONBLOCK);
     fcntl(sock, F_SETFL, fcntl(sock, F_GETFL) | O_NONBLOCK);

@@ -142,3 +142,12 @@ def test_format_then_parse_round_trips(value: Any) -> None:
     # Compare through the codec: that is what travels, and it tells 1 from 1.0.
     assert encode(parse(format_term(value))) == encode(value)
     assert decode(encode(parse(format_term(value)))) == decode(encode(value))
+
+
+def test_unquoted_atom_longer_than_255_is_refused():
+    """Erlang's atom limit holds for plain atoms as for quoted ones."""
+    assert parse("a" * 255) == Atom("a" * 255)
+    with pytest.raises(LiteralError, match="atom longer than 255"):
+        parse("a" * 256)
+    with pytest.raises(LiteralError, match="atom longer than 255"):
+        parse("{ok, " + "b" * 1000 + "}")

@@ -176,6 +176,8 @@ class _Parser:
                 raise LiteralError("bad character literal", self.text, pos)
             return ord(body)
         if kind == "atom":
+            if len(value) > 255:
+                raise LiteralError("atom longer than 255 characters", self.text, pos)
             return _atom_value(value)
         if kind == "qatom":
             name = _unescape(value[1:-1], self.text, pos)

@@ -7,7 +7,19 @@ start-up time is paid by every channel: it imports only ``os``, ``socket``,
 It connects to the node, sends one header, then copies bytes both ways:
 
     header = b"SRLY" LENGTH(4 bytes, big-endian) BODY
-    BODY   = SSH_USER_AUTH-file-contents NUL SSH_CONNECTION
+    BODY   = SSH_USER_AUTH-file-contents NUL SSH_CONNECTION [NUL "exec" NUL COMMAND]
+
+Which request sshd ran it for (the key's forced command runs for all three):
+
+- subsystem: ``--subsystem`` is its last argument (the ``Subsystem`` line's
+  command carries it, the forced command does not), or the last word of
+  ``$SSH_ORIGINAL_COMMAND`` is ``--subsystem`` (sshd sets that variable to the
+  Subsystem line's command when a forced command runs instead);
+- exec: ``$SSH_ORIGINAL_COMMAND`` is set otherwise: the command (at most
+  ``MAX_COMMAND + 1`` bytes) goes to the node in the header, which answers
+  once, ``b"SRLX" STATUS(1) OUTLEN(4) ERRLEN(4) OUT ERR``; the relay copies
+  OUT to stdout, ERR to stderr and exits with STATUS (sshrpc._exec);
+- shell (neither): refused with one line on stderr, exit status 3.
 
 ``$SSH_USER_AUTH`` (sshd's ``ExposeAuthInfo``) names a file that says which
 key authenticated; the node trusts it only because it checks, with
@@ -30,9 +42,16 @@ import sys
 
 BUFFER = 65536
 MAX_HEADER = 65536
+MAX_COMMAND = 8192  # sshrpc._exec.MAX_COMMAND
+MARKER = "--subsystem"
+REFUSED = 3
+SHELL_REFUSED = (
+    "sshrpc relay: shell requests are refused; open the subsystem "
+    "(ssh -s HOST sshrpc@k2r.org) or run one call: ssh HOST 'lists:reverse([1,2,3]).'\n"
+)
 
 
-def _header() -> bytes:
+def _header(command: bytes | None = None) -> bytes:
     auth = b""
     path = os.environ.get("SSH_USER_AUTH", "")
     if path:
@@ -42,15 +61,83 @@ def _header() -> bytes:
         except OSError:
             auth = b""
     body = auth.replace(b"\0", b"") + b"\0" + os.environ.get("SSH_CONNECTION", "").encode()[:1024]
+    if command is not None:
+        body += b"\0exec\0" + command[: MAX_COMMAND + 1]
     return b"SRLY" + len(body).to_bytes(4, "big") + body
 
 
-def relay(socket_path: str) -> int:
+def _connect(socket_path: str) -> socket.socket | None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(socket_path)
     except OSError as exc:
         sys.stderr.write(f"sshrpc relay: cannot reach the node at {socket_path}: {exc.strerror}\n")
+        sock.close()
+        return None
+    return sock
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return bytes(data)
+
+
+def _copy(sock: socket.socket, n: int, fd: int) -> bool:
+    while n > 0:
+        chunk = sock.recv(min(n, BUFFER))
+        if not chunk:
+            return False
+        n -= len(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+    return True
+
+
+def exec_command(socket_path: str, command: bytes) -> int:
+    """Exec mode: send ``command`` to the node, copy its answer out, and
+    return its exit status.  If the client goes away first (POLLHUP on
+    stdout), close the socket, which cancels the call."""
+    sock = _connect(socket_path)
+    if sock is None:
+        return 1
+    try:
+        sock.sendall(_header(command))
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        poller.register(1, 0)
+        while True:
+            events = dict(poller.poll())
+            if events.get(sock.fileno()):
+                break
+            if events.get(1):
+                return 1  # the channel is gone: closing the socket cancels the call
+        head = _recv_exactly(sock, 13)
+        if head is None or head[:4] != b"SRLX":
+            sys.stderr.write("sshrpc relay: the node closed the channel without an answer\n")
+            return 1
+        status = head[4]
+        if not (
+            _copy(sock, int.from_bytes(head[5:9], "big"), 1)
+            and _copy(sock, int.from_bytes(head[9:13], "big"), 2)
+        ):
+            sys.stderr.write("sshrpc relay: the node's answer was cut short\n")
+            return 1
+        return status
+    except OSError:
+        return 1  # EPIPE: the client is gone; ECONNRESET: the node is
+    finally:
+        sock.close()
+
+
+def relay(socket_path: str) -> int:
+    sock = _connect(socket_path)
+    if sock is None:
         return 1
     sock.sendall(_header())
     sock.setblocking(False)
@@ -115,10 +202,17 @@ def relay(socket_path: str) -> int:
 
 
 def main() -> int:
-    if len(sys.argv) != 2:
-        sys.stderr.write("usage: python -I -S _relay.py SOCKET\n")
+    argv = sys.argv[1:]
+    if not (len(argv) == 1 or (len(argv) == 2 and argv[1] == MARKER)):
+        sys.stderr.write(f"usage: python -I -S _relay.py SOCKET [{MARKER}]\n")
         return 2
-    return relay(sys.argv[1])
+    original = os.environb.get(b"SSH_ORIGINAL_COMMAND")
+    if len(argv) == 2 or (original is not None and original.split()[-1:] == [MARKER.encode()]):
+        return relay(argv[0])
+    if original is not None:
+        return exec_command(argv[0], original)
+    sys.stderr.write(SHELL_REFUSED)
+    return REFUSED
 
 
 if __name__ == "__main__":

@@ -351,14 +351,12 @@ def _serve(args: argparse.Namespace) -> int:
         socket_dir = tempfile.mkdtemp(prefix="sshrpc-node-")
         socket_path = Path(socket_dir) / "node.sock"
     if args.in_process:
+        options = ["--expose-traces"] if args.expose_traces else []
+        options += [] if args.redact_errors else ["--no-redact-errors"]
+        options += ["--max-frame", str(args.max_frame), "--max-calls", str(args.max_calls)]
         command = in_process_command(
-            args.targets, policy=args.policy, authorized_keys=str(keys_path)
+            args.targets, policy=args.policy, authorized_keys=str(keys_path), options=options
         )
-        if args.expose_traces:
-            command += " --expose-traces"
-        if not args.redact_errors:
-            command += " --no-redact-errors"
-        command += f" --max-frame {args.max_frame} --max-calls {args.max_calls}"
     else:
         # The C relay starts per channel in ~1 ms instead of ~30 ms.
         native = None if args.python_relay else native_relay()

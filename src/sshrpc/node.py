@@ -1217,8 +1217,13 @@ class Node:
             if scope.cancelled_caught or header is None:
                 log.warning("relay pid %d sent no valid header; dropped", peer_pid)
                 return
-            user_auth, ssh_connection = header
+            user_auth, ssh_connection, command = header
             key = identify_key(user_auth, self.authorized_keys)
+            if command is not None:  # exec mode (_exec.py)
+                from ._exec import serve_exec
+
+                await serve_exec(self, stream, command, key, ssh_connection)
+                return
             log.info(
                 "channel from %s key %s", clean(ssh_connection or "-", 200), clean(str(key), 300)
             )
@@ -1231,7 +1236,9 @@ class Node:
                 await stream.aclose()
 
 
-async def _read_header(stream: trio.SocketStream) -> tuple[str, str] | None:
+async def _read_header(stream: trio.SocketStream) -> tuple[str, str, bytes | None] | None:
+    """The relay's header: (auth info, SSH_CONNECTION, exec command or None
+    for a subsystem channel); None if it is not a valid header."""
     buf = bytearray()
     while len(buf) < 8:
         data = await stream.receive_some(8 - len(buf))
@@ -1249,8 +1256,14 @@ async def _read_header(stream: trio.SocketStream) -> tuple[str, str] | None:
         if not data:
             return None
         body += data
-    auth, _, conn = bytes(body).partition(b"\0")
-    return auth.decode("utf-8", "replace"), conn.decode("utf-8", "replace")
+    auth, _, rest = bytes(body).partition(b"\0")
+    conn, extended, mode = rest.partition(b"\0")
+    command = None
+    if extended:  # BODY = AUTH NUL CONN NUL "exec" NUL COMMAND
+        if not mode.startswith(b"exec\0"):
+            return None
+        command = mode[5:]
+    return auth.decode("utf-8", "replace"), conn.decode("utf-8", "replace"), command
 
 
 def _arities_text(arities: list[int]) -> str:

@@ -25,12 +25,14 @@ import re
 import shlex
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .service import Service, flatten_services
 
 __all__ = [
     "NATIVE_RELAY_PATH",
     "RELAY_PATH",
+    "SUBSYSTEM_MARKER",
     "TargetError",
     "forced_authorized_keys",
     "in_process_command",
@@ -45,6 +47,11 @@ RELAY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_relay.py
 #: The same relay in C (csrc/relay.c), compiled into the package when it is
 #: built (setup.py).
 NATIVE_RELAY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sshrpc-relay")
+
+
+#: The last argument of a Subsystem line's command, absent from the forced
+#: command: how the relay (and in-process mode) tell subsystem from exec.
+SUBSYSTEM_MARKER = "--subsystem"
 
 
 class TargetError(ValueError):
@@ -99,13 +106,18 @@ def relay_command(
 ) -> str:
     """The subsystem command line that relays a channel to the node: the C
     relay at ``native`` (from ``native_relay``) if given, else the Python
-    relay run by ``python`` (default: this interpreter)."""
+    relay run by ``python`` (default: this interpreter).
+
+    It ends with ``SUBSYSTEM_MARKER``, which tells the relay that sshd ran it
+    for a subsystem request; ``forced_authorized_keys`` leaves the marker out
+    of the forced command, so that the same program run for an exec request
+    serves exec mode (see ``_relay.py``)."""
     if native is not None:
-        return " ".join(shlex.quote(p) for p in (native, os.fspath(socket_path)))
-    python = python or sys.executable
-    return " ".join(
-        shlex.quote(p) for p in (python, "-I", "-S", RELAY_PATH, os.fspath(socket_path))
-    )
+        argv = [native, os.fspath(socket_path), SUBSYSTEM_MARKER]
+    else:
+        python = python or sys.executable
+        argv = [python, "-I", "-S", RELAY_PATH, os.fspath(socket_path), SUBSYSTEM_MARKER]
+    return " ".join(shlex.quote(p) for p in argv)
 
 
 def in_process_command(
@@ -114,15 +126,18 @@ def in_process_command(
     policy: str | None = None,
     authorized_keys: str | None = None,
     python: str | None = None,
+    options: Sequence[str] = (),
 ) -> str:
     """The subsystem command line that serves ``targets`` in-process (importable
-    from the current directory, as for ``sshrpc serve``)."""
+    from the current directory, as for ``sshrpc serve``); ``options`` are more
+    of ``main``'s options.  It ends with ``SUBSYSTEM_MARKER``, as
+    ``relay_command``'s does."""
     argv = [python or sys.executable, "-m", "sshrpc.subsystem", "--path", os.getcwd()]
     if policy:
         argv += ["--policy", os.path.abspath(policy)]
     if authorized_keys:
         argv += ["--authorized-keys", os.path.abspath(authorized_keys)]
-    argv += list(targets)
+    argv += [*options, *targets, SUBSYSTEM_MARKER]
     return " ".join(shlex.quote(a) for a in argv)
 
 
@@ -134,9 +149,16 @@ def forced_authorized_keys(text: str, command: str) -> str:
 
     ``restrict`` turns off port, agent and X11 forwarding, ptys and user rc;
     ``command`` makes every session request (shell, exec, any subsystem) run
-    ``command``, so these keys can reach sshrpc and nothing else.  Options a
-    line already has are kept after ours.  Comments and blank lines are kept.
+    ``command``, so these keys can reach sshrpc and nothing else.  A trailing
+    ``SUBSYSTEM_MARKER`` is dropped from ``command``: the program then tells
+    a subsystem request (``$SSH_ORIGINAL_COMMAND`` is the Subsystem line,
+    which has the marker) from exec mode (any other command) and a shell
+    (none, refused).  Options a line already has are kept after ours.
+    Comments and blank lines are kept.
     """
+    words = shlex.split(command)
+    if words[-1:] == [SUBSYSTEM_MARKER]:
+        command = shlex.join(words[:-1])
     quoted = command.replace("\\", "\\\\").replace('"', '\\"')
     out = []
     for line in text.splitlines():
@@ -155,12 +177,31 @@ def forced_authorized_keys(text: str, command: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _user_auth() -> str:
+    """The text of sshd's ``$SSH_USER_AUTH`` file ('' without one)."""
+    path = os.environ.get("SSH_USER_AUTH", "")
+    if not path:
+        return ""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(65536)
+    except OSError:
+        return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m sshrpc.subsystem [--policy F] [--authorized-keys F] TARGET...``:
-    serve one channel on stdin/stdout (in-process mode)."""
+    """``python -m sshrpc.subsystem [--policy F] [--authorized-keys F] TARGET... [--subsystem]``:
+    serve one channel on stdin/stdout (in-process mode).
+
+    As the relay does, it tells the request sshd ran it for: a subsystem
+    (``--subsystem`` given, or the last word of ``$SSH_ORIGINAL_COMMAND``),
+    exec mode (``$SSH_ORIGINAL_COMMAND`` set otherwise: one call, answered as
+    ``sshrpc._exec`` says, exit status from there) or a shell (refused, exit
+    status 3)."""
     import trio
 
-    from .node import serve_stdio
+    from . import _exec
+    from .node import Node, serve_stdio
     from .policy import Policy, PolicyError
 
     parser = argparse.ArgumentParser(prog="python -m sshrpc.subsystem")
@@ -174,7 +215,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--path", action="append", default=[], help="directory to import targets from"
     )
+    parser.add_argument(SUBSYSTEM_MARKER, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    original = os.environb.get(b"SSH_ORIGINAL_COMMAND")
+    if not args.subsystem and not (
+        original is not None and original.split()[-1:] == [SUBSYSTEM_MARKER.encode()]
+    ):
+        if original is None:
+            sys.stderr.write(
+                "sshrpc subsystem: shell requests are refused; open the subsystem "
+                "(ssh -s HOST sshrpc@k2r.org) or run one call: ssh HOST 'lists:reverse([1,2,3]).'\n"
+            )
+            return _exec.REFUSED
+        exec_command: bytes | None = original
+    else:
+        exec_command = None
     sys.path[:0] = args.path
     try:
         services = load_targets(args.targets)
@@ -182,6 +237,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TargetError, PolicyError) as exc:
         sys.stderr.write(f"sshrpc subsystem: {exc}\n")
         return 2
+    if exec_command is not None:
+        from .policy import identify_key
+
+        options: dict[str, Any] = {"expose_traces": args.expose_traces}
+        if args.max_frame is not None:
+            options["max_frame"] = args.max_frame
+        if args.max_calls is not None:
+            options["max_calls"] = args.max_calls
+        node = Node(services, policy=policy, authorized_keys=args.authorized_keys, **options)
+        key = identify_key(_user_auth(), node.authorized_keys)
+        peer = os.environ.get("SSH_CONNECTION", "")
+        outcome = trio.run(_exec.run_exec, node, exec_command, key, peer)
+        for fd, data in ((1, outcome.stdout), (2, outcome.stderr)):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        return outcome.status
     trio.run(
         lambda: serve_stdio(
             services,

@@ -35,7 +35,16 @@ def test_relay_imports_only_os_socket_select_sys():
     assert imported == {"os", "socket", "select", "sys"}
     # And at run time, with no site: nothing from sshrpc, trio or site.
     out = subprocess.run(
-        [sys.executable, "-I", "-S", "-X", "importtime", subsystem.RELAY_PATH, "/nonexistent.sock"],
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            "-X",
+            "importtime",
+            subsystem.RELAY_PATH,
+            "/nonexistent.sock",
+            "--subsystem",
+        ],
         capture_output=True,
         text=True,
         timeout=20,
@@ -89,7 +98,7 @@ async def test_relay_startup_is_small(tmp_path):
     """Per-channel start-up of the relay (a bare interpreter): bounded."""
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-I", "-S", subsystem.RELAY_PATH, str(tmp_path / "none")],
+        [sys.executable, "-I", "-S", subsystem.RELAY_PATH, str(tmp_path / "none"), "--subsystem"],
         capture_output=True,
         timeout=20,
     )

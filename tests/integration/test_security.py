@@ -87,8 +87,8 @@ def _ssh(info: Any, *extra: str, command: str | None = None, env: Any = None) ->
 async def test_no_shell_no_exec_no_pty(sshrpc_server: Any, tmp_path: Path) -> None:
     """``ssh -tt`` (a pty, for a login shell or a command) is refused outright:
     ssh exits 255 and the command never runs.  A shell request without a pty
-    (``ssh -T``) runs the forced relay instead of a shell: the node answers our
-    hello and calls.  (Exec without a pty:
+    (``ssh -T``) runs the forced relay, which refuses it (exit status 3, one
+    line on stderr).  (Exec without a pty: test_exec_mode.py and
     test_serve_cli.py::test_key_gets_only_sshrpc_no_exec_or_shell.)"""
     marker = tmp_path / "PWNED"
     for command in (None, f"touch {marker}; echo PWNED"):
@@ -102,14 +102,11 @@ async def test_no_shell_no_exec_no_pty(sshrpc_server: Any, tmp_path: Path) -> No
         assert b"PTY allocation request failed" in out.stderr, out.stderr
         assert b"PWNED" not in out.stdout
     assert not marker.exists()
-    ch = await SSHChannel.open(_ssh(sshrpc_server, "-T"))
-    try:
-        hello = await ch.hello()
-        assert hello[A("server")] == b"sshrpc-python/0.1.0"
-        reply = await ch.call(1, "echo", "echo", [b"still rpc"])
-        assert reply == (A("reply"), 1, b"still rpc")
-    finally:
-        await ch.aclose()
+    out = subprocess.run(
+        _ssh(sshrpc_server, "-T"), capture_output=True, timeout=20, stdin=subprocess.DEVNULL
+    )
+    assert out.returncode == 3 and out.stdout == b""
+    assert out.stderr.startswith(b"sshrpc relay: shell requests are refused;"), out.stderr
 
 
 def test_no_port_forwarding_of_any_kind(sshrpc_server: Any, tmp_path: Path) -> None:

@@ -76,18 +76,20 @@ async def test_serve_calls_and_stops_cleanly(sshrpc_server):
 
 
 async def test_key_gets_only_sshrpc_no_exec_or_shell(sshrpc_server):
-    """``restrict,command=`` on every key: an exec request runs the relay, not
-    the command (the node answers a hello); forwarding is refused."""
+    """``restrict,command=`` on every key: an exec request runs the relay in
+    exec mode, which parses the command as one call and never runs it in a
+    shell (a shell command is a bad command, exit status 4); a shell request
+    is refused (status 3); forwarding is refused."""
     info = sshrpc_server
     argv = info.ssh_argv()
     argv.remove("-s")
     argv[-1] = "id; echo PWNED"
-    ch = await SSHChannel.open(argv)
-    try:
-        hello = await ch.hello()
-        assert hello[A("server")] == b"sshrpc-python/0.1.0"
-    finally:
-        await ch.aclose()
+    out = subprocess.run(argv, capture_output=True, timeout=20, stdin=subprocess.DEVNULL)
+    assert out.returncode == 4
+    assert out.stdout == b"" and b"PWNED" not in out.stderr and b"uid=" not in out.stderr
+    assert out.stderr.startswith(b"sshrpc: bad command: ")
+    out = subprocess.run(argv[:-1], capture_output=True, timeout=20, stdin=subprocess.DEVNULL)
+    assert out.returncode == 3 and b"shell requests are refused" in out.stderr
     argv = info.ssh_argv("x", "-o", "ExitOnForwardFailure=yes", "-L", "0:127.0.0.1:9", "-N")
     argv.remove("-s")
     argv.pop()
