@@ -28,6 +28,7 @@ from ._errors import (
     UnknownHostKey,
 )
 from ._types import Atom, BitString, Export, Fun, ImproperList, Map, Pid, Port, Reference
+from ._workers import Cancelled, cancelled, check_cancelled
 from .service import Service
 
 __version__ = "0.1.0"
@@ -77,6 +78,7 @@ __all__ = [
     "Atom",
     "AuthenticationFailed",
     "BitString",
+    "Cancelled",
     "ConnectionLost",
     "Error",
     "Exit",
@@ -103,6 +105,8 @@ __all__ = [
     "Throw",
     "Undef",
     "UnknownHostKey",
+    "cancelled",
+    "check_cancelled",
     "decode",
     "encode",
 ]

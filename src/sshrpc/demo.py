@@ -12,6 +12,7 @@
                        last ``slow:work``
 ``slow:block/1``       a *sync* function that blocks its worker thread N
                        seconds (``time.sleep``) and returns ``done``
+``slow:running/0``     how many ``slow:block`` calls are running right now
 ``feed:tail/1``        stream: yields ``0..N-1``, then the call replies ``done``
 ``log:info/1``         records its argument (meant for ``cast``), returns ``ok``
 ``log:last/0``         the last argument ``log:info`` got (``undefined`` if none)
@@ -29,6 +30,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -53,6 +55,9 @@ errors = Service("errors")
 
 #: What the last ``slow:work`` did; read by ``slow:status/0``.
 SLOW_STATE: dict[str, str] = {"work": "idle"}
+#: ``slow:block`` calls running now (worker threads), read by ``slow:running/0``.
+_BLOCKING = {"running": 0}
+_BLOCKING_LOCK = threading.Lock()
 #: The last ``log:info`` argument.
 LOG_STATE: dict[str, Any] = {"last": None}
 
@@ -101,8 +106,19 @@ async def status() -> Atom:
 
 @slow.export
 def block(seconds: float) -> Atom:
-    time.sleep(seconds)
+    with _BLOCKING_LOCK:
+        _BLOCKING["running"] += 1
+    try:
+        time.sleep(seconds)
+    finally:
+        with _BLOCKING_LOCK:
+            _BLOCKING["running"] -= 1
     return Atom("done")
+
+
+@slow.export
+async def running() -> int:
+    return _BLOCKING["running"]
 
 
 @feed.export

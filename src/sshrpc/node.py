@@ -22,11 +22,13 @@ Theory of operation, cancellation and bounds:
   ``cancelled`` or ``timeout``, unless the function had already returned, in
   which case its normal answer stands: the answer is chosen after the scope
   exits, with no checkpoint in between, so there is exactly one.
-- Sync functions run in worker threads (``worker_threads`` at most, a
-  ``trio.CapacityLimiter``) with ``abandon_on_cancel=True``: a cancel or a
-  timeout answers at once and the thread is left to finish on its own; its
-  result is discarded.  Python cannot kill a thread, so a wedged sync
-  function keeps its worker slot until it returns.
+- Sync functions run in the node's worker pool (``_workers.WorkerPool``:
+  ``worker_threads`` long-lived threads, at most ``worker_threads_per_key``
+  of them held by one key).  A cancel or a timeout answers at once; the
+  function learns it cooperatively (``sshrpc.check_cancelled()``) and its
+  thread stays charged to its key until it returns; its result is
+  discarded.  ``inline=True`` sync functions run on the loop, at once, in
+  the reader: nothing interrupts them.
 - ``max_calls`` calls (and casts) may be open per channel; one more gets
   ``overload`` at once (a cast beyond it is dropped and logged).
 - Answers are queued as bytes for the writer.  While more than
@@ -50,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import itertools
 import logging
 import os
@@ -67,6 +68,8 @@ import trio
 from . import protocol as _p
 from ._errors import LocalProtocolError, MessageTooLarge, ProtocolError, TermError
 from ._types import Atom, Pid
+from ._workers import WorkerPool
+from ._workers import current_token as _worker_token
 from .policy import (
     ANONYMOUS,
     Decision,
@@ -138,7 +141,10 @@ def _on_loop(fn: Callable[..., T], *args: Any) -> T:
     try:
         trio.lowlevel.current_task()
     except RuntimeError:
-        return trio.from_thread.run_sync(fn, *args)
+        token = _worker_token()
+        if token is None:
+            return trio.from_thread.run_sync(fn, *args)
+        return trio.from_thread.run_sync(fn, *args, trio_token=token)
     return fn(*args)
 
 
@@ -248,11 +254,25 @@ class _Outbox:
     def full(self) -> bool:
         return self.nbytes >= self.limit
 
-    def put(self, frame: bytes) -> None:
+    def put(self, frame: bytes, wake: bool = True) -> None:
+        """Queue ``frame``; ``wake=False`` leaves the writer asleep (the
+        caller then calls ``wake`` or writes it out itself)."""
         if frame:
             self.frames.append(frame)
             self.nbytes += len(frame)
+            if wake:
+                self._data.unpark_all()
+
+    def wake(self) -> None:
+        if self.frames:
             self._data.unpark_all()
+
+    def take_nowait(self) -> bytes:
+        """Every queued frame, joined (still counted in ``nbytes`` until
+        ``written``)."""
+        data = b"".join(self.frames)
+        self.frames.clear()
+        return data
 
     async def wait_room(self) -> None:
         while self.full:
@@ -327,6 +347,11 @@ class _Channel:
         elif isinstance(stream, _StdioStream):
             self.fd = stream.out_fd
         self.writing = False
+        #: True while the events of one read are dispatched: answers are
+        #: queued without waking the writer and leave together (``_flush``).
+        self.batching = False
+        #: The context service code of this channel's calls runs in.
+        self.context = _Context(node, self, None, key)
 
     # sending ---------------------------------------------------------------
 
@@ -342,6 +367,9 @@ class _Channel:
         A partial or failed write queues the rest; the writer then finds any
         error.
         """
+        if self.batching:
+            self.outbox.put(data, wake=False)
+            return
         fd = self.fd
         if fd is not None and not self.writing and not self.outbox.nbytes and not self.calls:
             try:
@@ -352,6 +380,26 @@ class _Channel:
                 return
             data = data[n:]
         self.outbox.put(data)
+
+    def _flush(self) -> None:
+        """Send what the events of one read queued: with one ``os.write``
+        when the writer is idle, else by waking the writer.  Answers of one
+        read leave in one write.  Called at the end of each read's dispatch
+        and before the reader waits for anything in between."""
+        outbox = self.outbox
+        if not outbox.frames:
+            return
+        fd = self.fd
+        if fd is not None and not self.writing:
+            data = outbox.take_nowait()
+            try:
+                n = os.write(fd, data)
+            except OSError:
+                n = 0
+            if n < len(data):
+                outbox.frames.appendleft(data[n:])
+            outbox.written(n)
+        outbox.wake()
 
     def emit(self, event: _p.Event) -> bool:
         """Encode ``event`` and queue it; False if the connection refuses it."""
@@ -449,28 +497,44 @@ class _Channel:
                 log.debug("session %r: channel closed by the client", self.pid)
                 return False
             self.conn.receive_data(data)
-            while True:
-                try:
-                    event = self.conn.next_event()
-                except ProtocolError as exc:
-                    log.warning("session %r (%s): %s", self.pid, self.key, exc)
-                    if exc.bye is not None:
-                        self.emit(_p.Bye(reason=exc.bye))
-                    self.closing = True
-                    with trio.move_on_after(5):
-                        await self.outbox.wait_empty()
-                    return False
-                if event is _p.NEED_DATA:
-                    break
-                if event is _p.CLOSED:
-                    return False
-                if await self._dispatch(event):
-                    return True
+            self.batching = True
+            try:
+                while True:
+                    try:
+                        event = self.conn.next_event()
+                    except ProtocolError as exc:
+                        log.warning("session %r (%s): %s", self.pid, self.key, exc)
+                        if exc.bye is not None:
+                            self.emit(_p.Bye(reason=exc.bye))
+                        self.closing = True
+                        self._unbatch()
+                        with trio.move_on_after(5):
+                            await self.outbox.wait_empty()
+                        return False
+                    if event is _p.NEED_DATA:
+                        break
+                    if event is _p.CLOSED:
+                        return False
+                    if await self._dispatch(event):
+                        return True
+            finally:
+                self._unbatch()
+
+    def _unbatch(self) -> None:
+        """End a read's batch: send what it queued.  Call before the reader
+        awaits anything (the writer may be asleep with frames queued)."""
+        self.batching = False
+        self._flush()
 
     async def _dispatch(self, event: Any) -> bool:
         """Act on one event; True when the client said bye."""
         node = self.node
         if isinstance(event, _p.Call):
+            if self.outbox.full:
+                # Inline calls answer right here: keep the bound on queued bytes.
+                self._unbatch()
+                await self.outbox.wait_room()
+                self.batching = True
             self._start_call(event)
         elif isinstance(event, _p.Cancel):
             call = self.calls.get(event.id)
@@ -488,7 +552,9 @@ class _Channel:
             # Let the cast's task start before later requests are dispatched
             # (tasks started together run in any order): a cast followed by
             # a call on one channel begins first, as the client sent them.
+            self._unbatch()
             await trio.lowlevel.checkpoint()
+            self.batching = True
         elif isinstance(event, _p.Spawn):
             self._spawn(event)
         elif isinstance(event, _p.Send):
@@ -496,7 +562,9 @@ class _Channel:
         elif isinstance(event, _p.Hello):
             self._hello(event)
         elif isinstance(event, _p.Mfa):
+            self._unbatch()
             await self._legacy(event)
+            self.batching = True
         elif isinstance(event, _p.Bye):
             if event.reason == Atom("normal"):
                 return True
@@ -547,21 +615,48 @@ class _Channel:
         exported = self._check("call", call.module, call.function, len(call.args), call.id)
         if exported is None:
             return
+        if exported.inline:
+            self._call_inline(call, exported)
+            return
         scope = trio.CancelScope()
         if call.timeout is not None:
             scope.deadline = trio.current_time() + call.timeout / 1000
         self.calls[call.id] = _OpenCall(scope)
         self.nursery.start_soon(self._run_call, call, exported)
 
+    def _call_inline(self, call: _p.Call, exported: Exported) -> None:
+        """An ``inline=True`` function: run it now, on the loop, and answer.
+        Nothing can interrupt it, so its answer always stands."""
+        token = _current.set(self.context)
+        start = trio.current_time()
+        answer: _p.Event
+        outcome = "ok"
+        try:
+            answer = _p.Reply(id=call.id, value=exported.fn(*call.args))
+        except Exception as exc:
+            cls, reason, details = error_term(exc, traces=self.node.expose_traces)
+            outcome = str(cls)
+            answer = _p.ErrorReply(id=call.id, cls=cls, reason=reason, details=details)
+        finally:
+            _current.reset(token)
+        audit(
+            self.key,
+            "call",
+            call.module,
+            call.function,
+            len(call.args),
+            outcome,
+            trio.current_time() - start,
+        )
+        self.emit(answer)
+
     async def _invoke(self, exported: Exported, args: list[Any], stream_id: int | None) -> Any:
         if exported.kind == "async":
             return await exported.fn(*args)
         if exported.kind == "sync":
-            return await trio.to_thread.run_sync(
-                functools.partial(exported.fn, *args),
-                limiter=self.node.limiter,
-                abandon_on_cancel=True,
-            )
+            if exported.inline:
+                return exported.fn(*args)
+            return await self.node.workers().run(self.key.fingerprint, exported.fn, *args)
         agen = exported.fn(*args)
         items: list[Any] = []
         try:
@@ -580,7 +675,7 @@ class _Channel:
 
     async def _run_call(self, call: _p.Call, exported: Exported) -> None:
         open_call = self.calls[call.id]
-        token = _current.set(_Context(self.node, self, None, self.key))
+        token = _current.set(self.context)
         start = trio.current_time()
         answer: _p.Event
         outcome = "ok"
@@ -640,7 +735,7 @@ class _Channel:
         self.nursery.start_soon(self._run_cast, cast, exported)
 
     async def _run_cast(self, cast: _p.Cast, exported: Exported) -> None:
-        token = _current.set(_Context(self.node, self, None, self.key))
+        token = _current.set(self.context)
         start = trio.current_time()
         outcome = "ok"
         try:
@@ -708,7 +803,7 @@ class _Channel:
             outcome = self.node.table.decide(self.key, m, f, len(a)).outcome
             self.emit(_p.Answer(result=(Atom("exec_badrpc"), Atom(outcome)), status=-1))
             return
-        token = _current.set(_Context(self.node, self, None, self.key))
+        token = _current.set(self.context)
         start = trio.current_time()
         try:
             value = await self._invoke(exported, a, None)
@@ -738,6 +833,10 @@ class Node:
         comment for policy rules and logs.
       max_calls, max_frame, max_queued, worker_threads, mailbox_size: the
         bounds described in the module docstring.
+      worker_threads_per_key: the most worker threads the sync calls of one
+        key may hold at once (default ``max(1, worker_threads // 2)``), so
+        that one key's long or cancelled-but-running calls cannot delay
+        another key's.
       expose_traces: put ``trace => [Binary]`` in error details (off by
         default: no stack trace leaves the node).
     """
@@ -755,6 +854,7 @@ class Node:
         worker_threads: int = DEFAULT_WORKER_THREADS,
         mailbox_size: int = DEFAULT_MAILBOX_SIZE,
         expose_traces: bool = False,
+        worker_threads_per_key: int | None = None,
     ) -> None:
         found = flatten_services(services.values() if isinstance(services, Mapping) else services)
         self.table = ExposureTable(found, policy or Policy.allow_all())
@@ -765,12 +865,33 @@ class Node:
         self.max_queued = max_queued
         self.mailbox_size = mailbox_size
         self.expose_traces = expose_traces
-        self.limiter = trio.CapacityLimiter(worker_threads)
+        self.worker_threads = worker_threads
+        self.worker_threads_per_key = worker_threads_per_key
+        # Checks the numbers now; its threads start with the first sync call.
+        self._workers = WorkerPool(worker_threads, worker_threads_per_key)
         self.pids: dict[Pid, _Channel | _Process] = {}
         self.registry: dict[str, Pid] = {}
         self.channels: set[_Channel] = set()
         self._ids = itertools.count(1)
         self._creation = os.getpid() & 0xFFFFFFFF
+
+    def workers(self) -> WorkerPool:
+        """The worker pool of sync functions, for the running Trio loop (a
+        pool is bound to one loop; a node reused under another ``trio.run``
+        gets a new one)."""
+        pool = self._workers
+        if pool.closed or (
+            pool.token is not None and pool.token is not trio.lowlevel.current_trio_token()
+        ):
+            pool.close()
+            pool = self._workers = WorkerPool(self.worker_threads, self.worker_threads_per_key)
+        return pool
+
+    def close_workers(self) -> None:
+        """End the worker threads once their current functions return (they
+        are also ended when the Trio run ends).  Sync calls made later start
+        a new pool."""
+        self._workers.close()
 
     def new_pid(self) -> Pid:
         """A fresh pid of this node."""
@@ -976,9 +1097,12 @@ async def serve_node(
     async def serve(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         await node.serve_unix(socket_path, task_status=task_status)
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(serve)
-        task_status.started(node)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve)
+            task_status.started(node)
+    finally:
+        node.close_workers()
 
 
 class _StdioStream(trio.abc.Stream):
@@ -1031,4 +1155,7 @@ async def serve_stdio(
             except OSError:
                 user_auth = ""
     key = identify_key(user_auth, node.authorized_keys)
-    await node.serve_channel(_StdioStream(), key, os.environ.get("SSH_CONNECTION", ""))
+    try:
+        await node.serve_channel(_StdioStream(), key, os.environ.get("SSH_CONNECTION", ""))
+    finally:
+        node.close_workers()

@@ -1,0 +1,87 @@
+"""Sync functions and the node's worker pool, through a real ``sshrpc serve``
+(its sshd, the C relay and the node): fairness between keys, cooperative
+cancellation of sync code, inline functions.
+
+Issue 11 item 7: 16 long sync calls from one key, cancelled, kept their
+worker threads and left another key's sync call unanswered for seconds.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from conftest import ClientKey, SSHDInfo, make_key, start_serve, stop_serve
+from sshrpc import Atom
+from sshrpc.client import open_connection
+
+A = Atom
+pytestmark = pytest.mark.timeout(90)
+
+#: Seconds each blocking call of the hostile key sleeps: far longer than the
+#: bound the other key's call is held to.
+BLOCK = 30
+
+
+@pytest.fixture
+def two_key_serve(tmp_path: Path, client_key: ClientKey) -> Any:
+    """``sshrpc serve sshrpc.demo:services`` authorizing two keys (no policy:
+    both may call everything); yields (info, the second key)."""
+    other = make_key(tmp_path / "other", comment="other@test")
+    keys = tmp_path / "authorized_keys"
+    keys.write_text(f"{client_key.public_line}\n{other.public_line}\n")
+    info = start_serve(
+        ["sshrpc.demo:services"],
+        state_dir=tmp_path / "state",
+        authorized_keys=keys,
+        identity=client_key.private,
+    )
+    try:
+        yield info, other
+    finally:
+        stop_serve(info)
+
+
+def _connect(info: SSHDInfo, identity: Path | None = None) -> Any:
+    return open_connection(
+        info.host,
+        info.port,
+        user=info.user,
+        identity=str(identity or info.identity),
+        known_hosts=str(info.known_hosts),
+        agent=False,
+        use_ssh_config=False,
+    )
+
+
+async def _poll(conn: Any, module: str, function: str, want: Any, within: float = 10.0) -> None:
+    """Call ``module:function()`` until it answers ``want`` (bounded in time)."""
+    with trio.fail_after(within):
+        for _ in itertools.count():
+            if await conn.call(module, function, []) == want:
+                return
+
+
+async def test_cancelled_sync_calls_of_one_key_do_not_delay_another_key(
+    two_key_serve: Any,
+) -> None:
+    info, other = two_key_serve
+    async with _connect(info) as hostile, _connect(info, other.private) as victim:
+        assert await victim.call("slow", "block", [0]) == A("done")
+        async with trio.open_nursery() as nursery:
+            for _ in range(16):
+                nursery.start_soon(hostile.call, "slow", "block", [BLOCK])
+            # At least the key's share of the default 16 workers is busy.
+            with trio.fail_after(10):
+                while await victim.call("slow", "running", []) < 8:
+                    pass
+            nursery.cancel_scope.cancel()
+        # Every hostile call was answered `cancelled` at once; the threads it
+        # holds are charged to the hostile key, not to the pool as a whole.
+        with trio.fail_after(3):
+            assert await victim.call("slow", "block", [0]) == A("done")
+            assert await victim.call("lists", "reverse", [[1, 2]]) == [2, 1]
