@@ -183,6 +183,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only")
+    parser.add_argument(
+        "--serve-args",
+        default="",
+        help="more arguments for sshrpc serve, e.g. '--worker-threads 4'",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sshrpc-nodecpu-") as tmp:
         d = Path(tmp)
@@ -190,10 +195,12 @@ def main() -> None:
         keys = d / "authorized_keys"
         keys.write_text(cl.keygen(identity) + "\n")
         port = cl.free_port()
+        extra = args.serve_args.split()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path[1:]]))
         proc = subprocess.Popen(
             [sys.executable, "-m", "sshrpc.cli", "serve", "node_cpu:services",
-             "--port", str(port), "--state-dir", str(d / "state"), "--authorized-keys", str(keys)],
+             "--port", str(port), "--state-dir", str(d / "state"), "--authorized-keys", str(keys),
+             *extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, start_new_session=True, env=env,
         )  # fmt: skip

@@ -29,6 +29,7 @@ returns; its result is then discarded.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import queue
 import threading
@@ -112,7 +113,10 @@ class WorkerPool:
     them held by jobs of one key.
 
     Create and use it on one Trio loop; ``close()`` ends the threads once
-    their current jobs return.  ``run`` is the only awaitable.
+    their current jobs return.  ``run`` is the only awaitable.  The
+    bookkeeping (threads held per key, jobs waiting) is shared with the
+    threads under one lock: a thread that finishes a job takes the next
+    waiting one itself, without a round trip through the loop.
     """
 
     def __init__(self, threads: int, per_key: int | None = None) -> None:
@@ -125,18 +129,24 @@ class WorkerPool:
         self.threads = threads
         self.per_key = per_key
         self.token: Any = None
+        self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
-        #: Jobs in threads, per key and in all (including abandoned ones).
+        #: Jobs handed to threads (queued for one or running, abandoned ones
+        #: included), per key and in all.
         self._held: dict[Hashable, int] = {}
         self._busy = 0
         #: Jobs waiting for a thread, per key, in arrival order; keys in
         #: round-robin order.
         self._waiting: dict[Hashable, deque[_Job]] = {}
         #: Finished jobs, appended by worker threads, taken by ``_deliver``.
-        self._done: deque[_Job] = deque()
+        self._done: list[_Job] = []
         self._wake_pending = False
         self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     # -- the loop side --------------------------------------------------------
 
@@ -157,14 +167,22 @@ class WorkerPool:
             self.token = trio.lowlevel.current_trio_token()
             trio.lowlevel.spawn_system_task(self._close_when_run_ends)
         job = _Job(self, key, fn, args, trio.lowlevel.current_task())
-        if self._busy < self.threads and self._held.get(key, 0) < self.per_key:
-            self._start(job)
-        else:
-            self._waiting.setdefault(key, deque()).append(job)
+        with self._lock:
+            if self._busy < self.threads and self._held.get(key, 0) < self.per_key:
+                self._held[key] = self._held.get(key, 0) + 1
+                self._busy += 1
+                start = True
+            else:
+                self._waiting.setdefault(key, deque()).append(job)
+                start = False
+        if start:
+            if len(self._workers) < self._busy:
+                self._spawn_thread()
+            self._queue.put(job)
 
         def abort(_: Any) -> Any:
             job.task = None
-            if job.outcome is None and not job.cancelled:
+            with self._lock:
                 waiting = self._waiting.get(job.key)
                 if waiting is not None and job in waiting:
                     waiting.remove(job)
@@ -174,8 +192,14 @@ class WorkerPool:
                     job.cancelled = True
             return trio.lowlevel.Abort.SUCCEEDED
 
-        result = await trio.lowlevel.wait_task_rescheduled(abort)
-        return result
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _spawn_thread(self) -> None:
+        thread = threading.Thread(
+            target=self._work, name=f"sshrpc-worker-{len(self._workers)}", daemon=True
+        )
+        self._workers.append(thread)
+        thread.start()
 
     async def _close_when_run_ends(self) -> None:
         import trio
@@ -185,107 +209,92 @@ class WorkerPool:
         finally:
             self.close()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def _start(self, job: _Job) -> None:
-        self._held[job.key] = self._held.get(job.key, 0) + 1
-        self._busy += 1
-        if len(self._workers) < self._busy:
-            thread = threading.Thread(
-                target=self._work, name=f"sshrpc-worker-{len(self._workers)}", daemon=True
-            )
-            self._workers.append(thread)
-            thread.start()
-        self._queue.put(job)
-
     def _deliver(self) -> None:
-        """On the loop: wake the waiters of every finished job, then hand the
-        freed threads to waiting jobs."""
+        """On the loop: wake the waiter of every finished job."""
         import trio
 
-        self._wake_pending = False
-        done = self._done
-        while done:
-            job = done.popleft()
-            held = self._held[job.key] - 1
-            if held:
-                self._held[job.key] = held
-            else:
-                del self._held[job.key]
-            self._busy -= 1
+        with self._lock:
+            self._wake_pending = False
+            done, self._done = self._done, []
+        for job in done:
             task = job.task
             if task is not None:
                 job.task = None
                 trio.lowlevel.reschedule(task, job.outcome)
-        if self._waiting:
-            self._fill()
-
-    def _fill(self) -> None:
-        """Start waiting jobs, round-robin over keys under their share."""
-        progress = True
-        while progress and self._busy < self.threads and self._waiting:
-            progress = False
-            for key in list(self._waiting):
-                if self._busy >= self.threads:
-                    break
-                if self._held.get(key, 0) >= self.per_key:
-                    continue
-                jobs = self._waiting.pop(key)
-                job = jobs.popleft()
-                if jobs:
-                    self._waiting[key] = jobs  # to the back of the round
-                self._start(job)
-                progress = True
 
     def close(self) -> None:
         """End every thread once its current job returns; waiting jobs are
-        not started (their callers stay parked until cancelled).  Idempotent;
-        does not wait for the threads (see ``join``)."""
-        if self._closed:
-            return
-        self._closed = True
+        not started (their callers stay parked until cancelled, as they are
+        when the Trio run ends).  Idempotent; does not wait for the threads
+        (see ``join``)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         for _ in self._workers:
             self._queue.put(None)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait (blocking) for the threads to end after ``close``; True if
-        they all did within ``timeout``."""
+        they all did within ``timeout`` (seconds, per thread)."""
         for thread in self._workers:
             thread.join(timeout)
         return not any(thread.is_alive() for thread in self._workers)
 
     def statistics(self) -> dict[str, int]:
-        """Threads started, jobs in threads, jobs waiting for one."""
-        return {
-            "threads": sum(thread.is_alive() for thread in self._workers),
-            "busy": self._busy,
-            "waiting": sum(len(jobs) for jobs in self._waiting.values()),
-        }
+        """Threads alive, jobs handed to threads, jobs waiting for one."""
+        with self._lock:
+            return {
+                "threads": sum(thread.is_alive() for thread in self._workers),
+                "busy": self._busy,
+                "waiting": sum(len(jobs) for jobs in self._waiting.values()),
+            }
 
     # -- the thread side ------------------------------------------------------
+
+    def _finish(self, job: _Job) -> _Job | None:
+        """Under the lock: account for ``job`` (finished), queue it for
+        ``_deliver``, and take the next waiting job this thread may run
+        (round-robin over keys under their share), if any."""
+        key = job.key
+        held = self._held[key] - 1
+        if held:
+            self._held[key] = held
+        else:
+            del self._held[key]
+        self._done.append(job)
+        if not self._closed:
+            for other in self._waiting:
+                if self._held.get(other, 0) < self.per_key:
+                    jobs = self._waiting.pop(other)
+                    following = jobs.popleft()
+                    if jobs:
+                        self._waiting[other] = jobs  # to the back of the round
+                    self._held[other] = self._held.get(other, 0) + 1
+                    return following
+        self._busy -= 1
+        return None
 
     def _work(self) -> None:
         import outcome
 
         get = self._queue.get
-        done = self._done
-        while True:
-            job = get()
-            if job is None:
-                return
+        lock = self._lock
+        job = get()
+        while job is not None:
             _local.job = job
             try:
                 job.outcome = job.context.run(outcome.capture, job.fn, *job.args)
             finally:
                 _local.job = None
-            # The job, its function and arguments: gone from this thread.
+            # The function and its arguments: gone from this thread.
             job.fn = job.args = job.context = None  # type: ignore[assignment]
-            done.append(job)
-            if not self._wake_pending:
+            with lock:
+                following = self._finish(job)
+                wake = not self._wake_pending
                 self._wake_pending = True
-                try:
+            if wake:
+                # RunFinishedError: the Trio run has ended, nobody waits.
+                with contextlib.suppress(Exception):
                     self.token.run_sync_soon(self._deliver)
-                except Exception:  # the Trio run has ended: nobody waits
-                    self._wake_pending = False
+            job = following if following is not None else get()

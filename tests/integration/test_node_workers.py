@@ -85,3 +85,38 @@ async def test_cancelled_sync_calls_of_one_key_do_not_delay_another_key(
         with trio.fail_after(3):
             assert await victim.call("slow", "block", [0]) == A("done")
             assert await victim.call("lists", "reverse", [[1, 2]]) == [2, 1]
+
+
+async def test_a_cancelled_sync_function_learns_it_cooperatively(sshrpc_server: Any) -> None:
+    """``slow:spin`` calls ``sshrpc.check_cancelled()`` between slices of work:
+    a deadline (sent as the call's ``timeout``) stops the call at once and
+    the function then stops by itself (it would otherwise run 30 s); the
+    same for a cancel."""
+    async with _connect(sshrpc_server) as conn:
+        with trio.fail_after(5), trio.move_on_after(0.2) as scope:
+            await conn.call("slow", "spin", [30])
+        assert scope.cancelled_caught
+        await _poll(conn, "slow", "spun", A("cancelled"))
+        assert await conn.call("slow", "spin", [0]) == A("done")
+        assert await conn.call("slow", "spun", []) == A("finished")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.call, "slow", "spin", [30])
+            await _poll(conn, "slow", "spun", A("started"))
+            nursery.cancel_scope.cancel()
+        await _poll(conn, "slow", "spun", A("cancelled"))
+
+
+async def test_inline_functions_answer_in_order_within_one_read(sshrpc_server: Any) -> None:
+    """``echo:echo`` is ``inline=True``: many calls in flight on one channel
+    all get their own answers (the answers of one read leave together)."""
+    async with _connect(sshrpc_server) as conn:
+        results: dict[int, Any] = {}
+
+        async def one(i: int) -> None:
+            results[i] = await conn.call("echo", "echo", [i])
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for i in range(500):
+                    nursery.start_soon(one, i)
+        assert results == {i: i for i in range(500)}
