@@ -31,13 +31,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import logging
 import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Any
 
-__all__ = ["Cancelled", "WorkerPool", "cancelled", "check_cancelled"]
+__all__ = ["Cancelled", "Job", "WorkerPool", "cancelled", "check_cancelled"]
 
 
 class Cancelled(BaseException):
@@ -51,8 +53,10 @@ class Cancelled(BaseException):
     """
 
 
-class _Job:
-    __slots__ = ("args", "cancelled", "context", "fn", "key", "outcome", "pool", "task")
+class Job:
+    """One sync function call handed to the pool (``WorkerPool.submit``)."""
+
+    __slots__ = ("args", "callback", "cancelled", "context", "fn", "key", "outcome", "pool")
 
     def __init__(
         self,
@@ -60,21 +64,23 @@ class _Job:
         key: Hashable,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
-        task: Any,
+        context: contextvars.Context,
+        callback: Callable[[Any], object],
     ) -> None:
         self.pool = pool
         self.key = key
         self.fn = fn
         self.args = args
-        self.context = contextvars.copy_context()
-        #: The Trio task waiting for the result; ``None`` once it gave up.
-        self.task: Any = task
+        self.context = context
+        #: Called on the loop with the outcome; ``None`` once abandoned.
+        self.callback: Callable[[Any], object] | None = callback
         #: Read by ``check_cancelled()`` in the worker thread.
         self.cancelled = False
         self.outcome: Any = None
 
 
 _local = threading.local()
+log = logging.getLogger("sshrpc.node")
 
 
 def check_cancelled() -> None:
@@ -88,7 +94,7 @@ def check_cancelled() -> None:
     ``async def`` and ``inline=True`` functions) it never raises; async code
     is cancelled by Trio at its next checkpoint instead.
     """
-    job: _Job | None = getattr(_local, "job", None)
+    job: Job | None = getattr(_local, "job", None)
     if job is not None and job.cancelled:
         raise Cancelled
 
@@ -97,14 +103,14 @@ def cancelled() -> bool:
     """True if the call running this sync function was cancelled or timed
     out, or its channel ended (see ``check_cancelled``); False outside a
     worker thread of the node."""
-    job: _Job | None = getattr(_local, "job", None)
+    job: Job | None = getattr(_local, "job", None)
     return job is not None and job.cancelled
 
 
 def current_token() -> Any:
     """The ``TrioToken`` of the loop whose pool runs this thread's job, or
     ``None`` outside a pool thread."""
-    job: _Job | None = getattr(_local, "job", None)
+    job: Job | None = getattr(_local, "job", None)
     return None if job is None else job.pool.token
 
 
@@ -130,7 +136,7 @@ class WorkerPool:
         self.per_key = per_key
         self.token: Any = None
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
         #: Jobs handed to threads (queued for one or running, abandoned ones
         #: included), per key and in all.
@@ -138,9 +144,9 @@ class WorkerPool:
         self._busy = 0
         #: Jobs waiting for a thread, per key, in arrival order; keys in
         #: round-robin order.
-        self._waiting: dict[Hashable, deque[_Job]] = {}
+        self._waiting: dict[Hashable, deque[Job]] = {}
         #: Finished jobs, appended by worker threads, taken by ``_deliver``.
-        self._done: list[_Job] = []
+        self._done: list[Job] = []
         self._wake_pending = False
         self._closed = False
 
@@ -161,12 +167,41 @@ class WorkerPool:
         """
         import trio
 
+        task = trio.lowlevel.current_task()
+        job = self.submit(
+            key,
+            fn,
+            args,
+            contextvars.copy_context(),
+            functools.partial(trio.lowlevel.reschedule, task),
+        )
+
+        def abort(_: Any) -> Any:
+            self.abandon(job)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def submit(
+        self,
+        key: Hashable,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        context: contextvars.Context,
+        callback: Callable[[Any], object],
+    ) -> Job:
+        """Without a task: run ``fn(*args)`` in ``context`` in a worker
+        thread, as one job of ``key``, and call ``callback(outcome)`` (an
+        ``outcome.Outcome``) on the loop when it returns, unless the job was
+        abandoned first.  ``callback`` must not raise.  Call on the loop."""
+        import trio
+
         if self._closed:
             raise RuntimeError("the worker pool is closed")
         if self.token is None:
             self.token = trio.lowlevel.current_trio_token()
             trio.lowlevel.spawn_system_task(self._close_when_run_ends)
-        job = _Job(self, key, fn, args, trio.lowlevel.current_task())
+        job = Job(self, key, fn, args, context, callback)
         with self._lock:
             if self._busy < self.threads and self._held.get(key, 0) < self.per_key:
                 self._held[key] = self._held.get(key, 0) + 1
@@ -179,20 +214,22 @@ class WorkerPool:
             if len(self._workers) < self._busy:
                 self._spawn_thread()
             self._queue.put(job)
+        return job
 
-        def abort(_: Any) -> Any:
-            job.task = None
-            with self._lock:
-                waiting = self._waiting.get(job.key)
-                if waiting is not None and job in waiting:
-                    waiting.remove(job)
-                    if not waiting:
-                        del self._waiting[job.key]
-                else:
-                    job.cancelled = True
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        return await trio.lowlevel.wait_task_rescheduled(abort)
+    def abandon(self, job: Job) -> None:
+        """Nobody waits for ``job`` any more: drop it if it waits for a
+        thread, else flag it (``check_cancelled`` raises in its thread; it
+        keeps its thread, charged to its key, until it returns).  Its
+        callback will not be called.  Call on the loop; idempotent."""
+        job.callback = None
+        with self._lock:
+            waiting = self._waiting.get(job.key)
+            if waiting is not None and job in waiting:
+                waiting.remove(job)
+                if not waiting:
+                    del self._waiting[job.key]
+            else:
+                job.cancelled = True
 
     def _spawn_thread(self) -> None:
         thread = threading.Thread(
@@ -210,17 +247,18 @@ class WorkerPool:
             self.close()
 
     def _deliver(self) -> None:
-        """On the loop: wake the waiter of every finished job."""
-        import trio
-
+        """On the loop: hand every finished job's outcome to its callback."""
         with self._lock:
             self._wake_pending = False
             done, self._done = self._done, []
         for job in done:
-            task = job.task
-            if task is not None:
-                job.task = None
-                trio.lowlevel.reschedule(task, job.outcome)
+            callback = job.callback
+            if callback is not None:
+                job.callback = None
+                try:
+                    callback(job.outcome)
+                except Exception:  # a bug; the loop must go on
+                    log.exception("worker pool: result callback failed")
 
     def close(self) -> None:
         """End every thread once its current job returns; waiting jobs are
@@ -252,7 +290,7 @@ class WorkerPool:
 
     # -- the thread side ------------------------------------------------------
 
-    def _finish(self, job: _Job) -> _Job | None:
+    def _finish(self, job: Job) -> Job | None:
         """Under the lock: account for ``job`` (finished), queue it for
         ``_deliver``, and take the next waiting job this thread may run
         (round-robin over keys under their share), if any."""

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import itertools
 import logging
 import os
@@ -64,11 +65,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import trio
+from outcome import Value as _Value
 
 from . import protocol as _p
 from ._errors import LocalProtocolError, MessageTooLarge, ProtocolError, TermError
 from ._types import Atom, Pid
-from ._workers import WorkerPool
+from ._workers import Job, WorkerPool
 from ._workers import current_token as _worker_token
 from .policy import (
     ANONYMOUS,
@@ -311,6 +313,16 @@ class _OpenCall:
     credit_lot: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
 
 
+@dataclass
+class _JobCall:
+    """A call of a sync function in the worker pool, with no task of its own
+    (see ``_Channel._start_job``)."""
+
+    call: _p.Call
+    start: float
+    job: Job | None = None
+
+
 class _ChannelEnded(Exception):
     pass
 
@@ -324,7 +336,7 @@ class _Channel:
         self.key = key
         self.peer = peer
         self.pid = node.new_pid()
-        self.calls: dict[int, _OpenCall] = {}
+        self.calls: dict[int, _OpenCall | _JobCall] = {}
         self.casts = 0
         self.processes: dict[Pid, _Process] = {}
         self.outbox = _Outbox(node.max_queued)
@@ -472,6 +484,10 @@ class _Channel:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
+            for open_call in list(self.calls.values()):
+                if isinstance(open_call, _JobCall) and open_call.job is not None:
+                    open_call.job.pool.abandon(open_call.job)
+                    del self.calls[open_call.call.id]
             self.fd = None  # its number may be reused once the stream is closed
             self.node.pids.pop(self.pid, None)
             self.node.channels.discard(self)
@@ -538,12 +554,14 @@ class _Channel:
             self._start_call(event)
         elif isinstance(event, _p.Cancel):
             call = self.calls.get(event.id)
-            if call is not None:
+            if isinstance(call, _JobCall):
+                self._cancel_job(call)
+            elif call is not None:
                 call.cancel_requested = True
                 call.scope.cancel()
         elif isinstance(event, _p.Credit):
             call = self.calls.get(event.id)
-            if call is not None:
+            if isinstance(call, _OpenCall):
                 call.credit_lot.unpark_all()
         elif isinstance(event, _p.Ping):
             self.emit(_p.Pong(token=event.token))
@@ -618,6 +636,9 @@ class _Channel:
         if exported.inline:
             self._call_inline(call, exported)
             return
+        if exported.kind == "sync" and call.timeout is None:
+            self._start_job(call, exported)
+            return
         scope = trio.CancelScope()
         if call.timeout is not None:
             scope.deadline = trio.current_time() + call.timeout / 1000
@@ -650,6 +671,65 @@ class _Channel:
         )
         self.emit(answer)
 
+    def _start_job(self, call: _p.Call, exported: Exported) -> None:
+        """A sync function with no deadline: straight into the worker pool,
+        with no task and no cancel scope; ``_job_done`` answers on the loop
+        when it returns, ``_cancel_job`` when ``{cancel, Id}`` comes first.
+        (With a deadline the call takes the task path: a scope is the timer.)
+        """
+        context = contextvars.copy_context()
+        context.run(_current.set, self.context)
+        open_call = _JobCall(call, trio.current_time())
+        self.calls[call.id] = open_call
+        open_call.job = self.node.workers().submit(
+            self.key.fingerprint,
+            exported.fn,
+            tuple(call.args),
+            context,
+            functools.partial(self._job_done, open_call),
+        )
+
+    def _end_job(self, open_call: _JobCall, answer: _p.Event, outcome: str) -> None:
+        call = open_call.call
+        open_call.job = None
+        del self.calls[call.id]
+        if not self.calls:
+            self.idle.unpark_all()
+        audit(
+            self.key,
+            "call",
+            call.module,
+            call.function,
+            len(call.args),
+            outcome,
+            trio.current_time() - open_call.start,
+        )
+        self.emit(answer)
+
+    def _job_done(self, open_call: _JobCall, result: Any) -> None:
+        """On the loop, from the worker pool: the function returned.  Its
+        answer is queued even while the answer queue is full (there is no
+        task to wait in): at most ``max_calls`` answers more per channel."""
+        call = open_call.call
+        answer: _p.Event
+        outcome = "ok"
+        if isinstance(result, _Value):
+            answer = _p.Reply(id=call.id, value=result.value)
+        else:
+            cls, reason, details = error_term(result.error, traces=self.node.expose_traces)
+            outcome = str(cls)
+            answer = _p.ErrorReply(id=call.id, cls=cls, reason=reason, details=details)
+        self._end_job(open_call, answer, outcome)
+
+    def _cancel_job(self, open_call: _JobCall) -> None:
+        """``{cancel, Id}`` for a call in the worker pool: answer
+        ``cancelled`` now; the function learns it from ``check_cancelled``."""
+        if open_call.job is not None:
+            open_call.job.pool.abandon(open_call.job)
+        reason = Atom("cancelled")
+        answer = _p.ErrorReply(id=open_call.call.id, cls=Atom("sshrpc"), reason=reason)
+        self._end_job(open_call, answer, "cancelled")
+
     async def _invoke(self, exported: Exported, args: list[Any], stream_id: int | None) -> Any:
         if exported.kind == "async":
             return await exported.fn(*args)
@@ -665,6 +745,7 @@ class _Channel:
                     items.append(item)
                     continue
                 open_call = self.calls[stream_id]
+                assert isinstance(open_call, _OpenCall)
                 while self.conn.stream_credit(stream_id) <= 0:
                     await open_call.credit_lot.park()
                 await self.outbox.wait_room()
@@ -675,6 +756,7 @@ class _Channel:
 
     async def _run_call(self, call: _p.Call, exported: Exported) -> None:
         open_call = self.calls[call.id]
+        assert isinstance(open_call, _OpenCall)
         token = _current.set(self.context)
         start = trio.current_time()
         answer: _p.Event
