@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 import trio
+from _sshwire import SSHChannel
 
+import sshrpc
 from conftest import ClientKey, SSHDInfo, make_key, start_serve, stop_serve
 from sshrpc import Atom
 from sshrpc.client import open_connection
@@ -120,3 +122,21 @@ async def test_inline_functions_answer_in_order_within_one_read(sshrpc_server: A
                 for i in range(500):
                     nursery.start_soon(one, i)
         assert results == {i: i for i in range(500)}
+
+
+async def test_sync_errors_and_a_disconnect_during_a_sync_call(sshrpc_server: Any) -> None:
+    """A sync function's exception answers ``error``; a channel that drops
+    while its sync call runs flags the call (``slow:spin`` stops itself)."""
+    async with _connect(sshrpc_server) as conn:
+        with pytest.raises(sshrpc.RemoteError) as info:
+            await conn.call("lists", "seq", [1, b"x"])
+        assert info.value.reason[0] == A("TypeError")
+        ch = await SSHChannel.open(sshrpc_server.ssh_argv())
+        try:
+            await ch.hello()
+            await ch.send((A("call"), 1, A("slow"), A("spin"), [30]))
+            await _poll(conn, "slow", "spun", A("started"))
+        finally:
+            await ch.aclose()  # kills ssh: the node sees the channel end
+        await _poll(conn, "slow", "spun", A("cancelled"))
+        assert await conn.call("echo", "echo", [b"still here"]) == b"still here"
