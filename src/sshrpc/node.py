@@ -12,13 +12,20 @@ SSH channel of an Erlang node reaches the same VM.  Two ways to run it:
   itself on stdin/stdout (one channel, one process: for one-shot use).
 
 Per channel, one reader task feeds the protocol core and dispatches events,
-one writer task writes answers, and each call runs in its own task, so answers
-leave in any order.
+one writer task writes answers, and calls run concurrently, so answers leave
+in any order: an async call on one of the channel's worker tasks (reused from
+call to call), a sync call in the worker pool (no task of its own unless it
+has a deadline), a stream in a task of its own, an ``inline=True`` call in
+the reader itself.  Answers produced while the events of one read are
+dispatched leave in one write.
 
 Theory of operation, cancellation and bounds:
 
-- A call's task runs inside its own cancel scope.  ``{cancel, Id}`` cancels
-  that scope; a ``timeout`` option sets its deadline.  The task then answers
+- A call runs inside a cancel scope (a stream's or deadline-bound sync
+  call's task has its own; an async worker task's scope serves its calls
+  one after the other and ends with the first one cancelled).
+  ``{cancel, Id}`` cancels that scope; a ``timeout`` option sets its
+  deadline.  The task then answers
   ``cancelled`` or ``timeout``, unless the function had already returned, in
   which case its normal answer stands: the answer is chosen after the scope
   exits, with no checkpoint in between, so there is exactly one.
@@ -55,6 +62,7 @@ import contextvars
 import functools
 import itertools
 import logging
+import math
 import os
 import socket
 import stat
@@ -364,6 +372,9 @@ class _Channel:
         self.batching = False
         #: The context service code of this channel's calls runs in.
         self.context = _Context(node, self, None, key)
+        self._context_base: contextvars.Context | None = None
+        #: Async worker tasks waiting for a call, with their cancel scopes.
+        self._idle_workers: list[tuple[trio.lowlevel.Task, trio.CancelScope]] = []
 
     # sending ---------------------------------------------------------------
 
@@ -639,11 +650,122 @@ class _Channel:
         if exported.kind == "sync" and call.timeout is None:
             self._start_job(call, exported)
             return
+        if exported.kind == "async":
+            self._start_async(call, exported)
+            return
         scope = trio.CancelScope()
         if call.timeout is not None:
             scope.deadline = trio.current_time() + call.timeout / 1000
         self.calls[call.id] = _OpenCall(scope)
         self.nursery.start_soon(self._run_call, call, exported)
+
+    # async calls: per-channel worker tasks ---------------------------------
+    #
+    # A task and a cancel scope per call cost about 12-15 us.  Instead, an
+    # async call goes to an idle worker task of the channel (rescheduled
+    # with the call: no spawn), or a new one.  Each worker runs its calls
+    # inside one cancel scope of its own: ``{cancel, Id}`` cancels it and a
+    # ``timeout`` sets its deadline, for the call it is running; a worker
+    # whose scope was cancelled (or whose answer must wait for room) answers
+    # that call as ``_run_call`` would and ends.  Each call runs in a fresh
+    # copy of the channel's context (the dispatcher sets ``Task.context``
+    # before resuming the worker), as a task of its own would.
+
+    def _start_async(self, call: _p.Call, exported: Exported) -> None:
+        if self._idle_workers:
+            task, scope = self._idle_workers.pop()
+            if call.timeout is not None:
+                scope.deadline = trio.current_time() + call.timeout / 1000
+            self.calls[call.id] = _OpenCall(scope)
+            task.context = self._worker_context()
+            trio.lowlevel.reschedule(task, _Value((call, exported)))
+            return
+        scope = trio.CancelScope()
+        if call.timeout is not None:
+            scope.deadline = trio.current_time() + call.timeout / 1000
+        self.calls[call.id] = _OpenCall(scope)
+        self.nursery.start_soon(self._async_worker, call, exported, scope)
+
+    def _worker_context(self) -> contextvars.Context:
+        base = self._context_base
+        if base is None:
+            base = self._context_base = contextvars.copy_context()
+            base.run(_current.set, self.context)
+        return base.copy()
+
+    async def _next_async_call(self, scope: trio.CancelScope) -> tuple[_p.Call, Exported]:
+        entry = (trio.lowlevel.current_task(), scope)
+        self._idle_workers.append(entry)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._idle_workers.remove(entry)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        result: tuple[_p.Call, Exported] = await trio.lowlevel.wait_task_rescheduled(abort)
+        return result
+
+    async def _async_worker(
+        self, call: _p.Call, exported: Exported, scope: trio.CancelScope
+    ) -> None:
+        _current.set(self.context)  # later calls get a fresh context (_start_async)
+        current: _p.Call | None = call
+        answer: _p.Event | None = None
+        outcome = "ok"
+        start = trio.current_time()
+        try:
+            with scope:
+                while True:
+                    start = trio.current_time()
+                    try:
+                        answer = _p.Reply(id=call.id, value=await exported.fn(*call.args))
+                        outcome = "ok"
+                    except Exception as exc:
+                        cls, reason, details = error_term(exc, traces=self.node.expose_traces)
+                        outcome = str(cls)
+                        answer = _p.ErrorReply(id=call.id, cls=cls, reason=reason, details=details)
+                    if scope.cancel_called or self.outbox.full:
+                        break  # answer below, outside the spent scope, then end
+                    current = None
+                    del self.calls[call.id]
+                    if not self.calls:
+                        self.idle.unpark_all()
+                    audit(
+                        self.key,
+                        "call",
+                        call.module,
+                        call.function,
+                        len(call.args),
+                        outcome,
+                        trio.current_time() - start,
+                    )
+                    self.emit(answer)
+                    answer = None
+                    scope.deadline = math.inf
+                    call, exported = await self._next_async_call(scope)
+                    current = call
+            if scope.cancelled_caught:
+                open_call = self.calls[call.id]
+                assert isinstance(open_call, _OpenCall)
+                outcome = "cancelled" if open_call.cancel_requested else "timeout"
+                answer = _p.ErrorReply(id=call.id, cls=Atom("sshrpc"), reason=Atom(outcome))
+            await self.outbox.wait_room()
+        finally:
+            if current is not None:
+                del self.calls[current.id]
+                if not self.calls:
+                    self.idle.unpark_all()
+        # Only reached when the channel is alive: exactly one final answer.
+        assert answer is not None
+        audit(
+            self.key,
+            "call",
+            call.module,
+            call.function,
+            len(call.args),
+            outcome,
+            trio.current_time() - start,
+        )
+        self.emit(answer)
 
     def _call_inline(self, call: _p.Call, exported: Exported) -> None:
         """An ``inline=True`` function: run it now, on the loop, and answer.

@@ -1,6 +1,7 @@
 """Sync functions and the node's worker pool, through a real ``sshrpc serve``
 (its sshd, the C relay and the node): fairness between keys, cooperative
-cancellation of sync code, inline functions.
+cancellation of sync code, inline functions; async calls on the channel's
+worker tasks (a fresh context per call, deadlines that end with their call).
 
 Issue 11 item 7: 16 long sync calls from one key, cancelled, kept their
 worker threads and left another key's sync call unanswered for seconds.
@@ -8,6 +9,7 @@ worker threads and left another key's sync call unanswered for seconds.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,11 @@ from _sshwire import SSHChannel
 
 import sshrpc
 from conftest import ClientKey, SSHDInfo, make_key, start_serve, stop_serve
-from sshrpc import Atom
+from sshrpc import Atom, Service
+from sshrpc import node as sshrpc_node
 from sshrpc.client import open_connection
+from sshrpc.node import serve_node
+from sshrpc.subsystem import relay_command
 
 A = Atom
 pytestmark = pytest.mark.timeout(90)
@@ -140,3 +145,78 @@ async def test_sync_errors_and_a_disconnect_during_a_sync_call(sshrpc_server: An
             await ch.aclose()  # kills ssh: the node sees the channel end
         await _poll(conn, "slow", "spun", A("cancelled"))
         assert await conn.call("echo", "echo", [b"still here"]) == b"still here"
+
+
+# -- async calls on the channel's worker tasks ----------------------------------
+
+VAR: contextvars.ContextVar[Any] = contextvars.ContextVar("VAR", default="unset")
+ctx_svc = Service("ctx")
+
+
+@ctx_svc.export
+async def swap(value: Any) -> Any:
+    """Sets VAR and answers what it was: a fresh context per call says
+    ``unset`` every time."""
+    old = VAR.get()
+    VAR.set(value)
+    await trio.lowlevel.checkpoint()
+    return [old, sshrpc_node.current_key().fingerprint.encode()]
+
+
+@ctx_svc.export
+async def nap(seconds: float) -> Atom:
+    await trio.sleep(seconds)
+    return A("done")
+
+
+@pytest.fixture
+async def ctx_node(nursery: Any, private_sshd: Any, tmp_path: Path, client_key: ClientKey) -> Any:
+    socket_path = tmp_path / "node" / "node.sock"
+    keys = tmp_path / "authorized_keys"
+    keys.write_text(client_key.public_line + "\n")
+    await nursery.start(
+        lambda task_status: serve_node(
+            [ctx_svc],
+            socket_path=socket_path,
+            authorized_keys=keys,
+            task_status=task_status,
+        )
+    )
+    return private_sshd({"sshrpc@k2r.org": relay_command(socket_path)})
+
+
+async def test_each_async_call_gets_a_fresh_context(ctx_node: Any, client_key: ClientKey) -> None:
+    ch = await SSHChannel.open(ctx_node.ssh_argv())
+    try:
+        await ch.hello()
+        me = client_key.fingerprint.encode()
+        for i in range(1, 6):  # sequential: one worker task serves them all
+            assert await ch.call(i, "ctx", "swap", [i]) == (A("reply"), i, [b"unset", me])
+        for i in range(10, 20):  # in flight together, then again on the same workers
+            await ch.send((A("call"), i, A("ctx"), A("swap"), [i]))
+        got = sorted([await ch.recv() for _ in range(10)])
+        assert got == [(A("reply"), i, [b"unset", me]) for i in range(10, 20)]
+    finally:
+        await ch.aclose()
+
+
+async def test_a_finished_calls_deadline_does_not_reach_the_next_call(ctx_node: Any) -> None:
+    """A worker reused after a call with a ``timeout`` runs the next call
+    without it; a timed-out call ends its worker and the next one works."""
+    ch = await SSHChannel.open(ctx_node.ssh_argv())
+    try:
+        await ch.hello()
+        assert await ch.call(1, "ctx", "nap", [0], {A("timeout"): 200}) == (
+            A("reply"),
+            1,
+            A("done"),
+        )
+        assert await ch.call(2, "ctx", "nap", [0.5]) == (A("reply"), 2, A("done"))
+        timeout = (A("error"), 3, (A("sshrpc"), A("timeout"), {}))
+        assert await ch.call(3, "ctx", "nap", [30], {A("timeout"): 50}) == timeout
+        await ch.send((A("call"), 4, A("ctx"), A("nap"), [30]))
+        await ch.send((A("cancel"), 4))
+        assert await ch.recv() == (A("error"), 4, (A("sshrpc"), A("cancelled"), {}))
+        assert await ch.call(5, "ctx", "nap", [0]) == (A("reply"), 5, A("done"))
+    finally:
+        await ch.aclose()
