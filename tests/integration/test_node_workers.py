@@ -169,6 +169,12 @@ async def nap(seconds: float) -> Atom:
     return A("done")
 
 
+@ctx_svc.export
+def tell(message: Any) -> bool:
+    """A sync function (worker thread) sending to the caller's mailbox."""
+    return sshrpc_node.send(sshrpc_node.session_pid(), (A("told"), message))
+
+
 @pytest.fixture
 async def ctx_node(nursery: Any, private_sshd: Any, tmp_path: Path, client_key: ClientKey) -> Any:
     socket_path = tmp_path / "node" / "node.sock"
@@ -218,5 +224,19 @@ async def test_a_finished_calls_deadline_does_not_reach_the_next_call(ctx_node: 
         await ch.send((A("cancel"), 4))
         assert await ch.recv() == (A("error"), 4, (A("sshrpc"), A("cancelled"), {}))
         assert await ch.call(5, "ctx", "nap", [0]) == (A("reply"), 5, A("done"))
+    finally:
+        await ch.aclose()
+
+
+async def test_a_sync_function_sends_from_its_worker_thread(ctx_node: Any) -> None:
+    """``send`` from a pool thread reaches the loop (``from_thread`` with the
+    pool's token) and the client's mailbox."""
+    ch = await SSHChannel.open(ctx_node.ssh_argv())
+    try:
+        hello = await ch.hello()
+        await ch.send((A("call"), 1, A("ctx"), A("tell"), [b"hi"]))
+        frames = [await ch.recv(), await ch.recv()]
+        assert (A("send"), hello[A("session")], (A("told"), b"hi")) in frames
+        assert (A("reply"), 1, True) in frames
     finally:
         await ch.aclose()
