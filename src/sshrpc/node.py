@@ -740,7 +740,8 @@ class _Channel:
                     )
                     self.emit(answer)
                     answer = None
-                    scope.deadline = math.inf
+                    if scope.deadline != math.inf:  # the setter is not free
+                        scope.deadline = math.inf
                     call, exported = await self._next_async_call(scope)
                     current = call
             if scope.cancelled_caught:
