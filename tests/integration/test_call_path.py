@@ -59,3 +59,55 @@ async def test_cast_starts_before_a_call_sent_after_it():
             assert isinstance(answer, _p.Reply), answer
             assert (answer.id, answer.value) == (i, i)
         nursery.cancel_scope.cancel()
+
+
+def _write_syscalls() -> int:
+    """write(2)-family calls of this thread so far (``send`` is not counted)."""
+    with open("/proc/thread-self/io") as f:
+        for line in f:
+            if line.startswith("syscw:"):
+                return int(line.split()[1])
+    raise AssertionError("no syscw in /proc/thread-self/io")
+
+
+async def test_answers_of_one_read_leave_in_one_write():
+    """30 inline calls arriving in one read: the node answers them with one
+    ``os.write`` on its socket (it used to write each answer on its own when
+    no other call was open), and every answer arrives."""
+    svc = Service("m")
+
+    @svc.export(inline=True)
+    def double(n: int) -> int:
+        return 2 * n
+
+    node = Node([svc])
+    a, b = trio.socket.socketpair()
+    client_side, server_side = trio.SocketStream(a), trio.SocketStream(b)
+    client = _p.Connection(_p.Role.CLIENT, name="test")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node.serve_channel, server_side)
+        await client_side.send_all(client.send(client.hello()))
+
+        async def next_answer() -> _p.Event:
+            while True:
+                event = client.next_event()
+                if event is not _p.NEED_DATA:
+                    assert isinstance(event, _p.Event)
+                    return event
+                with trio.fail_after(10):
+                    data = await client_side.receive_some()
+                assert data, "the node closed the channel"
+                client.receive_data(data)
+
+        assert isinstance(await next_answer(), _p.Hello)
+        batch = b"".join(
+            client.send(_p.Call(id=i, module=Atom("m"), function=Atom("double"), args=[i]))
+            for i in range(30)
+        )
+        before = _write_syscalls()
+        await client_side.send_all(batch)  # send(2): not counted
+        answers = [await next_answer() for _ in range(30)]
+        writes = _write_syscalls() - before
+        assert sorted((x.id, x.value) for x in answers) == [(i, 2 * i) for i in range(30)]
+        assert writes == 1, writes
+        nursery.cancel_scope.cancel()
