@@ -830,9 +830,9 @@ class _Channel:
         self.emit(answer)
 
     def _job_done(self, open_call: _JobCall, result: Any) -> None:
-        """On the loop, from the worker pool: the function returned.  Its
-        answer is queued even while the answer queue is full (there is no
-        task to wait in): at most ``max_calls`` answers more per channel."""
+        """On the loop, from the worker pool: the function returned.  While
+        the answer queue is full, a task waits for room before answering (a
+        cancel meanwhile changes nothing: the function returned first)."""
         call = open_call.call
         answer: _p.Event
         outcome = "ok"
@@ -842,13 +842,22 @@ class _Channel:
             cls, reason, details = error_term(result.error, traces=self.node.expose_traces)
             outcome = str(cls)
             answer = _p.ErrorReply(id=call.id, cls=cls, reason=reason, details=details)
+        if self.outbox.full:
+            open_call.job = None
+            self.nursery.start_soon(self._end_job_when_room, open_call, answer, outcome)
+        else:
+            self._end_job(open_call, answer, outcome)
+
+    async def _end_job_when_room(self, open_call: _JobCall, answer: _p.Event, outcome: str) -> None:
+        await self.outbox.wait_room()
         self._end_job(open_call, answer, outcome)
 
     def _cancel_job(self, open_call: _JobCall) -> None:
         """``{cancel, Id}`` for a call in the worker pool: answer
         ``cancelled`` now; the function learns it from ``check_cancelled``."""
-        if open_call.job is not None:
-            open_call.job.pool.abandon(open_call.job)
+        if open_call.job is None:
+            return  # it returned already; its answer waits for room
+        open_call.job.pool.abandon(open_call.job)
         reason = Atom("cancelled")
         answer = _p.ErrorReply(id=open_call.call.id, cls=Atom("sshrpc"), reason=reason)
         self._end_job(open_call, answer, "cancelled")
