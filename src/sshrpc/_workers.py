@@ -13,10 +13,10 @@ no ``Event``, no task, no cancel scope per call.
 Fairness: a job is handed to a thread only when one is free, and a key may
 hold at most ``per_key`` threads at once; further jobs of that key wait in a
 per-key queue, served round-robin with other keys' queues as threads free
-up.  So one key can never take more than its share of the threads, and a key
-under its share finds a free thread if the other keys together hold fewer
-than ``threads - per_key``... which the default (``per_key = threads // 2``)
-guarantees when only one other key is busy.
+up.  So one key never holds more than its share, and with the default
+(``per_key = threads // 2``) one busy or hostile key always leaves half the
+threads to the others.  Several keys at their share together can fill the
+pool: lower ``per_key`` where several keys may be hostile.
 
 Cancellation: a job still waiting for a thread is dropped at once.  A job
 running in a thread cannot be stopped (Python cannot kill a thread): its
