@@ -88,3 +88,29 @@ def test_error_terms():
     assert details["trace"] and all(isinstance(x, bytes) for x in details["trace"])
     # encodable as a term
     sshrpc.encode((cls, reason, details))
+
+
+def test_inline_is_for_sync_functions_only():
+    svc = Service("calc")
+
+    @svc.export(inline=True)
+    def add(a, b):
+        return a + b
+
+    assert svc.lookup("add", 2).inline
+    assert svc.lookup("add", 2).kind == "sync"
+    assert add(1, 2) == 3
+
+    with pytest.raises(TypeError, match="inline=True is for plain"):
+
+        @svc.export(inline=True)
+        async def neg(a):
+            return -a
+
+    with pytest.raises(TypeError, match="inline=True is for plain"):
+
+        @svc.export(inline=True)
+        async def items(n):
+            yield n
+
+    assert sorted(svc.functions) == ["add"]

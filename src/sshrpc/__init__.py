@@ -30,6 +30,7 @@ from ._errors import (
     UnknownHostKey,
 )
 from ._types import Atom, BitString, Export, Fun, ImproperList, Map, Pid, Port, Reference
+from ._workers import Cancelled, cancelled, check_cancelled
 from .service import Service
 
 __version__ = "0.1.0"
@@ -83,6 +84,7 @@ __all__ = [
     "Atom",
     "AuthenticationFailed",
     "BitString",
+    "Cancelled",
     "ConnectionLost",
     "Error",
     "Exit",
@@ -112,6 +114,8 @@ __all__ = [
     "Undef",
     "UnknownHostKey",
     "c_accelerated",
+    "cancelled",
+    "check_cancelled",
     "decode",
     "encode",
 ]

@@ -155,6 +155,36 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _worker_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--worker-threads",
+        type=_positive,
+        default=16,
+        metavar="N",
+        help="threads running sync functions (default 16)",
+    )
+    parser.add_argument(
+        "--worker-threads-per-key",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="most of them one key's calls may hold (default: half of --worker-threads)",
+    )
+
+
+def _worker_args(args: argparse.Namespace) -> dict[str, int | None]:
+    per_key = args.worker_threads_per_key
+    if per_key is not None and per_key > args.worker_threads:
+        raise UsageError(
+            f"--worker-threads-per-key {args.worker_threads_per_key} exceeds "
+            f"--worker-threads {args.worker_threads}"
+        )
+    return {
+        "worker_threads": args.worker_threads,
+        "worker_threads_per_key": args.worker_threads_per_key,
+    }
+
+
 def _max_frame(text: str) -> int:
     try:
         value = int(text)
@@ -197,12 +227,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--sshd", metavar="PATH", help=f"sshd binary (default {_sshd_default()})")
     serve.add_argument("--list", action="store_true", help="print the exposure table at start")
+    _worker_options(serve)
 
     node = sub.add_parser("node", help="run only the node (behind a system sshd)")
     _common(node)
     _serving(node)
     node.add_argument("--socket", required=True, metavar="PATH")
     node.add_argument("--authorized-keys", metavar="FILE")
+    _worker_options(node)
 
     config = sub.add_parser("sshd-config", help="print what to add to a system sshd")
     _common(config)
@@ -326,6 +358,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .subsystem import forced_authorized_keys, in_process_command, native_relay, relay_command
 
     services, policy = _load(args)
+    workers = _worker_args(args)
     keys_path = Path(args.authorized_keys).expanduser()
     try:
         keys_text = keys_path.read_text()
@@ -429,6 +462,7 @@ def _serve(args: argparse.Namespace) -> int:
                             max_channels_per_key=args.max_channels_per_key,
                             max_held_per_key=args.max_held_per_key,
                             task_status=task_status,
+                            **workers,
                         )
                     )
                 if args.list:
@@ -501,6 +535,7 @@ def _node(args: argparse.Namespace) -> int:
     from .node import serve_node
 
     services, policy = _load(args)
+    workers = _worker_args(args)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -522,6 +557,7 @@ def _node(args: argparse.Namespace) -> int:
                         max_channels_per_key=args.max_channels_per_key,
                         max_held_per_key=args.max_held_per_key,
                         task_status=task_status,
+                        **workers,
                     )
                 )
                 print(f"ready: node on {args.socket}", flush=True)

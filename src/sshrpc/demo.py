@@ -1,10 +1,11 @@
 """Demo services for the README and the tests: ``sshrpc serve sshrpc.demo:services``.
 
 =====================  =====================================================
-``lists:reverse/1``    the list reversed
-``lists:seq/2``        ``list(range(From, To + 1))``, as Erlang's lists:seq
-``os:getpid/0``        the pid of the process running the services (the node)
-``echo:echo/1``        its argument, unchanged
+``lists:reverse/1``    the list reversed (inline)
+``lists:seq/2``        ``list(range(From, To + 1))``, as Erlang's lists:seq (a
+                       worker thread: the caller chooses how long it takes)
+``os:getpid/0``        the pid of the process running the services (inline)
+``echo:echo/1``        its argument, unchanged (inline)
 ``slow:work/1``        sleeps N seconds (async) and returns ``done``; records
                        ``started``, then ``finished`` or ``cancelled``
 ``slow:was_cancelled/0`` ``true`` when the last ``slow:work`` was cancelled
@@ -12,6 +13,11 @@
                        last ``slow:work``
 ``slow:block/1``       a *sync* function that blocks its worker thread N
                        seconds (``time.sleep``) and returns ``done``
+``slow:running/0``     how many ``slow:block`` calls are running right now
+``slow:spin/1``        a *sync* function that works N seconds in slices,
+                       calling ``sshrpc.check_cancelled()`` between them;
+                       ``slow:spun/0`` says ``started``/``finished``/
+                       ``cancelled`` for the last one
 ``feed:tail/1``        stream: yields ``0..N-1``, then the call replies ``done``
 ``log:info/1``         records its argument (meant for ``cast``), returns ``ok``
 ``log:last/0``         the last argument ``log:info`` got (``undefined`` if none)
@@ -31,6 +37,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -40,6 +47,7 @@ import trio
 from . import node
 from ._errors import Error, Exit, Throw
 from ._types import Atom
+from ._workers import Cancelled, check_cancelled
 from .service import Service
 
 __all__ = ["services"]
@@ -55,11 +63,14 @@ errors = Service("errors")
 
 #: What the last ``slow:work`` did; read by ``slow:status/0``.
 SLOW_STATE: dict[str, str] = {"work": "idle"}
+#: ``slow:block`` calls running now (worker threads), read by ``slow:running/0``.
+_BLOCKING = {"running": 0}
+_BLOCKING_LOCK = threading.Lock()
 #: The last ``log:info`` argument.
 LOG_STATE: dict[str, Any] = {"last": None}
 
 
-@lists.export
+@lists.export(inline=True)
 def reverse(items: list[Any]) -> list[Any]:
     return list(reversed(items))
 
@@ -69,13 +80,13 @@ def seq(first: int, last: int) -> list[int]:
     return list(range(first, last + 1))
 
 
-@os_service.export
+@os_service.export(inline=True)
 def getpid() -> int:
     return os.getpid()
 
 
-@echo.export(name="echo")
-async def echo_(value: Any) -> Any:
+@echo.export(name="echo", inline=True)
+def echo_(value: Any) -> Any:
     return value
 
 
@@ -103,8 +114,39 @@ async def status() -> Atom:
 
 @slow.export
 def block(seconds: float) -> Atom:
-    time.sleep(seconds)
+    with _BLOCKING_LOCK:
+        _BLOCKING["running"] += 1
+    try:
+        time.sleep(seconds)
+    finally:
+        with _BLOCKING_LOCK:
+            _BLOCKING["running"] -= 1
     return Atom("done")
+
+
+@slow.export
+async def running() -> int:
+    return _BLOCKING["running"]
+
+
+@slow.export
+def spin(seconds: float) -> Atom:
+    SLOW_STATE["spin"] = "started"
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            check_cancelled()
+            time.sleep(0.005)  # a slice of "work"
+    except Cancelled:
+        SLOW_STATE["spin"] = "cancelled"
+        raise
+    SLOW_STATE["spin"] = "finished"
+    return Atom("done")
+
+
+@slow.export
+async def spun() -> Atom:
+    return Atom(SLOW_STATE.get("spin", "idle"))
 
 
 @feed.export

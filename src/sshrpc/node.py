@@ -12,21 +12,30 @@ SSH channel of an Erlang node reaches the same VM.  Two ways to run it:
   itself on stdin/stdout (one channel, one process: for one-shot use).
 
 Per channel, one reader task feeds the protocol core and dispatches events,
-one writer task writes answers, and each call runs in its own task, so answers
-leave in any order.
+one writer task writes answers, and calls run concurrently, so answers leave
+in any order: an async call on one of the channel's worker tasks (reused from
+call to call), a sync call in the worker pool (no task of its own unless it
+has a deadline), a stream in a task of its own, an ``inline=True`` call in
+the reader itself.  Answers produced while the events of one read are
+dispatched leave in one write.
 
 Theory of operation, cancellation and bounds:
 
-- A call's task runs inside its own cancel scope.  ``{cancel, Id}`` cancels
-  that scope; a ``timeout`` option sets its deadline.  The task then answers
+- A call runs inside a cancel scope (a stream's or deadline-bound sync
+  call's task has its own; an async worker task's scope serves its calls
+  one after the other and ends with the first one cancelled).
+  ``{cancel, Id}`` cancels that scope; a ``timeout`` option sets its
+  deadline.  The task then answers
   ``cancelled`` or ``timeout``, unless the function had already returned, in
   which case its normal answer stands: the answer is chosen after the scope
   exits, with no checkpoint in between, so there is exactly one.
-- Sync functions run in worker threads (``worker_threads`` at most, a
-  ``trio.CapacityLimiter``) with ``abandon_on_cancel=True``: a cancel or a
-  timeout answers at once and the thread is left to finish on its own; its
-  result is discarded.  Python cannot kill a thread, so a wedged sync
-  function keeps its worker slot until it returns.
+- Sync functions run in the node's worker pool (``_workers.WorkerPool``:
+  ``worker_threads`` long-lived threads, at most ``worker_threads_per_key``
+  of them held by one key).  A cancel or a timeout answers at once; the
+  function learns it cooperatively (``sshrpc.check_cancelled()``) and its
+  thread stays charged to its key until it returns; its result is
+  discarded.  ``inline=True`` sync functions run on the loop, at once, in
+  the reader: nothing interrupts them.
 - ``max_calls`` calls (and casts) may be open per channel; one more gets
   ``overload`` at once (a cast beyond it is dropped and logged).
 - Answers are queued as bytes for the writer.  While more than
@@ -57,6 +66,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import math
 import os
 import secrets
 import socket
@@ -69,6 +79,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import trio
+from outcome import Value as _Value
 
 from . import protocol as _p
 from ._bounds import (
@@ -84,6 +95,8 @@ from ._bounds import (
 from ._errors import LocalProtocolError, MessageTooLarge, ProtocolError, TermError
 from ._saferepr import clean, safe_repr
 from ._types import Atom, Pid
+from ._workers import Job, WorkerPool
+from ._workers import current_token as _worker_token
 from .policy import (
     ANONYMOUS,
     Auditor,
@@ -160,7 +173,10 @@ def _on_loop(fn: Callable[..., T], *args: Any) -> T:
     try:
         trio.lowlevel.current_task()
     except RuntimeError:
-        return trio.from_thread.run_sync(fn, *args)
+        token = _worker_token()
+        if token is None:
+            return trio.from_thread.run_sync(fn, *args)
+        return trio.from_thread.run_sync(fn, *args, trio_token=token)
     return fn(*args)
 
 
@@ -276,13 +292,27 @@ class _Outbox:
     def full(self) -> bool:
         return self.nbytes >= self.limit
 
-    def put(self, frame: bytes) -> None:
+    def put(self, frame: bytes, wake: bool = True) -> None:
+        """Queue ``frame``; ``wake=False`` leaves the writer asleep (the
+        caller then calls ``wake`` or writes it out itself)."""
         if frame:
             self.frames.append(frame)
             self.nbytes += len(frame)
             if self.account is not None:
                 self.account.add(len(frame))
+            if wake:
+                self._data.unpark_all()
+
+    def wake(self) -> None:
+        if self.frames:
             self._data.unpark_all()
+
+    def take_nowait(self) -> bytes:
+        """Every queued frame, joined (still counted in ``nbytes`` until
+        ``written``)."""
+        data = b"".join(self.frames)
+        self.frames.clear()
+        return data
 
     async def wait_room(self) -> None:
         while self.full:
@@ -320,7 +350,22 @@ class _Outbox:
 class _OpenCall:
     scope: trio.CancelScope
     cancel_requested: bool = False
+    #: Units charged to the key for this call (``_hold``), given back when
+    #: it ends (fast paths only; the task path uses ``_holding``).
+    cost: int = 0
     credit_lot: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+
+
+@dataclass
+class _JobCall:
+    """A call of a sync function in the worker pool, with no task of its own
+    (see ``_Channel._start_job``)."""
+
+    call: _p.Call
+    start: float
+    job: Job | None = None
+    #: Units charged to the key for this call, given back when it ends.
+    cost: int = 0
 
 
 class _ChannelEnded(Exception):
@@ -336,7 +381,7 @@ class _Channel:
         self.key = key
         self.peer = peer
         self.pid = node.new_pid()
-        self.calls: dict[int, _OpenCall] = {}
+        self.calls: dict[int, _OpenCall | _JobCall] = {}
         self.casts = 0
         self.processes: dict[Pid, _Process] = {}
         self.outbox = _Outbox(node.max_queued)
@@ -365,6 +410,14 @@ class _Channel:
         elif isinstance(stream, _StdioStream):
             self.fd = stream.out_fd
         self.writing = False
+        #: True while the events of one read are dispatched: answers are
+        #: queued without waking the writer and leave together (``_flush``).
+        self.batching = False
+        #: The context service code of this channel's calls runs in.
+        self.context = _Context(node, self, None, key)
+        self._context_base: contextvars.Context | None = None
+        #: Async worker tasks waiting for a call, with their cancel scopes.
+        self._idle_workers: list[tuple[trio.lowlevel.Task, trio.CancelScope]] = []
 
     # sending ---------------------------------------------------------------
 
@@ -380,6 +433,9 @@ class _Channel:
         A partial or failed write queues the rest; the writer then finds any
         error.
         """
+        if self.batching:
+            self.outbox.put(data, wake=False)
+            return
         fd = self.fd
         if fd is not None and not self.writing and not self.outbox.nbytes and not self.calls:
             try:
@@ -390,6 +446,26 @@ class _Channel:
                 return
             data = data[n:]
         self.outbox.put(data)
+
+    def _flush(self) -> None:
+        """Send what the events of one read queued: with one ``os.write``
+        when the writer is idle, else by waking the writer.  Answers of one
+        read leave in one write.  Called at the end of each read's dispatch
+        and before the reader waits for anything in between."""
+        outbox = self.outbox
+        if not outbox.frames:
+            return
+        fd = self.fd
+        if fd is not None and not self.writing:
+            data = outbox.take_nowait()
+            try:
+                n = os.write(fd, data)
+            except OSError:
+                n = 0
+            if n < len(data):
+                outbox.frames.appendleft(data[n:])
+            outbox.written(n)
+        outbox.wake()
 
     def emit(self, event: _p.Event) -> bool:
         """Encode ``event`` and queue it; False if the connection refuses it."""
@@ -467,6 +543,21 @@ class _Channel:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
+            for open_call in list(self.calls.values()):
+                if isinstance(open_call, _JobCall) and open_call.job is not None:
+                    open_call.job.pool.abandon(open_call.job)
+                    del self.calls[open_call.call.id]
+                    self._release(open_call.cost)
+                    call = open_call.call
+                    audit(
+                        self.key,
+                        "call",
+                        call.module,
+                        call.function,
+                        len(call.args),
+                        "disconnected",
+                        trio.current_time() - open_call.start,
+                    )
             self.fd = None  # its number may be reused once the stream is closed
             self.node.pids.pop(self.pid, None)
             self.node.channels.discard(self)
@@ -505,6 +596,7 @@ class _Channel:
         if self.conn.next_cost_bound() <= HEAVY_COST:
             event = self.conn.next_event()
         else:
+            self._unbatch()  # what this read answered so far leaves before we wait
             async with self.node.heavy:
                 start = time.perf_counter()
                 try:
@@ -515,6 +607,7 @@ class _Channel:
                         # Keep the turn a while: other heavy frames wait,
                         # everything else runs.
                         await trio.sleep(took * HEAVY_PACE)
+            self.batching = True
         self.frame_cost = self.conn.last_cost
         return event
 
@@ -563,36 +656,54 @@ class _Channel:
                 log.debug("session %r: channel closed by the client", self.pid)
                 return False
             self.conn.receive_data(data)
-            while True:
-                try:
-                    event = await self._next_event()
-                except ProtocolError as exc:
-                    log.warning("session %r (%s): %s", self.pid, self.key, exc)
-                    if exc.bye is not None:
-                        self.emit(_p.Bye(reason=exc.bye))
-                    self.closing = True
-                    with trio.move_on_after(5):
-                        await self.outbox.wait_empty()
-                    return False
-                if event is _p.NEED_DATA:
-                    break
-                if event is _p.CLOSED:
-                    return False
-                if await self._dispatch(event):
-                    return True
+            self.batching = True
+            try:
+                while True:
+                    try:
+                        event = await self._next_event()
+                    except ProtocolError as exc:
+                        log.warning("session %r (%s): %s", self.pid, self.key, exc)
+                        if exc.bye is not None:
+                            self.emit(_p.Bye(reason=exc.bye))
+                        self.closing = True
+                        self._unbatch()
+                        with trio.move_on_after(5):
+                            await self.outbox.wait_empty()
+                        return False
+                    if event is _p.NEED_DATA:
+                        break
+                    if event is _p.CLOSED:
+                        return False
+                    if await self._dispatch(event):
+                        return True
+            finally:
+                self._unbatch()
+
+    def _unbatch(self) -> None:
+        """End a read's batch: send what it queued.  Call before the reader
+        awaits anything (the writer may be asleep with frames queued)."""
+        self.batching = False
+        self._flush()
 
     async def _dispatch(self, event: Any) -> bool:
         """Act on one event; True when the client said bye."""
         if isinstance(event, _p.Call):
+            if self.outbox.full:
+                # Inline calls answer right here: keep the bound on queued bytes.
+                self._unbatch()
+                await self.outbox.wait_room()
+                self.batching = True
             self._start_call(event)
         elif isinstance(event, _p.Cancel):
             call = self.calls.get(event.id)
-            if call is not None:
+            if isinstance(call, _JobCall):
+                self._cancel_job(call)
+            elif call is not None:
                 call.cancel_requested = True
                 call.scope.cancel()
         elif isinstance(event, _p.Credit):
             call = self.calls.get(event.id)
-            if call is not None:
+            if isinstance(call, _OpenCall):
                 call.credit_lot.unpark_all()
         elif isinstance(event, _p.Ping):
             self.emit(_p.Pong(token=event.token))
@@ -601,7 +712,9 @@ class _Channel:
             # Let the cast's task start before later requests are dispatched
             # (tasks started together run in any order): a cast followed by
             # a call on one channel begins first, as the client sent them.
+            self._unbatch()
             await trio.lowlevel.checkpoint()
+            self.batching = True
         elif isinstance(event, _p.Spawn):
             self._spawn(event)
         elif isinstance(event, _p.Send):
@@ -609,7 +722,9 @@ class _Channel:
         elif isinstance(event, _p.Hello):
             self._hello(event)
         elif isinstance(event, _p.Mfa):
+            self._unbatch()
             await self._audit_cut_off("mfa", event, functools.partial(self._legacy, event))
+            self.batching = True
         elif isinstance(event, _p.Bye):
             if event.reason == Atom("normal"):
                 return True
@@ -699,6 +814,15 @@ class _Channel:
         exported = self._check("call", call.module, call.function, len(call.args), call.id)
         if exported is None or not self._hold("call", call.id):
             return
+        if exported.inline:
+            self._call_inline(call, exported)
+            return
+        if exported.kind == "sync" and call.timeout is None:
+            self._start_job(call, exported)
+            return
+        if exported.kind == "async":
+            self._start_async(call, exported)
+            return
         scope = trio.CancelScope()
         if call.timeout is not None:
             scope.deadline = trio.current_time() + call.timeout / 1000
@@ -710,15 +834,236 @@ class _Channel:
             functools.partial(self._holding, self.frame_cost, self._run_call, call, exported),
         )
 
+    # async calls: per-channel worker tasks ---------------------------------
+    #
+    # A task and a cancel scope per call cost about 12-15 us.  Instead, an
+    # async call goes to an idle worker task of the channel (rescheduled
+    # with the call: no spawn), or a new one.  Each worker runs its calls
+    # inside one cancel scope of its own: ``{cancel, Id}`` cancels it and a
+    # ``timeout`` sets its deadline, for the call it is running; a worker
+    # whose scope was cancelled (or whose answer must wait for room) answers
+    # that call as ``_run_call`` would and ends.  Each call runs in a fresh
+    # copy of the channel's context (the dispatcher sets ``Task.context``
+    # before resuming the worker), as a task of its own would.
+
+    def _start_async(self, call: _p.Call, exported: Exported) -> None:
+        if self._idle_workers:
+            task, scope = self._idle_workers.pop()
+            if call.timeout is not None:
+                scope.deadline = trio.current_time() + call.timeout / 1000
+            self.calls[call.id] = _OpenCall(scope, cost=self.frame_cost)
+            task.context = self._worker_context()
+            trio.lowlevel.reschedule(task, _Value((call, exported)))
+            return
+        scope = trio.CancelScope()
+        if call.timeout is not None:
+            scope.deadline = trio.current_time() + call.timeout / 1000
+        self.calls[call.id] = _OpenCall(scope, cost=self.frame_cost)
+        self.nursery.start_soon(self._async_worker, call, exported, scope)
+
+    def _worker_context(self) -> contextvars.Context:
+        base = self._context_base
+        if base is None:
+            base = self._context_base = contextvars.copy_context()
+            base.run(_current.set, self.context)
+        return base.copy()
+
+    async def _next_async_call(self, scope: trio.CancelScope) -> tuple[_p.Call, Exported]:
+        entry = (trio.lowlevel.current_task(), scope)
+        self._idle_workers.append(entry)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._idle_workers.remove(entry)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        result: tuple[_p.Call, Exported] = await trio.lowlevel.wait_task_rescheduled(abort)
+        return result
+
+    async def _async_worker(
+        self, call: _p.Call, exported: Exported, scope: trio.CancelScope
+    ) -> None:
+        _current.set(self.context)  # later calls get a fresh context (_start_async)
+        current: _p.Call | None = call
+        answer: _p.Event | None = None
+        outcome = "ok"
+        start = trio.current_time()
+        try:
+            with scope:
+                while True:
+                    start = trio.current_time()
+                    try:
+                        answer = _p.Reply(id=call.id, value=await exported.fn(*call.args))
+                        outcome = "ok"
+                    except Exception as exc:
+                        cls, reason, details = self.node.error_term(exc)
+                        outcome = str(cls)
+                        answer = _p.ErrorReply(id=call.id, cls=cls, reason=reason, details=details)
+                    if scope.cancel_called or self.outbox.full:
+                        break  # answer below, outside the spent scope, then end
+                    current = None
+                    self._release(self.calls.pop(call.id).cost)
+                    if not self.calls:
+                        self.idle.unpark_all()
+                    audit(
+                        self.key,
+                        "call",
+                        call.module,
+                        call.function,
+                        len(call.args),
+                        outcome,
+                        trio.current_time() - start,
+                    )
+                    self.emit(answer)
+                    answer = None
+                    if scope.deadline != math.inf:  # the setter is not free
+                        scope.deadline = math.inf
+                    call, exported = await self._next_async_call(scope)
+                    current = call
+            if scope.cancelled_caught:
+                open_call = self.calls[call.id]
+                assert isinstance(open_call, _OpenCall)
+                outcome = "cancelled" if open_call.cancel_requested else "timeout"
+                answer = _p.ErrorReply(id=call.id, cls=Atom("sshrpc"), reason=Atom(outcome))
+            await self.outbox.wait_room()
+        except trio.Cancelled:
+            # The channel ended under the call: its audit line says so.
+            if current is not None:
+                audit(
+                    self.key,
+                    "call",
+                    current.module,
+                    current.function,
+                    len(current.args),
+                    "disconnected",
+                    trio.current_time() - start,
+                )
+            raise
+        finally:
+            if current is not None:
+                self._release(self.calls.pop(current.id).cost)
+                if not self.calls:
+                    self.idle.unpark_all()
+        # Only reached when the channel is alive: exactly one final answer.
+        assert answer is not None
+        audit(
+            self.key,
+            "call",
+            call.module,
+            call.function,
+            len(call.args),
+            outcome,
+            trio.current_time() - start,
+        )
+        self.emit(answer)
+
+    def _call_inline(self, call: _p.Call, exported: Exported) -> None:
+        """An ``inline=True`` function: run it now, on the loop, and answer.
+        Nothing can interrupt it, so its answer always stands."""
+        token = _current.set(self.context)
+        start = trio.current_time()
+        answer: _p.Event
+        outcome = "ok"
+        try:
+            answer = _p.Reply(id=call.id, value=exported.fn(*call.args))
+        except Exception as exc:
+            cls, reason, details = self.node.error_term(exc)
+            outcome = str(cls)
+            answer = _p.ErrorReply(id=call.id, cls=cls, reason=reason, details=details)
+        finally:
+            _current.reset(token)
+            self._release(self.frame_cost)
+        audit(
+            self.key,
+            "call",
+            call.module,
+            call.function,
+            len(call.args),
+            outcome,
+            trio.current_time() - start,
+        )
+        self.emit(answer)
+
+    def _release(self, cost: int) -> None:
+        """Give the key back the units a finished request held."""
+        if self.account is not None and cost:
+            self.account.release(cost)
+
+    def _start_job(self, call: _p.Call, exported: Exported) -> None:
+        """A sync function with no deadline: straight into the worker pool,
+        with no task and no cancel scope; ``_job_done`` answers on the loop
+        when it returns, ``_cancel_job`` when ``{cancel, Id}`` comes first.
+        (With a deadline the call takes the task path: a scope is the timer.)
+        """
+        context = contextvars.copy_context()
+        context.run(_current.set, self.context)
+        open_call = _JobCall(call, trio.current_time(), cost=self.frame_cost)
+        self.calls[call.id] = open_call
+        open_call.job = self.node.workers().submit(
+            self.key.fingerprint,
+            exported.fn,
+            tuple(call.args),
+            context,
+            functools.partial(self._job_done, open_call),
+        )
+
+    def _end_job(self, open_call: _JobCall, answer: _p.Event, outcome: str) -> None:
+        call = open_call.call
+        open_call.job = None
+        del self.calls[call.id]
+        self._release(open_call.cost)
+        if not self.calls:
+            self.idle.unpark_all()
+        audit(
+            self.key,
+            "call",
+            call.module,
+            call.function,
+            len(call.args),
+            outcome,
+            trio.current_time() - open_call.start,
+        )
+        self.emit(answer)
+
+    def _job_done(self, open_call: _JobCall, result: Any) -> None:
+        """On the loop, from the worker pool: the function returned.  While
+        the answer queue is full, a task waits for room before answering (a
+        cancel meanwhile changes nothing: the function returned first)."""
+        call = open_call.call
+        answer: _p.Event
+        outcome = "ok"
+        if isinstance(result, _Value):
+            answer = _p.Reply(id=call.id, value=result.value)
+        else:
+            cls, reason, details = self.node.error_term(result.error)
+            outcome = str(cls)
+            answer = _p.ErrorReply(id=call.id, cls=cls, reason=reason, details=details)
+        if self.outbox.full:
+            open_call.job = None
+            self.nursery.start_soon(self._end_job_when_room, open_call, answer, outcome)
+        else:
+            self._end_job(open_call, answer, outcome)
+
+    async def _end_job_when_room(self, open_call: _JobCall, answer: _p.Event, outcome: str) -> None:
+        await self.outbox.wait_room()
+        self._end_job(open_call, answer, outcome)
+
+    def _cancel_job(self, open_call: _JobCall) -> None:
+        """``{cancel, Id}`` for a call in the worker pool: answer
+        ``cancelled`` now; the function learns it from ``check_cancelled``."""
+        if open_call.job is None:
+            return  # it returned already; its answer waits for room
+        open_call.job.pool.abandon(open_call.job)
+        reason = Atom("cancelled")
+        answer = _p.ErrorReply(id=open_call.call.id, cls=Atom("sshrpc"), reason=reason)
+        self._end_job(open_call, answer, "cancelled")
+
     async def _invoke(self, exported: Exported, args: list[Any], stream_id: int | None) -> Any:
         if exported.kind == "async":
             return await exported.fn(*args)
         if exported.kind == "sync":
-            return await trio.to_thread.run_sync(
-                functools.partial(exported.fn, *args),
-                limiter=self.node.limiter,
-                abandon_on_cancel=True,
-            )
+            if exported.inline:
+                return exported.fn(*args)
+            return await self.node.workers().run(self.key.fingerprint, exported.fn, *args)
         agen = exported.fn(*args)
         items: list[Any] = []
         try:
@@ -727,6 +1072,7 @@ class _Channel:
                     items.append(item)
                     continue
                 open_call = self.calls[stream_id]
+                assert isinstance(open_call, _OpenCall)
                 while self.conn.stream_credit(stream_id) <= 0:
                     await open_call.credit_lot.park()
                 await self.outbox.wait_room()
@@ -737,7 +1083,8 @@ class _Channel:
 
     async def _run_call(self, call: _p.Call, exported: Exported) -> None:
         open_call = self.calls[call.id]
-        token = _current.set(_Context(self.node, self, None, self.key))
+        assert isinstance(open_call, _OpenCall)
+        token = _current.set(self.context)
         start = trio.current_time()
         answer: _p.Event
         outcome = "ok"
@@ -862,7 +1209,7 @@ class _Channel:
         )
 
     async def _run_cast(self, cast: _p.Cast, exported: Exported) -> None:
-        token = _current.set(_Context(self.node, self, None, self.key))
+        token = _current.set(self.context)
         start = trio.current_time()
         outcome = "ok"
         try:
@@ -938,7 +1285,7 @@ class _Channel:
             outcome = self.node.table.decide(self.key, m, f, len(a)).outcome
             self.emit(_p.Answer(result=(Atom("exec_badrpc"), Atom(outcome)), status=-1))
             return
-        token = _current.set(_Context(self.node, self, None, self.key))
+        token = _current.set(self.context)
         start = trio.current_time()
         try:
             value = await self._invoke(exported, a, None)
@@ -968,6 +1315,10 @@ class Node:
         comment for policy rules and logs.
       max_calls, max_frame, max_queued, worker_threads, mailbox_size: the
         bounds described in the module docstring.
+      worker_threads_per_key: the most worker threads the sync calls of one
+        key may hold at once (default ``max(1, worker_threads // 2)``), so
+        that one key's long or cancelled-but-running calls cannot delay
+        another key's.
       expose_traces: put ``trace => [Binary]`` in error details (off by
         default: no stack trace leaves the node).
       max_channels_per_key, max_held_per_key: per-key bounds
@@ -1000,6 +1351,7 @@ class Node:
         worker_threads: int = DEFAULT_WORKER_THREADS,
         mailbox_size: int = DEFAULT_MAILBOX_SIZE,
         expose_traces: bool = False,
+        worker_threads_per_key: int | None = None,
         max_channels_per_key: int = DEFAULT_MAX_CHANNELS_PER_KEY,
         max_held_per_key: int = DEFAULT_MAX_HELD_PER_KEY,
         max_cost: int | None = None,
@@ -1026,12 +1378,33 @@ class Node:
         self.heavy = trio.Lock()
         self.redact_errors = redact_errors
         self.auditor = Auditor(allowed_level=audit_level, window=audit_window)
-        self.limiter = trio.CapacityLimiter(worker_threads)
+        self.worker_threads = worker_threads
+        self.worker_threads_per_key = worker_threads_per_key
+        # Checks the numbers now; its threads start with the first sync call.
+        self._workers = WorkerPool(worker_threads, worker_threads_per_key)
         self.pids: dict[Pid, _Channel | _Process] = {}
         self.registry: dict[str, Pid] = {}
         self.channels: set[_Channel] = set()
         #: Random per node (never 0), as Erlang's creation differs per start.
         self._creation = secrets.randbits(32) or 1
+
+    def workers(self) -> WorkerPool:
+        """The worker pool of sync functions, for the running Trio loop (a
+        pool is bound to one loop; a node reused under another ``trio.run``
+        gets a new one)."""
+        pool = self._workers
+        if pool.closed or (
+            pool.token is not None and pool.token is not trio.lowlevel.current_trio_token()
+        ):
+            pool.close()
+            pool = self._workers = WorkerPool(self.worker_threads, self.worker_threads_per_key)
+        return pool
+
+    def close_workers(self) -> None:
+        """End the worker threads once their current functions return (they
+        are also ended when the Trio run ends).  Sync calls made later start
+        a new pool."""
+        self._workers.close()
 
     def new_pid(self) -> Pid:
         """A fresh pid of this node, unguessable: 28 random bits (a 15-bit ID
@@ -1317,9 +1690,12 @@ async def serve_node(
     async def serve(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         await node.serve_unix(socket_path, task_status=task_status)
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(serve)
-        task_status.started(node)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve)
+            task_status.started(node)
+    finally:
+        node.close_workers()
 
 
 class _StdioStream(trio.abc.Stream):
@@ -1372,4 +1748,7 @@ async def serve_stdio(
             except OSError:
                 user_auth = ""
     key = identify_key(user_auth, node.authorized_keys)
-    await node.serve_channel(_StdioStream(), key, os.environ.get("SSH_CONNECTION", ""))
+    try:
+        await node.serve_channel(_StdioStream(), key, os.environ.get("SSH_CONNECTION", ""))
+    finally:
+        node.close_workers()

@@ -6,6 +6,9 @@ its name; nothing else in the service is reachable.
 
 - A plain ``def`` is a *sync* function: the node runs it in a worker thread
   (bounded in number), so it cannot block the node's event loop.
+- ``@svc.export(inline=True)`` on a plain ``def`` runs it directly on the
+  node's loop: the fastest path, for short pure functions only (see
+  ``Service.export``).
 - An ``async def`` runs on the node's Trio loop.
 - An ``async def`` containing ``yield`` (an async generator) is a *stream*
   function: a ``stream => true`` call gets one ``chunk`` per item it yields,
@@ -46,6 +49,8 @@ class Exported:
     kind: Kind
     min_arity: int
     max_arity: int | None
+    #: A sync function run on the node's loop (``export(inline=True)``).
+    inline: bool = False
 
     def accepts(self, arity: int) -> bool:
         """True when the function can be called with ``arity`` arguments."""
@@ -105,12 +110,26 @@ class Service:
     def export(self, fn: F, /) -> F: ...
 
     @overload
-    def export(self, fn: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
+    def export(
+        self, fn: None = None, /, *, name: str | None = None, inline: bool = False
+    ) -> Callable[[F], F]: ...
 
-    def export(self, fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
+    def export(
+        self, fn: F | None = None, /, *, name: str | None = None, inline: bool = False
+    ) -> F | Callable[[F], F]:
         """Decorator: expose ``fn`` as ``service:name`` (default: its ``__name__``).
 
         Returns ``fn`` unchanged, so it stays callable locally.
+
+        ``inline=True`` (plain ``def`` only; ``TypeError`` for an ``async
+        def`` or an async generator) runs the function directly on the
+        node's event loop, in the middle of reading its channel: no thread,
+        no task, no cancel scope -- the cheapest call there is.  The
+        trade-off: while it runs, *every* channel of the node waits, and no
+        cancel, timeout or disconnect can interrupt it (its answer always
+        stands).  Use it for short pure functions (a few microseconds to a
+        millisecond: arithmetic, lookups, small transformations), never for
+        I/O, locks or work whose size a caller controls.
         """
 
         def register(fn: F) -> F:
@@ -128,9 +147,14 @@ class Service:
                 kind = "sync"
             else:
                 raise TypeError(f"cannot export {fn!r}: not a function")
+            if inline and kind != "sync":
+                raise TypeError(
+                    f"{self.name}:{exported_name}: inline=True is for plain (sync) functions; "
+                    f"an async function already runs on the node's loop"
+                )
             lowest, highest = _arity(fn)
             self.functions[exported_name] = Exported(
-                self.name, exported_name, fn, kind, lowest, highest
+                self.name, exported_name, fn, kind, lowest, highest, inline
             )
             return fn
 

@@ -129,6 +129,12 @@ def _serve(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     )
 
 
+WORKERS_2_3 = ["--worker-threads", "2", "--worker-threads-per-key", "3"]
+
+
+WORKERS_2_3 = ["--worker-threads", "2", "--worker-threads-per-key", "3"]
+
+
 def test_bad_arguments_one_clear_line(tmp_path, client_key):
     keys = tmp_path / "ak"
     keys.write_text(client_key.public_line + "\n")
@@ -152,6 +158,11 @@ def test_bad_arguments_one_clear_line(tmp_path, client_key):
             ["serve", "sshrpc.demo:services", *base, "--policy", str(tmp_path / "nope")],
             2,
             "cannot read policy file",
+        ),
+        (
+            ["serve", "sshrpc.demo:services", *base, *WORKERS_2_3],
+            2,
+            "--worker-threads-per-key 3 exceeds --worker-threads 2",
         ),
     ]
     for argv, status, message in cases:
