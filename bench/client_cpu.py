@@ -113,6 +113,7 @@ def start_serve(d: Path, client_pub: str, max_calls: int) -> tuple[Any, int, str
         if line.startswith("known_hosts: "):
             known = line.removeprefix("known_hosts: ").strip()
         if line.startswith("ready") and known:
+            cl.drain(proc)
             return proc, port, known
     cl.stop(proc)
     raise RuntimeError("sshrpc serve did not start")

@@ -49,6 +49,17 @@ def keygen(path: Path) -> str:
     return Path(f"{path}.pub").read_text().strip()
 
 
+def drain(proc: subprocess.Popen[str]) -> None:
+    """Read what ``proc`` writes from now on, in a daemon thread: once it is
+    ready, ``sshrpc serve`` writes an audit line per call, and a pipe nobody
+    reads would fill and stall the node."""
+    import threading
+
+    stream = proc.stdout
+    if stream is not None:
+        threading.Thread(target=lambda: stream.read(), daemon=True).start()
+
+
 def start_serve(d: Path, client_pub: str) -> tuple[subprocess.Popen[str], int, str]:
     keys = d / "authorized_keys"
     keys.write_text(client_pub + "\n")
@@ -69,6 +80,7 @@ def start_serve(d: Path, client_pub: str) -> tuple[subprocess.Popen[str], int, s
         if line.startswith("known_hosts: "):
             known = line.removeprefix("known_hosts: ").strip()
         if line.startswith("ready") and known:
+            drain(proc)
             return proc, port, known
     stop(proc)
     raise RuntimeError("sshrpc serve did not start")

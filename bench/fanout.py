@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,7 @@ def start_node(socket_path: Path, authorized_keys: Path) -> subprocess.Popen[str
         if not line:
             break
         if line.startswith("ready"):
+            threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()  # type: ignore[union-attr]
             return proc
     stop_node(proc)
     raise RuntimeError("sshrpc node did not start")

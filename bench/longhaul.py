@@ -93,21 +93,32 @@ class Server:
             stdin=subprocess.DEVNULL,
         )
         self.port = free_port()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "sshrpc.cli", "serve",
-                "bench.systems.sshrpc_service:svc",
-                "--port", str(self.port), "--state-dir", str(tmp / "state"),
-                "--authorized-keys", f"{self.identity}.pub",
-                "--max-calls", "1100", "--max-frame", str(32 * 1024 * 1024),
-            ],
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        lines = _wait_line(self.proc, "ready", 60)
+        # Its log goes to a file: a pipe nobody reads after "ready" would
+        # fill with audit lines and stall the node.
+        log_path = tmp / "serve.log"
+        with open(log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "sshrpc.cli", "serve",
+                    "bench.systems.sshrpc_service:svc",
+                    "--port", str(self.port), "--state-dir", str(tmp / "state"),
+                    "--authorized-keys", f"{self.identity}.pub",
+                    "--max-calls", "1100", "--max-frame", str(32 * 1024 * 1024),
+                ],
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while True:
+            lines = log_path.read_text().splitlines()
+            if any(line.startswith("ready") for line in lines):
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"sshrpc serve did not start: {lines}")
+            time.sleep(0.05)  # bounded polling of the child's log
         known = next(line for line in lines if line.startswith("known_hosts: "))
         self.host_key = known.removeprefix("known_hosts: ").split(" ", 1)[1]
         self.tmp = tmp

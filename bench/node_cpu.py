@@ -214,6 +214,7 @@ def main() -> None:
             if line.startswith("known_hosts: "):
                 known_line = line.removeprefix("known_hosts: ").strip()
             if line.startswith("ready") and known_line:
+                cl.drain(proc)
                 break
         else:
             cl.stop(proc)
