@@ -30,12 +30,14 @@ import copyreg
 import gc
 import io
 import math
+import os
 import pickle
 import struct
 import sys
 import threading
 import types
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from . import _etf
@@ -61,7 +63,7 @@ except ImportError as exc:  # pragma: no cover - a broken install
 __all__ = ["decode", "decode_cost", "encode", "encode_frame"]
 
 #: The C module this Python code was written against (csrc/etf.h).
-C_VERSION = 7
+C_VERSION = 8
 if lib.sshrpc_c_version() != C_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"sshrpc's C module is version {lib.sshrpc_c_version()}, this Python code needs "
@@ -408,6 +410,29 @@ class _EncodeState:
             raise ImportError("sshrpc's C encoder rejected the pickle preamble")
 
 
+def _no_direct(obj: Any, max_depth: int, reserve: int) -> bytes | None:
+    return None
+
+
+def _install_direct() -> Callable[[Any, int, int], bytes | None]:
+    """The direct encoder (csrc/pyenc.c): a builtin that writes ETF for the
+    common exact types straight from the objects, or returns None so the
+    pickle path (and then the reference encoder) decides.  C gets the target
+    dict and the ``Atom`` type by address, which is ``id()`` only on CPython;
+    elsewhere (or if installing fails) every value takes the pickle path."""
+    if sys.implementation.name != "cpython" or os.environ.get("SSHRPC_NO_DIRECT_ENCODE"):
+        return _no_direct
+    target: dict[str, Any] = {}
+    if lib.sshrpc_pyenc_install(ffi.cast("void *", id(target)), ffi.cast("void *", id(Atom))):
+        return _no_direct  # pragma: no cover - out of memory at import
+    return target["encode_direct"]  # type: ignore[no-any-return]
+
+
+#: ``encode_direct(obj, max_depth, reserve)`` -> the ETF after ``reserve``
+#: (0 or 4: the frame length) bytes, or None (then ``_encode_c`` decides).
+_direct = _install_direct()
+
+
 def _encode_c(obj: Any, max_depth: int, reserve: int) -> bytes | None:
     """ETF for ``obj`` after ``reserve`` bytes (see sshrpc_pickle_to_etf), or
     None if the transcoder cannot (then the reference encoder decides)."""
@@ -472,7 +497,9 @@ def encode(
     Exactly ``sshrpc._etf.encode``: the same bytes, ``TypeError`` for a value
     with no Erlang term, ``TermError`` for a value that cannot be a term.
     """
-    data = _encode_c(obj, max_depth, 0) if 0 <= max_depth < _MAX_C_LIMIT else None
+    data = _direct(obj, max_depth, 0)
+    if data is None and 0 <= max_depth < _MAX_C_LIMIT:
+        data = _encode_c(obj, max_depth, 0)
     if data is None:
         return _etf.encode(obj, compressed=compressed, max_depth=max_depth)
     if compressed:
@@ -488,7 +515,9 @@ def encode_frame(obj: Any) -> bytes:
     The term is written once, after four reserved bytes that are then set to
     its length, so a large payload is copied only into the result.
     """
-    frame = _encode_c(obj, DEFAULT_MAX_DEPTH, 4)
+    frame = _direct(obj, DEFAULT_MAX_DEPTH, 4)
+    if frame is None:
+        frame = _encode_c(obj, DEFAULT_MAX_DEPTH, 4)
     if frame is None:
         payload = _etf.encode(obj)
         return struct.pack(">I", len(payload)) + payload
