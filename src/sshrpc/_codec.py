@@ -12,7 +12,10 @@ measurements that chose it; in short:
   unpickler, put there once from a stream built here.  Atoms are cached
   across calls in the same memo (bounded by ``ATOM_CACHE``), binaries of
   ``OOB_MIN`` bytes or more travel out of band as one slice of the input.
-- encode: a per-thread fast-mode ``pickle.Pickler`` (C) flattens the value;
+- encode: first ``encode_direct`` (csrc/pyenc.c), a builtin that writes ETF
+  straight from the common exact types (installed once through cffi; it
+  answers None for anything else).  Then a per-thread fast-mode
+  ``pickle.Pickler`` (C) flattens the value;
   C (``sshrpc_pickle_to_etf``) transcodes that stream into canonical ETF.
   Anything the transcoder does not know (a subclass, an unsupported type, a
   cycle, a value the reference rejects) is handed to the reference encoder,
