@@ -8,7 +8,10 @@ from __future__ import annotations
 import collections
 import enum
 import functools
+import os
 import struct
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -395,6 +398,7 @@ def test_each_encode_path_same_bytes(value: Any) -> None:
     assert direct is None or direct == data
     framed = _codec._direct(value, _etf.DEFAULT_MAX_DEPTH, 4)
     assert framed is None or framed == struct.pack(">I", len(data)) + data
+    assert sys.getrecursionlimit() <= _codec._PICKLE_MAX_RECURSION  # so the pickle path runs
     transcoded = _codec._encode_c(value, _etf.DEFAULT_MAX_DEPTH, 0)
     assert transcoded is None or transcoded == data
 
@@ -497,9 +501,49 @@ def test_direct_encoder_depth_limit() -> None:
     with pytest.raises(TermError):
         _codec.encode(value, max_depth=1)
     assert _codec.encode(value, max_depth=2) == _etf.encode(value)
-    for max_depth in (-1, 2**70):
-        assert _codec._direct(value, max_depth, 0) is None
-        fast = functools.partial(_codec.encode, max_depth=max_depth)
-        ref = functools.partial(_etf.encode, max_depth=max_depth)
-        assert _kind(fast, value) == _kind(ref, value)
+    limit = sys.getrecursionlimit()
+    try:
+        for max_depth in (-1, 2**70):
+            assert _codec._direct(value, max_depth, 0) is None
+            fast = functools.partial(_codec.encode, max_depth=max_depth)
+            ref = functools.partial(_etf.encode, max_depth=max_depth)
+            assert _kind(fast, value) == _kind(ref, value)
+    finally:
+        sys.setrecursionlimit(limit)  # the reference raised it for 2**70
     assert _codec._direct(value, 1000, 3) is None
+
+
+_DEEP_AFTER_HIGH_LIMIT = """
+import sshrpc
+from sshrpc import TermError, _etf
+_etf.encode([], max_depth=10**6)  # the reference raises the recursion limit
+deep = []
+for _ in range(10**5):
+    deep = [deep]
+try:
+    sshrpc.encode(deep)
+except TermError as exc:
+    print("TermError", exc)
+print(len(sshrpc.encode(deep, max_depth=10**6)))
+"""
+
+
+@pytest.mark.parametrize("direct", ["0", "1"])
+def test_deep_value_after_a_high_recursion_limit_does_not_crash(direct: str) -> None:
+    """Regression: once the reference had raised the recursion limit (any
+    encode with a large max_depth), the pickle path recursed on the C stack
+    as deep as the value went and a 100,000-deep list killed the process."""
+    env = {**os.environ, "SSHRPC_NO_DIRECT_ENCODE": direct}
+    env.pop("SSHRPC_PURE_PYTHON", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _DEEP_AFTER_HIGH_LIMIT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("TermError value nested deeper than the limit 1000")
+    assert lines[1] == str(len(_etf.encode([[]], max_depth=3)) + 6 * (10**5 - 1))

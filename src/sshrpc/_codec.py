@@ -85,6 +85,10 @@ _ENCODE_BUFFER = 64 * 1024
 # A thread keeps a stream buffer up to this size between calls.
 _KEEP_OUT = 1 << 20
 _MAX_C_LIMIT = 2**63
+# The pickle path runs only while the recursion limit is at most this: the
+# C pickler then nests at most about 10,000 levels (about 2 MiB of C stack;
+# 8 MiB overflowed at about 50,000).
+_PICKLE_MAX_RECURSION = 20_000
 #: Terms at least this long decode with the cyclic garbage collector paused:
 #: a term is a tree (no cycles), and a collection pass over the containers
 #: still being built made decoding many small lists about 2.7 times slower
@@ -444,6 +448,11 @@ def _encode_c(obj: Any, max_depth: int, reserve: int) -> bytes | None:
         if reserve:
             head = bytes(reserve - 4) + struct.pack(">I", len(obj) + 6) + head
         return head + obj
+    if sys.getrecursionlimit() > _PICKLE_MAX_RECURSION:
+        # The C pickler recurses on the C stack up to the recursion limit,
+        # which the reference raises for a large max_depth: past this bound
+        # a deep value would overflow the stack, so the reference decides.
+        return None
     try:
         state: _EncodeState = _local.encoder
     except AttributeError:
