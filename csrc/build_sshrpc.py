@@ -14,7 +14,7 @@ import pathlib
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-MODULES = ["etf", "framing"]
+MODULES = ["etf", "framing", "pyenc"]
 
 
 def _cdef(header: str) -> str:

@@ -5,7 +5,13 @@ cache, stream buffers, threads, frame encoding)."""
 
 from __future__ import annotations
 
+import collections
+import enum
+import functools
+import os
 import struct
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -377,3 +383,167 @@ def test_budget_ordinary_traffic_fits_the_protocol_default() -> None:
     assert len(packed) < 2048  # the amplification of issue 11
     with pytest.raises(TermError, match=r"decode budget .*\(in the inflated term\)"):
         _codec.decode(packed, max_cost=budget)
+
+
+# -- the direct encoder (csrc/pyenc.c) and the paths behind it -----------------
+
+
+@SETTINGS
+@given(values)
+def test_each_encode_path_same_bytes(value: Any) -> None:
+    """The direct encoder and the pickle transcoder each give the reference's
+    bytes whenever they answer (None hands the value on)."""
+    data = _etf.encode(value)
+    direct = _codec._direct(value, _etf.DEFAULT_MAX_DEPTH, 0)
+    assert direct is None or direct == data
+    framed = _codec._direct(value, _etf.DEFAULT_MAX_DEPTH, 4)
+    assert framed is None or framed == struct.pack(">I", len(data)) + data
+    assert sys.getrecursionlimit() <= _codec._PICKLE_MAX_RECURSION  # so the pickle path runs
+    transcoded = _codec._encode_c(value, _etf.DEFAULT_MAX_DEPTH, 0)
+    assert transcoded is None or transcoded == data
+
+
+def test_direct_encoder_is_in_use() -> None:
+    assert _codec._direct is not _codec._no_direct
+    value = (Atom("call"), 1, Atom("mod"), Atom("fun"), [1, b"x"], {Atom("k"): "v"}, None)
+    assert _codec._direct(value, 1000, 0) == _etf.encode(value)
+
+
+EDGE_INTS = [0, 255, 256, -1, 2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**63 - 1, -(2**63)]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        *EDGE_INTS,
+        [0] * 65535,
+        [0] * 65536,
+        [255, 256],
+        [1, -1],
+        [1, True],
+        tuple(range(256)),
+        (),
+        [],
+        {},
+        {(1, Atom("a")): [1], 2: 3.5, b"k": "v", "é": Atom("é" * 200)},
+        Atom("é" * 255),
+        "text " * 2000,
+        [b"y" * 5000] * 10,
+        -0.0,
+        1e308,
+    ],
+)
+def test_direct_encoder_edges(value: Any) -> None:
+    data = _etf.encode(value)
+    assert _codec._direct(value, 1000, 0) == data
+    assert _codec._direct(value, 1000, 4) == struct.pack(">I", len(data)) + data
+    assert _codec.encode(value) == data
+
+
+class _Color(enum.IntEnum):
+    RED = 1
+
+
+class _Name(str):
+    pass
+
+
+class _Key(Atom):
+    pass
+
+
+_Point = collections.namedtuple("_Point", "x y")
+_deep: Any = []
+for _ in range(300):
+    _deep = [_deep, 1]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        _Color.RED,
+        [_Color.RED],
+        _Name("s"),
+        {_Name("k"): 1},
+        _Key("k"),
+        _Point(1, 2),
+        2**64,
+        -(2**63) - 1,
+        2**63,
+        [2**100],
+        [b"z" * (64 * 1024)],
+        Map([(1, 2)]),
+        ImproperList([1], 2),
+        bytearray(b"ab"),
+        [memoryview(b"ab")],
+        BitString(b"\x80", 1),
+        _deep,
+        Atom("a" * 256),
+        "\ud800",
+        [float("inf")],
+    ],
+)
+def test_direct_encoder_hands_on_what_it_does_not_handle(value: Any) -> None:
+    """Subclasses, big ints, big binaries, sshrpc types, deep nesting and
+    values the reference rejects: the direct encoder answers None and the
+    public functions give the reference's bytes or error."""
+    assert _codec._direct(value, 1000, 0) is None
+    assert _kind(_codec.encode, value) == _kind(_etf.encode, value)
+    if _kind(_etf.encode, value)[0] == "ok":
+        assert _codec.encode(value) == _etf.encode(value)
+        assert _codec.encode_frame(value)[4:] == _etf.encode(value)
+
+
+def test_direct_encoder_depth_limit() -> None:
+    value = ((1,),)
+    assert _codec._direct(value, 1, 0) is None
+    assert _kind(_codec.encode, value) == _kind(_etf.encode, value)
+    with pytest.raises(TermError):
+        _codec.encode(value, max_depth=1)
+    assert _codec.encode(value, max_depth=2) == _etf.encode(value)
+    limit = sys.getrecursionlimit()
+    try:
+        for max_depth in (-1, 2**70):
+            assert _codec._direct(value, max_depth, 0) is None
+            fast = functools.partial(_codec.encode, max_depth=max_depth)
+            ref = functools.partial(_etf.encode, max_depth=max_depth)
+            assert _kind(fast, value) == _kind(ref, value)
+    finally:
+        sys.setrecursionlimit(limit)  # the reference raised it for 2**70
+    assert _codec._direct(value, 1000, 3) is None
+
+
+_DEEP_AFTER_HIGH_LIMIT = """
+import sshrpc
+from sshrpc import TermError, _etf
+_etf.encode([], max_depth=10**6)  # the reference raises the recursion limit
+deep = []
+for _ in range(10**5):
+    deep = [deep]
+try:
+    sshrpc.encode(deep)
+except TermError as exc:
+    print("TermError", exc)
+print(len(sshrpc.encode(deep, max_depth=10**6)))
+"""
+
+
+@pytest.mark.parametrize("direct", ["0", "1"])
+def test_deep_value_after_a_high_recursion_limit_does_not_crash(direct: str) -> None:
+    """Regression: once the reference had raised the recursion limit (any
+    encode with a large max_depth), the pickle path recursed on the C stack
+    as deep as the value went and a 100,000-deep list killed the process."""
+    env = {**os.environ, "SSHRPC_NO_DIRECT_ENCODE": direct}
+    env.pop("SSHRPC_PURE_PYTHON", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _DEEP_AFTER_HIGH_LIMIT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("TermError value nested deeper than the limit 1000")
+    assert lines[1] == str(len(_etf.encode([[]], max_depth=3)) + 6 * (10**5 - 1))

@@ -12,7 +12,10 @@ measurements that chose it; in short:
   unpickler, put there once from a stream built here.  Atoms are cached
   across calls in the same memo (bounded by ``ATOM_CACHE``), binaries of
   ``OOB_MIN`` bytes or more travel out of band as one slice of the input.
-- encode: a per-thread fast-mode ``pickle.Pickler`` (C) flattens the value;
+- encode: first ``encode_direct`` (csrc/pyenc.c), a builtin that writes ETF
+  straight from the common exact types (installed once through cffi; it
+  answers None for anything else).  Then a per-thread fast-mode
+  ``pickle.Pickler`` (C) flattens the value;
   C (``sshrpc_pickle_to_etf``) transcodes that stream into canonical ETF.
   Anything the transcoder does not know (a subclass, an unsupported type, a
   cycle, a value the reference rejects) is handed to the reference encoder,
@@ -30,12 +33,14 @@ import copyreg
 import gc
 import io
 import math
+import os
 import pickle
 import struct
 import sys
 import threading
 import types
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from . import _etf
@@ -61,7 +66,7 @@ except ImportError as exc:  # pragma: no cover - a broken install
 __all__ = ["decode", "decode_cost", "encode", "encode_frame"]
 
 #: The C module this Python code was written against (csrc/etf.h).
-C_VERSION = 7
+C_VERSION = 8
 if lib.sshrpc_c_version() != C_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"sshrpc's C module is version {lib.sshrpc_c_version()}, this Python code needs "
@@ -80,6 +85,10 @@ _ENCODE_BUFFER = 64 * 1024
 # A thread keeps a stream buffer up to this size between calls.
 _KEEP_OUT = 1 << 20
 _MAX_C_LIMIT = 2**63
+# The pickle path runs only while the recursion limit is at most this: the
+# C pickler then nests at most about 10,000 levels (about 2 MiB of C stack;
+# 8 MiB overflowed at about 50,000).
+_PICKLE_MAX_RECURSION = 20_000
 #: Terms at least this long decode with the cyclic garbage collector paused:
 #: a term is a tree (no cycles), and a collection pass over the containers
 #: still being built made decoding many small lists about 2.7 times slower
@@ -408,6 +417,29 @@ class _EncodeState:
             raise ImportError("sshrpc's C encoder rejected the pickle preamble")
 
 
+def _no_direct(obj: Any, max_depth: int, reserve: int) -> bytes | None:
+    return None
+
+
+def _install_direct() -> Callable[[Any, int, int], bytes | None]:
+    """The direct encoder (csrc/pyenc.c): a builtin that writes ETF for the
+    common exact types straight from the objects, or returns None so the
+    pickle path (and then the reference encoder) decides.  C gets the target
+    dict and the ``Atom`` type by address, which is ``id()`` only on CPython;
+    elsewhere (or if installing fails) every value takes the pickle path."""
+    if sys.implementation.name != "cpython" or os.environ.get("SSHRPC_NO_DIRECT_ENCODE"):
+        return _no_direct
+    target: dict[str, Any] = {}
+    if lib.sshrpc_pyenc_install(ffi.cast("void *", id(target)), ffi.cast("void *", id(Atom))):
+        return _no_direct  # pragma: no cover - out of memory at import
+    return target["encode_direct"]  # type: ignore[no-any-return]
+
+
+#: ``encode_direct(obj, max_depth, reserve)`` -> the ETF after ``reserve``
+#: (0 or 4: the frame length) bytes, or None (then ``_encode_c`` decides).
+_direct = _install_direct()
+
+
 def _encode_c(obj: Any, max_depth: int, reserve: int) -> bytes | None:
     """ETF for ``obj`` after ``reserve`` bytes (see sshrpc_pickle_to_etf), or
     None if the transcoder cannot (then the reference encoder decides)."""
@@ -416,6 +448,11 @@ def _encode_c(obj: Any, max_depth: int, reserve: int) -> bytes | None:
         if reserve:
             head = bytes(reserve - 4) + struct.pack(">I", len(obj) + 6) + head
         return head + obj
+    if sys.getrecursionlimit() > _PICKLE_MAX_RECURSION:
+        # The C pickler recurses on the C stack up to the recursion limit,
+        # which the reference raises for a large max_depth: past this bound
+        # a deep value would overflow the stack, so the reference decides.
+        return None
     try:
         state: _EncodeState = _local.encoder
     except AttributeError:
@@ -472,7 +509,9 @@ def encode(
     Exactly ``sshrpc._etf.encode``: the same bytes, ``TypeError`` for a value
     with no Erlang term, ``TermError`` for a value that cannot be a term.
     """
-    data = _encode_c(obj, max_depth, 0) if 0 <= max_depth < _MAX_C_LIMIT else None
+    data = _direct(obj, max_depth, 0)
+    if data is None and 0 <= max_depth < _MAX_C_LIMIT:
+        data = _encode_c(obj, max_depth, 0)
     if data is None:
         return _etf.encode(obj, compressed=compressed, max_depth=max_depth)
     if compressed:
@@ -488,7 +527,9 @@ def encode_frame(obj: Any) -> bytes:
     The term is written once, after four reserved bytes that are then set to
     its length, so a large payload is copied only into the result.
     """
-    frame = _encode_c(obj, DEFAULT_MAX_DEPTH, 4)
+    frame = _direct(obj, DEFAULT_MAX_DEPTH, 4)
+    if frame is None:
+        frame = _encode_c(obj, DEFAULT_MAX_DEPTH, 4)
     if frame is None:
         payload = _etf.encode(obj)
         return struct.pack(">I", len(payload)) + payload
