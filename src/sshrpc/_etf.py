@@ -387,10 +387,12 @@ class _Decoder:
             raise self.fail("FUN_EXT without a pid", pos)
         _, p = self.atom_text(p)
         for what in ("index", "uniq"):
-            value, end = self.term(p, depth + 1)
-            if type(value) is not int:
+            # The tag decides, before the term is read (as the C decoder does).
+            tag = self.u8(p, "term")
+            if tag not in (SMALL_INTEGER_EXT, INTEGER_EXT, SMALL_BIG_EXT, LARGE_BIG_EXT):
+                self.charge(tag, p)
                 raise self.fail(f"FUN_EXT {what} is not an integer", p)
-            p = end
+            _, p = self.term(p, depth + 1)
         for _ in range(free):
             _, p = self.term(p, depth + 1)
         return p
