@@ -44,7 +44,7 @@ if not c_accelerated:
 
     logging.getLogger("sshrpc").warning(
         "sshrpc: running without its C module (%s): the pure-Python codec and frame "
-        "buffer are in use, 2-26x slower to encode and decode (the ref/C column of "
+        "buffer are in use, 1-40x slower to encode and decode (the ref/C column of "
         "bench/codec.py); install a wheel or build from source with a C compiler",
         fallback_reason,
     )

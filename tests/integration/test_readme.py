@@ -39,7 +39,7 @@ def quick_start_blocks() -> list[tuple[str, str]]:
 
 def test_quick_start_blocks_are_there() -> None:
     kinds = [kind for kind, _ in quick_start_blocks()]
-    assert kinds.count("python") >= 2 and kinds.count("sh") >= 3, kinds
+    assert kinds.count("python") >= 2 and kinds.count("sh") >= 4, kinds
 
 
 def test_readme_quick_start_runs_as_written(tmp_path: Path) -> None:
@@ -107,6 +107,7 @@ def test_readme_quick_start_runs_as_written(tmp_path: Path) -> None:
         assert "3" in outputs[-1].split(), outputs  # python client.py printed 3
         assert outputs[0].strip() == "3", outputs  # sshrpc call calc add 1 2
         assert "calc:add/2" in outputs[1], outputs  # sshrpc list
+        assert outputs[2].strip() == "3", outputs  # ssh ... 'calc:add(1, 2).' (exec mode)
     finally:
         if serve is not None and serve.poll() is None:
             os.killpg(serve.pid, signal.SIGTERM)
