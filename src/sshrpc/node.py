@@ -134,7 +134,7 @@ log = logging.getLogger("sshrpc.node")
 T = TypeVar("T")
 
 #: Open calls per channel (PROTOCOL.md section 3's ``max_calls``).
-DEFAULT_MAX_CALLS = 64
+DEFAULT_MAX_CALLS = _p.DEFAULT_MAX_CALLS
 #: Largest payload accepted (PROTOCOL.md's default and minimum useful value).
 DEFAULT_MAX_FRAME = 1024 * 1024
 #: Answer bytes queued but not yet written before the node stops reading.
@@ -549,15 +549,7 @@ class _Channel:
                     del self.calls[open_call.call.id]
                     self._release(open_call.cost)
                     call = open_call.call
-                    audit(
-                        self.key,
-                        "call",
-                        call.module,
-                        call.function,
-                        len(call.args),
-                        "disconnected",
-                        trio.current_time() - open_call.start,
-                    )
+                    self._audit_call(call, "disconnected", open_call.start)
             self.fd = None  # its number may be reused once the stream is closed
             self.node.pids.pop(self.pid, None)
             self.node.channels.discard(self)
@@ -904,15 +896,7 @@ class _Channel:
                     self._release(self.calls.pop(call.id).cost)
                     if not self.calls:
                         self.idle.unpark_all()
-                    audit(
-                        self.key,
-                        "call",
-                        call.module,
-                        call.function,
-                        len(call.args),
-                        outcome,
-                        trio.current_time() - start,
-                    )
+                    self._audit_call(call, outcome, start)
                     self.emit(answer)
                     answer = None
                     if scope.deadline != math.inf:  # the setter is not free
@@ -928,15 +912,7 @@ class _Channel:
         except trio.Cancelled:
             # The channel ended under the call: its audit line says so.
             if current is not None:
-                audit(
-                    self.key,
-                    "call",
-                    current.module,
-                    current.function,
-                    len(current.args),
-                    "disconnected",
-                    trio.current_time() - start,
-                )
+                self._audit_call(current, "disconnected", start)
             raise
         finally:
             if current is not None:
@@ -945,15 +921,7 @@ class _Channel:
                     self.idle.unpark_all()
         # Only reached when the channel is alive: exactly one final answer.
         assert answer is not None
-        audit(
-            self.key,
-            "call",
-            call.module,
-            call.function,
-            len(call.args),
-            outcome,
-            trio.current_time() - start,
-        )
+        self._audit_call(call, outcome, start)
         self.emit(answer)
 
     def _call_inline(self, call: _p.Call, exported: Exported) -> None:
@@ -972,6 +940,11 @@ class _Channel:
         finally:
             _current.reset(token)
             self._release(self.frame_cost)
+        self._audit_call(call, outcome, start)
+        self.emit(answer)
+
+    def _audit_call(self, call: _p.Call, outcome: str, start: float) -> None:
+        """The audit line of a call that began at ``start`` (``trio.current_time()``)."""
         audit(
             self.key,
             "call",
@@ -981,7 +954,6 @@ class _Channel:
             outcome,
             trio.current_time() - start,
         )
-        self.emit(answer)
 
     def _release(self, cost: int) -> None:
         """Give the key back the units a finished request held."""
@@ -1013,15 +985,7 @@ class _Channel:
         self._release(open_call.cost)
         if not self.calls:
             self.idle.unpark_all()
-        audit(
-            self.key,
-            "call",
-            call.module,
-            call.function,
-            len(call.args),
-            outcome,
-            trio.current_time() - open_call.start,
-        )
+        self._audit_call(call, outcome, open_call.start)
         self.emit(answer)
 
     def _job_done(self, open_call: _JobCall, result: Any) -> None:
@@ -1112,15 +1076,7 @@ class _Channel:
                 self.idle.unpark_all()
         # Only reached when the channel is alive (a channel-wide cancel raises
         # Cancelled above): exactly one final answer.
-        audit(
-            self.key,
-            "call",
-            call.module,
-            call.function,
-            len(call.args),
-            outcome,
-            trio.current_time() - start,
-        )
+        self._audit_call(call, outcome, start)
         self.emit(answer)
 
     async def _audit_cut_off(
