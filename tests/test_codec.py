@@ -547,3 +547,17 @@ def test_deep_value_after_a_high_recursion_limit_does_not_crash(direct: str) -> 
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("TermError value nested deeper than the limit 1000")
     assert lines[1] == str(len(_etf.encode([[]], max_depth=3)) + 6 * (10**5 - 1))
+
+
+def test_a_bad_string_float_does_not_poison_the_atom_cache() -> None:
+    """A term that the C transcoder accepts but whose string float is bad
+    must not leave its new atoms in the thread's cache: every later term
+    with that atom decoded as a missing memo entry (``UnpicklingError``),
+    so one peer's frame broke other peers' frames in the same node."""
+    name = "fresh_atom_for_the_float_test"
+    atom = b"w" + bytes([len(name)]) + name.encode()
+    bad_float = b"c" + b"not-a-number".ljust(31, b"\0")
+    with pytest.raises(TermError, match="FLOAT_EXT is not a number"):
+        _codec.decode(b"\x83h\x02" + atom + bad_float)
+    assert _codec.decode(b"\x83" + atom) == Atom(name)
+    assert _codec.decode(b"\x83h\x02" + atom + atom) == (Atom(name), Atom(name))

@@ -350,6 +350,11 @@ def _decode_rare(
             try:
                 _string_float(data[pos + 1 : pos + 32], pos)
             except TermError as exc:
+                if rc >= 0:
+                    # The transcoder succeeded and cached this term's new
+                    # atoms at memo slots the stream (never loaded now)
+                    # would have filled: forget them with the stream.
+                    state.fresh_unpickler()
                 if inflated:
                     raise TermError(exc.detail + " (in the inflated term)", exc.offset) from None
                 raise
