@@ -15,37 +15,12 @@ from typing import Any
 import pytest
 
 from sshrpc import Atom, Pid, ProtocolError, RemoteError, decode
-from sshrpc._codec import encode_frame
 from sshrpc._saferepr import safe_repr
-from sshrpc.protocol import CLOSED, NEED_DATA, Bye, Call, Connection, Event, Hello, Reply, Role
+from sshrpc.protocol import Bye, Call, Connection, Hello, Reply, Role
+from test_protocol import events, frame, handshake
 
 A = Atom
 HUGE = 2**64000
-SESSION = Pid.new("node@host", 7)
-
-
-def frame(term: Any) -> bytes:
-    return encode_frame(term)
-
-
-def events(conn: Connection, data: bytes = b"") -> list[Event]:
-    if data:
-        conn.receive_data(data)
-    out: list[Event] = []
-    while True:
-        ev = conn.next_event()
-        if ev is NEED_DATA or ev is CLOSED:
-            return out
-        assert isinstance(ev, Event)
-        out.append(ev)
-
-
-def handshake() -> tuple[Connection, Connection]:
-    client = Connection(Role.CLIENT)
-    server = Connection(Role.SERVER, node="node@host", session=SESSION)
-    events(server, client.send(client.hello()))
-    events(client, server.send(server.hello()))
-    return client, server
 
 
 def _deep(n: int) -> Any:

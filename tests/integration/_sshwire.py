@@ -116,3 +116,37 @@ def bare(answer: Any) -> Any:
         kind, cid, (cls, reason, _details) = answer
         return (kind, cid, (cls, reason, {}))
     return answer
+
+
+class FrameClient:
+    """A client end of ``Node.serve_channel`` over an in-memory stream: raw
+    frames in and out, no protocol core (tests that need exact control)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def send(self, term: object) -> None:
+        payload = sshrpc.encode(term)
+        await self.stream.send_all(struct.pack(">I", len(payload)) + payload)
+
+    async def recv(self) -> object:
+        """The next term (None at EOF); fails after 5 s."""
+        with trio.fail_after(5):
+            while True:
+                if len(self.buf) >= 4:
+                    (size,) = struct.unpack(">I", self.buf[:4])
+                    if len(self.buf) >= 4 + size:
+                        payload = bytes(self.buf[4 : 4 + size])
+                        del self.buf[: 4 + size]
+                        return sshrpc.decode(payload)
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    return None
+                self.buf += data
+
+    async def hello(self) -> Any:
+        """Send an empty hello; return the server's hello map."""
+        await self.send((Atom("hello"), 1, {}))
+        answer = await self.recv()
+        return answer[2]  # type: ignore[index]

@@ -331,3 +331,17 @@ class RawChannel:
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if f is not None:
                 f.close()
+
+
+def hello(ch: RawChannel, max_frame: int = 1 << 20) -> dict[Any, Any]:
+    """Send a client hello on a raw channel; return the server's hello map."""
+    ch.send(
+        (
+            sshrpc.Atom("hello"),
+            1,
+            {sshrpc.Atom("max_frame"): max_frame, sshrpc.Atom("client"): b"raw/0"},
+        )
+    )
+    tag, version, info = ch.recv()
+    assert (tag, version) == ("hello", 1)
+    return info  # type: ignore[no-any-return]

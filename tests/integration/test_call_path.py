@@ -14,6 +14,20 @@ from sshrpc.node import Node
 pytestmark = pytest.mark.timeout(60)
 
 
+async def next_event(client: _p.Connection, stream: trio.abc.ReceiveStream) -> _p.Event:
+    """The client core's next event, reading ``stream`` as needed (10 s at
+    most per read)."""
+    while True:
+        event = client.next_event()
+        if event is not _p.NEED_DATA:
+            assert isinstance(event, _p.Event)
+            return event
+        with trio.fail_after(10):
+            data = await stream.receive_some()
+        assert data, "the node closed the channel"
+        client.receive_data(data)
+
+
 async def test_cast_starts_before_a_call_sent_after_it():
     """A cast followed by a call in the same write: the cast's function has
     begun (here: finished its first step) when the call runs, every time."""
@@ -36,18 +50,7 @@ async def test_cast_starts_before_a_call_sent_after_it():
         await client_side.send_all(client.send(client.hello()))
         pending = bytearray()
 
-        async def next_answer() -> _p.Event:
-            while True:
-                event = client.next_event()
-                if event is not _p.NEED_DATA:
-                    assert isinstance(event, _p.Event)
-                    return event
-                with trio.fail_after(10):
-                    data = await client_side.receive_some()
-                assert data, "the node closed the channel"
-                client.receive_data(data)
-
-        assert isinstance(await next_answer(), _p.Hello)
+        assert isinstance(await next_event(client, client_side), _p.Hello)
         for i in range(50):
             pending += client.send(_p.Cast(module=Atom("state"), function=Atom("put"), args=[i]))
             pending += client.send(
@@ -55,7 +58,7 @@ async def test_cast_starts_before_a_call_sent_after_it():
             )
             await client_side.send_all(bytes(pending))
             pending.clear()
-            answer = await next_answer()
+            answer = await next_event(client, client_side)
             assert isinstance(answer, _p.Reply), answer
             assert (answer.id, answer.value) == (i, i)
         nursery.cancel_scope.cancel()
@@ -88,25 +91,14 @@ async def test_answers_of_one_read_leave_in_one_write():
         nursery.start_soon(node.serve_channel, server_side)
         await client_side.send_all(client.send(client.hello()))
 
-        async def next_answer() -> _p.Event:
-            while True:
-                event = client.next_event()
-                if event is not _p.NEED_DATA:
-                    assert isinstance(event, _p.Event)
-                    return event
-                with trio.fail_after(10):
-                    data = await client_side.receive_some()
-                assert data, "the node closed the channel"
-                client.receive_data(data)
-
-        assert isinstance(await next_answer(), _p.Hello)
+        assert isinstance(await next_event(client, client_side), _p.Hello)
         batch = b"".join(
             client.send(_p.Call(id=i, module=Atom("m"), function=Atom("double"), args=[i]))
             for i in range(30)
         )
         before = _write_syscalls()
         await client_side.send_all(batch)  # send(2): not counted
-        answers = [await next_answer() for _ in range(30)]
+        answers = [await next_event(client, client_side) for _ in range(30)]
         writes = _write_syscalls() - before
         assert sorted((x.id, x.value) for x in answers) == [(i, 2 * i) for i in range(30)]
         assert writes == 1, writes
@@ -132,18 +124,7 @@ async def test_pool_answers_wait_for_room_and_come_once():
         nursery.start_soon(node.serve_channel, server_side)
         await client_side.send_all(client.send(client.hello()))
 
-        async def next_answer() -> _p.Event:
-            while True:
-                event = client.next_event()
-                if event is not _p.NEED_DATA:
-                    assert isinstance(event, _p.Event)
-                    return event
-                with trio.fail_after(10):
-                    data = await client_side.receive_some()
-                assert data, "the node closed the channel"
-                client.receive_data(data)
-
-        assert isinstance(await next_answer(), _p.Hello)
+        assert isinstance(await next_event(client, client_side), _p.Hello)
         calls = b"".join(
             client.send(_p.Call(id=i, module=Atom("m"), function=Atom("big"), args=[i]))
             for i in range(20)
@@ -152,15 +133,15 @@ async def test_pool_answers_wait_for_room_and_come_once():
         with trio.fail_after(10):
             while node.workers().statistics()["busy"]:  # every function returned
                 await trio.sleep(0.001)  # bounded polling of the pool's threads
-        first = await next_answer()  # the writer is blocked until we read
+        first = await next_event(client, client_side)  # the writer is blocked until we read
         await client_side.send_all(
             b"".join(client.send(_p.Cancel(id=i)) for i in range(20) if i != first.id)
         )
-        answers = [first] + [await next_answer() for _ in range(19)]
+        answers = [first] + [await next_event(client, client_side) for _ in range(19)]
         by_id = {a.id: a for a in answers}
         assert sorted(by_id) == list(range(20))
         for i, a in by_id.items():  # every function had returned: no cancel took
             assert isinstance(a, _p.Reply) and a.value == bytes([i]) * size, a
         await client_side.send_all(client.send(_p.Ping(token=7)))
-        assert await next_answer() == _p.Pong(token=7)
+        assert await next_event(client, client_side) == _p.Pong(token=7)
         nursery.cancel_scope.cancel()

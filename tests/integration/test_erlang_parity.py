@@ -31,6 +31,7 @@ from erlang_helpers import (
     erl_string,
     erlang_available,
     erlang_client_dir,
+    hello,
     start_erlang_server,
 )
 
@@ -107,13 +108,6 @@ def raw_channel(srv: ErlangServer, tmp_path: Path, client_key: Any) -> RawChanne
     kh = tmp_path / f"kh_{srv.port}"
     kh.write_text(srv.known_hosts_line + "\n")
     return RawChannel(srv.port, client_key.private, kh)
-
-
-def hello(ch: RawChannel) -> dict[Any, Any]:
-    ch.send((Atom("hello"), 1, {Atom("max_frame"): 1 << 20, Atom("client"): b"raw/0"}))
-    tag, version, info = ch.recv()
-    assert (tag, version) == ("hello", 1)
-    return info  # type: ignore[no-any-return]
 
 
 def exists_in(node: ErlangNode, name: str) -> bool:

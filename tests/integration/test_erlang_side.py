@@ -25,6 +25,7 @@ from erlang_helpers import (
     erl_string,
     erlang_available,
     erlang_client_dir,
+    hello,
     start_erlang_server,
 )
 
@@ -113,13 +114,6 @@ def raw(server: ErlangServer, known_hosts: Path, client_key: Any) -> Iterator[Ra
         yield ch
     finally:
         ch.close()
-
-
-def hello(ch: RawChannel, max_frame: int = 1 << 20) -> dict[Any, Any]:
-    ch.send((Atom("hello"), 1, {Atom("max_frame"): max_frame, Atom("client"): b"raw/0"}))
-    tag, version, info = ch.recv()
-    assert (tag, version) == ("hello", 1)
-    return info  # type: ignore[no-any-return]
 
 
 def sshrpc_error(reason: str) -> str:

@@ -6,13 +6,12 @@ test_work_bounds.py)."""
 from __future__ import annotations
 
 import logging
-import struct
 
 import pytest
 import trio
 import trio.testing
+from _sshwire import FrameClient
 
-import sshrpc
 from sshrpc import Atom, Service, node
 from sshrpc.node import Node
 
@@ -38,35 +37,11 @@ def heavy(n: int) -> list[list[object]]:
     return [[] for _ in range(n)]  # 72 units per empty list
 
 
-class Client:
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.buf = bytearray()
-
-    async def send(self, term: object) -> None:
-        payload = sshrpc.encode(term)
-        await self.stream.send_all(struct.pack(">I", len(payload)) + payload)
-
-    async def recv(self) -> object:
-        with trio.fail_after(5):
-            while True:
-                if len(self.buf) >= 4:
-                    (size,) = struct.unpack(">I", self.buf[:4])
-                    if len(self.buf) >= 4 + size:
-                        payload = bytes(self.buf[4 : 4 + size])
-                        del self.buf[: 4 + size]
-                        return sshrpc.decode(payload)
-                data = await self.stream.receive_some(65536)
-                if not data:
-                    return None
-                self.buf += data
-
-
-async def start(nursery: trio.Nursery, **options: object) -> tuple[Node, Client]:
+async def start(nursery: trio.Nursery, **options: object) -> tuple[Node, FrameClient]:
     n = Node([t], **options)  # type: ignore[arg-type]
     ours, theirs = trio.testing.memory_stream_pair()
     nursery.start_soon(n.serve_channel, theirs)
-    c = Client(ours)
+    c = FrameClient(ours)
     await c.send((A("hello"), 1, {}))
     assert (await c.recv())[0] == "hello"  # type: ignore[index]
     return n, c

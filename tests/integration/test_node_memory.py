@@ -4,13 +4,12 @@ mailboxes and their overflow, registered names, bounds."""
 from __future__ import annotations
 
 import logging
-import struct
 
 import pytest
 import trio
 import trio.testing
+from _sshwire import FrameClient
 
-import sshrpc
 from sshrpc import Atom, Service, node
 from sshrpc.node import Node
 
@@ -68,40 +67,11 @@ def whoami() -> str:
     return node.current_key().fingerprint or "-"
 
 
-class Client:
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.buf = bytearray()
-
-    async def send(self, term: object) -> None:
-        payload = sshrpc.encode(term)
-        await self.stream.send_all(struct.pack(">I", len(payload)) + payload)
-
-    async def recv(self) -> object:
-        with trio.fail_after(5):
-            while True:
-                if len(self.buf) >= 4:
-                    (size,) = struct.unpack(">I", self.buf[:4])
-                    if len(self.buf) >= 4 + size:
-                        payload = bytes(self.buf[4 : 4 + size])
-                        del self.buf[: 4 + size]
-                        return sshrpc.decode(payload)
-                data = await self.stream.receive_some(65536)
-                if not data:
-                    return None
-                self.buf += data
-
-    async def hello(self) -> dict:
-        await self.send((A("hello"), 1, {}))
-        answer = await self.recv()
-        return answer[2]
-
-
-async def start(nursery, **options) -> tuple[Node, Client]:
+async def start(nursery, **options) -> tuple[Node, FrameClient]:
     n = Node([t], **options)
     ours, theirs = trio.testing.memory_stream_pair()
     nursery.start_soon(n.serve_channel, theirs)
-    return n, Client(ours)
+    return n, FrameClient(ours)
 
 
 async def test_bye_drains_open_calls(nursery):
@@ -166,7 +136,7 @@ async def test_expose_traces_option(nursery):
     n = Node([bad], expose_traces=True)
     ours, theirs = trio.testing.memory_stream_pair()
     nursery.start_soon(n.serve_channel, theirs)
-    c = Client(ours)
+    c = FrameClient(ours)
     await c.hello()
     await c.send((A("call"), 1, A("bad"), A("boom"), []))
     tag, _, (cls, reason, details) = await c.recv()
