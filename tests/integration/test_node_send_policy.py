@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from test_node_memory import Client, t
+from _sshwire import FrameClient
+from test_node_memory import t
 
 from sshrpc import Atom, Pid, Service
 from sshrpc.node import Node
@@ -35,22 +36,22 @@ def _policy(scope_bob: str | None) -> Policy:
     return Policy.from_mapping({"rule": rules})
 
 
-async def _open(nursery: trio.Nursery, n: Node, key: KeyIdentity) -> tuple[Client, Pid]:
+async def _open(nursery: trio.Nursery, n: Node, key: KeyIdentity) -> tuple[FrameClient, Pid]:
     ours, theirs = trio.testing.memory_stream_pair()
     nursery.start_soon(n.serve_channel, theirs, key)
-    c = Client(ours)
+    c = FrameClient(ours)
     hello = await c.hello()
     return c, hello[A("session")]
 
 
-async def _spawn_named(c: Client, id: int, name: bytes) -> Pid:
+async def _spawn_named(c: FrameClient, id: int, name: bytes) -> Pid:
     await c.send((A("spawn"), id, A("t"), A("named"), [name]))
     tag, _, pid = await c.recv()
     assert tag == "reply"
     return pid
 
 
-async def _sync(c: Client, token: int) -> None:
+async def _sync(c: FrameClient, token: int) -> None:
     await c.send((A("ping"), token))
     assert await c.recv() == (A("pong"), token)
 
@@ -163,7 +164,7 @@ async def test_requests_cut_off_by_a_disconnect_are_audited(
     with caplog.at_level(logging.INFO, logger="sshrpc.audit"):
         ours, theirs = trio.testing.memory_stream_pair()
         nursery.start_soon(n.serve_channel, theirs, ALICE)
-        c = Client(ours)
+        c = FrameClient(ours)
         await c.hello()
         await c.send((A("call"), 1, A("slow"), A("work"), [30]))
         await c.send((A("cast"), A("slow"), A("work"), [30]))
@@ -171,7 +172,7 @@ async def test_requests_cut_off_by_a_disconnect_are_audited(
         assert await c.recv() == (A("pong"), 1)
         legacy_ours, legacy_theirs = trio.testing.memory_stream_pair()
         nursery.start_soon(n.serve_channel, legacy_theirs, ALICE)
-        legacy = Client(legacy_ours)
+        legacy = FrameClient(legacy_ours)
         await legacy.send((A("mfa"), (A("slow"), A("work"), [30])))
         await trio.testing.wait_all_tasks_blocked()
         await ours.aclose()
