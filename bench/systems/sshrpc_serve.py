@@ -7,6 +7,7 @@ Usage: ``python bench/systems/sshrpc_serve.py SERVE_ARGS...``
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,15 @@ from sshrpc import cli
 
 
 def main(argv: list[str]) -> int:
-    return cli.main(["serve", *argv, "--max-frame", str(MAX_FRAME)])
+    return cli.main(
+        [
+            "serve",
+            *argv,
+            "--max-frame",
+            str(MAX_FRAME),
+            *os.environ.get("SSHRPC_BENCH_SERVE_ARGS", "").split(),
+        ]
+    )
 
 
 if __name__ == "__main__":
