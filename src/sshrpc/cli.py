@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._auditlog import LOG_FORMAT
 from ._bounds import (
     DEFAULT_MAX_CHANNELS_PER_KEY,
     DEFAULT_MAX_HELD_PER_KEY,
@@ -457,6 +458,7 @@ def _serve(args: argparse.Namespace) -> int:
                             redact_errors=args.redact_errors,
                             audit_level=_AUDIT_LEVELS[args.audit_level],
                             audit_window=args.audit_window,
+                            audit_stream=sys.stderr,
                             max_frame=args.max_frame,
                             max_calls=args.max_calls,
                             max_channels_per_key=args.max_channels_per_key,
@@ -552,6 +554,7 @@ def _node(args: argparse.Namespace) -> int:
                         redact_errors=args.redact_errors,
                         audit_level=_AUDIT_LEVELS[args.audit_level],
                         audit_window=args.audit_window,
+                        audit_stream=sys.stderr,
                         max_frame=args.max_frame,
                         max_calls=args.max_calls,
                         max_channels_per_key=args.max_channels_per_key,
@@ -646,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=level, format=LOG_FORMAT)
     if getattr(args, "audit_level", None) is not None:
         # Audit lines at INFO and above show without -v; ``--audit-level
         # debug`` hides the lines of allowed requests unless -vv.

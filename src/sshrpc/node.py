@@ -76,12 +76,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import trio
 from outcome import Value as _Value
 
 from . import protocol as _p
+from ._auditlog import AuditStream
 from ._bounds import (
     DEFAULT_MAX_CHANNELS_PER_KEY,
     DEFAULT_MAX_HELD_PER_KEY,
@@ -99,6 +100,7 @@ from ._workers import Job, WorkerPool
 from ._workers import current_token as _worker_token
 from .policy import (
     ANONYMOUS,
+    AUDIT_LOGGER,
     Auditor,
     Decision,
     ExposureTable,
@@ -1292,6 +1294,11 @@ class Node:
       audit_level: the level of audit lines for requests that ran (INFO by
         default); denials are WARNING lines, rate-limited (``Auditor``).
       audit_window: the rate limit's window in seconds (default 10).
+      audit_stream: write audit lines to this text stream directly, in the
+        format of ``logging.basicConfig(format=_auditlog.LOG_FORMAT)``,
+        once per turn of the event loop (``_auditlog.AuditStream``): about
+        15 µs less per call than a ``logging`` record each.  ``None`` (the
+        default): through the ``sshrpc.audit`` logger.
     """
 
     def __init__(
@@ -1315,6 +1322,7 @@ class Node:
         redact_errors: bool = False,
         audit_level: int = logging.INFO,
         audit_window: float = 10.0,
+        audit_stream: TextIO | None = None,
     ) -> None:
         found = flatten_services(services.values() if isinstance(services, Mapping) else services)
         self.table = ExposureTable(found, policy or Policy.allow_all())
@@ -1333,7 +1341,11 @@ class Node:
         #: Taken to decode a frame that may be expensive (``_Channel._next_event``).
         self.heavy = trio.Lock()
         self.redact_errors = redact_errors
-        self.auditor = Auditor(allowed_level=audit_level, window=audit_window)
+        self.auditor = Auditor(
+            allowed_level=audit_level,
+            window=audit_window,
+            write=None if audit_stream is None else AuditStream(audit_stream, AUDIT_LOGGER).write,
+        )
         self.worker_threads = worker_threads
         self.worker_threads_per_key = worker_threads_per_key
         # Checks the numbers now; its threads start with the first sync call.

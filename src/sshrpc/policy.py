@@ -404,6 +404,11 @@ class Auditor:
     N times``; at most ``burst`` denial lines per key per window, then ``N
     more denials not logged``.  The bookkeeping is bounded (``max_entries``).
     Every field is escaped with ``clean``.  Never raises for any input.
+
+    ``write``: where lines go, ``write(level, line)``; by default
+    ``logger.log``.  (``sshrpc serve`` passes ``_auditlog.AuditStream``,
+    which writes the same text once per loop turn.)  ``logger``'s level
+    decides which lines are written either way.
     """
 
     def __init__(
@@ -415,6 +420,7 @@ class Auditor:
         max_entries: int = 4096,
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
+        write: Callable[[int, str], None] | None = None,
     ) -> None:
         self.allowed_level = allowed_level
         self.window = window
@@ -422,6 +428,9 @@ class Auditor:
         self.max_entries = max_entries
         self.logger = logger or _audit
         self.clock = clock
+        self._write = write or self._log
+        # (fingerprint, what) -> the escaped start of the line
+        self._heads: dict[tuple[str, str], str] = {}
         # line -> [window start, identical lines not logged]
         self._same: dict[str, list[float]] = {}
         # fingerprint -> [window start, lines logged, lines not logged]
@@ -438,13 +447,19 @@ class Auditor:
         denied = outcome in DENIALS
         if not self.logger.isEnabledFor(logging.WARNING if denied else self.allowed_level):
             return
-        fingerprint = clean(key.fingerprint or "-", 120)
-        line = f"key={fingerprint} {clean(what, 600)} outcome={clean(outcome, 60)}"
+        head = self._heads.get((key.fingerprint, what))
+        if head is None:
+            head = f"key={clean(key.fingerprint or '-', 120)} {clean(what, 600)}"
+            if len(self._heads) >= self.max_entries:
+                self._heads.clear()
+            self._heads[key.fingerprint, what] = head
+        line = f"{head} outcome={clean(outcome, 60)}"
         if duration is not None:
             line += f" duration_ms={duration * 1000.0:.3f}"
         if not denied:
-            self.logger.log(self.allowed_level, "%s", line)
+            self._write(self.allowed_level, line)
             return
+        fingerprint = clean(key.fingerprint or "-", 120)
         now = self.clock()
         same = self._same.get(line)
         if same is not None and now - same[0] < self.window:
@@ -473,7 +488,7 @@ class Auditor:
                 oldest = next(iter(self._same))
                 self._repeated(oldest, int(self._same.pop(oldest)[1]))
         self._same[line] = [now, 0]
-        self.logger.warning("%s", line)
+        self._write(logging.WARNING, line)
 
     def flush(self, *, expired_only: bool = False) -> None:
         """Write the pending counts (``repeated N times``, ``N more denials
@@ -497,13 +512,16 @@ class Auditor:
         for fp in [k for k, v in self._per_key.items() if now - v[0] >= self.window]:
             self._more(fp, int(self._per_key.pop(fp)[2]))
 
+    def _log(self, level: int, line: str) -> None:
+        self.logger.log(level, "%s", line)
+
     def _repeated(self, line: str, count: int) -> None:
         if count:
-            self.logger.warning("%s (repeated %d times)", line, count)
+            self._write(logging.WARNING, f"{line} (repeated {count} times)")
 
     def _more(self, fingerprint: str, count: int) -> None:
         if count:
-            self.logger.warning("key=%s: %d more denials not logged", fingerprint, count)
+            self._write(logging.WARNING, f"key={fingerprint}: {count} more denials not logged")
 
 
 _default_auditor = Auditor()
