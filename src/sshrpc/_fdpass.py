@@ -67,12 +67,15 @@ class PassedStream(trio.abc.HalfCloseableStream):
         self.out_fd = fds[-1]
         self.gone = trio.Event()
         self.closed = False
+        #: The client's EOF was read (the channel stays up until ``gone``).
+        self.eof = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self.gone.is_set():
             return b""
         data = await self.reader.receive_some(max_bytes)
         if not data:
+            self.eof = True
             await self.gone.wait()
         return data
 
