@@ -552,6 +552,8 @@ def render(results: list[RowResult], meta: dict[str, Any], args: argparse.Namesp
         v = t["value"]
         shown = "-" if v is None else (f"{v:.1f} µs" if t["unit"] == "µs" else f"{v:.2f}x")
         met = "?" if t["met"] is None else ("yes" if t["met"] else "NO")
+        if t["target"].startswith("(info)"):
+            met = "(not a target)"
         add(f"| {t['target']} | {t['limit']} | {shown} | {met} |")
     add("")
     add("Columns: wall µs = median round trip (sequential rows) or elapsed time / calls;")
