@@ -1293,9 +1293,9 @@ class Node:
       audit_level: the level of audit lines for requests that ran (INFO by
         default); denials are WARNING lines, rate-limited (``Auditor``).
       audit_window: the rate limit's window in seconds (default 10).
-      pass_fds: take the channel's socket from a relay that offers it
-        (``sshrpc._fdpass``: the relay then copies nothing); False: such
-        relays are told to copy (default True).
+      pass_fds: take the channel's descriptors from a relay that offers
+        them (``sshrpc._fdpass``: the relay then copies nothing); False:
+        such relays are told to copy (default True).
     """
 
     def __init__(
@@ -1347,7 +1347,7 @@ class Node:
         self.registry: dict[str, Pid] = {}
         self.channels: set[_Channel] = set()
         self.pass_fds = pass_fds
-        #: Channels served on a socket passed by their relay (``_fdpass``).
+        #: Channels served on descriptors passed by their relay (``_fdpass``).
         self.channels_passed = 0
         #: Random per node (never 0), as Erlang's creation differs per start.
         self._creation = secrets.randbits(32) or 1
@@ -1535,6 +1535,7 @@ class Node:
             self.auditor.flush(expired_only=True)
 
     async def _serve_relay(self, stream: trio.SocketStream) -> None:
+        passed: _fdpass.PassedStream | None = None
         try:
             creds = stream.socket.getsockopt(
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
@@ -1557,14 +1558,11 @@ class Node:
                     log.warning("relay pid %d sent no valid header; dropped", peer_pid)
                     return
                 user_auth, ssh_connection, command, offered = header
-                passed = None
-                if offered:  # the relay sent the channel's socket: take it or say copy
+                if offered:  # the relay sent the channel's descriptors: take them or say copy
                     passed = _fdpass.take_channel(fds) if self.pass_fds else None
                     try:
                         await stream.send_all(_fdpass.COPY if passed is None else _fdpass.TAKEN)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        if passed is not None:
-                            await passed.aclose()
                         return  # the relay went away at once
             finally:
                 _fdpass.close_fds(fds)
@@ -1578,25 +1576,23 @@ class Node:
                 "channel from %s key %s%s",
                 clean(ssh_connection or "-", 200),
                 clean(str(key), 300),
-                "" if passed is None else " (socket passed)",
+                "" if passed is None else " (descriptors passed)",
             )
             if passed is None:
                 await self.serve_channel(stream, key, ssh_connection)
                 return
             self.channels_passed += 1
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_fdpass.watch_relay, stream, passed)
-                    await self.serve_channel(passed, key, ssh_connection)
-                    nursery.cancel_scope.cancel()
-            finally:
-                with trio.CancelScope(shield=True), contextlib.suppress(Exception):
-                    await passed.aclose()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_fdpass.watch_relay, stream, passed)
+                await self.serve_channel(passed, key, ssh_connection)
+                nursery.cancel_scope.cancel()
         except Exception:
             # A bug in one channel must not take the node down: log it.
             log.exception("channel failed")
         finally:
             with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                if passed is not None:  # the channel's descriptors first, then the relay
+                    await passed.aclose()
                 await stream.aclose()
 
 
@@ -1604,8 +1600,8 @@ async def _read_header(
     stream: trio.SocketStream, fds: list[int] | None = None
 ) -> tuple[str, str, bytes | None, bool] | None:
     """The relay's header: (auth info, SSH_CONNECTION, exec command or None
-    for a subsystem channel, whether the relay offers the channel's socket
-    (``_fdpass``)); None if it is not a valid header.  Descriptors that
+    for a subsystem channel, whether the relay offers the channel's
+    descriptors (``_fdpass``)); None if it is not a valid header.  Descriptors that
     came with its first bytes are appended to ``fds`` (the caller closes
     what it does not take); without ``fds``, none are taken."""
     buf = bytearray()
