@@ -97,10 +97,13 @@ def _ssh_argv(tn: TestNode) -> list[str]:
 
 
 async def _until(condition: Any, what: str, timeout: float = 10.0) -> None:
-    """Bounded polling (the condition lives in other processes)."""
-    with trio.fail_after(timeout):
+    """Bounded polling (the condition waits on other processes: sshd, the
+    relay, ssh); fails saying ``what`` did not happen."""
+    with trio.move_on_after(timeout):
         while not condition():
             await trio.sleep(0.01)
+        return
+    raise AssertionError(f"not {what} within {timeout} s")
 
 
 @asynccontextmanager
