@@ -5,11 +5,16 @@
     .venv/bin/python bench/call_cpu.py --only 'p64_*,tcp_*'  # some rows (--list names them)
     .venv/bin/python bench/call_cpu.py --json                # JSON on stdout instead
 
-Starts three servers on free loopback ports (each stopped by its PID at the
-end): ``sshrpc serve`` in relay mode serving bench/systems/sshrpc_service.py
-(OpenSSH sshd, the C relay, the Python node), the plain-TCP Trio floor
-(bench/floors) and the modernized seed (erlang/'s OTP daemon), with one client
-driver process each (bench/systems/_common.py's line protocol).  Each *row*
+Starts the servers of the rows asked for on free loopback ports (each stopped
+by its PID at the end): ``sshrpc serve`` in relay mode serving
+bench/systems/sshrpc_service.py (OpenSSH sshd, the C relay passing the
+channel's descriptors to the Python node), the same with ``--no-pass-fds``
+(the relay copies every byte: the ``*_copy`` rows), the sshd floor (the same
+OpenSSH sshd in front of bench/floors/sshd_echo.py, a blocking echo of
+frames, driven by bench/floors/sshd_client.py, ssh2-python under Trio: what
+SSH itself costs per call), the plain-TCP Trio floor (bench/floors) and the
+modernized seed (erlang/'s OTP daemon), with one client driver process each
+(bench/systems/_common.py's line protocol).  Each *row*
 is one way of calling (sequential, 64 caller tasks, one task with many
 requests open, ...); rounds run every row once, in an order that rotates
 each round, and every figure is the median over the rounds.
@@ -62,6 +67,9 @@ from bench.systems._common import ROOT, Driver, DriverError, DriverTimeout
 from sshrpc._statedir import temp_root
 
 ROLES = ("client", "sshd", "relay", "node")
+#: Systems behind OpenSSH's sshd (an sshd column), and with a relay process.
+SSH_SYSTEMS = ("sshrpc", "sshrpc_copy", "sshd_floor")
+RELAY_SYSTEMS = ("sshrpc", "sshrpc_copy")
 TICK = os.sysconf("SC_CLK_TCK")
 #: The value every row echoes: 32 bytes, as in bench/run.py.
 SIZE = 32
@@ -80,6 +88,8 @@ class System:
 
 SYSTEMS = (
     System("sshrpc", "sshrpc relay", "sshrpc (relay mode)"),
+    System("sshrpc_copy", "sshrpc relay (copying)", "sshrpc, relay copying (--no-pass-fds)"),
+    System("sshd_floor", "sshd floor", "sshd floor"),
     System("tcp", "TCP floor (Trio)", "TCP floor"),
     System("seed", "Erlang seed (OTP -> OTP)", "seed"),
 )
@@ -103,6 +113,56 @@ ROWS = (
     Row("p64_thread", "sshrpc", "sshrpc 64 tasks, thread-sync", "pipe 64 {n} {s} 2", False),
     Row("req64", "sshrpc", "sshrpc request API, 1 task, 64 open", "reqs 64 {n} {s}", False),
     Row("req1024", "sshrpc", "sshrpc request API, 1 task, 1,024 open", "reqs 1024 {n} {s}", False),
+    Row(
+        "seq_echo_copy",
+        "sshrpc_copy",
+        "sshrpc sequential, async `echo`, relay copying",
+        "latency {n} {s} 32 0",
+        True,
+    ),
+    Row(
+        "seq_inline_copy",
+        "sshrpc_copy",
+        "sshrpc sequential, inline-sync, relay copying",
+        "latency {n} {s} 32 1",
+        True,
+    ),
+    Row(
+        "seq_thread_copy",
+        "sshrpc_copy",
+        "sshrpc sequential, thread-sync, relay copying",
+        "latency {n} {s} 32 2",
+        True,
+    ),
+    Row(
+        "p64_echo_copy",
+        "sshrpc_copy",
+        "sshrpc 64 tasks, async `echo`, relay copying",
+        "pipe 64 {n} {s} 0",
+        False,
+    ),
+    Row(
+        "p64_inline_copy",
+        "sshrpc_copy",
+        "sshrpc 64 tasks, inline-sync, relay copying",
+        "pipe 64 {n} {s} 1",
+        False,
+    ),
+    Row(
+        "p64_thread_copy",
+        "sshrpc_copy",
+        "sshrpc 64 tasks, thread-sync, relay copying",
+        "pipe 64 {n} {s} 2",
+        False,
+    ),
+    Row(
+        "sshd_floor_seq",
+        "sshd_floor",
+        "sshd floor sequential (ssh2-python -> sshd -> echo)",
+        "latency {n} {s} 32",
+        True,
+    ),
+    Row("sshd_floor_win64", "sshd_floor", "sshd floor 1 task, window 64", "pipe 64 {n} {s}", False),
     Row("tcp_seq", "tcp", "TCP floor sequential", "latency {n} {s} 32", True),
     Row("tcp_tasks64", "tcp", "TCP floor 64 tasks", "tasks 64 {n} {s}", False),
     Row("tcp_win64", "tcp", "TCP floor 1 task, window 64", "pipe 64 {n} {s}", False),
@@ -130,6 +190,10 @@ TARGETS: tuple[tuple[str, str, str | None, str, float, bool], ...] = (
     ("sequential latency, async, vs seed", "seq_echo", "seed_seq", "wall", 0.8, False),
     ("sequential latency, inline, vs seed", "seq_inline", "seed_seq", "wall", 0.8, False),
     ("sequential latency, thread, vs seed", "seq_thread", "seed_seq", "wall", 0.8, False),
+    ("(info) sequential latency, async, vs the sshd floor", "seq_echo", "sshd_floor_seq",
+     "wall", 1.0, False),
+    ("(info) sequential latency, async: descriptors passed vs relay copying", "seq_echo",
+     "seq_echo_copy", "wall", 1.0, False),
 )  # fmt: skip
 
 
@@ -239,6 +303,11 @@ def sshrpc_role(p: ProcInfo, root: int) -> str:
     return "relay"  # the subsystem command (the C relay; a shell if it did not exec)
 
 
+def floor_role(p: ProcInfo, root: int) -> str:
+    """The sshd floor: every sshd process, and the echo subsystem as the node."""
+    return "sshd" if p.comm.startswith("sshd") else "node"
+
+
 def server_role(p: ProcInfo, root: int) -> str:
     return "node"
 
@@ -265,7 +334,9 @@ class RowResult:
     def med(self, name: str) -> float | None:
         """The median over rounds of a column (a role's CPU or an attribute);
         None where not measured, and for sshd and relay outside sshrpc."""
-        if name in ("sshd", "relay") and self.row.system != "sshrpc":
+        if name == "sshd" and self.row.system not in SSH_SYSTEMS:
+            return None
+        if name == "relay" and self.row.system not in RELAY_SYSTEMS:
             return None
         values = self.cpu_us[name] if name in ROLES else getattr(self, name)
         return statistics.median(values) if values else None
@@ -280,7 +351,9 @@ class Live:
 
     def roots(self) -> list[tuple[int, Callable[[ProcInfo, int], str]]]:
         assert self.driver is not None and self.handle is not None
-        server = sshrpc_role if self.system.key == "sshrpc" else server_role
+        server = {"sshrpc": sshrpc_role, "sshrpc_copy": sshrpc_role, "sshd_floor": floor_role}.get(
+            self.system.key, server_role
+        )
         return [(self.driver.proc.pid, client_role)] + [(p, server) for p in self.handle.pids]
 
 
@@ -289,7 +362,8 @@ def log(msg: str) -> None:
 
 
 def start(live: Live, ctx: registry.Context, logs: Path) -> None:
-    spec = next(s for s in registry.systems() if s.name == live.system.spec_name)
+    specs = registry.systems() + registry.extra_systems()
+    spec = next(s for s in specs if s.name == live.system.spec_name)
     try:
         live.handle = registry.SERVERS[spec.servers[0]](ctx)
         argv = spec.client(ctx, live.handle)
@@ -478,6 +552,8 @@ def render(results: list[RowResult], meta: dict[str, Any], args: argparse.Namesp
         v = t["value"]
         shown = "-" if v is None else (f"{v:.1f} µs" if t["unit"] == "µs" else f"{v:.2f}x")
         met = "?" if t["met"] is None else ("yes" if t["met"] else "NO")
+        if t["target"].startswith("(info)"):
+            met = "(not a target)"
         add(f"| {t['target']} | {t['limit']} | {shown} | {met} |")
     add("")
     add("Columns: wall µs = median round trip (sequential rows) or elapsed time / calls;")

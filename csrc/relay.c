@@ -7,7 +7,7 @@
  * executable sshrpc/sshrpc-relay (sshrpc.subsystem.native_relay() finds it);
  * nothing is compiled at run time.  Without it, the Python relay is used.
  *
- *   usage: relay SOCKET [--subsystem]
+ *   usage: relay [--pass-fds] SOCKET [--subsystem]
  *
  * Header sent to the node first (the node checks SO_PEERCRED):
  *   "SRLY" LENGTH(4 bytes, big-endian) BODY
@@ -39,6 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -47,6 +48,7 @@
 #define MAX_CONN 1024
 #define MAX_COMMAND 8192 /* sshrpc._exec.MAX_COMMAND */
 #define MARKER "--subsystem"
+#define PASS_FDS "--pass-fds"
 #define REFUSED 3
 
 struct buf {
@@ -83,8 +85,11 @@ static int write_all(int fd, const unsigned char *p, size_t n) {
     return 0;
 }
 
-static int send_header(int sock, const char *command) {
-    static unsigned char head[8 + MAX_AUTH + 1 + MAX_CONN + 6 + MAX_COMMAND + 1];
+/* The header (magic "SRLY", or "SRLF" when descriptors go with it) into
+   head; its length. */
+static unsigned char header[8 + MAX_AUTH + 1 + MAX_CONN + 6 + MAX_COMMAND + 1];
+
+static size_t build_header(const char *command, const char *magic) {
     size_t n = 8;
     const char *path = getenv("SSH_USER_AUTH");
     if (path && *path) {
@@ -100,32 +105,36 @@ static int send_header(int sock, const char *command) {
             }
             close(fd);
             for (size_t i = 0; i < got; i++)
-                if (auth[i] != 0) head[n++] = auth[i];
+                if (auth[i] != 0) header[n++] = auth[i];
         }
     }
-    head[n++] = 0;
+    header[n++] = 0;
     const char *conn = getenv("SSH_CONNECTION");
     if (conn) {
         size_t len = strlen(conn);
         if (len > MAX_CONN) len = MAX_CONN;
-        memcpy(head + n, conn, len);
+        memcpy(header + n, conn, len);
         n += len;
     }
     if (command) {
         size_t len = strlen(command);
         if (len > MAX_COMMAND + 1) len = MAX_COMMAND + 1;
-        memcpy(head + n, "\0exec\0", 6);
+        memcpy(header + n, "\0exec\0", 6);
         n += 6;
-        memcpy(head + n, command, len);
+        memcpy(header + n, command, len);
         n += len;
     }
     size_t body = n - 8;
-    memcpy(head, "SRLY", 4);
-    head[4] = (unsigned char)(body >> 24);
-    head[5] = (unsigned char)(body >> 16);
-    head[6] = (unsigned char)(body >> 8);
-    head[7] = (unsigned char)body;
-    return write_all(sock, head, n);
+    memcpy(header, magic, 4);
+    header[4] = (unsigned char)(body >> 24);
+    header[5] = (unsigned char)(body >> 16);
+    header[6] = (unsigned char)(body >> 8);
+    header[7] = (unsigned char)body;
+    return n;
+}
+
+static int send_header(int sock, const char *command) {
+    return write_all(sock, header, build_header(command, "SRLY"));
 }
 
 /* Is the last white-space separated word of text the marker? */
@@ -227,9 +236,91 @@ static int exec_command(const char *path, const char *command) {
 
 static int gone_errno(void) { return errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR; }
 
+
+/* --- descriptor passing (--pass-fds) ---------------------------------------
+ *
+ * The relay sends the channel's descriptors to the node with the header
+ * ("SRLF" instead of "SRLY", the descriptors attached with SCM_RIGHTS): fd 0
+ * when sshd gave the channel as one socket on fd 0 and fd 1 (OpenSSH's
+ * socketpair), fd 0 and fd 1 when they are pipes (OpenSSH built with
+ * USE_PIPES).  The node answers one byte: 'F', it serves the channel on
+ * them itself, or 'C', copy as usual (see src/sshrpc/_fdpass.py).  After 'F' the relay copies nothing: it
+ * stays alive (sshd stops delivering the client's data once the subsystem
+ * process exits) blocked in poll() on the node's socket and on fd 1, and
+ * exits 0 when the node closes its socket (the node ended the channel) or
+ * fd 1 reports POLLHUP/POLLERR (sshd closed the channel): closing the socket
+ * tells the node the channel is gone, as the copying relay does.
+ */
+
+/* The descriptors to pass: 1 (fd 0) when fd 0 and fd 1 are the same socket,
+   2 (fd 0 and fd 1) when both are pipes, 0 (copy) otherwise. */
+static int channel_fds(void) {
+    struct stat in, out;
+    if (fstat(0, &in) < 0 || fstat(1, &out) < 0) return 0;
+    if (S_ISSOCK(in.st_mode) && in.st_dev == out.st_dev && in.st_ino == out.st_ino) return 1;
+    if (S_ISFIFO(in.st_mode) && S_ISFIFO(out.st_mode)) return 2;
+    return 0;
+}
+
+/* Send the "SRLF" header with fds 0..count-1 attached.  0 when sent; -1 when sendmsg
+   failed before sending anything (then nothing was sent: the caller may send
+   a plain header instead); -2 when the socket failed midway. */
+static int send_header_fds(int sock, int count) {
+    size_t n = build_header(NULL, "SRLF");
+    union {
+        char buf[CMSG_SPACE(2 * sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    memset(&control, 0, sizeof control);
+    struct iovec iov = {header, n};
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = CMSG_SPACE((size_t)count * sizeof(int));
+    struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN((size_t)count * sizeof(int));
+    int fds[2] = {0, 1};
+    memcpy(CMSG_DATA(cmsg), fds, (size_t)count * sizeof(int));
+    ssize_t w;
+    do {
+        w = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    } while (w < 0 && errno == EINTR);
+    if (w < 0) return -1;
+    return write_all(sock, header + w, n - (size_t)w) < 0 ? -2 : 0;
+}
+
+/* The node serves the channel on the passed socket: wait for the end. */
+static int hold(int sock) {
+    const short gone = POLLHUP | POLLERR | POLLNVAL;
+    unsigned char scrap[256];
+    for (;;) {
+        struct pollfd fds[2] = {{sock, POLLIN, 0}, {1, 0, 0}};
+        if (poll(fds, 2, -1) < 0) {
+            if (errno == EINTR) continue;
+            break;
+        }
+        if (fds[0].revents) {
+            ssize_t r = recv(sock, scrap, sizeof scrap, 0);
+            if (r == 0 || (r < 0 && gone_errno())) break;
+        }
+        if (fds[1].revents & gone) break;
+    }
+    close(sock);
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    int pass_fds = argc > 1 && strcmp(argv[1], PASS_FDS) == 0;
+    if (pass_fds) {
+        argv++;
+        argc--;
+    }
     if (!(argc == 2 || (argc == 3 && strcmp(argv[2], MARKER) == 0))) {
-        fputs("usage: relay SOCKET [" MARKER "]\n", stderr);
+        fputs("usage: relay [" PASS_FDS "] SOCKET [" MARKER "]\n", stderr);
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
@@ -244,7 +335,21 @@ int main(int argc, char **argv) {
     }
     int sock = connect_node(argv[1]);
     if (sock < 0) return 1;
-    if (send_header(sock, NULL) < 0) return 0; /* the node went away at once */
+    int offered = 0;
+    int count = pass_fds ? channel_fds() : 0;
+    if (count) {
+        int rc = send_header_fds(sock, count);
+        if (rc == -2) return 0; /* the node went away at once */
+        offered = rc == 0;
+    }
+    if (offered) {
+        unsigned char verdict;
+        if (recv_exactly(sock, &verdict, 1) < 0) return 0; /* the node went away */
+        if (verdict == 'F') return hold(sock);
+        /* 'C' (or anything else): copy as usual. */
+    } else if (send_header(sock, NULL) < 0) {
+        return 0; /* the node went away at once */
+    }
     fcntl(0, F_SETFL, fcntl(0, F_GETFL) | O_NONBLOCK);
     fcntl(1, F_SETFL, fcntl(1, F_GETFL) | O_NONBLOCK);
     fcntl(sock, F_SETFL, fcntl(sock, F_GETFL) | O_NONBLOCK);

@@ -224,6 +224,18 @@ def start_sshrpc_inproc(ctx: Context) -> ServerHandle:
     return _start_sshrpc_serve(ctx, "sshrpc_inproc", ["--in-process"])
 
 
+def start_sshrpc_relay_copy(ctx: Context) -> ServerHandle:
+    """``sshrpc serve`` whose relay copies every byte (``--no-pass-fds``)."""
+    return _start_sshrpc_serve(ctx, "sshrpc_relay_copy", ["--no-pass-fds"])
+
+
+def start_sshd_floor(ctx: Context) -> ServerHandle:
+    """The sshd floor: bench/floors/sshd_echo.py behind a private OpenSSH sshd."""
+    return _start_openssh(
+        ctx, "sshd_floor", {SUBSYSTEM: f"{PYTHON} -S {BENCH / 'floors' / 'sshd_echo.py'}"}
+    )
+
+
 SERVERS: dict[str, Callable[[Context], ServerHandle]] = {
     "tcp_floor": start_tcp_floor,
     "openssh_cat": start_openssh_cat,
@@ -232,6 +244,8 @@ SERVERS: dict[str, Callable[[Context], ServerHandle]] = {
     "erlang": start_erlang,
     "sshrpc_relay": start_sshrpc_relay,
     "sshrpc_inproc": start_sshrpc_inproc,
+    "sshrpc_relay_copy": start_sshrpc_relay_copy,
+    "sshd_floor": start_sshd_floor,
 }
 
 
@@ -309,6 +323,20 @@ def _sshrpc_client(ctx: Context, server: ServerHandle) -> list[str]:
         str(server.port),
         str(ctx.client_key),
         str(server.info["known_hosts"]),
+    ]
+
+
+def _sshd_floor_client(ctx: Context, server: ServerHandle) -> list[str]:
+    import getpass
+
+    if importlib.util.find_spec("ssh2") is None:
+        raise Unavailable("ssh2-python is not installed")
+    return [
+        PYTHON,
+        str(BENCH / "floors" / "sshd_client.py"),
+        str(server.port),
+        str(ctx.client_key),
+        getpass.getuser(),
     ]
 
 
@@ -410,6 +438,29 @@ def systems() -> list[SystemSpec]:
             " block echoed, bulk streams through the kept channel, set-up includes"
             " starting `ssh` (KexAlgorithms=curve25519-sha256, as libssh2 negotiates; OpenSSH's"
             " default sntrup761x25519 adds 100-300 ms here)",
+        ),
+    ]
+
+
+def extra_systems() -> list[SystemSpec]:
+    """Systems only bench/call_cpu.py runs (not bench/run.py)."""
+    return [
+        SystemSpec(
+            "sshrpc relay (copying)",
+            "sshrpc",
+            ("sshrpc_relay_copy",),
+            _sshrpc_client,
+            note="as `sshrpc relay`, with `sshrpc serve --no-pass-fds`: the C relay copies"
+            " every byte between sshd and the node (no descriptor passing)",
+        ),
+        SystemSpec(
+            "sshd floor",
+            "floor",
+            ("sshd_floor",),
+            _sshd_floor_client,
+            note="bench/floors/sshd_client.py (ssh2-python non-blocking under Trio, no decoding)"
+            " -> the same OpenSSH sshd -> bench/floors/sshd_echo.py (blocking, one read, one"
+            " write of the complete frames): what SSH itself costs per call",
         ),
     ]
 

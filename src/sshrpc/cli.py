@@ -226,6 +226,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="relay channels with the Python relay, not the C one built with the package",
     )
+    serve.add_argument(
+        "--pass-fds",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the C relay hands the channel's socket to the node, which then reads and "
+        "writes sshd's end itself (default: on; --no-pass-fds: the relay copies)",
+    )
     serve.add_argument("--sshd", metavar="PATH", help=f"sshd binary (default {_sshd_default()})")
     serve.add_argument("--list", action="store_true", help="print the exposure table at start")
     _worker_options(serve)
@@ -398,7 +405,7 @@ def _serve(args: argparse.Namespace) -> int:
             logging.getLogger("sshrpc.serve").warning(
                 "this sshrpc build has no C relay; the Python relay serves (~30 ms per channel)"
             )
-        command = relay_command(socket_path, native=native)
+        command = relay_command(socket_path, native=native, pass_fds=args.pass_fds)
     try:
         sshd = _sshd.PrivateSSHD(
             state,
@@ -463,6 +470,7 @@ def _serve(args: argparse.Namespace) -> int:
                             max_calls=args.max_calls,
                             max_channels_per_key=args.max_channels_per_key,
                             max_held_per_key=args.max_held_per_key,
+                            pass_fds=args.pass_fds,
                             task_status=task_status,
                             **workers,
                         )

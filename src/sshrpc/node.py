@@ -81,6 +81,7 @@ from typing import Any, TextIO, TypeVar
 import trio
 from outcome import Value as _Value
 
+from . import _fdpass
 from . import protocol as _p
 from ._auditlog import AuditStream
 from ._bounds import (
@@ -409,7 +410,7 @@ class _Channel:
         self.fd: int | None = None
         if isinstance(stream, trio.SocketStream):
             self.fd = stream.socket.fileno()
-        elif isinstance(stream, _StdioStream):
+        elif isinstance(stream, _StdioStream | _fdpass.PassedStream):
             self.fd = stream.out_fd
         self.writing = False
         #: True while the events of one read are dispatched: answers are
@@ -1299,6 +1300,9 @@ class Node:
         once per turn of the event loop (``_auditlog.AuditStream``): about
         15 µs less per call than a ``logging`` record each.  ``None`` (the
         default): through the ``sshrpc.audit`` logger.
+      pass_fds: take the channel's descriptors from a relay that offers
+        them (``sshrpc._fdpass``: the relay then copies nothing); False:
+        such relays are told to copy (default True).
     """
 
     def __init__(
@@ -1323,6 +1327,7 @@ class Node:
         audit_level: int = logging.INFO,
         audit_window: float = 10.0,
         audit_stream: TextIO | None = None,
+        pass_fds: bool = True,
     ) -> None:
         found = flatten_services(services.values() if isinstance(services, Mapping) else services)
         self.table = ExposureTable(found, policy or Policy.allow_all())
@@ -1353,6 +1358,9 @@ class Node:
         self.pids: dict[Pid, _Channel | _Process] = {}
         self.registry: dict[str, Pid] = {}
         self.channels: set[_Channel] = set()
+        self.pass_fds = pass_fds
+        #: Channels served on descriptors passed by their relay (``_fdpass``).
+        self.channels_passed = 0
         #: Random per node (never 0), as Erlang's creation differs per start.
         self._creation = secrets.randbits(32) or 1
 
@@ -1539,6 +1547,7 @@ class Node:
             self.auditor.flush(expired_only=True)
 
     async def _serve_relay(self, stream: trio.SocketStream) -> None:
+        passed: _fdpass.PassedStream | None = None
         try:
             creds = stream.socket.getsockopt(
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
@@ -1553,12 +1562,22 @@ class Node:
                     os.getuid(),
                 )
                 return
-            with trio.move_on_after(HEADER_TIMEOUT) as scope:
-                header = await _read_header(stream)
-            if scope.cancelled_caught or header is None:
-                log.warning("relay pid %d sent no valid header; dropped", peer_pid)
-                return
-            user_auth, ssh_connection, command = header
+            fds: list[int] = []
+            try:
+                with trio.move_on_after(HEADER_TIMEOUT) as scope:
+                    header = await _read_header(stream, fds)
+                if scope.cancelled_caught or header is None:
+                    log.warning("relay pid %d sent no valid header; dropped", peer_pid)
+                    return
+                user_auth, ssh_connection, command, offered = header
+                if offered:  # the relay sent the channel's descriptors: take them or say copy
+                    passed = _fdpass.take_channel(fds) if self.pass_fds else None
+                    try:
+                        await stream.send_all(_fdpass.COPY if passed is None else _fdpass.TAKEN)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return  # the relay went away at once
+            finally:
+                _fdpass.close_fds(fds)
             key = identify_key(user_auth, self.authorized_keys)
             if command is not None:  # exec mode (_exec.py)
                 from ._exec import serve_exec
@@ -1566,28 +1585,49 @@ class Node:
                 await serve_exec(self, stream, command, key, ssh_connection)
                 return
             log.info(
-                "channel from %s key %s", clean(ssh_connection or "-", 200), clean(str(key), 300)
+                "channel from %s key %s%s",
+                clean(ssh_connection or "-", 200),
+                clean(str(key), 300),
+                "" if passed is None else " (descriptors passed)",
             )
-            await self.serve_channel(stream, key, ssh_connection)
+            if passed is None:
+                await self.serve_channel(stream, key, ssh_connection)
+                return
+            self.channels_passed += 1
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_fdpass.watch_relay, stream, passed)
+                await self.serve_channel(passed, key, ssh_connection)
+                nursery.cancel_scope.cancel()
         except Exception:
             # A bug in one channel must not take the node down: log it.
             log.exception("channel failed")
         finally:
             with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                if passed is not None:  # the channel's descriptors first, then the relay
+                    await passed.aclose()
                 await stream.aclose()
 
 
-async def _read_header(stream: trio.SocketStream) -> tuple[str, str, bytes | None] | None:
+async def _read_header(
+    stream: trio.SocketStream, fds: list[int] | None = None
+) -> tuple[str, str, bytes | None, bool] | None:
     """The relay's header: (auth info, SSH_CONNECTION, exec command or None
-    for a subsystem channel); None if it is not a valid header."""
+    for a subsystem channel, whether the relay offers the channel's
+    descriptors (``_fdpass``)); None if it is not a valid header.  Descriptors that
+    came with its first bytes are appended to ``fds`` (the caller closes
+    what it does not take); without ``fds``, none are taken."""
     buf = bytearray()
     while len(buf) < 8:
-        data = await stream.receive_some(8 - len(buf))
+        if fds is None:
+            data = await stream.receive_some(8 - len(buf))
+        else:
+            data = await _fdpass.receive_header_start(stream, 8 - len(buf), fds)
         if not data:
             return None
         buf += data
-    if buf[:4] != b"SRLY":
+    if buf[:4] not in (b"SRLY", _fdpass.MAGIC_PASSED):
         return None
+    offered = buf[:4] == _fdpass.MAGIC_PASSED
     size = int.from_bytes(buf[4:8], "big")
     if size > MAX_HEADER:
         return None
@@ -1604,7 +1644,9 @@ async def _read_header(stream: trio.SocketStream) -> tuple[str, str, bytes | Non
         if not mode.startswith(b"exec\0"):
             return None
         command = mode[5:]
-    return auth.decode("utf-8", "replace"), conn.decode("utf-8", "replace"), command
+        if offered:  # descriptors are passed for subsystem channels only
+            return None
+    return auth.decode("utf-8", "replace"), conn.decode("utf-8", "replace"), command, offered
 
 
 def _arities_text(arities: list[int]) -> str:

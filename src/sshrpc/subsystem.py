@@ -103,17 +103,24 @@ def relay_command(
     python: str | None = None,
     *,
     native: str | None = None,
+    pass_fds: bool = False,
 ) -> str:
     """The subsystem command line that relays a channel to the node: the C
     relay at ``native`` (from ``native_relay``) if given, else the Python
     relay run by ``python`` (default: this interpreter).
+
+    ``pass_fds`` (C relay only; the Python relay always copies): the relay
+    offers the node the channel's socket (``sshrpc._fdpass``) and, when the
+    node takes it, copies nothing.  Only for a node that knows the offer
+    (this package's ``Node``, ``pass_fds=True``, which is the default).
 
     It ends with ``SUBSYSTEM_MARKER``, which tells the relay that sshd ran it
     for a subsystem request; ``forced_authorized_keys`` leaves the marker out
     of the forced command, so that the same program run for an exec request
     serves exec mode (see ``_relay.py``)."""
     if native is not None:
-        argv = [native, os.fspath(socket_path), SUBSYSTEM_MARKER]
+        argv = [native, *(["--pass-fds"] if pass_fds else []), os.fspath(socket_path)]
+        argv.append(SUBSYSTEM_MARKER)
     else:
         python = python or sys.executable
         argv = [python, "-I", "-S", RELAY_PATH, os.fspath(socket_path), SUBSYSTEM_MARKER]

@@ -160,7 +160,9 @@ async def open_test_node(
         identity = base / "id_ed25519"
         public_key = await trio.to_thread.run_sync(_keygen, identity, "sshrpc-test-client")
         socket_path = Path(sockets) / "node.sock"
-        command = relay_command(socket_path, native=native_relay())
+        command = relay_command(
+            socket_path, native=native_relay(), pass_fds=node_options.get("pass_fds", True)
+        )
         keys_file = base / "authorized_keys"
         keys_file.write_text(forced_authorized_keys(public_key + "\n", command))
         os.chmod(keys_file, 0o600)
