@@ -66,7 +66,7 @@ except ImportError as exc:  # pragma: no cover - a broken install
 __all__ = ["decode", "decode_cost", "encode", "encode_frame"]
 
 #: The C module this Python code was written against (csrc/etf.h).
-C_VERSION = 8
+C_VERSION = 9
 if lib.sshrpc_c_version() != C_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"sshrpc's C module is version {lib.sshrpc_c_version()}, this Python code needs "
@@ -224,6 +224,32 @@ class _DecodeState:
 _local = threading.local()
 
 
+def _no_direct_decode(
+    data: bytes, max_depth: int, max_big: int, max_cost: int, want_cost: bool
+) -> Any:
+    return NotImplemented
+
+
+def _install_direct_decode() -> Callable[[bytes, int, int, int, bool], Any]:
+    """The direct decoder (csrc/pydec.c): a builtin that builds the objects
+    of the common small terms straight from ETF, or returns NotImplemented
+    (never a decoded value) so the transcoder path decides, with the
+    reference's value or error.  Installed like the direct encoder (see
+    ``_install_direct``); ``SSHRPC_NO_DIRECT_DECODE=1`` turns it off."""
+    if sys.implementation.name != "cpython" or os.environ.get("SSHRPC_NO_DIRECT_DECODE"):
+        return _no_direct_decode
+    target: dict[str, Any] = {}
+    if lib.sshrpc_pydec_install(ffi.cast("void *", id(target)), ffi.cast("void *", id(Atom))):
+        return _no_direct_decode  # pragma: no cover - out of memory at import
+    return target["decode_direct"]  # type: ignore[no-any-return]
+
+
+#: ``decode_direct(data, max_depth, max_big, max_cost, want_cost)`` -> the
+#: value, or ``(value, cost)`` if ``want_cost``, or NotImplemented (then
+#: ``_decode_c`` decides).  It takes exact ``bytes`` only.
+_direct_decode = _install_direct_decode()
+
+
 def decode(
     data: bytes | bytearray | memoryview,
     *,
@@ -237,13 +263,14 @@ def decode(
     Exactly ``sshrpc._etf.decode``: raises ``TermError`` (and nothing else)
     for anything that is not one valid term within the limits.
     """
-    return decode_cost(
-        data,
-        max_depth=max_depth,
-        max_big_bytes=max_big_bytes,
-        max_inflated=max_inflated,
-        max_cost=max_cost,
-    )[0]
+    if type(data) is bytes and len(data) < GC_PAUSE_MIN:
+        value = _direct_decode(data, max_depth, max_big_bytes, max_cost, False)
+        if value is not NotImplemented:
+            return value
+        if len(data) < 2 or data[1] != 80:
+            # Tried already; only an inflated term would be new to it.
+            return _decode_cost(data, max_depth, max_big_bytes, max_inflated, max_cost, False)[0]
+    return _decode_cost(data, max_depth, max_big_bytes, max_inflated, max_cost, True)[0]
 
 
 def decode_cost(
@@ -257,6 +284,26 @@ def decode_cost(
     """``decode``, and the term's cost: the sum of its tags'
     ``sshrpc._etf.TERM_COST``, an estimate of the bytes of objects it became
     (exactly ``sshrpc._etf.decode_cost``)."""
+    if type(data) is bytes and len(data) < GC_PAUSE_MIN:
+        pair = _direct_decode(data, max_depth, max_big_bytes, max_cost, True)
+        if pair is not NotImplemented:
+            return pair  # type: ignore[no-any-return]
+        if len(data) < 2 or data[1] != 80:
+            # Tried already; only an inflated term would be new to it.
+            return _decode_cost(data, max_depth, max_big_bytes, max_inflated, max_cost, False)
+    return _decode_cost(data, max_depth, max_big_bytes, max_inflated, max_cost, True)
+
+
+def _decode_cost(
+    data: bytes | bytearray | memoryview,
+    max_depth: int,
+    max_big_bytes: int,
+    max_inflated: int,
+    max_cost: int,
+    direct: bool,
+) -> tuple[Any, int]:
+    """``decode_cost``; ``direct`` False skips the direct decoder (the
+    caller tried it on these very bytes)."""
     if type(data) is not bytes:
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"decode needs bytes, not {type(data).__name__}")
@@ -277,9 +324,17 @@ def decode_cost(
     if inflated:
         data = _inflate(data, max_inflated)
     if len(data) < GC_PAUSE_MIN or not gc.isenabled():
+        if direct:
+            pair = _direct_decode(data, max_depth, max_big_bytes, max_cost, True)
+            if pair is not NotImplemented:
+                return pair  # type: ignore[no-any-return]
         return _decode_c(data, max_depth, max_big_bytes, max_cost, inflated)
     gc.disable()
     try:
+        if direct:
+            pair = _direct_decode(data, max_depth, max_big_bytes, max_cost, True)
+            if pair is not NotImplemented:
+                return pair  # type: ignore[no-any-return]
         return _decode_c(data, max_depth, max_big_bytes, max_cost, inflated)
     finally:
         gc.enable()
