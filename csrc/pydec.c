@@ -12,7 +12,7 @@
  * long), NEW_FLOAT, the four atom tags, SMALL_TUPLE/LARGE_TUPLE, NIL, STRING,
  * LIST (with a NIL tail only), BINARY and MAP (keys that are not tuples,
  * lists or maps, all distinct in Python), nested at most 256 levels.  It
- * returns the value (want_cost 0) or (value, cost) (want_cost 1), or
+ * returns the value (want_cost False) or (value, cost) (want_cost True), or
  * NotImplemented for anything else: another tag, a compressed term, any
  * malformed input, nesting at max_depth, a cost past max_cost, a bignum past
  * max_big, a list tail other than NIL, a map whose keys collide.  The caller
@@ -50,6 +50,9 @@
 /* Atoms the process keeps ready (the transcoder's per-thread ATOM_CACHE). */
 #define PYDEC_ATOMS 4096
 #define PYDEC_SLOTS 8192 /* a power of two, at least twice PYDEC_ATOMS */
+/* Terms at least this long decode with the cyclic GC paused (as
+ * _codec.GC_PAUSE_MIN for the transcoder's path). */
+#define PYDEC_GC_PAUSE_MIN (64 * 1024)
 
 static PyObject *atom_type; /* sshrpc._types.Atom, a strong reference */
 
@@ -363,31 +366,29 @@ static int get_limit(PyObject *arg, uint64_t *out) {
     return 0;
 }
 
-static PyObject *pydec_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError,
-                        "decode(data, max_depth, max_big, max_cost, want_cost)");
-        return NULL;
-    }
+/* The direct decoder proper: value, (value, cost), or NotImplemented.
+ * Never raises. */
+static PyObject *run(PyObject *data, PyObject *max_depth, PyObject *max_big, PyObject *max_cost,
+                     int want_cost) {
     dec d;
     char *s;
     Py_ssize_t n;
-    if (!PyBytes_CheckExact(args[0]) || PyBytes_AsStringAndSize(args[0], &s, &n) < 0 ||
-        get_limit(args[1], &d.max_depth) || get_limit(args[2], &d.max_big) ||
-        get_limit(args[3], &d.max_cost)) {
+    if (!PyBytes_CheckExact(data) || PyBytes_AsStringAndSize(data, &s, &n) < 0 ||
+        get_limit(max_depth, &d.max_depth) || get_limit(max_big, &d.max_big) ||
+        get_limit(max_cost, &d.max_cost)) {
         PyErr_Clear();
         Py_RETURN_NOTIMPLEMENTED;
     }
-    int want_cost = PyObject_IsTrue(args[4]);
-    if (want_cost < 0 || n < 2 || (unsigned char)s[0] != 131) {
-        PyErr_Clear();
-        Py_RETURN_NOTIMPLEMENTED;
-    }
+    if (n < 2 || (unsigned char)s[0] != 131) Py_RETURN_NOTIMPLEMENTED;
     d.s = (const unsigned char *)s;
     d.len = (size_t)n;
     d.pos = 1;
     d.cost = 0;
+    /* A term is a tree: collections while its many containers are built
+     * only slow it down (_codec.GC_PAUSE_MIN, docs/security.md). */
+    int paused = n >= PYDEC_GC_PAUSE_MIN && PyGC_Disable();
     PyObject *value = term(&d, 0);
+    if (paused) PyGC_Enable();
     if (value && d.pos != d.len) Py_CLEAR(value); /* trailing bytes */
     if (!value) {
         PyErr_Clear();
@@ -405,24 +406,137 @@ static PyObject *pydec_decode(PyObject *self, PyObject *const *args, Py_ssize_t 
     return pair;
 }
 
-static PyMethodDef pydec_def = {
-    "decode_direct", (PyCFunction)(void (*)(void))pydec_decode, METH_FASTCALL,
+/* decode_direct(data, max_depth, max_big, max_cost, want_cost) */
+static PyObject *pydec_direct(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "decode_direct(data, max_depth, max_big, max_cost, want_cost)");
+        return NULL;
+    }
+    return run(args[0], args[1], args[2], args[3], args[4] == Py_True);
+}
+
+/* The public entry points sshrpc.decode and sshrpc.decode_cost.  `cfg` is
+ * the tuple (fallback, want_cost, default max_depth, default max_big_bytes,
+ * default max_cost).  A call that is one positional argument and the known
+ * keywords goes to run(); anything else, and whatever run() does not
+ * handle, is passed unchanged to `fallback` (the Python function with the
+ * same signature), which decides: the value, or the reference's error. */
+static PyObject *pydec_entry(PyObject *cfg, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames) {
+    Py_ssize_t nkw = kwnames ? PyTuple_Size(kwnames) : 0;
+    if (nargs == 1 && nkw >= 0) {
+        PyObject *lim[3] = {PyTuple_GetItem(cfg, 2), PyTuple_GetItem(cfg, 3),
+                            PyTuple_GetItem(cfg, 4)};
+        Py_ssize_t i;
+        for (i = 0; i < nkw; i++) {
+            PyObject *key = PyTuple_GetItem(kwnames, i);
+            if (!key) break;
+            if (PyUnicode_CompareWithASCIIString(key, "max_depth") == 0)
+                lim[0] = args[1 + i];
+            else if (PyUnicode_CompareWithASCIIString(key, "max_big_bytes") == 0)
+                lim[1] = args[1 + i];
+            else if (PyUnicode_CompareWithASCIIString(key, "max_cost") == 0)
+                lim[2] = args[1 + i];
+            else if (PyUnicode_CompareWithASCIIString(key, "max_inflated") != 0)
+                break; /* max_inflated matters only to compressed terms */
+        }
+        if (i == nkw && lim[0] && lim[1] && lim[2]) {
+            PyObject *r = run(args[0], lim[0], lim[1], lim[2], PyTuple_GetItem(cfg, 1) == Py_True);
+            if (r != Py_NotImplemented) return r;
+            Py_DECREF(r);
+        }
+        PyErr_Clear();
+    }
+    PyObject *fallback = PyTuple_GetItem(cfg, 0);
+    if (!fallback) return NULL;
+    PyObject *pos = PyTuple_New(nargs);
+    if (!pos) return NULL;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        Py_INCREF(args[i]);
+        PyTuple_SetItem(pos, i, args[i]);
+    }
+    PyObject *kw = NULL;
+    if (nkw > 0) {
+        kw = PyDict_New();
+        for (Py_ssize_t i = 0; kw && i < nkw; i++) {
+            PyObject *key = PyTuple_GetItem(kwnames, i);
+            if (!key || PyDict_SetItem(kw, key, args[nargs + i]) < 0) Py_CLEAR(kw);
+        }
+        if (!kw) {
+            Py_DECREF(pos);
+            return NULL;
+        }
+    }
+    PyObject *result = PyObject_Call(fallback, pos, kw);
+    Py_DECREF(pos);
+    Py_XDECREF(kw);
+    return result;
+}
+
+static PyMethodDef pydec_direct_def = {
+    "decode_direct", (PyCFunction)(void (*)(void))pydec_direct, METH_FASTCALL,
     "decode_direct(data, max_depth, max_big, max_cost, want_cost) -> value, "
     "(value, cost), or NotImplemented to fall back"};
+
+static PyMethodDef pydec_decode_def = {
+    "decode", (PyCFunction)(void (*)(void))pydec_entry, METH_FASTCALL | METH_KEYWORDS,
+    "decode($module, data, *, max_depth=1000, max_big_bytes=8192, "
+    "max_inflated=67108864, max_cost=67108864)\n--\n\n"
+    "Decode one complete term, version byte included.\n\n"
+    "Exactly ``sshrpc._etf.decode``: raises ``TermError`` (and nothing else)\n"
+    "for anything that is not one valid term within the limits.  Common small\n"
+    "terms are built directly in C (csrc/pydec.c); everything else goes\n"
+    "through ``sshrpc._codec._decode_py``."};
+
+static PyMethodDef pydec_decode_cost_def = {
+    "decode_cost", (PyCFunction)(void (*)(void))pydec_entry, METH_FASTCALL | METH_KEYWORDS,
+    "decode_cost($module, data, *, max_depth=1000, max_big_bytes=8192, "
+    "max_inflated=67108864, max_cost=67108864)\n--\n\n"
+    "``decode``, and the term's cost: the sum of its tags'\n"
+    "``sshrpc._etf.TERM_COST``, an estimate of the bytes of objects it became\n"
+    "(exactly ``sshrpc._etf.decode_cost``)."};
+
+/* entry(fallback, want_cost, max_depth, max_big_bytes, max_cost) -> the
+ * public decode (want_cost False) or decode_cost (True) builtin. */
+static PyObject *pydec_make_entry(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "entry(fallback, want_cost, max_depth, max_big_bytes, max_cost)");
+        return NULL;
+    }
+    PyObject *cfg = PyTuple_New(5);
+    if (!cfg) return NULL;
+    for (Py_ssize_t i = 0; i < 5; i++) {
+        Py_INCREF(args[i]);
+        PyTuple_SetItem(cfg, i, args[i]);
+    }
+    PyObject *fn = PyCFunction_NewEx(args[1] == Py_True ? &pydec_decode_cost_def : &pydec_decode_def,
+                                     cfg, NULL);
+    Py_DECREF(cfg);
+    return fn;
+}
+
+static PyMethodDef pydec_make_entry_def = {
+    "entry", (PyCFunction)(void (*)(void))pydec_make_entry, METH_FASTCALL,
+    "entry(fallback, want_cost, max_depth, max_big_bytes, max_cost) -> decode builtin"};
 
 int sshrpc_pydec_install(void *target, void *atom) {
     PyGILState_STATE gil = PyGILState_Ensure();
     int rc = -1;
-    PyObject *fn = PyCFunction_NewEx(&pydec_def, NULL, NULL);
-    if (fn) {
+    PyObject *fn = PyCFunction_NewEx(&pydec_direct_def, NULL, NULL);
+    PyObject *make = PyCFunction_NewEx(&pydec_make_entry_def, NULL, NULL);
+    if (fn && make) {
         if (!atom_type) {
             Py_INCREF((PyObject *)atom);
             atom_type = (PyObject *)atom;
         }
-        if (atom_type == (PyObject *)atom)
-            rc = PyDict_SetItemString((PyObject *)target, "decode_direct", fn);
-        Py_DECREF(fn);
+        if (atom_type == (PyObject *)atom &&
+            PyDict_SetItemString((PyObject *)target, "decode_direct", fn) == 0)
+            rc = PyDict_SetItemString((PyObject *)target, "entry", make);
     }
+    Py_XDECREF(fn);
+    Py_XDECREF(make);
     if (rc) PyErr_Clear();
     PyGILState_Release(gil);
     return rc;
