@@ -2,11 +2,15 @@
  * "decode, first: the direct decoder").
  *
  * The mirror image of pyenc.c, installed the same way: the one cffi function
- * it exports, sshrpc_pydec_install, takes the GIL and puts a builtin (a
+ * it exports, sshrpc_pydec_install, takes the GIL and puts two builtins (a
  * PyCFunction over a static PyMethodDef) into a dict the caller names by
- * address.  Python then calls that builtin directly, with the GIL held.
+ * address: decode_direct, below, and entry, which makes the public
+ * sshrpc.decode / sshrpc.decode_cost (keyword arguments as the Python
+ * signature; a call they cannot take, or a term the direct decoder hands on,
+ * goes unchanged to a Python fallback function).  Python then calls them
+ * directly, with the GIL held.
  *
- * The builtin, decode(data, max_depth, max_big, max_cost, want_cost), builds
+ * decode_direct(data, max_depth, max_big, max_cost, want_cost) builds
  * the Python objects straight from ETF for the tags SMALL_INTEGER, INTEGER,
  * SMALL_BIG (at most 8 digit bytes, fitting a C long long or unsigned long
  * long), NEW_FLOAT, the four atom tags, SMALL_TUPLE/LARGE_TUPLE, NIL, STRING,

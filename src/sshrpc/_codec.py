@@ -5,7 +5,13 @@ same values, same bytes, and ``TermError`` with the same message and offset
 for malformed input.  No I/O.  csrc/README.md explains the design and the
 measurements that chose it; in short:
 
-- decode: C (``sshrpc_etf_to_pickle``) validates the term and transcodes it
+- decode, first: ``decode`` and ``decode_cost`` are builtins (csrc/pydec.c,
+  installed once through cffi) that build the objects of the common terms
+  (numbers, atoms, binaries, tuples, proper lists, maps with distinct
+  scalar keys) straight from ETF, with the reference's cost; for any other
+  term or call they hand the arguments unchanged to ``_decode_py`` /
+  ``_decode_cost_py``, the path below, which answers or raises.
+- decode, fallback: C (``sshrpc_etf_to_pickle``) validates the term and transcodes it
   into a pickle protocol 5 stream, which CPython's C unpickler turns into
   objects.  The stream never names a global: the few callables it needs
   (``Atom``, ``BitString``, ...) sit at fixed memo indices of a per-thread
