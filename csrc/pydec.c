@@ -420,14 +420,22 @@ static PyObject *pydec_direct(PyObject *self, PyObject *const *args, Py_ssize_t 
     return run(args[0], args[1], args[2], args[3], args[4] == Py_True);
 }
 
-/* The public entry points sshrpc.decode and sshrpc.decode_cost.  `cfg` is
- * the tuple (fallback, want_cost, default max_depth, default max_big_bytes,
- * default max_cost).  A call that is one positional argument and the known
+/* The public entry points sshrpc.decode and sshrpc.decode_cost.
+ * entry_cfg[want_cost] is the tuple (fallback, want_cost, default max_depth,
+ * default max_big_bytes, default max_cost), a strong reference set by
+ * entry() at import.  A call that is one positional argument and the known
  * keywords goes to run(); anything else, and whatever run() does not
  * handle, is passed unchanged to `fallback` (the Python function with the
  * same signature), which decides: the value, or the reference's error. */
-static PyObject *pydec_entry(PyObject *cfg, PyObject *const *args, Py_ssize_t nargs,
+static PyObject *entry_cfg[2];
+
+static PyObject *pydec_entry(int want_cost, PyObject *const *args, Py_ssize_t nargs,
                              PyObject *kwnames) {
+    PyObject *cfg = entry_cfg[want_cost];
+    if (!cfg) {
+        PyErr_SetString(PyExc_RuntimeError, "sshrpc's direct decoder is not set up");
+        return NULL;
+    }
     Py_ssize_t nkw = kwnames ? PyTuple_Size(kwnames) : 0;
     if (nargs == 1 && nkw >= 0) {
         PyObject *lim[3] = {PyTuple_GetItem(cfg, 2), PyTuple_GetItem(cfg, 3),
@@ -446,16 +454,22 @@ static PyObject *pydec_entry(PyObject *cfg, PyObject *const *args, Py_ssize_t na
                 break; /* max_inflated matters only to compressed terms */
         }
         if (i == nkw && lim[0] && lim[1] && lim[2]) {
-            PyObject *r = run(args[0], lim[0], lim[1], lim[2], PyTuple_GetItem(cfg, 1) == Py_True);
+            PyObject *r = run(args[0], lim[0], lim[1], lim[2], want_cost);
             if (r != Py_NotImplemented) return r;
             Py_DECREF(r);
         }
         PyErr_Clear();
     }
+    /* The fallback may run any code, even a re-import that replaces
+     * entry_cfg: hold what is used. */
     PyObject *fallback = PyTuple_GetItem(cfg, 0);
     if (!fallback) return NULL;
+    Py_INCREF(fallback);
     PyObject *pos = PyTuple_New(nargs);
-    if (!pos) return NULL;
+    if (!pos) {
+        Py_DECREF(fallback);
+        return NULL;
+    }
     for (Py_ssize_t i = 0; i < nargs; i++) {
         Py_INCREF(args[i]);
         PyTuple_SetItem(pos, i, args[i]);
@@ -468,14 +482,26 @@ static PyObject *pydec_entry(PyObject *cfg, PyObject *const *args, Py_ssize_t na
             if (!key || PyDict_SetItem(kw, key, args[nargs + i]) < 0) Py_CLEAR(kw);
         }
         if (!kw) {
+            Py_DECREF(fallback);
             Py_DECREF(pos);
             return NULL;
         }
     }
     PyObject *result = PyObject_Call(fallback, pos, kw);
+    Py_DECREF(fallback);
     Py_DECREF(pos);
     Py_XDECREF(kw);
     return result;
+}
+
+static PyObject *pydec_entry_value(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                                   PyObject *kwnames) {
+    return pydec_entry(0, args, nargs, kwnames);
+}
+
+static PyObject *pydec_entry_cost(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                                  PyObject *kwnames) {
+    return pydec_entry(1, args, nargs, kwnames);
 }
 
 static PyMethodDef pydec_direct_def = {
@@ -484,8 +510,8 @@ static PyMethodDef pydec_direct_def = {
     "(value, cost), or NotImplemented to fall back"};
 
 static PyMethodDef pydec_decode_def = {
-    "decode", (PyCFunction)(void (*)(void))pydec_entry, METH_FASTCALL | METH_KEYWORDS,
-    "decode($module, data, *, max_depth=1000, max_big_bytes=8192, "
+    "decode", (PyCFunction)(void (*)(void))pydec_entry_value, METH_FASTCALL | METH_KEYWORDS,
+    "decode(data, *, max_depth=1000, max_big_bytes=8192, "
     "max_inflated=67108864, max_cost=67108864)\n--\n\n"
     "Decode one complete term, version byte included.\n\n"
     "Exactly ``sshrpc._etf.decode``: raises ``TermError`` (and nothing else)\n"
@@ -494,36 +520,44 @@ static PyMethodDef pydec_decode_def = {
     "through ``sshrpc._codec._decode_py``."};
 
 static PyMethodDef pydec_decode_cost_def = {
-    "decode_cost", (PyCFunction)(void (*)(void))pydec_entry, METH_FASTCALL | METH_KEYWORDS,
-    "decode_cost($module, data, *, max_depth=1000, max_big_bytes=8192, "
+    "decode_cost", (PyCFunction)(void (*)(void))pydec_entry_cost, METH_FASTCALL | METH_KEYWORDS,
+    "decode_cost(data, *, max_depth=1000, max_big_bytes=8192, "
     "max_inflated=67108864, max_cost=67108864)\n--\n\n"
     "``decode``, and the term's cost: the sum of its tags'\n"
     "``sshrpc._etf.TERM_COST``, an estimate of the bytes of objects it became\n"
     "(exactly ``sshrpc._etf.decode_cost``)."};
 
-/* entry(fallback, want_cost, max_depth, max_big_bytes, max_cost) -> the
- * public decode (want_cost False) or decode_cost (True) builtin. */
+/* entry(fallback, want_cost, max_depth, max_big_bytes, max_cost, module)
+ * -> the public decode (want_cost False) or decode_cost (True) builtin,
+ * whose __module__ is `module` (so it pickles by name). */
 static PyObject *pydec_make_entry(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
+    if (nargs != 6) {
         PyErr_SetString(PyExc_TypeError,
-                        "entry(fallback, want_cost, max_depth, max_big_bytes, max_cost)");
+                        "entry(fallback, want_cost, max_depth, max_big_bytes, max_cost, module)");
         return NULL;
     }
+    int want_cost = args[1] == Py_True;
     PyObject *cfg = PyTuple_New(5);
     if (!cfg) return NULL;
     for (Py_ssize_t i = 0; i < 5; i++) {
         Py_INCREF(args[i]);
         PyTuple_SetItem(cfg, i, args[i]);
     }
-    PyObject *fn = PyCFunction_NewEx(args[1] == Py_True ? &pydec_decode_cost_def : &pydec_decode_def,
-                                     cfg, NULL);
-    Py_DECREF(cfg);
+    PyObject *fn = PyCFunction_NewEx(want_cost ? &pydec_decode_cost_def : &pydec_decode_def,
+                                     NULL, args[5]);
+    if (!fn) {
+        Py_DECREF(cfg);
+        return NULL;
+    }
+    PyObject *old = entry_cfg[want_cost];
+    entry_cfg[want_cost] = cfg;
+    Py_XDECREF(old);
     return fn;
 }
 
 static PyMethodDef pydec_make_entry_def = {
     "entry", (PyCFunction)(void (*)(void))pydec_make_entry, METH_FASTCALL,
-    "entry(fallback, want_cost, max_depth, max_big_bytes, max_cost) -> decode builtin"};
+    "entry(fallback, want_cost, max_depth, max_big_bytes, max_cost, module) -> builtin"};
 
 int sshrpc_pydec_install(void *target, void *atom) {
     PyGILState_STATE gil = PyGILState_Ensure();

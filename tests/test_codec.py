@@ -10,6 +10,7 @@ import enum
 import functools
 import inspect
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -781,6 +782,8 @@ def test_public_decode_arguments() -> None:
         with pytest.raises(TypeError):
             fn(data, data=data)
     for fn, ref in ((_codec.decode, _etf.decode), (_codec.decode_cost, _etf.decode_cost)):
+        assert (fn.__module__, fn.__name__) == ("sshrpc._codec", ref.__name__)
+        assert pickle.loads(pickle.dumps(fn)) is fn  # by name, as a Python function would
         ours, theirs = inspect.signature(fn).parameters, inspect.signature(ref).parameters
         assert [(p.name, p.kind, p.default) for p in ours.values()] == [
             (p.name, p.kind, p.default) for p in theirs.values()

@@ -295,7 +295,7 @@ def _entry(fallback: Callable[..., Any], want_cost: bool) -> Callable[..., Any]:
     if make is None:
         return fallback
     return make(  # type: ignore[no-any-return]
-        fallback, want_cost, DEFAULT_MAX_DEPTH, DEFAULT_MAX_BIG_BYTES, DEFAULT_MAX_COST
+        fallback, want_cost, DEFAULT_MAX_DEPTH, DEFAULT_MAX_BIG_BYTES, DEFAULT_MAX_COST, __name__
     )
 
 
