@@ -223,6 +223,8 @@ def test_atom_cache_overflow_and_reuse() -> None:
     data = _etf.encode(names)
     for _ in range(2):
         assert same(_codec.decode(data), names)
+        # the transcoder path's own per-thread cache
+        assert same(_codec._decode_cost(data, 1000, 8192, 2**26, 2**26, False)[0], names)
     assert same(_codec.decode(_etf.encode((names[0], names[-1]))), (names[0], names[-1]))
 
 
@@ -233,10 +235,12 @@ def test_error_inside_the_unpickler_leaves_a_working_decoder() -> None:
         _codec.decode(data)
     value = (Atom("fresh_one"), Atom("fresh_two"))
     assert same(_codec.decode(_etf.encode(value)), value)
+    assert same(_transcoded(_etf.encode(value)), value)
     # A malformed term after new atoms: those atoms are not half-cached.
     with pytest.raises(TermError):
         _codec.decode(b"\x83h\x02" + _etf.encode(Atom("fresh_three"))[1:] + b"\xff")
     assert same(_codec.decode(_etf.encode(Atom("fresh_three"))), Atom("fresh_three"))
+    assert same(_transcoded(_etf.encode(Atom("fresh_three"))), Atom("fresh_three"))
 
 
 def test_threads_share_nothing() -> None:
@@ -563,6 +567,13 @@ def test_a_bad_string_float_does_not_poison_the_atom_cache() -> None:
         _codec.decode(b"\x83h\x02" + atom + bad_float)
     assert _codec.decode(b"\x83" + atom) == Atom(name)
     assert _codec.decode(b"\x83h\x02" + atom + atom) == (Atom(name), Atom(name))
+    # The transcoder path itself (the direct decoder answers the terms above).
+    assert _transcoded(b"\x83" + atom) == Atom(name)
+    assert _transcoded(b"\x83h\x02" + atom + atom) == (Atom(name), Atom(name))
+
+
+def _transcoded(data: bytes) -> Any:
+    return _codec._decode_cost(data, 1000, 8192, 2**26, 2**26, False)[0]
 
 
 # -- the direct decoder (csrc/pydec.c) and the path behind it -------------------
