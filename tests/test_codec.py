@@ -8,7 +8,9 @@ from __future__ import annotations
 import collections
 import enum
 import functools
+import inspect
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -221,6 +223,8 @@ def test_atom_cache_overflow_and_reuse() -> None:
     data = _etf.encode(names)
     for _ in range(2):
         assert same(_codec.decode(data), names)
+        # the transcoder path's own per-thread cache
+        assert same(_codec._decode_cost(data, 1000, 8192, 2**26, 2**26, False)[0], names)
     assert same(_codec.decode(_etf.encode((names[0], names[-1]))), (names[0], names[-1]))
 
 
@@ -231,10 +235,12 @@ def test_error_inside_the_unpickler_leaves_a_working_decoder() -> None:
         _codec.decode(data)
     value = (Atom("fresh_one"), Atom("fresh_two"))
     assert same(_codec.decode(_etf.encode(value)), value)
+    assert same(_transcoded(_etf.encode(value)), value)
     # A malformed term after new atoms: those atoms are not half-cached.
     with pytest.raises(TermError):
         _codec.decode(b"\x83h\x02" + _etf.encode(Atom("fresh_three"))[1:] + b"\xff")
     assert same(_codec.decode(_etf.encode(Atom("fresh_three"))), Atom("fresh_three"))
+    assert same(_transcoded(_etf.encode(Atom("fresh_three"))), Atom("fresh_three"))
 
 
 def test_threads_share_nothing() -> None:
@@ -561,3 +567,324 @@ def test_a_bad_string_float_does_not_poison_the_atom_cache() -> None:
         _codec.decode(b"\x83h\x02" + atom + bad_float)
     assert _codec.decode(b"\x83" + atom) == Atom(name)
     assert _codec.decode(b"\x83h\x02" + atom + atom) == (Atom(name), Atom(name))
+    # The transcoder path itself (the direct decoder answers the terms above).
+    assert _transcoded(b"\x83" + atom) == Atom(name)
+    assert _transcoded(b"\x83h\x02" + atom + atom) == (Atom(name), Atom(name))
+
+
+def _transcoded(data: bytes) -> Any:
+    return _codec._decode_cost(data, 1000, 8192, 2**26, 2**26, False)[0]
+
+
+# -- the direct decoder (csrc/pydec.c) and the path behind it -------------------
+
+
+def ref_pair(data: bytes, **limits: int) -> tuple[str, Any]:
+    try:
+        return "ok", _etf.decode_cost(data, **limits)
+    except TermError as exc:
+        return "TermError", (exc.detail, exc.offset)
+
+
+def assert_direct_agrees(data: bytes, max_depth: int = 1000, max_cost: int = 2**26) -> None:
+    """The direct decoder answers the reference's value and cost, or hands
+    the bytes on (NotImplemented); the transcoder path alone and the public
+    functions give the reference's outcome either way."""
+    limits = {"max_depth": max_depth, "max_cost": max_cost}
+    ref = ref_pair(data, **limits)
+    got = _codec._direct_decode(data, max_depth, _etf.DEFAULT_MAX_BIG_BYTES, max_cost, True)
+    if got is not NotImplemented:
+        assert ref[0] == "ok", (data, ref, got)
+        assert ref[1][1] == got[1], (data, ref, got)  # the same cost
+        assert same(ref[1][0], got[0]), (data, ref, got)
+        value = _codec._direct_decode(data, max_depth, _etf.DEFAULT_MAX_BIG_BYTES, max_cost, False)
+        assert same(value, got[0])
+    for fn in (
+        lambda: _codec._decode_cost(
+            data, max_depth, _etf.DEFAULT_MAX_BIG_BYTES, 2**26, max_cost, False
+        ),
+        lambda: _codec.decode_cost(data, **limits),
+    ):
+        try:
+            fast: tuple[str, Any] = "ok", fn()
+        except TermError as exc:
+            fast = "TermError", (exc.detail, exc.offset)
+        assert ref[0] == fast[0], (data, ref, fast)
+        if ref[0] == "ok":
+            assert ref[1][1] == fast[1][1] and same(ref[1][0], fast[1][0]), (data, ref, fast)
+        else:
+            assert ref[1] == fast[1], (data, ref, fast)
+
+
+@SETTINGS
+@given(budget_values, st.data())
+def test_each_decode_path_same_value_and_cost(value: Any, data: Any) -> None:
+    raw = _etf.encode(value)
+    _, cost = _etf.decode_cost(raw)
+    assert_direct_agrees(raw)
+    assert_direct_agrees(raw, max_cost=data.draw(st.integers(0, cost)))
+    assert_direct_agrees(raw, max_depth=data.draw(st.integers(0, 6)))
+
+
+@SETTINGS
+@given(
+    budget_values,
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=4),
+    st.data(),
+)
+def test_each_decode_path_mutated_terms(
+    value: Any, flips: list[tuple[int, int]], data: Any
+) -> None:
+    raw = bytearray(_etf.encode(value))
+    for where, byte in flips:
+        raw[where % len(raw)] = byte
+    if data.draw(st.booleans()):
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
+    assert_direct_agrees(bytes(raw))
+
+
+@SETTINGS
+@given(st.binary(max_size=40))
+def test_each_decode_path_random_bytes(tail: bytes) -> None:
+    assert_direct_agrees(b"\x83" + tail)
+
+
+def test_direct_decoder_is_in_use() -> None:
+    assert _codec._direct_decode is not _codec._no_direct_decode
+    assert type(sshrpc.decode).__name__ == "builtin_function_or_method"
+    value = (Atom("call"), 1, Atom("mod"), Atom("fun"), [1, b"x"], {Atom("k"): b"v"}, None)
+    data = _etf.encode(value)
+    assert same(_codec._direct_decode(data, 1000, 8192, 2**26, True), _etf.decode_cost(data))
+
+
+def _atom(tag: int, raw: bytes) -> bytes:
+    head = (
+        bytes([tag, len(raw)]) if tag in (115, 119) else bytes([tag]) + struct.pack(">H", len(raw))
+    )
+    return head + raw
+
+
+DIRECT_EDGES = [
+    *(_etf.encode(i)[1:] for i in EDGE_INTS),
+    b"n\x08\x00" + b"\xff" * 8,  # 2**64 - 1
+    b"n\x08\x01" + b"\x00" * 7 + b"\x80",  # -(2**63)
+    b"n\x00\x01",  # a bignum of no digits, with a sign: 0
+    b"n\x01\x00\x05",  # a bignum that fits a small integer
+    b"F\x80" + b"\x00" * 7,  # -0.0
+    *(
+        _atom(tag, name)
+        for tag in (100, 115, 118, 119)
+        for name in (b"true", b"false", b"undefined", b"nil", b"")
+    ),
+    _atom(100, b"\xe9t\xe9"),  # Latin-1
+    _atom(115, b"\xff" * 255),
+    _atom(119, "é".encode() * 127),
+    _atom(118, "😀".encode() * 255),  # 1,020 bytes, 255 characters
+    b"k\x00\x03\x00\x01\xff",  # STRING_EXT
+    b"k\x00\x00",
+    b"l\x00\x00\x00\x00j",  # no elements, a NIL tail: []
+    b"h\x00",
+    b"i\x00\x00\x00\x02a\x01a\x02",  # LARGE_TUPLE_EXT
+    b"t\x00\x00\x00\x00",
+    b"t\x00\x00\x00\x03" + _atom(119, b"a") + b"a\x01" + b"m\x00\x00\x00\x00a\x02" + b"a\x01a\x03",
+    b"t\x00\x00\x00\x02" + _atom(100, b"true") + b"j" + _atom(119, b"undefined") + b"j",
+    b"m\x00\x00\x00\x00",
+]
+
+
+@pytest.mark.parametrize("body", DIRECT_EDGES)
+def test_direct_decoder_edges(body: bytes) -> None:
+    data = b"\x83" + body
+    assert _codec._direct_decode(data, 1000, 8192, 2**26, True) is not NotImplemented
+    assert_direct_agrees(data)
+
+
+_pid = Pid.new("a@b", 1, 2, 3).raw
+HANDED_ON = [
+    b"",
+    b"\x83",
+    b"\x84a\x01",  # not version 131
+    b"\x83a",  # truncated
+    b"\x83a\x01\x00",  # trailing bytes
+    _etf.encode([1, 2], compressed=True),
+    b"\x83" + _pid,
+    b"\x83h\x01" + _pid,
+    b"\x83l\x00\x00\x00\x01a\x01a\x02",  # improper
+    b"\x83l\x00\x00\x00\x01a\x01l\x00\x00\x00\x01a\x02j",  # a list tail to join
+    b"\x83l\x00\x00\x00\x01a\x01k\x00\x01\x02",  # a STRING_EXT tail
+    b"\x83l\x00\x00\x00\x00a\x07",  # no elements: the tail itself
+    b"\x83n\x09\x00" + b"\x01" * 9,  # past 64 bits
+    b"\x83n\x08\x01" + b"\x01" + b"\x00" * 6 + b"\x80",  # -(2**63) - 1
+    b"\x83n\x01\x02\x01",  # bad sign
+    b"\x83o\x00\x00\x00\x01\x00\x01",  # LARGE_BIG_EXT
+    b"\x83F\x7f\xf0" + b"\x00" * 6,  # infinity
+    b"\x83c" + b"1.5".ljust(31, b"\0"),  # string float
+    b"\x83" + _atom(119, b"\xff"),  # not UTF-8
+    b"\x83" + _atom(100, b"a" * 256),  # 256 characters
+    b"\x83" + _atom(118, "é".encode() * 256),
+    b"\x83t\x00\x00\x00\x02a\x01a\x00" + _atom(119, b"true") + b"a\x00",  # 1 and true
+    b"\x83t\x00\x00\x00\x02a\x01a\x00F?\xf0\x00\x00\x00\x00\x00\x00a\x00",  # 1 and 1.0
+    b"\x83t\x00\x00\x00\x02" + _atom(100, b"\xe9") + b"a\x00" + _atom(119, "é".encode()) + b"a\x00",
+    b"\x83t\x00\x00\x00\x01h\x01a\x01a\x00",  # a tuple key
+    b"\x83t\x00\x00\x00\x01ja\x00",  # a list key
+    b"\x83t\x00\x00\x00\x01t\x00\x00\x00\x00a\x00",  # a map key
+    b"\x83M\x00\x00\x00\x01\x03\xe0",  # a bitstring
+    b"\x83h\xff",  # claims more than there is
+    b"\x83l\xff\xff\xff\xff",
+    b"\x83t\xff\xff\xff\xff",
+    b"\x83m\xff\xff\xff\xff",
+    b"\x83k\xff\xff",
+    b"\x83" + b"h\x01" * 257 + b"j",  # deeper than the C recursion bound
+    b"\x83" + b"l\x00\x00\x00\x01" * 300 + b"j" * 301,
+]
+
+
+@pytest.mark.parametrize("data", HANDED_ON)
+def test_direct_decoder_hands_on_what_it_does_not_handle(data: bytes) -> None:
+    assert _codec._direct_decode(data, 1000, 8192, 2**26, True) is NotImplemented
+    assert _codec._direct_decode(data, 1000, 8192, 2**26, False) is NotImplemented
+    assert_direct_agrees(data)
+    assert outcome(_codec.decode, data) == outcome(_etf.decode, data) or same(
+        _codec.decode(data), _etf.decode(data)
+    )
+
+
+def test_direct_decoder_limits() -> None:
+    data = _etf.encode(((1,), [2], {Atom("k"): b"v"}, 2**40))
+    _, cost = _etf.decode_cost(data)
+    assert _codec._direct_decode(data, 2, 8192, cost, True) == _etf.decode_cost(data)
+    assert _codec._direct_decode(data, 1, 8192, cost, True) is NotImplemented
+    assert _codec._direct_decode(data, 2, 8192, cost - 1, True) is NotImplemented
+    assert _codec._direct_decode(data, 2, 5, cost, True) is NotImplemented  # 2**40: 6 bytes
+    assert _codec._direct_decode(data, 2, 6, cost, True) is not NotImplemented
+    for bad in (-1, 2**63, 2**70, 1.5, "1000", None):
+        assert _codec._direct_decode(data, bad, 8192, cost, True) is NotImplemented  # type: ignore[arg-type]
+        assert _codec._direct_decode(data, 2, 8192, bad, True) is NotImplemented  # type: ignore[arg-type]
+    for limits in ({"max_depth": 1}, {"max_cost": cost - 1}, {"max_big_bytes": 5}):
+        want = ref_pair(data, **limits)
+        try:
+            mine: tuple[str, Any] = "ok", _codec.decode_cost(data, **limits)
+        except TermError as exc:
+            mine = "TermError", (exc.detail, exc.offset)
+        assert want[0] == "TermError" and mine == want
+
+
+def test_public_decode_arguments() -> None:
+    """The builtins take the Python signature: any other call goes to the
+    Python function, which answers or raises the same error."""
+    data = _etf.encode((Atom("a"), [1]))
+    want = _etf.decode(data)
+    for fn in (_codec.decode, lambda *a, **k: _codec.decode_cost(*a, **k)[0]):
+        assert same(fn(data), want)
+        assert same(fn(data=data), want)
+        assert same(fn(bytearray(data)), want)
+        assert same(fn(memoryview(data), max_inflated=10), want)
+        assert same(fn(data, max_depth=2, max_big_bytes=0, max_cost=10**6, max_inflated=0), want)
+        with pytest.raises(TermError, match="deeper than the limit 0"):
+            fn(data, max_depth=0)
+        with pytest.raises(TypeError, match="decode needs bytes, not str"):
+            fn("x")
+        with pytest.raises(TypeError):
+            fn()
+        with pytest.raises(TypeError):
+            fn(data, 5)
+        with pytest.raises(TypeError, match="max_dept"):
+            fn(data, max_dept=5)
+        with pytest.raises(TypeError):
+            fn(data, data=data)
+    for fn, ref in ((_codec.decode, _etf.decode), (_codec.decode_cost, _etf.decode_cost)):
+        assert (fn.__module__, fn.__name__) == ("sshrpc._codec", ref.__name__)
+        assert pickle.loads(pickle.dumps(fn)) is fn  # by name, as a Python function would
+        ours, theirs = inspect.signature(fn).parameters, inspect.signature(ref).parameters
+        assert [(p.name, p.kind, p.default) for p in ours.values()] == [
+            (p.name, p.kind, p.default) for p in theirs.values()
+        ]
+
+
+def test_direct_decoder_atom_cache_is_bounded() -> None:
+    """A peer sending new atoms grows no cache past its bound: decoding
+    20,000 fresh atoms, then 20,000 more, leaves Python's heap as it was
+    after the first batch (the first 4,096 per process stay cached)."""
+    import tracemalloc
+
+    def batch(prefix: str) -> None:
+        for i in range(20_000):
+            name = f"{prefix}{i}"
+            data = b"\x83w" + bytes([len(name)]) + name.encode()
+            assert _codec.decode(data) == name
+
+    batch("bound_a_")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        batch("bound_b_")
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert after - before < 64 * 1024, after - before
+
+
+def test_direct_decoder_does_not_leak() -> None:
+    """Every path out of the direct decoder drops what it built: 100,000
+    decodes of handled terms and of terms it hands on part-way leave the
+    heap flat."""
+    import tracemalloc
+
+    terms = [
+        _etf.encode(
+            (Atom("call"), 1, Atom("mod"), Atom("fun"), [1, b"x" * 3000], {Atom("k"): 2.5})
+        ),
+        _etf.encode([list(range(300)), (1.5, -(2**63)), "text", [Atom("x")] * 5, {b"k": []}]),
+        b"\x83h\x03a\x01l\x00\x00\x00\x02a\x01" + _pid + b"j",  # a pid deep inside
+        b"\x83t\x00\x00\x00\x02a\x01a\x00" + _atom(119, b"true") + b"a\x00",  # keys collide
+        b"\x83l\x00\x00\x00\x02m\x00\x00\x00\x01xa\x01a\x02",  # improper
+        b"\x83h\x02m\x00\x00\x00\x01x",  # truncated after an item
+    ]
+    direct = _codec._direct_decode
+
+    def loop(n: int) -> None:
+        for _ in range(n):
+            for data in terms:
+                direct(data, 1000, 8192, 2**26, True)
+                direct(data, 1000, 8192, 2**26, False)
+
+    loop(1000)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        loop(100_000 // len(terms))
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert after - before < 16 * 1024, after - before
+    blocks = sys.getallocatedblocks()
+    loop(20_000 // len(terms))
+    assert sys.getallocatedblocks() - blocks < 100
+
+
+_NO_DIRECT_DECODE = """
+import sshrpc
+from sshrpc import _codec
+assert _codec._direct_decode is _codec._no_direct_decode
+assert sshrpc.decode is _codec._decode_py, sshrpc.decode
+data = sshrpc.encode((sshrpc.Atom("a"), [1, 2.5], {b"k": None}))
+print(sshrpc.decode(data), _codec.decode_cost(data)[1])
+"""
+
+
+def test_without_the_direct_decoder() -> None:
+    """``SSHRPC_NO_DIRECT_DECODE=1``: the transcoder path alone, same values."""
+    env = {**os.environ, "SSHRPC_NO_DIRECT_DECODE": "1"}
+    env.pop("SSHRPC_PURE_PYTHON", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_DIRECT_DECODE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = _etf.encode((Atom("a"), [1, 2.5], {b"k": None}))
+    value, cost = _etf.decode_cost(data)
+    assert proc.stdout.split() == f"{value} {cost}".split()

@@ -5,7 +5,13 @@ same values, same bytes, and ``TermError`` with the same message and offset
 for malformed input.  No I/O.  csrc/README.md explains the design and the
 measurements that chose it; in short:
 
-- decode: C (``sshrpc_etf_to_pickle``) validates the term and transcodes it
+- decode, first: ``decode`` and ``decode_cost`` are builtins (csrc/pydec.c,
+  installed once through cffi) that build the objects of the common terms
+  (numbers, atoms, binaries, tuples, proper lists, maps with distinct
+  scalar keys) straight from ETF, with the reference's cost; for any other
+  term or call they hand the arguments unchanged to ``_decode_py`` /
+  ``_decode_cost_py``, the path below, which answers or raises.
+- decode, fallback: C (``sshrpc_etf_to_pickle``) validates the term and transcodes it
   into a pickle protocol 5 stream, which CPython's C unpickler turns into
   objects.  The stream never names a global: the few callables it needs
   (``Atom``, ``BitString``, ...) sit at fixed memo indices of a per-thread
@@ -41,7 +47,7 @@ import threading
 import types
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _etf
 from ._errors import TermError
@@ -66,7 +72,7 @@ except ImportError as exc:  # pragma: no cover - a broken install
 __all__ = ["decode", "decode_cost", "encode", "encode_frame"]
 
 #: The C module this Python code was written against (csrc/etf.h).
-C_VERSION = 8
+C_VERSION = 9
 if lib.sshrpc_c_version() != C_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"sshrpc's C module is version {lib.sshrpc_c_version()}, this Python code needs "
@@ -224,7 +230,37 @@ class _DecodeState:
 _local = threading.local()
 
 
-def decode(
+def _no_direct_decode(
+    data: bytes, max_depth: int, max_big: int, max_cost: int, want_cost: bool
+) -> Any:
+    return NotImplemented
+
+
+def _install_direct_decode() -> dict[str, Any]:
+    """The direct decoder (csrc/pydec.c): builtins that build the objects of
+    the common small terms straight from ETF, or answer NotImplemented
+    (never a decoded value) so the transcoder path decides, with the
+    reference's value or error.  Installed like the direct encoder (see
+    ``_install_direct``); ``SSHRPC_NO_DIRECT_DECODE=1`` turns it off.
+    Returns {} when it is not in use."""
+    if sys.implementation.name != "cpython" or os.environ.get("SSHRPC_NO_DIRECT_DECODE"):
+        return {}
+    target: dict[str, Any] = {}
+    if lib.sshrpc_pydec_install(ffi.cast("void *", id(target)), ffi.cast("void *", id(Atom))):
+        return {}  # pragma: no cover - out of memory at import
+    return target
+
+
+_direct_decoder = _install_direct_decode()
+#: ``decode_direct(data, max_depth, max_big, max_cost, want_cost)`` -> the
+#: value, or ``(value, cost)`` if ``want_cost``, or NotImplemented (then
+#: ``_decode_c`` decides).  It takes exact ``bytes`` only.
+_direct_decode: Callable[[bytes, int, int, int, bool], Any] = _direct_decoder.get(
+    "decode_direct", _no_direct_decode
+)
+
+
+def _decode_py(
     data: bytes | bytearray | memoryview,
     *,
     max_depth: int = DEFAULT_MAX_DEPTH,
@@ -232,21 +268,12 @@ def decode(
     max_inflated: int = DEFAULT_MAX_INFLATED,
     max_cost: int = DEFAULT_MAX_COST,
 ) -> Any:
-    """Decode one complete term, version byte included.
-
-    Exactly ``sshrpc._etf.decode``: raises ``TermError`` (and nothing else)
-    for anything that is not one valid term within the limits.
-    """
-    return decode_cost(
-        data,
-        max_depth=max_depth,
-        max_big_bytes=max_big_bytes,
-        max_inflated=max_inflated,
-        max_cost=max_cost,
-    )[0]
+    """``decode`` after the direct decoder answered NotImplemented (or
+    without one): the transcoder path."""
+    return _decode_cost(data, max_depth, max_big_bytes, max_inflated, max_cost, _untried(data))[0]
 
 
-def decode_cost(
+def _decode_cost_py(
     data: bytes | bytearray | memoryview,
     *,
     max_depth: int = DEFAULT_MAX_DEPTH,
@@ -254,9 +281,77 @@ def decode_cost(
     max_inflated: int = DEFAULT_MAX_INFLATED,
     max_cost: int = DEFAULT_MAX_COST,
 ) -> tuple[Any, int]:
-    """``decode``, and the term's cost: the sum of its tags'
-    ``sshrpc._etf.TERM_COST``, an estimate of the bytes of objects it became
-    (exactly ``sshrpc._etf.decode_cost``)."""
+    """``decode_cost`` after the direct decoder answered NotImplemented (or
+    without one): the transcoder path."""
+    return _decode_cost(data, max_depth, max_big_bytes, max_inflated, max_cost, _untried(data))
+
+
+def _entry(fallback: Callable[..., Any], want_cost: bool) -> Callable[..., Any]:
+    """The public ``decode`` (or ``decode_cost``): a builtin (csrc/pydec.c)
+    that takes ``data`` and the limits as keywords, answers directly when it
+    can and otherwise calls ``fallback`` with the same arguments; or
+    ``fallback`` itself without the direct decoder."""
+    make = _direct_decoder.get("entry")
+    if make is None:
+        return fallback
+    return make(  # type: ignore[no-any-return]
+        fallback, want_cost, DEFAULT_MAX_DEPTH, DEFAULT_MAX_BIG_BYTES, DEFAULT_MAX_COST, __name__
+    )
+
+
+if TYPE_CHECKING:
+
+    def decode(
+        data: bytes | bytearray | memoryview,
+        *,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        max_big_bytes: int = DEFAULT_MAX_BIG_BYTES,
+        max_inflated: int = DEFAULT_MAX_INFLATED,
+        max_cost: int = DEFAULT_MAX_COST,
+    ) -> Any:
+        """Decode one complete term, version byte included.
+
+        Exactly ``sshrpc._etf.decode``: raises ``TermError`` (and nothing
+        else) for anything that is not one valid term within the limits.
+        """
+
+    def decode_cost(
+        data: bytes | bytearray | memoryview,
+        *,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        max_big_bytes: int = DEFAULT_MAX_BIG_BYTES,
+        max_inflated: int = DEFAULT_MAX_INFLATED,
+        max_cost: int = DEFAULT_MAX_COST,
+    ) -> tuple[Any, int]:
+        """``decode``, and the term's cost: the sum of its tags'
+        ``sshrpc._etf.TERM_COST``, an estimate of the bytes of objects it
+        became (exactly ``sshrpc._etf.decode_cost``)."""
+
+else:
+    # Builtins (their docstrings say the same as the stubs above): the
+    # Python call layer alone cost about as much as msgpack's whole decode
+    # of a call tuple.
+    decode = _entry(_decode_py, False)
+    decode_cost = _entry(_decode_cost_py, True)
+
+
+def _untried(data: object) -> bool:
+    """Whether the direct decoder has not seen these bytes yet after it
+    answered NotImplemented: it takes only exact bytes, and a compressed
+    term is new to it once inflated."""
+    return type(data) is not bytes or data[1:2] == b"\x50"
+
+
+def _decode_cost(
+    data: bytes | bytearray | memoryview,
+    max_depth: int,
+    max_big_bytes: int,
+    max_inflated: int,
+    max_cost: int,
+    direct: bool,
+) -> tuple[Any, int]:
+    """``decode_cost``; ``direct`` False skips the direct decoder (the
+    caller tried it on these very bytes)."""
     if type(data) is not bytes:
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"decode needs bytes, not {type(data).__name__}")
@@ -276,6 +371,11 @@ def decode_cost(
     inflated = len(data) > 1 and data[1] == 80 and data[0] == 131
     if inflated:
         data = _inflate(data, max_inflated)
+    if direct:
+        # The direct decoder pauses the collector itself for a large term.
+        pair = _direct_decode(data, max_depth, max_big_bytes, max_cost, True)
+        if pair is not NotImplemented:
+            return pair  # type: ignore[no-any-return]
     if len(data) < GC_PAUSE_MIN or not gc.isenabled():
         return _decode_c(data, max_depth, max_big_bytes, max_cost, inflated)
     gc.disable()

@@ -1,0 +1,13 @@
+/* pydec.h: the direct decoder's one cffi entry point (pydec.c). */
+#ifndef SSHRPC_PYDEC_H
+#define SSHRPC_PYDEC_H
+
+/* cdef-begin */
+/* Take the GIL and store the builtin
+ * decode_direct(data, max_depth, max_big, max_cost, want_cost) in the dict at
+ * `target` (a PyObject * passed as its address); `atom` is the sshrpc Atom
+ * type (PyObject *), fixed by the first call.  0 or -1. */
+int sshrpc_pydec_install(void *target, void *atom);
+/* cdef-end */
+
+#endif
