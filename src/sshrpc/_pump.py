@@ -465,6 +465,11 @@ class Pump:
             await op.done.wait()
         except BaseException:
             op.abandoned = True
+            if op.done.is_set() and op.error is None:
+                # The pump finished the open after the cancel was delivered
+                # but before this task ran: close it here instead.
+                lane.fail(ConnectionLost("open_channel was cancelled"))
+                self._add_op(_LaneOp(_CLOSE, lane))
             raise
         if op.error is not None:
             raise op.error
