@@ -13,11 +13,13 @@ with ``lists:reverse([1,2,3])``:
 - exec-mod: a new channel per call on a kept connection, through exec mode,
   with OpenSSH connection multiplexing (one ``ssh -M`` master; each call is
   ``ssh -S CTL HOST 'lists:reverse([1,2,3]).'``, which opens one new session
-  channel on the master's connection).  Our libssh2 client cannot open a
-  second channel on a connection yet (its pump owns one session and one
-  channel; see the report), so OpenSSH's client does this row; the server
-  side (sshd, relay, node) is the same as for every other row.  The figure
+  channel on the master's connection): the OpenSSH reference.  The figure
   includes the mux client's own start-up (a fork+exec of ``ssh``);
+- exec-mod (sshrpc): the same pattern with our own client, through the
+  subsystem: one kept ``sshrpc.open_connection``, and per call
+  ``async with node.open_channel() as ch: await ch.call(...)`` (a new SSH
+  session channel + the sshrpc subsystem + hellos, the call, bye and
+  channel close), timed from the open to the close;
 - shell: one kept channel with ``sshrpc.open_connection``, calls in sequence;
 - pipelined: the same kept channel, ``--pipelined`` calls from 64 concurrent
   tasks: wall time divided by the number of calls.
@@ -52,7 +54,13 @@ from sshrpc._statedir import temp_root
 from sshrpc.client import open_connection
 
 #: The paper's Table 1 (ms per call, Intel Atom, Erlang/OTP R13B).
-PAPER_MS = {"exec": 412.7, "exec-mod": 106.9, "shell": 8.1, "pipelined": 4.2}
+PAPER_MS = {
+    "exec": 412.7,
+    "exec-mod": 106.9,
+    "exec-mod (sshrpc)": 106.9,
+    "shell": 8.1,
+    "pipelined": 4.2,
+}
 COMMAND = "lists:reverse([1,2,3])."
 
 
@@ -184,6 +192,38 @@ async def kept_channel(
     return samples, per_call
 
 
+async def own_exec_mod(
+    port: int,
+    user: str,
+    identity: Path,
+    known: Path,
+    calls: int,
+    serve_pid: int,
+    cpu: dict[str, list[tuple[float, float]]],
+) -> list[float]:
+    """exec-mod with our client: one kept connection, a new channel per call."""
+    async with open_connection(
+        "127.0.0.1",
+        port,
+        user=user,
+        identity=str(identity),
+        known_hosts=str(known),
+        agent=False,
+        use_ssh_config=False,
+    ) as node:
+        async with node.open_channel() as warm:
+            await warm.call("lists", "reverse", [[1, 2, 3]])
+        samples = []
+        meter = CPU(serve_pid)
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            async with node.open_channel() as channel:
+                assert await channel.call("lists", "reverse", [[1, 2, 3]]) == [3, 2, 1]
+            samples.append((time.perf_counter() - t0) * 1e3)
+        cpu["exec-mod (sshrpc)"].append(meter.per_call_ms(calls))
+    return samples
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -219,7 +259,8 @@ def main() -> int:
             mod_argv = [*base, "-o", f"ControlPath={control}", "-o", "ControlMaster=no"]
             names = list(PAPER_MS)
             for r in range(args.rounds):
-                order = names[r % 4 :] + names[: r % 4]
+                k = r % len(names)
+                order = names[k:] + names[:k]
                 for name in order:
                     if name == "exec":
                         meter = CPU(proc.pid)
@@ -230,6 +271,12 @@ def main() -> int:
                         meter = CPU(proc.pid)
                         samples = timed_ssh([*mod_argv, target, COMMAND], args.mod_calls)
                         cpu[name].append(meter.per_call_ms(args.mod_calls))
+                        rows[name].append(statistics.median(samples))
+                    elif name == "exec-mod (sshrpc)":
+                        samples = trio.run(
+                            own_exec_mod, port, user, identity, known, args.mod_calls,
+                            proc.pid, cpu,
+                        )  # fmt: skip
                         rows[name].append(statistics.median(samples))
                     elif name == "shell":
                         seq, piped = trio.run(
