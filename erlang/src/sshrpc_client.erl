@@ -74,6 +74,9 @@ handle_call(wait_hello, From, St = #st{hello = undefined, hello_waiters = W}) ->
     {noreply, St#st{hello_waiters = [From | W]}};
 handle_call(wait_hello, _From, St = #st{hello = H}) ->
     {reply, {ok, H}, St};
+handle_call(connection, _From, St = #st{cm = CM}) ->
+    %% The SSH connection this channel runs on (sshrpc:open_channel/1,2).
+    {reply, {ok, CM}, St};
 handle_call(close, From, St) ->
     out({bye, normal}, St),
     erlang:send_after(?CLOSE_GRACE_MS, self(), sshrpc_close_now),
