@@ -1,4 +1,5 @@
-"""Bytes <-> one SSH channel, over libssh2 (ssh2-python) in non-blocking mode, under Trio.
+"""Bytes <-> SSH channels of one connection, over libssh2 (ssh2-python) in
+non-blocking mode, under Trio.
 
 Theory of operation
 -------------------
@@ -55,6 +56,49 @@ The steady-state loop (``run``) does three things per turn, without blocking:
    queued frames since its last look run first (a checkpoint while the queue
    keeps growing, at most ``DEFER_ROUNDS`` rounds or ``WRITE_SLICE`` bytes),
    so frames of one batch leave in one write.
+
+Many channels
+-------------
+
+``Connection.open_channel`` asks for one more SSH session channel with the
+sshrpc subsystem on the same session (``open_lane``).  Its state is a
+``Lane``: a channel, an outgoing buffer, a pause flag, callbacks; it offers
+what a ``Connection`` uses of a ``Pump``, so the child is an ordinary
+``Connection`` on a lane.  The pump task still makes every libssh2 call:
+while there are lanes or channel opens/closes queued (``_multi``), ``_turns``
+hands over to ``_lane_turns``, which does the same three steps for each
+"end" (our own channel, then each lane) and returns to the single-channel
+loop, untouched, when the last lane is gone.  Rules of that loop:
+
+- Opens and closes are operations (``_LaneOp``) queued for the pump and done
+  one at a time, oldest first (libssh2 keeps one channel open in progress
+  per session): ``open_session`` then ``subsystem``, or ``close``.  A refusal
+  becomes ``ChannelRefused`` for the opener; the connection is unaffected.
+- libssh2 holds at most one half-sent packet per session.  Until it is sent
+  every other send answers EAGAIN ("address different"), so the call that
+  started it must be repeated first, whatever happens to its channel
+  meanwhile (paused, failed, closing).  The pump records that call's owner
+  (``_owner``: an end and whether it was a write, a read -- whose window
+  adjust was half sent -- or an operation) when a call answers EAGAIN and
+  the session's block directions now include outbound, and repeats it at
+  the start of every turn; operations wait while an owner is recorded, and
+  a lane's channel is never freed while it owns the packet.  A write on a
+  channel whose peer window is 0 is skipped while another end owns the
+  packet: libssh2 would set the block directions to inbound only and hide
+  the pending outbound bytes.
+- Each end pauses on its own (its ``should_read``): a paused lane's window
+  closes and the server stops sending on that channel only.
+- Lost wake-ups: any libssh2 call may pull packets of any channel off the
+  socket, so before sleeping the pump checks every reading end's queue
+  (``poll_channel_read``, ``eof``), not only the last one read.  Every
+  lane's ``wake`` wakes the one pump.
+- The caller-writes-directly shortcut (``send_nowait(direct=True)``) is
+  off while there are lanes: every write goes through the pump and its
+  owner bookkeeping.
+- Our channel's end ends the connection (``ConnectionLost`` for every lane
+  too, ``_end_lanes``); a lane's end (EOF, error, ``Lane.aclose``) ends that
+  lane only.  ``aclose`` drops the lanes' channels before it frees the
+  session (a channel holds its session).
 
 Closing (``aclose``) frees the libssh2 session *before* closing its socket:
 freeing a session restores the blocking mode the fd had at handshake time,
