@@ -202,29 +202,29 @@ async def test_parent_close_ends_children(gated: tuple[TestNode, Gate]) -> None:
 
 async def test_paused_child_does_not_stop_the_others(gated: tuple[TestNode, Gate]) -> None:
     test_node, _ = gated
-    async with test_node.connect() as parent:
-        async with (
-            parent.open_channel(max_undelivered=4) as flooded,
-            parent.open_channel() as other,
-        ):
-            # 800 KB: far beyond what the child takes before it pauses (4
-            # messages), within the node's answer queue (1 MiB: it drops
-            # messages beyond, and the flood does not wait for room).
-            n = 40
-            await flooded.spawn("chan", "flood", [n, 20_000])
-            with trio.fail_after(DEADLINE):
-                while not flooded.statistics().reading_paused:
-                    await trio.sleep(0.01)
-                for i in range(20):
-                    assert await other.call("chan", "echo", [i]) == i
-                    assert await parent.call("chan", "echo", [i]) == i
-                assert flooded.statistics().reading_paused
-                got = []
-                while len(got) < n:
-                    message = await flooded.receive()
-                    if message[0] != sshrpc.Atom("down"):
-                        got.append(message[0])
-            assert got == list(range(n))
+    async with (
+        test_node.connect() as parent,
+        parent.open_channel(max_undelivered=4) as flooded,
+        parent.open_channel() as other,
+    ):
+        # 800 KB: far beyond what the child takes before it pauses (4
+        # messages), within the node's answer queue (1 MiB: it drops
+        # messages beyond, and the flood does not wait for room).
+        n = 40
+        await flooded.spawn("chan", "flood", [n, 20_000])
+        with trio.fail_after(DEADLINE):
+            while not flooded.statistics().reading_paused:
+                await trio.sleep(0.01)
+            for i in range(20):
+                assert await other.call("chan", "echo", [i]) == i
+                assert await parent.call("chan", "echo", [i]) == i
+            assert flooded.statistics().reading_paused
+            got = []
+            while len(got) < n:
+                message = await flooded.receive()
+                if message[0] != sshrpc.Atom("down"):
+                    got.append(message[0])
+        assert got == list(range(n))
 
 
 async def test_node_refuses_a_channel_past_its_limit(gated: tuple[TestNode, Gate]) -> None:
@@ -255,36 +255,38 @@ async def test_sshd_refuses_past_max_sessions() -> None:
     """sshd's MaxSessions (10 by default) refuses the channel itself: a
     ``ChannelRefused`` without a node reason; the open ones carry on."""
     gate = Gate()
-    async with open_test_node(_services(gate), max_channels_per_key=64) as test_node:
-        async with test_node.connect() as parent:
-            children: list[sshrpc.Connection] = []
-            with trio.fail_after(60):
-                async with trio.open_nursery() as nursery:
-                    refused: list[sshrpc.ChannelRefused] = []
-                    done = trio.Event()
+    async with (
+        open_test_node(_services(gate), max_channels_per_key=64) as test_node,
+        test_node.connect() as parent,
+    ):
+        children: list[sshrpc.Connection] = []
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                refused: list[sshrpc.ChannelRefused] = []
+                done = trio.Event()
 
-                    async def hold() -> None:
-                        try:
-                            async with parent.open_channel() as child:
-                                children.append(child)
-                                await done.wait()
-                        except sshrpc.ChannelRefused as exc:
-                            refused.append(exc)
+                async def hold() -> None:
+                    try:
+                        async with parent.open_channel() as child:
+                            children.append(child)
+                            await done.wait()
+                    except sshrpc.ChannelRefused as exc:
+                        refused.append(exc)
 
-                    for opened in range(1, 21):  # bounded: MaxSessions is 10
-                        nursery.start_soon(hold)
-                        while len(children) + len(refused) < opened:
-                            await trio.sleep(0.01)
-                        if refused:
-                            break
-                    assert refused and refused[0].reason is None
-                    assert "refused a new channel" in str(refused[0])
-                    assert len(children) == 9  # plus the parent: MaxSessions 10
-                    for child in children:
-                        assert await child.call("chan", "echo", [8]) == 8
-                    assert await parent.call("chan", "echo", [9]) == 9
-                    done.set()
-            await _node_channels(test_node, 1)
+                for opened in range(1, 21):  # bounded: MaxSessions is 10
+                    nursery.start_soon(hold)
+                    while len(children) + len(refused) < opened:
+                        await trio.sleep(0.01)
+                    if refused:
+                        break
+                assert refused and refused[0].reason is None
+                assert "refused a new channel" in str(refused[0])
+                assert len(children) == 9  # plus the parent: MaxSessions 10
+                for child in children:
+                    assert await child.call("chan", "echo", [8]) == 8
+                assert await parent.call("chan", "echo", [9]) == 9
+                done.set()
+        await _node_channels(test_node, 1)
 
 
 async def test_open_channel_cancelled_while_opening(gated: tuple[TestNode, Gate]) -> None:
