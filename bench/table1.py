@@ -20,6 +20,9 @@ with ``lists:reverse([1,2,3])``:
   ``async with node.open_channel() as ch: await ch.call(...)`` (a new SSH
   session channel + the sshrpc subsystem + hellos, the call, bye and
   channel close), timed from the open to the close;
+- exec-mod (Erlang): the same with erlang/'s client (``sshrpc:open_channel/1``,
+  ``sshrpc:call/4``, ``sshrpc:close/1`` on a kept ``sshrpc:connect``), timed
+  inside the VM; skipped when ``erl`` is not installed;
 - shell: one kept channel with ``sshrpc.open_connection``, calls in sequence;
 - pipelined: the same kept channel, ``--pipelined`` calls from 64 concurrent
   tasks: wall time divided by the number of calls.
@@ -37,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -58,6 +62,7 @@ PAPER_MS = {
     "exec": 412.7,
     "exec-mod": 106.9,
     "exec-mod (sshrpc)": 106.9,
+    "exec-mod (Erlang)": 106.9,
     "shell": 8.1,
     "pipelined": 4.2,
 }
@@ -224,6 +229,36 @@ async def own_exec_mod(
     return samples
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def erlang_exec_mod(user_dir: Path, port: int, user: str, calls: int) -> list[float]:
+    """exec-mod with the Erlang client, in a fresh VM: ms per open+call+close."""
+    ebin = ROOT / "erlang" / "ebin"
+    prog = (
+        "logger:set_primary_config(level, error), "
+        f'{{ok, C}} = sshrpc:connect("127.0.0.1", {port}, '
+        f'[{{user, "{user}"}}, {{user_dir, "{user_dir}"}}]), '
+        "{ok, W} = sshrpc:open_channel(C), {ok, _} = sshrpc:call(W, lists, reverse, [[1]]), "
+        "ok = sshrpc:close(W), "
+        "T = [begin T0 = erlang:monotonic_time(nanosecond), {ok, Ch} = sshrpc:open_channel(C), "
+        "{ok, [3, 2, 1]} = sshrpc:call(Ch, lists, reverse, [[1, 2, 3]]), ok = sshrpc:close(Ch), "
+        f"erlang:monotonic_time(nanosecond) - T0 end || _ <- lists:seq(1, {calls})], "
+        'io:format("samples ~w~n", [T]), sshrpc:close(C), halt().'
+    )
+    out = subprocess.run(
+        ["erl", "-noshell", "-pa", str(ebin), "-eval", prog],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    ).stdout
+    m = re.search(r"samples \[([0-9,\s]*)\]", out)
+    if m is None:
+        raise RuntimeError(f"Erlang client failed: {out[-2000:]}")
+    return [int(x) / 1e6 for x in m.group(1).replace("\n", "").split(",")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -239,6 +274,11 @@ def main() -> int:
     ssh_version = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"Python {platform.python_version()}; {ssh_version}", file=sys.stderr)  # fmt: skip
+    erlang = shutil.which("erl") is not None
+    if erlang:
+        subprocess.run([str(ROOT / "erlang" / "build.sh")], check=True)
+    else:
+        print("# erl not found: no exec-mod (Erlang) row", file=sys.stderr)
     rows: dict[str, list[float]] = {name: [] for name in PAPER_MS}
     cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in PAPER_MS}
     with tempfile.TemporaryDirectory(prefix="table1-", dir=temp_root()) as tmp:
@@ -257,7 +297,7 @@ def main() -> int:
             control = Path(tempfile.mkdtemp(prefix="t1-")) / "ctl"
             master = Master(base, target, control)
             mod_argv = [*base, "-o", f"ControlPath={control}", "-o", "ControlMaster=no"]
-            names = list(PAPER_MS)
+            names = [n for n in PAPER_MS if erlang or n != "exec-mod (Erlang)"]
             for r in range(args.rounds):
                 k = r % len(names)
                 order = names[k:] + names[:k]
@@ -278,6 +318,11 @@ def main() -> int:
                             proc.pid, cpu,
                         )  # fmt: skip
                         rows[name].append(statistics.median(samples))
+                    elif name == "exec-mod (Erlang)":
+                        meter = CPU(proc.pid)
+                        samples = erlang_exec_mod(d, port, user, args.mod_calls)
+                        cpu[name].append(meter.per_call_ms(args.mod_calls))
+                        rows[name].append(statistics.median(samples))
                     elif name == "shell":
                         seq, piped = trio.run(
                             kept_channel, port, user, identity, known, args.seq_calls,
@@ -292,9 +337,9 @@ def main() -> int:
                 master.close()
                 shutil.rmtree(master.control.parent, ignore_errors=True)
             stop(proc)
-    result = {name: statistics.median(values) for name, values in rows.items()}
-    server_cpu = {name: statistics.median(v[0] for v in values) for name, values in cpu.items()}
-    client_cpu = {name: statistics.median(v[1] for v in values) for name, values in cpu.items()}
+    result = {name: statistics.median(values) for name, values in rows.items() if values}
+    server_cpu = {n: statistics.median(v[0] for v in values) for n, values in cpu.items() if values}
+    client_cpu = {n: statistics.median(v[1] for v in values) for n, values in cpu.items() if values}
     if args.json:
         json.dump(
             {"ms_per_call": result, "rounds": rows, "paper_ms": PAPER_MS,

@@ -182,9 +182,14 @@ terminate(Reason, St = #st{calls = Calls, pings = Pings, cm = CM}) ->
         undefined -> ok;
         From -> gen_server:reply(From, ok)
     end,
+    %% A channel of its own connection closes the connection. A channel on
+    %% a shared one (sshrpc:open_channel/1,2) is closed by ssh_client_channel
+    %% itself before it calls this terminate: closing it again here would
+    %% send a second CLOSE, which OpenSSH's sshd may find for a channel it
+    %% has freed already -- and then it drops the whole connection.
     case St#st.owns_cm of
         true -> catch ssh:close(CM);
-        false -> catch ssh_connection:close(CM, St#st.ch)
+        false -> ok
     end,
     ok.
 

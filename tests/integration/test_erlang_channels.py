@@ -62,6 +62,16 @@ def client(
         node.close()
 
 
+#: ``Open(C)``: ``sshrpc:open_channel(C)``, retried for at most ~5 s while the
+#: daemon refuses: ``sshrpc:close/1`` returns before the daemon has freed the
+#: channel, so right after a close the daemon may still count it.
+OPEN = (
+    "Open = fun(Conn) -> (fun Retry(0) -> {error, still_refused}; Retry(K) -> "
+    "case sshrpc:open_channel(Conn) of {ok, X} -> {ok, X}; "
+    "_ -> timer:sleep(20), Retry(K - 1) end end)(250) end"
+)
+
+
 def test_child_channel_calls_and_closes_alone(client: ErlangNode) -> None:
     assert client.eval("{ok, Ch} = sshrpc:open_channel(C), is_pid(Ch)") is True
     sessions = client.eval(
@@ -87,8 +97,9 @@ def test_child_channel_calls_and_closes_alone(client: ErlangNode) -> None:
 
 def test_many_children_in_a_loop_leave_no_channel(client: ErlangNode) -> None:
     # The daemon allows 3 channels per connection: a leak would be refused.
+    client.eval(OPEN)
     results = client.eval(
-        "[begin {ok, X} = sshrpc:open_channel(C), "
+        "[begin {ok, X} = Open(C), "
         "       R = sshrpc:call(X, lists, reverse, [[N]]), ok = sshrpc:close(X), R end "
         " || N <- lists:seq(1, 12)]"
     )
@@ -103,9 +114,11 @@ def test_refused_channel_is_an_error_and_the_parent_stays(client: ErlangNode) ->
     assert client.eval("sshrpc:call(A, lists, reverse, [[1]])") == ("ok", [1])
     assert client.eval("sshrpc:call(C, lists, reverse, [[2]])") == ("ok", [2])
     client.eval("ok = sshrpc:close(B)")
-    assert client.eval(
-        "{ok, D} = sshrpc:open_channel(C), sshrpc:call(D, lists, reverse, [[3]])"
-    ) == ("ok", [3])
+    client.eval(OPEN)
+    assert client.eval("{ok, D} = Open(C), sshrpc:call(D, lists, reverse, [[3]])") == (
+        "ok",
+        [3],
+    )
 
 
 def test_parent_close_ends_children(client: ErlangNode) -> None:
@@ -118,3 +131,33 @@ def test_parent_close_ends_children(client: ErlangNode) -> None:
     assert text.startswith("{error,{sshrpc,closed,"), text
     client.wait_until("not is_process_alive(Ch)")
     assert client.eval_text("sshrpc:open_channel(C)").startswith("{error,")
+
+
+def test_open_close_loop_through_openssh(
+    sshrpc_server: Any, tmp_path_factory: pytest.TempPathFactory, client_key: Any
+) -> None:
+    """Against OpenSSH's sshd and the Python node: each child's channel is
+    closed once.  (Closed twice -- by ssh_client_channel and again by
+    sshrpc_client -- the second CLOSE could reach sshd after it had freed
+    the channel, and sshd dropped the whole connection: "close packet
+    referred to nonexistent channel".)"""
+    known = sshrpc_server.known_hosts.read_text().splitlines()
+    user_dir = erlang_client_dir(
+        tmp_path_factory.mktemp("erlang_client_openssh"), client_key.private, known
+    )
+    node = ErlangNode()
+    try:
+        node.eval(
+            f'{{ok, C}} = sshrpc:connect("127.0.0.1", {sshrpc_server.port}, '
+            f'[{{user, "{sshrpc_server.user}"}}, {{user_dir, {erl_string(user_dir)}}}])'
+        )
+        results = node.eval(
+            "[begin {ok, X} = sshrpc:open_channel(C), "
+            "       R = sshrpc:call(X, lists, reverse, [[N]]), ok = sshrpc:close(X), R end "
+            " || N <- lists:seq(1, 25)]",
+            timeout=120,
+        )
+        assert results == [("ok", [n]) for n in range(1, 26)]
+        assert node.eval("sshrpc:call(C, lists, reverse, [[7]])") == ("ok", [7])
+    finally:
+        node.close()
