@@ -546,6 +546,10 @@ class Pump:
         (they end the connection); a lane's end only that lane."""
         session = self.session
         assert session is not None
+        if self._owner is None and session.block_directions() & LIBSSH2_SESSION_BLOCK_OUTBOUND:
+            # Coming from the single-channel loop (or a caller's direct
+            # write) with a packet half sent: it can only be ours.
+            self._owner = (self, _WRITE if self._out else _READ)
         while self.error is None and (self._lanes or self._ops):
             if self._fresh:
                 # Frames were queued: let the queueing tasks finish first.
@@ -596,6 +600,10 @@ class Pump:
             else:
                 await self._wait_for(session.block_directions())
         self._multi = bool(self._lanes or self._ops)
+        if not self._multi:
+            # Only our channel is left (a half-sent packet can only be
+            # ours now), and the single-channel loop repeats its calls.
+            self._owner = None
 
     def _end_of(self, end: Any, error: ConnectionLost) -> None:
         """``end``'s channel ended: ours ends the connection, a lane itself."""
