@@ -202,8 +202,10 @@ class Pump:
         self._multi = False
         self._on_data: Callable[[bytes], None] | None = None
         self._should_read: Callable[[], bool] | None = None
-        #: The subsystem the first channel opened (new lanes open it too).
+        #: The subsystem the first channel opened (new lanes open it too),
+        #: and the receive window asked for it (``window=``; None: libssh2's).
         self.subsystem = ""
+        self.window: int | None = None
         #: Channels opened on this session after the first one.
         self.lanes_opened = 0
 
@@ -718,10 +720,19 @@ class Pump:
                         self._note_owner(session, op, _OP)
                         return False
                     lane.channel = channel
-                rc = lane.channel.subsystem(self.subsystem)
-                if rc == EAGAIN:
-                    self._note_owner(session, op, _OP)
-                    return False
+                if not op.step:
+                    rc = lane.channel.subsystem(self.subsystem)
+                    if rc == EAGAIN:
+                        self._note_owner(session, op, _OP)
+                        return False
+                    op.step = 1
+                window = self.window
+                if window is not None and lane.channel.window_read() < window:
+                    # The connection's ``window=`` for this channel too.
+                    grow = window - lane.channel.window_read()
+                    if lane.channel.receive_window_adjust2(grow, True) == EAGAIN:
+                        self._note_owner(session, op, _OP)
+                        return False
                 self._lanes.append(lane)
                 self.lanes_opened += 1
                 if op.abandoned:
@@ -813,7 +824,7 @@ class _LaneOp:
     """A channel open (session channel + subsystem) or close, for the pump
     task to make; ``done`` is set when it is over (``error`` if it failed)."""
 
-    __slots__ = ("abandoned", "done", "error", "kind", "lane")
+    __slots__ = ("abandoned", "done", "error", "kind", "lane", "step")
 
     def __init__(self, kind: int, lane: Lane) -> None:
         self.kind = kind
@@ -822,6 +833,8 @@ class _LaneOp:
         self.error: BaseException | None = None
         #: The opener was cancelled: close the channel once it is open.
         self.abandoned = False
+        #: An open whose subsystem request is done (1).
+        self.step = 0
 
 
 class Lane:

@@ -790,7 +790,8 @@ class Connection:
         task moves the bytes of all channels (docs/client.md, "More
         channels on one connection").  ``max_undelivered`` and
         ``max_frame`` default to this connection's.  The child sends no
-        keepalive pings of its own (this connection's cover the transport).
+        keepalive pings of its own (this connection's cover the transport);
+        its receive window is this connection's ``window=``.
 
         Leaving the block closes the child (bye, then the channel); this
         connection and its other children carry on.  Closing this
@@ -969,6 +970,7 @@ async def connect_node(
     pump.write_limit = write_limit
     if window is not None:
         _grow_receive_window(pump, window)
+        pump.window = window  # (and for open_channel's channels)
     destination = f"{settings.user}@{settings.hostname}:{settings.port}"
     connection = Connection(
         pump,

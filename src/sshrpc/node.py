@@ -164,6 +164,8 @@ async def _drain_after_refusal(stream: Any) -> None:
         if not data:
             return
         taken += len(data)
+
+
 #: Policy decisions remembered per channel (per module/function/arity).
 DECISION_CACHE = 256
 

@@ -373,3 +373,15 @@ async def test_child_closed_while_its_packet_is_half_sent(
             assert pump._lanes == [] and pump._owner is None
             assert await parent.call("chan", "echo", [1]) == 1
         await _node_channels(test_node, 1)
+
+
+async def test_children_get_the_connections_window(gated: tuple[TestNode, Gate]) -> None:
+    test_node, _ = gated
+    window = 8 * 1024 * 1024
+    async with test_node.connect(window=window) as parent, parent.open_channel() as child:
+        # (less the hello that came in meanwhile)
+        for conn in (parent, child):
+            assert window - 4096 <= (conn.statistics().window_read or 0) <= window
+        assert await child.call("chan", "echo", [b"w" * 900_000]) == b"w" * 900_000
+    async with test_node.connect() as plain, plain.open_channel() as child:
+        assert (child.statistics().window_read or 0) <= 2 * 1024 * 1024
