@@ -385,3 +385,38 @@ async def test_children_get_the_connections_window(gated: tuple[TestNode, Gate])
         assert await child.call("chan", "echo", [b"w" * 900_000]) == b"w" * 900_000
     async with test_node.connect() as plain, plain.open_channel() as child:
         assert (child.statistics().window_read or 0) <= 2 * 1024 * 1024
+
+
+async def test_concurrent_open_call_close_loops(gated: tuple[TestNode, Gate]) -> None:
+    """Several tasks each open, call and close children in a bounded loop
+    while the parent keeps calling; a child's child is a sibling on the same
+    SSH connection.  Nothing is left open at the end."""
+    test_node, _ = gated  # max_channels_per_key=6: parent + 3 tasks + 1 grandchild, 1 spare
+    async with test_node.connect() as parent:
+        pump = parent._pump
+        assert isinstance(pump, _client.Pump)
+        done: list[int] = []
+
+        async def loop(task: int) -> None:
+            for i in range(4):
+                async with parent.open_channel() as child:
+                    assert await child.call("chan", "echo", [[task, i]]) == [task, i]
+                    if task == 0 and i == 0:
+                        async with child.open_channel() as grandchild:
+                            assert await grandchild.call("chan", "echo", [7]) == 7
+                            assert grandchild._pump.pump is pump  # type: ignore[union-attr]
+                done.append(task)
+
+        async def parent_calls() -> None:
+            for i in range(50):
+                assert await parent.call("chan", "echo", [i]) == i
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for task in range(3):
+                    nursery.start_soon(loop, task)
+                nursery.start_soon(parent_calls)
+        assert sorted(done) == sorted(list(range(3)) * 4)
+        assert pump._lanes == [] and not pump._ops and not pump._multi
+        assert pump.lanes_opened == 13
+        await _node_channels(test_node, 1)
