@@ -13,11 +13,16 @@ with ``lists:reverse([1,2,3])``:
 - exec-mod: a new channel per call on a kept connection, through exec mode,
   with OpenSSH connection multiplexing (one ``ssh -M`` master; each call is
   ``ssh -S CTL HOST 'lists:reverse([1,2,3]).'``, which opens one new session
-  channel on the master's connection).  Our libssh2 client cannot open a
-  second channel on a connection yet (its pump owns one session and one
-  channel; see the report), so OpenSSH's client does this row; the server
-  side (sshd, relay, node) is the same as for every other row.  The figure
+  channel on the master's connection): the OpenSSH reference.  The figure
   includes the mux client's own start-up (a fork+exec of ``ssh``);
+- exec-mod (sshrpc): the same pattern with our own client, through the
+  subsystem: one kept ``sshrpc.open_connection``, and per call
+  ``async with node.open_channel() as ch: await ch.call(...)`` (a new SSH
+  session channel + the sshrpc subsystem + hellos, the call, bye and
+  channel close), timed from the open to the close;
+- exec-mod (Erlang): the same with erlang/'s client (``sshrpc:open_channel/1``,
+  ``sshrpc:call/4``, ``sshrpc:close/1`` on a kept ``sshrpc:connect``), timed
+  inside the VM; skipped when ``erl`` is not installed;
 - shell: one kept channel with ``sshrpc.open_connection``, calls in sequence;
 - pipelined: the same kept channel, ``--pipelined`` calls from 64 concurrent
   tasks: wall time divided by the number of calls.
@@ -35,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -52,7 +58,14 @@ from sshrpc._statedir import temp_root
 from sshrpc.client import open_connection
 
 #: The paper's Table 1 (ms per call, Intel Atom, Erlang/OTP R13B).
-PAPER_MS = {"exec": 412.7, "exec-mod": 106.9, "shell": 8.1, "pipelined": 4.2}
+PAPER_MS = {
+    "exec": 412.7,
+    "exec-mod": 106.9,
+    "exec-mod (sshrpc)": 106.9,
+    "exec-mod (Erlang)": 106.9,
+    "shell": 8.1,
+    "pipelined": 4.2,
+}
 COMMAND = "lists:reverse([1,2,3])."
 
 
@@ -184,6 +197,68 @@ async def kept_channel(
     return samples, per_call
 
 
+async def own_exec_mod(
+    port: int,
+    user: str,
+    identity: Path,
+    known: Path,
+    calls: int,
+    serve_pid: int,
+    cpu: dict[str, list[tuple[float, float]]],
+) -> list[float]:
+    """exec-mod with our client: one kept connection, a new channel per call."""
+    async with open_connection(
+        "127.0.0.1",
+        port,
+        user=user,
+        identity=str(identity),
+        known_hosts=str(known),
+        agent=False,
+        use_ssh_config=False,
+    ) as node:
+        async with node.open_channel() as warm:
+            await warm.call("lists", "reverse", [[1, 2, 3]])
+        samples = []
+        meter = CPU(serve_pid)
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            async with node.open_channel() as channel:
+                assert await channel.call("lists", "reverse", [[1, 2, 3]]) == [3, 2, 1]
+            samples.append((time.perf_counter() - t0) * 1e3)
+        cpu["exec-mod (sshrpc)"].append(meter.per_call_ms(calls))
+    return samples
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def erlang_exec_mod(user_dir: Path, port: int, user: str, calls: int) -> list[float]:
+    """exec-mod with the Erlang client, in a fresh VM: ms per open+call+close."""
+    ebin = ROOT / "erlang" / "ebin"
+    prog = (
+        "logger:set_primary_config(level, error), "
+        f'{{ok, C}} = sshrpc:connect("127.0.0.1", {port}, '
+        f'[{{user, "{user}"}}, {{user_dir, "{user_dir}"}}]), '
+        "{ok, W} = sshrpc:open_channel(C), {ok, _} = sshrpc:call(W, lists, reverse, [[1]]), "
+        "ok = sshrpc:close(W), "
+        "T = [begin T0 = erlang:monotonic_time(nanosecond), {ok, Ch} = sshrpc:open_channel(C), "
+        "{ok, [3, 2, 1]} = sshrpc:call(Ch, lists, reverse, [[1, 2, 3]]), ok = sshrpc:close(Ch), "
+        f"erlang:monotonic_time(nanosecond) - T0 end || _ <- lists:seq(1, {calls})], "
+        'io:format("samples ~w~n", [T]), sshrpc:close(C), halt().'
+    )
+    out = subprocess.run(
+        ["erl", "-noshell", "-pa", str(ebin), "-eval", prog],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    ).stdout
+    m = re.search(r"samples \[([0-9,\s]*)\]", out)
+    if m is None:
+        raise RuntimeError(f"Erlang client failed: {out[-2000:]}")
+    return [int(x) / 1e6 for x in m.group(1).replace("\n", "").split(",")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -199,6 +274,11 @@ def main() -> int:
     ssh_version = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"Python {platform.python_version()}; {ssh_version}", file=sys.stderr)  # fmt: skip
+    erlang = shutil.which("erl") is not None
+    if erlang:
+        subprocess.run([str(ROOT / "erlang" / "build.sh")], check=True)
+    else:
+        print("# erl not found: no exec-mod (Erlang) row", file=sys.stderr)
     rows: dict[str, list[float]] = {name: [] for name in PAPER_MS}
     cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in PAPER_MS}
     with tempfile.TemporaryDirectory(prefix="table1-", dir=temp_root()) as tmp:
@@ -217,9 +297,10 @@ def main() -> int:
             control = Path(tempfile.mkdtemp(prefix="t1-")) / "ctl"
             master = Master(base, target, control)
             mod_argv = [*base, "-o", f"ControlPath={control}", "-o", "ControlMaster=no"]
-            names = list(PAPER_MS)
+            names = [n for n in PAPER_MS if erlang or n != "exec-mod (Erlang)"]
             for r in range(args.rounds):
-                order = names[r % 4 :] + names[: r % 4]
+                k = r % len(names)
+                order = names[k:] + names[:k]
                 for name in order:
                     if name == "exec":
                         meter = CPU(proc.pid)
@@ -229,6 +310,17 @@ def main() -> int:
                     elif name == "exec-mod":
                         meter = CPU(proc.pid)
                         samples = timed_ssh([*mod_argv, target, COMMAND], args.mod_calls)
+                        cpu[name].append(meter.per_call_ms(args.mod_calls))
+                        rows[name].append(statistics.median(samples))
+                    elif name == "exec-mod (sshrpc)":
+                        samples = trio.run(
+                            own_exec_mod, port, user, identity, known, args.mod_calls,
+                            proc.pid, cpu,
+                        )  # fmt: skip
+                        rows[name].append(statistics.median(samples))
+                    elif name == "exec-mod (Erlang)":
+                        meter = CPU(proc.pid)
+                        samples = erlang_exec_mod(d, port, user, args.mod_calls)
                         cpu[name].append(meter.per_call_ms(args.mod_calls))
                         rows[name].append(statistics.median(samples))
                     elif name == "shell":
@@ -245,9 +337,9 @@ def main() -> int:
                 master.close()
                 shutil.rmtree(master.control.parent, ignore_errors=True)
             stop(proc)
-    result = {name: statistics.median(values) for name, values in rows.items()}
-    server_cpu = {name: statistics.median(v[0] for v in values) for name, values in cpu.items()}
-    client_cpu = {name: statistics.median(v[1] for v in values) for name, values in cpu.items()}
+    result = {name: statistics.median(values) for name, values in rows.items() if values}
+    server_cpu = {n: statistics.median(v[0] for v in values) for n, values in cpu.items() if values}
+    client_cpu = {n: statistics.median(v[1] for v in values) for n, values in cpu.items() if values}
     if args.json:
         json.dump(
             {"ms_per_call": result, "rounds": rows, "paper_ms": PAPER_MS,

@@ -21,7 +21,7 @@
 -module(sshrpc).
 
 -export([connect/2, connect/3, call/4, call/5, cast/4, send/3, spawn/4, ping/1,
-         server_info/1, close/1]).
+         server_info/1, close/1, open_channel/1, open_channel/2]).
 -export([stream/4, stream/5, next/1, next/2, cancel/1, fold/3, multicall/4, multicall/5]).
 
 -type conn() :: pid().
@@ -83,6 +83,37 @@ ssh_options(Opts) ->
     User = [{user, U} || U <- [maps:get(user, Opts, undefined)], U =/= undefined],
     Dir = [{user_dir, D} || D <- [maps:get(user_dir, Opts, undefined)], D =/= undefined],
     Base ++ User ++ Dir ++ maps:get(ssh, Opts, []).
+
+%% @doc One more sshrpc session on Conn's SSH connection: a new SSH session
+%% channel with the sshrpc subsystem and its own hello (session pid, ids,
+%% max_calls), over the same TCP connection and authentication -- the
+%% paper's "exec-mod" pattern. The result is a conn() like any other:
+%% close/1 on it closes only that channel (Conn and its other channels carry
+%% on); closing Conn, or losing its connection, closes every channel on it
+%% (their calls answer {error, {sshrpc, closed, _}}).
+%%
+%% Opts as connect/3's channel options (`owner', `subsystem', `max_frame',
+%% `max_new_atoms', `max_node_atoms', `timeout'); the SSH ones do not apply.
+%% Returns {error, Reason} when the server refuses the channel (e.g. the
+%% Erlang daemon's max_channels, sshd's MaxSessions) or the session (a node
+%% past --max-channels-per-key answers {error, {sshrpc, closed, #{reason =>
+%% {too_many_channels, N}}}}); Conn is not affected.
+-spec open_channel(conn()) -> {ok, conn()} | {error, term()}.
+open_channel(Conn) ->
+    open_channel(Conn, []).
+
+-spec open_channel(conn(), proplists:proplist() | map()) -> {ok, conn()} | {error, term()}.
+open_channel(Conn, Opts0) ->
+    Opts = case Opts0 of
+               M when is_map(M) -> M;
+               L -> maps:from_list([case X of {_, _} -> X; A -> {A, true} end || X <- L])
+           end,
+    Timeout = maps:get(timeout, Opts, 10000),
+    case catch ssh_client_channel:call(Conn, connection, Timeout) of
+        {ok, CM} -> open_channel(CM, Opts#{owns_cm => false}, Timeout);
+        {error, _} = E -> E;
+        {'EXIT', _} -> {error, {sshrpc, closed, #{}}}
+    end.
 
 open_channel(CM, Opts, Timeout) ->
     case ssh_connection:session_channel(CM, Timeout) of

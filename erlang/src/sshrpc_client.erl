@@ -74,6 +74,9 @@ handle_call(wait_hello, From, St = #st{hello = undefined, hello_waiters = W}) ->
     {noreply, St#st{hello_waiters = [From | W]}};
 handle_call(wait_hello, _From, St = #st{hello = H}) ->
     {reply, {ok, H}, St};
+handle_call(connection, _From, St = #st{cm = CM}) ->
+    %% The SSH connection this channel runs on (sshrpc:open_channel/1,2).
+    {reply, {ok, CM}, St};
 handle_call(close, From, St) ->
     out({bye, normal}, St),
     erlang:send_after(?CLOSE_GRACE_MS, self(), sshrpc_close_now),
@@ -179,9 +182,14 @@ terminate(Reason, St = #st{calls = Calls, pings = Pings, cm = CM}) ->
         undefined -> ok;
         From -> gen_server:reply(From, ok)
     end,
+    %% A channel of its own connection closes the connection. A channel on
+    %% a shared one (sshrpc:open_channel/1,2) is closed by ssh_client_channel
+    %% itself before it calls this terminate: closing it again here would
+    %% send a second CLOSE, which OpenSSH's sshd may find for a channel it
+    %% has freed already -- and then it drops the whole connection.
     case St#st.owns_cm of
         true -> catch ssh:close(CM);
-        false -> catch ssh_connection:close(CM, St#st.ch)
+        false -> ok
     end,
     ok.
 

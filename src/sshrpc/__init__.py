@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from ._accel import c_accelerated, decode, encode
 from ._errors import (
     AuthenticationFailed,
+    ChannelRefused,
     ConnectionLost,
     Error,
     Exit,
@@ -85,6 +86,7 @@ __all__ = [
     "AuthenticationFailed",
     "BitString",
     "Cancelled",
+    "ChannelRefused",
     "ConnectionLost",
     "Error",
     "Exit",

@@ -147,6 +147,19 @@ class ConnectionLost(SSHRPCError):
     label: Any = None
 
 
+class ChannelRefused(ConnectionLost):
+    """``Connection.open_channel()`` got no new sshrpc session on the kept
+    SSH connection: sshd refused the channel (``MaxSessions``) or the
+    subsystem, or the node refused the session before its hello (``reason``
+    is the node's bye reason, e.g. ``(Atom("too_many_channels"), 4)``; None
+    when sshd refused).  The parent connection and its other channels are
+    not affected."""
+
+    def __init__(self, message: str, reason: Any = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class SSHConfigError(SSHRPCError):
     """The ssh config (``ssh -G``) sets an option that could change where
     sshrpc connects or whom it trusts and that sshrpc does not implement, or

@@ -1,4 +1,5 @@
-"""Bytes <-> one SSH channel, over libssh2 (ssh2-python) in non-blocking mode, under Trio.
+"""Bytes <-> SSH channels of one connection, over libssh2 (ssh2-python) in
+non-blocking mode, under Trio.
 
 Theory of operation
 -------------------
@@ -56,6 +57,49 @@ The steady-state loop (``run``) does three things per turn, without blocking:
    keeps growing, at most ``DEFER_ROUNDS`` rounds or ``WRITE_SLICE`` bytes),
    so frames of one batch leave in one write.
 
+Many channels
+-------------
+
+``Connection.open_channel`` asks for one more SSH session channel with the
+sshrpc subsystem on the same session (``open_lane``).  Its state is a
+``Lane``: a channel, an outgoing buffer, a pause flag, callbacks; it offers
+what a ``Connection`` uses of a ``Pump``, so the child is an ordinary
+``Connection`` on a lane.  The pump task still makes every libssh2 call:
+while there are lanes or channel opens/closes queued (``_multi``), ``_turns``
+hands over to ``_lane_turns``, which does the same three steps for each
+"end" (our own channel, then each lane) and returns to the single-channel
+loop, untouched, when the last lane is gone.  Rules of that loop:
+
+- Opens and closes are operations (``_LaneOp``) queued for the pump and done
+  one at a time, oldest first (libssh2 keeps one channel open in progress
+  per session): ``open_session`` then ``subsystem``, or ``close``.  A refusal
+  becomes ``ChannelRefused`` for the opener; the connection is unaffected.
+- libssh2 holds at most one half-sent packet per session.  Until it is sent
+  every other send answers EAGAIN ("address different"), so the call that
+  started it must be repeated first, whatever happens to its channel
+  meanwhile (paused, failed, closing).  The pump records that call's owner
+  (``_owner``: an end and whether it was a write, a read -- whose window
+  adjust was half sent -- or an operation) when a call answers EAGAIN and
+  the session's block directions now include outbound, and repeats it at
+  the start of every turn; operations wait while an owner is recorded, and
+  a lane's channel is never freed while it owns the packet.  A write on a
+  channel whose peer window is 0 is skipped while another end owns the
+  packet: libssh2 would set the block directions to inbound only and hide
+  the pending outbound bytes.
+- Each end pauses on its own (its ``should_read``): a paused lane's window
+  closes and the server stops sending on that channel only.
+- Lost wake-ups: any libssh2 call may pull packets of any channel off the
+  socket, so before sleeping the pump checks every reading end's queue
+  (``poll_channel_read``, ``eof``), not only the last one read.  Every
+  lane's ``wake`` wakes the one pump.
+- The caller-writes-directly shortcut (``send_nowait(direct=True)``) is
+  off while there are lanes: every write goes through the pump and its
+  owner bookkeeping.
+- Our channel's end ends the connection (``ConnectionLost`` for every lane
+  too, ``_end_lanes``); a lane's end (EOF, error, ``Lane.aclose``) ends that
+  lane only.  ``aclose`` drops the lanes' channels before it frees the
+  session (a channel holds its session).
+
 Closing (``aclose``) frees the libssh2 session *before* closing its socket:
 freeing a session restores the blocking mode the fd had at handshake time,
 and if the socket were closed first, its fd number could already belong to a
@@ -69,6 +113,7 @@ from __future__ import annotations
 
 import logging
 import socket as _stdsocket
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -81,9 +126,17 @@ from ssh2.session import (
     Session,
 )
 
-from ._errors import ConnectionLost
+from ._errors import ChannelRefused, ConnectionLost
 
-__all__ = ["DEFAULT_WRITE_LIMIT", "DEFER_ROUNDS", "EAGAIN", "READ_SIZE", "WRITE_SLICE", "Pump"]
+__all__ = [
+    "DEFAULT_WRITE_LIMIT",
+    "DEFER_ROUNDS",
+    "EAGAIN",
+    "READ_SIZE",
+    "WRITE_SLICE",
+    "Lane",
+    "Pump",
+]
 
 log = logging.getLogger("sshrpc.client")
 
@@ -138,6 +191,23 @@ class Pump:
         #: Frames were queued since the pump last looked: more may follow
         #: from tasks that have not run yet (see ``run``).
         self._fresh = False
+        #: More channels on this session (``open_lane``): the child lanes,
+        #: the channel opens and closes waiting for the pump, and the lane
+        #: or operation whose packet libssh2 has half sent (see "Many
+        #: channels" in the module docstring).  ``_multi`` is true while
+        #: there are lanes or operations: the pump then runs ``_lane_turns``.
+        self._lanes: list[Lane] = []
+        self._ops: deque[_LaneOp] = deque()
+        self._owner: tuple[Any, int] | None = None
+        self._multi = False
+        self._on_data: Callable[[bytes], None] | None = None
+        self._should_read: Callable[[], bool] | None = None
+        #: The subsystem the first channel opened (new lanes open it too),
+        #: and the receive window asked for it (``window=``; None: libssh2's).
+        self.subsystem = ""
+        self.window: int | None = None
+        #: Channels opened on this session after the first one.
+        self.lanes_opened = 0
 
     # -- the retry loop ------------------------------------------------------
 
@@ -303,6 +373,7 @@ class Pump:
         """
         channel = self.channel
         assert channel is not None
+        self._on_data, self._should_read = on_data, should_read
         try:
             while self.error is None:
                 # One cancel scope for as many turns as pass without a
@@ -327,6 +398,7 @@ class Pump:
                 self.fail(ConnectionLost("the connection was closed"))
             self._done.set()
             assert self.error is not None
+            self._end_lanes(self.error)
             on_eof(self.error)
 
     async def _turns(
@@ -334,6 +406,10 @@ class Pump:
     ) -> None:
         """``run``'s loop, inside the wake-up scope (see ``run``)."""
         while self.error is None:
+            if self._multi:
+                # More channels than ours: the general loop (module docstring).
+                await self._lane_turns()
+                continue
             # Frames arrived since the last look: let the tasks that
             # queue them run first (one checkpoint per batch, while the
             # queue keeps growing), so that one task keeping many
@@ -414,6 +490,288 @@ class Pump:
             for line in data.decode("utf-8", "replace").splitlines():
                 log.warning("server stderr: %s", line)
 
+    # -- many channels (module docstring, "Many channels") ---------------------
+
+    async def open_lane(self) -> Lane:
+        """Open one more session channel on this SSH connection and request
+        ``self.subsystem`` on it; return it as a ``Lane`` whose bytes this
+        pump moves.  The pump task makes the libssh2 calls; the caller waits.
+
+        A checkpoint.  Raises ``ChannelRefused`` (sshd refused the channel
+        or the subsystem: this connection is unaffected) or
+        ``ConnectionLost`` (the connection ended).  If cancelled, the
+        channel is closed again by the pump once it is open.
+        """
+        if self.error is not None or self.closing:
+            raise self._lost()
+        lane = Lane(self)
+        op = _LaneOp(_OPEN, lane)
+        self._add_op(op)
+        try:
+            await op.done.wait()
+        except BaseException:
+            op.abandoned = True
+            if op.done.is_set() and op.error is None:
+                # The pump finished the open after the cancel was delivered
+                # but before this task ran: close it here instead.
+                lane.fail(ConnectionLost("open_channel was cancelled"))
+                self._add_op(_LaneOp(_CLOSE, lane))
+            raise
+        if op.error is not None:
+            raise op.error
+        return lane
+
+    def _add_op(self, op: _LaneOp) -> None:
+        self._ops.append(op)
+        self._multi = True
+        # The pump looks again before any caller writes on its own.
+        self._parked = False
+        self.wake()
+
+    def _end_lanes(self, error: BaseException) -> None:
+        """The connection ended: every lane and pending open/close ends."""
+        lost = ConnectionLost(f"the SSH connection ended ({error})")
+        for lane in self._lanes:
+            lane.fail(lost)
+        ops, self._ops = self._ops, deque()
+        for op in ops:
+            if op.error is None and op.kind == _OPEN:
+                op.error = lost
+            op.lane.fail(lost)
+            op.done.set()
+
+    async def _lane_turns(self) -> None:
+        """The pump's loop while there are more channels than ours: the
+        same three steps as ``_turns`` for every channel ("ends": ours and
+        the lanes), plus the opens and closes, one at a time.  Returns when
+        no lane and no operation is left.  Errors of our own channel raise
+        (they end the connection); a lane's end only that lane."""
+        session = self.session
+        assert session is not None
+        if self._owner is None and session.block_directions() & LIBSSH2_SESSION_BLOCK_OUTBOUND:
+            # Coming from the single-channel loop (or a caller's direct
+            # write) with a packet half sent: it can only be ours.
+            self._owner = (self, _WRITE if self._out else _READ)
+        while self.error is None and (self._lanes or self._ops):
+            if self._fresh:
+                # Frames were queued: let the queueing tasks finish first.
+                self._fresh = False
+                await trio.lowlevel.checkpoint()
+            self._wake_pending = False
+            progress = False
+            if self._owner is not None:
+                progress = self._retry_owner(session)
+            if self._owner is None and self._ops:
+                progress = self._advance_op(session) or progress
+            ends: list[Any] = [self, *self._lanes]
+            for end in ends:
+                if end._out and end.channel is not None and end.error is None:
+                    progress = self._write_end(session, end) or progress
+            reading: list[Any] = []
+            for end in ends:
+                if end.error is not None or end.channel is None or end._should_read is None:
+                    continue
+                if not end._should_read():
+                    end.paused = True
+                    continue
+                end.paused = False
+                reading.append(end)
+                progress = self._read_end(session, end) or progress
+            if not progress and self._owner is None:
+                # A later read may have pulled an earlier channel's packets
+                # into libssh2's queue: look before sleeping (lost wake-ups).
+                for end in reading:
+                    if end.error is not None:
+                        continue
+                    channel = end.channel
+                    if channel.poll_channel_read(1):
+                        self._read_stderr(channel)
+                        progress = True
+                    elif channel.eof():
+                        self._end_of(end, ConnectionLost("the server closed the channel"))
+                        progress = True
+            if progress:
+                await trio.lowlevel.checkpoint()
+            elif (
+                self._owner is None
+                and not self._ops
+                and not reading
+                and not any(end._out for end in ends if end.error is None)
+            ):
+                await trio.sleep_forever()  # nothing to do until woken
+            else:
+                await self._wait_for(session.block_directions())
+        self._multi = bool(self._lanes or self._ops)
+        if not self._multi:
+            # Only our channel is left (a half-sent packet can only be
+            # ours now), and the single-channel loop repeats its calls.
+            self._owner = None
+
+    def _end_of(self, end: Any, error: ConnectionLost) -> None:
+        """``end``'s channel ended: ours ends the connection, a lane itself."""
+        if end is self:
+            raise error
+        end.fail(error)
+
+    def _note_owner(self, session: Session, end: Any, kind: int) -> None:
+        """After a call of ``end``'s that answered EAGAIN: if libssh2 now
+        holds a half-sent packet and nobody owned one before, it is
+        ``end``'s (see "Many channels")."""
+        if self._owner is None and session.block_directions() & LIBSSH2_SESSION_BLOCK_OUTBOUND:
+            self._owner = (end, kind)
+
+    def _write_end(self, session: Session, end: Any) -> bool:
+        channel = end.channel
+        owner = self._owner
+        if owner is not None and owner[0] is not end and channel.window_write() <= 0:
+            # libssh2 would answer "no window" by setting the session's
+            # block directions to inbound only, hiding the half-sent packet.
+            return False
+        try:
+            rc, n = channel.write(bytes(end._out[:WRITE_SLICE]))
+        except ssh2_exc.SSH2Error as exc:
+            if end is self:
+                raise
+            end.fail(ConnectionLost(f"channel write failed: {type(exc).__name__} {exc}"))
+            return True
+        progress = False
+        if n > 0:
+            del end._out[:n]
+            end.bytes_sent += n
+            progress = True
+            if len(end._out) < end.write_limit:
+                end._room.set()
+        if rc == EAGAIN:
+            self._note_owner(session, end, _WRITE)
+        elif rc < 0:
+            self._end_of(end, ConnectionLost(f"channel write failed (libssh2 error {rc})"))
+            progress = True
+        return progress
+
+    def _read_end(self, session: Session, end: Any) -> bool:
+        channel = end.channel
+        try:
+            rc, data = channel.read(READ_SIZE)
+        except ssh2_exc.SSH2Error as exc:
+            if end is self:
+                raise
+            end.fail(ConnectionLost(f"channel read failed: {type(exc).__name__} {exc}"))
+            return True
+        if rc > 0:
+            end.bytes_received += rc
+            end._on_data(data)
+            return True
+        if rc == EAGAIN:
+            self._note_owner(session, end, _READ)
+            return False
+        if channel.eof():
+            self._end_of(end, ConnectionLost("the server closed the channel"))
+            return True
+        if rc < 0:
+            self._end_of(end, ConnectionLost(f"channel read failed (libssh2 error {rc})"))
+            return True
+        return False
+
+    def _retry_owner(self, session: Session) -> bool:
+        """Repeat the call that left a packet half sent (before any other
+        call that sends), whatever the state of its channel: paused,
+        failed or closing.  True if it got further."""
+        assert self._owner is not None
+        end, kind = self._owner
+        self._owner = None
+        progress = False
+        try:
+            if kind == _OP:
+                return self._advance_op(session)
+            channel = end.channel
+            if kind == _WRITE and end._out:
+                rc, n = channel.write(bytes(end._out[:WRITE_SLICE]))
+                if n > 0:
+                    del end._out[:n]
+                    end.bytes_sent += n
+                    end._room.set()
+                    progress = True
+            else:
+                rc, data = channel.read(READ_SIZE)
+                if rc > 0:
+                    end.bytes_received += rc
+                    if end.error is None and end._on_data is not None:
+                        end._on_data(data)
+                    progress = True
+        except ssh2_exc.SSH2Error as exc:
+            if end is self:
+                raise
+            end.fail(ConnectionLost(f"channel failed: {type(exc).__name__} {exc}"))
+            return True
+        if rc == EAGAIN and session.block_directions() & LIBSSH2_SESSION_BLOCK_OUTBOUND:
+            self._owner = (end, kind)
+        return progress
+
+    def _advance_op(self, session: Session) -> bool:
+        """One step of the oldest channel open or close (libssh2 opens one
+        channel at a time per session).  True if it finished a step."""
+        op = self._ops[0]
+        lane = op.lane
+        try:
+            if op.kind == _OPEN:
+                if lane.channel is None:
+                    channel = session.open_session()
+                    if channel == EAGAIN or channel is None:
+                        self._note_owner(session, op, _OP)
+                        return False
+                    lane.channel = channel
+                if not op.step:
+                    rc = lane.channel.subsystem(self.subsystem)
+                    if rc == EAGAIN:
+                        self._note_owner(session, op, _OP)
+                        return False
+                    op.step = 1
+                window = self.window
+                if window is not None and lane.channel.window_read() < window:
+                    # The connection's ``window=`` for this channel too.
+                    grow = window - lane.channel.window_read()
+                    if lane.channel.receive_window_adjust2(grow, True) == EAGAIN:
+                        self._note_owner(session, op, _OP)
+                        return False
+                self._lanes.append(lane)
+                self.lanes_opened += 1
+                if op.abandoned:
+                    # Nobody waits for it any more: close it again.
+                    lane.fail(ConnectionLost("open_channel was cancelled"))
+                    op.kind = _CLOSE
+                    return True
+            else:
+                if lane.channel is not None:
+                    rc = lane.channel.close()
+                    if rc == EAGAIN:
+                        self._note_owner(session, op, _OP)
+                        return False
+                self._drop_lane(lane)
+        except ssh2_exc.SSH2Error as exc:
+            if op.kind == _OPEN:
+                what = "channel" if lane.channel is None else f"{self.subsystem!r} subsystem"
+                op.error = ChannelRefused(
+                    f"the server refused a new {what} ({type(exc).__name__}"
+                    + (f": {exc}" if str(exc) else "")
+                    + "): sshd's MaxSessions, or the connection is going away"
+                )
+                lane.fail(op.error)
+                if lane.channel is not None:
+                    # Close what was opened; the waiter hears the error now.
+                    op.done.set()
+                    op.kind = _CLOSE
+                    return True
+            else:
+                self._drop_lane(lane)
+        self._ops.popleft()
+        op.done.set()
+        return True
+
+    def _drop_lane(self, lane: Lane) -> None:
+        if lane in self._lanes:
+            self._lanes.remove(lane)
+        lane.channel = None  # (the owner never gets here: ops wait for it)
+
     async def flush(self) -> None:
         """Wait (bounded by the caller's scope) until every queued byte was
         accepted by the channel or the pump stopped."""
@@ -446,9 +804,155 @@ class Pump:
                 pass
         # Free the session (restoring the fd's blocking mode) while the fd is
         # still ours, and only then close the socket (see module docstring).
+        # The lanes' channels hold the session too: drop them first.
+        self._end_lanes(self.error or ConnectionLost("the connection was closed"))
+        for lane in self._lanes:
+            lane.channel = None
+        self._lanes.clear()
         self.channel = None
         self.session = None
         self.sock.close()
+        self._close_done.set()
+
+
+#: ``_LaneOp`` kinds, and what the half-sent packet's owner was doing.
+_OPEN, _CLOSE = 1, 2
+_WRITE, _READ, _OP = 1, 2, 3
+
+
+class _LaneOp:
+    """A channel open (session channel + subsystem) or close, for the pump
+    task to make; ``done`` is set when it is over (``error`` if it failed)."""
+
+    __slots__ = ("abandoned", "done", "error", "kind", "lane", "step")
+
+    def __init__(self, kind: int, lane: Lane) -> None:
+        self.kind = kind
+        self.lane = lane
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+        #: The opener was cancelled: close the channel once it is open.
+        self.abandoned = False
+        #: An open whose subsystem request is done (1).
+        self.step = 0
+
+
+class Lane:
+    """One more channel on a ``Pump``'s SSH connection (``Pump.open_lane``).
+
+    Offers what a ``Connection`` uses of a ``Pump`` (``send``,
+    ``send_nowait``, ``run``, ``fail``, ``aclose``, ``wake``, the counters),
+    so a ``Connection`` can run on a lane as on a pump; the lane's bytes are
+    moved by the pump's task (``Pump._lane_turns``), never by its own.
+    ``fail`` and ``aclose`` end this channel only.
+    """
+
+    def __init__(self, pump: Pump) -> None:
+        self.pump = pump
+        self.channel: Any = None
+        self._out = bytearray()
+        self.write_limit = pump.write_limit
+        self._room = trio.Event()
+        self.error: BaseException | None = None
+        self.closing = False
+        self.closed = False
+        self.paused = False
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._on_data: Callable[[bytes], None] | None = None
+        self._should_read: Callable[[], bool] | None = None
+        self._done = trio.Event()
+        self._close_done = trio.Event()
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes accepted by ``send`` but not yet by the channel."""
+        return len(self._out)
+
+    def wake(self) -> None:
+        """Make the pump task look at this lane again."""
+        self.pump.wake()
+
+    def _lost(self) -> ConnectionLost:
+        if isinstance(self.error, ConnectionLost):
+            return ConnectionLost(str(self.error))
+        return ConnectionLost(f"channel closed ({self.error or 'closed locally'})")
+
+    async def send(self, data: bytes) -> None:
+        """As ``Pump.send``, for this channel."""
+        while True:
+            if self.error is not None or self.closing:
+                raise self._lost()
+            if len(self._out) < self.write_limit:
+                break
+            if self._room.is_set():
+                self._room = trio.Event()
+            await self._room.wait()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._out += data
+        self.pump._fresh = True
+        self.pump.wake()
+
+    def send_nowait(self, data: bytes, direct: bool = False) -> None:
+        """Queue ``data`` for the pump to write (``direct`` is ignored: a
+        lane never writes from the caller's task).  Raises
+        ``ConnectionLost`` if this channel has ended."""
+        if self.error is not None:
+            raise self._lost()
+        self._out += data
+        self.pump._fresh = True
+        self.pump.wake()
+
+    def fail(self, error: BaseException) -> None:
+        """End this channel (first error wins) and wake its waiters."""
+        if self.error is None:
+            self.error = error
+        self._room.set()
+        self._done.set()
+        self.pump.wake()
+
+    async def run(
+        self,
+        on_data: Callable[[bytes], None],
+        should_read: Callable[[], bool],
+        on_eof: Callable[[BaseException], None],
+    ) -> None:
+        """As ``Pump.run`` for this channel: the pump task calls ``on_data``
+        and ``should_read``; this task waits until the channel ends and
+        then calls ``on_eof(error)`` once (also when cancelled)."""
+        self._on_data, self._should_read = on_data, should_read
+        self.pump.wake()
+        try:
+            await self._done.wait()
+        finally:
+            if self.error is None:
+                self.fail(ConnectionLost("the channel was closed"))
+            assert self.error is not None
+            on_eof(self.error)
+
+    async def flush(self) -> None:
+        """As ``Pump.flush``, for this channel."""
+        while self._out and self.error is None:
+            if self._room.is_set():
+                self._room = trio.Event()
+            await self._room.wait()
+
+    async def aclose(self) -> None:
+        """Close this channel (the SSH connection stays).  Idempotent;
+        bounded by ``CLOSE_TIMEOUT`` and shielded from cancellation."""
+        if self.closed:
+            await self._close_done.wait()
+            return
+        self.closed = True
+        self.closing = True
+        self.fail(ConnectionLost("the channel was closed"))
+        pump = self.pump
+        if self.channel is not None and pump.error is None and not pump.closing:
+            op = _LaneOp(_CLOSE, self)
+            pump._add_op(op)
+            with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+                scope.shield = True
+                await op.done.wait()
         self._close_done.set()
 
 

@@ -571,6 +571,7 @@ async def open_channel(
             ) from exc
         log.info("subsystem %s open", subsystem)
         pump.attach_channel(channel)
+        pump.subsystem = subsystem
         ok = True
         return pump
     finally:

@@ -40,6 +40,7 @@ import trio
 from . import _ssh, _ssh_config
 from . import protocol as _p
 from ._errors import (
+    ChannelRefused,
     ConnectionLost,
     LocalProtocolError,
     MessageTooLarge,
@@ -49,7 +50,7 @@ from ._errors import (
     SSHRPCError,
     TermError,
 )
-from ._pump import DEFAULT_WRITE_LIMIT, Pump
+from ._pump import DEFAULT_WRITE_LIMIT, Lane, Pump
 from ._request import CallSlots, Request, RequestSet
 from ._saferepr import safe_repr
 from ._types import Atom
@@ -126,7 +127,7 @@ class Connection:
 
     def __init__(
         self,
-        pump: Pump,
+        pump: Pump | Lane,
         *,
         destination: str,
         max_frame: int = DEFAULT_MAX_FRAME,
@@ -137,6 +138,7 @@ class Connection:
         self._pump = pump
         self.destination = destination
         self._proto = _p.Connection(_p.Role.CLIENT, max_frame=max_frame, name=CLIENT_NAME)
+        self.max_frame = max_frame
         self._pending: dict[int, Request] = {}
         self._ids = itertools.count()
         self._mailbox: deque[Any] = deque()
@@ -768,6 +770,74 @@ class Connection:
             server=dict(self.hello),
         )
 
+    @asynccontextmanager
+    async def open_channel(
+        self,
+        *,
+        max_undelivered: int | None = None,
+        max_frame: int | None = None,
+    ) -> AsyncIterator[Connection]:
+        """``async with node.open_channel() as channel:`` a new sshrpc
+        session on this SSH connection: one more SSH session channel with
+        the sshrpc subsystem (sshd starts a new relay and the node a new
+        session: its own hello, ids, mailbox, ``max_calls``), over the same
+        TCP connection, key exchange and authentication.  This is the
+        paper's "exec-mod" pattern: a new channel per call on a kept
+        connection.
+
+        The child is a ``Connection`` (``call``, ``cast``, ``spawn``,
+        ``send``, ``receive``, ``stream``, ``send_request``...); one pump
+        task moves the bytes of all channels (docs/client.md, "More
+        channels on one connection").  ``max_undelivered`` and
+        ``max_frame`` default to this connection's.  The child sends no
+        keepalive pings of its own (this connection's cover the transport);
+        its receive window is this connection's ``window=``.
+
+        Leaving the block closes the child (bye, then the channel); this
+        connection and its other children carry on.  Closing this
+        connection (or losing it) ends every child: their calls raise
+        ``ConnectionLost``.  A child opened from a child is a sibling: it
+        lives on the same SSH connection.
+
+        A checkpoint.  Raises ``ChannelRefused`` (a ``ConnectionLost``) when
+        sshd refuses the channel or the subsystem (e.g. ``MaxSessions``) or
+        the node refuses the session (``reason``, e.g.
+        ``(Atom("too_many_channels"), N)``); this connection is unaffected.
+        ``ConnectionLost`` if this connection has ended.  If cancelled while
+        opening, the half-open channel is closed by the pump.
+        """
+        self._check_open()
+        pump = self._pump
+        root = pump.pump if isinstance(pump, Lane) else pump
+        lane = await root.open_lane()
+        child = _ChannelConnection(
+            lane,
+            destination=f"{self.destination} channel {root.lanes_opened}",
+            max_frame=self.max_frame if max_frame is None else max_frame,
+            max_undelivered=self.max_undelivered if max_undelivered is None else max_undelivered,
+            keepalive=None,
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    await child._start(nursery)
+                except BaseException as exc:
+                    with trio.CancelScope(shield=True):
+                        await child.aclose()
+                    if isinstance(exc, ConnectionLost) and child._refusal is not None:
+                        raise ChannelRefused(
+                            f"{child.destination}: the node refused the session: "
+                            f"{safe_repr(child._refusal)}",
+                            child._refusal,
+                        ) from None
+                    raise
+                try:
+                    yield child
+                finally:
+                    await child.aclose()
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
+
     @property
     def closed(self) -> bool:
         """True once the connection can no longer be used."""
@@ -794,6 +864,18 @@ class Connection:
                 await self._ended.wait()
             await self._pump.aclose()
         await trio.lowlevel.checkpoint()
+
+
+class _ChannelConnection(Connection):
+    """A ``Connection`` on a ``Lane`` (``Connection.open_channel``): notes a
+    bye that comes instead of the hello, the node's refusal of the session."""
+
+    _refusal: Any = None
+
+    def _dispatch(self, event: _p.Event) -> None:
+        if type(event) is _p.Bye and not self._hello_event.is_set():
+            self._refusal = event.reason
+        super()._dispatch(event)
 
 
 # -- opening ------------------------------------------------------------------------
@@ -888,6 +970,7 @@ async def connect_node(
     pump.write_limit = write_limit
     if window is not None:
         _grow_receive_window(pump, window)
+        pump.window = window  # (and for open_channel's channels)
     destination = f"{settings.user}@{settings.hostname}:{settings.port}"
     connection = Connection(
         pump,

@@ -151,6 +151,24 @@ MAX_HEADER = 65536
 #: How long a fresh Unix-socket peer has to send its header.
 HEADER_TIMEOUT = 10.0
 RECEIVE_SIZE = 65536
+#: Bytes a refused channel's client may still send before the node closes.
+REFUSE_DRAIN = 65536
+
+
+async def _drain_after_refusal(stream: Any) -> None:
+    """Shut our sending side (if the stream can) and read until the peer
+    closes or ``REFUSE_DRAIN`` bytes came; the caller bounds the time."""
+    send_eof = getattr(stream, "send_eof", None)
+    if send_eof is not None:
+        await send_eof()
+    taken = 0
+    while taken < REFUSE_DRAIN:
+        data = await stream.receive_some(RECEIVE_SIZE)
+        if not data:
+            return
+        taken += len(data)
+
+
 #: Policy decisions remembered per channel (per module/function/arity).
 DECISION_CACHE = 256
 
@@ -565,7 +583,13 @@ class _Channel:
     async def _refuse_channel(self) -> None:
         """One channel too many for this key: ``{bye, {too_many_channels,
         Limit}}``, then close.  Bounded in time (a client that does not read
-        is cut off)."""
+        is cut off).
+
+        Before closing, the node shuts its sending side and takes what the
+        client sent (its hello; at most ``REFUSE_DRAIN`` bytes) until the
+        client closes: closing a Unix socket with unread data resets it,
+        and the relay could then die before it had copied the bye to the
+        client (who saw the channel end with no reason)."""
         limit = self.node.accounts.max_channels
         log.warning(
             "session %r (%s): refused: the key has %d channels open already",
@@ -577,6 +601,7 @@ class _Channel:
             await self.stream.send_all(
                 self.conn.send(_p.Bye(reason=(Atom("too_many_channels"), limit)))
             )
+            await _drain_after_refusal(self.stream)
         with trio.CancelScope(shield=True), contextlib.suppress(Exception):
             await self.stream.aclose()
 
