@@ -75,12 +75,13 @@ import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import trio
 from outcome import Value as _Value
 
+from . import _drive
 from . import protocol as _p
 from ._bounds import (
     DEFAULT_MAX_CHANNELS_PER_KEY,
@@ -346,14 +347,28 @@ class _Outbox:
 # -- one channel -----------------------------------------------------------------
 
 
-@dataclass
 class _OpenCall:
-    scope: trio.CancelScope
-    cancel_requested: bool = False
-    #: Units charged to the key for this call (``_hold``), given back when
-    #: it ends (fast paths only; the task path uses ``_holding``).
-    cost: int = 0
-    credit_lot: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+    """A call that runs on the loop: in a task of its own (``scope`` set at
+    once, ``credit_lot`` for a stream) or an async worker's (``scope`` is
+    the worker's from when it starts the call; None while queued)."""
+
+    __slots__ = ("cancel_requested", "cost", "credit_lot", "deadline", "scope")
+
+    def __init__(
+        self,
+        scope: trio.CancelScope | None,
+        cost: int = 0,
+        deadline: float | None = None,
+        credit_lot: trio.lowlevel.ParkingLot | None = None,
+    ) -> None:
+        self.scope = scope
+        self.cancel_requested = False
+        #: Units charged to the key for this call (``_hold``), given back when
+        #: it ends (fast paths only; the task path uses ``_holding``).
+        self.cost = cost
+        #: An async call's deadline (``trio.current_time()``), if it has one.
+        self.deadline = deadline
+        self.credit_lot = credit_lot
 
 
 @dataclass
@@ -416,8 +431,12 @@ class _Channel:
         #: The context service code of this channel's calls runs in.
         self.context = _Context(node, self, None, key)
         self._context_base: contextvars.Context | None = None
-        #: Async worker tasks waiting for a call, with their cancel scopes.
-        self._idle_workers: list[tuple[trio.lowlevel.Task, trio.CancelScope]] = []
+        #: Async worker tasks waiting for a call (``_async_worker``).
+        self._idle_workers: list[trio.lowlevel.Task] = []
+        #: Async calls not started yet, in arrival order.
+        self._ready: deque[tuple[_p.Call, Exported, _OpenCall]] = deque()
+        #: True while a worker is charged with running ``_ready``.
+        self._drainer = False
 
     # sending ---------------------------------------------------------------
 
@@ -550,6 +569,11 @@ class _Channel:
                     self._release(open_call.cost)
                     call = open_call.call
                     self._audit_call(call, "disconnected", open_call.start)
+            while self._ready:  # async calls no worker started
+                call, _, queued = self._ready.popleft()
+                del self.calls[call.id]
+                self._release(queued.cost)
+                self._audit_call(call, "disconnected", trio.current_time())
             self.fd = None  # its number may be reused once the stream is closed
             self.node.pids.pop(self.pid, None)
             self.node.channels.discard(self)
@@ -692,10 +716,11 @@ class _Channel:
                 self._cancel_job(call)
             elif call is not None:
                 call.cancel_requested = True
-                call.scope.cancel()
+                if call.scope is not None:  # else queued: its worker cancels it
+                    call.scope.cancel()
         elif isinstance(event, _p.Credit):
             call = self.calls.get(event.id)
-            if isinstance(call, _OpenCall):
+            if isinstance(call, _OpenCall) and call.credit_lot is not None:
                 call.credit_lot.unpark_all()
         elif isinstance(event, _p.Ping):
             self.emit(_p.Pong(token=event.token))
@@ -818,7 +843,7 @@ class _Channel:
         scope = trio.CancelScope()
         if call.timeout is not None:
             scope.deadline = trio.current_time() + call.timeout / 1000
-        self.calls[call.id] = _OpenCall(scope)
+        self.calls[call.id] = _OpenCall(scope, credit_lot=trio.lowlevel.ParkingLot())
         self.nursery.start_soon(
             self._audit_cut_off,
             "call",
@@ -828,63 +853,111 @@ class _Channel:
 
     # async calls: per-channel worker tasks ---------------------------------
     #
-    # A task and a cancel scope per call cost about 12-15 us.  Instead, an
-    # async call goes to an idle worker task of the channel (rescheduled
-    # with the call: no spawn), or a new one.  Each worker runs its calls
-    # inside one cancel scope of its own: ``{cancel, Id}`` cancels it and a
-    # ``timeout`` sets its deadline, for the call it is running; a worker
-    # whose scope was cancelled (or whose answer must wait for room) answers
-    # that call as ``_run_call`` would and ends.  Each call runs in a fresh
-    # copy of the channel's context (the dispatcher sets ``Task.context``
-    # before resuming the worker), as a task of its own would.
+    # A task and a cancel scope per call cost about 12-15 us, and waking a
+    # worker task per call about 5.  Instead, the async calls of a read go
+    # into the channel's ready queue (``_ready``), and one worker task (the
+    # *drainer*, woken once per read: an idle worker rescheduled, or a new
+    # one) runs them one after the other.  It starts each call's coroutine
+    # itself (``_drive.start``): a call that returns without waiting -- the
+    # common case -- is answered at once, its answer batched with the
+    # others of the queue (one write).  A call that waits makes its worker
+    # hand the rest of the queue to another worker first, then drive that
+    # call to its end in this same task (``_drive.Resume``), and come back
+    # for more (or go idle).
+    #
+    # Each worker runs its calls inside one cancel scope of its own: a
+    # call's ``timeout`` sets its deadline while the call runs, and
+    # ``{cancel, Id}`` cancels it (a call still queued is only flagged; its
+    # worker cancels the scope when it starts it).  A worker whose scope
+    # was cancelled (or whose answer must wait for room) answers that call
+    # as ``_run_call`` would and ends.  Each call runs in a fresh copy of
+    # the channel's context, as a task of its own would.
 
     def _start_async(self, call: _p.Call, exported: Exported) -> None:
-        if self._idle_workers:
-            task, scope = self._idle_workers.pop()
-            if call.timeout is not None:
-                scope.deadline = trio.current_time() + call.timeout / 1000
-            self.calls[call.id] = _OpenCall(scope, cost=self.frame_cost)
-            task.context = self._worker_context()
-            trio.lowlevel.reschedule(task, _Value((call, exported)))
-            return
-        scope = trio.CancelScope()
+        open_call = _OpenCall(None, cost=self.frame_cost)
         if call.timeout is not None:
-            scope.deadline = trio.current_time() + call.timeout / 1000
-        self.calls[call.id] = _OpenCall(scope, cost=self.frame_cost)
-        self.nursery.start_soon(self._async_worker, call, exported, scope)
+            open_call.deadline = trio.current_time() + call.timeout / 1000
+        self.calls[call.id] = open_call
+        self._ready.append((call, exported, open_call))
+        if not self._drainer:
+            self._drainer = True
+            self._wake_worker()
 
-    def _worker_context(self) -> contextvars.Context:
+    def _wake_worker(self) -> None:
+        """Give the drainer's role to an idle worker, or a new one."""
+        if self._idle_workers:
+            trio.lowlevel.reschedule(self._idle_workers.pop())
+        else:
+            self.nursery.start_soon(self._async_worker)
+
+    def _hand_off(self) -> None:
+        """The drainer stops draining (its call waits, or it ends): what it
+        answered leaves now, and another worker takes the rest."""
+        self._unbatch()
+        self._drainer = False
+        if self._ready:
+            self._drainer = True
+            self._wake_worker()
+
+    def _call_context(self) -> contextvars.Context:
         base = self._context_base
         if base is None:
             base = self._context_base = contextvars.copy_context()
             base.run(_current.set, self.context)
         return base.copy()
 
-    async def _next_async_call(self, scope: trio.CancelScope) -> tuple[_p.Call, Exported]:
-        entry = (trio.lowlevel.current_task(), scope)
-        self._idle_workers.append(entry)
+    async def _wait_as_idle_worker(self) -> None:
+        task = trio.lowlevel.current_task()
+        self._idle_workers.append(task)
 
         def abort(_: Any) -> trio.lowlevel.Abort:
-            self._idle_workers.remove(entry)
+            self._idle_workers.remove(task)
             return trio.lowlevel.Abort.SUCCEEDED
 
-        result: tuple[_p.Call, Exported] = await trio.lowlevel.wait_task_rescheduled(abort)
-        return result
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
-    async def _async_worker(
-        self, call: _p.Call, exported: Exported, scope: trio.CancelScope
-    ) -> None:
-        _current.set(self.context)  # later calls get a fresh context (_start_async)
-        current: _p.Call | None = call
+    async def _async_worker(self) -> None:
+        """Drain ``_ready`` (this task holds the drainer's role when it
+        starts and whenever it is rescheduled from idle); see above."""
+        ready = self._ready
+        scope = trio.CancelScope()
+        call: _p.Call | None = None  # the call this worker runs, if any
         answer: _p.Event | None = None
         outcome = "ok"
-        start = trio.current_time()
+        start = 0.0
+        draining = True
         try:
             with scope:
                 while True:
+                    if not ready:
+                        if draining:
+                            draining = False
+                            self._drainer = False
+                            self._unbatch()
+                        await self._wait_as_idle_worker()
+                        draining = True  # rescheduled: the drainer's role is ours
+                        continue
+                    self.batching = True
+                    call, exported, open_call = ready.popleft()
+                    open_call.scope = scope
+                    deadline = open_call.deadline
+                    if deadline is not None:
+                        scope.deadline = deadline
+                    if open_call.cancel_requested:
+                        scope.cancel()
                     start = trio.current_time()
+                    context = self._call_context()
                     try:
-                        answer = _p.Reply(id=call.id, value=await exported.fn(*call.args))
+                        done, value, trap = _drive.start(
+                            context.run(exported.fn, *call.args), context
+                        )
+                        if not done:
+                            # It waits: the rest of the queue goes to another
+                            # worker; this one drives this call to its end.
+                            draining = False
+                            self._hand_off()
+                            value = await _drive.Resume(value, context, trap)
+                        answer = _p.Reply(id=call.id, value=value)
                         outcome = "ok"
                     except Exception as exc:
                         cls, reason, details = self.node.error_term(exc)
@@ -892,31 +965,39 @@ class _Channel:
                         answer = _p.ErrorReply(id=call.id, cls=cls, reason=reason, details=details)
                     if scope.cancel_called or self.outbox.full:
                         break  # answer below, outside the spent scope, then end
-                    current = None
+                    if deadline is not None:
+                        scope.deadline = math.inf
                     self._release(self.calls.pop(call.id).cost)
                     if not self.calls:
                         self.idle.unpark_all()
                     self._audit_call(call, outcome, start)
                     self.emit(answer)
-                    answer = None
-                    if scope.deadline != math.inf:  # the setter is not free
-                        scope.deadline = math.inf
-                    call, exported = await self._next_async_call(scope)
-                    current = call
+                    call = answer = None
+                    if not draining:  # back from a call that waited
+                        if self._drainer or not ready:
+                            await self._wait_as_idle_worker()
+                        else:
+                            self._drainer = True
+                        draining = True
+            if draining:
+                draining = False
+                self._hand_off()
+            assert call is not None
             if scope.cancelled_caught:
-                open_call = self.calls[call.id]
-                assert isinstance(open_call, _OpenCall)
                 outcome = "cancelled" if open_call.cancel_requested else "timeout"
                 answer = _p.ErrorReply(id=call.id, cls=Atom("sshrpc"), reason=Atom(outcome))
             await self.outbox.wait_room()
         except trio.Cancelled:
             # The channel ended under the call: its audit line says so.
-            if current is not None:
-                self._audit_call(current, "disconnected", start)
+            if call is not None:
+                self._audit_call(call, "disconnected", start)
             raise
         finally:
-            if current is not None:
-                self._release(self.calls.pop(current.id).cost)
+            if draining:  # the channel ends (or a bug): what is queued is
+                self._drainer = False  # answered by no one (see ``run``)
+                self.batching = False
+            if call is not None:
+                self._release(self.calls.pop(call.id).cost)
                 if not self.calls:
                     self.idle.unpark_all()
         # Only reached when the channel is alive: exactly one final answer.
@@ -1036,7 +1117,7 @@ class _Channel:
                     items.append(item)
                     continue
                 open_call = self.calls[stream_id]
-                assert isinstance(open_call, _OpenCall)
+                assert isinstance(open_call, _OpenCall) and open_call.credit_lot is not None
                 while self.conn.stream_credit(stream_id) <= 0:
                     await open_call.credit_lot.park()
                 await self.outbox.wait_room()
@@ -1047,7 +1128,7 @@ class _Channel:
 
     async def _run_call(self, call: _p.Call, exported: Exported) -> None:
         open_call = self.calls[call.id]
-        assert isinstance(open_call, _OpenCall)
+        assert isinstance(open_call, _OpenCall) and open_call.scope is not None
         token = _current.set(self.context)
         start = trio.current_time()
         answer: _p.Event
