@@ -133,6 +133,8 @@ __all__ = [
 
 log = logging.getLogger("sshrpc.node")
 T = TypeVar("T")
+#: The clock of call durations (audit lines): cheaper than ``trio.current_time``.
+_clock = time.perf_counter
 
 #: Open calls per channel (PROTOCOL.md section 3's ``max_calls``).
 DEFAULT_MAX_CALLS = _p.DEFAULT_MAX_CALLS
@@ -573,7 +575,7 @@ class _Channel:
                 call, _, queued = self._ready.popleft()
                 del self.calls[call.id]
                 self._release(queued.cost)
-                self._audit_call(call, "disconnected", trio.current_time())
+                self._audit_call(call, "disconnected", _clock())
             self.fd = None  # its number may be reused once the stream is closed
             self.node.pids.pop(self.pid, None)
             self.node.channels.discard(self)
@@ -940,12 +942,15 @@ class _Channel:
                     self.batching = True
                     call, exported, open_call = ready.popleft()
                     open_call.scope = scope
-                    deadline = open_call.deadline
-                    if deadline is not None:
-                        scope.deadline = deadline
-                    if open_call.cancel_requested:
+                    # Checked after the call only when it waited or was
+                    # cancelled: a call that never waits cannot see its
+                    # deadline (only the scheduler turns it into a cancel),
+                    # so the deadline is set only when the call waits.
+                    check = open_call.cancel_requested
+                    deadline = None
+                    if check:
                         scope.cancel()
-                    start = trio.current_time()
+                    start = _clock()
                     context = self._call_context()
                     try:
                         done, value, trap = _drive.start(
@@ -956,6 +961,10 @@ class _Channel:
                             # worker; this one drives this call to its end.
                             draining = False
                             self._hand_off()
+                            check = True
+                            deadline = open_call.deadline
+                            if deadline is not None:
+                                scope.deadline = deadline
                             value = await _drive.Resume(value, context, trap)
                         answer = _p.Reply(id=call.id, value=value)
                         outcome = "ok"
@@ -963,7 +972,7 @@ class _Channel:
                         cls, reason, details = self.node.error_term(exc)
                         outcome = str(cls)
                         answer = _p.ErrorReply(id=call.id, cls=cls, reason=reason, details=details)
-                    if scope.cancel_called or self.outbox.full:
+                    if (check and scope.cancel_called) or self.outbox.full:
                         break  # answer below, outside the spent scope, then end
                     if deadline is not None:
                         scope.deadline = math.inf
@@ -1009,7 +1018,7 @@ class _Channel:
         """An ``inline=True`` function: run it now, on the loop, and answer.
         Nothing can interrupt it, so its answer always stands."""
         token = _current.set(self.context)
-        start = trio.current_time()
+        start = _clock()
         answer: _p.Event
         outcome = "ok"
         try:
@@ -1025,7 +1034,7 @@ class _Channel:
         self.emit(answer)
 
     def _audit_call(self, call: _p.Call, outcome: str, start: float) -> None:
-        """The audit line of a call that began at ``start`` (``trio.current_time()``)."""
+        """The audit line of a call that began at ``start`` (``_clock()``)."""
         audit(
             self.key,
             "call",
@@ -1033,7 +1042,7 @@ class _Channel:
             call.function,
             len(call.args),
             outcome,
-            trio.current_time() - start,
+            _clock() - start,
         )
 
     def _release(self, cost: int) -> None:
@@ -1049,7 +1058,7 @@ class _Channel:
         """
         context = contextvars.copy_context()
         context.run(_current.set, self.context)
-        open_call = _JobCall(call, trio.current_time(), cost=self.frame_cost)
+        open_call = _JobCall(call, _clock(), cost=self.frame_cost)
         self.calls[call.id] = open_call
         open_call.job = self.node.workers().submit(
             self.key.fingerprint,
@@ -1130,7 +1139,7 @@ class _Channel:
         open_call = self.calls[call.id]
         assert isinstance(open_call, _OpenCall) and open_call.scope is not None
         token = _current.set(self.context)
-        start = trio.current_time()
+        start = _clock()
         answer: _p.Event
         outcome = "ok"
         try:
