@@ -65,6 +65,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import heapq
 import logging
 import math
 import os
@@ -439,6 +440,13 @@ class _Channel:
         self._ready: deque[tuple[_p.Call, Exported, _OpenCall]] = deque()
         #: True while a worker is charged with running ``_ready``.
         self._drainer = False
+        #: Deadlines of sync calls in the pool (``_add_job_deadline``).
+        self._job_deadlines: list[tuple[float, int, _JobCall]] = []
+        self._job_serial = 0
+        self._timer_scope: trio.CancelScope | None = None
+        self._timer_at = math.inf
+        #: The context pool results are handed over in (``_start_job``).
+        self._delivery_context: contextvars.Context | None = None
 
     # sending ---------------------------------------------------------------
 
@@ -836,7 +844,7 @@ class _Channel:
         if exported.inline:
             self._call_inline(call, exported)
             return
-        if exported.kind == "sync" and call.timeout is None:
+        if exported.kind == "sync":
             self._start_job(call, exported)
             return
         if exported.kind == "async":
@@ -1051,22 +1059,78 @@ class _Channel:
             self.account.release(cost)
 
     def _start_job(self, call: _p.Call, exported: Exported) -> None:
-        """A sync function with no deadline: straight into the worker pool,
-        with no task and no cancel scope; ``_job_done`` answers on the loop
-        when it returns, ``_cancel_job`` when ``{cancel, Id}`` comes first.
-        (With a deadline the call takes the task path: a scope is the timer.)
+        """A sync function: straight into the worker pool, with no task and
+        no cancel scope; ``_job_done`` answers on the loop when it returns,
+        ``_cancel_job`` when ``{cancel, Id}`` or its deadline (``timeout``,
+        kept by the channel's ``_job_timer``) comes first.
         """
-        context = contextvars.copy_context()
-        context.run(_current.set, self.context)
+        context = self._call_context()
         open_call = _JobCall(call, _clock(), cost=self.frame_cost)
         self.calls[call.id] = open_call
+        if self._delivery_context is None:
+            self._delivery_context = self._call_context()
         open_call.job = self.node.workers().submit(
             self.key.fingerprint,
             exported.fn,
             tuple(call.args),
             context,
-            functools.partial(self._job_done, open_call),
+            # In the channel's context (its node's auditor, ``current_auditor``),
+            # not the pool's delivery callback's.
+            functools.partial(self._delivery_context.run, self._job_done, open_call),  # type: ignore[call-arg]
+            self._end_delivery,
         )
+        if call.timeout is not None:
+            self._add_job_deadline(open_call, trio.current_time() + call.timeout / 1000)
+
+    # The deadlines of sync calls in the pool: one timer task per channel
+    # (started with the first such call) sleeps until the earliest one, a
+    # heap of (deadline, serial, call).  A call that ends leaves its entry
+    # behind (stale: skipped when it comes up); the heap is rebuilt from the
+    # live entries when stale ones outnumber the open calls, so it stays
+    # within a few times ``max_calls``.
+
+    def _add_job_deadline(self, open_call: _JobCall, deadline: float) -> None:
+        heap = self._job_deadlines
+        self._job_serial += 1
+        heapq.heappush(heap, (deadline, self._job_serial, open_call))
+        if len(heap) > 2 * len(self.calls) + 64:
+            heap[:] = [entry for entry in heap if self._timed_job_live(entry[2])]
+            heapq.heapify(heap)
+        if self._timer_scope is None:
+            self._timer_at = deadline
+            self._timer_scope = trio.CancelScope()
+            self.nursery.start_soon(self._job_timer, self._timer_scope)
+        elif deadline < self._timer_at:
+            self._timer_at = -math.inf  # cancelled once until the timer looks again
+            self._timer_scope.cancel()
+
+    def _timed_job_live(self, open_call: _JobCall) -> bool:
+        return open_call.job is not None and self.calls.get(open_call.call.id) is open_call
+
+    async def _job_timer(self, scope: trio.CancelScope) -> None:
+        """Answer ``timeout`` for each sync call in the pool whose deadline
+        passes before its function returns (the function is flagged, as for
+        a cancel).  Runs until the channel ends."""
+        heap = self._job_deadlines
+        while True:
+            now = trio.current_time()
+            self.batching = True
+            while heap and (heap[0][0] <= now or not self._timed_job_live(heap[0][2])):
+                _, _, open_call = heapq.heappop(heap)
+                if self._timed_job_live(open_call):
+                    self._cancel_job(open_call, "timeout")
+            self._unbatch()
+            self._timer_at = heap[0][0] if heap else math.inf
+            with scope:
+                scope.deadline = self._timer_at
+                await trio.sleep_forever()
+            scope = self._timer_scope = trio.CancelScope()
+
+    def _end_delivery(self) -> None:
+        """After the pool handed over a round of results (``_job_done``,
+        batched): they leave in one write."""
+        if self.batching:
+            self._unbatch()
 
     def _end_job(self, open_call: _JobCall, answer: _p.Event, outcome: str) -> None:
         call = open_call.call
@@ -1095,21 +1159,23 @@ class _Channel:
             open_call.job = None
             self.nursery.start_soon(self._end_job_when_room, open_call, answer, outcome)
         else:
+            self.batching = True  # until the round ends (``_end_delivery``)
             self._end_job(open_call, answer, outcome)
 
     async def _end_job_when_room(self, open_call: _JobCall, answer: _p.Event, outcome: str) -> None:
         await self.outbox.wait_room()
         self._end_job(open_call, answer, outcome)
 
-    def _cancel_job(self, open_call: _JobCall) -> None:
-        """``{cancel, Id}`` for a call in the worker pool: answer
-        ``cancelled`` now; the function learns it from ``check_cancelled``."""
+    def _cancel_job(self, open_call: _JobCall, outcome: str = "cancelled") -> None:
+        """``{cancel, Id}`` (or the deadline, ``outcome="timeout"``) for a
+        call in the worker pool: answer now; the function learns it from
+        ``check_cancelled``."""
         if open_call.job is None:
             return  # it returned already; its answer waits for room
         open_call.job.pool.abandon(open_call.job)
-        reason = Atom("cancelled")
+        reason = Atom(outcome)
         answer = _p.ErrorReply(id=open_call.call.id, cls=Atom("sshrpc"), reason=reason)
-        self._end_job(open_call, answer, "cancelled")
+        self._end_job(open_call, answer, outcome)
 
     async def _invoke(self, exported: Exported, args: list[Any], stream_id: int | None) -> Any:
         if exported.kind == "async":

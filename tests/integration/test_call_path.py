@@ -4,12 +4,16 @@ real protocol session over an in-memory stream (no sshd needed for these)."""
 from __future__ import annotations
 
 import contextvars
+import logging
+import threading
+import time
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
+import sshrpc
 from sshrpc import Atom, Service
 from sshrpc import protocol as _p
 from sshrpc.node import Node
@@ -315,4 +319,100 @@ async def test_async_calls_open_when_the_channel_ends(wait_for_start: bool):
                 await trio.sleep(0.001)
         stats = node.statistics()
         assert (stats["calls"], stats["held"]) == (0, 0), stats
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("level", [logging.DEBUG, logging.INFO])
+async def test_every_call_is_audited_by_its_nodes_auditor(caplog: Any, level: int):
+    """The audit line of a sync call answered from the worker pool is
+    written by its node's auditor (its level), like an async or inline
+    call's: it used to be written from the pool's delivery callback with
+    the default auditor (INFO), whatever the node's ``audit_level``."""
+    svc = Service("aud")
+
+    @svc.export
+    async def a() -> int:
+        return 1
+
+    @svc.export(inline=True)
+    def i() -> int:
+        return 2
+
+    @svc.export
+    def t() -> int:
+        return 3
+
+    caplog.set_level(logging.INFO, logger="sshrpc.audit")
+    node = Node([svc], audit_level=level)
+    async with trio.open_nursery() as nursery:
+        client, stream = await _open_channel(node, nursery)
+        for n, fn in enumerate("ait"):
+            call = _p.Call(id=n, module=Atom("aud"), function=Atom(fn), args=[])
+            await stream.send_all(client.send(call))
+            assert await next_event(client, stream) == _p.Reply(id=n, value=n + 1)
+        nursery.cancel_scope.cancel()
+    lines = [r.getMessage() for r in caplog.records if r.name == "sshrpc.audit"]
+    if level == logging.DEBUG:
+        assert lines == []
+    else:
+        assert [line.split()[2] for line in lines] == ["aud:a/0", "aud:i/0", "aud:t/0"], lines
+
+
+async def test_deadlines_of_sync_calls_in_the_pool():
+    """Sync calls with a ``timeout`` run in the pool with no task of their
+    own; the channel's timer answers ``timeout`` for each whose deadline
+    passes first (an earlier deadline arriving after a later one too), the
+    function learns it (``cancelled()``), and calls that return in time
+    answer their value, once."""
+    svc = Service("pool")
+    release = threading.Event()
+    learned: list[bool] = []
+
+    @svc.export
+    def block(n: int) -> int:
+        release.wait(20)
+        return n
+
+    @svc.export
+    def spin(n: int) -> int:
+        deadline = time.monotonic() + 20
+        while not sshrpc.cancelled() and time.monotonic() < deadline:
+            time.sleep(0.001)  # a sync function polling for its cancel
+        learned.append(sshrpc.cancelled())
+        return n
+
+    @svc.export
+    def quick(n: int) -> int:
+        return n
+
+    node = Node([svc])
+    async with trio.open_nursery() as nursery:
+        client, stream = await _open_channel(node, nursery)
+
+        def call(i: int, fn: str, timeout: int) -> bytes:
+            ev = _p.Call(id=i, module=Atom("pool"), function=Atom(fn), args=[i], timeout=timeout)
+            return client.send(ev)
+
+        await stream.send_all(call(1, "block", 60_000) + call(2, "spin", 60_000))
+        await stream.send_all(call(3, "spin", 30) + call(4, "quick", 60_000))
+        assert await next_event(client, stream) == _p.Reply(id=4, value=4)
+        assert await next_event(client, stream) == _p.ErrorReply(
+            id=3, cls=Atom("sshrpc"), reason=Atom("timeout")
+        )
+        with trio.fail_after(10):
+            while not learned:  # the function saw its call time out
+                await trio.sleep(0.001)
+        assert learned == [True]
+        release.set()
+        assert await next_event(client, stream) == _p.Reply(id=1, value=1)
+        await stream.send_all(client.send(_p.Cancel(id=2)))
+        assert await next_event(client, stream) == _p.ErrorReply(
+            id=2, cls=Atom("sshrpc"), reason=Atom("cancelled")
+        )
+        with trio.fail_after(10):
+            while node.workers().statistics()["busy"]:
+                await trio.sleep(0.001)
+        await stream.send_all(client.send(_p.Ping(token=9)))
+        assert await next_event(client, stream) == _p.Pong(token=9)  # nothing else came
+        assert node.statistics()["calls"] == 0
         nursery.cancel_scope.cancel()
