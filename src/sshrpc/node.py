@@ -522,6 +522,16 @@ class _Channel:
         self._queue(data)
         return True
 
+    def _reply(self, call_id: int, value: Any) -> None:
+        """``emit(Reply(id=call_id, value=value))``, the common answer,
+        without the event object."""
+        try:
+            data = self.conn.send_reply(call_id, value)
+        except Exception:  # (nothing was sent) the general path answers each failure
+            self.emit(_p.Reply(id=call_id, value=value))
+            return
+        self._queue(data)
+
     def deliver(self, message: Any) -> bool:
         """A message to the client's mailbox: a ``{send, SessionPid, Msg}`` frame."""
         if self.outbox.full or self.closing:
@@ -681,12 +691,22 @@ class _Channel:
             if not data:
                 log.debug("session %r: channel closed by the client", self.pid)
                 return False
-            self.conn.receive_data(data)
+            conn = self.conn
+            conn.receive_data(data)
             self.batching = True
             try:
                 while True:
                     try:
-                        event = await self._next_event()
+                        # The common frame (cheap to decode, a call while
+                        # there is room) without a coroutine per step.
+                        if conn.next_cost_bound() <= HEAVY_COST:
+                            event = conn.next_event()
+                            self.frame_cost = conn.last_cost
+                            if type(event) is _p.Call and not self.outbox.full:
+                                self._start_call(event)
+                                continue
+                        else:
+                            event = await self._next_event()
                     except ProtocolError as exc:
                         log.warning("session %r (%s): %s", self.pid, self.key, exc)
                         if exc.bye is not None:
@@ -974,7 +994,7 @@ class _Channel:
                             if deadline is not None:
                                 scope.deadline = deadline
                             value = await _drive.Resume(value, context, trap)
-                        answer = _p.Reply(id=call.id, value=value)
+                        answer = None  # a Reply of ``value``
                         outcome = "ok"
                     except Exception as exc:
                         cls, reason, details = self.node.error_term(exc)
@@ -988,8 +1008,11 @@ class _Channel:
                     if not self.calls:
                         self.idle.unpark_all()
                     self._audit_call(call, outcome, start)
-                    self.emit(answer)
-                    call = answer = None
+                    if answer is None:
+                        self._reply(call.id, value)
+                    else:
+                        self.emit(answer)
+                    call = answer = value = None
                     if not draining:  # back from a call that waited
                         if self._drainer or not ready:
                             await self._wait_as_idle_worker()
@@ -1003,6 +1026,8 @@ class _Channel:
             if scope.cancelled_caught:
                 outcome = "cancelled" if open_call.cancel_requested else "timeout"
                 answer = _p.ErrorReply(id=call.id, cls=Atom("sshrpc"), reason=Atom(outcome))
+            elif answer is None:
+                answer = _p.Reply(id=call.id, value=value)
             await self.outbox.wait_room()
         except trio.Cancelled:
             # The channel ended under the call: its audit line says so.
@@ -1027,10 +1052,10 @@ class _Channel:
         Nothing can interrupt it, so its answer always stands."""
         token = _current.set(self.context)
         start = _clock()
-        answer: _p.Event
+        answer: _p.Event | None = None
         outcome = "ok"
         try:
-            answer = _p.Reply(id=call.id, value=exported.fn(*call.args))
+            value = exported.fn(*call.args)
         except Exception as exc:
             cls, reason, details = self.node.error_term(exc)
             outcome = str(cls)
@@ -1039,7 +1064,10 @@ class _Channel:
             _current.reset(token)
             self._release(self.frame_cost)
         self._audit_call(call, outcome, start)
-        self.emit(answer)
+        if answer is None:
+            self._reply(call.id, value)
+        else:
+            self.emit(answer)
 
     def _audit_call(self, call: _p.Call, outcome: str, start: float) -> None:
         """The audit line of a call that began at ``start`` (``_clock()``)."""
@@ -1132,7 +1160,10 @@ class _Channel:
         if self.batching:
             self._unbatch()
 
-    def _end_job(self, open_call: _JobCall, answer: _p.Event, outcome: str) -> None:
+    def _end_job(
+        self, open_call: _JobCall, answer: _p.Event | None, outcome: str, value: Any = None
+    ) -> None:
+        """Answer a pool call: ``answer``, or (None) a reply of ``value``."""
         call = open_call.call
         open_call.job = None
         del self.calls[call.id]
@@ -1140,7 +1171,10 @@ class _Channel:
         if not self.calls:
             self.idle.unpark_all()
         self._audit_call(call, outcome, open_call.start)
-        self.emit(answer)
+        if answer is None:
+            self._reply(call.id, value)
+        else:
+            self.emit(answer)
 
     def _job_done(self, open_call: _JobCall, result: Any) -> None:
         """On the loop, from the worker pool: the function returned.  While
@@ -1150,6 +1184,10 @@ class _Channel:
         answer: _p.Event
         outcome = "ok"
         if isinstance(result, _Value):
+            if not self.outbox.full:
+                self.batching = True  # until the round ends (``_end_delivery``)
+                self._end_job(open_call, None, outcome, result.value)
+                return
             answer = _p.Reply(id=call.id, value=result.value)
         else:
             cls, reason, details = self.node.error_term(result.error)
