@@ -304,11 +304,12 @@ class _Outbox:
             self.nbytes += len(frame)
             if self.account is not None:
                 self.account.add(len(frame))
-            if wake:
+            # (each ``unpark_all`` is guarded: it costs ~0.6 us on an empty lot)
+            if wake and self._data:
                 self._data.unpark_all()
 
     def wake(self) -> None:
-        if self.frames:
+        if self.frames and self._data:
             self._data.unpark_all()
 
     def take_nowait(self) -> bytes:
@@ -341,9 +342,9 @@ class _Outbox:
         self.nbytes -= n
         if self.account is not None:
             self.account.release(n)
-        if not self.full:
+        if self._room and not self.full:
             self._room.unpark_all()
-        if not self.nbytes:
+        if self._empty and not self.nbytes:
             self._empty.unpark_all()
 
 
@@ -1005,7 +1006,7 @@ class _Channel:
                     if deadline is not None:
                         scope.deadline = math.inf
                     self._release(self.calls.pop(call.id).cost)
-                    if not self.calls:
+                    if not self.calls and self.idle:
                         self.idle.unpark_all()
                     self._audit_call(call, outcome, start)
                     if answer is None:
@@ -1040,7 +1041,7 @@ class _Channel:
                 self.batching = False
             if call is not None:
                 self._release(self.calls.pop(call.id).cost)
-                if not self.calls:
+                if not self.calls and self.idle:
                     self.idle.unpark_all()
         # Only reached when the channel is alive: exactly one final answer.
         assert answer is not None
@@ -1168,7 +1169,7 @@ class _Channel:
         open_call.job = None
         del self.calls[call.id]
         self._release(open_call.cost)
-        if not self.calls:
+        if not self.calls and self.idle:
             self.idle.unpark_all()
         self._audit_call(call, outcome, open_call.start)
         if answer is None:
@@ -1266,7 +1267,7 @@ class _Channel:
         finally:
             _current.reset(token)
             del self.calls[call.id]
-            if not self.calls:
+            if not self.calls and self.idle:
                 self.idle.unpark_all()
         # Only reached when the channel is alive (a channel-wide cancel raises
         # Cancelled above): exactly one final answer.
@@ -1376,7 +1377,7 @@ class _Channel:
         finally:
             _current.reset(token)
             self.casts -= 1
-            if not self.casts:
+            if not self.casts and self.idle:
                 self.idle.unpark_all()
         audit(
             self.key,
