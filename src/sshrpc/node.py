@@ -13,17 +13,20 @@ SSH channel of an Erlang node reaches the same VM.  Two ways to run it:
 
 Per channel, one reader task feeds the protocol core and dispatches events,
 one writer task writes answers, and calls run concurrently, so answers leave
-in any order: an async call on one of the channel's worker tasks (reused from
-call to call), a sync call in the worker pool (no task of its own unless it
-has a deadline), a stream in a task of its own, an ``inline=True`` call in
-the reader itself.  Answers produced while the events of one read are
-dispatched leave in one write.
+in any order: an async call on one of the channel's worker tasks (the calls
+of a read that never wait all on one, without a task switch each), a sync
+call in the worker pool (no task of its own; one timer task per channel
+keeps their deadlines), a stream in a task of its own, an ``inline=True``
+call in the reader itself.  Answers produced while the events of one read
+are dispatched (or by one worker's run of the read's async calls, or one
+batch of pool results) leave in one write.
 
 Theory of operation, cancellation and bounds:
 
-- A call runs inside a cancel scope (a stream's or deadline-bound sync
-  call's task has its own; an async worker task's scope serves its calls
-  one after the other and ends with the first one cancelled).
+- A call runs inside a cancel scope (a stream's task has its own; an async
+  worker task's scope serves its calls one after the other and ends with
+  the first one cancelled; a sync call in the pool has none: its channel's
+  timer task answers its deadline).
   ``{cancel, Id}`` cancels that scope; a ``timeout`` option sets its
   deadline.  The task then answers
   ``cancelled`` or ``timeout``, unless the function had already returned, in
