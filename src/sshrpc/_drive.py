@@ -1,16 +1,16 @@
 """Driving a coroutine by hand: the node's async calls without a task switch.
 
-The node runs the async calls of one read one after the other in one worker
-task (``node._Channel._async_worker``).  It starts each call's coroutine
-itself, with ``start``: most calls (an echo, a lookup) return without ever
-waiting, so they are answered at once, without a task of their own, a
-reschedule or a checkpoint.  A call that does wait hands back the first
-*trap* it yielded (the object a Trio primitive yields to the scheduler); the
-worker then passes the rest of the queue to another worker and awaits
-``Resume(coro, context, trap)``, which yields that trap to Trio and goes on
-driving the coroutine in the same task until it returns.  A coroutine is
-always driven by the task that started it (Trio code keeps
-``current_task()``), and each call runs in its own ``contextvars`` context.
+The node's reader starts each async call's coroutine itself, with ``start``
+(``node._Channel._start_async``): most calls (an echo, a lookup) return
+without ever waiting, so they are answered at once, without a task of their
+own, a reschedule or a checkpoint.  A call that does wait hands back the
+first *trap* it yielded (the object a Trio primitive yields to the
+scheduler); the reading then moves to another task of the channel, and the
+task that started the call awaits ``Resume(coro, context, trap)``, which
+yields that trap to Trio and goes on driving the coroutine until it
+returns.  A coroutine is always driven by the task that started it (Trio
+code keeps ``current_task()`` and its cancel scopes), and each call runs in
+its own ``contextvars`` context.
 """
 
 from __future__ import annotations

@@ -13,20 +13,20 @@ SSH channel of an Erlang node reaches the same VM.  Two ways to run it:
 
 Per channel, one reader task feeds the protocol core and dispatches events,
 one writer task writes answers, and calls run concurrently, so answers leave
-in any order: an async call on one of the channel's worker tasks (the calls
-of a read that never wait all on one, without a task switch each), a sync
-call in the worker pool (no task of its own; one timer task per channel
-keeps their deadlines), a stream in a task of its own, an ``inline=True``
-call in the reader itself.  Answers produced while the events of one read
-are dispatched (or by one worker's run of the read's async calls, or one
-batch of pool results) leave in one write.
+in any order: an async call is started by the reader itself (answered at
+once if it never waits; if it waits, the reading moves to another worker
+task of the channel and the call goes on in the task that started it), a
+sync call in the worker pool (no task of its own; one timer task per
+channel keeps their deadlines), a stream in a task of its own, an
+``inline=True`` call in the reader itself.  Answers produced while the
+events of one read are dispatched (or one batch of pool results) leave in
+one write.
 
 Theory of operation, cancellation and bounds:
 
 - A call runs inside a cancel scope (a stream's task has its own; an async
-  worker task's scope serves its calls one after the other and ends with
-  the first one cancelled; a sync call in the pool has none: its channel's
-  timer task answers its deadline).
+  call that waits has the scope its task was reading in; a sync call in the
+  pool has none: its channel's timer task answers its deadline).
   ``{cancel, Id}`` cancels that scope; a ``timeout`` option sets its
   deadline.  The task then answers
   ``cancelled`` or ``timeout``, unless the function had already returned, in
@@ -356,8 +356,9 @@ class _Outbox:
 
 class _OpenCall:
     """A call that runs on the loop: in a task of its own (``scope`` set at
-    once, ``credit_lot`` for a stream) or an async worker's (``scope`` is
-    the worker's from when it starts the call; None while queued)."""
+    once, ``credit_lot`` for a stream), or an async call that waits in the
+    task that read it (``scope``: the reading's, set as the reading moves
+    on, see ``_Channel._run_waiting_call``)."""
 
     __slots__ = ("cancel_requested", "cost", "credit_lot", "deadline", "scope")
 
@@ -438,12 +439,12 @@ class _Channel:
         #: The context service code of this channel's calls runs in.
         self.context = _Context(node, self, None, key)
         self._context_base: contextvars.Context | None = None
-        #: Async worker tasks waiting for a call (``_async_worker``).
+        #: Worker tasks waiting to be handed the reading (``_async_worker``).
         self._idle_workers: list[trio.lowlevel.Task] = []
-        #: Async calls not started yet, in arrival order.
-        self._ready: deque[tuple[_p.Call, Exported, _OpenCall]] = deque()
-        #: True while a worker is charged with running ``_ready``.
-        self._drainer = False
+        #: An async call the reader started that waits (``_start_async``).
+        self._waiting: tuple[Any, ...] | None = None
+        #: The reader, waiting for a cast's task to begin (``_dispatch``).
+        self._cast_waiter: trio.lowlevel.Task | None = None
         #: Deadlines of sync calls in the pool (``_add_job_deadline``).
         self._job_deadlines: list[tuple[float, int, _JobCall]] = []
         self._job_serial = 0
@@ -574,15 +575,11 @@ class _Channel:
                 self.nursery = nursery
                 self.node.channels.add(self)
                 nursery.start_soon(self._writer)
-                try:
-                    graceful = await self._reader()
-                except _ChannelEnded:
-                    graceful = False
-                if graceful:
-                    await self._drain()
-                    with trio.move_on_after(10):
-                        await self.outbox.wait_empty()
-                nursery.cancel_scope.cancel()
+                if not await self._read_on():
+                    # Reading went on in a worker task while this one ran an
+                    # async call that waited; whoever ends the reading ends
+                    # the channel (cancelling this).
+                    await trio.sleep_forever()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -593,11 +590,6 @@ class _Channel:
                     self._release(open_call.cost)
                     call = open_call.call
                     self._audit_call(call, "disconnected", open_call.start)
-            while self._ready:  # async calls no worker started
-                call, _, queued = self._ready.popleft()
-                del self.calls[call.id]
-                self._release(queued.cost)
-                self._audit_call(call, "disconnected", _clock())
             self.fd = None  # its number may be reused once the stream is closed
             self.node.pids.pop(self.pid, None)
             self.node.channels.discard(self)
@@ -684,19 +676,49 @@ class _Channel:
             await self.idle.park()
         self.emit(_p.Bye(reason=Atom("normal")))
 
-    async def _reader(self) -> bool:
-        """Read and dispatch until the channel ends.  True: end gracefully."""
+    async def _read_on(self) -> bool:
+        """Be the channel's reader (``_reader``) until the reading ends --
+        then end the channel (after a graceful bye: once open calls are
+        answered) and return True -- or until an async call started here
+        waits: then another task reads on, this one runs that call to its
+        end, answers it and returns False.
+
+        The reading runs inside a cancel scope of its own, which becomes
+        the scope of the call that waits (``{cancel, Id}`` cancels it, its
+        ``timeout`` is its deadline): the call's first step already ran
+        inside it, so the scopes it entered nest properly."""
+        scope = trio.CancelScope()
+        held: list[Any] = []  # the call that waited: (call, open_call, start), its result
+        graceful: bool | None = None
+        try:
+            with scope:
+                graceful = await self._reader(scope, held)
+        except _ChannelEnded:
+            graceful = False
+        except trio.Cancelled:
+            if held:  # the channel ended under the call: its audit line says so
+                call, open_call, start = held[:3]
+                self._end_open_call(call, open_call)
+                self._audit_call(call, "disconnected", start)
+            raise
+        if held:
+            await self._answer_waited(scope, held)
+            return False
+        if graceful:
+            await self._drain()
+            with trio.move_on_after(10):
+                await self.outbox.wait_empty()
+        self.nursery.cancel_scope.cancel()
+        return True
+
+    async def _reader(self, scope: trio.CancelScope, held: list[Any]) -> bool | None:
+        """Dispatch what is buffered, then read and dispatch, until the
+        channel ends: True to end gracefully, False at once; None when an
+        async call started by this task waited (see ``_start_async``): the
+        reading was handed to another task and this one ran the call in
+        ``scope`` (``held``: the call, then its result)."""
+        conn = self.conn
         while True:
-            await self.outbox.wait_room()
-            try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            if not data:
-                log.debug("session %r: channel closed by the client", self.pid)
-                return False
-            conn = self.conn
-            conn.receive_data(data)
             self.batching = True
             try:
                 while True:
@@ -708,6 +730,9 @@ class _Channel:
                             self.frame_cost = conn.last_cost
                             if type(event) is _p.Call and not self.outbox.full:
                                 self._start_call(event)
+                                if self._waiting is not None:
+                                    await self._run_waiting_call(scope, held)
+                                    return None
                                 continue
                         else:
                             event = await self._next_event()
@@ -726,8 +751,20 @@ class _Channel:
                         return False
                     if await self._dispatch(event):
                         return True
+                    if self._waiting is not None:
+                        await self._run_waiting_call(scope, held)
+                        return None
             finally:
                 self._unbatch()
+            await self.outbox.wait_room()
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                log.debug("session %r: channel closed by the client", self.pid)
+                return False
+            conn.receive_data(data)
 
     def _unbatch(self) -> None:
         """End a read's batch: send what it queued.  Call before the reader
@@ -759,13 +796,16 @@ class _Channel:
         elif isinstance(event, _p.Ping):
             self.emit(_p.Pong(token=event.token))
         elif isinstance(event, _p.Cast):
+            casts = self.casts
             self._start_cast(event)
-            # Let the cast's task start before later requests are dispatched
-            # (tasks started together run in any order): a cast followed by
-            # a call on one channel begins first, as the client sent them.
-            self._unbatch()
-            await trio.lowlevel.checkpoint()
-            self.batching = True
+            if self.casts > casts:
+                # Let the cast's function begin before later requests are
+                # dispatched (a call after it may run right here, in the
+                # reader): a cast followed by a call on one channel begins
+                # first, as the client sent them.  The cast's task wakes us.
+                self._unbatch()
+                await self._wait_for_cast_start()
+                self.batching = True
         elif isinstance(event, _p.Spawn):
             self._spawn(event)
         elif isinstance(event, _p.Send):
@@ -885,53 +925,43 @@ class _Channel:
             functools.partial(self._holding, self.frame_cost, self._run_call, call, exported),
         )
 
-    # async calls: per-channel worker tasks ---------------------------------
+    # async calls: started by the reader, handed over when they wait ----------
     #
     # A task and a cancel scope per call cost about 12-15 us, and waking a
-    # worker task per call about 5.  Instead, the async calls of a read go
-    # into the channel's ready queue (``_ready``), and one worker task (the
-    # *drainer*, woken once per read: an idle worker rescheduled, or a new
-    # one) runs them one after the other.  It starts each call's coroutine
-    # itself (``_drive.start``): a call that returns without waiting -- the
-    # common case -- is answered at once, its answer batched with the
-    # others of the queue (one write).  A call that waits makes its worker
-    # hand the rest of the queue to another worker first, then drive that
-    # call to its end in this same task (``_drive.Resume``), and come back
-    # for more (or go idle).
-    #
-    # Each worker runs its calls inside one cancel scope of its own: a
-    # call's ``timeout`` sets its deadline while the call runs, and
-    # ``{cancel, Id}`` cancels it (a call still queued is only flagged; its
-    # worker cancels the scope when it starts it).  A worker whose scope
-    # was cancelled (or whose answer must wait for room) answers that call
-    # as ``_run_call`` would and ends.  Each call runs in a fresh copy of
-    # the channel's context, as a task of its own would.
+    # worker task per call about 5.  Instead, the reader starts each async
+    # call's coroutine itself (``_drive.start``), in a fresh copy of the
+    # channel's context, as a task of its own would run it: a call that
+    # returns without waiting -- the common case: an echo, a lookup -- is
+    # answered at once, like an inline call, its answer batched with the
+    # read's others.  A call that waits must go on in the task that started
+    # it (Trio code keeps ``current_task()``), so the *reading* moves
+    # instead: the reader hands it to an idle worker task of the channel (or
+    # a new one), which dispatches the rest of the read and reads on, and
+    # this task runs the call to its end in a cancel scope of its own
+    # (``_run_waiting_call``: ``{cancel, Id}`` cancels it, a ``timeout`` is
+    # its deadline), answers, and becomes an idle worker.
 
     def _start_async(self, call: _p.Call, exported: Exported) -> None:
+        context = self._call_context()
+        start = _clock()
+        try:
+            done, value, trap = _drive.start(context.run(exported.fn, *call.args), context)
+        except Exception as exc:
+            self._release(self.frame_cost)
+            cls, reason, details = self.node.error_term(exc)
+            self._audit_call(call, str(cls), start)
+            self.emit(_p.ErrorReply(id=call.id, cls=cls, reason=reason, details=details))
+            return
+        if done:
+            self._release(self.frame_cost)
+            self._audit_call(call, "ok", start)
+            self._reply(call.id, value)
+            return
         open_call = _OpenCall(None, cost=self.frame_cost)
         if call.timeout is not None:
             open_call.deadline = trio.current_time() + call.timeout / 1000
         self.calls[call.id] = open_call
-        self._ready.append((call, exported, open_call))
-        if not self._drainer:
-            self._drainer = True
-            self._wake_worker()
-
-    def _wake_worker(self) -> None:
-        """Give the drainer's role to an idle worker, or a new one."""
-        if self._idle_workers:
-            trio.lowlevel.reschedule(self._idle_workers.pop())
-        else:
-            self.nursery.start_soon(self._async_worker)
-
-    def _hand_off(self) -> None:
-        """The drainer stops draining (its call waits, or it ends): what it
-        answered leaves now, and another worker takes the rest."""
-        self._unbatch()
-        self._drainer = False
-        if self._ready:
-            self._drainer = True
-            self._wake_worker()
+        self._waiting = (call, value, context, trap, open_call, start)
 
     def _call_context(self) -> contextvars.Context:
         base = self._context_base
@@ -939,6 +969,55 @@ class _Channel:
             base = self._context_base = contextvars.copy_context()
             base.run(_current.set, self.context)
         return base.copy()
+
+    async def _run_waiting_call(self, scope: trio.CancelScope, held: list[Any]) -> None:
+        """The reader's async call waits (``_waiting``): hand the reading to
+        a worker task, then run the call to its end here, in ``scope`` (the
+        reading's); ``held`` gets the call and then its result."""
+        assert self._waiting is not None
+        call, it, context, trap, open_call, start = self._waiting
+        self._waiting = None
+        held += (call, open_call, start)
+        open_call.scope = scope
+        if open_call.deadline is not None:
+            scope.deadline = open_call.deadline
+        self._unbatch()
+        if self._idle_workers:
+            trio.lowlevel.reschedule(self._idle_workers.pop())
+        else:
+            self.nursery.start_soon(self._async_worker)
+        try:
+            held.append(_p.Reply(id=call.id, value=await _drive.Resume(it, context, trap)))
+        except Exception as exc:
+            cls, reason, details = self.node.error_term(exc)
+            held.append(_p.ErrorReply(id=call.id, cls=cls, reason=reason, details=details))
+
+    async def _answer_waited(self, scope: trio.CancelScope, held: list[Any]) -> None:
+        """Answer the call ``_run_waiting_call`` ran, once its scope exited
+        (no checkpoint in between: exactly one answer)."""
+        call, open_call, start = held[:3]
+        if scope.cancelled_caught:
+            outcome = "cancelled" if open_call.cancel_requested else "timeout"
+            answer = _p.ErrorReply(id=call.id, cls=Atom("sshrpc"), reason=Atom(outcome))
+        else:
+            answer = held[3]
+            outcome = str(answer.cls) if isinstance(answer, _p.ErrorReply) else "ok"
+        try:
+            await self.outbox.wait_room()
+        except trio.Cancelled:
+            # The channel ended under the call: its audit line says so.
+            self._audit_call(call, "disconnected", start)
+            raise
+        finally:
+            self._end_open_call(call, open_call)
+        self._audit_call(call, outcome, start)
+        self.emit(answer)
+
+    def _end_open_call(self, call: _p.Call, open_call: _OpenCall) -> None:
+        del self.calls[call.id]
+        self._release(open_call.cost)
+        if not self.calls and self.idle:
+            self.idle.unpark_all()
 
     async def _wait_as_idle_worker(self) -> None:
         task = trio.lowlevel.current_task()
@@ -951,105 +1030,11 @@ class _Channel:
         await trio.lowlevel.wait_task_rescheduled(abort)
 
     async def _async_worker(self) -> None:
-        """Drain ``_ready`` (this task holds the drainer's role when it
-        starts and whenever it is rescheduled from idle); see above."""
-        ready = self._ready
-        scope = trio.CancelScope()
-        call: _p.Call | None = None  # the call this worker runs, if any
-        answer: _p.Event | None = None
-        outcome = "ok"
-        start = 0.0
-        draining = True
-        try:
-            with scope:
-                while True:
-                    if not ready:
-                        if draining:
-                            draining = False
-                            self._drainer = False
-                            self._unbatch()
-                        await self._wait_as_idle_worker()
-                        draining = True  # rescheduled: the drainer's role is ours
-                        continue
-                    self.batching = True
-                    call, exported, open_call = ready.popleft()
-                    open_call.scope = scope
-                    # Checked after the call only when it waited or was
-                    # cancelled: a call that never waits cannot see its
-                    # deadline (only the scheduler turns it into a cancel),
-                    # so the deadline is set only when the call waits.
-                    check = open_call.cancel_requested
-                    deadline = None
-                    if check:
-                        scope.cancel()
-                    start = _clock()
-                    context = self._call_context()
-                    try:
-                        done, value, trap = _drive.start(
-                            context.run(exported.fn, *call.args), context
-                        )
-                        if not done:
-                            # It waits: the rest of the queue goes to another
-                            # worker; this one drives this call to its end.
-                            draining = False
-                            self._hand_off()
-                            check = True
-                            deadline = open_call.deadline
-                            if deadline is not None:
-                                scope.deadline = deadline
-                            value = await _drive.Resume(value, context, trap)
-                        answer = None  # a Reply of ``value``
-                        outcome = "ok"
-                    except Exception as exc:
-                        cls, reason, details = self.node.error_term(exc)
-                        outcome = str(cls)
-                        answer = _p.ErrorReply(id=call.id, cls=cls, reason=reason, details=details)
-                    if (check and scope.cancel_called) or self.outbox.full:
-                        break  # answer below, outside the spent scope, then end
-                    if deadline is not None:
-                        scope.deadline = math.inf
-                    self._release(self.calls.pop(call.id).cost)
-                    if not self.calls and self.idle:
-                        self.idle.unpark_all()
-                    self._audit_call(call, outcome, start)
-                    if answer is None:
-                        self._reply(call.id, value)
-                    else:
-                        self.emit(answer)
-                    call = answer = value = None
-                    if not draining:  # back from a call that waited
-                        if self._drainer or not ready:
-                            await self._wait_as_idle_worker()
-                        else:
-                            self._drainer = True
-                        draining = True
-            if draining:
-                draining = False
-                self._hand_off()
-            assert call is not None
-            if scope.cancelled_caught:
-                outcome = "cancelled" if open_call.cancel_requested else "timeout"
-                answer = _p.ErrorReply(id=call.id, cls=Atom("sshrpc"), reason=Atom(outcome))
-            elif answer is None:
-                answer = _p.Reply(id=call.id, value=value)
-            await self.outbox.wait_room()
-        except trio.Cancelled:
-            # The channel ended under the call: its audit line says so.
-            if call is not None:
-                self._audit_call(call, "disconnected", start)
-            raise
-        finally:
-            if draining:  # the channel ends (or a bug): what is queued is
-                self._drainer = False  # answered by no one (see ``run``)
-                self.batching = False
-            if call is not None:
-                self._release(self.calls.pop(call.id).cost)
-                if not self.calls and self.idle:
-                    self.idle.unpark_all()
-        # Only reached when the channel is alive: exactly one final answer.
-        assert answer is not None
-        self._audit_call(call, outcome, start)
-        self.emit(answer)
+        """A worker task of the channel: the reader (from where the last
+        one left, see above) until it runs an async call that waited; then
+        idle until it is handed the reading again."""
+        while not await self._read_on():
+            await self._wait_as_idle_worker()
 
     def _call_inline(self, call: _p.Call, exported: Exported) -> None:
         """An ``inline=True`` function: run it now, on the loop, and answer.
@@ -1362,7 +1347,20 @@ class _Channel:
             functools.partial(self._holding, self.frame_cost, self._run_cast, cast, exported),
         )
 
+    async def _wait_for_cast_start(self) -> None:
+        self._cast_waiter = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._cast_waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
     async def _run_cast(self, cast: _p.Cast, exported: Exported) -> None:
+        waiter = self._cast_waiter
+        if waiter is not None:  # the reader waits for this cast to begin
+            self._cast_waiter = None
+            trio.lowlevel.reschedule(waiter)
         token = _current.set(self.context)
         start = trio.current_time()
         outcome = "ok"

@@ -154,7 +154,7 @@ async def test_pool_answers_wait_for_room_and_come_once():
         nursery.cancel_scope.cancel()
 
 
-# -- async calls run by the channel's drainer (node._Channel._async_worker) -----
+# -- async calls started by the reader, handed over when they wait (node._start_async)
 
 _seen: contextvars.ContextVar[str] = contextvars.ContextVar("seen", default="unset")
 
@@ -171,11 +171,17 @@ def _mixed_service(gate: trio.Event, started: list[int]) -> Service:
 
     @svc.export
     async def halfway(n: int) -> list[Any]:
-        """Sets its context, then waits for ``gate`` (a checkpoint), then
-        reads its context back."""
+        """Sets its context, enters a cancel scope and a lock, then waits
+        for ``gate`` (a checkpoint) in them; reads its context back, in the
+        task it started in."""
         _seen.set(f"halfway{n}")
-        started.append(n)
-        await gate.wait()
+        task = trio.lowlevel.current_task()
+        lock = trio.Lock()
+        with trio.move_on_after(3600):
+            async with lock:
+                started.append(n)
+                await gate.wait()
+        assert trio.lowlevel.current_task() is task
         return [n, _seen.get()]
 
     @svc.export
@@ -201,11 +207,13 @@ def _call(client: _p.Connection, i: int, fn: str, n: int, **opts: Any) -> bytes:
 
 
 async def test_async_calls_that_wait_and_that_do_not_in_one_read():
-    """One read: calls that never wait around two that wait half-way.  The
-    quick ones are answered before the gate opens (the waiting calls do not
-    hold them up), each in a fresh context; the waiting ones finish in
-    their own context once it opens; an error answers as an error; one
-    cancelled while it waits answers ``cancelled``; nothing is left open."""
+    """One read: calls that never wait around two that wait half-way (in a
+    cancel scope and a lock they entered before waiting).  The quick ones
+    are answered before the gate opens (the waiting calls do not hold them
+    up: the reading moves to another task), each in a fresh context; the
+    waiting ones finish in their own context and task once it opens; an
+    error answers as an error; one cancelled while it waits answers
+    ``cancelled``; nothing is left open."""
     gate = trio.Event()
     started: list[int] = []
     node = Node([_mixed_service(gate, started)])
@@ -249,9 +257,10 @@ async def test_async_calls_that_wait_and_that_do_not_in_one_read():
 
 
 async def test_a_queued_async_call_cancelled_in_the_same_read():
-    """A waiting call and its cancel in one read (the cancel comes before
-    the call's worker starts it): ``cancelled``; a quick call cancelled the
-    same way has already its answer (it never waits), exactly one each."""
+    """A waiting call and its cancel in one read (the cancel is dispatched
+    by the task the reading moved to): ``cancelled``; a quick call
+    cancelled the same way has already its answer (it never waits),
+    exactly one each."""
     gate = trio.Event()
     node = Node([_mixed_service(gate, [])])
     async with trio.open_nursery() as nursery:
@@ -276,8 +285,8 @@ async def test_a_queued_async_call_cancelled_in_the_same_read():
 
 async def test_a_waiting_async_call_times_out_and_the_rest_of_its_read_runs():
     """A call with a short ``timeout`` that waits forever answers
-    ``timeout``; the quick calls queued behind it in the same read are
-    answered before that (they moved to another worker), and a call with a
+    ``timeout``; the quick calls behind it in the same read are answered
+    before that (the reading moved to another task), and a call with a
     timeout that never waits answers its value."""
     gate = trio.Event()
     node = Node([_mixed_service(gate, [])])
