@@ -211,11 +211,11 @@ class WorkerPool:
         callbacks of a round, each distinct ``flush`` of their jobs is
         called once (e.g. to write their answers together).  Neither may
         raise.  Call on the loop."""
-        import trio
-
         if self._closed:
             raise RuntimeError("the worker pool is closed")
         if self.token is None:
+            import trio
+
             self.token = trio.lowlevel.current_trio_token()
             trio.lowlevel.spawn_system_task(self._close_when_run_ends)
         job = Job(self, key, fn, args, context, callback, flush)

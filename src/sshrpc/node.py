@@ -450,6 +450,8 @@ class _Channel:
         self._job_serial = 0
         self._timer_scope: trio.CancelScope | None = None
         self._timer_at = math.inf
+        #: The node's worker pool, once a sync call needed it (``_start_job``).
+        self._pool: WorkerPool | None = None
         #: The context pool results are handed over in (``_start_job``).
         self._delivery_context: contextvars.Context | None = None
 
@@ -1086,7 +1088,10 @@ class _Channel:
         self.calls[call.id] = open_call
         if self._delivery_context is None:
             self._delivery_context = self._call_context()
-        open_call.job = self.node.workers().submit(
+        pool = self._pool
+        if pool is None or pool.closed:  # (``Node.workers`` checks the run: once)
+            pool = self._pool = self.node.workers()
+        open_call.job = pool.submit(
             self.key.fingerprint,
             exported.fn,
             tuple(call.args),
