@@ -425,3 +425,44 @@ async def test_deadlines_of_sync_calls_in_the_pool():
         assert await next_event(client, stream) == _p.Pong(token=9)  # nothing else came
         assert node.statistics()["calls"] == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_a_reused_id_does_not_inherit_an_ended_calls_deadline():
+    """Call 1 (sync, ``timeout`` 150 ms) returns at once; call 1 again (the
+    id reused, no timeout) blocks past those 150 ms: the first call's
+    deadline, still in the channel's heap, does not time it out (the timer
+    is asleep until call 0's earlier deadline meanwhile); it answers its
+    value when let go."""
+    svc = Service("pool")
+    release = threading.Event()
+
+    @svc.export
+    def quick() -> int:
+        return 0
+
+    @svc.export
+    def block() -> int:
+        release.wait(20)
+        return 1
+
+    node = Node([svc])
+
+    def call(i: int, fn: str, timeout: int | None = None) -> bytes:
+        ev = _p.Call(id=i, module=Atom("pool"), function=Atom(fn), args=[], timeout=timeout)
+        return client.send(ev)
+
+    async with trio.open_nursery() as nursery:
+        client, stream = await _open_channel(node, nursery)
+        await stream.send_all(call(0, "block", 100) + call(1, "quick", 150))
+        assert await next_event(client, stream) == _p.Reply(id=1, value=0)
+        await stream.send_all(call(1, "block"))
+        assert await next_event(client, stream) == _p.ErrorReply(
+            id=0, cls=Atom("sshrpc"), reason=Atom("timeout")
+        )
+        (channel,) = node.channels
+        with trio.fail_after(10):
+            while channel._job_deadlines:  # the timer is done with both deadlines
+                await trio.sleep(0.001)
+        release.set()
+        assert await next_event(client, stream) == _p.Reply(id=1, value=1)
+        nursery.cancel_scope.cancel()
