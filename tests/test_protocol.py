@@ -578,6 +578,60 @@ def test_send_call_errors_change_nothing() -> None:
     assert client.statistics().frames_sent == client2.statistics().frames_sent + 1
 
 
+def test_send_reply_is_send_of_a_reply() -> None:
+    """The server's fast answer gives the bytes and state of
+    ``send(Reply(...))``, and its errors, changing nothing when it fails."""
+    fast_client, fast = handshake(max_frame=1 << 20, client_max_frame=4096)
+    _, slow = handshake(max_frame=1 << 20, client_max_frame=4096)
+    for conn in (fast, slow):
+        for i in (1, 2, 3):
+            events(conn, fast_client.send(Call(id=i, module="m", function="f", args=[])))
+            fast_client._open.clear()
+    assert fast.send_reply(1, [b"v", 1.5]) == slow.send(Reply(id=1, value=[b"v", 1.5]))
+    # too large for the peer: the same too_large error answer
+    assert fast.send_reply(2, b"z" * 5000) == slow.send(Reply(id=2, value=b"z" * 5000))
+    assert fast.statistics() == slow.statistics()
+    for bad_id, exc in ((1, LocalProtocolError), (99, LocalProtocolError), (True, ValueError)):
+        with pytest.raises(exc):
+            fast.send_reply(bad_id, 0)
+    with pytest.raises(TypeError):
+        fast.send_reply(3, object())
+    assert list(fast.open_ids) == [3] and fast.statistics() == slow.statistics()
+    with pytest.raises(LocalProtocolError):
+        fast_client.send_reply(3, 0)  # a client never answers
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {A("timeout"): 0},
+        {A("timeout"): 1500},
+        {A("timeout"): 2**64},
+        {A("timeout"): -1},
+        {A("timeout"): True},
+        {A("timeout"): 1.5},
+        {A("timeout"): None},
+        {b"timeout": 5},
+        {A("timeout"): 5, A("stream"): False},
+        {},
+    ],
+)
+def test_call_with_options_fast_and_checked_agree(options: dict[Any, Any]) -> None:
+    """A call whose only option is ``timeout`` takes the server's fast path;
+    its event (or refusal) is the one the full checks give for the same
+    options with an unknown key added (which the fast path never takes)."""
+    _, fast = handshake()
+    _, checked = handshake()
+    term = (A("call"), 4, A("m"), A("f"), [1], options)
+    got = one(fast, frame(term))
+    want = one(checked, frame((*term[:5], {**options, A("later"): 1})))
+    if isinstance(want, Refused):
+        assert isinstance(got, Refused) and (got.id, got.reason) == (want.id, want.reason)
+    else:
+        assert got == want
+    assert list(fast.open_ids) == list(checked.open_ids) == [4]
+
+
 def test_overload_beyond_max_calls() -> None:
     client, server = handshake(max_calls=2)
     data = b"".join(client.send(Call(id=i, module="m", function="f", args=[])) for i in range(3))

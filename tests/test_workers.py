@@ -139,3 +139,53 @@ async def test_closed_pool_refuses_jobs() -> None:
     pool.close()
     with pytest.raises(RuntimeError, match="closed"):
         await pool.run("k", int)
+
+
+def test_results_come_in_rounds_with_one_flush_each() -> None:
+    """``submit``'s ``flush``: called on the loop once per round of results
+    after that round's callbacks (here every job of the round shares it),
+    never for a round with none of its jobs."""
+
+    async def main() -> None:
+        pool = WorkerPool(4, 4)
+        gate = threading.Event()
+        log: list[Any] = []
+        done = trio.Event()
+
+        def callback(i: int, result: Any) -> None:
+            log.append(result.unwrap())
+            if sum(x != "flush" for x in log) == 4:
+                done.set()
+
+        def flush() -> None:
+            log.append("flush")
+
+        started = threading.Semaphore(0)
+
+        def job(i: int) -> int:
+            started.release()
+            gate.wait(20)
+            return i
+
+        for i in range(4):
+            pool.submit(
+                "k", job, (i,), contextvars.copy_context(), lambda r, i=i: callback(i, r), flush
+            )
+        with trio.fail_after(10):
+            for _ in range(4):  # every job runs, held at the gate
+                while not started.acquire(timeout=0.01):
+                    await trio.lowlevel.checkpoint()
+        gate.set()
+        with trio.fail_after(10):
+            await done.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(x for x in log if x != "flush") == [0, 1, 2, 3]
+        assert log[-1] == "flush"
+        assert log[0] != "flush"
+        assert "flush flush" not in " ".join(map(str, log))  # one per round
+        # a job without a flush: its round calls none
+        log.clear()
+        assert await pool.run("k", lambda: 5) == 5
+        assert log == []
+
+    trio.run(main)

@@ -56,7 +56,17 @@ class Cancelled(BaseException):
 class Job:
     """One sync function call handed to the pool (``WorkerPool.submit``)."""
 
-    __slots__ = ("args", "callback", "cancelled", "context", "fn", "key", "outcome", "pool")
+    __slots__ = (
+        "args",
+        "callback",
+        "cancelled",
+        "context",
+        "flush",
+        "fn",
+        "key",
+        "outcome",
+        "pool",
+    )
 
     def __init__(
         self,
@@ -66,6 +76,7 @@ class Job:
         args: tuple[Any, ...],
         context: contextvars.Context,
         callback: Callable[[Any], object],
+        flush: Callable[[], object] | None = None,
     ) -> None:
         self.pool = pool
         self.key = key
@@ -74,6 +85,8 @@ class Job:
         self.context = context
         #: Called on the loop with the outcome; ``None`` once abandoned.
         self.callback: Callable[[Any], object] | None = callback
+        #: Called on the loop once after the callbacks of a round of results.
+        self.flush = flush
         #: Read by ``check_cancelled()`` in the worker thread.
         self.cancelled = False
         self.outcome: Any = None
@@ -189,19 +202,23 @@ class WorkerPool:
         args: tuple[Any, ...],
         context: contextvars.Context,
         callback: Callable[[Any], object],
+        flush: Callable[[], object] | None = None,
     ) -> Job:
         """Without a task: run ``fn(*args)`` in ``context`` in a worker
         thread, as one job of ``key``, and call ``callback(outcome)`` (an
         ``outcome.Outcome``) on the loop when it returns, unless the job was
-        abandoned first.  ``callback`` must not raise.  Call on the loop."""
-        import trio
-
+        abandoned first.  Results are handed over in rounds: after the
+        callbacks of a round, each distinct ``flush`` of their jobs is
+        called once (e.g. to write their answers together).  Neither may
+        raise.  Call on the loop."""
         if self._closed:
             raise RuntimeError("the worker pool is closed")
         if self.token is None:
+            import trio
+
             self.token = trio.lowlevel.current_trio_token()
             trio.lowlevel.spawn_system_task(self._close_when_run_ends)
-        job = Job(self, key, fn, args, context, callback)
+        job = Job(self, key, fn, args, context, callback, flush)
         with self._lock:
             if self._busy < self.threads and self._held.get(key, 0) < self.per_key:
                 self._held[key] = self._held.get(key, 0) + 1
@@ -251,14 +268,22 @@ class WorkerPool:
         with self._lock:
             self._wake_pending = False
             done, self._done = self._done, []
+        flushes: dict[Callable[[], object], None] = {}
         for job in done:
             callback = job.callback
             if callback is not None:
                 job.callback = None
+                if job.flush is not None:
+                    flushes[job.flush] = None
                 try:
                     callback(job.outcome)
                 except Exception:  # a bug; the loop must go on
                     log.exception("worker pool: result callback failed")
+        for flush in flushes:
+            try:
+                flush()
+            except Exception:  # a bug; the loop must go on
+                log.exception("worker pool: flush failed")
 
     def close(self) -> None:
         """End every thread once its current job returns; waiting jobs are

@@ -13,17 +13,20 @@ SSH channel of an Erlang node reaches the same VM.  Two ways to run it:
 
 Per channel, one reader task feeds the protocol core and dispatches events,
 one writer task writes answers, and calls run concurrently, so answers leave
-in any order: an async call on one of the channel's worker tasks (reused from
-call to call), a sync call in the worker pool (no task of its own unless it
-has a deadline), a stream in a task of its own, an ``inline=True`` call in
-the reader itself.  Answers produced while the events of one read are
-dispatched leave in one write.
+in any order: an async call is started by the reader itself (answered at
+once if it never waits; if it waits, the reading moves to another worker
+task of the channel and the call goes on in the task that started it), a
+sync call in the worker pool (no task of its own; one timer task per
+channel keeps their deadlines), a stream in a task of its own, an
+``inline=True`` call in the reader itself.  Answers produced while the
+events of one read are dispatched (or one batch of pool results) leave in
+one write.
 
 Theory of operation, cancellation and bounds:
 
-- A call runs inside a cancel scope (a stream's or deadline-bound sync
-  call's task has its own; an async worker task's scope serves its calls
-  one after the other and ends with the first one cancelled).
+- A call runs inside a cancel scope (a stream's task has its own; an async
+  call that waits has the scope its task was reading in; a sync call in the
+  pool has none: its channel's timer task answers its deadline).
   ``{cancel, Id}`` cancels that scope; a ``timeout`` option sets its
   deadline.  The task then answers
   ``cancelled`` or ``timeout``, unless the function had already returned, in
@@ -65,6 +68,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import heapq
 import logging
 import math
 import os
@@ -75,13 +79,13 @@ import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TextIO, TypeVar
 
 import trio
 from outcome import Value as _Value
 
-from . import _fdpass
+from . import _drive, _fdpass
 from . import protocol as _p
 from ._auditlog import AuditStream
 from ._bounds import (
@@ -135,6 +139,8 @@ __all__ = [
 
 log = logging.getLogger("sshrpc.node")
 T = TypeVar("T")
+#: The clock of call durations (audit lines): cheaper than ``trio.current_time``.
+_clock = time.perf_counter
 
 #: Open calls per channel (PROTOCOL.md section 3's ``max_calls``).
 DEFAULT_MAX_CALLS = _p.DEFAULT_MAX_CALLS
@@ -321,11 +327,12 @@ class _Outbox:
             self.nbytes += len(frame)
             if self.account is not None:
                 self.account.add(len(frame))
-            if wake:
+            # (each ``unpark_all`` is guarded: it costs ~0.6 us on an empty lot)
+            if wake and self._data:
                 self._data.unpark_all()
 
     def wake(self) -> None:
-        if self.frames:
+        if self.frames and self._data:
             self._data.unpark_all()
 
     def take_nowait(self) -> bytes:
@@ -358,23 +365,38 @@ class _Outbox:
         self.nbytes -= n
         if self.account is not None:
             self.account.release(n)
-        if not self.full:
+        if self._room and not self.full:
             self._room.unpark_all()
-        if not self.nbytes:
+        if self._empty and not self.nbytes:
             self._empty.unpark_all()
 
 
 # -- one channel -----------------------------------------------------------------
 
 
-@dataclass
 class _OpenCall:
-    scope: trio.CancelScope
-    cancel_requested: bool = False
-    #: Units charged to the key for this call (``_hold``), given back when
-    #: it ends (fast paths only; the task path uses ``_holding``).
-    cost: int = 0
-    credit_lot: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+    """A call that runs on the loop: in a task of its own (``scope`` set at
+    once, ``credit_lot`` for a stream), or an async call that waits in the
+    task that read it (``scope``: the reading's, set as the reading moves
+    on, see ``_Channel._run_waiting_call``)."""
+
+    __slots__ = ("cancel_requested", "cost", "credit_lot", "deadline", "scope")
+
+    def __init__(
+        self,
+        scope: trio.CancelScope | None,
+        cost: int = 0,
+        deadline: float | None = None,
+        credit_lot: trio.lowlevel.ParkingLot | None = None,
+    ) -> None:
+        self.scope = scope
+        self.cancel_requested = False
+        #: Units charged to the key for this call (``_hold``), given back when
+        #: it ends (fast paths only; the task path uses ``_holding``).
+        self.cost = cost
+        #: An async call's deadline (``trio.current_time()``), if it has one.
+        self.deadline = deadline
+        self.credit_lot = credit_lot
 
 
 @dataclass
@@ -387,6 +409,8 @@ class _JobCall:
     job: Job | None = None
     #: Units charged to the key for this call, given back when it ends.
     cost: int = 0
+    #: Its entry in the channel's deadline heap, if it has a deadline.
+    serial: int = 0
 
 
 class _ChannelEnded(Exception):
@@ -437,8 +461,21 @@ class _Channel:
         #: The context service code of this channel's calls runs in.
         self.context = _Context(node, self, None, key)
         self._context_base: contextvars.Context | None = None
-        #: Async worker tasks waiting for a call, with their cancel scopes.
-        self._idle_workers: list[tuple[trio.lowlevel.Task, trio.CancelScope]] = []
+        #: Worker tasks waiting to be handed the reading (``_async_worker``).
+        self._idle_workers: list[trio.lowlevel.Task] = []
+        #: An async call the reader started that waits (``_start_async``).
+        self._waiting: tuple[Any, ...] | None = None
+        #: The reader, waiting for a cast's task to begin (``_dispatch``).
+        self._cast_waiter: trio.lowlevel.Task | None = None
+        #: Deadlines of sync calls in the pool (``_add_job_deadline``).
+        self._job_deadlines: list[tuple[float, int, int]] = []
+        self._job_serial = 0
+        self._timer_scope: trio.CancelScope | None = None
+        self._timer_at = math.inf
+        #: The node's worker pool, once a sync call needed it (``_start_job``).
+        self._pool: WorkerPool | None = None
+        #: The context pool results are handed over in (``_start_job``).
+        self._delivery_context: contextvars.Context | None = None
 
     # sending ---------------------------------------------------------------
 
@@ -514,6 +551,16 @@ class _Channel:
         self._queue(data)
         return True
 
+    def _reply(self, call_id: int, value: Any) -> None:
+        """``emit(Reply(id=call_id, value=value))``, the common answer,
+        without the event object."""
+        try:
+            data = self.conn.send_reply(call_id, value)
+        except Exception:  # (nothing was sent) the general path answers each failure
+            self.emit(_p.Reply(id=call_id, value=value))
+            return
+        self._queue(data)
+
     def deliver(self, message: Any) -> bool:
         """A message to the client's mailbox: a ``{send, SessionPid, Msg}`` frame."""
         if self.outbox.full or self.closing:
@@ -552,15 +599,11 @@ class _Channel:
                 self.nursery = nursery
                 self.node.channels.add(self)
                 nursery.start_soon(self._writer)
-                try:
-                    graceful = await self._reader()
-                except _ChannelEnded:
-                    graceful = False
-                if graceful:
-                    await self._drain()
-                    with trio.move_on_after(10):
-                        await self.outbox.wait_empty()
-                nursery.cancel_scope.cancel()
+                if not await self._read_on():
+                    # Reading went on in a worker task while this one ran an
+                    # async call that waited; whoever ends the reading ends
+                    # the channel (cancelling this).
+                    await trio.sleep_forever()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -664,23 +707,66 @@ class _Channel:
             await self.idle.park()
         self.emit(_p.Bye(reason=Atom("normal")))
 
-    async def _reader(self) -> bool:
-        """Read and dispatch until the channel ends.  True: end gracefully."""
+    async def _read_on(self) -> bool:
+        """Be the channel's reader (``_reader``) until the reading ends --
+        then end the channel (after a graceful bye: once open calls are
+        answered) and return True -- or until an async call started here
+        waits: then another task reads on, this one runs that call to its
+        end, answers it and returns False.
+
+        The reading runs inside a cancel scope of its own, which becomes
+        the scope of the call that waits (``{cancel, Id}`` cancels it, its
+        ``timeout`` is its deadline): the call's first step already ran
+        inside it, so the scopes it entered nest properly."""
+        scope = trio.CancelScope()
+        held: list[Any] = []  # the call that waited: (call, open_call, start), its result
+        graceful: bool | None = None
+        try:
+            with scope:
+                graceful = await self._reader(scope, held)
+        except _ChannelEnded:
+            graceful = False
+        except trio.Cancelled:
+            if held:  # the channel ended under the call: its audit line says so
+                call, open_call, start = held[:3]
+                self._end_open_call(call, open_call)
+                self._audit_call(call, "disconnected", start)
+            raise
+        if held:
+            await self._answer_waited(scope, held)
+            return False
+        if graceful:
+            await self._drain()
+            with trio.move_on_after(10):
+                await self.outbox.wait_empty()
+        self.nursery.cancel_scope.cancel()
+        return True
+
+    async def _reader(self, scope: trio.CancelScope, held: list[Any]) -> bool | None:
+        """Dispatch what is buffered, then read and dispatch, until the
+        channel ends: True to end gracefully, False at once; None when an
+        async call started by this task waited (see ``_start_async``): the
+        reading was handed to another task and this one ran the call in
+        ``scope`` (``held``: the call, then its result)."""
+        conn = self.conn
         while True:
-            await self.outbox.wait_room()
-            try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            if not data:
-                log.debug("session %r: channel closed by the client", self.pid)
-                return False
-            self.conn.receive_data(data)
             self.batching = True
             try:
                 while True:
                     try:
-                        event = await self._next_event()
+                        # The common frame (cheap to decode, a call while
+                        # there is room) without a coroutine per step.
+                        if conn.next_cost_bound() <= HEAVY_COST:
+                            event = conn.next_event()
+                            self.frame_cost = conn.last_cost
+                            if type(event) is _p.Call and not self.outbox.full:
+                                self._start_call(event)
+                                if self._waiting is not None:
+                                    await self._run_waiting_call(scope, held)
+                                    return None
+                                continue
+                        else:
+                            event = await self._next_event()
                     except ProtocolError as exc:
                         log.warning("session %r (%s): %s", self.pid, self.key, exc)
                         if exc.bye is not None:
@@ -696,8 +782,20 @@ class _Channel:
                         return False
                     if await self._dispatch(event):
                         return True
+                    if self._waiting is not None:
+                        await self._run_waiting_call(scope, held)
+                        return None
             finally:
                 self._unbatch()
+            await self.outbox.wait_room()
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                log.debug("session %r: channel closed by the client", self.pid)
+                return False
+            conn.receive_data(data)
 
     def _unbatch(self) -> None:
         """End a read's batch: send what it queued.  Call before the reader
@@ -720,21 +818,25 @@ class _Channel:
                 self._cancel_job(call)
             elif call is not None:
                 call.cancel_requested = True
-                call.scope.cancel()
+                if call.scope is not None:  # (set before the next request is read)
+                    call.scope.cancel()
         elif isinstance(event, _p.Credit):
             call = self.calls.get(event.id)
-            if isinstance(call, _OpenCall):
+            if isinstance(call, _OpenCall) and call.credit_lot is not None:
                 call.credit_lot.unpark_all()
         elif isinstance(event, _p.Ping):
             self.emit(_p.Pong(token=event.token))
         elif isinstance(event, _p.Cast):
+            casts = self.casts
             self._start_cast(event)
-            # Let the cast's task start before later requests are dispatched
-            # (tasks started together run in any order): a cast followed by
-            # a call on one channel begins first, as the client sent them.
-            self._unbatch()
-            await trio.lowlevel.checkpoint()
-            self.batching = True
+            if self.casts > casts:
+                # Let the cast's function begin before later requests are
+                # dispatched (a call after it may run right here, in the
+                # reader): a cast followed by a call on one channel begins
+                # first, as the client sent them.  The cast's task wakes us.
+                self._unbatch()
+                await self._wait_for_cast_start()
+                self.batching = True
         elif isinstance(event, _p.Spawn):
             self._spawn(event)
         elif isinstance(event, _p.Send):
@@ -837,7 +939,7 @@ class _Channel:
         if exported.inline:
             self._call_inline(call, exported)
             return
-        if exported.kind == "sync" and call.timeout is None:
+        if exported.kind == "sync":
             self._start_job(call, exported)
             return
         if exported.kind == "async":
@@ -846,7 +948,7 @@ class _Channel:
         scope = trio.CancelScope()
         if call.timeout is not None:
             scope.deadline = trio.current_time() + call.timeout / 1000
-        self.calls[call.id] = _OpenCall(scope)
+        self.calls[call.id] = _OpenCall(scope, credit_lot=trio.lowlevel.ParkingLot())
         self.nursery.start_soon(
             self._audit_cut_off,
             "call",
@@ -854,113 +956,129 @@ class _Channel:
             functools.partial(self._holding, self.frame_cost, self._run_call, call, exported),
         )
 
-    # async calls: per-channel worker tasks ---------------------------------
+    # async calls: started by the reader, handed over when they wait ----------
     #
-    # A task and a cancel scope per call cost about 12-15 us.  Instead, an
-    # async call goes to an idle worker task of the channel (rescheduled
-    # with the call: no spawn), or a new one.  Each worker runs its calls
-    # inside one cancel scope of its own: ``{cancel, Id}`` cancels it and a
-    # ``timeout`` sets its deadline, for the call it is running; a worker
-    # whose scope was cancelled (or whose answer must wait for room) answers
-    # that call as ``_run_call`` would and ends.  Each call runs in a fresh
-    # copy of the channel's context (the dispatcher sets ``Task.context``
-    # before resuming the worker), as a task of its own would.
+    # A task and a cancel scope per call cost about 12-15 us, and waking a
+    # worker task per call about 5.  Instead, the reader starts each async
+    # call's coroutine itself (``_drive.start``), in a fresh copy of the
+    # channel's context, as a task of its own would run it: a call that
+    # returns without waiting -- the common case: an echo, a lookup -- is
+    # answered at once, like an inline call, its answer batched with the
+    # read's others.  A call that waits must go on in the task that started
+    # it (Trio code keeps ``current_task()``), so the *reading* moves
+    # instead: the reader hands it to an idle worker task of the channel (or
+    # a new one), which dispatches the rest of the read and reads on, and
+    # this task runs the call to its end in the cancel scope it was reading
+    # in (``_read_on``, ``_run_waiting_call``: ``{cancel, Id}`` cancels it,
+    # a ``timeout`` is its deadline), answers, and becomes an idle worker.
+    # (A scope per call would cost ~4.5 us; the first step of a call must
+    # run inside the scope its waiting part runs in, so that the scopes it
+    # enters -- ``trio.sleep``'s, say -- nest inside it.)
 
     def _start_async(self, call: _p.Call, exported: Exported) -> None:
-        if self._idle_workers:
-            task, scope = self._idle_workers.pop()
-            if call.timeout is not None:
-                scope.deadline = trio.current_time() + call.timeout / 1000
-            self.calls[call.id] = _OpenCall(scope, cost=self.frame_cost)
-            task.context = self._worker_context()
-            trio.lowlevel.reschedule(task, _Value((call, exported)))
+        context = self._call_context()
+        start = _clock()
+        try:
+            done, value, trap = _drive.start(context.run(exported.fn, *call.args), context)
+        except Exception as exc:
+            self._release(self.frame_cost)
+            cls, reason, details = self.node.error_term(exc)
+            self._audit_call(call, str(cls), start)
+            self.emit(_p.ErrorReply(id=call.id, cls=cls, reason=reason, details=details))
             return
-        scope = trio.CancelScope()
+        if done:
+            self._release(self.frame_cost)
+            self._audit_call(call, "ok", start)
+            self._reply(call.id, value)
+            return
+        open_call = _OpenCall(None, cost=self.frame_cost)
         if call.timeout is not None:
-            scope.deadline = trio.current_time() + call.timeout / 1000
-        self.calls[call.id] = _OpenCall(scope, cost=self.frame_cost)
-        self.nursery.start_soon(self._async_worker, call, exported, scope)
+            open_call.deadline = trio.current_time() + call.timeout / 1000
+        self.calls[call.id] = open_call
+        self._waiting = (call, value, context, trap, open_call, start)
 
-    def _worker_context(self) -> contextvars.Context:
+    def _call_context(self) -> contextvars.Context:
         base = self._context_base
         if base is None:
             base = self._context_base = contextvars.copy_context()
             base.run(_current.set, self.context)
         return base.copy()
 
-    async def _next_async_call(self, scope: trio.CancelScope) -> tuple[_p.Call, Exported]:
-        entry = (trio.lowlevel.current_task(), scope)
-        self._idle_workers.append(entry)
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            self._idle_workers.remove(entry)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        result: tuple[_p.Call, Exported] = await trio.lowlevel.wait_task_rescheduled(abort)
-        return result
-
-    async def _async_worker(
-        self, call: _p.Call, exported: Exported, scope: trio.CancelScope
-    ) -> None:
-        _current.set(self.context)  # later calls get a fresh context (_start_async)
-        current: _p.Call | None = call
-        answer: _p.Event | None = None
-        outcome = "ok"
-        start = trio.current_time()
+    async def _run_waiting_call(self, scope: trio.CancelScope, held: list[Any]) -> None:
+        """The reader's async call waits (``_waiting``): hand the reading to
+        a worker task, then run the call to its end here, in ``scope`` (the
+        reading's); ``held`` gets the call and then its result."""
+        assert self._waiting is not None
+        call, it, context, trap, open_call, start = self._waiting
+        self._waiting = None
+        held += (call, open_call, start)
+        open_call.scope = scope
+        if open_call.deadline is not None:
+            scope.deadline = open_call.deadline
+        self._unbatch()
+        if self._idle_workers:
+            trio.lowlevel.reschedule(self._idle_workers.pop())
+        else:
+            self.nursery.start_soon(self._async_worker)
         try:
-            with scope:
-                while True:
-                    start = trio.current_time()
-                    try:
-                        answer = _p.Reply(id=call.id, value=await exported.fn(*call.args))
-                        outcome = "ok"
-                    except Exception as exc:
-                        cls, reason, details = self.node.error_term(exc)
-                        outcome = str(cls)
-                        answer = _p.ErrorReply(id=call.id, cls=cls, reason=reason, details=details)
-                    if scope.cancel_called or self.outbox.full:
-                        break  # answer below, outside the spent scope, then end
-                    current = None
-                    self._release(self.calls.pop(call.id).cost)
-                    if not self.calls:
-                        self.idle.unpark_all()
-                    self._audit_call(call, outcome, start)
-                    self.emit(answer)
-                    answer = None
-                    if scope.deadline != math.inf:  # the setter is not free
-                        scope.deadline = math.inf
-                    call, exported = await self._next_async_call(scope)
-                    current = call
-            if scope.cancelled_caught:
-                open_call = self.calls[call.id]
-                assert isinstance(open_call, _OpenCall)
-                outcome = "cancelled" if open_call.cancel_requested else "timeout"
-                answer = _p.ErrorReply(id=call.id, cls=Atom("sshrpc"), reason=Atom(outcome))
+            held.append(_p.Reply(id=call.id, value=await _drive.Resume(it, context, trap)))
+        except Exception as exc:
+            cls, reason, details = self.node.error_term(exc)
+            held.append(_p.ErrorReply(id=call.id, cls=cls, reason=reason, details=details))
+
+    async def _answer_waited(self, scope: trio.CancelScope, held: list[Any]) -> None:
+        """Answer the call ``_run_waiting_call`` ran, once its scope exited
+        (no checkpoint in between: exactly one answer)."""
+        call, open_call, start = held[:3]
+        if scope.cancelled_caught:
+            outcome = "cancelled" if open_call.cancel_requested else "timeout"
+            answer = _p.ErrorReply(id=call.id, cls=Atom("sshrpc"), reason=Atom(outcome))
+        else:
+            answer = held[3]
+            outcome = str(answer.cls) if isinstance(answer, _p.ErrorReply) else "ok"
+        try:
             await self.outbox.wait_room()
         except trio.Cancelled:
             # The channel ended under the call: its audit line says so.
-            if current is not None:
-                self._audit_call(current, "disconnected", start)
+            self._audit_call(call, "disconnected", start)
             raise
         finally:
-            if current is not None:
-                self._release(self.calls.pop(current.id).cost)
-                if not self.calls:
-                    self.idle.unpark_all()
-        # Only reached when the channel is alive: exactly one final answer.
-        assert answer is not None
+            self._end_open_call(call, open_call)
         self._audit_call(call, outcome, start)
         self.emit(answer)
+
+    def _end_open_call(self, call: _p.Call, open_call: _OpenCall) -> None:
+        del self.calls[call.id]
+        self._release(open_call.cost)
+        if not self.calls and self.idle:
+            self.idle.unpark_all()
+
+    async def _wait_as_idle_worker(self) -> None:
+        task = trio.lowlevel.current_task()
+        self._idle_workers.append(task)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._idle_workers.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def _async_worker(self) -> None:
+        """A worker task of the channel: the reader (from where the last
+        one left, see above) until it runs an async call that waited; then
+        idle until it is handed the reading again."""
+        while not await self._read_on():
+            await self._wait_as_idle_worker()
 
     def _call_inline(self, call: _p.Call, exported: Exported) -> None:
         """An ``inline=True`` function: run it now, on the loop, and answer.
         Nothing can interrupt it, so its answer always stands."""
         token = _current.set(self.context)
-        start = trio.current_time()
-        answer: _p.Event
+        start = _clock()
+        answer: _p.Event | None = None
         outcome = "ok"
         try:
-            answer = _p.Reply(id=call.id, value=exported.fn(*call.args))
+            value = exported.fn(*call.args)
         except Exception as exc:
             cls, reason, details = self.node.error_term(exc)
             outcome = str(cls)
@@ -969,10 +1087,13 @@ class _Channel:
             _current.reset(token)
             self._release(self.frame_cost)
         self._audit_call(call, outcome, start)
-        self.emit(answer)
+        if answer is None:
+            self._reply(call.id, value)
+        else:
+            self.emit(answer)
 
     def _audit_call(self, call: _p.Call, outcome: str, start: float) -> None:
-        """The audit line of a call that began at ``start`` (``trio.current_time()``)."""
+        """The audit line of a call that began at ``start`` (``_clock()``)."""
         audit(
             self.key,
             "call",
@@ -980,7 +1101,7 @@ class _Channel:
             call.function,
             len(call.args),
             outcome,
-            trio.current_time() - start,
+            _clock() - start,
         )
 
     def _release(self, cost: int) -> None:
@@ -989,32 +1110,108 @@ class _Channel:
             self.account.release(cost)
 
     def _start_job(self, call: _p.Call, exported: Exported) -> None:
-        """A sync function with no deadline: straight into the worker pool,
-        with no task and no cancel scope; ``_job_done`` answers on the loop
-        when it returns, ``_cancel_job`` when ``{cancel, Id}`` comes first.
-        (With a deadline the call takes the task path: a scope is the timer.)
+        """A sync function: straight into the worker pool, with no task and
+        no cancel scope; ``_job_done`` answers on the loop when it returns,
+        ``_cancel_job`` when ``{cancel, Id}`` or its deadline (``timeout``,
+        kept by the channel's ``_job_timer``) comes first.
         """
-        context = contextvars.copy_context()
-        context.run(_current.set, self.context)
-        open_call = _JobCall(call, trio.current_time(), cost=self.frame_cost)
+        context = self._call_context()
+        open_call = _JobCall(call, _clock(), cost=self.frame_cost)
         self.calls[call.id] = open_call
-        open_call.job = self.node.workers().submit(
+        if self._delivery_context is None:
+            self._delivery_context = self._call_context()
+        pool = self._pool
+        if pool is None or pool.closed:  # (``Node.workers`` checks the run: once)
+            pool = self._pool = self.node.workers()
+        open_call.job = pool.submit(
             self.key.fingerprint,
             exported.fn,
             tuple(call.args),
             context,
-            functools.partial(self._job_done, open_call),
+            # In the channel's context (its node's auditor, ``current_auditor``),
+            # not the pool's delivery callback's.
+            functools.partial(self._delivery_context.run, self._job_done, open_call),  # type: ignore[call-arg]
+            self._end_delivery,
         )
+        if call.timeout is not None:
+            self._add_job_deadline(open_call, trio.current_time() + call.timeout / 1000)
 
-    def _end_job(self, open_call: _JobCall, answer: _p.Event, outcome: str) -> None:
+    # The deadlines of sync calls in the pool: one timer task per channel
+    # (started with the first such call) sleeps until the earliest one, a
+    # heap of (deadline, serial, call id); the serial tells a call from a
+    # later one with the same id, and the heap holds no reference to the
+    # call (nor its arguments).  A call that ends leaves its entry behind
+    # (stale: skipped when it comes up); the heap is rebuilt from the live
+    # entries when stale ones outnumber the open calls, so it stays within
+    # a few times ``max_calls``.
+
+    def _add_job_deadline(self, open_call: _JobCall, deadline: float) -> None:
+        heap = self._job_deadlines
+        self._job_serial += 1
+        open_call.serial = self._job_serial
+        heapq.heappush(heap, (deadline, self._job_serial, open_call.call.id))
+        if len(heap) > 2 * len(self.calls) + 64:
+            heap[:] = [entry for entry in heap if self._timed_job(entry) is not None]
+            heapq.heapify(heap)
+        if self._timer_scope is None:
+            self._timer_at = deadline
+            self._timer_scope = trio.CancelScope()
+            self.nursery.start_soon(self._job_timer, self._timer_scope)
+        elif deadline < self._timer_at:
+            self._timer_at = -math.inf  # cancelled once until the timer looks again
+            self._timer_scope.cancel()
+
+    def _timed_job(self, entry: tuple[float, int, int]) -> _JobCall | None:
+        """The call of a deadline heap entry, if it still runs in the pool."""
+        open_call = self.calls.get(entry[2])
+        if (
+            type(open_call) is _JobCall
+            and open_call.serial == entry[1]
+            and open_call.job is not None
+        ):
+            return open_call
+        return None
+
+    async def _job_timer(self, scope: trio.CancelScope) -> None:
+        """Answer ``timeout`` for each sync call in the pool whose deadline
+        passes before its function returns (the function is flagged, as for
+        a cancel).  Runs until the channel ends."""
+        heap = self._job_deadlines
+        while True:
+            now = trio.current_time()
+            self.batching = True
+            while heap and (heap[0][0] <= now or self._timed_job(heap[0]) is None):
+                open_call = self._timed_job(heapq.heappop(heap))
+                if open_call is not None:
+                    self._cancel_job(open_call, "timeout")
+            self._unbatch()
+            self._timer_at = heap[0][0] if heap else math.inf
+            with scope:
+                scope.deadline = self._timer_at
+                await trio.sleep_forever()
+            scope = self._timer_scope = trio.CancelScope()
+
+    def _end_delivery(self) -> None:
+        """After the pool handed over a round of results (``_job_done``,
+        batched): they leave in one write."""
+        if self.batching:
+            self._unbatch()
+
+    def _end_job(
+        self, open_call: _JobCall, answer: _p.Event | None, outcome: str, value: Any = None
+    ) -> None:
+        """Answer a pool call: ``answer``, or (None) a reply of ``value``."""
         call = open_call.call
         open_call.job = None
         del self.calls[call.id]
         self._release(open_call.cost)
-        if not self.calls:
+        if not self.calls and self.idle:
             self.idle.unpark_all()
         self._audit_call(call, outcome, open_call.start)
-        self.emit(answer)
+        if answer is None:
+            self._reply(call.id, value)
+        else:
+            self.emit(answer)
 
     def _job_done(self, open_call: _JobCall, result: Any) -> None:
         """On the loop, from the worker pool: the function returned.  While
@@ -1024,6 +1221,10 @@ class _Channel:
         answer: _p.Event
         outcome = "ok"
         if isinstance(result, _Value):
+            if not self.outbox.full:
+                self.batching = True  # until the round ends (``_end_delivery``)
+                self._end_job(open_call, None, outcome, result.value)
+                return
             answer = _p.Reply(id=call.id, value=result.value)
         else:
             cls, reason, details = self.node.error_term(result.error)
@@ -1033,21 +1234,23 @@ class _Channel:
             open_call.job = None
             self.nursery.start_soon(self._end_job_when_room, open_call, answer, outcome)
         else:
+            self.batching = True  # until the round ends (``_end_delivery``)
             self._end_job(open_call, answer, outcome)
 
     async def _end_job_when_room(self, open_call: _JobCall, answer: _p.Event, outcome: str) -> None:
         await self.outbox.wait_room()
         self._end_job(open_call, answer, outcome)
 
-    def _cancel_job(self, open_call: _JobCall) -> None:
-        """``{cancel, Id}`` for a call in the worker pool: answer
-        ``cancelled`` now; the function learns it from ``check_cancelled``."""
+    def _cancel_job(self, open_call: _JobCall, outcome: str = "cancelled") -> None:
+        """``{cancel, Id}`` (or the deadline, ``outcome="timeout"``) for a
+        call in the worker pool: answer now; the function learns it from
+        ``check_cancelled``."""
         if open_call.job is None:
             return  # it returned already; its answer waits for room
         open_call.job.pool.abandon(open_call.job)
-        reason = Atom("cancelled")
+        reason = Atom(outcome)
         answer = _p.ErrorReply(id=open_call.call.id, cls=Atom("sshrpc"), reason=reason)
-        self._end_job(open_call, answer, "cancelled")
+        self._end_job(open_call, answer, outcome)
 
     async def _invoke(self, exported: Exported, args: list[Any], stream_id: int | None) -> Any:
         if exported.kind == "async":
@@ -1064,7 +1267,7 @@ class _Channel:
                     items.append(item)
                     continue
                 open_call = self.calls[stream_id]
-                assert isinstance(open_call, _OpenCall)
+                assert isinstance(open_call, _OpenCall) and open_call.credit_lot is not None
                 while self.conn.stream_credit(stream_id) <= 0:
                     await open_call.credit_lot.park()
                 await self.outbox.wait_room()
@@ -1075,9 +1278,9 @@ class _Channel:
 
     async def _run_call(self, call: _p.Call, exported: Exported) -> None:
         open_call = self.calls[call.id]
-        assert isinstance(open_call, _OpenCall)
+        assert isinstance(open_call, _OpenCall) and open_call.scope is not None
         token = _current.set(self.context)
-        start = trio.current_time()
+        start = _clock()
         answer: _p.Event
         outcome = "ok"
         try:
@@ -1100,7 +1303,7 @@ class _Channel:
         finally:
             _current.reset(token)
             del self.calls[call.id]
-            if not self.calls:
+            if not self.calls and self.idle:
                 self.idle.unpark_all()
         # Only reached when the channel is alive (a channel-wide cancel raises
         # Cancelled above): exactly one final answer.
@@ -1192,7 +1395,20 @@ class _Channel:
             functools.partial(self._holding, self.frame_cost, self._run_cast, cast, exported),
         )
 
+    async def _wait_for_cast_start(self) -> None:
+        self._cast_waiter = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._cast_waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
     async def _run_cast(self, cast: _p.Cast, exported: Exported) -> None:
+        waiter = self._cast_waiter
+        if waiter is not None:  # the reader waits for this cast to begin
+            self._cast_waiter = None
+            trio.lowlevel.reschedule(waiter)
         token = _current.set(self.context)
         start = trio.current_time()
         outcome = "ok"
@@ -1210,7 +1426,7 @@ class _Channel:
         finally:
             _current.reset(token)
             self.casts -= 1
-            if not self.casts:
+            if not self.casts and self.idle:
                 self.idle.unpark_all()
         audit(
             self.key,

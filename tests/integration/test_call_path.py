@@ -3,10 +3,17 @@ real protocol session over an in-memory stream (no sshd needed for these)."""
 
 from __future__ import annotations
 
+import contextvars
+import logging
+import threading
+import time
+from typing import Any
+
 import pytest
 import trio
 import trio.testing
 
+import sshrpc
 from sshrpc import Atom, Service
 from sshrpc import protocol as _p
 from sshrpc.node import Node
@@ -144,4 +151,318 @@ async def test_pool_answers_wait_for_room_and_come_once():
             assert isinstance(a, _p.Reply) and a.value == bytes([i]) * size, a
         await client_side.send_all(client.send(_p.Ping(token=7)))
         assert await next_event(client, client_side) == _p.Pong(token=7)
+        nursery.cancel_scope.cancel()
+
+
+# -- async calls started by the reader, handed over when they wait (node._start_async)
+
+_seen: contextvars.ContextVar[str] = contextvars.ContextVar("seen", default="unset")
+
+
+def _mixed_service(gate: trio.Event, started: list[int]) -> Service:
+    svc = Service("mix")
+
+    @svc.export
+    async def quick(n: int) -> list[Any]:
+        """Never waits; sees and changes its own context only."""
+        before = _seen.get()
+        _seen.set(f"quick{n}")
+        return [n, before]
+
+    @svc.export
+    async def halfway(n: int) -> list[Any]:
+        """Sets its context, enters a cancel scope and a lock, then waits
+        for ``gate`` (a checkpoint) in them; reads its context back, in the
+        task it started in."""
+        _seen.set(f"halfway{n}")
+        task = trio.lowlevel.current_task()
+        lock = trio.Lock()
+        with trio.move_on_after(3600):
+            async with lock:
+                started.append(n)
+                await gate.wait()
+        assert trio.lowlevel.current_task() is task
+        return [n, _seen.get()]
+
+    @svc.export
+    async def fails(n: int) -> None:
+        raise ValueError(f"no {n}")
+
+    return svc
+
+
+async def _open_channel(
+    node: Node, nursery: trio.Nursery
+) -> tuple[_p.Connection, trio.testing.MemorySendStream | Any]:
+    client_side, server_side = trio.testing.memory_stream_pair()
+    client = _p.Connection(_p.Role.CLIENT, name="test")
+    nursery.start_soon(node.serve_channel, server_side)
+    await client_side.send_all(client.send(client.hello()))
+    assert isinstance(await next_event(client, client_side), _p.Hello)
+    return client, client_side
+
+
+def _call(client: _p.Connection, i: int, fn: str, n: int, **opts: Any) -> bytes:
+    return client.send(_p.Call(id=i, module=Atom("mix"), function=Atom(fn), args=[n], **opts))
+
+
+async def test_async_calls_that_wait_and_that_do_not_in_one_read():
+    """One read: calls that never wait around two that wait half-way (in a
+    cancel scope and a lock they entered before waiting).  The quick ones
+    are answered before the gate opens (the waiting calls do not hold them
+    up: the reading moves to another task), each in a fresh context; the
+    waiting ones finish in their own context and task once it opens; an
+    error answers as an error; one cancelled while it waits answers
+    ``cancelled``; nothing is left open."""
+    gate = trio.Event()
+    started: list[int] = []
+    node = Node([_mixed_service(gate, started)])
+    async with trio.open_nursery() as nursery:
+        client, stream = await _open_channel(node, nursery)
+        batch = [
+            _call(client, 1, "quick", 1),
+            _call(client, 2, "halfway", 2),
+            _call(client, 3, "quick", 3),
+            _call(client, 4, "fails", 4),
+            _call(client, 5, "halfway", 5),
+            _call(client, 6, "quick", 6),
+        ]
+        await stream.send_all(b"".join(batch))
+        early = {}
+        for _ in range(4):
+            ev = await next_event(client, stream)
+            early[ev.id] = ev
+        assert sorted(early) == [1, 3, 4, 6]
+        for i in (1, 3, 6):
+            assert early[i] == _p.Reply(id=i, value=[i, b"unset"]), early[i]
+        assert isinstance(early[4], _p.ErrorReply), early[4]
+        assert (early[4].cls, early[4].reason) == (Atom("error"), (Atom("ValueError"), b"no 4"))
+        with trio.fail_after(10):
+            while len(started) < 2:  # both waiting calls reached the gate
+                await trio.sleep(0.001)
+        await stream.send_all(client.send(_p.Cancel(id=5)))
+        assert await next_event(client, stream) == _p.ErrorReply(
+            id=5, cls=Atom("sshrpc"), reason=Atom("cancelled")
+        )
+        gate.set()
+        ev = await next_event(client, stream)
+        assert isinstance(ev, _p.Reply) and ev.id == 2, ev
+        assert ev.value == [2, b"halfway2"]
+        # the drainer's tasks keep serving: quick calls after all of that
+        await stream.send_all(b"".join(_call(client, 10 + i, "quick", i) for i in range(5)))
+        got = sorted([(await next_event(client, stream)).value for _ in range(5)])
+        assert got == [[i, b"unset"] for i in range(5)]
+        assert node.statistics()["calls"] == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_queued_async_call_cancelled_in_the_same_read():
+    """A waiting call and its cancel in one read (the cancel is dispatched
+    by the task the reading moved to): ``cancelled``; a quick call
+    cancelled the same way has already its answer (it never waits),
+    exactly one each."""
+    gate = trio.Event()
+    node = Node([_mixed_service(gate, [])])
+    async with trio.open_nursery() as nursery:
+        client, stream = await _open_channel(node, nursery)
+        await stream.send_all(
+            _call(client, 1, "halfway", 1)
+            + client.send(_p.Cancel(id=1))
+            + _call(client, 2, "quick", 2)
+            + client.send(_p.Cancel(id=2))
+        )
+        got = {}
+        for _ in range(2):
+            ev = await next_event(client, stream)
+            got[ev.id] = ev
+        assert got[1] == _p.ErrorReply(id=1, cls=Atom("sshrpc"), reason=Atom("cancelled"))
+        assert got[2] == _p.Reply(id=2, value=[2, b"unset"])
+        await stream.send_all(client.send(_p.Ping(token=3)))
+        assert await next_event(client, stream) == _p.Pong(token=3)  # nothing else came
+        assert node.statistics()["calls"] == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_waiting_async_call_times_out_and_the_rest_of_its_read_runs():
+    """A call with a short ``timeout`` that waits forever answers
+    ``timeout``; the quick calls behind it in the same read are answered
+    before that (the reading moved to another task), and a call with a
+    timeout that never waits answers its value."""
+    gate = trio.Event()
+    node = Node([_mixed_service(gate, [])])
+    async with trio.open_nursery() as nursery:
+        client, stream = await _open_channel(node, nursery)
+        await stream.send_all(
+            _call(client, 1, "halfway", 1, timeout=50)
+            + _call(client, 2, "quick", 2, timeout=0)
+            + _call(client, 3, "quick", 3)
+        )
+        assert await next_event(client, stream) == _p.Reply(id=2, value=[2, b"unset"])
+        assert await next_event(client, stream) == _p.Reply(id=3, value=[3, b"unset"])
+        assert await next_event(client, stream) == _p.ErrorReply(
+            id=1, cls=Atom("sshrpc"), reason=Atom("timeout")
+        )
+        assert node.statistics()["calls"] == 0
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("wait_for_start", [True, False])
+async def test_async_calls_open_when_the_channel_ends(wait_for_start: bool):
+    """The client disconnects with async calls waiting (or just sent, in
+    the same read as the EOF): the channel ends, every call is accounted
+    for (none left open, the key's units given back)."""
+    gate = trio.Event()
+    started: list[int] = []
+    node = Node([_mixed_service(gate, started)])
+    async with trio.open_nursery() as nursery:
+        client, stream = await _open_channel(node, nursery)
+        batch = b"".join(_call(client, i, "halfway" if i % 2 else "quick", i) for i in range(20))
+        await stream.send_all(batch)
+        if wait_for_start:
+            with trio.fail_after(10):
+                while len(started) < 10:
+                    await trio.sleep(0.001)
+        await stream.aclose()
+        with trio.fail_after(10):
+            while node.statistics()["channels"]:
+                await trio.sleep(0.001)
+        stats = node.statistics()
+        assert (stats["calls"], stats["held"]) == (0, 0), stats
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("level", [logging.DEBUG, logging.INFO])
+async def test_every_call_is_audited_by_its_nodes_auditor(caplog: Any, level: int):
+    """The audit line of a sync call answered from the worker pool is
+    written by its node's auditor (its level), like an async or inline
+    call's: it used to be written from the pool's delivery callback with
+    the default auditor (INFO), whatever the node's ``audit_level``."""
+    svc = Service("aud")
+
+    @svc.export
+    async def a() -> int:
+        return 1
+
+    @svc.export(inline=True)
+    def i() -> int:
+        return 2
+
+    @svc.export
+    def t() -> int:
+        return 3
+
+    caplog.set_level(logging.INFO, logger="sshrpc.audit")
+    node = Node([svc], audit_level=level)
+    async with trio.open_nursery() as nursery:
+        client, stream = await _open_channel(node, nursery)
+        for n, fn in enumerate("ait"):
+            call = _p.Call(id=n, module=Atom("aud"), function=Atom(fn), args=[])
+            await stream.send_all(client.send(call))
+            assert await next_event(client, stream) == _p.Reply(id=n, value=n + 1)
+        nursery.cancel_scope.cancel()
+    lines = [r.getMessage() for r in caplog.records if r.name == "sshrpc.audit"]
+    if level == logging.DEBUG:
+        assert lines == []
+    else:
+        assert [line.split()[2] for line in lines] == ["aud:a/0", "aud:i/0", "aud:t/0"], lines
+
+
+async def test_deadlines_of_sync_calls_in_the_pool():
+    """Sync calls with a ``timeout`` run in the pool with no task of their
+    own; the channel's timer answers ``timeout`` for each whose deadline
+    passes first (an earlier deadline arriving after a later one too), the
+    function learns it (``cancelled()``), and calls that return in time
+    answer their value, once."""
+    svc = Service("pool")
+    release = threading.Event()
+    learned: list[bool] = []
+
+    @svc.export
+    def block(n: int) -> int:
+        release.wait(20)
+        return n
+
+    @svc.export
+    def spin(n: int) -> int:
+        deadline = time.monotonic() + 20
+        while not sshrpc.cancelled() and time.monotonic() < deadline:
+            time.sleep(0.001)  # a sync function polling for its cancel
+        learned.append(sshrpc.cancelled())
+        return n
+
+    @svc.export
+    def quick(n: int) -> int:
+        return n
+
+    node = Node([svc])
+    async with trio.open_nursery() as nursery:
+        client, stream = await _open_channel(node, nursery)
+
+        def call(i: int, fn: str, timeout: int) -> bytes:
+            ev = _p.Call(id=i, module=Atom("pool"), function=Atom(fn), args=[i], timeout=timeout)
+            return client.send(ev)
+
+        await stream.send_all(call(1, "block", 60_000) + call(2, "spin", 60_000))
+        await stream.send_all(call(3, "spin", 30) + call(4, "quick", 60_000))
+        assert await next_event(client, stream) == _p.Reply(id=4, value=4)
+        assert await next_event(client, stream) == _p.ErrorReply(
+            id=3, cls=Atom("sshrpc"), reason=Atom("timeout")
+        )
+        with trio.fail_after(10):
+            while not learned:  # the function saw its call time out
+                await trio.sleep(0.001)
+        assert learned == [True]
+        release.set()
+        assert await next_event(client, stream) == _p.Reply(id=1, value=1)
+        await stream.send_all(client.send(_p.Cancel(id=2)))
+        assert await next_event(client, stream) == _p.ErrorReply(
+            id=2, cls=Atom("sshrpc"), reason=Atom("cancelled")
+        )
+        with trio.fail_after(10):
+            while node.workers().statistics()["busy"]:
+                await trio.sleep(0.001)
+        await stream.send_all(client.send(_p.Ping(token=9)))
+        assert await next_event(client, stream) == _p.Pong(token=9)  # nothing else came
+        assert node.statistics()["calls"] == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_reused_id_does_not_inherit_an_ended_calls_deadline():
+    """Call 1 (sync, ``timeout`` 150 ms) returns at once; call 1 again (the
+    id reused, no timeout) blocks past those 150 ms: the first call's
+    deadline, still in the channel's heap, does not time it out (the timer
+    is asleep until call 0's earlier deadline meanwhile); it answers its
+    value when let go."""
+    svc = Service("pool")
+    release = threading.Event()
+
+    @svc.export
+    def quick() -> int:
+        return 0
+
+    @svc.export
+    def block() -> int:
+        release.wait(20)
+        return 1
+
+    node = Node([svc])
+
+    def call(i: int, fn: str, timeout: int | None = None) -> bytes:
+        ev = _p.Call(id=i, module=Atom("pool"), function=Atom(fn), args=[], timeout=timeout)
+        return client.send(ev)
+
+    async with trio.open_nursery() as nursery:
+        client, stream = await _open_channel(node, nursery)
+        await stream.send_all(call(0, "block", 100) + call(1, "quick", 150))
+        assert await next_event(client, stream) == _p.Reply(id=1, value=0)
+        await stream.send_all(call(1, "block"))
+        assert await next_event(client, stream) == _p.ErrorReply(
+            id=0, cls=Atom("sshrpc"), reason=Atom("timeout")
+        )
+        (channel,) = node.channels
+        with trio.fail_after(10):
+            while channel._job_deadlines:  # the timer is done with both deadlines
+                await trio.sleep(0.001)
+        release.set()
+        assert await next_event(client, stream) == _p.Reply(id=1, value=1)
         nursery.cancel_scope.cancel()

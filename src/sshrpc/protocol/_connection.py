@@ -356,6 +356,7 @@ class Connection:
         self.last_cost = 0
         self._frames = FrameBuffer(DEFAULT_MAX_FRAME)
         self._limit = DEFAULT_MAX_FRAME  # the receive limit, also in _frames
+        self._cost_limit = self._cost_for(DEFAULT_MAX_FRAME)  # max_cost, kept by _set_limit
         self._send_limit = DEFAULT_MAX_FRAME
         self._open: dict[int, _Open] = {}
         self._legacy_in_flight = 0
@@ -404,10 +405,13 @@ class Connection:
     @property
     def max_cost(self) -> int:
         """The decode budget of the next received term, in cost units."""
+        return self._cost_limit
+
+    def _cost_for(self, limit: int) -> int:
         if self._max_cost is not None:
             return self._max_cost
         per_byte = COST_PER_BYTE if self.role is Role.SERVER else CLIENT_COST_PER_BYTE
-        return per_byte * self._limit
+        return per_byte * limit
 
     def next_cost_bound(self) -> int:
         """An upper bound of what decoding the next buffered frame costs
@@ -432,7 +436,7 @@ class Connection:
         size = len(payload)
         if size >= 6 and payload[1] == 80:
             size = int.from_bytes(payload[2:6], "big")
-        return min(self.max_cost, _WORST_COST_PER_BYTE * size)
+        return min(self._cost_limit, _WORST_COST_PER_BYTE * size)
 
     @property
     def open_ids(self) -> KeysView[int]:
@@ -564,7 +568,7 @@ class Connection:
                 )
         try:
             term, self.last_cost = decode_cost(
-                payload, max_depth=self._max_depth, max_inflated=limit, max_cost=self.max_cost
+                payload, max_depth=self._max_depth, max_inflated=limit, max_cost=self._cost_limit
             )
             return term
         except TermError as exc:
@@ -686,6 +690,7 @@ class Connection:
     def _set_limit(self, limit: int) -> None:
         self._frames.max_frame = limit
         self._limit = limit
+        self._cost_limit = self._cost_for(limit)
 
     def _our_max_frame(self) -> int:
         ours = self.our_hello.max_frame if self.our_hello is not None else self._max_frame
@@ -694,13 +699,15 @@ class Connection:
     # Server role.
 
     def _srv_call(self, term: tuple[Any, ...]) -> Event:
-        # The common call first: allowed now, a fresh valid id, no options,
-        # room for it.  Everything else takes the checks below.
+        # The common call first: allowed now, a fresh valid id, no options
+        # (or a ``timeout`` only, as the Python client sends it), room for
+        # it.  Everything else takes the checks below.
         new = self._recv_rows[self._state].get("Call")
         opened = self._open
+        n = len(term)
         if (
             new is not None
-            and len(term) == 5
+            and n >= 5
             and type(call_id := term[1]) is int
             and 0 <= call_id <= MAX_ID
             and call_id not in opened
@@ -709,9 +716,20 @@ class Connection:
             and type(term[4]) is list
             and len(opened) < self._hello_max_calls
         ):
-            self._state = new
-            opened[call_id] = _PLAIN
-            return _call(call_id, term[2], term[3], term[4], None, False, DEFAULT_CREDIT)
+            if n == 5:
+                self._state = new
+                opened[call_id] = _PLAIN
+                return _call(call_id, term[2], term[3], term[4], None, False, DEFAULT_CREDIT)
+            if (
+                n == 6
+                and type(opts := term[5]) is dict
+                and len(opts) == 1
+                and type(ms := opts.get(K_TIMEOUT)) is int
+                and ms >= 0
+            ):
+                self._state = new
+                opened[call_id] = _PLAIN
+                return _call(call_id, term[2], term[3], term[4], ms, False, DEFAULT_CREDIT)
         self._advance("Call")
         call_id = self._read_id(term, "call")
         if call_id in opened:
@@ -963,6 +981,17 @@ class Connection:
         if handler is None:
             raise LocalProtocolError(f"a {self.role.value} does not send {type(event).__name__}")
         return handler(self, event)
+
+    def send_reply(self, call_id: int, value: Any) -> bytes:
+        """``send(Reply(id=call_id, value=value))`` without the event object
+        (a server's common answer): the same bytes, checks and errors."""
+        new = self._send_rows[self._state].get("Reply")
+        if new is None or type(call_id) is not int or call_id not in self._open:
+            return self.send(Reply(id=call_id, value=value))  # raises what it raises
+        frame = self._final_frame(call_id, (A_REPLY, call_id, value))
+        del self._open[call_id]
+        self._state = new
+        return frame
 
     def send_call(
         self, call_id: int, module: str, function: str, args: Any, timeout: int | None = None
