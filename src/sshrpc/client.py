@@ -213,6 +213,10 @@ class Connection:
         proto = self._proto
         proto.receive_data(data)
         try:
+            # The small frames of the read decoded in one go; then
+            # next_event for whatever that left (see next_events).
+            for event in proto.next_events():
+                self._dispatch(event)
             while True:
                 event = proto.next_event()
                 if event is _p.NEED_DATA:

@@ -72,8 +72,10 @@ from ._events import (
 from ._state import (
     AWAIT_HELLO,
     CLOSED,
+    DRAINING,
     IDLE,
     LEGACY,
+    OPEN,
     RECV,
     SEND,
     TRANSITIONS,
@@ -541,6 +543,101 @@ class Connection:
                 ) from exc
             if event is not None:
                 return event
+
+    def next_events(self) -> list[Event]:
+        """Every event whose whole frame is buffered now, in order: the
+        batched form of ``next_event`` for an I/O layer's read loop.  The
+        small frames of one read are decoded in one codec call (as one list
+        term) instead of one call each; limits, events, state changes and
+        errors are exactly those of ``next_event`` frame by frame.
+
+        Only while the session is open (after the hellos, not legacy):
+        returns ``[]`` otherwise, and when the next thing buffered is not a
+        small plain frame (need data, a compressed or large frame, the
+        channel's end, a broken stream).  Call ``next_event`` after it in
+        any case: that reports whatever this left (``NEED_DATA``,
+        ``CLOSED``, the next event, or the error), exactly as it would have.
+        A protocol error after some events returns those events; the next
+        ``next_event``/``next_events`` raises it (the state is ``CLOSED``
+        from then on).  ``last_cost`` is the whole batch's decode cost.
+        """
+        if self._error is not None:
+            raise self._error
+        state = self._state
+        if self._peeked is not None:
+            return []
+        if state is not OPEN and state is not DRAINING:
+            return []
+        frames = self._frames
+        # A frame this small cannot exceed its decode budget even at the
+        # worst cost per byte, so the batch's budget (the same worst case)
+        # never refuses what next_event would have accepted.
+        small = min(_BATCH_MAX_FRAME, self.max_cost // _WORST_COST_PER_BYTE)
+        payloads: list[bytes] = []
+        while True:
+            try:
+                payload = frames.next_frame()
+            except FrameTooLarge:
+                break  # the buffer raises it again for next_event
+            if payload is None:
+                break
+            if not 1 < len(payload) <= small or payload[0] != 131 or payload[1] == 80:
+                self._peeked = payload  # next_event takes it, in order
+                break
+            payloads.append(payload)
+        if not payloads:
+            return []
+        events: list[Event] = []
+        terms: Any = None
+        if len(payloads) > 1:
+            body = b"".join([p[1:] for p in payloads])
+            batch = b"\x83l" + len(payloads).to_bytes(4, "big") + body + b"j"
+            try:
+                terms, self.last_cost = decode_cost(
+                    batch,
+                    max_depth=self._max_depth + 1,
+                    max_inflated=len(batch),
+                    max_cost=_WORST_COST_PER_BYTE * len(batch),
+                )
+            except TermError:
+                terms = None  # one is bad: frame by frame, for its exact error
+        if terms is None:
+            for payload in payloads:
+                try:
+                    self._frames_received += 1
+                    event = self._event_of(self._decode(payload))
+                except ProtocolError:
+                    if events:
+                        return events
+                    raise
+                if event is not None:
+                    events.append(event)
+            return events
+        for term in terms:
+            try:
+                self._frames_received += 1
+                event = self._event_of(term)
+            except ProtocolError:
+                if events:
+                    return events
+                raise
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _event_of(self, term: Any) -> Event | None:
+        """The event of one decoded term (``next_event``'s dispatch)."""
+        try:
+            if type(term) is not tuple or not term or type(term[0]) is not Atom:
+                return self._not_a_message(term)
+            handler = self._recv.get(term[0])
+            return self._unknown(term) if handler is None else handler(self, term)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # a bug here must still be a ProtocolError
+            raise self._fail(
+                _protocol_error(f"internal error on a frame: {type(exc).__name__}")
+            ) from exc
 
     def _decode(self, payload: bytes) -> Any:
         limit = self._limit
@@ -1250,6 +1347,9 @@ class Connection:
     }
 
 
+#: The largest payload ``next_events`` decodes in a batch (bigger ones are
+#: decoded alone: the batch copies the small frames of a read into one term).
+_BATCH_MAX_FRAME: Final = 16 * 1024
 #: (module, function) pairs whose encoded atoms ``send_call`` keeps.
 _CALL_NAMES_CACHED: Final = 256
 # 131 (version), SMALL_TUPLE_EXT of 5 or 6, then the atom ``call``.
