@@ -215,8 +215,8 @@ class Connection:
         try:
             # The small frames of the read decoded in one go; then
             # next_event for whatever that left (see next_events).
-            for event in proto.next_events():
-                self._dispatch(event)
+            for batched in proto.next_events():
+                self._dispatch(batched)
             while True:
                 event = proto.next_event()
                 if event is _p.NEED_DATA:
