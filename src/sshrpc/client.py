@@ -144,6 +144,9 @@ class Connection:
         self._pings: dict[int, trio.Event] = {}
         self._ping_ids = itertools.count(1)
         self._undelivered = 0
+        #: Callers woken by an answer that have not run yet: while any
+        #: has, more calls are about to be sent, so none is written alone.
+        self._woken = 0
         self.max_undelivered = max_undelivered
         self.keepalive = keepalive
         self.keepalive_misses = keepalive_misses
@@ -244,6 +247,8 @@ class Connection:
                 pending.error = RemoteError.from_term(event.cls, event.reason, event.details)
             if pending.counted and not pending.abandoned:
                 self._undelivered += 1
+            if pending._task is not None:
+                self._woken += 1
             pending._finish()
         elif isinstance(event, _p.Chunk):
             pending = self._pending[event.id]
@@ -408,6 +413,8 @@ class Connection:
                 await trio.lowlevel.checkpoint()
             else:
                 await pending._wait()
+                if self._woken:
+                    self._woken -= 1
         except BaseException:
             self._abandon(pending)
             raise
@@ -490,8 +497,10 @@ class Connection:
                 raise ConnectionLost(f"{self.destination}: {exc}") from exc
             raise
         pending.slot = slots
-        # Alone in flight: write at once; else let the pump batch the frames.
-        direct = not self._pending and not batch
+        # Alone in flight (and no other caller woken by the last answers,
+        # who would send next in this scheduler round): write at once;
+        # else let the pump batch the frames.
+        direct = not self._pending and not self._woken and not batch
         self._pending[pending.id] = pending
         self._pump.send_nowait(frame, direct)
 
