@@ -37,6 +37,7 @@ Decisions the core takes for the I/O layers (docs/protocol.md):
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable, KeysView
 from dataclasses import dataclass
 from typing import Any, Final
@@ -1096,20 +1097,28 @@ class Connection:
                 self._call_names.clear()
             self._call_names[(module, function)] = names
         body = encode(args if type(args) is list else list(args))
-        parts: list[bytes | memoryview] = [
-            b"",
-            _CALL_HEAD5 if timeout is None else _CALL_HEAD6,
-            _int_term(call_id),
-            names,
-            memoryview(body)[1:],
-        ]
-        if timeout is not None:
-            parts += (_TIMEOUT_OPTS, _int_term(timeout))
-        size = sum(map(len, parts))
-        if size > self._send_limit:
-            raise MessageTooLarge(size, self._send_limit)
-        parts[0] = size.to_bytes(4, "big")
-        frame = b"".join(parts)
+        id_term = _int_term(call_id)
+        if timeout is None:
+            size = _HEAD5_SIZE + len(id_term) + len(names) + len(body)
+            if size > self._send_limit:
+                raise MessageTooLarge(size, self._send_limit)
+            frame = b"".join((_U32(size), _CALL_HEAD5, id_term, names, memoryview(body)[1:]))
+        else:
+            timeout_term = _int_term(timeout)
+            size = _HEAD6_SIZE + len(id_term) + len(names) + len(body) + len(timeout_term)
+            if size > self._send_limit:
+                raise MessageTooLarge(size, self._send_limit)
+            frame = b"".join(
+                (
+                    _U32(size),
+                    _CALL_HEAD6,
+                    id_term,
+                    names,
+                    memoryview(body)[1:],
+                    _TIMEOUT_OPTS,
+                    timeout_term,
+                )
+            )
         self._frames_sent += 1
         self._open[call_id] = _PLAIN
         self._state = new
@@ -1359,14 +1368,20 @@ _CALL_HEAD6: Final = b"\x83h\x06" + encode(A_CALL)[1:]
 _TIMEOUT_OPTS: Final = encode({K_TIMEOUT: 0})[1:-2]
 assert encode({K_TIMEOUT: 0})[-2:] == b"a\x00"
 _INT32: Final = 2**31
+# The frame size, less the payload's version byte (``len(body)`` counts it).
+_HEAD5_SIZE: Final = len(_CALL_HEAD5) - 1
+_HEAD6_SIZE: Final = len(_CALL_HEAD6) + len(_TIMEOUT_OPTS) - 1
+_U32: Final = struct.Struct(">I").pack
+_INT_EXT: Final = struct.Struct(">cI").pack
+_SMALL_INTS: Final = tuple(b"a" + bytes([i]) for i in range(256))
 
 
 def _int_term(value: int) -> bytes:
     """The canonical ETF of a non-negative integer, no version byte."""
     if value < 256:
-        return b"a" + value.to_bytes(1, "big")
+        return _SMALL_INTS[value]
     if value < _INT32:
-        return b"b" + value.to_bytes(4, "big")
+        return _INT_EXT(b"b", value)
     return encode(value)[1:]
 
 
