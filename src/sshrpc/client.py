@@ -88,6 +88,11 @@ _A = Atom
 
 
 _INF = math.inf
+_ceil = math.ceil
+_effective_deadline = trio.current_effective_deadline
+_now = trio.current_time
+_current_task = trio.lowlevel.current_task
+_wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
 _Reply, _ErrorReply = _p.Reply, _p.ErrorReply
 
 
@@ -218,8 +223,24 @@ class Connection:
         try:
             # The small frames of the read decoded in one go; then
             # next_event for whatever that left (see next_events).
+            pop = self._pending.pop
             for batched in proto.next_events():
-                self._dispatch(batched)
+                if type(batched) is not _Reply:
+                    self._dispatch(batched)
+                    continue
+                # _dispatch's Reply branch, inlined (the per-call path).
+                pending = pop(batched.id)  # (the core checked the id is open)
+                slot = pending.slot
+                if slot is not None:
+                    pending.slot = None
+                    slot.release()
+                pending.ok = True
+                pending.value = batched.value
+                if pending.counted and not pending.abandoned:
+                    self._undelivered += 1
+                if pending._task is not None:
+                    self._woken += 1
+                pending._finish()
             while True:
                 event = proto.next_event()
                 if event is _p.NEED_DATA:
@@ -412,7 +433,9 @@ class Connection:
             if pending.done:
                 await trio.lowlevel.checkpoint()
             else:
-                await pending._wait()
+                # Request._wait, inlined (the per-call path).
+                pending._task = _current_task()
+                await _wait_task_rescheduled(pending._abort)
                 if self._woken:
                     self._woken -= 1
         except BaseException:
@@ -420,7 +443,9 @@ class Connection:
             raise
         pending.received = True
         if pending.counted:
-            self._taken()
+            self._undelivered -= 1
+            if self._pump.paused and self._should_read():
+                self._pump.wake()
         if pending.ok:
             return pending.value
         error = pending.error
@@ -450,7 +475,8 @@ class Connection:
         self, pending: Request, module: str, function: str, args: Sequence[Any]
     ) -> None:
         """``_send_request`` for a call, flattened: the per-call path."""
-        self._check_open()
+        if self._error is not None or self._closing:
+            self._check_open()
         slots = self._slots
         if slots is not None and not slots.acquire_nowait():
             await slots.acquire()  # (no scheduler round trip when one is free)
@@ -481,14 +507,12 @@ class Connection:
         the pump).  Not a checkpoint.  On an error nothing is registered or
         sent and the slot is released."""
         try:
-            self._check_open()
-            deadline = trio.current_effective_deadline()
-            if deadline == _INF:
-                timeout = None
-            else:
-                # Rounded up, so the server's deadline is never before the
-                # caller's: the caller's scope fires first.
-                timeout = max(0, math.ceil((deadline - trio.current_time()) * 1000))
+            if self._error is not None or self._closing:
+                self._check_open()
+            deadline = _effective_deadline()
+            # Rounded up, so the server's deadline is never before the
+            # caller's: the caller's scope fires first.
+            timeout = None if deadline == _INF else max(0, _ceil((deadline - _now()) * 1000))
             frame = self._proto.send_call(pending.id, module, function, args, timeout)
         except BaseException as exc:
             if slots is not None:
