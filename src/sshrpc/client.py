@@ -39,6 +39,7 @@ import trio
 
 from . import _ssh, _ssh_config
 from . import protocol as _p
+from ._deadline import effective_deadline as _effective_deadline
 from ._errors import (
     ConnectionLost,
     LocalProtocolError,
@@ -89,7 +90,6 @@ _A = Atom
 
 _INF = math.inf
 _ceil = math.ceil
-_effective_deadline = trio.current_effective_deadline
 _now = trio.current_time
 _current_task = trio.lowlevel.current_task
 _wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
@@ -406,7 +406,7 @@ class Connection:
 
     @staticmethod
     def _timeout_ms() -> int | None:
-        deadline = trio.current_effective_deadline()
+        deadline = _effective_deadline()
         if deadline == _INF:
             return None
         # Rounded up, so the server's deadline is never before the caller's:
