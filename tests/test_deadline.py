@@ -12,19 +12,21 @@ import pytest
 import trio
 
 from sshrpc import _deadline
-from sshrpc._deadline import _walk, effective_deadline
+from sshrpc._deadline import effective_deadline
 
 
 def same() -> float:
+    """The walk's answer (both kinds already checked, so not Trio's
+    fallback) is Trio's."""
     exact = trio.current_effective_deadline()
-    assert _walk() == exact
     assert effective_deadline() == exact
+    assert not _deadline._broken
     return exact
 
 
 @pytest.fixture(autouse=True)
-def _fresh_checks() -> Iterator[None]:
-    _deadline._checked.clear()
+def _checks_done() -> Iterator[None]:
+    _deadline._checked.update((True, False))
     _deadline._broken = False
     yield
     _deadline._checked.clear()
@@ -97,21 +99,40 @@ async def test_tasks_of_a_nursery_see_the_nursery_and_their_own_scopes() -> None
     assert sorted(seen) == [now + 5, now + 45, now + 45]
 
 
+class _Other:
+    """A task or cancel status of an imagined other Trio."""
+
+    def __init__(self, **attributes: object) -> None:
+        self.__dict__.update(attributes)
+
+
 async def test_another_trio_falls_back_to_trio_for_good(monkeypatch: pytest.MonkeyPatch) -> None:
     """A walk over attributes this Trio lacks, or one that disagrees with
     Trio, is never used again: the answer is Trio's."""
-
-    def missing() -> float:
-        raise AttributeError("_cancel_status")
-
-    monkeypatch.setattr(_deadline, "_walk", missing)
+    _deadline._checked.clear()
+    real_task = trio.lowlevel.current_task()
+    monkeypatch.setattr(_deadline, "_current_task", lambda: _Other())
     with trio.move_on_after(10):
         assert effective_deadline() == trio.current_effective_deadline()
     assert _deadline._broken
 
     _deadline._broken = False
-    monkeypatch.setattr(_deadline, "_walk", lambda: 1.0)
+    # A chain that says 1.0 where Trio says otherwise: found on first use.
+    scope = _Other(_deadline=1.0, _shield=False)
+    status = _Other(effectively_cancelled=False, _scope=scope, _parent=None)
+    monkeypatch.setattr(_deadline, "_current_task", lambda: _Other(_cancel_status=status))
     with trio.move_on_after(10):
         assert effective_deadline() == trio.current_effective_deadline() != 1.0
     assert _deadline._broken
     assert effective_deadline() == math.inf
+    monkeypatch.setattr(_deadline, "_current_task", lambda: real_task)
+
+
+async def test_first_answers_are_checked() -> None:
+    _deadline._checked.clear()
+    assert effective_deadline() == math.inf
+    assert _deadline._checked == {False}
+    with trio.move_on_after(10):
+        assert effective_deadline() == trio.current_effective_deadline()
+    assert _deadline._checked == {False, True}
+    assert not _deadline._broken

@@ -544,7 +544,8 @@ class Connection:
         then ``reqs.check_response()`` and ``send_request_nowait`` until
         ``WouldBlock`` -- one checkpoint per batch instead of two per call.
         Raises as ``send_request`` otherwise."""
-        self._check_open()
+        if self._error is not None or self._closing:
+            self._check_open()
         if len(self._pump._out) >= self._pump.write_limit:
             raise trio.WouldBlock
         slots = self._slots

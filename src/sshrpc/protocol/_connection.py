@@ -614,7 +614,24 @@ class Connection:
                 if event is not None:
                     events.append(event)
             return events
+        # A client's plain reply to an open call, as _cli_reply's first
+        # branch takes it, without the handler lookup and calls.
+        reply_state = self._recv_rows[state].get("Reply") if self.role is Role.CLIENT else None
+        opened = self._open
         for term in terms:
+            if (
+                reply_state is not None
+                and type(term) is tuple
+                and len(term) == 3
+                and term[0] == A_REPLY
+                and type(term[0]) is Atom
+                and type(term[1]) is int
+                and opened.pop(term[1], None) is not None
+            ):
+                self._frames_received += 1
+                self._state = reply_state
+                events.append(_reply(term[1], term[2]))
+                continue
             try:
                 self._frames_received += 1
                 event = self._event_of(term)
