@@ -54,7 +54,13 @@ The steady-state loop (``run``) does three things per turn, without blocking:
    wake-up, not per wait.  Before it writes, the pump lets the tasks that
    queued frames since its last look run first (a checkpoint while the queue
    keeps growing, at most ``DEFER_ROUNDS`` rounds or ``WRITE_SLICE`` bytes),
-   so frames of one batch leave in one write.
+   so frames of one batch leave in one write.  A wake-up while the pump is
+   not asleep (in a checkpoint of its turns) cancels nothing: the pump looks
+   at everything again before it sleeps (a ``wake()`` since its last look
+   makes it take another turn instead).  After a read that answered several
+   waiting tasks the pump takes a checkpoint rather than sleeping, so those
+   tasks queue their next frames while it is awake and they leave in the
+   next write without a cancel and a new scope per batch.
 
 Closing (``aclose``) frees the libssh2 session *before* closing its socket:
 freeing a session restores the blocking mode the fd had at handshake time,
@@ -138,6 +144,10 @@ class Pump:
         #: Frames were queued since the pump last looked: more may follow
         #: from tasks that have not run yet (see ``run``).
         self._fresh = False
+        #: True while the pump task is in its turns and not asleep: it looks
+        #: at everything again before it sleeps, so ``wake()`` need not
+        #: interrupt it (no cancel, no new scope).
+        self._busy = False
 
     # -- the retry loop ------------------------------------------------------
 
@@ -187,7 +197,7 @@ class Pump:
             # will cancel itself): a second cancel() costs microseconds.
             return
         self._wake_pending = True
-        if self._wake_scope is not None:
+        if self._wake_scope is not None and not self._busy:
             self._wake_scope.cancel()
 
     async def retry(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -290,13 +300,15 @@ class Pump:
 
     async def run(
         self,
-        on_data: Callable[[bytes], None],
+        on_data: Callable[[bytes], object],
         should_read: Callable[[], bool],
         on_eof: Callable[[BaseException], None],
     ) -> None:
         """The pump task: move bytes until the channel ends or ``fail`` is called.
 
-        ``on_data`` gets every chunk of channel data; ``should_read`` is asked
+        ``on_data`` gets every chunk of channel data (a true result: it
+        handed answers to several waiting tasks, which the pump lets run
+        before it sleeps, so their frames leave at once); ``should_read`` is asked
         before each read; ``on_eof(error)`` is called once when the pump stops,
         with the ``ConnectionLost`` that ended it.  Never raises for network
         failures (they go to ``on_eof``); a cancel stops it at once.
@@ -330,10 +342,19 @@ class Pump:
             on_eof(self.error)
 
     async def _turns(
-        self, channel: Any, on_data: Callable[[bytes], None], should_read: Callable[[], bool]
+        self, channel: Any, on_data: Callable[[bytes], object], should_read: Callable[[], bool]
     ) -> None:
         """``run``'s loop, inside the wake-up scope (see ``run``)."""
+        try:
+            await self._turns_busy(channel, on_data, should_read)
+        finally:
+            self._busy = False
+
+    async def _turns_busy(
+        self, channel: Any, on_data: Callable[[bytes], object], should_read: Callable[[], bool]
+    ) -> None:
         while self.error is None:
+            self._busy = True
             # Frames arrived since the last look: let the tasks that
             # queue them run first (one checkpoint per batch, while the
             # queue keeps growing), so that one task keeping many
@@ -376,7 +397,12 @@ class Pump:
                 rc, data = channel.read(READ_SIZE)
                 if rc > 0:
                     self.bytes_received += rc
-                    on_data(data)
+                    if on_data(data):
+                        # Answers for several waiting tasks: they will
+                        # queue frames when they run, so let them run
+                        # before sleeping (their wake() then interrupts
+                        # nothing), and write what they queued.
+                        progress = True
                     if rc == READ_SIZE:
                         progress = True  # more stdout may be queued
                 elif rc != EAGAIN:
@@ -392,12 +418,16 @@ class Pump:
                         raise ConnectionLost("the server closed the channel")
             else:
                 self.paused = True
-            if progress:
+            if progress or self._wake_pending:
+                # (_wake_pending: a wake() since this turn looked, which
+                # did not interrupt the busy pump: look again.)
                 await trio.lowlevel.checkpoint()
             elif self.paused and not self._out:
                 # Nothing to write and not reading: sleep until woken.
+                self._busy = False
                 await trio.sleep_forever()
             else:
+                self._busy = False
                 session = self.session
                 directions = session.block_directions() if session is not None else 0
                 # Not inside libssh2 while parked: a caller may write.

@@ -216,10 +216,13 @@ class Connection:
         # While closing, read on regardless, to see the server's bye and EOF.
         return self._closing or self._undelivered < self.max_undelivered
 
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, data: bytes) -> bool:
+        """Take a read's bytes (the pump's ``on_data``).  True when it
+        answered more than one call: their callers will send again soon."""
         self._last_heard = trio.current_time()
         proto = self._proto
         proto.receive_data(data)
+        answered = 0
         try:
             # The small frames of the read decoded in one go; then
             # next_event for whatever that left (see next_events).
@@ -241,19 +244,21 @@ class Connection:
                 if pending._task is not None:
                     self._woken += 1
                 pending._finish()
+                answered += 1
             while True:
                 event = proto.next_event()
                 if event is _p.NEED_DATA:
-                    return
+                    return answered > 1
                 if event is _p.CLOSED:
                     self._pump.fail(ConnectionLost("the server closed the session"))
-                    return
+                    return False
                 assert isinstance(event, _p.Event)
                 self._dispatch(event)
         except ProtocolError as exc:
             if exc.bye is not None:
                 self._send_control(_p.Bye(reason=exc.bye))
             self._pump.fail(exc)
+        return False
 
     def _dispatch(self, event: _p.Event) -> None:
         kind = type(event)
