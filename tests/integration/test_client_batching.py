@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import trio
 
-from sshrpc import Service
+from sshrpc import ConnectionLost, RequestSet, Service
+from sshrpc._request import Request
 from sshrpc.testing import open_test_node
 
 pytestmark = pytest.mark.timeout(60)
@@ -86,3 +87,26 @@ async def test_callers_woken_by_one_read_do_not_write_alone() -> None:
                 assert await node.call("t", "echo", [r]) == r
         assert len(direct.frames) - before >= 9
         assert node._woken == 0
+
+
+async def test_a_failure_raised_while_the_pump_is_busy_stops_it_at_once() -> None:
+    """``Pump.fail`` called from inside the pump's own turn (here from the
+    dispatch of an answer) does not interrupt the busy pump; it must still
+    stop before sleeping on a socket where nothing more will arrive."""
+
+    class FailingSet(RequestSet):
+        __slots__ = ()
+
+        def _completed(self, req: Request) -> None:
+            super()._completed(req)
+            assert req._conn is not None
+            req._conn._pump.fail(ConnectionLost("failed from the dispatch"))
+
+    async with open_test_node([svc]) as test_node, test_node.connect(keepalive=None) as node:
+        reqs = FailingSet()
+        await node.send_request("t", "echo", [1], into=reqs, label="x")
+        with trio.fail_after(10):
+            assert await reqs.receive_response() == ("x", 1)
+            await node._ended.wait()
+        with pytest.raises(ConnectionLost):
+            await node.call("t", "echo", [2])
