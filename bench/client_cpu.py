@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import client_latency as cl
 import sshrpc
 from sshrpc import _pump
+from sshrpc._statedir import temp_root
 from sshrpc.client import Connection, open_connection
 
 ECHO = ("echo", "echo")
@@ -227,7 +228,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.no_count:
         install_counter()
-    with tempfile.TemporaryDirectory(prefix="sshrpc-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sshrpc-bench-", dir=temp_root()) as tmp:
         d = Path(tmp)
         identity = d / "id_ed25519"
         proc, port, known_line = start_serve(d, cl.keygen(identity), args.max_calls)

@@ -55,7 +55,13 @@ The steady-state loop (``run``) does three things per turn, without blocking:
    wake-up, not per wait.  Before it writes, the pump lets the tasks that
    queued frames since its last look run first (a checkpoint while the queue
    keeps growing, at most ``DEFER_ROUNDS`` rounds or ``WRITE_SLICE`` bytes),
-   so frames of one batch leave in one write.
+   so frames of one batch leave in one write.  A wake-up while the pump is
+   not asleep (in a checkpoint of its turns) cancels nothing: the pump looks
+   at everything again before it sleeps (a ``wake()`` since its last look
+   makes it take another turn instead).  After a read that answered several
+   waiting tasks the pump takes a checkpoint rather than sleeping, so those
+   tasks queue their next frames while it is awake and they leave in the
+   next write without a cancel and a new scope per batch.
 
 Many channels
 -------------
@@ -200,7 +206,7 @@ class Pump:
         self._ops: deque[_LaneOp] = deque()
         self._owner: tuple[Any, int] | None = None
         self._multi = False
-        self._on_data: Callable[[bytes], None] | None = None
+        self._on_data: Callable[[bytes], object] | None = None
         self._should_read: Callable[[], bool] | None = None
         #: The subsystem the first channel opened (new lanes open it too),
         #: and the receive window asked for it (``window=``; None: libssh2's).
@@ -208,6 +214,10 @@ class Pump:
         self.window: int | None = None
         #: Channels opened on this session after the first one.
         self.lanes_opened = 0
+        #: True while the pump task is in its turns and not asleep: it looks
+        #: at everything again before it sleeps, so ``wake()`` need not
+        #: interrupt it (no cancel, no new scope).
+        self._busy = False
 
     # -- the retry loop ------------------------------------------------------
 
@@ -257,7 +267,7 @@ class Pump:
             # will cancel itself): a second cancel() costs microseconds.
             return
         self._wake_pending = True
-        if self._wake_scope is not None:
+        if self._wake_scope is not None and not self._busy:
             self._wake_scope.cancel()
 
     async def retry(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -360,13 +370,15 @@ class Pump:
 
     async def run(
         self,
-        on_data: Callable[[bytes], None],
+        on_data: Callable[[bytes], object],
         should_read: Callable[[], bool],
         on_eof: Callable[[BaseException], None],
     ) -> None:
         """The pump task: move bytes until the channel ends or ``fail`` is called.
 
-        ``on_data`` gets every chunk of channel data; ``should_read`` is asked
+        ``on_data`` gets every chunk of channel data (a true result: it
+        handed answers to several waiting tasks, which the pump lets run
+        before it sleeps, so their frames leave at once); ``should_read`` is asked
         before each read; ``on_eof(error)`` is called once when the pump stops,
         with the ``ConnectionLost`` that ended it.  Never raises for network
         failures (they go to ``on_eof``); a cancel stops it at once.
@@ -387,6 +399,7 @@ class Pump:
                         await self._turns(channel, on_data, should_read)
                     finally:
                         self._wake_scope = None
+                        self._busy = False
         except ssh2_exc.SSH2Error as exc:
             self.fail(ConnectionLost(f"SSH connection failed: {type(exc).__name__} {exc}"))
         except ConnectionLost as exc:
@@ -402,14 +415,17 @@ class Pump:
             on_eof(self.error)
 
     async def _turns(
-        self, channel: Any, on_data: Callable[[bytes], None], should_read: Callable[[], bool]
+        self, channel: Any, on_data: Callable[[bytes], object], should_read: Callable[[], bool]
     ) -> None:
         """``run``'s loop, inside the wake-up scope (see ``run``)."""
         while self.error is None:
             if self._multi:
-                # More channels than ours: the general loop (module docstring).
+                # More channels than ours: the general loop (module
+                # docstring), where every wake() interrupts the pump.
+                self._busy = False
                 await self._lane_turns()
                 continue
+            self._busy = True
             # Frames arrived since the last look: let the tasks that
             # queue them run first (one checkpoint per batch, while the
             # queue keeps growing), so that one task keeping many
@@ -452,7 +468,12 @@ class Pump:
                 rc, data = channel.read(READ_SIZE)
                 if rc > 0:
                     self.bytes_received += rc
-                    on_data(data)
+                    if on_data(data):
+                        # Answers for several waiting tasks: they will
+                        # queue frames when they run, so let them run
+                        # before sleeping (their wake() then interrupts
+                        # nothing), and write what they queued.
+                        progress = True
                     if rc == READ_SIZE:
                         progress = True  # more stdout may be queued
                 elif rc != EAGAIN:
@@ -468,18 +489,27 @@ class Pump:
                         raise ConnectionLost("the server closed the channel")
             else:
                 self.paused = True
-            if progress:
+            if progress or self._wake_pending:
+                # (_wake_pending: a wake() since this turn looked, which
+                # did not interrupt the busy pump: look again.)
                 await trio.lowlevel.checkpoint()
             elif self.paused and not self._out:
                 # Nothing to write and not reading: sleep until woken.
+                self._busy = False
                 await trio.sleep_forever()
             else:
+                self._busy = False
                 session = self.session
                 directions = session.block_directions() if session is not None else 0
                 # Not inside libssh2 while parked: a caller may write.
                 self._parked = not self._out and not (directions & LIBSSH2_SESSION_BLOCK_OUTBOUND)
                 try:
-                    await self._wait_for(directions)
+                    if self._parked:
+                        # _wait_for's common case, one coroutine frame less
+                        # to resume per wake-up.
+                        await trio.lowlevel.wait_readable(self.sock)
+                    else:
+                        await self._wait_for(directions)
                 finally:
                     self._parked = False
 
@@ -859,7 +889,7 @@ class Lane:
         self.paused = False
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._on_data: Callable[[bytes], None] | None = None
+        self._on_data: Callable[[bytes], object] | None = None
         self._should_read: Callable[[], bool] | None = None
         self._done = trio.Event()
         self._close_done = trio.Event()
@@ -913,7 +943,7 @@ class Lane:
 
     async def run(
         self,
-        on_data: Callable[[bytes], None],
+        on_data: Callable[[bytes], object],
         should_read: Callable[[], bool],
         on_eof: Callable[[BaseException], None],
     ) -> None:

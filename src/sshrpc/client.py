@@ -39,6 +39,7 @@ import trio
 
 from . import _ssh, _ssh_config
 from . import protocol as _p
+from ._deadline import effective_deadline as _effective_deadline
 from ._errors import (
     ChannelRefused,
     ConnectionLost,
@@ -89,6 +90,10 @@ _A = Atom
 
 
 _INF = math.inf
+_ceil = math.ceil
+_now = trio.current_time
+_current_task = trio.lowlevel.current_task
+_wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
 _Reply, _ErrorReply = _p.Reply, _p.ErrorReply
 
 
@@ -146,6 +151,9 @@ class Connection:
         self._pings: dict[int, trio.Event] = {}
         self._ping_ids = itertools.count(1)
         self._undelivered = 0
+        #: Callers woken by an answer that have not run yet: while any
+        #: has, more calls are about to be sent, so none is written alone.
+        self._woken = 0
         self.max_undelivered = max_undelivered
         self.keepalive = keepalive
         self.keepalive_misses = keepalive_misses
@@ -210,24 +218,49 @@ class Connection:
         # While closing, read on regardless, to see the server's bye and EOF.
         return self._closing or self._undelivered < self.max_undelivered
 
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, data: bytes) -> bool:
+        """Take a read's bytes (the pump's ``on_data``).  True when it
+        answered more than one call: their callers will send again soon."""
         self._last_heard = trio.current_time()
         proto = self._proto
         proto.receive_data(data)
+        answered = 0
         try:
+            # The small frames of the read decoded in one go; then
+            # next_event for whatever that left (see next_events).
+            pop = self._pending.pop
+            for batched in proto.next_events():
+                if type(batched) is not _Reply:
+                    self._dispatch(batched)
+                    continue
+                # _dispatch's Reply branch, inlined (the per-call path).
+                pending = pop(batched.id)  # (the core checked the id is open)
+                slot = pending.slot
+                if slot is not None:
+                    pending.slot = None
+                    slot.release()
+                pending.ok = True
+                pending.value = batched.value
+                if pending.counted and not pending.abandoned:
+                    self._undelivered += 1
+                if pending._task is not None:
+                    self._woken += 1
+                pending._finish()
+                answered += 1
             while True:
                 event = proto.next_event()
                 if event is _p.NEED_DATA:
-                    return
+                    return answered > 1
                 if event is _p.CLOSED:
                     self._pump.fail(ConnectionLost("the server closed the session"))
-                    return
+                    return False
                 assert isinstance(event, _p.Event)
                 self._dispatch(event)
         except ProtocolError as exc:
             if exc.bye is not None:
                 self._send_control(_p.Bye(reason=exc.bye))
             self._pump.fail(exc)
+        return False
 
     def _dispatch(self, event: _p.Event) -> None:
         kind = type(event)
@@ -242,6 +275,8 @@ class Connection:
                 pending.error = RemoteError.from_term(event.cls, event.reason, event.details)
             if pending.counted and not pending.abandoned:
                 self._undelivered += 1
+            if pending._task is not None:
+                self._woken += 1
             pending._finish()
         elif isinstance(event, _p.Chunk):
             pending = self._pending[event.id]
@@ -378,7 +413,7 @@ class Connection:
 
     @staticmethod
     def _timeout_ms() -> int | None:
-        deadline = trio.current_effective_deadline()
+        deadline = _effective_deadline()
         if deadline == _INF:
             return None
         # Rounded up, so the server's deadline is never before the caller's:
@@ -405,13 +440,19 @@ class Connection:
             if pending.done:
                 await trio.lowlevel.checkpoint()
             else:
-                await pending._wait()
+                # Request._wait, inlined (the per-call path).
+                pending._task = _current_task()
+                await _wait_task_rescheduled(pending._abort)
+                if self._woken:
+                    self._woken -= 1
         except BaseException:
             self._abandon(pending)
             raise
         pending.received = True
         if pending.counted:
-            self._taken()
+            self._undelivered -= 1
+            if self._pump.paused and self._should_read():
+                self._pump.wake()
         if pending.ok:
             return pending.value
         error = pending.error
@@ -441,7 +482,8 @@ class Connection:
         self, pending: Request, module: str, function: str, args: Sequence[Any]
     ) -> None:
         """``_send_request`` for a call, flattened: the per-call path."""
-        self._check_open()
+        if self._error is not None or self._closing:
+            self._check_open()
         slots = self._slots
         if slots is not None and not slots.acquire_nowait():
             await slots.acquire()  # (no scheduler round trip when one is free)
@@ -472,14 +514,12 @@ class Connection:
         the pump).  Not a checkpoint.  On an error nothing is registered or
         sent and the slot is released."""
         try:
-            self._check_open()
-            deadline = trio.current_effective_deadline()
-            if deadline == _INF:
-                timeout = None
-            else:
-                # Rounded up, so the server's deadline is never before the
-                # caller's: the caller's scope fires first.
-                timeout = max(0, math.ceil((deadline - trio.current_time()) * 1000))
+            if self._error is not None or self._closing:
+                self._check_open()
+            deadline = _effective_deadline()
+            # Rounded up, so the server's deadline is never before the
+            # caller's: the caller's scope fires first.
+            timeout = None if deadline == _INF else max(0, _ceil((deadline - _now()) * 1000))
             frame = self._proto.send_call(pending.id, module, function, args, timeout)
         except BaseException as exc:
             if slots is not None:
@@ -488,8 +528,10 @@ class Connection:
                 raise ConnectionLost(f"{self.destination}: {exc}") from exc
             raise
         pending.slot = slots
-        # Alone in flight: write at once; else let the pump batch the frames.
-        direct = not self._pending and not batch
+        # Alone in flight (and no other caller woken by the last answers,
+        # who would send next in this scheduler round): write at once;
+        # else let the pump batch the frames.
+        direct = not self._pending and not self._woken and not batch
         self._pending[pending.id] = pending
         self._pump.send_nowait(frame, direct)
 
@@ -509,7 +551,8 @@ class Connection:
         then ``reqs.check_response()`` and ``send_request_nowait`` until
         ``WouldBlock`` -- one checkpoint per batch instead of two per call.
         Raises as ``send_request`` otherwise."""
-        self._check_open()
+        if self._error is not None or self._closing:
+            self._check_open()
         if len(self._pump._out) >= self._pump.write_limit:
             raise trio.WouldBlock
         slots = self._slots

@@ -37,6 +37,7 @@ Decisions the core takes for the I/O layers (docs/protocol.md):
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable, KeysView
 from dataclasses import dataclass
 from typing import Any, Final
@@ -72,8 +73,10 @@ from ._events import (
 from ._state import (
     AWAIT_HELLO,
     CLOSED,
+    DRAINING,
     IDLE,
     LEGACY,
+    OPEN,
     RECV,
     SEND,
     TRANSITIONS,
@@ -545,6 +548,118 @@ class Connection:
                 ) from exc
             if event is not None:
                 return event
+
+    def next_events(self) -> list[Event]:
+        """Every event whose whole frame is buffered now, in order: the
+        batched form of ``next_event`` for an I/O layer's read loop.  The
+        small frames of one read are decoded in one codec call (as one list
+        term) instead of one call each; limits, events, state changes and
+        errors are exactly those of ``next_event`` frame by frame.
+
+        Only while the session is open (after the hellos, not legacy):
+        returns ``[]`` otherwise, and when the next thing buffered is not a
+        small plain frame (need data, a compressed or large frame, the
+        channel's end, a broken stream).  Call ``next_event`` after it in
+        any case: that reports whatever this left (``NEED_DATA``,
+        ``CLOSED``, the next event, or the error), exactly as it would have.
+        A protocol error after some events returns those events; the next
+        ``next_event``/``next_events`` raises it (the state is ``CLOSED``
+        from then on).  ``last_cost`` is the whole batch's decode cost.
+        """
+        if self._error is not None:
+            raise self._error
+        state = self._state
+        if self._peeked is not None:
+            return []
+        if state is not OPEN and state is not DRAINING:
+            return []
+        frames = self._frames
+        # A frame this small cannot exceed its decode budget even at the
+        # worst cost per byte, so the batch's budget (the same worst case)
+        # never refuses what next_event would have accepted.
+        small = min(_BATCH_MAX_FRAME, self.max_cost // _WORST_COST_PER_BYTE)
+        payloads: list[bytes] = []
+        while True:
+            try:
+                payload = frames.next_frame()
+            except FrameTooLarge:
+                break  # the buffer raises it again for next_event
+            if payload is None:
+                break
+            if not 1 < len(payload) <= small or payload[0] != 131 or payload[1] == 80:
+                self._peeked = payload  # next_event takes it, in order
+                break
+            payloads.append(payload)
+        if not payloads:
+            return []
+        events: list[Event] = []
+        terms: Any = None
+        if len(payloads) > 1:
+            body = b"".join([p[1:] for p in payloads])
+            batch = b"\x83l" + len(payloads).to_bytes(4, "big") + body + b"j"
+            try:
+                terms, self.last_cost = decode_cost(
+                    batch,
+                    max_depth=self._max_depth + 1,
+                    max_inflated=len(batch),
+                    max_cost=_WORST_COST_PER_BYTE * len(batch),
+                )
+            except TermError:
+                terms = None  # one is bad: frame by frame, for its exact error
+        if terms is None:
+            for payload in payloads:
+                try:
+                    self._frames_received += 1
+                    event = self._event_of(self._decode(payload))
+                except ProtocolError:
+                    if events:
+                        return events
+                    raise
+                if event is not None:
+                    events.append(event)
+            return events
+        # A client's plain reply to an open call, as _cli_reply's first
+        # branch takes it, without the handler lookup and calls.
+        reply_state = self._recv_rows[state].get("Reply") if self.role is Role.CLIENT else None
+        opened = self._open
+        for term in terms:
+            if (
+                reply_state is not None
+                and type(term) is tuple
+                and len(term) == 3
+                and term[0] == A_REPLY
+                and type(term[0]) is Atom
+                and type(term[1]) is int
+                and opened.pop(term[1], None) is not None
+            ):
+                self._frames_received += 1
+                self._state = reply_state
+                events.append(_reply(term[1], term[2]))
+                continue
+            try:
+                self._frames_received += 1
+                event = self._event_of(term)
+            except ProtocolError:
+                if events:
+                    return events
+                raise
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _event_of(self, term: Any) -> Event | None:
+        """The event of one decoded term (``next_event``'s dispatch)."""
+        try:
+            if type(term) is not tuple or not term or type(term[0]) is not Atom:
+                return self._not_a_message(term)
+            handler = self._recv.get(term[0])
+            return self._unknown(term) if handler is None else handler(self, term)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # a bug here must still be a ProtocolError
+            raise self._fail(
+                _protocol_error(f"internal error on a frame: {type(exc).__name__}")
+            ) from exc
 
     def _decode(self, payload: bytes) -> Any:
         limit = self._limit
@@ -1028,20 +1143,28 @@ class Connection:
                 self._call_names.clear()
             self._call_names[(module, function)] = names
         body = encode(args if type(args) is list else list(args))
-        parts: list[bytes | memoryview] = [
-            b"",
-            _CALL_HEAD5 if timeout is None else _CALL_HEAD6,
-            _int_term(call_id),
-            names,
-            memoryview(body)[1:],
-        ]
-        if timeout is not None:
-            parts += (_TIMEOUT_OPTS, _int_term(timeout))
-        size = sum(map(len, parts))
-        if size > self._send_limit:
-            raise MessageTooLarge(size, self._send_limit)
-        parts[0] = size.to_bytes(4, "big")
-        frame = b"".join(parts)
+        id_term = _int_term(call_id)
+        if timeout is None:
+            size = _HEAD5_SIZE + len(id_term) + len(names) + len(body)
+            if size > self._send_limit:
+                raise MessageTooLarge(size, self._send_limit)
+            frame = b"".join((_U32(size), _CALL_HEAD5, id_term, names, memoryview(body)[1:]))
+        else:
+            timeout_term = _int_term(timeout)
+            size = _HEAD6_SIZE + len(id_term) + len(names) + len(body) + len(timeout_term)
+            if size > self._send_limit:
+                raise MessageTooLarge(size, self._send_limit)
+            frame = b"".join(
+                (
+                    _U32(size),
+                    _CALL_HEAD6,
+                    id_term,
+                    names,
+                    memoryview(body)[1:],
+                    _TIMEOUT_OPTS,
+                    timeout_term,
+                )
+            )
         self._frames_sent += 1
         self._open[call_id] = _PLAIN
         self._state = new
@@ -1279,6 +1402,9 @@ class Connection:
     }
 
 
+#: The largest payload ``next_events`` decodes in a batch (bigger ones are
+#: decoded alone: the batch copies the small frames of a read into one term).
+_BATCH_MAX_FRAME: Final = 16 * 1024
 #: (module, function) pairs whose encoded atoms ``send_call`` keeps.
 _CALL_NAMES_CACHED: Final = 256
 # 131 (version), SMALL_TUPLE_EXT of 5 or 6, then the atom ``call``.
@@ -1288,14 +1414,20 @@ _CALL_HEAD6: Final = b"\x83h\x06" + encode(A_CALL)[1:]
 _TIMEOUT_OPTS: Final = encode({K_TIMEOUT: 0})[1:-2]
 assert encode({K_TIMEOUT: 0})[-2:] == b"a\x00"
 _INT32: Final = 2**31
+# The frame size, less the payload's version byte (``len(body)`` counts it).
+_HEAD5_SIZE: Final = len(_CALL_HEAD5) - 1
+_HEAD6_SIZE: Final = len(_CALL_HEAD6) + len(_TIMEOUT_OPTS) - 1
+_U32: Final = struct.Struct(">I").pack
+_INT_EXT: Final = struct.Struct(">cI").pack
+_SMALL_INTS: Final = tuple(b"a" + bytes([i]) for i in range(256))
 
 
 def _int_term(value: int) -> bytes:
     """The canonical ETF of a non-negative integer, no version byte."""
     if value < 256:
-        return b"a" + value.to_bytes(1, "big")
+        return _SMALL_INTS[value]
     if value < _INT32:
-        return b"b" + value.to_bytes(4, "big")
+        return _INT_EXT(b"b", value)
     return encode(value)[1:]
 
 
