@@ -12,6 +12,10 @@ Usage: ``python bench/floors/sshd_client.py PORT KEY USER``.
                                         refills as many as a read completed,
                                         in one write
     reqs OPEN N MAX_S   -> the same as pipe
+    bulk SIZE REPS MAX_S -> ok NS ...   one call frame carrying SIZE bytes
+                                        written (32 KiB per channel write, as
+                                        sshrpc's pump), its echo read back
+                                        whole: the RPC pattern, no streaming
 
 Cipher, MAC and key exchange are sshrpc's client preferences (AES-GCM first).
 """
@@ -160,6 +164,39 @@ class Floor:
     async def reqs(self, open_: float, n: float, max_s: float) -> str:
         return await self.pipe(open_, n, max_s)
 
+    async def bulk(self, size: float, reps: float, max_s: float) -> str:
+        frame = call_frame(1, payload(int(size)))
+        end = time.perf_counter() + max_s
+        out = []
+        for _ in range(int(reps)):
+            t0 = time.perf_counter_ns()
+            view = memoryview(frame)
+            while view:
+                rc, n = self.channel.write(bytes(view[: 32 * 1024]))
+                if n > 0:
+                    view = view[n:]
+                if rc == EAGAIN:
+                    await self._wait()
+                elif rc < 0:
+                    raise OSError(f"libssh2 write error {rc}")
+            got = 0
+            while got < len(frame):
+                size_, _data = self.channel.read(1 << 18)
+                if size_ == EAGAIN:
+                    await self._wait()
+                    continue
+                if size_ < 0:
+                    raise OSError(f"libssh2 read error {size_}")
+                if size_ == 0 and self.channel.eof():
+                    raise EOFError("channel closed")
+                got += size_
+            if got != len(frame):
+                raise AssertionError(f"echo of {len(frame)} bytes came back as {got}")
+            out.append(time.perf_counter_ns() - t0)
+            if time.perf_counter() > end:
+                break
+        return ok(out)
+
 
 def main() -> None:
     port, key, user = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -169,6 +206,7 @@ def main() -> None:
         "latency": floor.latency,
         "pipe": floor.pipe,
         "reqs": floor.reqs,
+        "bulk": floor.bulk,
     }
     trio.run(run_trio_driver, handlers)
 

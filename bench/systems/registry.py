@@ -420,6 +420,16 @@ def systems() -> list[SystemSpec]:
             " no per-call task, pipelining refills a window of frames per read",
         ),
         SystemSpec(
+            "sshd floor",
+            "floor",
+            ("sshd_floor",),
+            _sshd_floor_client,
+            note="bench/floors/sshd_client.py (ssh2-python non-blocking under Trio, no decoding)"
+            " -> the same OpenSSH sshd -> bench/floors/sshd_echo.py (blocking, one read, one"
+            " write of the complete frames): what SSH itself costs per call; bulk is one 16 MiB"
+            " frame echoed whole, the RPC pattern (`ssh -s cat` streams both ways at once)",
+        ),
+        SystemSpec(
             "paramiko -> ssh cat",
             "floor",
             ("openssh_cat",),
@@ -443,7 +453,7 @@ def systems() -> list[SystemSpec]:
 
 
 def extra_systems() -> list[SystemSpec]:
-    """Systems only bench/call_cpu.py runs (not bench/run.py)."""
+    """Systems only bench/call_cpu.py runs (besides ``systems()``)."""
     return [
         SystemSpec(
             "sshrpc relay (copying)",
@@ -452,15 +462,6 @@ def extra_systems() -> list[SystemSpec]:
             _sshrpc_client,
             note="as `sshrpc relay`, with `sshrpc serve --no-pass-fds`: the C relay copies"
             " every byte between sshd and the node (no descriptor passing)",
-        ),
-        SystemSpec(
-            "sshd floor",
-            "floor",
-            ("sshd_floor",),
-            _sshd_floor_client,
-            note="bench/floors/sshd_client.py (ssh2-python non-blocking under Trio, no decoding)"
-            " -> the same OpenSSH sshd -> bench/floors/sshd_echo.py (blocking, one read, one"
-            " write of the complete frames): what SSH itself costs per call",
         ),
     ]
 
