@@ -658,7 +658,7 @@ class Connection:
 
         Stops before a frame whose ``next_cost_bound`` could exceed
         ``bound`` (the caller's turn for expensive frames), after an event
-        that leaves the open session (a ``bye``), and before a frame that
+        that changes the state (a ``bye``), and before a frame that
         breaks the protocol when it has events: that frame stays buffered,
         undecoded as far as the state goes, and the next ``next_event``
         raises its error -- after the caller acted on the events before it,
@@ -706,8 +706,7 @@ class Connection:
             if event is not None:
                 events.append(event)
                 costs.append(self.last_cost)
-            state = self._state
-            if state is not OPEN and state is not DRAINING:
+            if self._state is not state:  # a bye: the caller ends or drains
                 break
         return events
 
