@@ -466,7 +466,7 @@ class _Channel:
         #: Events of the frames decoded together, not yet dispatched; the
         #: index of the next one, and each one's decode cost.  On the
         #: channel, not the reader, since the reading moves between tasks.
-        self._read_events: list[_p.Event] = []
+        self._read_events: list[Any] = []
         self._read_costs: list[int] = []
         self._read_at = 0
         #: An async call the reader started that waits (``_start_async``).
