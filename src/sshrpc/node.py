@@ -1125,8 +1125,9 @@ class _Channel:
             self.emit(answer)
 
     def _audit_call(self, call: _p.Call, outcome: str, start: float) -> None:
-        """The audit line of a call that began at ``start`` (``_clock()``)."""
-        audit(
+        """The audit line of a call that began at ``start`` (``_clock()``):
+        ``audit``, one frame less."""
+        current_auditor.get().record_request(
             self.key,
             "call",
             call.module,
