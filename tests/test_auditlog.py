@@ -107,3 +107,33 @@ def test_auditor_through_a_stream_escapes_and_rate_limits_as_through_logging() -
         "sshrpc.audit WARNING key=SHA256:abc call m:g/1 outcome=forbidden duration_ms=0.000"
         " (repeated 4 times)",
     ]
+
+
+def test_stamps_follow_the_clock_across_milliseconds() -> None:
+    """The prefix kept for the last millisecond and level is not reused
+    after either changes: every line's stamp is the time of its write."""
+    import datetime
+    import time
+
+    out = io.StringIO()
+    stream = AuditStream(out, AUDIT_LOGGER)
+    levels = (logging.INFO,) * 50 + (logging.WARNING,) + (logging.INFO,) * 200_000
+    times = []
+    start = time.time()
+    for n in range(200_000):  # bounded; ends once 5 ms have passed
+        before = time.time()
+        stream.write(levels[n], f"line {n}")
+        times.append((before, time.time()))
+        if times[-1][1] - start > 0.005:
+            break
+    lines = out.getvalue().splitlines()
+    assert len(lines) == len(times) > 3
+    stamps = set()
+    for n, (got, (before, after)) in enumerate(zip(lines, times, strict=True)):
+        day, clock, name, level, *_ = got.split(" ")
+        assert (name, level) == (AUDIT_LOGGER, logging.getLevelName(levels[n]))
+        wall = datetime.datetime.strptime(f"{day} {clock}", "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        # (logging's own msecs may read 1 ms low: float rounding)
+        assert int(before * 1000) - 1 <= round(wall * 1000) <= int(after * 1000), (n, got)
+        stamps.add(wall)
+    assert len(stamps) >= 3  # several milliseconds

@@ -334,3 +334,49 @@ def test_list_tells_a_node_from_a_target(text, remote):
     from sshrpc._call import looks_remote
 
     assert looks_remote(text) is remote
+
+
+def test_record_request_writes_what_record_writes(caplog):
+    """``record_request`` (the node's per-call line, its text kept per
+    request and outcome) writes the very lines ``record`` writes: escaped,
+    denials rate-limited, the logger's level obeyed, its cache bounded."""
+    cases = [
+        (BOB, "call", "calc", "add", 2, "ok", 0.0012345),
+        (BOB, "call", "calc", "add", 2, "ok", 0.5),  # cached text, new duration
+        (BOB, "call", "calc", "add", 2, "error", 0.001),
+        (BOB, "cast", "calc", "add", 2, "ok", 0.0),
+        (KeyIdentity("SHA256:mal\nlory"), "call", "c\nx", "f\r\x1b", 1, "ok\nforged", 0.002),
+        (KeyIdentity(""), "spawn", "m", "f", 0, "exit", 0.0),
+    ] + [(BOB, "call", "calc", "nope", 2, "undef", 0.0)] * 5
+    lines = []
+    for method in ("record", "record_request"):
+        auditor, _ = _auditor(window=10.0, burst=2, max_entries=3)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="sshrpc.audit.test"):
+            for key, kind, module, function, arity, outcome, duration in cases:
+                if method == "record":
+                    what = f"{kind} {module}:{function}/{arity}"
+                    auditor.record(key, what, outcome, duration)
+                else:
+                    auditor.record_request(key, kind, module, function, arity, outcome, duration)
+            auditor.flush()
+        assert len(auditor._starts) <= 3
+        lines.append([(r.levelno, r.getMessage()) for r in caplog.records])
+    assert lines[0] == lines[1]
+    assert lines[1][0] == (
+        logging.INFO,
+        "key=SHA256:bob call calc:add/2 outcome=ok duration_ms=1.234",
+    )
+    assert lines[1][4][1] == (
+        "key=SHA256:mal\\x0alory call c\\x0ax:f\\x0d\\x1b/1 outcome=ok\\x0aforged duration_ms=2.000"
+    )
+    assert lines[1][-1] == (
+        logging.WARNING,
+        "key=SHA256:bob call calc:nope/2 outcome=undef duration_ms=0.000 (repeated 4 times)",
+    )
+    assert len(lines[1]) == 6 + 1 + 1
+    auditor, _ = _auditor()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sshrpc.audit.test"):
+        auditor.record_request(BOB, "call", "calc", "add", 2, "ok", 0.0)
+    assert caplog.records == []

@@ -39,20 +39,44 @@ class AuditStream(trio.abc.Instrument):
         self._lines: list[str] = []
         self._lock = threading.Lock()
         self._installed_in: object = None
-        self._second = -1
-        self._stamp = ""
+        self._thread = 0  # the thread of that run
+        self._stamp: tuple[int, str] = (-1, "")
+        self._last: tuple[int, int, int, str] = (-1, -1, -1, "")
 
     def _prefix(self, level: int) -> str:
+        """The text ``logging`` puts before a line of ``level`` now."""
         now = time.time()
         second = int(now)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        msecs = int((now - second) * 1000)
-        return f"{self._stamp},{msecs:03d} {self.name} {logging.getLevelName(level)} "
+        return self._new_prefix(second, int((now - second) * 1000), level)
+
+    def _new_prefix(self, second: int, msecs: int, level: int) -> str:
+        stamp = self._stamp
+        if stamp[0] != second:
+            stamp = self._stamp = (
+                second,
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)),
+            )
+        text = f"{stamp[1]},{msecs:03d} {self.name} {logging.getLevelName(level)} "
+        self._last = (msecs, second, level, text)
+        return text
 
     def write(self, level: int, line: str) -> None:
-        text = f"{self._prefix(level)}{line}\n"
+        now = time.time()
+        second = int(now)
+        msecs = int((now - second) * 1000)
+        # The same millisecond and level as the line before (dozens of
+        # lines per millisecond under load): the same prefix, not rebuilt.
+        # (One tuple each, so that a worker thread's line cannot mix two.)
+        last = self._last
+        if last[0] == msecs and last[1] == second and last[2] == level:
+            text = f"{last[3]}{line}\n"
+        else:
+            text = f"{self._new_prefix(second, msecs, level)}{line}\n"
+        if self._installed_in is not None and threading.get_ident() == self._thread:
+            # In the run this is installed in (``after_run`` resets it).
+            with self._lock:
+                self._lines.append(text)
+            return
         try:
             run = trio.lowlevel.current_root_task()
         except RuntimeError:
@@ -65,6 +89,7 @@ class AuditStream(trio.abc.Instrument):
         if self._installed_in is not run:
             trio.lowlevel.add_instrument(self)
             self._installed_in = run
+            self._thread = threading.get_ident()
         with self._lock:
             self._lines.append(text)
 

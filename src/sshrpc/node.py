@@ -463,6 +463,12 @@ class _Channel:
         self._context_base: contextvars.Context | None = None
         #: Worker tasks waiting to be handed the reading (``_async_worker``).
         self._idle_workers: list[trio.lowlevel.Task] = []
+        #: Events of the frames decoded together, not yet dispatched; the
+        #: index of the next one, and each one's decode cost.  On the
+        #: channel, not the reader, since the reading moves between tasks.
+        self._read_events: list[Any] = []
+        self._read_costs: list[int] = []
+        self._read_at = 0
         #: An async call the reader started that waits (``_start_async``).
         self._waiting: tuple[Any, ...] | None = None
         #: The reader, waiting for a cast's task to begin (``_dispatch``).
@@ -755,18 +761,27 @@ class _Channel:
                 while True:
                     try:
                         # The common frame (cheap to decode, a call while
-                        # there is room) without a coroutine per step.
-                        if conn.next_cost_bound() <= HEAVY_COST:
+                        # there is room) without a coroutine per step; the
+                        # small frames of a read decoded in one go
+                        # (``_read_events``), each with its own cost.
+                        at = self._read_at
+                        if at == len(self._read_events):
+                            at = self._next_read_events()
+                        if at >= 0:
+                            event = self._read_events[at]
+                            self.frame_cost = self._read_costs[at]
+                            self._read_at = at + 1
+                        elif conn.next_cost_bound() <= HEAVY_COST:
                             event = conn.next_event()
                             self.frame_cost = conn.last_cost
-                            if type(event) is _p.Call and not self.outbox.full:
-                                self._start_call(event)
-                                if self._waiting is not None:
-                                    await self._run_waiting_call(scope, held)
-                                    return None
-                                continue
                         else:
                             event = await self._next_event()
+                        if type(event) is _p.Call and not self.outbox.full:
+                            self._start_call(event)
+                            if self._waiting is not None:
+                                await self._run_waiting_call(scope, held)
+                                return None
+                            continue
                     except ProtocolError as exc:
                         log.warning("session %r (%s): %s", self.pid, self.key, exc)
                         if exc.bye is not None:
@@ -796,6 +811,23 @@ class _Channel:
                 log.debug("session %r: channel closed by the client", self.pid)
                 return False
             conn.receive_data(data)
+
+    def _next_read_events(self) -> int:
+        """Decode the small frames buffered now (``next_events_each``, the
+        cost bound ``HEAVY_COST``: heavier frames keep their turn) into
+        ``_read_events``; the index of the first, -1 if there are none."""
+        costs: list[int] = []
+        events = self.conn.next_events_each(costs, HEAVY_COST)
+        self._read_events = events
+        self._read_costs = costs
+        self._read_at = 0
+        return 0 if events else -1
+
+    def drop_read_events(self) -> None:
+        """Forget the decoded events not yet dispatched (the node said bye)."""
+        self._read_events = []
+        self._read_costs = []
+        self._read_at = 0
 
     def _unbatch(self) -> None:
         """End a read's batch: send what it queued.  Call before the reader
@@ -1093,8 +1125,9 @@ class _Channel:
             self.emit(answer)
 
     def _audit_call(self, call: _p.Call, outcome: str, start: float) -> None:
-        """The audit line of a call that began at ``start`` (``_clock()``)."""
-        audit(
+        """The audit line of a call that began at ``start`` (``_clock()``):
+        ``audit``, one frame less."""
+        current_auditor.get().record_request(
             self.key,
             "call",
             call.module,
@@ -1702,6 +1735,9 @@ class Node:
         for channel in channels:
             channel.closing = True
             channel.emit(_p.Bye(reason=Atom("shutting_down")))
+            # Requests decoded before the bye are not dispatched: after it,
+            # the reader's next event is CLOSED (as frame by frame).
+            channel.drop_read_events()
         with trio.move_on_after(grace):
             for channel in channels:
                 await channel.outbox.wait_empty()

@@ -431,6 +431,9 @@ class Auditor:
         self._write = write or self._log
         # (fingerprint, what) -> the escaped start of the line
         self._heads: dict[tuple[str, str], str] = {}
+        # (fingerprint, kind, module, function, arity, outcome) -> the
+        # escaped line up to its duration (``record_request``)
+        self._starts: dict[tuple[str, str, str, str, int, str], str] = {}
         # line -> [window start, identical lines not logged]
         self._same: dict[str, list[float]] = {}
         # fingerprint -> [window start, lines logged, lines not logged]
@@ -490,6 +493,40 @@ class Auditor:
         self._same[line] = [now, 0]
         self._write(logging.WARNING, line)
 
+    def record_request(
+        self,
+        key: KeyIdentity,
+        kind: str,
+        module: str,
+        function: str,
+        arity: int,
+        outcome: str,
+        duration: float,
+    ) -> None:
+        """``record(key, f"{kind} {module}:{function}/{arity}", outcome,
+        duration)``, the same line, cheaper for a request that ran (the
+        node's per-call line): the text up to the duration is kept per
+        (key, request, outcome), bounded by ``max_entries``."""
+        if outcome in DENIALS:
+            if self.enabled(outcome):
+                self.record(key, f"{kind} {module}:{function}/{arity}", outcome, duration)
+            return
+        level = self.allowed_level
+        if not self.logger.isEnabledFor(level):
+            return
+        name = (key.fingerprint, kind, module, function, arity, outcome)
+        start = self._starts.get(name)
+        if start is None:
+            what = clean(f"{kind} {module}:{function}/{arity}", 600)
+            start = (
+                f"key={clean(key.fingerprint or '-', 120)} {what} "
+                f"outcome={clean(outcome, 60)} duration_ms="
+            )
+            if len(self._starts) >= self.max_entries:
+                self._starts.clear()
+            self._starts[name] = start
+        self._write(level, f"{start}{duration * 1000.0:.3f}")
+
     def flush(self, *, expired_only: bool = False) -> None:
         """Write the pending counts (``repeated N times``, ``N more denials
         not logged``) and forget them: of windows that have passed (the node
@@ -548,9 +585,7 @@ def audit(
     ``outcome`` is ``ok``, ``forbidden``, ``undef``, ``error``, ``exit``,
     ``throw``, ``timeout``, ``cancelled``, ``disconnected``, ...
     """
-    auditor = current_auditor.get()
-    if auditor.enabled(outcome):
-        auditor.record(key, f"{kind} {module}:{function}/{arity}", outcome, duration)
+    current_auditor.get().record_request(key, kind, module, function, arity, outcome, duration)
 
 
 def audit_send(key: KeyIdentity, dest: str, outcome: str) -> None:

@@ -647,6 +647,69 @@ class Connection:
                 events.append(event)
         return events
 
+    def next_events_each(self, costs: list[int], bound: int) -> list[Event]:
+        """The server's batched read: the events of the small plain frames
+        buffered now, in order, each frame decoded alone so that ``costs``
+        gets each event's own decode cost (``last_cost`` after
+        ``next_event`` returned it).  Saves ``next_cost_bound`` and
+        ``next_event``'s steps per frame; the events, their costs, the
+        state changes and errors are exactly those of ``next_event`` frame
+        by frame.
+
+        Stops before a frame whose ``next_cost_bound`` could exceed
+        ``bound`` (the caller's turn for expensive frames), after an event
+        that changes the state (a ``bye``), and before a frame that
+        breaks the protocol when it has events: that frame stays buffered,
+        undecoded as far as the state goes, and the next ``next_event``
+        raises its error -- after the caller acted on the events before it,
+        as it would have frame by frame.  Like ``next_events``: only while
+        the session is open, ``[]`` otherwise; call ``next_event`` after it
+        in any case.
+        """
+        if self._error is not None:
+            raise self._error
+        state = self._state
+        if self._peeked is not None or (state is not OPEN and state is not DRAINING):
+            return []
+        frames = self._frames
+        small = min(
+            _BATCH_MAX_FRAME,
+            self.max_cost // _WORST_COST_PER_BYTE,
+            bound // _WORST_COST_PER_BYTE,
+        )
+        bye_after_error = self._bye_after_error
+        events: list[Event] = []
+        while True:
+            try:
+                payload = frames.next_frame()
+            except FrameTooLarge:
+                break  # the buffer raises it again for next_event
+            if payload is None:
+                break
+            if not 1 < len(payload) <= small or payload[0] != 131 or payload[1] == 80:
+                self._peeked = payload  # next_event takes it, in order
+                break
+            self._frames_received += 1
+            try:
+                event = self._event_of(self._decode(payload))
+            except ProtocolError:
+                if not events:
+                    raise
+                # Undo the failure: next_event decodes this frame again and
+                # raises, once the caller has acted on the events before it.
+                self._error = None
+                self._state = state
+                self._bye_after_error = bye_after_error
+                self._frames_received -= 1
+                self._peeked = payload
+                break
+            if event is not None:
+                events.append(event)
+                costs.append(self.last_cost)
+            if self._state is not state:  # a bye: the caller ends or drains
+                break
+        return events
+
     def _event_of(self, term: Any) -> Event | None:
         """The event of one decoded term (``next_event``'s dispatch)."""
         try:
