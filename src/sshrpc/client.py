@@ -154,6 +154,9 @@ class Connection:
         #: Callers woken by an answer that have not run yet: while any
         #: has, more calls are about to be sent, so none is written alone.
         self._woken = 0
+        #: The last queued call was written by its caller with the pump
+        #: asleep on the socket (see ``_queue_call``).
+        self._lone_ok = False
         self.max_undelivered = max_undelivered
         self.keepalive = keepalive
         self.keepalive_misses = keepalive_misses
@@ -433,12 +436,18 @@ class Connection:
         elif self._error is None:
             self._send_control(_p.Cancel(id=pending.id))
 
-    async def _await(self, pending: Request) -> Any:
+    async def _await(self, pending: Request, lone: bool = False) -> Any:
         """Wait for ``pending``'s answer and take it (a checkpoint).  If
-        cancelled: the request is abandoned (see ``_abandon``)."""
+        cancelled: the request is abandoned (see ``_abandon``).  ``lone``:
+        this task has just written ``pending``'s frame itself, alone in
+        flight (``_lone_ok``); it may read the answer itself
+        (``Pump.wait_answer``)."""
         try:
             if pending.done:
                 await trio.lowlevel.checkpoint()
+            elif lone and (woken := await self._pump.wait_answer(pending)) is not None:
+                if woken and self._woken:
+                    self._woken -= 1
             else:
                 # Request._wait, inlined (the per-call path).
                 pending._task = _current_task()
@@ -476,7 +485,7 @@ class Connection:
         """
         pending = Request(self._new_id())
         await self._send_call(pending, module, function, args)
-        return await self._await(pending)
+        return await self._await(pending, self._lone_ok)
 
     async def _send_call(
         self, pending: Request, module: str, function: str, args: Sequence[Any]
@@ -533,7 +542,9 @@ class Connection:
         # else let the pump batch the frames.
         direct = not self._pending and not self._woken and not batch
         self._pending[pending.id] = pending
-        self._pump.send_nowait(frame, direct)
+        # True: written by this task, the pump asleep on the socket (call
+        # may then wait for the answer there itself: Pump.wait_answer).
+        self._lone_ok = self._pump.send_nowait(frame, direct)
 
     def send_request_nowait(
         self,
