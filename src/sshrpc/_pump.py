@@ -426,7 +426,8 @@ class Pump:
         if data:
             self._out += data
             self._fresh = True
-        self.wake()
+        if not self._wake_pending:  # (else already woken: wake() returns)
+            self.wake()
         return False
 
     def _lost(self) -> ConnectionLost:
