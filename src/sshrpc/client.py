@@ -522,8 +522,9 @@ class Connection:
         if slots is not None:
             slots.free -= 1  # (acquire_nowait)
         try:
-            await _checkpoint_if_cancelled()
             deadline = _effective_deadline()
+            if deadline == -_INF:  # (the walk saw a cancelled scope)
+                await _checkpoint_if_cancelled()  # raises Cancelled: nothing sent
             # Rounded up, so the server's deadline is never before the
             # caller's: the caller's scope fires first.
             timeout = None if deadline == _INF else max(0, _ceil((deadline - _now()) * 1000))

@@ -254,3 +254,29 @@ async def test_a_channel_opened_while_the_lone_caller_waits(
         assert await node.call("lone", "echo", [3]) == 3
         await _until(lambda: _pump_owns_socket(pump))
         assert await node.call("lone", "echo", [4]) == 4
+
+
+async def test_a_call_in_a_cancelled_scope_sends_nothing(gated: tuple[TestNode, Gate]) -> None:
+    """A call made in a scope already cancelled (or past its deadline)
+    raises Cancelled before anything is registered or written, on the
+    lone path and with other calls in flight."""
+    test_node, gate = gated
+    async with test_node.connect(keepalive=None) as node:
+        pump = _pump_of(node)
+        assert await node.call("lone", "echo", [0]) == 0
+        for in_flight in (False, True):
+            async with trio.open_nursery() as nursery:
+                gate.started, gate.opened = trio.Event(), trio.Event()
+                if in_flight:
+                    await _waiting_lone(node, gate, nursery)
+                sent, pending = pump.bytes_sent + len(pump._out), dict(node._pending)
+                cancelled = trio.CancelScope()
+                cancelled.cancel()
+                for scope in (cancelled, trio.move_on_at(trio.current_time() - 1)):
+                    with scope:
+                        await node.call("lone", "echo", [1])
+                    assert scope.cancelled_caught
+                    assert pump.bytes_sent + len(pump._out) == sent
+                    assert node._pending == pending
+                gate.opened.set()
+        assert await node.call("lone", "echo", [2]) == 2
