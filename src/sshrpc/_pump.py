@@ -46,8 +46,8 @@ The steady-state loop (``run``) does three things per turn, without blocking:
    the EOF flag can be left: ``poll_channel_read(1)`` (true for data of
    either stream) and, if the read returned bytes, ``eof()`` -- two queue
    checks, no second read.  A sequential call costs 7 libssh2 calls: the
-   caller's write and its two checks, the pump's read, its two checks and
-   ``block_directions``.
+   caller's write and its two checks, then the read, its two checks and
+   ``block_directions`` (by the caller itself: "The lone caller").
 3. when neither made progress, sleep until the socket is ready in the
    direction libssh2 is blocked on, or until another task wakes the pump
    (new bytes to write, reading resumed, close requested).  The wake-up is a
