@@ -7,12 +7,14 @@ Theory of operation
 libssh2 is not thread-safe and knows nothing of Trio.  A ``Pump`` owns one
 libssh2 session, its socket and one channel, and one task (the pump task,
 ``Pump.run``) makes the libssh2 calls once the connection is set up -- with
-one exception: while the pump task is parked on the socket waiting for
+two exceptions: while the pump task is parked on the socket waiting for
 inbound packets and nothing is queued, ``send_nowait`` offers a frame to the
 channel from the caller's task (one thread, and the pump is not inside
-libssh2 then), which saves a pump wake-up per sequential call.  With other
-requests in flight frames are left to the pump, which writes all that is
-queued at once (fewer, fuller SSH packets).
+libssh2 then), which saves a pump wake-up per sequential call; and such a
+caller, alone in flight, then waits on the socket and reads its answer
+itself ("The lone caller" below).  With other requests in flight frames
+are left to the pump, which writes all that is queued at once (fewer,
+fuller SSH packets).
 (Set-up -- handshake, host key check, auth, channel open -- runs in the task
 that opens the connection, before the pump task exists, through the same
 ``retry`` helper, so there is still only ever one caller at a time.)
@@ -44,8 +46,8 @@ The steady-state loop (``run``) does three things per turn, without blocking:
    the EOF flag can be left: ``poll_channel_read(1)`` (true for data of
    either stream) and, if the read returned bytes, ``eof()`` -- two queue
    checks, no second read.  A sequential call costs 7 libssh2 calls: the
-   caller's write and its two checks, the pump's read, its two checks and
-   ``block_directions``.
+   caller's write and its two checks, then the read, its two checks and
+   ``block_directions`` (by the caller itself: "The lone caller").
 3. when neither made progress, sleep until the socket is ready in the
    direction libssh2 is blocked on, or until another task wakes the pump
    (new bytes to write, reading resumed, close requested).  The wake-up is a
@@ -106,6 +108,48 @@ loop, untouched, when the last lane is gone.  Rules of that loop:
   lane only.  ``aclose`` drops the lanes' channels before it frees the
   session (a channel holds its session).
 
+The lone caller
+---------------
+
+A sequential call used to cost two scheduler rounds and two task steps:
+the pump task woke on the socket, read the answer and rescheduled the
+caller, which ran in the next round.  When a call is alone in flight (its
+caller wrote the frame itself and ``send_nowait`` answered True: the pump
+is parked on the socket for inbound packets, nothing queued, no lanes),
+the caller waits on the socket itself (``wait_answer``) and reads the
+answer in its own task: one round, one task step.
+
+The socket wait is lent, not shared: the pump parks in ``_park``, a copy of
+Trio's ``wait_readable`` on Trio's epoll registration (private attributes
+of Trio's ``EpollIOManager``; ``_epoll_manager`` checks them once per run
+and the shortcut is off when they are not there, or with ``LONE_CALLER``
+false).  The caller swaps itself in as the registration's reader
+(``read_task``; the fd stays armed: no system call) while the pump stays
+parked.  libssh2 is still called by one task at a time: while a caller
+holds the wait the pump is parked, never inside libssh2.  ``_lone`` says
+who holds it:
+
+- The socket wakes the caller: it reads as the pump's turn would
+  (``_lone_read``: the same read and queue checks, the answer dispatched by
+  ``on_data``), then lends the wait back to the still parked pump (re-armed:
+  one ``epoll_ctl``, as the pump's own wait costs).  Anything unusual (EOF,
+  an error, a full read, stderr, a half-sent packet, reading paused) wakes
+  the pump, and the caller waits as usual.
+- Anything that wakes the pump (another call, a cancel frame, a ping, a
+  channel open, ``fail``, the run's cancel) makes it take the socket back
+  before anything else (``_reclaim``, on leaving ``_park``): a caller still
+  asleep becomes an ordinary waiter on its request (``req._task``,
+  rescheduled by the answer's dispatch); one the socket has already woken
+  finds ``_lone`` gone when it runs and waits as usual (its answer may be
+  there already).  So other tasks never wait for the lone caller: their
+  wake-up reaches the pump as before.
+- A cancel of the sleeping caller (``_Lone.abort``) gives the registration
+  back to the parked pump synchronously (or drops it if the pump is awake:
+  it registers again when it parks); the call is then abandoned as usual
+  (``{cancel, Id}`` through the pump).
+- Lanes: ``wait_answer`` declines while ``_multi`` (as the direct write
+  does), and opening one wakes the pump, which takes the socket back.
+
 Closing (``aclose``) frees the libssh2 session *before* closing its socket:
 freeing a session restores the blocking mode the fd had at handshake time,
 and if the socket were closed first, its fd number could already belong to a
@@ -156,11 +200,27 @@ WRITE_SLICE = 32 * 1024
 DEFER_ROUNDS = 64
 #: Bytes asked of one ``channel.read``.
 READ_SIZE = 64 * 1024
+#: The lone caller's shortcut (``Pump.wait_answer``); off: every answer is
+#: read by the pump task.
+LONE_CALLER = True
 #: Default bound on request bytes queued but not yet accepted by the channel:
 #: libssh2's default channel window (2 MiB), so one window's worth can wait.
 DEFAULT_WRITE_LIMIT = 2 * 1024 * 1024
 #: How long closing waits for the server to confirm the channel close.
 CLOSE_TIMEOUT = 2.0
+
+
+def _epoll_manager() -> Any:
+    """Trio's epoll I/O manager of this run, if it looks as expected (the
+    lone caller's shortcut lends its registrations), else None."""
+    try:
+        io: Any = trio._core._run.GLOBAL_RUN_CONTEXT.runner.io_manager
+        factory: Any = io._registered.default_factory
+        ok = type(io).__name__ == "EpollIOManager" and callable(io._update_registrations)
+        ok = ok and hasattr(factory(), "read_task")
+    except (AttributeError, TypeError):
+        return None
+    return io if ok else None
 
 
 class Pump:
@@ -218,6 +278,16 @@ class Pump:
         #: at everything again before it sleeps, so ``wake()`` need not
         #: interrupt it (no cancel, no new scope).
         self._busy = False
+        #: The lone caller (see "The lone caller" in the module docstring):
+        #: Trio's epoll I/O manager (None: not available, the shortcut is
+        #: off), the socket's fd, the pump task, whether it sleeps in
+        #: ``_park`` (registered on the socket or lent to a caller), and the
+        #: caller holding the socket wait.
+        self._io: Any = None
+        self._fd = -1
+        self._task: trio.lowlevel.Task | None = None
+        self._in_park = False
+        self._lone: _Lone | None = None
 
     # -- the retry loop ------------------------------------------------------
 
@@ -314,9 +384,11 @@ class Pump:
         self._out += data
         self.wake()
 
-    def send_nowait(self, data: bytes, direct: bool = False) -> None:
+    def send_nowait(self, data: bytes, direct: bool = False) -> bool:
         """Queue ``data`` without waiting for room.  Raises ``ConnectionLost``
-        if closed.
+        if closed.  True when the calling task wrote all of ``data`` itself
+        (``direct``, below) and the pump still sleeps on the socket: the
+        caller may then wait for its answer with ``wait_answer``.
 
         With ``direct`` (the caller expects no other frame soon: nothing else
         is in flight), when the pump task is parked on the socket waiting for
@@ -349,12 +421,14 @@ class Pump:
             # poll_channel_read(1) is true for queued data of either stream
             # (libssh2's channel.c), so two queue checks, no system call.
             if n == len(data) and not channel.poll_channel_read(1) and not channel.eof():
-                return
+                return True
             data = data[n:] if n > 0 else data
         if data:
             self._out += data
             self._fresh = True
-        self.wake()
+        if not self._wake_pending:  # (else already woken: wake() returns)
+            self.wake()
+        return False
 
     def _lost(self) -> ConnectionLost:
         if isinstance(self.error, ConnectionLost):
@@ -386,6 +460,9 @@ class Pump:
         channel = self.channel
         assert channel is not None
         self._on_data, self._should_read = on_data, should_read
+        self._task = trio.lowlevel.current_task()
+        self._io = _epoll_manager() if LONE_CALLER else None
+        self._fd = self.sock.fileno()
         try:
             while self.error is None:
                 # One cancel scope for as many turns as pass without a
@@ -505,9 +582,14 @@ class Pump:
                 self._parked = not self._out and not (directions & LIBSSH2_SESSION_BLOCK_OUTBOUND)
                 try:
                     if self._parked:
-                        # _wait_for's common case, one coroutine frame less
-                        # to resume per wake-up.
-                        await trio.lowlevel.wait_readable(self.sock)
+                        if self._io is not None:
+                            # A wait a lone caller may take over
+                            # (wait_answer; "The lone caller").
+                            await self._park()
+                        else:
+                            # _wait_for's common case, one coroutine frame
+                            # less to resume per wake-up.
+                            await trio.lowlevel.wait_readable(self.sock)
                     else:
                         await self._wait_for(directions)
                 finally:
@@ -519,6 +601,149 @@ class Pump:
         if rc > 0:
             for line in data.decode("utf-8", "replace").splitlines():
                 log.warning("server stderr: %s", line)
+
+    # -- the lone caller (module docstring, "The lone caller") ---------------
+
+    async def _park(self) -> None:
+        """The pump's sleep on the socket for inbound packets (``_turns``):
+        Trio's ``wait_readable``, written out on Trio's epoll registration
+        so that ``wait_answer`` can lend the wait to a caller and take it
+        back without a system call.  Returns when the socket is readable
+        or on ``wake()``; reclaims the socket from a lone caller first."""
+        io, fd, task = self._io, self._fd, self._task
+        waiters = io._registered[fd]
+        if waiters.read_task is not None:
+            raise trio.BusyResourceError("another task is already reading this socket")
+        waiters.read_task = task
+        io._update_registrations(fd)
+        self._in_park = True
+        try:
+            await trio.lowlevel.wait_task_rescheduled(self._park_abort)
+        finally:
+            self._in_park = False
+            if self._lone is not None:
+                self._reclaim()
+
+    def _park_abort(self, _: Any) -> trio.lowlevel.Abort:
+        # wake() (or the run's cancel) interrupts the park; a lone caller
+        # keeps the registration until the pump takes it back (_reclaim).
+        self._in_park = False
+        waiters = self._io._registered.get(self._fd)
+        if waiters is not None and waiters.read_task is self._task:
+            waiters.read_task = None
+            self._io._update_registrations(self._fd)
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _reclaim(self) -> None:
+        """The pump task runs again (its park ended): it takes the socket
+        back from the lone caller.  A caller still parked becomes an
+        ordinary waiter on its request (woken by the answer's dispatch);
+        one the socket already woke finds out when it runs."""
+        lone = self._lone
+        assert lone is not None
+        self._lone = None
+        waiters = self._io._registered.get(self._fd)
+        if waiters is not None and waiters.read_task is lone.task:
+            waiters.read_task = None
+            self._io._update_registrations(self._fd)
+            lone.converted = True
+            lone.req._task = lone.task
+
+    def _lend_back(self) -> None:
+        """The lone caller is done with the socket: the parked pump waits
+        on it again (re-armed: the socket's readiness was used up)."""
+        if self._in_park:
+            io, fd = self._io, self._fd
+            waiters = io._registered[fd]
+            waiters.read_task = self._task
+            io._update_registrations(fd)
+
+    async def wait_answer(self, req: Any) -> bool | None:
+        """Wait in the calling task until ``req.done`` (a request whose frame
+        the caller has just written itself: ``send_nowait`` answered True),
+        reading the channel in this task while the pump sleeps: one
+        scheduler round and one task step per sequential call instead of
+        two (module docstring, "The lone caller").
+
+        Returns None at once (nothing done: wait as usual) when the pump is
+        not parked on the socket, lanes exist or the shortcut is off; else,
+        once ``req`` is done, whether it was finished by a dispatch that
+        woke this task (counted as woken by the connection) rather than
+        read here.  ``req`` needs ``done`` and ``_task`` (the task a
+        dispatch reschedules).  If cancelled, the socket wait is back with
+        the pump before ``Cancelled`` propagates, and nothing read is lost
+        (what this task read was dispatched).
+        """
+        if not self._in_park or self._lone is not None or self._multi or self.error is not None:
+            return None
+        io, fd = self._io, self._fd
+        task = trio.lowlevel.current_task()
+        lone = _Lone(self, task, req)
+        while True:
+            waiters = io._registered.get(fd)
+            if waiters is None or waiters.read_task is not self._task:
+                break  # (not the pump's wait: leave it alone)
+            waiters.read_task = task  # (still armed: no system call)
+            self._lone = lone
+            await trio.lowlevel.wait_task_rescheduled(lone.abort)
+            if self._lone is not lone:
+                # The pump took the socket back while this task slept (it
+                # was then woken by the dispatch) or was already woken.
+                if lone.converted or req.done:
+                    return lone.converted
+                break
+            self._lone = None
+            # The socket woke this task, and the pump is parked or at
+            # least not inside libssh2: read as its turn would.
+            if not self._lone_read():
+                self.wake()  # anything unusual: the pump's turn sees to it
+                if req.done:
+                    return False
+                break
+            if req.done:
+                self._lend_back()
+                return False
+            if not self._in_park:
+                break  # woken meanwhile: the pump looks itself
+            self._lend_back()
+        # An ordinary wait (the pump reads).
+        if req.done:
+            await trio.lowlevel.checkpoint()
+            return False
+        req._task = task
+        await trio.lowlevel.wait_task_rescheduled(req._abort)
+        return True
+
+    def _lone_read(self) -> bool:
+        """One read of the channel by the lone caller, as the pump's turn
+        reads; False when the pump must look (not reading, EOF, error,
+        more queued inside libssh2, a packet half sent)."""
+        channel = self.channel
+        session = self.session
+        if channel is None or session is None or self.error is not None:
+            return False
+        should_read = self._should_read
+        if should_read is None or not should_read():
+            return False
+        try:
+            rc, data = channel.read(READ_SIZE)
+        except ssh2_exc.SSH2Error as exc:
+            self.fail(ConnectionLost(f"SSH connection failed: {type(exc).__name__} {exc}"))
+            return False
+        if rc > 0:
+            self.bytes_received += rc
+            on_data = self._on_data
+            assert on_data is not None
+            on_data(data)
+            if rc == READ_SIZE or channel.poll_channel_read(1) or channel.eof():
+                return False
+        elif rc != EAGAIN:
+            return False
+        return not (
+            self.error is not None
+            or self._out
+            or session.block_directions() & LIBSSH2_SESSION_BLOCK_OUTBOUND
+        )
 
     # -- many channels (module docstring, "Many channels") ---------------------
 
@@ -845,6 +1070,38 @@ class Pump:
         self._close_done.set()
 
 
+class _Lone:
+    """A caller waiting on the pump's socket itself (``Pump.wait_answer``)."""
+
+    __slots__ = ("converted", "pump", "req", "task")
+
+    def __init__(self, pump: Pump, task: trio.lowlevel.Task, req: Any) -> None:
+        self.pump = pump
+        self.task = task
+        self.req = req
+        #: The pump took the socket back while the caller slept: the caller
+        #: now waits as ``req._task``, woken by the answer's dispatch.
+        self.converted = False
+
+    def abort(self, _: Any) -> trio.lowlevel.Abort:
+        """The caller is cancelled while it sleeps: the socket wait goes
+        back to the pump (still parked: no system call), or is dropped if
+        the pump is awake (it registers again when it parks)."""
+        pump = self.pump
+        if pump._lone is self:
+            pump._lone = None
+            io, fd = pump._io, pump._fd
+            waiters = io._registered.get(fd)
+            if waiters is not None and waiters.read_task is self.task:
+                if pump._in_park:
+                    waiters.read_task = pump._task
+                else:
+                    waiters.read_task = None
+                    io._update_registrations(fd)
+        self.req._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
 #: ``_LaneOp`` kinds, and what the half-sent packet's owner was doing.
 _OPEN, _CLOSE = 1, 2
 _WRITE, _READ, _OP = 1, 2, 3
@@ -923,15 +1180,21 @@ class Lane:
         self.pump._fresh = True
         self.pump.wake()
 
-    def send_nowait(self, data: bytes, direct: bool = False) -> None:
+    def send_nowait(self, data: bytes, direct: bool = False) -> bool:
         """Queue ``data`` for the pump to write (``direct`` is ignored: a
-        lane never writes from the caller's task).  Raises
-        ``ConnectionLost`` if this channel has ended."""
+        lane never writes from the caller's task, so this returns False).
+        Raises ``ConnectionLost`` if this channel has ended."""
         if self.error is not None:
             raise self._lost()
         self._out += data
         self.pump._fresh = True
         self.pump.wake()
+        return False
+
+    async def wait_answer(self, req: Any) -> bool | None:
+        """As ``Pump.wait_answer``; a lane's answers are always read by the
+        pump task: None (not a checkpoint)."""
+        return None
 
     def fail(self, error: BaseException) -> None:
         """End this channel (first error wins) and wake its waiters."""

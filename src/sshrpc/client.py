@@ -95,6 +95,9 @@ _now = trio.current_time
 _current_task = trio.lowlevel.current_task
 _wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
 _Reply, _ErrorReply = _p.Reply, _p.ErrorReply
+_checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+#: Call ids wrap at 2**64 (PROTOCOL.md's id range).
+_ID_SPACE = 2**64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +157,9 @@ class Connection:
         #: Callers woken by an answer that have not run yet: while any
         #: has, more calls are about to be sent, so none is written alone.
         self._woken = 0
+        #: The last queued call was written by its caller with the pump
+        #: asleep on the socket (see ``_queue_call``).
+        self._lone_ok = False
         self.max_undelivered = max_undelivered
         self.keepalive = keepalive
         self.keepalive_misses = keepalive_misses
@@ -170,6 +176,12 @@ class Connection:
         #: ``overload``.  A slot is freed by the call's final answer.
         self._slots: CallSlots | None = None
         self._nursery: trio.Nursery | None = None
+        #: trio.lowlevel.reschedule without its wrapper's frame: this run's
+        #: ``Runner.reschedule`` (a private attribute; the public function
+        #: where it is missing).  A connection lives in one Trio run.
+        self._reschedule: Callable[[trio.lowlevel.Task], object] = trio.lowlevel.reschedule
+        with suppress(AttributeError):
+            self._reschedule = trio._core._run.GLOBAL_RUN_CONTEXT.runner.reschedule
 
     # -- set-up --------------------------------------------------------------
 
@@ -238,14 +250,25 @@ class Connection:
                 slot = pending.slot
                 if slot is not None:
                     pending.slot = None
-                    slot.release()
+                    if slot._waiters:
+                        slot.release()
+                    else:
+                        slot.free += 1  # (CallSlots.release)
                 pending.ok = True
                 pending.value = batched.value
                 if pending.counted and not pending.abandoned:
                     self._undelivered += 1
-                if pending._task is not None:
+                # Request._finish, inlined.
+                pending.done = True
+                task = pending._task
+                if task is not None:
                     self._woken += 1
-                pending._finish()
+                    pending._task = None
+                    self._reschedule(task)
+                if pending._owner is not None:
+                    pending._owner._completed(pending)
+                if pending.chunk_event is not None:
+                    pending.chunk_event.set()
                 answered += 1
             while True:
                 event = proto.next_event()
@@ -407,7 +430,7 @@ class Connection:
 
     def _new_id(self) -> int:
         while True:
-            i = next(self._ids) % (2**64)
+            i = next(self._ids) % _ID_SPACE
             if i not in self._pending:
                 return i
 
@@ -433,12 +456,18 @@ class Connection:
         elif self._error is None:
             self._send_control(_p.Cancel(id=pending.id))
 
-    async def _await(self, pending: Request) -> Any:
+    async def _await(self, pending: Request, lone: bool = False) -> Any:
         """Wait for ``pending``'s answer and take it (a checkpoint).  If
-        cancelled: the request is abandoned (see ``_abandon``)."""
+        cancelled: the request is abandoned (see ``_abandon``).  ``lone``:
+        this task has just written ``pending``'s frame itself, alone in
+        flight (``_lone_ok``); it may read the answer itself
+        (``Pump.wait_answer``)."""
         try:
             if pending.done:
                 await trio.lowlevel.checkpoint()
+            elif lone and (woken := await self._pump.wait_answer(pending)) is not None:
+                if woken and self._woken:
+                    self._woken -= 1
             else:
                 # Request._wait, inlined (the per-call path).
                 pending._task = _current_task()
@@ -474,9 +503,62 @@ class Connection:
         connection ends first, ``TermError`` for an argument with no Erlang
         term (nothing is sent then).
         """
-        pending = Request(self._new_id())
-        await self._send_call(pending, module, function, args)
-        return await self._await(pending)
+        # The per-call path: _new_id, _send_call, _queue_call and _await
+        # inlined for the common case (a call slot free, room in the send
+        # queue, nobody woken waiting to send); the rest goes through them.
+        i = next(self._ids) % _ID_SPACE
+        if i in self._pending:
+            i = self._new_id()
+        pending = Request(i)
+        if self._error is not None or self._closing:
+            self._check_open()
+        slots = self._slots
+        pump = self._pump
+        if (slots is not None and (slots.free <= 0 or slots._waiters)) or len(
+            pump._out
+        ) >= pump.write_limit:
+            await self._send_call(pending, module, function, args)
+            return await self._await(pending, self._lone_ok)
+        if slots is not None:
+            slots.free -= 1  # (acquire_nowait)
+        try:
+            deadline = _effective_deadline()
+            if deadline == -_INF:  # (the walk saw a cancelled scope)
+                await _checkpoint_if_cancelled()  # raises Cancelled: nothing sent
+            # Rounded up, so the server's deadline is never before the
+            # caller's: the caller's scope fires first.
+            timeout = None if deadline == _INF else max(0, _ceil((deadline - _now()) * 1000))
+            frame = self._proto.send_call(i, module, function, args, timeout)
+        except BaseException as exc:
+            if slots is not None:
+                slots.release()
+            if isinstance(exc, LocalProtocolError):
+                raise ConnectionLost(f"{self.destination}: {exc}") from exc
+            raise
+        pending.slot = slots
+        direct = not self._pending and not self._woken
+        self._pending[i] = pending
+        if pump.send_nowait(frame, direct):
+            return await self._await(pending, True)
+        try:
+            # _await: parked until the answer's dispatch reschedules us.
+            pending._task = _current_task()
+            await _wait_task_rescheduled(pending._abort)
+            if self._woken:
+                self._woken -= 1
+        except BaseException:
+            self._abandon(pending)
+            raise
+        pending.received = True
+        self._undelivered -= 1  # (a call's answer is counted)
+        if pump.paused and self._should_read():
+            pump.wake()
+        if pending.ok:
+            return pending.value
+        error = pending.error
+        if isinstance(error, RemoteError):
+            raise error
+        raise self._raise_error()
 
     async def _send_call(
         self, pending: Request, module: str, function: str, args: Sequence[Any]
@@ -533,7 +615,9 @@ class Connection:
         # else let the pump batch the frames.
         direct = not self._pending and not self._woken and not batch
         self._pending[pending.id] = pending
-        self._pump.send_nowait(frame, direct)
+        # True: written by this task, the pump asleep on the socket (call
+        # may then wait for the answer there itself: Pump.wait_answer).
+        self._lone_ok = self._pump.send_nowait(frame, direct)
 
     def send_request_nowait(
         self,

@@ -1206,7 +1206,7 @@ class Connection:
                 self._call_names.clear()
             self._call_names[(module, function)] = names
         body = encode(args if type(args) is list else list(args))
-        id_term = _int_term(call_id)
+        id_term = _INT_EXT(b"b", call_id) if 256 <= call_id < _INT32 else _int_term(call_id)
         if timeout is None:
             size = _HEAD5_SIZE + len(id_term) + len(names) + len(body)
             if size > self._send_limit:
