@@ -201,8 +201,11 @@ DEFER_ROUNDS = 64
 #: Bytes asked of one ``channel.read``.
 READ_SIZE = 64 * 1024
 #: The lone caller's shortcut (``Pump.wait_answer``); off: every answer is
-#: read by the pump task.
+#: read by the pump task.  It lends Trio's private epoll registration, so
+#: it is on only for the Trio releases it was tested with (a newer Trio
+#: takes the pump path until this range is widened after testing).
 LONE_CALLER = True
+LONE_CALLER_TRIO = ((0, 25), (0, 35))
 #: Default bound on request bytes queued but not yet accepted by the channel:
 #: libssh2's default channel window (2 MiB), so one window's worth can wait.
 DEFAULT_WRITE_LIMIT = 2 * 1024 * 1024
@@ -214,11 +217,14 @@ def _epoll_manager() -> Any:
     """Trio's epoll I/O manager of this run, if it looks as expected (the
     lone caller's shortcut lends its registrations), else None."""
     try:
+        version = tuple(int(x) for x in trio.__version__.split(".")[:2])
+        if not LONE_CALLER_TRIO[0] <= version <= LONE_CALLER_TRIO[1]:
+            return None
         io: Any = trio._core._run.GLOBAL_RUN_CONTEXT.runner.io_manager
         factory: Any = io._registered.default_factory
         ok = type(io).__name__ == "EpollIOManager" and callable(io._update_registrations)
         ok = ok and hasattr(factory(), "read_task")
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError, ValueError):
         return None
     return io if ok else None
 

@@ -280,3 +280,17 @@ async def test_a_call_in_a_cancelled_scope_sends_nothing(gated: tuple[TestNode, 
                     assert node._pending == pending
                 gate.opened.set()
         assert await node.call("lone", "echo", [2]) == 2
+
+
+def test_the_shortcut_is_off_for_an_untested_trio(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It lends Trio's private epoll registration: only for the Trio
+    releases it was tested with; any other takes the pump path."""
+
+    async def manager() -> object:
+        return _pump._epoll_manager()
+
+    assert trio.run(manager) is not None  # this checkout's Trio is in the range
+    monkeypatch.setattr(trio, "__version__", "0.99.0")
+    assert trio.run(manager) is None
+    monkeypatch.setattr(trio, "__version__", "not a version")
+    assert trio.run(manager) is None
