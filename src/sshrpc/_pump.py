@@ -205,7 +205,7 @@ READ_SIZE = 64 * 1024
 #: it is on only for the Trio releases it was tested with (a newer Trio
 #: takes the pump path until this range is widened after testing).
 LONE_CALLER = True
-LONE_CALLER_TRIO = ((0, 25), (0, 35))
+LONE_CALLER_TRIO = ((0, 35), (0, 35))
 #: Default bound on request bytes queued but not yet accepted by the channel:
 #: libssh2's default channel window (2 MiB), so one window's worth can wait.
 DEFAULT_WRITE_LIMIT = 2 * 1024 * 1024
