@@ -58,7 +58,8 @@ def _services(gate: Gate) -> list[sshrpc.Service]:
 async def gated() -> AsyncIterator[tuple[TestNode, Gate]]:
     if _pump._epoll_manager() is None:
         pytest.skip(
-            f"the lone caller is off with Trio {trio.__version__} (not a release it was tested with)"
+            f"the lone caller is off with Trio {trio.__version__}"
+            " (not a release it was tested with)"
         )
     gate = Gate()
     async with open_test_node(_services(gate)) as test_node:
