@@ -16,6 +16,7 @@ from .policy import KeyIdentity
 __all__ = [
     "DEFAULT_MAX_CHANNELS_PER_KEY",
     "DEFAULT_MAX_HELD_PER_KEY",
+    "FLUSH_EARLY",
     "HEAVY_COST",
     "Held",
     "KeyAccount",
@@ -37,6 +38,9 @@ DEFAULT_MAX_HELD_PER_KEY = 64 * 1024 * 1024
 #: first come first served, and lets every other task run in between.  About
 #: a millisecond of decoding.
 HEAVY_COST = 1024 * 1024
+#: ``Node(flush_early=...)``'s default: answers of one read leave once this
+#: many are ready and nothing else waits for the loop (see there).
+FLUSH_EARLY = 16
 
 
 class KeyAccount:

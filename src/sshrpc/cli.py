@@ -35,6 +35,7 @@ from ._auditlog import LOG_FORMAT
 from ._bounds import (
     DEFAULT_MAX_CHANNELS_PER_KEY,
     DEFAULT_MAX_HELD_PER_KEY,
+    FLUSH_EARLY,
     collect_periodically,
     tune_gc,
 )
@@ -75,6 +76,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help=f"largest request payload accepted (default {DEFAULT_MAX_FRAME}, 1 MiB)",
     )
     parser.add_argument(
+        "--flush-early",
+        type=_count,
+        default=FLUSH_EARLY,
+        metavar="N",
+        help=f"answers of one read leave once N are ready and nothing else waits, so the "
+        f"client works while the node answers the rest (default {FLUSH_EARLY}; 0: together, "
+        "the least CPU per call)",
+    )
+    parser.add_argument(
         "--max-calls",
         type=_max_calls,
         default=DEFAULT_MAX_CALLS,
@@ -107,6 +117,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
     return value
 
 
@@ -468,6 +488,7 @@ def _serve(args: argparse.Namespace) -> int:
                             audit_stream=sys.stderr,
                             max_frame=args.max_frame,
                             max_calls=args.max_calls,
+                            flush_early=args.flush_early,
                             max_channels_per_key=args.max_channels_per_key,
                             max_held_per_key=args.max_held_per_key,
                             pass_fds=args.pass_fds,
@@ -565,6 +586,7 @@ def _node(args: argparse.Namespace) -> int:
                         audit_stream=sys.stderr,
                         max_frame=args.max_frame,
                         max_calls=args.max_calls,
+                        flush_early=args.flush_early,
                         max_channels_per_key=args.max_channels_per_key,
                         max_held_per_key=args.max_held_per_key,
                         task_status=task_status,

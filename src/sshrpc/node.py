@@ -91,6 +91,7 @@ from ._auditlog import AuditStream
 from ._bounds import (
     DEFAULT_MAX_CHANNELS_PER_KEY,
     DEFAULT_MAX_HELD_PER_KEY,
+    FLUSH_EARLY,
     HEAVY_COST,
     HEAVY_PACE,
     HEAVY_PACE_MIN,
@@ -157,6 +158,7 @@ MAX_HEADER = 65536
 #: How long a fresh Unix-socket peer has to send its header.
 HEADER_TIMEOUT = 10.0
 RECEIVE_SIZE = 65536
+_statistics = trio.lowlevel.current_statistics
 #: Bytes a refused channel's client may still send before the node closes.
 REFUSE_DRAIN = 65536
 
@@ -455,6 +457,7 @@ class _Channel:
         elif isinstance(stream, _StdioStream | _fdpass.PassedStream):
             self.fd = stream.out_fd
         self.writing = False
+        self.flush_early = node.flush_early or 1 << 62
         #: True while the events of one read are dispatched: answers are
         #: queued without waking the writer and leave together (``_flush``).
         self.batching = False
@@ -778,6 +781,11 @@ class _Channel:
                             event = await self._next_event()
                         if type(event) is _p.Call and not self.outbox.full:
                             self._start_call(event)
+                            if (
+                                len(self.outbox.frames) >= self.flush_early
+                                and not _statistics().tasks_runnable
+                            ):
+                                self._flush()
                             if self._waiting is not None:
                                 await self._run_waiting_call(scope, held)
                                 return None
@@ -1574,6 +1582,15 @@ class Node:
         once per turn of the event loop (``_auditlog.AuditStream``): about
         15 µs less per call than a ``logging`` record each.  ``None`` (the
         default): through the ``sshrpc.audit`` logger.
+      flush_early: while the calls of one read are answered, the answers
+        queued so far leave once there are this many and no other task
+        waits for the loop, so that the client (another process, on
+        another core) works on them while the node answers the rest: with
+        one client keeping 64 calls in flight, calls/s went from about
+        53,000 to about 85,000 for 2-4 µs more CPU per call (more, smaller
+        writes; ``bench/call_cpu.py``).  While other tasks wait, the
+        answers of a read leave together, which costs the least CPU.  0:
+        always together.  Default 16.
       pass_fds: take the channel's descriptors from a relay that offers
         them (``sshrpc._fdpass``: the relay then copies nothing); False:
         such relays are told to copy (default True).
@@ -1601,6 +1618,7 @@ class Node:
         audit_level: int = logging.INFO,
         audit_window: float = 10.0,
         audit_stream: TextIO | None = None,
+        flush_early: int = FLUSH_EARLY,
         pass_fds: bool = True,
     ) -> None:
         found = flatten_services(services.values() if isinstance(services, Mapping) else services)
@@ -1620,6 +1638,9 @@ class Node:
         #: Taken to decode a frame that may be expensive (``_Channel._next_event``).
         self.heavy = trio.Lock()
         self.redact_errors = redact_errors
+        if flush_early < 0:
+            raise ValueError(f"flush_early must be 0 or more, not {flush_early}")
+        self.flush_early = flush_early
         self.auditor = Auditor(
             allowed_level=audit_level,
             window=audit_window,

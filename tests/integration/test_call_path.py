@@ -80,17 +80,9 @@ def _write_syscalls() -> int:
     raise AssertionError("no syscw in /proc/thread-self/io")
 
 
-async def test_answers_of_one_read_leave_in_one_write():
-    """30 inline calls arriving in one read: the node answers them with one
-    ``os.write`` on its socket (it used to write each answer on its own when
-    no other call was open), and every answer arrives."""
-    svc = Service("m")
-
-    @svc.export(inline=True)
-    def double(n: int) -> int:
-        return 2 * n
-
-    node = Node([svc])
+async def _writes_for_one_read_of_30_calls(node: Node) -> int:
+    """30 inline calls to ``node`` arriving in one read: the number of
+    ``os.write`` calls that carried the answers, once all arrived."""
     a, b = trio.socket.socketpair()
     client_side, server_side = trio.SocketStream(a), trio.SocketStream(b)
     client = _p.Connection(_p.Role.CLIENT, name="test")
@@ -108,8 +100,38 @@ async def test_answers_of_one_read_leave_in_one_write():
         answers = [await next_event(client, client_side) for _ in range(30)]
         writes = _write_syscalls() - before
         assert sorted((x.id, x.value) for x in answers) == [(i, 2 * i) for i in range(30)]
-        assert writes == 1, writes
         nursery.cancel_scope.cancel()
+    return writes
+
+
+def _doubling() -> Service:
+    svc = Service("m")
+
+    @svc.export(inline=True)
+    def double(n: int) -> int:
+        return 2 * n
+
+    return svc
+
+
+async def test_early_flush_sends_answers_while_the_read_is_answered():
+    """With ``flush_early=8`` and nothing else waiting for the loop, the
+    answers of one read of 30 calls leave in 8-answer writes (the last one
+    with the rest): the client can work on them meanwhile; all arrive."""
+    assert await _writes_for_one_read_of_30_calls(Node([_doubling()], flush_early=8)) == 4
+
+
+def test_flush_early_must_not_be_negative():
+    with pytest.raises(ValueError, match="flush_early"):
+        Node([_doubling()], flush_early=-1)
+
+
+async def test_answers_of_one_read_leave_in_one_write():
+    """30 inline calls arriving in one read, ``flush_early=0``: the node
+    answers them with one ``os.write`` on its socket (it used to write each
+    answer on its own when no other call was open), and every answer
+    arrives."""
+    assert await _writes_for_one_read_of_30_calls(Node([_doubling()], flush_early=0)) == 1
 
 
 async def test_pool_answers_wait_for_room_and_come_once():

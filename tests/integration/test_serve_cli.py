@@ -170,6 +170,10 @@ def test_bad_arguments_one_clear_line(tmp_path, client_key):
         assert out.returncode == status, (argv, out.stderr)
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (argv, out.stderr)
+    # argparse's own errors: its usage, then the error line.
+    out = _serve("serve", "sshrpc.demo:services", *base, "--flush-early", "-1")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].endswith("--flush-early: must be 0 or more")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
