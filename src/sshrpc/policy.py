@@ -429,8 +429,6 @@ class Auditor:
         self.logger = logger or _audit
         self.clock = clock
         self._write = write or self._log
-        # (fingerprint, what) -> the escaped start of the line
-        self._heads: dict[tuple[str, str], str] = {}
         # (fingerprint, kind, module, function, arity, outcome) -> the
         # escaped line up to its duration (``record_request``)
         self._starts: dict[tuple[str, str, str, str, int, str], str] = {}
@@ -450,19 +448,13 @@ class Auditor:
         denied = outcome in DENIALS
         if not self.logger.isEnabledFor(logging.WARNING if denied else self.allowed_level):
             return
-        head = self._heads.get((key.fingerprint, what))
-        if head is None:
-            head = f"key={clean(key.fingerprint or '-', 120)} {clean(what, 600)}"
-            if len(self._heads) >= self.max_entries:
-                self._heads.clear()
-            self._heads[key.fingerprint, what] = head
-        line = f"{head} outcome={clean(outcome, 60)}"
+        fingerprint = clean(key.fingerprint or "-", 120)
+        line = f"key={fingerprint} {clean(what, 600)} outcome={clean(outcome, 60)}"
         if duration is not None:
             line += f" duration_ms={duration * 1000.0:.3f}"
         if not denied:
             self._write(self.allowed_level, line)
             return
-        fingerprint = clean(key.fingerprint or "-", 120)
         now = self.clock()
         same = self._same.get(line)
         if same is not None and now - same[0] < self.window:
@@ -508,8 +500,7 @@ class Auditor:
         node's per-call line): the text up to the duration is kept per
         (key, request, outcome), bounded by ``max_entries``."""
         if outcome in DENIALS:
-            if self.enabled(outcome):
-                self.record(key, f"{kind} {module}:{function}/{arity}", outcome, duration)
+            self.record(key, f"{kind} {module}:{function}/{arity}", outcome, duration)
             return
         level = self.allowed_level
         if not self.logger.isEnabledFor(level):
