@@ -229,7 +229,57 @@ def _epoll_manager() -> Any:
     return io if ok else None
 
 
-class Pump:
+class _Sending:
+    """The outgoing side that ``Pump`` (its own channel) and ``Lane`` (one
+    more channel) share: a bounded buffer of bytes for the pump task to
+    write, and the error that ended it."""
+
+    _out: bytearray
+    _room: trio.Event
+    error: BaseException | None
+    closing: bool
+    write_limit: int
+    #: What ends with ``error``, for ``ConnectionLost``'s text.
+    _what = "connection"
+
+    def _queued(self) -> None:
+        """Tell the pump task that bytes were queued."""
+        raise NotImplementedError
+
+    def _lost(self) -> ConnectionLost:
+        if isinstance(self.error, ConnectionLost):
+            return ConnectionLost(str(self.error))
+        return ConnectionLost(f"{self._what} closed ({self.error or 'closed locally'})")
+
+    async def send(self, data: bytes) -> None:
+        """Queue ``data`` for the channel; wait while ``write_limit`` bytes are
+        already queued.
+
+        A checkpoint.  If cancelled, nothing of ``data`` was queued.  Raises
+        ``ConnectionLost`` if the connection is (or becomes) unusable.
+        """
+        while True:
+            if self.error is not None or self.closing:
+                raise self._lost()
+            if len(self._out) < self.write_limit:
+                break
+            if self._room.is_set():
+                self._room = trio.Event()
+            await self._room.wait()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._out += data
+        self._queued()
+
+    async def flush(self) -> None:
+        """Wait (bounded by the caller's scope) until every queued byte was
+        accepted by the channel or the pump stopped."""
+        while self._out and self.error is None:
+            if self._room.is_set():
+                self._room = trio.Event()
+            await self._room.wait()
+
+
+class Pump(_Sending):
     """One libssh2 session + socket + channel, driven by one pump task.
 
     Construct with a connected, non-blocking socket and a session that has
@@ -371,25 +421,6 @@ class Pump:
         """Bytes accepted by ``send`` but not yet by the channel."""
         return len(self._out)
 
-    async def send(self, data: bytes) -> None:
-        """Queue ``data`` for the channel; wait while ``write_limit`` bytes are
-        already queued.
-
-        A checkpoint.  If cancelled, nothing of ``data`` was queued.  Raises
-        ``ConnectionLost`` if the connection is (or becomes) unusable.
-        """
-        while True:
-            if self.error is not None or self.closing:
-                raise self._lost()
-            if len(self._out) < self.write_limit:
-                break
-            if self._room.is_set():
-                self._room = trio.Event()
-            await self._room.wait()
-        await trio.lowlevel.checkpoint_if_cancelled()
-        self._out += data
-        self.wake()
-
     def send_nowait(self, data: bytes, direct: bool = False) -> bool:
         """Queue ``data`` without waiting for room.  Raises ``ConnectionLost``
         if closed.  True when the calling task wrote all of ``data`` itself
@@ -436,10 +467,8 @@ class Pump:
             self.wake()
         return False
 
-    def _lost(self) -> ConnectionLost:
-        if isinstance(self.error, ConnectionLost):
-            return ConnectionLost(str(self.error))
-        return ConnectionLost(f"connection closed ({self.error or 'closed locally'})")
+    def _queued(self) -> None:
+        self.wake()
 
     def fail(self, error: BaseException) -> None:
         """Mark the connection broken (first error wins) and wake everyone."""
@@ -1033,14 +1062,6 @@ class Pump:
             self._lanes.remove(lane)
         lane.channel = None  # (the owner never gets here: ops wait for it)
 
-    async def flush(self) -> None:
-        """Wait (bounded by the caller's scope) until every queued byte was
-        accepted by the channel or the pump stopped."""
-        while self._out and self.error is None:
-            if self._room.is_set():
-                self._room = trio.Event()
-            await self._room.wait()
-
     async def aclose(self) -> None:
         """Close the channel and session, then the socket.  Idempotent: a
         second caller waits until the first has finished.
@@ -1130,7 +1151,7 @@ class _LaneOp:
         self.step = 0
 
 
-class Lane:
+class Lane(_Sending):
     """One more channel on a ``Pump``'s SSH connection (``Pump.open_lane``).
 
     Offers what a ``Connection`` uses of a ``Pump`` (``send``,
@@ -1139,6 +1160,8 @@ class Lane:
     moved by the pump's task (``Pump._lane_turns``), never by its own.
     ``fail`` and ``aclose`` end this channel only.
     """
+
+    _what = "channel"
 
     def __init__(self, pump: Pump) -> None:
         self.pump = pump
@@ -1166,23 +1189,7 @@ class Lane:
         """Make the pump task look at this lane again."""
         self.pump.wake()
 
-    def _lost(self) -> ConnectionLost:
-        if isinstance(self.error, ConnectionLost):
-            return ConnectionLost(str(self.error))
-        return ConnectionLost(f"channel closed ({self.error or 'closed locally'})")
-
-    async def send(self, data: bytes) -> None:
-        """As ``Pump.send``, for this channel."""
-        while True:
-            if self.error is not None or self.closing:
-                raise self._lost()
-            if len(self._out) < self.write_limit:
-                break
-            if self._room.is_set():
-                self._room = trio.Event()
-            await self._room.wait()
-        await trio.lowlevel.checkpoint_if_cancelled()
-        self._out += data
+    def _queued(self) -> None:
         self.pump._fresh = True
         self.pump.wake()
 
@@ -1228,13 +1235,6 @@ class Lane:
                 self.fail(ConnectionLost("the channel was closed"))
             assert self.error is not None
             on_eof(self.error)
-
-    async def flush(self) -> None:
-        """As ``Pump.flush``, for this channel."""
-        while self._out and self.error is None:
-            if self._room.is_set():
-                self._room = trio.Event()
-            await self._room.wait()
 
     async def aclose(self) -> None:
         """Close this channel (the SSH connection stays).  Idempotent;
