@@ -43,13 +43,8 @@ class AuditStream(trio.abc.Instrument):
         self._stamp: tuple[int, str] = (-1, "")
         self._last: tuple[int, int, int, str] = (-1, -1, -1, "")
 
-    def _prefix(self, level: int) -> str:
-        """The text ``logging`` puts before a line of ``level`` now."""
-        now = time.time()
-        second = int(now)
-        return self._new_prefix(second, int((now - second) * 1000), level)
-
     def _new_prefix(self, second: int, msecs: int, level: int) -> str:
+        """The text ``logging`` puts before a line of ``level`` at that time."""
         stamp = self._stamp
         if stamp[0] != second:
             stamp = self._stamp = (
