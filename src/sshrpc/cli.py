@@ -415,6 +415,7 @@ def _serve(args: argparse.Namespace) -> int:
         options = ["--expose-traces"] if args.expose_traces else []
         options += [] if args.redact_errors else ["--no-redact-errors"]
         options += ["--max-frame", str(args.max_frame), "--max-calls", str(args.max_calls)]
+        options += ["--flush-early", str(args.flush_early)]
         command = in_process_command(
             args.targets, policy=args.policy, authorized_keys=str(keys_path), options=options
         )

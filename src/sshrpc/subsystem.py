@@ -219,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--redact-errors", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--max-frame", type=int, default=None)
     parser.add_argument("--max-calls", type=int, default=None)
+    parser.add_argument("--flush-early", type=int, default=None)
     parser.add_argument(
         "--path", action="append", default=[], help="directory to import targets from"
     )
@@ -270,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             redact_errors=args.redact_errors,
             **({} if args.max_frame is None else {"max_frame": args.max_frame}),
             **({} if args.max_calls is None else {"max_calls": args.max_calls}),
+            **({} if args.flush_early is None else {"flush_early": args.flush_early}),
         )
     )
     return 0

@@ -98,6 +98,8 @@ async def test_key_gets_only_sshrpc_no_exec_or_shell(sshrpc_server):
 
 
 async def test_serve_in_process_mode(tmp_path, client_key):
+    """Each channel is served by its own process, which gets the node
+    options of ``serve`` (here ``--flush-early``) on its command line."""
     keys = tmp_path / "ak"
     keys.write_text(client_key.public_line + "\n")
     info = start_serve(
@@ -105,9 +107,11 @@ async def test_serve_in_process_mode(tmp_path, client_key):
         state_dir=tmp_path / "st",
         authorized_keys=keys,
         identity=client_key.private,
-        extra_args=["--in-process"],
+        extra_args=["--in-process", "--flush-early", "3"],
     )
     try:
+        forced = (tmp_path / "st" / "authorized_keys").read_text()
+        assert "--flush-early 3" in forced, forced
         ch = await SSHChannel.open(info.ssh_argv())
         try:
             await ch.hello()
