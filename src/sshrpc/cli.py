@@ -140,6 +140,22 @@ def _max_calls(text: str) -> int:
 _AUDIT_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
+def _relay_options(parser: argparse.ArgumentParser) -> None:
+    """Which relay sshd runs per channel (``serve``, ``sshd-config``)."""
+    parser.add_argument(
+        "--python-relay",
+        action="store_true",
+        help="relay channels with the Python relay, not the C one built with the package",
+    )
+    parser.add_argument(
+        "--pass-fds",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the C relay hands the channel's socket to the node, which then reads and "
+        "writes sshd's end itself (default: on; --no-pass-fds: the relay copies)",
+    )
+
+
 def _serving(parser: argparse.ArgumentParser) -> None:
     """Options of the commands that run a node (``serve``, ``node``)."""
     parser.add_argument(
@@ -241,18 +257,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--in-process", action="store_true", help="each channel serves in its own process"
     )
-    serve.add_argument(
-        "--python-relay",
-        action="store_true",
-        help="relay channels with the Python relay, not the C one built with the package",
-    )
-    serve.add_argument(
-        "--pass-fds",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the C relay hands the channel's socket to the node, which then reads and "
-        "writes sshd's end itself (default: on; --no-pass-fds: the relay copies)",
-    )
+    _relay_options(serve)
     serve.add_argument("--sshd", metavar="PATH", help=f"sshd binary (default {_sshd_default()})")
     serve.add_argument("--list", action="store_true", help="print the exposure table at start")
     _worker_options(serve)
@@ -262,12 +267,20 @@ def _parser() -> argparse.ArgumentParser:
     _serving(node)
     node.add_argument("--socket", required=True, metavar="PATH")
     node.add_argument("--authorized-keys", metavar="FILE")
+    node.add_argument(
+        "--pass-fds",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="take the channel's descriptors when the C relay offers them (default: on; "
+        "--no-pass-fds: the relay copies)",
+    )
     _worker_options(node)
 
     config = sub.add_parser("sshd-config", help="print what to add to a system sshd")
     _common(config)
     config.add_argument("--socket", default="/run/sshrpc/node.sock", metavar="PATH")
     config.add_argument("--in-process", action="store_true")
+    _relay_options(config)
     config.add_argument(
         "--key", action="append", default=[], metavar="PUBKEY_FILE", help="key to authorize"
     )
@@ -590,6 +603,7 @@ def _node(args: argparse.Namespace) -> int:
                         flush_early=args.flush_early,
                         max_channels_per_key=args.max_channels_per_key,
                         max_held_per_key=args.max_held_per_key,
+                        pass_fds=args.pass_fds,
                         task_status=task_status,
                         **workers,
                     )
@@ -605,13 +619,14 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def _sshd_config(args: argparse.Namespace) -> int:
-    from .subsystem import forced_authorized_keys, in_process_command, relay_command
+    from .subsystem import forced_authorized_keys, in_process_command, native_relay, relay_command
 
     _load(args)
     if args.in_process:
         command = in_process_command(args.targets, policy=args.policy)
     else:
-        command = relay_command(args.socket)
+        native = None if args.python_relay else native_relay()
+        command = relay_command(args.socket, native=native, pass_fds=args.pass_fds)
     keys = []
     for path in args.key:
         try:

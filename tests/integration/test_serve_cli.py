@@ -14,6 +14,7 @@ from _sshwire import SSHChannel
 
 from conftest import start_serve, stop_serve
 from sshrpc import Atom
+from sshrpc.subsystem import native_relay
 
 A = Atom
 pytestmark = pytest.mark.timeout(90)
@@ -201,7 +202,8 @@ def test_sshd_config_and_list(tmp_path, client_key):
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "ExposeAuthInfo yes" in text
-    assert "Subsystem sshrpc@k2r.org " in text and "_relay.py /run/x/node.sock" in text
+    relay = "sshrpc-relay --pass-fds" if native_relay() else "_relay.py"
+    assert "Subsystem sshrpc@k2r.org " in text and f"{relay} /run/x/node.sock" in text
     assert 'restrict,command="' in text and client_key.public_line in text
     assert "sshrpc node sshrpc.demo:services --socket /run/x/node.sock" in text
     policy = tmp_path / "p.toml"
