@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import trio
+from _gate import Gate
 
 import sshrpc
 from sshrpc import client as _client
@@ -29,15 +30,6 @@ pytestmark = pytest.mark.timeout(120)
 DEADLINE = 20.0
 
 
-class Gate:
-    """Calls that wait in the node until the test opens the gate."""
-
-    def __init__(self) -> None:
-        self.opened = trio.Event()
-        self.started = trio.Event()
-        self.cancelled = trio.Event()
-
-
 def _services(gate: Gate) -> list[sshrpc.Service]:
     chan = sshrpc.Service("chan")
 
@@ -45,15 +37,7 @@ def _services(gate: Gate) -> list[sshrpc.Service]:
     def echo(value: Any) -> Any:
         return value
 
-    @chan.export
-    async def wait() -> sshrpc.Atom:
-        gate.started.set()
-        try:
-            await gate.opened.wait()
-        except BaseException:
-            gate.cancelled.set()
-            raise
-        return sshrpc.Atom("opened")
+    chan.export(gate.wait)
 
     @chan.export
     async def flood(n: int, size: int) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+from _gate import Gate
 
 import sshrpc
 from sshrpc import _pump
@@ -25,15 +26,6 @@ pytestmark = pytest.mark.timeout(60)
 DEADLINE = 20.0
 
 
-class Gate:
-    """Calls that wait in the node until the test opens the gate."""
-
-    def __init__(self) -> None:
-        self.opened = trio.Event()
-        self.started = trio.Event()
-        self.cancelled = trio.Event()
-
-
 def _services(gate: Gate) -> list[sshrpc.Service]:
     svc = sshrpc.Service("lone")
 
@@ -41,15 +33,7 @@ def _services(gate: Gate) -> list[sshrpc.Service]:
     async def echo(value: Any) -> Any:
         return value
 
-    @svc.export
-    async def wait() -> sshrpc.Atom:
-        gate.started.set()
-        try:
-            await gate.opened.wait()
-        except BaseException:
-            gate.cancelled.set()
-            raise
-        return sshrpc.Atom("opened")
+    svc.export(gate.wait)
 
     return [svc]
 
