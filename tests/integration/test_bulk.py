@@ -45,9 +45,11 @@ def _services() -> list[sshrpc.Service]:
 
 @pytest.fixture
 async def bulk_node() -> AsyncIterator[tuple[TestNode, Connection]]:
-    async with open_test_node(_services(), max_frame=MAX_FRAME) as test_node:
-        async with test_node.connect(max_frame=MAX_FRAME) as conn:
-            yield test_node, conn
+    async with (
+        open_test_node(_services(), max_frame=MAX_FRAME) as test_node,
+        test_node.connect(max_frame=MAX_FRAME) as conn,
+    ):
+        yield test_node, conn
 
 
 async def test_large_echo_exact_bytes(bulk_node: tuple[TestNode, Connection]) -> None:

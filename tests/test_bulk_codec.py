@@ -1,0 +1,122 @@
+"""The large-binary encode path (src/sshrpc/_bulk.py) writes exactly the
+reference codec's bytes (hypothesis), raises the reference's errors (it
+declines, and the usual path raises), and ``tune_malloc`` only raises the
+settings it makes.  No I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sshrpc import _bulk, _codec, _etf
+from sshrpc._errors import TermError
+from sshrpc._types import Atom
+
+BIG = _bulk.BIG
+
+
+def _binary(n: int, fill: int) -> bytes:
+    return bytes([fill]) * n
+
+
+big_sizes = st.sampled_from([BIG - 1, BIG, BIG + 1, 3 * BIG + 7])
+big_binaries = st.builds(_binary, big_sizes, st.integers(0, 255))
+leaves = st.one_of(
+    st.integers(-(2**70), 2**70),
+    st.binary(max_size=40),
+    st.text(max_size=10),
+    st.sampled_from([Atom("ok"), Atom("x" * 255), None, True, 1.5]),
+    st.dictionaries(st.integers(0, 9), st.integers(), max_size=3),
+    st.lists(st.integers(0, 255), max_size=5),
+    big_binaries,
+    big_binaries.map(bytearray),
+)
+terms = st.recursive(
+    leaves,
+    lambda inner: st.one_of(st.lists(inner, max_size=6), st.lists(inner, max_size=6).map(tuple)),
+    max_leaves=12,
+)
+
+
+def _reference_frame(term: Any) -> bytes:
+    payload = _etf.encode(term)
+    return len(payload).to_bytes(4, "big") + payload
+
+
+@settings(max_examples=150, deadline=None)
+@given(terms)
+def test_same_bytes_as_the_reference(term: Any) -> None:
+    expected = _etf.encode(term)
+    assert _codec.encode(term) == expected
+    assert _codec.encode_frame(term) == _reference_frame(term)
+    direct = _bulk.encode_big(term, _etf.DEFAULT_MAX_DEPTH, 0, _codec.encode)
+    assert direct is None or direct == expected
+    framed = _bulk.encode_big(term, _etf.DEFAULT_MAX_DEPTH, 4, _codec.encode)
+    assert framed is None or framed == _reference_frame(term)
+
+
+@pytest.mark.parametrize(
+    "term",
+    [
+        _binary(BIG, 1),
+        [_binary(BIG, 2)],
+        (Atom("reply"), 7, _binary(5 * BIG, 3)),
+        (Atom("call"), 1, Atom("m"), Atom("f"), [_binary(BIG, 4), b"x", 1], {Atom("t"): 5}),
+        [[[(_binary(BIG, 5),)]]],
+        bytearray(_binary(BIG + 3, 6)),
+    ],
+)
+def test_large_binaries_take_the_path(term: Any) -> None:
+    """The shapes large data has in calls and answers are encoded here (not
+    handed on), with the reference's bytes."""
+    got = _bulk.encode_big(term, _etf.DEFAULT_MAX_DEPTH, 4, _codec.encode)
+    assert got is not None and got == _reference_frame(term)
+
+
+def test_out_of_reach_or_small_is_handed_on() -> None:
+    big = _binary(BIG, 0)
+    for term in ([[[[[big]]]]], [0] * (_bulk.WIDTH) + [big], [_binary(BIG - 1, 0)], {1: big}):
+        assert _bulk.encode_big(term, _etf.DEFAULT_MAX_DEPTH, 0, _codec.encode) is None
+        assert _codec.encode(term) == _etf.encode(term)
+
+
+def test_errors_are_the_reference_errors() -> None:
+    """A value with no term, or nesting past ``max_depth``, next to a large
+    binary: the path declines and the usual path raises the reference's
+    error; nothing half-encoded is returned."""
+    big = _binary(BIG, 9)
+    bad = [big, object()]
+    assert _bulk.encode_big(bad, _etf.DEFAULT_MAX_DEPTH, 0, _codec.encode) is None
+    with pytest.raises(TypeError) as ours:
+        _codec.encode(bad)
+    with pytest.raises(TypeError) as theirs:
+        _etf.encode(bad)
+    assert str(ours.value) == str(theirs.value)
+    deep = [[[big]]]
+    for limit in (0, 1, 2):
+        assert _bulk.encode_big(deep, limit, 0, _codec.encode) is None
+        with pytest.raises(TermError) as ours_t:
+            _codec.encode(deep, max_depth=limit)
+        with pytest.raises(TermError) as theirs_t:
+            _etf.encode(deep, max_depth=limit)
+        assert str(ours_t.value) == str(theirs_t.value)
+    assert _codec.encode(deep, max_depth=3) == _etf.encode(deep, max_depth=3)
+    inner_deep = [big, [[[1, 2, 300]]]]
+    assert _bulk.encode_big(inner_deep, 3, 0, _codec.encode) is None
+    with pytest.raises(TermError) as ours_t:
+        _codec.encode(inner_deep, max_depth=3)
+    with pytest.raises(TermError) as theirs_t:
+        _etf.encode(inner_deep, max_depth=3)
+    assert str(ours_t.value) == str(theirs_t.value)
+
+
+def test_tune_malloc_leaves_default_frames_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_bulk, "_kept", 0)
+    assert _bulk.tune_malloc(1 << 20) is False
+    assert _bulk._kept == 0
+    monkeypatch.setenv("SSHRPC_NO_MALLOC_TUNING", "1")
+    assert _bulk.tune_malloc(64 << 20) is False
+    assert _bulk._kept == 0
