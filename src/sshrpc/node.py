@@ -99,6 +99,7 @@ from ._bounds import (
     KeyAccount,
     KeyAccounts,
 )
+from ._bulk import DIRECT_WRITE_MAX
 from ._errors import LocalProtocolError, MessageTooLarge, ProtocolError, TermError
 from ._saferepr import clean, safe_repr
 from ._types import Atom, Pid
@@ -495,8 +496,10 @@ class _Channel:
         When no other call is open and the writer is idle with nothing
         queued, the frame goes straight to the socket with one non-blocking
         ``os.write``: no writer wake-up, one task switch less per sequential
-        call.  With other calls open, answers are queued so that the writer
-        sends everything ready in one write (one SSH packet, not one each).
+        call (frames up to ``DIRECT_WRITE_MAX``; a larger one goes to the
+        writer whole, uncopied).  With other calls open, answers are queued
+        so that the writer sends everything ready in one write (one SSH
+        packet, not one each).
         A partial or failed write queues the rest; the writer then finds any
         error.
         """
@@ -504,7 +507,13 @@ class _Channel:
             self.outbox.put(data, wake=False)
             return
         fd = self.fd
-        if fd is not None and not self.writing and not self.outbox.nbytes and not self.calls:
+        if (
+            fd is not None
+            and not self.writing
+            and not self.outbox.nbytes
+            and not self.calls
+            and len(data) <= DIRECT_WRITE_MAX
+        ):
             try:
                 n = os.write(fd, data)
             except OSError:
@@ -516,14 +525,15 @@ class _Channel:
 
     def _flush(self) -> None:
         """Send what the events of one read queued: with one ``os.write``
-        when the writer is idle, else by waking the writer.  Answers of one
+        when the writer is idle (up to ``DIRECT_WRITE_MAX`` bytes), else by
+        waking the writer.  Answers of one
         read leave in one write.  Called at the end of each read's dispatch
         and before the reader waits for anything in between."""
         outbox = self.outbox
         if not outbox.frames:
             return
         fd = self.fd
-        if fd is not None and not self.writing:
+        if fd is not None and not self.writing and outbox.nbytes <= DIRECT_WRITE_MAX:
             data = outbox.take_nowait()
             try:
                 n = os.write(fd, data)
