@@ -154,3 +154,45 @@ def test_large_frames_reassemble_from_any_reads(cuts: list[int], size: int) -> N
             break
     assert got == expected == [big, b"abc", big]
     assert ours.buffered == 0
+
+
+def _client() -> Any:
+    from sshrpc import protocol as _p
+
+    client = _p.Connection(_p.Role.CLIENT, max_frame=1 << 24)
+    server = _p.Connection(_p.Role.SERVER, max_frame=1 << 24, node="n", session=None)
+    server.receive_data(client.send(client.hello()))
+    server.next_event()
+    client.receive_data(server.send(server.hello()))
+    client.next_event()
+    return client
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.one_of(leaves, big_binaries), min_size=1, max_size=4),
+    st.one_of(st.none(), st.integers(0, 2**40)),
+    st.integers(0, 2**27 - 1),
+)
+def test_send_call_with_large_binaries_same_bytes(args: list[Any], timeout: Any, id: int) -> None:
+    """``send_call``'s large-binary frame (a ``bytearray`` joined once) is
+    the frame the general ``send(Call(...))`` writes."""
+    from sshrpc import protocol as _p
+
+    fast = _client().send_call(id, "m", "f", args, timeout)
+    slow = _client().send(
+        _p.Call(id=id, module=Atom("m"), function=Atom("f"), args=list(args), timeout=timeout)
+    )
+    assert bytes(fast) == slow
+
+
+def test_send_call_too_large_sends_nothing() -> None:
+    from sshrpc._errors import MessageTooLarge
+
+    client = _client()
+    client._send_limit = 3 * BIG
+    with pytest.raises(MessageTooLarge):
+        client.send_call(1, "m", "f", [_binary(3 * BIG, 1)])
+    assert 1 not in client.open_ids
+    frame = client.send_call(1, "m", "f", [_binary(2 * BIG, 1)])
+    assert type(frame) is bytearray and 1 in client.open_ids

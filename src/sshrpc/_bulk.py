@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["BIG", "DIRECT_WRITE_MAX", "encode_big", "tune_malloc"]
+__all__ = ["BIG", "DIRECT_WRITE_MAX", "encode_big", "term_parts", "tune_malloc"]
 
 #: Binaries at least this long travel by reference (the direct encoder's
 #: limit, PYENC_BIG_BINARY in csrc/pyenc.c).
@@ -79,13 +79,11 @@ def _parts(
     return True
 
 
-def encode_big(obj: Any, max_depth: int, reserve: int, leaf: Callable[..., bytes]) -> bytes | None:
-    """``obj``'s ETF (version byte included) after ``reserve`` bytes (0, or
-    4: then they hold the term's length, a frame), built from pieces with
-    each large binary copied once; or None when ``obj`` holds no large
-    binary where this path looks, or anything fails (the usual path then
-    encodes or raises).  ``leaf(value, max_depth=...)`` encodes the other
-    elements (the codec's ``encode``)."""
+def term_parts(
+    obj: Any, max_depth: int, leaf: Callable[..., bytes]
+) -> tuple[list[Any], int] | None:
+    """``obj``'s ETF without the version byte as pieces to join (each large
+    binary by reference) and their total length; or None, as ``encode_big``."""
     if not _holds_big(obj, 0):
         return None
     out: list[Any] = []
@@ -94,7 +92,21 @@ def encode_big(obj: Any, max_depth: int, reserve: int, leaf: Callable[..., bytes
             return None
     except Exception:
         return None
-    size = 1 + sum(map(len, out))
+    return out, sum(map(len, out))
+
+
+def encode_big(obj: Any, max_depth: int, reserve: int, leaf: Callable[..., bytes]) -> bytes | None:
+    """``obj``'s ETF (version byte included) after ``reserve`` bytes (0, or
+    4: then they hold the term's length, a frame), built from pieces with
+    each large binary copied once; or None when ``obj`` holds no large
+    binary where this path looks, or anything fails (the usual path then
+    encodes or raises).  ``leaf(value, max_depth=...)`` encodes the other
+    elements (the codec's ``encode``)."""
+    parts = term_parts(obj, max_depth, leaf)
+    if parts is None:
+        return None
+    out, size = parts
+    size += 1
     if size > _U32_MAX:
         return None
     head = _VERSION if not reserve else bytes(reserve - 4) + size.to_bytes(4, "big") + _VERSION

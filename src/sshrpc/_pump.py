@@ -424,7 +424,7 @@ class Pump(_Sending):
         """Bytes accepted by ``send`` but not yet by the channel."""
         return len(self._out)
 
-    def send_nowait(self, data: bytes, direct: bool = False) -> bool:
+    def send_nowait(self, data: bytes | bytearray, direct: bool = False) -> bool:
         """Queue ``data`` without waiting for room.  Raises ``ConnectionLost``
         if closed.  True when the calling task wrote all of ``data`` itself
         (``direct``, below) and the pump still sleeps on the socket: the
@@ -464,7 +464,12 @@ class Pump(_Sending):
                 return True
             data = data[n:] if n > 0 else data
         if data:
-            self._out += data
+            if not self._out and type(data) is bytearray:
+                # A large frame made for this queue (``_send_call_big``):
+                # taken over, not copied.
+                self._out = data
+            else:
+                self._out += data
             self._fresh = True
         if not self._wake_pending:  # (else already woken: wake() returns)
             self.wake()
@@ -1212,7 +1217,7 @@ class Lane(_Sending):
         self.pump._fresh = True
         self.pump.wake()
 
-    def send_nowait(self, data: bytes, direct: bool = False) -> bool:
+    def send_nowait(self, data: bytes | bytearray, direct: bool = False) -> bool:
         """Queue ``data`` for the pump to write (``direct`` is ignored: a
         lane never writes from the caller's task, so this returns False).
         Raises ``ConnectionLost`` if this channel has ended."""
