@@ -196,3 +196,36 @@ def test_send_call_too_large_sends_nothing() -> None:
     assert 1 not in client.open_ids
     frame = client.send_call(1, "m", "f", [_binary(2 * BIG, 1)])
     assert type(frame) is bytearray and 1 in client.open_ids
+
+
+def test_large_frame_in_its_payload_object_bounds() -> None:
+    """Step 3 of src/sshrpc/_framing.py: ``buffered`` counts what arrived,
+    a ``max_frame`` lowered below the frame being filled ends the stream
+    with ``FrameTooLarge`` (after the frames before it), and the payload is
+    an exact ``bytes`` equal to what was sent."""
+    from sshrpc import FrameTooLarge
+    from sshrpc._framing import BIG_FRAME, FrameBuffer
+
+    payload = bytes(range(256)) * (BIG_FRAME // 256 + 3)
+    frame = len(payload).to_bytes(4, "big") + payload
+    fb = FrameBuffer(4 * BIG_FRAME)
+    fb.feed(b"\0\0\0\x02hi" + frame[:1000])
+    assert fb.next_frame() == b"hi"
+    assert fb.next_frame() is None
+    fb.feed(frame[1000:500_000])
+    assert fb.next_frame() is None
+    assert fb.buffered == 500_000
+    fb.feed(frame[500_000:] + b"\0\0\0\x01!")
+    got = fb.next_frame()
+    assert type(got) is bytes and got == payload
+    assert fb.next_frame() == b"!" and fb.next_frame() is None and fb.buffered == 0
+
+    fb = FrameBuffer(4 * BIG_FRAME)
+    fb.feed(frame[:300_000])
+    assert fb.next_frame() is None
+    fb.max_frame = BIG_FRAME
+    with pytest.raises(FrameTooLarge):
+        fb.next_frame()
+    fb.feed(frame[300_000:])
+    with pytest.raises(FrameTooLarge):
+        fb.next_frame()
