@@ -17,7 +17,15 @@ import os
 import struct
 from typing import Any
 
-__all__ = ["FrameBuffer", "c_accelerated", "decode", "decode_cost", "encode", "encode_frame"]
+__all__ = [
+    "FrameBuffer",
+    "c_accelerated",
+    "decode",
+    "decode_cost",
+    "encode",
+    "encode_direct",
+    "encode_frame",
+]
 
 #: Why the C module is not in use ("" when it is).
 fallback_reason = ""
@@ -25,6 +33,7 @@ if os.environ.get("SSHRPC_PURE_PYTHON", "") not in ("", "0"):
     fallback_reason = "SSHRPC_PURE_PYTHON is set"
 else:
     try:
+        from ._codec import _direct as encode_direct
         from ._codec import decode, decode_cost, encode, encode_frame
         from ._framing import FrameBuffer
     except ImportError as exc:
@@ -36,6 +45,10 @@ c_accelerated = not fallback_reason
 if not c_accelerated:
     from ._etf import decode, decode_cost, encode
     from ._pyframing import FrameBuffer  # type: ignore[assignment]
+
+    def encode_direct(obj: Any, max_depth: int, reserve: int) -> bytes | None:
+        """The C module's direct encoder: without it, it declines everything."""
+        return None
 
     def encode_frame(obj: Any) -> bytes:
         """``obj`` encoded as one frame: a 4-byte big-endian length, then the term."""

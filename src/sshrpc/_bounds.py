@@ -140,9 +140,10 @@ class Held:
 
 
 #: After decoding a frame that took longer than this (seconds), the node
-#: keeps the heavy-frame turn for ``HEAVY_PACE`` times as long before the
-#: next such frame (of any key) is decoded: large terms take at most about a
-#: fifth of the event loop, and calls of other keys run in between.
+#: decodes the next such frame (of any key) only ``HEAVY_PACE`` times as
+#: long later: large terms take at most about a fifth of the event loop, and
+#: calls of other keys run in between.  The pause delays the next heavy
+#: frame, not the request just decoded (``Node.heavy_pace``).
 HEAVY_PACE_MIN = 0.001
 HEAVY_PACE = 4.0
 #: Full (oldest generation) garbage collections run this often in ``serve``

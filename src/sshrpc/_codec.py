@@ -50,6 +50,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _etf
+from ._bulk import encode_big
 from ._errors import TermError
 from ._etf import (
     DEFAULT_MAX_BIG_BYTES,
@@ -616,7 +617,10 @@ def encode(
     """
     data = _direct(obj, max_depth, 0)
     if data is None and 0 <= max_depth < _MAX_C_LIMIT:
-        data = _encode_c(obj, max_depth, 0)
+        # (large binaries: copied once, src/sshrpc/_bulk.py)
+        data = encode_big(obj, max_depth, 0, encode)
+        if data is None:
+            data = _encode_c(obj, max_depth, 0)
     if data is None:
         return _etf.encode(obj, compressed=compressed, max_depth=max_depth)
     if compressed:
@@ -633,6 +637,8 @@ def encode_frame(obj: Any) -> bytes:
     its length, so a large payload is copied only into the result.
     """
     frame = _direct(obj, DEFAULT_MAX_DEPTH, 4)
+    if frame is None:
+        frame = encode_big(obj, DEFAULT_MAX_DEPTH, 4, encode)
     if frame is None:
         frame = _encode_c(obj, DEFAULT_MAX_DEPTH, 4)
     if frame is None:

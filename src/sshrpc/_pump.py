@@ -195,6 +195,9 @@ EAGAIN = LIBSSH2_ERROR_EAGAIN
 #: 32 KiB packet per call anyway, and a bounded slice keeps re-offering the
 #: remainder after a partial write linear in the payload size.
 WRITE_SLICE = 32 * 1024
+#: Bytes the pump writes at most per turn, slice after slice, while the
+#: channel takes whole slices (``Pump._write_burst``).
+WRITE_BURST = 256 * 1024
 #: Scheduler rounds the pump waits at most, while tasks keep queueing
 #: frames, before it writes what is queued (bounds the added latency).
 DEFER_ROUNDS = 64
@@ -421,7 +424,7 @@ class Pump(_Sending):
         """Bytes accepted by ``send`` but not yet by the channel."""
         return len(self._out)
 
-    def send_nowait(self, data: bytes, direct: bool = False) -> bool:
+    def send_nowait(self, data: bytes | bytearray, direct: bool = False) -> bool:
         """Queue ``data`` without waiting for room.  Raises ``ConnectionLost``
         if closed.  True when the calling task wrote all of ``data`` itself
         (``direct``, below) and the pump still sleeps on the socket: the
@@ -461,7 +464,12 @@ class Pump(_Sending):
                 return True
             data = data[n:] if n > 0 else data
         if data:
-            self._out += data
+            if not self._out and type(data) is bytearray:
+                # A large frame made for this queue (``_send_call_big``):
+                # taken over, not copied.
+                self._out = data
+            else:
+                self._out += data
             self._fresh = True
         if not self._wake_pending:  # (else already woken: wake() returns)
             self.wake()
@@ -554,15 +562,7 @@ class Pump(_Sending):
             self._wake_pending = False
             progress = False
             if self._out:
-                rc, n = channel.write(bytes(self._out[:WRITE_SLICE]))
-                if n > 0:
-                    del self._out[:n]
-                    self.bytes_sent += n
-                    progress = True
-                    if len(self._out) < self.write_limit:
-                        self._room.set()
-                elif rc < 0 and rc != EAGAIN:
-                    raise ConnectionLost(f"channel write failed (libssh2 error {rc})")
+                progress = self._write_burst(channel)
             if should_read():
                 self.paused = False
                 # Any libssh2 call may pull packets of either stream off
@@ -629,6 +629,30 @@ class Pump(_Sending):
                         await self._wait_for(directions)
                 finally:
                     self._parked = False
+
+    def _write_burst(self, channel: Any) -> bool:
+        """``_turns``' write: offer the head of the outgoing buffer in
+        slices of ``WRITE_SLICE`` while the channel takes whole slices, up
+        to ``WRITE_BURST`` bytes (a large frame: one read and one scheduler
+        round per burst, not per 32 KiB packet; libssh2's write drains the
+        socket's inbound packets itself, window adjusts included).  True if
+        bytes were taken.  Raises ``ConnectionLost`` for a write error."""
+        out = self._out
+        sent = 0
+        while True:
+            rc, n = channel.write(bytes(out[:WRITE_SLICE]))
+            if n > 0:
+                del out[:n]
+                sent += n
+            elif rc < 0 and rc != EAGAIN:
+                raise ConnectionLost(f"channel write failed (libssh2 error {rc})")
+            if rc < 0 or n < WRITE_SLICE or not out or sent >= WRITE_BURST:
+                break
+        if sent:
+            self.bytes_sent += sent
+            if len(out) < self.write_limit:
+                self._room.set()
+        return sent > 0
 
     @staticmethod
     def _read_stderr(channel: Any) -> None:
@@ -1193,7 +1217,7 @@ class Lane(_Sending):
         self.pump._fresh = True
         self.pump.wake()
 
-    def send_nowait(self, data: bytes, direct: bool = False) -> bool:
+    def send_nowait(self, data: bytes | bytearray, direct: bool = False) -> bool:
         """Queue ``data`` for the pump to write (``direct`` is ignored: a
         lane never writes from the caller's task, so this returns False).
         Raises ``ConnectionLost`` if this channel has ended."""

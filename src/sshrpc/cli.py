@@ -39,6 +39,7 @@ from ._bounds import (
     collect_periodically,
     tune_gc,
 )
+from ._bulk import tune_malloc
 from ._pyframing import MAX_FRAME_LIMIT
 from .protocol import DEFAULT_MAX_CALLS, DEFAULT_MAX_FRAME
 
@@ -488,6 +489,7 @@ def _serve(args: argparse.Namespace) -> int:
                 node = None
                 if not args.in_process:
                     tune_gc()
+                    tune_malloc(args.max_frame)
                     nursery.start_soon(collect_periodically)
                     node = await nursery.start(
                         lambda task_status: serve_node(
@@ -586,6 +588,7 @@ def _node(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 tune_gc()
+                tune_malloc(args.max_frame)
                 nursery.start_soon(collect_periodically)
                 node = await nursery.start(
                     lambda task_status: serve_node(

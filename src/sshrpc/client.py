@@ -39,6 +39,7 @@ import trio
 
 from . import _ssh, _ssh_config
 from . import protocol as _p
+from ._bulk import tune_malloc
 from ._deadline import effective_deadline as _effective_deadline
 from ._errors import (
     ChannelRefused,
@@ -1099,6 +1100,7 @@ async def connect_node(
         _grow_receive_window(pump, window)
         pump.window = window  # (and for open_channel's channels)
     destination = f"{settings.user}@{settings.hostname}:{settings.port}"
+    tune_malloc(max_frame)  # (large frames: reuse their memory, src/sshrpc/_bulk.py)
     connection = Connection(
         pump,
         destination=destination,

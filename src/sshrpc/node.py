@@ -99,6 +99,7 @@ from ._bounds import (
     KeyAccount,
     KeyAccounts,
 )
+from ._bulk import DIRECT_WRITE_MAX
 from ._errors import LocalProtocolError, MessageTooLarge, ProtocolError, TermError
 from ._saferepr import clean, safe_repr
 from ._types import Atom, Pid
@@ -495,8 +496,10 @@ class _Channel:
         When no other call is open and the writer is idle with nothing
         queued, the frame goes straight to the socket with one non-blocking
         ``os.write``: no writer wake-up, one task switch less per sequential
-        call.  With other calls open, answers are queued so that the writer
-        sends everything ready in one write (one SSH packet, not one each).
+        call (frames up to ``DIRECT_WRITE_MAX``; a larger one goes to the
+        writer whole, uncopied).  With other calls open, answers are queued
+        so that the writer sends everything ready in one write (one SSH
+        packet, not one each).
         A partial or failed write queues the rest; the writer then finds any
         error.
         """
@@ -504,7 +507,13 @@ class _Channel:
             self.outbox.put(data, wake=False)
             return
         fd = self.fd
-        if fd is not None and not self.writing and not self.outbox.nbytes and not self.calls:
+        if (
+            fd is not None
+            and not self.writing
+            and not self.outbox.nbytes
+            and not self.calls
+            and len(data) <= DIRECT_WRITE_MAX
+        ):
             try:
                 n = os.write(fd, data)
             except OSError:
@@ -516,14 +525,15 @@ class _Channel:
 
     def _flush(self) -> None:
         """Send what the events of one read queued: with one ``os.write``
-        when the writer is idle, else by waking the writer.  Answers of one
+        when the writer is idle (up to ``DIRECT_WRITE_MAX`` bytes), else by
+        waking the writer.  Answers of one
         read leave in one write.  Called at the end of each read's dispatch
         and before the reader waits for anything in between."""
         outbox = self.outbox
         if not outbox.frames:
             return
         fd = self.fd
-        if fd is not None and not self.writing:
+        if fd is not None and not self.writing and outbox.nbytes <= DIRECT_WRITE_MAX:
             data = outbox.take_nowait()
             try:
                 n = os.write(fd, data)
@@ -660,25 +670,27 @@ class _Channel:
     async def _next_event(self) -> Any:
         """``conn.next_event()``; a frame that may cost more than
         ``HEAVY_COST`` to decode is decoded in its turn (the node's ``heavy``
-        lock, first come first served, kept for ``HEAVY_PACE`` times the
-        decoding time), so that large terms cannot hold the event loop for
-        many frames in a row.  Sets ``frame_cost``.  A checkpoint only for
-        such a frame; a cancel while waiting for the turn leaves the frame
-        buffered."""
+        lock, first come first served; a turn starts ``HEAVY_PACE`` times
+        the previous heavy decode's time after it ended, ``Node.heavy_pace``),
+        so that large terms cannot hold the event loop for many frames in a
+        row, while a lone large request is not delayed.  Sets
+        ``frame_cost``.  A checkpoint only for such a frame; a cancel while
+        waiting for the turn leaves the frame buffered."""
         if self.conn.next_cost_bound() <= HEAVY_COST:
             event = self.conn.next_event()
         else:
             self._unbatch()  # what this read answered so far leaves before we wait
             async with self.node.heavy:
+                await self.node.heavy_pace()
                 start = time.perf_counter()
                 try:
                     event = self.conn.next_event()
                 finally:
                     took = time.perf_counter() - start
                     if took > HEAVY_PACE_MIN:
-                        # Keep the turn a while: other heavy frames wait,
-                        # everything else runs.
-                        await trio.sleep(took * HEAVY_PACE)
+                        # The next heavy frame (of any channel) waits a
+                        # while; this one's request runs at once.
+                        self.node.heavy_after = trio.current_time() + took * HEAVY_PACE
             self.batching = True
         self.frame_cost = self.conn.last_cost
         return event
@@ -1637,6 +1649,8 @@ class Node:
         self.accounts = KeyAccounts(max_held_per_key, max_channels_per_key)
         #: Taken to decode a frame that may be expensive (``_Channel._next_event``).
         self.heavy = trio.Lock()
+        #: Trio time before which no heavy frame is decoded (``heavy_pace``).
+        self.heavy_after = -math.inf
         self.redact_errors = redact_errors
         if flush_early < 0:
             raise ValueError(f"flush_early must be 0 or more, not {flush_early}")
@@ -1676,6 +1690,17 @@ class Node:
         are also ended when the Trio run ends).  Sync calls made later start
         a new pool."""
         self._workers.close()
+
+    async def heavy_pace(self) -> None:
+        """Wait (holding ``heavy``) until ``heavy_after``: after a heavy
+        decode that took ``t`` seconds the next one starts ``HEAVY_PACE * t``
+        later, so large terms take at most about a fifth of the event loop.
+        The pause is taken before the next heavy decode, not after this
+        one, so the request just decoded runs at once.  A checkpoint;
+        cancellable (the caller's frame stays buffered)."""
+        wait = self.heavy_after - trio.current_time()
+        if wait > 0:
+            await trio.sleep(wait)
 
     def new_pid(self) -> Pid:
         """A fresh pid of this node, unguessable: 28 random bits (a 15-bit ID

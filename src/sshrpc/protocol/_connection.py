@@ -42,7 +42,8 @@ from collections.abc import Callable, Iterable, KeysView
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .._accel import FrameBuffer, decode_cost, encode, encode_frame
+from .._accel import FrameBuffer, decode_cost, encode, encode_direct, encode_frame
+from .._bulk import term_parts
 from .._errors import FrameTooLarge, LocalProtocolError, MessageTooLarge, ProtocolError, TermError
 from .._etf import DEFAULT_MAX_DEPTH
 from .._saferepr import safe_repr
@@ -1173,13 +1174,14 @@ class Connection:
 
     def send_call(
         self, call_id: int, module: str, function: str, args: Any, timeout: int | None = None
-    ) -> bytes:
+    ) -> bytes | bytearray:
         """``send(Call(id=call_id, module=module, function=function,
         args=list(args), timeout=timeout))`` -- the same bytes, errors and
         state change -- without building the event: the client's per-call
         path.  The frame's ``{call, Id, M, F`` part is assembled from cached
         encodings (one per (module, function), bounded); only ``Args``, the
-        id and the timeout are encoded per call."""
+        id and the timeout are encoded per call.  Arguments holding large
+        binaries give a ``bytearray`` (``_send_call_big``)."""
         new = self._send_rows[self._state].get("Call")
         if (
             new is None
@@ -1205,8 +1207,16 @@ class Connection:
             if len(self._call_names) >= _CALL_NAMES_CACHED:
                 self._call_names.clear()
             self._call_names[(module, function)] = names
-        body = encode(args if type(args) is list else list(args))
+        arglist = args if type(args) is list else list(args)
         id_term = _INT_EXT(b"b", call_id) if 256 <= call_id < _INT32 else _int_term(call_id)
+        body = encode_direct(arglist, DEFAULT_MAX_DEPTH, 0)
+        if body is None:
+            # Large binaries (the direct encoder declines them): the frame
+            # joined once from pieces (src/sshrpc/_bulk.py).
+            big = term_parts(arglist, DEFAULT_MAX_DEPTH, encode)
+            if big is not None:
+                return self._send_call_big(call_id, names, id_term, timeout, big, new)
+            body = encode(arglist)
         if timeout is None:
             size = _HEAD5_SIZE + len(id_term) + len(names) + len(body)
             if size > self._send_limit:
@@ -1228,6 +1238,36 @@ class Connection:
                     timeout_term,
                 )
             )
+        self._frames_sent += 1
+        self._open[call_id] = _PLAIN
+        self._state = new
+        return frame
+
+    def _send_call_big(
+        self,
+        call_id: int,
+        names: bytes,
+        id_term: bytes,
+        timeout: int | None,
+        big: tuple[list[Any], int],
+        new: Sentinel,
+    ) -> bytearray:
+        """``send_call``'s frame for arguments holding large binaries: the
+        same bytes, joined once into a ``bytearray`` (an empty send queue
+        takes it over without a copy: ``Pump.send_nowait``)."""
+        parts, body_size = big
+        if timeout is None:
+            size = _HEAD5_SIZE + len(id_term) + len(names) + body_size + 1
+            tail: tuple[bytes, ...] = ()
+            head = _CALL_HEAD5
+        else:
+            timeout_term = _int_term(timeout)
+            size = _HEAD6_SIZE + len(id_term) + len(names) + body_size + 1 + len(timeout_term)
+            tail = (_TIMEOUT_OPTS, timeout_term)
+            head = _CALL_HEAD6
+        if size > self._send_limit:
+            raise MessageTooLarge(size, self._send_limit)
+        frame = bytearray().join((_U32(size), head, id_term, names, *parts, *tail))
         self._frames_sent += 1
         self._open[call_id] = _PLAIN
         self._state = new
