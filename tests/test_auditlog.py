@@ -137,3 +137,55 @@ def test_stamps_follow_the_clock_across_milliseconds() -> None:
         assert int(before * 1000) - 1 <= round(wall * 1000) <= int(after * 1000), (n, got)
         stamps.add(wall)
     assert len(stamps) >= 3  # several milliseconds
+
+
+def test_record_calls_writes_record_requests_lines_timed_at_each_end() -> None:
+    """``Auditor.record_calls`` (the node's collected ``ok`` lines): the
+    text ``record_request`` writes for each, stamped at each call's end,
+    through ``write_timed`` or, without it, ``write`` line by line; none
+    while the logger's level hides them."""
+    import datetime
+    import time
+
+    out = io.StringIO()
+    stream = AuditStream(out, AUDIT_LOGGER)
+    logger = logging.getLogger("test_auditlog.calls")
+    logger.setLevel(logging.INFO)
+    timed = Auditor(write=stream.write, write_timed=stream.write_timed, logger=logger)
+    now = time.perf_counter()
+    calls = [
+        ("m", "f", 1, now - 2.0, now - 1.5),  # ended 1.5 s ago
+        ("m", "g\n", 0, now - 0.002, now - 0.00075),
+        ("m", "f", 1, now, now),
+    ]
+    wall = time.time()
+    timed.record_calls(KEY, calls)
+    logger.setLevel(logging.WARNING)
+    timed.record_calls(KEY, calls[:1])  # hidden by the level
+    logger.setLevel(logging.INFO)
+    timed.record_calls(KEY, [])
+    got = out.getvalue().splitlines()
+    assert [STAMP.sub("", x) for x in got] == [
+        "sshrpc.audit INFO key=SHA256:abc call m:f/1 outcome=ok duration_ms=500.000",
+        "sshrpc.audit INFO key=SHA256:abc call m:g\\x0a/0 outcome=ok duration_ms=1.250",
+        "sshrpc.audit INFO key=SHA256:abc call m:f/1 outcome=ok duration_ms=0.000",
+    ]
+    stamps = [
+        datetime.datetime.strptime(" ".join(x.split(" ")[:2]), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        for x in got
+    ]
+    assert abs(stamps[0] - (wall - 1.5)) < 0.05  # its own end, not the hand-over
+    assert abs(stamps[2] - wall) < 0.05
+    # The same lines as record_request writes, through write alone too.
+    plain = io.StringIO()
+    untimed = AuditStream(plain, AUDIT_LOGGER)
+    reference = io.StringIO()
+    by_request = AuditStream(reference, AUDIT_LOGGER)
+    Auditor(write=untimed.write, logger=logger).record_calls(KEY, calls)
+    requests = Auditor(write=by_request.write, logger=logger)
+    for module, function, arity, start, end in calls:
+        requests.record_request(KEY, "call", module, function, arity, "ok", end - start)
+    assert [STAMP.sub("", x) for x in plain.getvalue().splitlines()] == [
+        STAMP.sub("", x) for x in reference.getvalue().splitlines()
+    ]
+    assert len(reference.getvalue().splitlines()) == 3

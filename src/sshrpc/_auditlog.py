@@ -67,10 +67,28 @@ class AuditStream(trio.abc.Instrument):
             text = f"{last[3]}{line}\n"
         else:
             text = f"{self._new_prefix(second, msecs, level)}{line}\n"
+        self._add([text])
+
+    def write_timed(self, level: int, lines: list[tuple[str, float]]) -> None:
+        """``write(level, line)`` for each ``(line, when)`` of ``lines`` in
+        order, each stamped with its ``when`` (a ``time.time()``) instead of
+        now: lines the caller collected as they happened."""
+        texts = []
+        last = self._last
+        for line, now in lines:
+            second = int(now)
+            msecs = int((now - second) * 1000)
+            if last[0] != msecs or last[1] != second or last[2] != level:
+                last = (msecs, second, level, self._new_prefix(second, msecs, level))
+            texts.append(f"{last[3]}{line}\n")
+        self._add(texts)
+
+    def _add(self, texts: list[str]) -> None:
+        """Collect ``texts`` for the next ``flush`` (at once outside a run)."""
         if self._installed_in is not None and threading.get_ident() == self._thread:
             # In the run this is installed in (``after_run`` resets it).
             with self._lock:
-                self._lines.append(text)
+                self._lines += texts
             return
         try:
             run = trio.lowlevel.current_root_task()
@@ -78,7 +96,7 @@ class AuditStream(trio.abc.Instrument):
             run = None
         if run is None:
             with self._lock:
-                self._lines.append(text)
+                self._lines += texts
             self.flush()
             return
         if self._installed_in is not run:
@@ -86,7 +104,7 @@ class AuditStream(trio.abc.Instrument):
             self._installed_in = run
             self._thread = threading.get_ident()
         with self._lock:
-            self._lines.append(text)
+            self._lines += texts
 
     def flush(self) -> None:
         """Write the collected lines now."""

@@ -485,6 +485,9 @@ class _Channel:
         self._pool: WorkerPool | None = None
         #: The context pool results are handed over in (``_start_job``).
         self._delivery_context: contextvars.Context | None = None
+        #: Audit lines of calls answered ``ok`` in this read, not yet handed
+        #: to the auditor (``_audit_pending``).
+        self._audited: list[tuple[str, str, int, float, float]] = []
 
     # sending ---------------------------------------------------------------
 
@@ -841,10 +844,14 @@ class _Channel:
         """End a read's batch: send what it queued.  Call before the reader
         awaits anything (the writer may be asleep with frames queued)."""
         self.batching = False
+        if self._audited:
+            self._audit_pending()
         self._flush()
 
     async def _dispatch(self, event: Any) -> bool:
         """Act on one event; True when the client said bye."""
+        if self._audited:  # (its audit lines, if any, come after those)
+            self._audit_pending()
         if isinstance(event, _p.Call):
             if self.outbox.full:
                 # Inline calls answer right here: keep the bound on queued bytes.
@@ -924,6 +931,8 @@ class _Channel:
                 self._decisions[name] = decision
         if decision.outcome == "allow":
             return decision.exported
+        if self._audited:
+            self._audit_pending()
         audit(self.key, kind, module, function, arity, decision.outcome, 0.0)
         if id is not None:
             self.emit(
@@ -1028,7 +1037,7 @@ class _Channel:
             return
         if done:
             self._release(self.frame_cost)
-            self._audit_call(call, "ok", start)
+            self._audited.append((call.module, call.function, len(call.args), start, _clock()))
             self._reply(call.id, value)
             return
         open_call = _OpenCall(None, cost=self.frame_cost)
@@ -1126,15 +1135,18 @@ class _Channel:
         finally:
             _current.reset(token)
             self._release(self.frame_cost)
-        self._audit_call(call, outcome, start)
         if answer is None:
+            self._audited.append((call.module, call.function, len(call.args), start, _clock()))
             self._reply(call.id, value)
         else:
+            self._audit_call(call, outcome, start)
             self.emit(answer)
 
     def _audit_call(self, call: _p.Call, outcome: str, start: float) -> None:
         """The audit line of a call that began at ``start`` (``_clock()``):
-        ``audit``, one frame less."""
+        ``audit``, one frame less (after the lines still collected)."""
+        if self._audited:
+            self._audit_pending()
         current_auditor.get().record_request(
             self.key,
             "call",
@@ -1144,6 +1156,21 @@ class _Channel:
             outcome,
             _clock() - start,
         )
+
+    # The audit lines of calls the reader answered ``ok`` (async calls that
+    # did not wait, inline calls) are collected per read in ``_audited`` and
+    # handed to the auditor together (``Auditor.record_calls``: one level
+    # check, one hand-over; each line timed when its call ended): a line
+    # each cost about 1.7 us.  They are handed over before the reader
+    # awaits anything (``_unbatch``) and before any other audit line of the
+    # channel (``_audit_call``, a denial in ``_check``, ``_dispatch`` of
+    # another request), so the channel's lines keep their order.
+
+    def _audit_pending(self) -> None:
+        """Hand the collected ``ok`` lines to the auditor."""
+        calls = self._audited
+        self._audited = []
+        current_auditor.get().record_calls(self.key, calls)
 
     def _release(self, cost: int) -> None:
         """Give the key back the units a finished request held."""
@@ -1641,10 +1668,12 @@ class Node:
         if flush_early < 0:
             raise ValueError(f"flush_early must be 0 or more, not {flush_early}")
         self.flush_early = flush_early
+        lines = None if audit_stream is None else AuditStream(audit_stream, AUDIT_LOGGER)
         self.auditor = Auditor(
             allowed_level=audit_level,
             window=audit_window,
-            write=None if audit_stream is None else AuditStream(audit_stream, AUDIT_LOGGER).write,
+            write=None if lines is None else lines.write,
+            write_timed=None if lines is None else lines.write_timed,
         )
         self.worker_threads = worker_threads
         self.worker_threads_per_key = worker_threads_per_key

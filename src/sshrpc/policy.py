@@ -421,6 +421,7 @@ class Auditor:
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
         write: Callable[[int, str], None] | None = None,
+        write_timed: Callable[[int, list[tuple[str, float]]], None] | None = None,
     ) -> None:
         self.allowed_level = allowed_level
         self.window = window
@@ -429,6 +430,10 @@ class Auditor:
         self.logger = logger or _audit
         self.clock = clock
         self._write = write or self._log
+        #: ``write_timed(level, [(line, time.time() of the line), ...])``:
+        #: how ``record_calls`` hands over its lines, if given (``sshrpc
+        #: serve``'s ``AuditStream.write_timed``); else ``write`` each.
+        self._write_timed = write_timed
         # (fingerprint, kind, module, function, arity, outcome) -> the
         # escaped line up to its duration (``record_request``)
         self._starts: dict[tuple[str, str, str, str, int, str], str] = {}
@@ -508,15 +513,49 @@ class Auditor:
         name = (key.fingerprint, kind, module, function, arity, outcome)
         start = self._starts.get(name)
         if start is None:
-            what = clean(f"{kind} {module}:{function}/{arity}", 600)
-            start = (
-                f"key={clean(key.fingerprint or '-', 120)} {what} "
-                f"outcome={clean(outcome, 60)} duration_ms="
-            )
-            if len(self._starts) >= self.max_entries:
-                self._starts.clear()
-            self._starts[name] = start
+            start = self._request_start(name)
         self._write(level, f"{start}{duration * 1000.0:.3f}")
+
+    def record_calls(
+        self, key: KeyIdentity, calls: list[tuple[str, str, int, float, float]]
+    ) -> None:
+        """``record_request(key, "call", module, function, arity, "ok",
+        end - start)`` for each ``(module, function, arity, start, end)`` of
+        ``calls`` in order (``start``/``end``: ``time.perf_counter()``
+        readings), the same lines, timed at each ``end``: the node's
+        per-call lines, handed over once per read of its channel.  One
+        level check for all."""
+        level = self.allowed_level
+        if not calls or not self.logger.isEnabledFor(level):
+            return
+        fingerprint = key.fingerprint
+        starts = self._starts
+        lines: list[tuple[str, float]] = []
+        offset = time.time() - time.perf_counter()
+        for module, function, arity, start_at, end_at in calls:
+            name = (fingerprint, "call", module, function, arity, "ok")
+            start = starts.get(name)
+            if start is None:
+                start = self._request_start(name)
+            lines.append((f"{start}{(end_at - start_at) * 1000.0:.3f}", end_at + offset))
+        if self._write_timed is not None:
+            self._write_timed(level, lines)
+        else:
+            write = self._write
+            for line, _ in lines:
+                write(level, line)
+
+    def _request_start(self, name: tuple[str, str, str, str, int, str]) -> str:
+        """``record_request``'s line up to its duration, kept (bounded)."""
+        fingerprint, kind, module, function, arity, outcome = name
+        what = clean(f"{kind} {module}:{function}/{arity}", 600)
+        start = (
+            f"key={clean(fingerprint or '-', 120)} {what} outcome={clean(outcome, 60)} duration_ms="
+        )
+        if len(self._starts) >= self.max_entries:
+            self._starts.clear()
+        self._starts[name] = start
+        return start
 
     def flush(self, *, expired_only: bool = False) -> None:
         """Write the pending counts (``repeated N times``, ``N more denials
