@@ -77,6 +77,7 @@ import socket
 import stat
 import struct
 import time
+import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -142,6 +143,7 @@ log = logging.getLogger("sshrpc.node")
 T = TypeVar("T")
 #: The clock of call durations (audit lines): cheaper than ``trio.current_time``.
 _clock = time.perf_counter
+_CoroutineType = types.CoroutineType
 
 #: Open calls per channel (PROTOCOL.md section 3's ``max_calls``).
 DEFAULT_MAX_CALLS = _p.DEFAULT_MAX_CALLS
@@ -485,6 +487,9 @@ class _Channel:
         self._pool: WorkerPool | None = None
         #: The context pool results are handed over in (``_start_job``).
         self._delivery_context: contextvars.Context | None = None
+        #: The allowed inline and async functions by (module, function,
+        #: arity), as ``_check`` decided them (``_plain_calls``).
+        self._fast: dict[tuple[str, str, int], Exported] = {}
         #: Audit lines of calls answered ``ok`` in this read, not yet handed
         #: to the auditor (``_audit_pending``).
         self._audited: list[tuple[str, str, int, float, float]] = []
@@ -775,6 +780,14 @@ class _Channel:
                             at = self._next_read_events()
                         if at >= 0:
                             event = self._read_events[at]
+                            if type(event) is tuple:  # a plain call
+                                if not self.outbox.full:
+                                    self._plain_calls()
+                                    if self._waiting is not None:
+                                        await self._run_waiting_call(scope, held)
+                                        return None
+                                    continue
+                                event = _p.call_event(event)  # (waits for room)
                             self.frame_cost = self._read_costs[at]
                             self._read_at = at + 1
                         elif conn.next_cost_bound() <= HEAVY_COST:
@@ -828,7 +841,7 @@ class _Channel:
         cost bound ``HEAVY_COST``: heavier frames keep their turn) into
         ``_read_events``; the index of the first, -1 if there are none."""
         costs: list[int] = []
-        events = self.conn.next_events_each(costs, HEAVY_COST)
+        events = self.conn.next_events_each(costs, HEAVY_COST, plain_calls=True)
         self._read_events = events
         self._read_costs = costs
         self._read_at = 0
@@ -929,6 +942,13 @@ class _Channel:
             decision = self.node.table.decide(self.key, module, function, arity)
             if len(self._decisions) < DECISION_CACHE:
                 self._decisions[name] = decision
+                fast = decision.exported
+                if (
+                    decision.outcome == "allow"
+                    and fast is not None
+                    and (fast.inline or fast.kind == "async")
+                ):
+                    self._fast[name] = fast
         if decision.outcome == "allow":
             return decision.exported
         if self._audited:
@@ -1045,6 +1065,115 @@ class _Channel:
             open_call.deadline = trio.current_time() + call.timeout / 1000
         self.calls[call.id] = open_call
         self._waiting = (call, value, context, trap, open_call, start)
+
+    def _plain_calls(self) -> None:
+        """Dispatch the read's plain calls (``_p.PlainCall``) from
+        ``_read_at`` on, until another event, a full outbox or a call that
+        waits (``_waiting``): ``_start_call`` in one loop, without a
+        ``Call`` object or a frame per step for an allowed inline or async
+        function (``_fast``) the key has room for: the same answers, audit
+        lines, charges and early flushes.  Anything else goes to
+        ``_start_call``."""
+        events = self._read_events
+        costs = self._read_costs
+        at = self._read_at
+        end = len(events)
+        outbox = self.outbox
+        frames = outbox.frames
+        fast = self._fast
+        calls = self.calls
+        max_calls = self.node.max_calls
+        account = self.account
+        assert account is not None
+        send_reply = self.conn.send_reply
+        flush_early = self.flush_early
+        while at < end:
+            plain = events[at]
+            if type(plain) is not tuple or outbox.nbytes >= outbox.limit:
+                return
+            cost = costs[at]
+            at += 1
+            self._read_at = at
+            self.frame_cost = cost
+            call_id, module, function, args, _ = plain
+            exported = fast.get((module, function, len(args)))
+            if (
+                exported is None
+                or self.closing
+                or len(calls) >= max_calls
+                or (cost > 0 and account.held + cost > account.limit)  # (``_hold``)
+            ):
+                self._start_call(_p.call_event(plain))
+                if self._waiting is not None:
+                    return
+            else:
+                # Answered before anything else runs: its charge (``_hold``)
+                # would be given back at once, so it is only checked; a call
+                # that waits is charged.
+                start = _clock()
+                if exported.inline:  # (``_call_inline``)
+                    token = _current.set(self.context)
+                    failed: Exception | None = None
+                    try:
+                        value = exported.fn(*args)
+                    except Exception as exc:
+                        failed = exc
+                    finally:
+                        _current.reset(token)
+                    if failed is not None:
+                        self._answer_failed(_p.call_event(plain), failed, start)
+                    else:
+                        self._audited.append((module, function, len(args), start, _clock()))
+                        try:
+                            data = send_reply(call_id, value)
+                        except Exception:  # (``_reply``)
+                            self.emit(_p.Reply(id=call_id, value=value))
+                        else:
+                            self._queue(data)
+                else:  # (``_start_async``)
+                    context = self._call_context()
+                    try:
+                        coro = context.run(exported.fn, *args)
+                        it = coro if type(coro) is _CoroutineType else coro.__await__()
+                        trap = context.run(it.send, None)
+                    except StopIteration as stop:
+                        self._audited.append((module, function, len(args), start, _clock()))
+                        try:
+                            data = send_reply(call_id, stop.value)
+                        except Exception:  # (``_reply``)
+                            self.emit(_p.Reply(id=call_id, value=stop.value))
+                        else:
+                            self._queue(data)
+                    except Exception as exc:
+                        self._answer_failed(_p.call_event(plain), exc, start)
+                    else:
+                        account.charge(cost)
+                        self._wait_for(_p.call_event(plain), cost, it, context, trap, start)
+                        return
+            if len(frames) >= flush_early and not _statistics().tasks_runnable:
+                self._flush()
+
+    def _answer_failed(self, call: _p.Call, exc: Exception, start: float) -> None:
+        """Answer ``call``, whose function raised ``exc``, and audit it."""
+        cls, reason, details = self.node.error_term(exc)
+        self._audit_call(call, str(cls), start)
+        self.emit(_p.ErrorReply(id=call.id, cls=cls, reason=reason, details=details))
+
+    def _wait_for(
+        self,
+        call: _p.Call,
+        cost: int,
+        it: Any,
+        context: contextvars.Context,
+        trap: Any,
+        start: float,
+    ) -> None:
+        """The async ``call`` (charged ``cost``) waits: ``_waiting``."""
+        open_call = _OpenCall(None, cost=cost)
+        if call.timeout is not None:
+            open_call.deadline = trio.current_time() + call.timeout / 1000
+        self.calls[call.id] = open_call
+        self._waiting = (call, it, context, trap, open_call, start)
 
     def _call_context(self) -> contextvars.Context:
         base = self._context_base

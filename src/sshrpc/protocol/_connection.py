@@ -177,6 +177,17 @@ _ERROR_SLOTS = _slots(ErrorReply, "id", "cls", "reason", "details")
 _CHUNK_SLOTS = _slots(Chunk, "id", "value")
 
 
+#: A plain call as ``Connection.next_events_each(plain_calls=True)`` gives
+#: it: ``(id, module, function, args, timeout)`` (``timeout`` in ms or None);
+#: ``call_event`` makes its ``Call``.
+PlainCall = tuple[int, Atom, Atom, list[Any], int | None]
+
+
+def call_event(plain: PlainCall) -> Call:
+    """The ``Call`` event of a ``PlainCall``."""
+    return _call(plain[0], plain[1], plain[2], plain[3], plain[4], False, DEFAULT_CREDIT)
+
+
 def _call(
     call_id: int,
     module: Atom,
@@ -647,7 +658,9 @@ class Connection:
                 events.append(event)
         return events
 
-    def next_events_each(self, costs: list[int], bound: int) -> list[Event]:
+    def next_events_each(
+        self, costs: list[int], bound: int, plain_calls: bool = False
+    ) -> list[Event | PlainCall]:
         """The server's batched read: the events of the small plain frames
         buffered now, in order, each frame decoded alone so that ``costs``
         gets each event's own decode cost (``last_cost`` after
@@ -665,6 +678,11 @@ class Connection:
         as it would have frame by frame.  Like ``next_events``: only while
         the session is open, ``[]`` otherwise; call ``next_event`` after it
         in any case.
+
+        ``plain_calls=True``: the event of a call without options but a
+        ``timeout`` (the common call, as the Python client sends it) is
+        its ``PlainCall`` tuple instead of a ``Call`` (``call_event`` makes
+        that): about 0.4 us less per call for a caller that needs no object.
         """
         if self._error is not None:
             raise self._error
@@ -678,7 +696,7 @@ class Connection:
             bound // _WORST_COST_PER_BYTE,
         )
         bye_after_error = self._bye_after_error
-        events: list[Event] = []
+        events: list[Event | PlainCall] = []
         # The common call (``_srv_call``'s first branch) is decoded and made
         # an event right here: a frame costs about 2.4 us through
         # ``_decode``, ``_event_of``, ``_srv_call`` and ``_call``, 1 here.
@@ -727,7 +745,9 @@ class Connection:
                     opened[call_id] = _PLAIN
                     self.last_cost = cost  # type: ignore[assignment]
                     events.append(
-                        _call(call_id, term[2], term[3], term[4], None, False, DEFAULT_CREDIT)
+                        (call_id, term[2], term[3], term[4], None)
+                        if plain_calls
+                        else _call(call_id, term[2], term[3], term[4], None, False, DEFAULT_CREDIT)
                     )
                     costs.append(cost)  # type: ignore[arg-type]
                     continue
@@ -741,7 +761,9 @@ class Connection:
                     opened[call_id] = _PLAIN
                     self.last_cost = cost  # type: ignore[assignment]
                     events.append(
-                        _call(call_id, term[2], term[3], term[4], ms, False, DEFAULT_CREDIT)
+                        (call_id, term[2], term[3], term[4], ms)
+                        if plain_calls
+                        else _call(call_id, term[2], term[3], term[4], ms, False, DEFAULT_CREDIT)
                     )
                     costs.append(cost)  # type: ignore[arg-type]
                     continue
