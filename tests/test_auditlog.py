@@ -142,8 +142,8 @@ def test_stamps_follow_the_clock_across_milliseconds() -> None:
 def test_record_calls_writes_record_requests_lines_timed_at_each_end() -> None:
     """``Auditor.record_calls`` (the node's collected ``ok`` lines): the
     text ``record_request`` writes for each, stamped at each call's end,
-    through ``write_timed`` or, without it, ``write`` line by line; none
-    while the logger's level hides them."""
+    through ``write_requests`` or, without it, ``write`` line by line; none
+    while the logger's level hides them; the kept texts stay bounded."""
     import datetime
     import time
 
@@ -151,12 +151,12 @@ def test_record_calls_writes_record_requests_lines_timed_at_each_end() -> None:
     stream = AuditStream(out, AUDIT_LOGGER)
     logger = logging.getLogger("test_auditlog.calls")
     logger.setLevel(logging.INFO)
-    timed = Auditor(write=stream.write, write_timed=stream.write_timed, logger=logger)
+    timed = Auditor(write=stream.write, write_requests=stream.write_requests, logger=logger)
     now = time.perf_counter()
     calls = [
-        ("m", "f", 1, now - 2.0, now - 1.5),  # ended 1.5 s ago
-        ("m", "g\n", 0, now - 0.002, now - 0.00075),
-        ("m", "f", 1, now, now),
+        (("m", "f", 1), now - 2.0, now - 1.5),  # ended 1.5 s ago
+        (("m", "g\n", 0), now - 0.002, now - 0.00075),
+        (("m", "f", 1), now, now),
     ]
     wall = time.time()
     timed.record_calls(KEY, calls)
@@ -183,9 +183,18 @@ def test_record_calls_writes_record_requests_lines_timed_at_each_end() -> None:
     by_request = AuditStream(reference, AUDIT_LOGGER)
     Auditor(write=untimed.write, logger=logger).record_calls(KEY, calls)
     requests = Auditor(write=by_request.write, logger=logger)
-    for module, function, arity, start, end in calls:
+    for (module, function, arity), start, end in calls:
         requests.record_request(KEY, "call", module, function, arity, "ok", end - start)
     assert [STAMP.sub("", x) for x in plain.getvalue().splitlines()] == [
         STAMP.sub("", x) for x in reference.getvalue().splitlines()
     ]
     assert len(reference.getvalue().splitlines()) == 3
+    # Many names and keys: what is kept stays bounded, the lines the same.
+    small = Auditor(write=untimed.write, logger=logger, max_entries=8)
+    for n in range(40):
+        key = KeyIdentity(fingerprint=f"SHA256:k{n % 3}")
+        small.record_calls(key, [(("m", f"f{n}", 0), now, now)])
+        assert small._ok_count <= 8 and len(small._starts) <= 8
+    assert plain.getvalue().splitlines()[-1].endswith(
+        "key=SHA256:k0 call m:f39/0 outcome=ok duration_ms=0.000"
+    )

@@ -69,18 +69,20 @@ class AuditStream(trio.abc.Instrument):
             text = f"{self._new_prefix(second, msecs, level)}{line}\n"
         self._add([text])
 
-    def write_timed(self, level: int, lines: list[tuple[str, float]]) -> None:
-        """``write(level, line)`` for each ``(line, when)`` of ``lines`` in
-        order, each stamped with its ``when`` (a ``time.time()``) instead of
-        now: lines the caller collected as they happened."""
+    def write_requests(self, level: int, items: list[tuple[str, float, float]]) -> None:
+        """``write(level, f"{start}{duration * 1000.0:.3f}")`` for each
+        ``(start, duration, when)`` of ``items`` in order (an audit line of
+        a request and its duration in seconds), each stamped with its
+        ``when`` (a ``time.time()``) instead of now: lines the caller
+        collected as they happened."""
         texts = []
         last = self._last
-        for line, now in lines:
+        for start, duration, now in items:
             second = int(now)
             msecs = int((now - second) * 1000)
             if last[0] != msecs or last[1] != second or last[2] != level:
                 last = (msecs, second, level, self._new_prefix(second, msecs, level))
-            texts.append(f"{last[3]}{line}\n")
+            texts.append(f"{last[3]}{start}{duration * 1000.0:.3f}\n")
         self._add(texts)
 
     def _add(self, texts: list[str]) -> None:

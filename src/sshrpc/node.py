@@ -492,7 +492,7 @@ class _Channel:
         self._fast: dict[tuple[str, str, int], Exported] = {}
         #: Audit lines of calls answered ``ok`` in this read, not yet handed
         #: to the auditor (``_audit_pending``).
-        self._audited: list[tuple[str, str, int, float, float]] = []
+        self._audited: list[tuple[tuple[str, str, int], float, float]] = []
 
     # sending ---------------------------------------------------------------
 
@@ -1057,7 +1057,7 @@ class _Channel:
             return
         if done:
             self._release(self.frame_cost)
-            self._audited.append((call.module, call.function, len(call.args), start, _clock()))
+            self._audited.append(((call.module, call.function, len(call.args)), start, _clock()))
             self._reply(call.id, value)
             return
         open_call = _OpenCall(None, cost=self.frame_cost)
@@ -1096,7 +1096,8 @@ class _Channel:
             self._read_at = at
             self.frame_cost = cost
             call_id, module, function, args, _ = plain
-            exported = fast.get((module, function, len(args)))
+            name = (module, function, len(args))
+            exported = fast.get(name)
             if (
                 exported is None
                 or self.closing
@@ -1123,7 +1124,7 @@ class _Channel:
                     if failed is not None:
                         self._answer_failed(_p.call_event(plain), failed, start)
                     else:
-                        self._audited.append((module, function, len(args), start, _clock()))
+                        self._audited.append((name, start, _clock()))
                         try:
                             data = send_reply(call_id, value)
                         except Exception:  # (``_reply``)
@@ -1137,7 +1138,7 @@ class _Channel:
                         it = coro if type(coro) is _CoroutineType else coro.__await__()
                         trap = context.run(it.send, None)
                     except StopIteration as stop:
-                        self._audited.append((module, function, len(args), start, _clock()))
+                        self._audited.append((name, start, _clock()))
                         try:
                             data = send_reply(call_id, stop.value)
                         except Exception:  # (``_reply``)
@@ -1265,7 +1266,7 @@ class _Channel:
             _current.reset(token)
             self._release(self.frame_cost)
         if answer is None:
-            self._audited.append((call.module, call.function, len(call.args), start, _clock()))
+            self._audited.append(((call.module, call.function, len(call.args)), start, _clock()))
             self._reply(call.id, value)
         else:
             self._audit_call(call, outcome, start)
@@ -1802,7 +1803,7 @@ class Node:
             allowed_level=audit_level,
             window=audit_window,
             write=None if lines is None else lines.write,
-            write_timed=None if lines is None else lines.write_timed,
+            write_requests=None if lines is None else lines.write_requests,
         )
         self.worker_threads = worker_threads
         self.worker_threads_per_key = worker_threads_per_key
