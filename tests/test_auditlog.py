@@ -6,7 +6,9 @@ import io
 import logging
 import re
 import threading
+import time
 
+import pytest
 import trio
 
 from sshrpc._auditlog import LOG_FORMAT, AuditStream
@@ -195,6 +197,51 @@ def test_record_calls_writes_record_requests_lines_timed_at_each_end() -> None:
         key = KeyIdentity(fingerprint=f"SHA256:k{n % 3}")
         small.record_calls(key, [(("m", f"f{n}", 0), now, now)])
         assert small._ok_count <= 8 and len(small._starts) <= 8
-    assert plain.getvalue().splitlines()[-1].endswith(
-        "key=SHA256:k0 call m:f39/0 outcome=ok duration_ms=0.000"
+    assert (
+        plain.getvalue()
+        .splitlines()[-1]
+        .endswith("key=SHA256:k0 call m:f39/0 outcome=ok duration_ms=0.000")
     )
+
+
+def test_write_calls_in_c_writes_exactly_what_write_requests_writes() -> None:
+    """``AuditStream.write_calls`` (csrc/pyaudit.c) against the Python of
+    ``write_requests``: the same text, byte for byte, for stamps across
+    milliseconds, seconds and days and durations of every size (rounding
+    included); False, writing nothing, for a name it has no start for."""
+    import random
+
+    from sshrpc import _auditlog, c_accelerated
+
+    if not c_accelerated:
+        pytest.skip("the C module is not built here")
+    assert _auditlog._format_calls is not None
+    rng = random.Random(7)
+    starts = {
+        ("m", "f", n): f"key=SHA256:é{n} call m:f/{n} outcome=ok duration_ms=" for n in range(5)
+    }
+    offset = time.time() - time.perf_counter()
+    base = time.perf_counter()
+    calls = []
+    for i in range(3000):
+        end = base + rng.choice([i * 0.0004, i * 0.37, 86400.0 * i, rng.random()])
+        duration = rng.choice(
+            [0.0, 1e-9, 0.0000005, 0.0000015, 0.0012345, rng.random() * 10, 12345.678, 1e-7 * i]
+        )
+        calls.append((("m", "f", i % 5), end - duration, end))
+    c_out, py_out = io.StringIO(), io.StringIO()
+    assert AuditStream(c_out, AUDIT_LOGGER).write_calls(logging.INFO, calls, starts, offset)
+    py = AuditStream(py_out, AUDIT_LOGGER)
+    py.write_requests(
+        logging.INFO, [(starts[name], end - start, end + offset) for name, start, end in calls]
+    )
+    c_text, py_text = c_out.getvalue(), py_out.getvalue()
+    assert c_text.count("\n") == 3000
+    assert c_text == py_text
+    missing = io.StringIO()
+    stream = AuditStream(missing, AUDIT_LOGGER)
+    assert not stream.write_calls(
+        logging.INFO, [*calls[:3], (("m", "g", 0), 1.0, 2.0)], starts, 0.0
+    )
+    stream.flush()
+    assert missing.getvalue() == ""

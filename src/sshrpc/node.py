@@ -1804,6 +1804,7 @@ class Node:
             window=audit_window,
             write=None if lines is None else lines.write,
             write_requests=None if lines is None else lines.write_requests,
+            write_calls=None if lines is None else lines.write_calls,
         )
         self.worker_threads = worker_threads
         self.worker_threads_per_key = worker_threads_per_key

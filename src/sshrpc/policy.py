@@ -422,6 +422,10 @@ class Auditor:
         clock: Callable[[], float] = time.monotonic,
         write: Callable[[int, str], None] | None = None,
         write_requests: Callable[[int, list[tuple[str, float, float]]], None] | None = None,
+        write_calls: Callable[
+            [int, list[tuple[tuple[str, str, int], float, float]], dict[Any, str], float], bool
+        ]
+        | None = None,
     ) -> None:
         self.allowed_level = allowed_level
         self.window = window
@@ -434,6 +438,9 @@ class Auditor:
         #: ``record_calls`` hands over its lines, if given (``sshrpc
         #: serve``'s ``AuditStream.write_requests``); else ``write`` each.
         self._write_requests = write_requests
+        #: ``write_calls(level, calls, starts, offset)``: ``record_calls``'s
+        #: lines in one go, if it can (``AuditStream.write_calls``: True).
+        self._write_calls = write_calls
         # fingerprint -> (module, function, arity) -> the line of an ``ok``
         # call up to its duration (``record_calls``); entries in all
         self._ok_starts: dict[str, dict[tuple[str, str, int], str]] = {}
@@ -537,8 +544,10 @@ class Auditor:
         starts = self._ok_starts.get(fingerprint)
         if starts is None:
             starts = self._ok_starts[fingerprint] = {}
-        items: list[tuple[str, float, float]] = []
         offset = time.time() - time.perf_counter()
+        if self._write_calls is not None and self._write_calls(level, calls, starts, offset):
+            return
+        items: list[tuple[str, float, float]] = []
         for name, start_at, end_at in calls:
             start = starts.get(name)
             if start is None:
