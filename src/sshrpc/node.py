@@ -69,6 +69,7 @@ import contextlib
 import contextvars
 import functools
 import heapq
+import inspect
 import logging
 import math
 import os
@@ -144,6 +145,7 @@ T = TypeVar("T")
 #: The clock of call durations (audit lines): cheaper than ``trio.current_time``.
 _clock = time.perf_counter
 _CoroutineType = types.CoroutineType
+_CO_COROUTINE = inspect.CO_COROUTINE
 
 #: Open calls per channel (PROTOCOL.md section 3's ``max_calls``).
 DEFAULT_MAX_CALLS = _p.DEFAULT_MAX_CALLS
@@ -335,6 +337,14 @@ class _Outbox:
             if wake and self._data:
                 self._data.unpark_all()
 
+    def put_batched(self, frame: bytes) -> None:
+        """``put(frame, wake=False)`` for a frame that is not empty."""
+        self.frames.append(frame)
+        n = len(frame)
+        self.nbytes += n
+        if self.account is not None:
+            self.account.add(n)
+
     def wake(self) -> None:
         if self.frames and self._data:
             self._data.unpark_all()
@@ -490,6 +500,8 @@ class _Channel:
         #: The allowed inline and async functions by (module, function,
         #: arity), as ``_check`` decided them (``_plain_calls``).
         self._fast: dict[tuple[str, str, int], Exported] = {}
+        #: Those of them that are plain ``async def`` functions.
+        self._plain_coroutines: set[tuple[str, str, int]] = set()
         #: Audit lines of calls answered ``ok`` in this read, not yet handed
         #: to the auditor (``_audit_pending``).
         self._audited: list[tuple[tuple[str, str, int], float, float]] = []
@@ -949,6 +961,9 @@ class _Channel:
                     and (fast.inline or fast.kind == "async")
                 ):
                     self._fast[name] = fast
+                    fn = fast.fn
+                    if type(fn) is types.FunctionType and fn.__code__.co_flags & _CO_COROUTINE:
+                        self._plain_coroutines.add(name)
         if decision.outcome == "allow":
             return decision.exported
         if self._audited:
@@ -1081,11 +1096,14 @@ class _Channel:
         outbox = self.outbox
         frames = outbox.frames
         fast = self._fast
+        plain_coroutines = self._plain_coroutines
         calls = self.calls
         max_calls = self.node.max_calls
         account = self.account
         assert account is not None
         send_reply = self.conn.send_reply
+        # (``_queue`` while the read's answers are batched)
+        put = outbox.put_batched if self.batching else self._queue
         flush_early = self.flush_early
         while at < end:
             plain = events[at]
@@ -1130,11 +1148,17 @@ class _Channel:
                         except Exception:  # (``_reply``)
                             self.emit(_p.Reply(id=call_id, value=value))
                         else:
-                            self._queue(data)
+                            put(data)
                 else:  # (``_start_async``)
-                    context = self._call_context()
+                    base = self._context_base
+                    context = self._call_context() if base is None else base.copy()
                     try:
-                        coro = context.run(exported.fn, *args)
+                        # (an ``async def``'s call runs none of its code)
+                        coro = (
+                            exported.fn(*args)
+                            if name in plain_coroutines
+                            else context.run(exported.fn, *args)
+                        )
                         it = coro if type(coro) is _CoroutineType else coro.__await__()
                         trap = context.run(it.send, None)
                     except StopIteration as stop:
@@ -1144,7 +1168,7 @@ class _Channel:
                         except Exception:  # (``_reply``)
                             self.emit(_p.Reply(id=call_id, value=stop.value))
                         else:
-                            self._queue(data)
+                            put(data)
                     except Exception as exc:
                         self._answer_failed(_p.call_event(plain), exc, start)
                     else:

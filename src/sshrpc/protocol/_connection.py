@@ -1247,7 +1247,11 @@ class Connection:
         new = self._send_rows[self._state].get("Reply")
         if new is None or type(call_id) is not int or call_id not in self._open:
             return self.send(Reply(id=call_id, value=value))  # raises what it raises
-        frame = self._final_frame(call_id, (A_REPLY, call_id, value))
+        frame = encode_frame((A_REPLY, call_id, value))
+        if len(frame) - 4 > self._send_limit:  # (``_final_frame``)
+            self._too_large += 1
+            frame = encode_frame((A_ERROR, call_id, (A_SSHRPC, A_TOO_LARGE, {})))
+        self._frames_sent += 1
         del self._open[call_id]
         self._state = new
         return frame
