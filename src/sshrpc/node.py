@@ -1113,7 +1113,7 @@ class _Channel:
             at += 1
             self._read_at = at
             self.frame_cost = cost
-            call_id, module, function, args, _ = plain
+            call_id, module, function, args, _, _, _ = plain
             name = (module, function, len(args))
             exported = fast.get(name)
             if (

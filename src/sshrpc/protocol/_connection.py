@@ -44,7 +44,7 @@ from typing import Any, Final
 
 from .._accel import FrameBuffer, decode_cost, encode, encode_frame
 from .._errors import FrameTooLarge, LocalProtocolError, MessageTooLarge, ProtocolError, TermError
-from .._etf import DEFAULT_MAX_DEPTH
+from .._etf import DEFAULT_MAX_BIG_BYTES, DEFAULT_MAX_DEPTH
 from .._saferepr import safe_repr
 from .._types import Atom, Map
 from ._events import (
@@ -178,9 +178,34 @@ _CHUNK_SLOTS = _slots(Chunk, "id", "value")
 
 
 #: A plain call as ``Connection.next_events_each(plain_calls=True)`` gives
-#: it: ``(id, module, function, args, timeout)`` (``timeout`` in ms or None);
+#: it: ``(id, module, function, args, timeout, cost, term)`` (``timeout`` in
+#: ms or None; ``cost`` its decode cost, ``term`` the decoded frame);
 #: ``call_event`` makes its ``Call``.
-PlainCall = tuple[int, Atom, Atom, list[Any], int | None]
+PlainCall = tuple[int, Atom, Atom, list[Any], int | None, int, Any]
+
+
+def _install_plain_call() -> Callable[[bytes, int, int, int], Any] | None:
+    """``plain_call(data, max_depth, max_big, max_cost)`` (csrc/pydec.c): a
+    frame decoded as ``decode_direct(..., True)`` does, and a common call
+    (``_srv_call``'s first branch, but for the state) returned as its
+    ``PlainCall``; None where the direct decoder is not in use."""
+    from .. import _accel
+
+    if not _accel.c_accelerated:
+        return None
+    from .. import _codec
+    from .._sshrpc_c import ffi, lib
+
+    install = getattr(lib, "sshrpc_pydec_install_plain_call", None)
+    target: dict[str, Any] = {}
+    if not _codec._direct_decoder or install is None:
+        return None  # pragma: no cover - direct decoding off, a stale build
+    if install(ffi.cast("void *", id(target))):
+        return None  # pragma: no cover - out of memory at import
+    return target["plain_call"]  # type: ignore[no-any-return]
+
+
+_MAX_BIG = DEFAULT_MAX_BIG_BYTES
 
 
 def call_event(plain: PlainCall) -> Call:
@@ -719,13 +744,37 @@ class Connection:
                 self._peeked = payload  # next_event takes it, in order
                 break
             self._frames_received += 1
-            # (``_decode`` of a plain payload; it raises a bad term's error)
-            try:
-                term, cost = decode_cost(
-                    payload, max_depth=depth, max_inflated=limit, max_cost=self._cost_limit
-                )
-            except TermError:
-                term = cost = None
+            # The common call decoded and checked in one C call
+            # (``_plain_call``), its state checks here.
+            got = (
+                NotImplemented
+                if plain_call is None
+                else plain_call(payload, depth, _MAX_BIG, self._cost_limit)
+            )
+            if type(got) is tuple and len(got) == 7:
+                call_id = got[0]
+                if new is not None and call_id not in opened and len(opened) < max_open:
+                    self._state = new
+                    opened[call_id] = _PLAIN
+                    self.last_cost = cost = got[5]
+                    events.append(
+                        got
+                        if plain_calls
+                        else _call(call_id, got[1], got[2], got[3], got[4], False, DEFAULT_CREDIT)
+                    )
+                    costs.append(cost)
+                    continue
+                term, cost = got[6], got[5]
+            elif got is not NotImplemented:
+                term, cost = got
+            else:
+                # (``_decode`` of a plain payload; it raises a bad term's error)
+                try:
+                    term, cost = decode_cost(
+                        payload, max_depth=depth, max_inflated=limit, max_cost=self._cost_limit
+                    )
+                except TermError:
+                    term = cost = None
             if (
                 new is not None
                 and type(term) is tuple
@@ -743,13 +792,13 @@ class Connection:
                 if len(term) == 5:
                     self._state = new
                     opened[call_id] = _PLAIN
-                    self.last_cost = cost  # type: ignore[assignment]
+                    self.last_cost = cost
                     events.append(
-                        (call_id, term[2], term[3], term[4], None)
+                        (call_id, term[2], term[3], term[4], None, cost, term)
                         if plain_calls
                         else _call(call_id, term[2], term[3], term[4], None, False, DEFAULT_CREDIT)
                     )
-                    costs.append(cost)  # type: ignore[arg-type]
+                    costs.append(cost)
                     continue
                 if (
                     type(opts := term[5]) is dict
@@ -759,13 +808,13 @@ class Connection:
                 ):
                     self._state = new
                     opened[call_id] = _PLAIN
-                    self.last_cost = cost  # type: ignore[assignment]
+                    self.last_cost = cost
                     events.append(
-                        (call_id, term[2], term[3], term[4], ms)
+                        (call_id, term[2], term[3], term[4], ms, cost, term)
                         if plain_calls
                         else _call(call_id, term[2], term[3], term[4], ms, False, DEFAULT_CREDIT)
                     )
-                    costs.append(cost)  # type: ignore[arg-type]
+                    costs.append(cost)
                     continue
             try:
                 if cost is None:
@@ -1583,3 +1632,7 @@ def _short(term: Any) -> str:
     """Peer data for an error message: bounded, never raises (huge ints,
     deep terms; ``safe_repr``)."""
     return safe_repr(term, 200)
+
+
+#: ``plain_call`` (csrc/pydec.c), or None: see ``_install_plain_call``.
+plain_call = _install_plain_call()
