@@ -17,8 +17,8 @@
  * exactly as the Python of AuditStream.write writes them (logging's
  * format): the stamp from time.localtime(int(when)) and
  * int((when - int(when)) * 1000), the duration from (end - start) * 1000.0
- * (the same IEEE double operations; C's %.3f and Python's format are both
- * correctly rounded).  None when a name is not in `starts` (the caller adds
+ * (the same IEEE double operations) formatted by Python's own
+ * PyOS_double_to_string, as format(duration, ".3f") does.  None when a name is not in `starts` (the caller adds
  * it and asks again), when an argument has another type or a value is out
  * of range (the caller then formats in Python).  Only the stable ABI (3.11)
  * is used.
@@ -101,14 +101,25 @@ static PyObject *format_calls(PyObject *self, PyObject *const *args, Py_ssize_t 
             stamp_second = second;
         }
         char num[64];
-        int m = snprintf(num, sizeof num, ",%03lld", msecs);
-        if (m < 0 || (size_t)m >= sizeof num) goto fallback;
-        char dur[400];
-        int k = snprintf(dur, sizeof dur, "%.3f\n", duration);
-        if (k < 0 || (size_t)k >= sizeof dur) goto fallback; /* (a huge or odd value) */
-        if (put(&b, stamp, stamp_len) || put(&b, num, (size_t)m) ||
-            put(&b, tail, (size_t)tail_len) || put(&b, start_s, (size_t)start_len) ||
-            put(&b, dur, (size_t)k)) {
+        int m;
+        if (msecs >= 0 && msecs <= 999) {
+            num[0] = ',';
+            num[1] = (char)('0' + msecs / 100);
+            num[2] = (char)('0' + msecs / 10 % 10);
+            num[3] = (char)('0' + msecs % 10);
+            m = 4;
+        } else {
+            m = snprintf(num, sizeof num, ",%03lld", msecs);
+            if (m < 0 || (size_t)m >= sizeof num) goto fallback;
+        }
+        /* Python's own float formatting: f"{duration:.3f}" exactly. */
+        char *dur = PyOS_double_to_string(duration, 'f', 3, 0, NULL);
+        if (!dur) goto error;
+        int failed = put(&b, stamp, stamp_len) || put(&b, num, (size_t)m) ||
+                     put(&b, tail, (size_t)tail_len) || put(&b, start_s, (size_t)start_len) ||
+                     put(&b, dur, strlen(dur)) || put(&b, "\n", 1);
+        PyMem_Free(dur);
+        if (failed) {
             PyErr_NoMemory();
             goto error;
         }
