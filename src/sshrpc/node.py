@@ -527,6 +527,9 @@ class _Channel:
         #: Audit lines of calls answered ``ok`` in this read, not yet handed
         #: to the auditor (``_audit_pending``).
         self._audited: list[tuple[tuple[str, str, int], float, float]] = []
+        #: The auditor of the channel's context (``current_auditor`` in
+        #: ``run``): ``_audit_pending`` may run in the pool's delivery.
+        self._auditor: Auditor = node.auditor
 
     # sending ---------------------------------------------------------------
 
@@ -645,6 +648,7 @@ class _Channel:
             return
         self.outbox.account = self.account
         self._runnable = _runnable_count()
+        self._auditor = current_auditor.get()
         self.node.pids[self.pid] = self
         try:
             async with trio.open_nursery() as nursery:
@@ -1348,7 +1352,7 @@ class _Channel:
         """Hand the collected ``ok`` lines to the auditor."""
         calls = self._audited
         self._audited = []
-        current_auditor.get().record_calls(self.key, calls)
+        self._auditor.record_calls(self.key, calls)
 
     def _release(self, cost: int) -> None:
         """Give the key back the units a finished request held."""
@@ -1453,7 +1457,12 @@ class _Channel:
         self._release(open_call.cost)
         if not self.calls and self.idle:
             self.idle.unpark_all()
-        self._audit_call(call, outcome, open_call.start)
+        if answer is None and self.batching:
+            # (a round of results: handed over as it ends, ``_end_delivery``)
+            name = (call.module, call.function, len(call.args))
+            self._audited.append((name, open_call.start, _clock()))
+        else:
+            self._audit_call(call, outcome, open_call.start)
         if answer is None:
             self._reply(call.id, value)
         else:
