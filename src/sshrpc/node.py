@@ -363,7 +363,7 @@ class _Outbox:
         n = len(frame)
         self.nbytes += n
         if self.account is not None:
-            self.account.add(n)
+            self.account.held += n  # (``KeyAccount.add``)
 
     def wake(self) -> None:
         if self.frames and self._data:
@@ -1133,78 +1133,81 @@ class _Channel:
         put = outbox.put_batched if self.batching else self._queue
         flush_early = self.flush_early
         runnable = self._runnable
-        while at < end:
-            plain = events[at]
-            if type(plain) is not tuple or outbox.nbytes >= outbox.limit:
-                return
-            cost = costs[at]
-            at += 1
-            self._read_at = at
-            self.frame_cost = cost
-            call_id, module, function, args, _, _, _ = plain
-            name = (module, function, len(args))
-            exported = fast.get(name)
-            if (
-                exported is None
-                or self.closing
-                or len(calls) >= max_calls
-                or (cost > 0 and account.held + cost > account.limit)  # (``_hold``)
-            ):
-                self._start_call(_p.call_event(plain))
-                if self._waiting is not None:
+        try:
+            while at < end:
+                plain = events[at]
+                if type(plain) is not tuple or outbox.nbytes >= outbox.limit:
                     return
-            else:
-                # Answered before anything else runs: its charge (``_hold``)
-                # would be given back at once, so it is only checked; a call
-                # that waits is charged.
-                start = _clock()
-                if exported.inline:  # (``_call_inline``)
-                    token = _current.set(self.context)
-                    failed: Exception | None = None
-                    try:
-                        value = exported.fn(*args)
-                    except Exception as exc:
-                        failed = exc
-                    finally:
-                        _current.reset(token)
-                    if failed is not None:
-                        self._answer_failed(_p.call_event(plain), failed, start)
-                    else:
-                        self._audited.append((name, start, _clock()))
-                        try:
-                            data = send_reply(call_id, value)
-                        except Exception:  # (``_reply``)
-                            self.emit(_p.Reply(id=call_id, value=value))
-                        else:
-                            put(data)
-                else:  # (``_start_async``)
-                    base = self._context_base
-                    context = self._call_context() if base is None else base.copy()
-                    try:
-                        # (an ``async def``'s call runs none of its code)
-                        coro = (
-                            exported.fn(*args)
-                            if name in plain_coroutines
-                            else context.run(exported.fn, *args)
-                        )
-                        it = coro if type(coro) is _CoroutineType else coro.__await__()
-                        trap = context.run(it.send, None)
-                    except StopIteration as stop:
-                        self._audited.append((name, start, _clock()))
-                        try:
-                            data = send_reply(call_id, stop.value)
-                        except Exception:  # (``_reply``)
-                            self.emit(_p.Reply(id=call_id, value=stop.value))
-                        else:
-                            put(data)
-                    except Exception as exc:
-                        self._answer_failed(_p.call_event(plain), exc, start)
-                    else:
-                        account.charge(cost)
-                        self._wait_for(_p.call_event(plain), cost, it, context, trap, start)
+                cost = costs[at]
+                at += 1
+                call_id, module, function, args, _, _, _ = plain
+                name = (module, function, len(args))
+                exported = fast.get(name)
+                if (
+                    exported is None
+                    or self.closing
+                    or len(calls) >= max_calls
+                    or (cost > 0 and account.held + cost > account.limit)  # (``_hold``)
+                ):
+                    self._read_at = at
+                    self.frame_cost = cost
+                    self._start_call(_p.call_event(plain))
+                    if self._waiting is not None:
                         return
-            if len(frames) >= flush_early and not runnable():
-                self._flush()
+                else:
+                    # Answered before anything else runs: its charge (``_hold``)
+                    # would be given back at once, so it is only checked; a call
+                    # that waits is charged.
+                    start = _clock()
+                    if exported.inline:  # (``_call_inline``)
+                        token = _current.set(self.context)
+                        failed: Exception | None = None
+                        try:
+                            value = exported.fn(*args)
+                        except Exception as exc:
+                            failed = exc
+                        finally:
+                            _current.reset(token)
+                        if failed is not None:
+                            self._answer_failed(_p.call_event(plain), failed, start)
+                        else:
+                            self._audited.append((name, start, _clock()))
+                            try:
+                                data = send_reply(call_id, value)
+                            except Exception:  # (``_reply``)
+                                self.emit(_p.Reply(id=call_id, value=value))
+                            else:
+                                put(data)
+                    else:  # (``_start_async``)
+                        base = self._context_base
+                        context = self._call_context() if base is None else base.copy()
+                        try:
+                            # (an ``async def``'s call runs none of its code)
+                            coro = (
+                                exported.fn(*args)
+                                if name in plain_coroutines
+                                else context.run(exported.fn, *args)
+                            )
+                            it = coro if type(coro) is _CoroutineType else coro.__await__()
+                            trap = context.run(it.send, None)
+                        except StopIteration as stop:
+                            self._audited.append((name, start, _clock()))
+                            try:
+                                data = send_reply(call_id, stop.value)
+                            except Exception:  # (``_reply``)
+                                self.emit(_p.Reply(id=call_id, value=stop.value))
+                            else:
+                                put(data)
+                        except Exception as exc:
+                            self._answer_failed(_p.call_event(plain), exc, start)
+                        else:
+                            account.charge(cost)
+                            self._wait_for(_p.call_event(plain), cost, it, context, trap, start)
+                            return
+                if len(frames) >= flush_early and not runnable():
+                    self._flush()
+        finally:
+            self._read_at = at  # (set here only: the next to dispatch)
 
     def _answer_failed(self, call: _p.Call, exc: Exception, start: float) -> None:
         """Answer ``call``, whose function raised ``exc``, and audit it."""
