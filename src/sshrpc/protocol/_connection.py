@@ -38,6 +38,7 @@ Decisions the core takes for the I/O layers (docs/protocol.md):
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable, KeysView
 from dataclasses import dataclass
 from typing import Any, Final
@@ -733,28 +734,37 @@ class Connection:
         limit = self._limit
         depth = self._max_depth
         next_frame = frames.next_frame
+        # The frames the buffer has split already (``next_frame`` returns
+        # the first of them first), taken without a call each.
+        ready: Any = getattr(frames, "_ready", None)
+        if type(ready) is not deque:
+            ready = ()
+        decode_plain = plain_call
         while True:
-            try:
-                payload = next_frame()
-            except FrameTooLarge:
-                break  # the buffer raises it again for next_event
-            if payload is None:
-                break
+            if ready:
+                payload = ready.popleft()
+            else:
+                try:
+                    payload = next_frame()
+                except FrameTooLarge:
+                    break  # the buffer raises it again for next_event
+                if payload is None:
+                    break
             if not 1 < len(payload) <= small or payload[0] != 131 or payload[1] == 80:
                 self._peeked = payload  # next_event takes it, in order
                 break
             self._frames_received += 1
             # The common call decoded and checked in one C call
-            # (``_plain_call``), its state checks here.
+            # (``plain_call``), its state checks here.
             got = (
                 NotImplemented
-                if plain_call is None
-                else plain_call(payload, depth, _MAX_BIG, self._cost_limit)
+                if decode_plain is None
+                else decode_plain(payload, depth, _MAX_BIG, self._cost_limit)
             )
             if type(got) is tuple and len(got) == 7:
                 call_id = got[0]
                 if new is not None and call_id not in opened and len(opened) < max_open:
-                    self._state = new
+                    # (the state stays: ``new`` is ``state``)
                     opened[call_id] = _PLAIN
                     self.last_cost = cost = got[5]
                     events.append(
