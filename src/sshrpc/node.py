@@ -146,6 +146,8 @@ T = TypeVar("T")
 _clock = time.perf_counter
 _CoroutineType = types.CoroutineType
 _CO_COROUTINE = inspect.CO_COROUTINE
+# How ``_Channel._plain_calls`` runs a function (``_Channel._fast``).
+_INLINE, _PLAIN_COROUTINE, _ASYNC = 0, 1, 2
 
 #: Open calls per channel (PROTOCOL.md section 3's ``max_calls``).
 DEFAULT_MAX_CALLS = _p.DEFAULT_MAX_CALLS
@@ -518,12 +520,12 @@ class _Channel:
         #: The context pool results are handed over in (``_start_job``).
         self._delivery_context: contextvars.Context | None = None
         #: The allowed inline and async functions by (module, function,
-        #: arity), as ``_check`` decided them (``_plain_calls``).
-        self._fast: dict[tuple[str, str, int], Exported] = {}
+        #: arity), as ``_check`` decided them (``_plain_calls``): ``(fn,
+        #: how)``, how ``_INLINE``, ``_PLAIN_COROUTINE`` (an ``async def``
+        #: function, whose call runs none of its code) or ``_ASYNC``.
+        self._fast: dict[tuple[str, str, int], tuple[Callable[..., Any], int]] = {}
         #: How many tasks are runnable now (``_runnable_count``).
         self._runnable: Callable[[], int] = _tasks_runnable
-        #: Those of them that are plain ``async def`` functions.
-        self._plain_coroutines: set[tuple[str, str, int]] = set()
         #: Audit lines of calls answered ``ok`` in this read, not yet handed
         #: to the auditor (``_audit_pending``).
         self._audited: list[tuple[tuple[str, str, int], float, float]] = []
@@ -987,10 +989,15 @@ class _Channel:
                     and fast is not None
                     and (fast.inline or fast.kind == "async")
                 ):
-                    self._fast[name] = fast
                     fn = fast.fn
-                    if type(fn) is types.FunctionType and fn.__code__.co_flags & _CO_COROUTINE:
-                        self._plain_coroutines.add(name)
+                    self._fast[name] = (
+                        fn,
+                        _INLINE
+                        if fast.inline
+                        else _PLAIN_COROUTINE
+                        if type(fn) is types.FunctionType and fn.__code__.co_flags & _CO_COROUTINE
+                        else _ASYNC,
+                    )
         if decision.outcome == "allow":
             return decision.exported
         if self._audited:
@@ -1123,7 +1130,7 @@ class _Channel:
         outbox = self.outbox
         frames = outbox.frames
         fast = self._fast
-        plain_coroutines = self._plain_coroutines
+        audited = self._audited.append
         calls = self.calls
         max_calls = self.node.max_calls
         account = self.account
@@ -1142,9 +1149,9 @@ class _Channel:
                 at += 1
                 call_id, module, function, args, _, _, _ = plain
                 name = (module, function, len(args))
-                exported = fast.get(name)
+                entry = fast.get(name)
                 if (
-                    exported is None
+                    entry is None
                     or self.closing
                     or len(calls) >= max_calls
                     or (cost > 0 and account.held + cost > account.limit)  # (``_hold``)
@@ -1158,12 +1165,13 @@ class _Channel:
                     # Answered before anything else runs: its charge (``_hold``)
                     # would be given back at once, so it is only checked; a call
                     # that waits is charged.
+                    fn, how = entry
                     start = _clock()
-                    if exported.inline:  # (``_call_inline``)
+                    if how == _INLINE:  # (``_call_inline``)
                         token = _current.set(self.context)
                         failed: Exception | None = None
                         try:
-                            value = exported.fn(*args)
+                            value = fn(*args)
                         except Exception as exc:
                             failed = exc
                         finally:
@@ -1171,7 +1179,7 @@ class _Channel:
                         if failed is not None:
                             self._answer_failed(_p.call_event(plain), failed, start)
                         else:
-                            self._audited.append((name, start, _clock()))
+                            audited((name, start, _clock()))
                             try:
                                 data = send_reply(call_id, value)
                             except Exception:  # (``_reply``)
@@ -1183,15 +1191,11 @@ class _Channel:
                         context = self._call_context() if base is None else base.copy()
                         try:
                             # (an ``async def``'s call runs none of its code)
-                            coro = (
-                                exported.fn(*args)
-                                if name in plain_coroutines
-                                else context.run(exported.fn, *args)
-                            )
+                            coro = fn(*args) if how == _PLAIN_COROUTINE else context.run(fn, *args)
                             it = coro if type(coro) is _CoroutineType else coro.__await__()
                             trap = context.run(it.send, None)
                         except StopIteration as stop:
-                            self._audited.append((name, start, _clock()))
+                            audited((name, start, _clock()))
                             try:
                                 data = send_reply(call_id, stop.value)
                             except Exception:  # (``_reply``)
@@ -1353,8 +1357,8 @@ class _Channel:
 
     def _audit_pending(self) -> None:
         """Hand the collected ``ok`` lines to the auditor."""
-        calls = self._audited
-        self._audited = []
+        calls = self._audited[:]  # (the list stays: ``_plain_calls`` holds it)
+        self._audited.clear()
         self._auditor.record_calls(self.key, calls)
 
     def _release(self, cost: int) -> None:
