@@ -24,6 +24,7 @@ scheduling.  The client's CPU is not counted.  Never part of the test suite.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import statistics
@@ -100,10 +101,18 @@ def echo_thread(value: Any) -> Any:
 FUNCTIONS = ("floor", "echo", "echo_inline", "echo_thread")
 
 
+AUDIT = False  # --audit
+
+
 async def one_run(fn: str, calls: int, depth: int) -> float:
     """CPU µs per call of one run."""
     mine, theirs = socket.socketpair()
-    node = Node([svc], audit_level=10)  # the audit line off (DEBUG)
+    if AUDIT:
+        # The audit line on, written as ``sshrpc serve`` writes it.
+        logging.getLogger("sshrpc.audit").setLevel(logging.INFO)
+        node = Node([svc], audit_stream=open(os.devnull, "w"))  # noqa: SIM115
+    else:
+        node = Node([svc], audit_level=10)  # the audit line off (DEBUG)
     argv = [sys.executable, "-c", CLIENT, str(theirs.fileno()), fn, str(calls), str(depth)]
     argv += ["sshrpc_bench" if fn == "floor" else "node_loop", str(ROOT)]
     if fn == "floor":
@@ -155,7 +164,12 @@ async def main() -> None:
     parser.add_argument("--calls", type=int, default=20000, help="pipelined calls per run")
     parser.add_argument("--seq-calls", type=int, default=3000, help="calls per run at depth 1")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--audit", action="store_true", help="audit lines on (to /dev/null, as `sshrpc serve`)"
+    )
     args = parser.parse_args()
+    global AUDIT
+    AUDIT = args.audit
     depths = [int(d) for d in args.depths.split(",")]
     print(f"node CPU µs per call (median of {args.rounds}; pid {os.getpid()})")
     print("| function | " + " | ".join(f"depth {d}" for d in depths) + " | per call | per read |")

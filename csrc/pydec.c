@@ -579,3 +579,102 @@ int sshrpc_pydec_install(void *target, void *atom) {
     PyGILState_Release(gil);
     return rc;
 }
+
+/* ---- plain_call: the server's common call, decoded and checked at once ----
+ *
+ * plain_call(data, max_depth, max_big, max_cost) -> decode_direct(data,
+ * max_depth, max_big, max_cost, True), i.e. (value, cost) or NotImplemented,
+ * except for a value of the common call's shape, as the first branch of
+ * protocol/_connection.py's _srv_call checks it: a tuple {call, Id, M, F,
+ * Args} or {call, Id, M, F, Args, #{timeout => Ms}} with `call`, M and F
+ * exactly Atoms, Id an exact int in 0..2**64-1, Args an exact list, the
+ * options a dict of that one key and Ms an exact int >= 0.  For that it
+ * returns the 7-tuple (Id, M, F, Args, Ms or None, cost, value): the
+ * protocol's PlainCall.  (Connection.next_events_each; the checks that
+ * depend on the connection's state stay there.) */
+static PyObject *timeout_key; /* the str "timeout" */
+
+static int is_plain_call(PyObject *v, PyObject **timeout) {
+    if (!PyTuple_CheckExact(v)) return 0;
+    Py_ssize_t n = PyTuple_Size(v);
+    if (n != 5 && n != 6) return 0;
+    PyObject *tag = PyTuple_GetItem(v, 0), *id = PyTuple_GetItem(v, 1);
+    if (!tag || !id || (PyObject *)Py_TYPE(tag) != atom_type ||
+        PyUnicode_CompareWithASCIIString(tag, "call") != 0 || !PyLong_CheckExact(id))
+        return 0;
+    unsigned long long idv = PyLong_AsUnsignedLongLong(id);
+    if (idv == (unsigned long long)-1 && PyErr_Occurred()) { /* negative or past 2**64-1 */
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *m = PyTuple_GetItem(v, 2), *f = PyTuple_GetItem(v, 3), *a = PyTuple_GetItem(v, 4);
+    if (!m || !f || !a || (PyObject *)Py_TYPE(m) != atom_type ||
+        (PyObject *)Py_TYPE(f) != atom_type || !PyList_CheckExact(a))
+        return 0;
+    *timeout = Py_None;
+    if (n == 5) return 1;
+    PyObject *opts = PyTuple_GetItem(v, 5);
+    if (!opts || !PyDict_CheckExact(opts) || PyDict_Size(opts) != 1) return 0;
+    PyObject *ms = PyDict_GetItemWithError(opts, timeout_key); /* borrowed */
+    if (!ms) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (!PyLong_CheckExact(ms)) return 0;
+    int overflow = 0;
+    long long msv = PyLong_AsLongLongAndOverflow(ms, &overflow);
+    if (msv == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (overflow < 0 || (!overflow && msv < 0)) return 0;
+    *timeout = ms;
+    return 1;
+}
+
+static PyObject *pydec_plain_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "plain_call(data, max_depth, max_big, max_cost)");
+        return NULL;
+    }
+    PyObject *pair = run(args[0], args[1], args[2], args[3], 1);
+    if (!pair || pair == Py_NotImplemented) return pair;
+    PyObject *value = PyTuple_GetItem(pair, 0), *cost = PyTuple_GetItem(pair, 1);
+    PyObject *timeout = NULL;
+    if (!value || !cost || !is_plain_call(value, &timeout)) {
+        PyErr_Clear();
+        return pair;
+    }
+    PyObject *out = PyTuple_New(7);
+    if (!out) {
+        PyErr_Clear();
+        return pair;
+    }
+    PyObject *items[7] = {PyTuple_GetItem(value, 1), PyTuple_GetItem(value, 2),
+                          PyTuple_GetItem(value, 3), PyTuple_GetItem(value, 4),
+                          timeout, cost, value};
+    for (Py_ssize_t i = 0; i < 7; i++) {
+        Py_INCREF(items[i]);
+        PyTuple_SetItem(out, i, items[i]);
+    }
+    Py_DECREF(pair);
+    return out;
+}
+
+static PyMethodDef pydec_plain_call_def = {
+    "plain_call", (PyCFunction)(void (*)(void))pydec_plain_call, METH_FASTCALL,
+    "plain_call(data, max_depth, max_big, max_cost) -> (Id, M, F, Args, Ms, cost, value) for "
+    "the common call, else decode_direct's (value, cost) or NotImplemented"};
+
+int sshrpc_pydec_install_plain_call(void *target) {
+    PyGILState_STATE gil = PyGILState_Ensure();
+    int rc = -1;
+    if (!timeout_key) timeout_key = PyUnicode_FromString("timeout");
+    PyObject *fn = timeout_key && atom_type ? PyCFunction_NewEx(&pydec_plain_call_def, NULL, NULL)
+                                            : NULL;
+    if (fn) rc = PyDict_SetItemString((PyObject *)target, "plain_call", fn);
+    Py_XDECREF(fn);
+    if (rc) PyErr_Clear();
+    PyGILState_Release(gil);
+    return rc;
+}

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from sshrpc import Atom, ProtocolError, encode
 from sshrpc._accel import encode_frame
-from sshrpc.protocol import CLOSED, NEED_DATA, Call, Connection, Hello, Role
+from sshrpc.protocol import CLOSED, NEED_DATA, Call, Connection, Hello, Role, call_event
 
 A = Atom
 
@@ -42,14 +42,22 @@ def single(conn: Connection) -> tuple[list[Any], str | None]:
         return out, repr(exc.bye)
 
 
-def batched(conn: Connection, bound: int = 1 << 20) -> tuple[list[Any], str | None]:
-    """The same through ``next_events_each`` first, then ``next_event``, in rounds."""
+def batched(
+    conn: Connection, bound: int = 1 << 20, plain: bool = False, all_plain: bool = False
+) -> tuple[list[Any], str | None]:
+    """The same through ``next_events_each`` first, then ``next_event``, in
+    rounds; ``plain``: with ``plain_calls=True``, each ``PlainCall`` made
+    its ``Call`` (``call_event``)."""
     out: list[Any] = []
     try:
         while True:
             costs: list[int] = []
-            batch = conn.next_events_each(costs, bound)
+            batch = conn.next_events_each(costs, bound, plain_calls=plain)
             assert len(costs) == len(batch)
+            if plain:
+                # (``all_plain``: every call sent is a common one)
+                assert not (all_plain and any(type(ev) is Call for ev in batch)), batch
+                batch = [call_event(ev) if type(ev) is tuple else ev for ev in batch]
             out += zip(batch, costs, strict=True)
             ev = conn.next_event()
             out.append((ev, conn.last_cost))
@@ -149,7 +157,10 @@ def test_the_events_before_a_bad_frame_are_answered_before_its_error() -> None:
     ),
     cut=st.integers(0, 600),
 )
-def test_any_stream_gives_what_next_event_gives(items: list[tuple[int, str]], cut: int) -> None:
+@pytest.mark.parametrize("plain", [False, True])
+def test_any_stream_gives_what_next_event_gives(
+    items: list[tuple[int, str]], cut: int, plain: bool
+) -> None:
     parts = []
     for i, kind in items:
         if kind == "call":
@@ -173,11 +184,46 @@ def test_any_stream_gives_what_next_event_gives(items: list[tuple[int, str]], cu
     a, b = server(max_calls=4), server(max_calls=4)
     for conn in (a, b):
         conn.receive_data(data[:cut] or b"\0\0\0\0")
-    first_a, first_b = single(a), batched(b)
+    first_a, first_b = single(a), batched(b, plain=plain, all_plain=True)
     assert first_b == first_a
     if first_a[1] is None and first_a[0][-1][0] is NEED_DATA:
         for conn in (a, b):
             conn.receive_data(data[cut:] or b"\0\0\0\0")
-        assert batched(b) == single(a)
+        assert batched(b, plain=plain, all_plain=True) == single(a)
     assert b.state is a.state
     assert list(b.open_ids) == list(a.open_ids)
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_calls_near_the_common_shape_as_frame_by_frame(plain: bool) -> None:
+    """Frames that are almost the common call (``plain_call`` in
+    csrc/pydec.c, or its Python twin, takes exactly the common ones): each
+    gives the event, cost, state and error ``next_event`` gives."""
+    frames = [
+        (A("call"), 2**64 - 1, A("m"), A("f"), []),
+        (A("call"), 2**64, A("m"), A("f"), []),  # an id past MAX_ID
+        (A("call"), -1, A("m"), A("f"), []),
+        (A("call"), 3, b"m", A("f"), []),  # a binary module
+        (A("call"), 4, A("m"), A("f"), [1], {A("timeout"): 2**70}),
+        (A("call"), 5, A("m"), A("f"), [1], {A("timeout"): -(2**70)}),
+        (A("call"), 6, A("m"), A("f"), [1], {A("timeout"): 1, A("stream"): True}),
+        (A("call"), 7, A("m"), A("f"), [1], {A("timeout"): 1.5}),
+        (A("call"), 8, A("m"), A("f"), [1], {b"timeout": 1}),
+        (A("call"), 9, A("m"), A("f"), [1], {}),
+        (A("call"), 10, A("m"), A("f"), [1], [(A("timeout"), 1)]),
+        (A("call"), 11, A("m"), A("f"), (1,)),
+        (A("call"), 12, A("m"), A("f"), [1], {A("timeout"): 0}, 7),
+        (A("call"), 13, A("m"), A("f")),
+        (A("cast"), 14, A("m"), A("f"), []),
+        (A("call"), 15, A("m"), A("f"), [2**100, 1.5, b"x", "é"], {A("timeout"): 2**40}),
+        (A("call"), 16, A("m"), A("f"), [], {A("timeout"): 10}),
+    ]
+    for term in frames:
+        for after in (b"", call(100)):
+            data = encode_frame(term) + after
+            a, b = server(), server()
+            a.receive_data(data)
+            b.receive_data(data)
+            assert batched(b, plain=plain) == single(a), term
+            assert b.state is a.state
+            assert list(b.open_ids) == list(a.open_ids)

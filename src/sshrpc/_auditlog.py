@@ -19,14 +19,41 @@ Outside a Trio run (e.g. from a worker thread) a line is written at once.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
-from typing import TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 import trio
 
 #: The format ``sshrpc`` configures for its log (``cli.main``).
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def _install_format_calls() -> Callable[..., str | None] | None:
+    """``format_calls`` (csrc/pyaudit.c), or None without the C module (or
+    with ``SSHRPC_PURE_PYTHON`` set, or an older build)."""
+    if sys.implementation.name != "cpython" or os.environ.get("SSHRPC_PURE_PYTHON", "") not in (
+        "",
+        "0",
+    ):
+        return None
+    try:
+        from ._sshrpc_c import ffi, lib
+    except ImportError:
+        return None
+    install = getattr(lib, "sshrpc_pyaudit_install", None)
+    target: dict[str, Any] = {}
+    if install is None or install(ffi.cast("void *", id(target))):
+        return None  # pragma: no cover - a stale build, out of memory at import
+    return target["format_calls"]  # type: ignore[no-any-return]
+
+
+#: ``format_calls(calls, starts, offset, tail)``: the text of
+#: ``AuditStream.write_calls``'s lines in one C call, or None (see there).
+_format_calls = _install_format_calls()
 
 
 class AuditStream(trio.abc.Instrument):
@@ -42,6 +69,7 @@ class AuditStream(trio.abc.Instrument):
         self._thread = 0  # the thread of that run
         self._stamp: tuple[int, str] = (-1, "")
         self._last: tuple[int, int, int, str] = (-1, -1, -1, "")
+        self._tails: dict[int, str] = {}
 
     def _new_prefix(self, second: int, msecs: int, level: int) -> str:
         """The text ``logging`` puts before a line of ``level`` at that time."""
@@ -67,10 +95,52 @@ class AuditStream(trio.abc.Instrument):
             text = f"{last[3]}{line}\n"
         else:
             text = f"{self._new_prefix(second, msecs, level)}{line}\n"
+        self._add([text])
+
+    def write_requests(self, level: int, items: list[tuple[str, float, float]]) -> None:
+        """``write(level, f"{start}{duration * 1000.0:.3f}")`` for each
+        ``(start, duration, when)`` of ``items`` in order (an audit line of
+        a request and its duration in seconds), each stamped with its
+        ``when`` (a ``time.time()``) instead of now: lines the caller
+        collected as they happened."""
+        texts = []
+        last = self._last
+        for start, duration, now in items:
+            second = int(now)
+            msecs = int((now - second) * 1000)
+            if last[0] != msecs or last[1] != second or last[2] != level:
+                last = (msecs, second, level, self._new_prefix(second, msecs, level))
+            texts.append(f"{last[3]}{start}{duration * 1000.0:.3f}\n")
+        self._add(texts)
+
+    def write_calls(
+        self,
+        level: int,
+        calls: list[tuple[Any, float, float]],
+        starts: dict[Any, str],
+        offset: float,
+    ) -> bool:
+        """``write_requests(level, [(starts[name], end - start, end +
+        offset) for name, start, end in calls])`` -- the same text -- in
+        one C call (csrc/pyaudit.c); False (nothing written) where that
+        cannot: without the C module, when a name is not in ``starts``."""
+        if _format_calls is None:
+            return False
+        tail = self._tails.get(level)
+        if tail is None:
+            tail = self._tails[level] = f" {self.name} {logging.getLevelName(level)} "
+        text = _format_calls(calls, starts, offset, tail)
+        if text is None:
+            return False
+        self._add([text])
+        return True
+
+    def _add(self, texts: list[str]) -> None:
+        """Collect ``texts`` for the next ``flush`` (at once outside a run)."""
         if self._installed_in is not None and threading.get_ident() == self._thread:
             # In the run this is installed in (``after_run`` resets it).
             with self._lock:
-                self._lines.append(text)
+                self._lines += texts
             return
         try:
             run = trio.lowlevel.current_root_task()
@@ -78,7 +148,7 @@ class AuditStream(trio.abc.Instrument):
             run = None
         if run is None:
             with self._lock:
-                self._lines.append(text)
+                self._lines += texts
             self.flush()
             return
         if self._installed_in is not run:
@@ -86,7 +156,7 @@ class AuditStream(trio.abc.Instrument):
             self._installed_in = run
             self._thread = threading.get_ident()
         with self._lock:
-            self._lines.append(text)
+            self._lines += texts
 
     def flush(self) -> None:
         """Write the collected lines now."""

@@ -69,6 +69,7 @@ import contextlib
 import contextvars
 import functools
 import heapq
+import inspect
 import logging
 import math
 import os
@@ -77,6 +78,7 @@ import socket
 import stat
 import struct
 import time
+import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -143,6 +145,10 @@ log = logging.getLogger("sshrpc.node")
 T = TypeVar("T")
 #: The clock of call durations (audit lines): cheaper than ``trio.current_time``.
 _clock = time.perf_counter
+_CoroutineType = types.CoroutineType
+_CO_COROUTINE = inspect.CO_COROUTINE
+# How ``_Channel._plain_calls`` runs a function (``_Channel._fast``).
+_INLINE, _PLAIN_COROUTINE, _ASYNC = 0, 1, 2
 
 #: Open calls per channel (PROTOCOL.md section 3's ``max_calls``).
 DEFAULT_MAX_CALLS = _p.DEFAULT_MAX_CALLS
@@ -160,6 +166,26 @@ MAX_HEADER = 65536
 HEADER_TIMEOUT = 10.0
 RECEIVE_SIZE = 65536
 _statistics = trio.lowlevel.current_statistics
+
+
+def _tasks_runnable() -> int:
+    return _statistics().tasks_runnable
+
+
+def _runnable_count() -> Callable[[], int]:
+    """``current_statistics().tasks_runnable`` of this run, cheaply: the
+    length of the runner's run queue (a private attribute, as
+    ``client.py``'s reschedule; about 5 us less per early flush), or the
+    public statistics where it is missing."""
+    try:
+        runq = trio._core._run.GLOBAL_RUN_CONTEXT.runner.runq
+    except AttributeError:
+        return _tasks_runnable
+    if not isinstance(runq, deque):
+        return _tasks_runnable  # pragma: no cover - another Trio
+    return runq.__len__
+
+
 #: Bytes a refused channel's client may still send before the node closes.
 REFUSE_DRAIN = 65536
 
@@ -334,6 +360,14 @@ class _Outbox:
             if wake and self._data:
                 self._data.unpark_all()
 
+    def put_batched(self, frame: bytes) -> None:
+        """``put(frame, wake=False)`` for a frame that is not empty."""
+        self.frames.append(frame)
+        n = len(frame)
+        self.nbytes += n
+        if self.account is not None:
+            self.account.held += n  # (``KeyAccount.add``)
+
     def wake(self) -> None:
         if self.frames and self._data:
             self._data.unpark_all()
@@ -486,6 +520,19 @@ class _Channel:
         self._pool: WorkerPool | None = None
         #: The context pool results are handed over in (``_start_job``).
         self._delivery_context: contextvars.Context | None = None
+        #: The allowed inline and async functions by (module, function,
+        #: arity), as ``_check`` decided them (``_plain_calls``): ``(fn,
+        #: how)``, how ``_INLINE``, ``_PLAIN_COROUTINE`` (an ``async def``
+        #: function, whose call runs none of its code) or ``_ASYNC``.
+        self._fast: dict[tuple[str, str, int], tuple[Callable[..., Any], int]] = {}
+        #: How many tasks are runnable now (``_runnable_count``).
+        self._runnable: Callable[[], int] = _tasks_runnable
+        #: Audit lines of calls answered ``ok`` in this read, not yet handed
+        #: to the auditor (``_audit_pending``).
+        self._audited: list[tuple[tuple[str, str, int], float, float]] = []
+        #: The auditor of the channel's context (``current_auditor`` in
+        #: ``run``): ``_audit_pending`` may run in the pool's delivery.
+        self._auditor: Auditor = node.auditor
 
     # sending ---------------------------------------------------------------
 
@@ -612,6 +659,8 @@ class _Channel:
             await self._refuse_channel()
             return
         self.outbox.account = self.account
+        self._runnable = _runnable_count()
+        self._auditor = current_auditor.get()
         self.node.pids[self.pid] = self
         try:
             async with trio.open_nursery() as nursery:
@@ -784,6 +833,14 @@ class _Channel:
                             at = self._next_read_events()
                         if at >= 0:
                             event = self._read_events[at]
+                            if type(event) is tuple:  # a plain call
+                                if not self.outbox.full:
+                                    self._plain_calls()
+                                    if self._waiting is not None:
+                                        await self._run_waiting_call(scope, held)
+                                        return None
+                                    continue
+                                event = _p.call_event(event)  # (waits for room)
                             self.frame_cost = self._read_costs[at]
                             self._read_at = at + 1
                         elif conn.next_cost_bound() <= HEAVY_COST:
@@ -837,7 +894,7 @@ class _Channel:
         cost bound ``HEAVY_COST``: heavier frames keep their turn) into
         ``_read_events``; the index of the first, -1 if there are none."""
         costs: list[int] = []
-        events = self.conn.next_events_each(costs, HEAVY_COST)
+        events = self.conn.next_events_each(costs, HEAVY_COST, plain_calls=True)
         self._read_events = events
         self._read_costs = costs
         self._read_at = 0
@@ -853,10 +910,14 @@ class _Channel:
         """End a read's batch: send what it queued.  Call before the reader
         awaits anything (the writer may be asleep with frames queued)."""
         self.batching = False
+        if self._audited:
+            self._audit_pending()
         self._flush()
 
     async def _dispatch(self, event: Any) -> bool:
         """Act on one event; True when the client said bye."""
+        if self._audited:  # (its audit lines, if any, come after those)
+            self._audit_pending()
         if isinstance(event, _p.Call):
             if self.outbox.full:
                 # Inline calls answer right here: keep the bound on queued bytes.
@@ -934,8 +995,25 @@ class _Channel:
             decision = self.node.table.decide(self.key, module, function, arity)
             if len(self._decisions) < DECISION_CACHE:
                 self._decisions[name] = decision
+                fast = decision.exported
+                if (
+                    decision.outcome == "allow"
+                    and fast is not None
+                    and (fast.inline or fast.kind == "async")
+                ):
+                    fn = fast.fn
+                    self._fast[name] = (
+                        fn,
+                        _INLINE
+                        if fast.inline
+                        else _PLAIN_COROUTINE
+                        if type(fn) is types.FunctionType and fn.__code__.co_flags & _CO_COROUTINE
+                        else _ASYNC,
+                    )
         if decision.outcome == "allow":
             return decision.exported
+        if self._audited:
+            self._audit_pending()
         audit(self.key, kind, module, function, arity, decision.outcome, 0.0)
         if id is not None:
             self.emit(
@@ -1040,7 +1118,7 @@ class _Channel:
             return
         if done:
             self._release(self.frame_cost)
-            self._audit_call(call, "ok", start)
+            self._audited.append(((call.module, call.function, len(call.args)), start, _clock()))
             self._reply(call.id, value)
             return
         open_call = _OpenCall(None, cost=self.frame_cost)
@@ -1048,6 +1126,126 @@ class _Channel:
             open_call.deadline = trio.current_time() + call.timeout / 1000
         self.calls[call.id] = open_call
         self._waiting = (call, value, context, trap, open_call, start)
+
+    def _plain_calls(self) -> None:
+        """Dispatch the read's plain calls (``_p.PlainCall``) from
+        ``_read_at`` on, until another event, a full outbox or a call that
+        waits (``_waiting``): ``_start_call`` in one loop, without a
+        ``Call`` object or a frame per step for an allowed inline or async
+        function (``_fast``) the key has room for: the same answers, audit
+        lines, charges and early flushes.  Anything else goes to
+        ``_start_call``."""
+        events = self._read_events
+        costs = self._read_costs
+        at = self._read_at
+        end = len(events)
+        outbox = self.outbox
+        frames = outbox.frames
+        fast = self._fast
+        audited = self._audited.append
+        calls = self.calls
+        max_calls = self.node.max_calls
+        account = self.account
+        assert account is not None
+        send_reply = self.conn.send_reply
+        # (``_queue`` while the read's answers are batched)
+        put = outbox.put_batched if self.batching else self._queue
+        flush_early = self.flush_early
+        runnable = self._runnable
+        try:
+            while at < end:
+                plain = events[at]
+                if type(plain) is not tuple or outbox.nbytes >= outbox.limit:
+                    return
+                cost = costs[at]
+                at += 1
+                call_id, module, function, args, _, _, _ = plain
+                name = (module, function, len(args))
+                entry = fast.get(name)
+                if (
+                    entry is None
+                    or self.closing
+                    or len(calls) >= max_calls
+                    or (cost > 0 and account.held + cost > account.limit)  # (``_hold``)
+                ):
+                    self._read_at = at
+                    self.frame_cost = cost
+                    self._start_call(_p.call_event(plain))
+                    if self._waiting is not None:
+                        return
+                else:
+                    # Answered before anything else runs: its charge (``_hold``)
+                    # would be given back at once, so it is only checked; a call
+                    # that waits is charged.
+                    fn, how = entry
+                    start = _clock()
+                    if how == _INLINE:  # (``_call_inline``)
+                        token = _current.set(self.context)
+                        failed: Exception | None = None
+                        try:
+                            value = fn(*args)
+                        except Exception as exc:
+                            failed = exc
+                        finally:
+                            _current.reset(token)
+                        if failed is not None:
+                            self._answer_failed(_p.call_event(plain), failed, start)
+                        else:
+                            audited((name, start, _clock()))
+                            try:
+                                data = send_reply(call_id, value)
+                            except Exception:  # (``_reply``)
+                                self.emit(_p.Reply(id=call_id, value=value))
+                            else:
+                                put(data)
+                    else:  # (``_start_async``)
+                        base = self._context_base
+                        context = self._call_context() if base is None else base.copy()
+                        try:
+                            # (an ``async def``'s call runs none of its code)
+                            coro = fn(*args) if how == _PLAIN_COROUTINE else context.run(fn, *args)
+                            it = coro if type(coro) is _CoroutineType else coro.__await__()
+                            trap = context.run(it.send, None)
+                        except StopIteration as stop:
+                            audited((name, start, _clock()))
+                            try:
+                                data = send_reply(call_id, stop.value)
+                            except Exception:  # (``_reply``)
+                                self.emit(_p.Reply(id=call_id, value=stop.value))
+                            else:
+                                put(data)
+                        except Exception as exc:
+                            self._answer_failed(_p.call_event(plain), exc, start)
+                        else:
+                            account.charge(cost)
+                            self._wait_for(_p.call_event(plain), cost, it, context, trap, start)
+                            return
+                if len(frames) >= flush_early and not runnable():
+                    self._flush()
+        finally:
+            self._read_at = at  # (set here only: the next to dispatch)
+
+    def _answer_failed(self, call: _p.Call, exc: Exception, start: float) -> None:
+        """Answer ``call``, whose function raised ``exc``, and audit it."""
+        cls, reason, details = self.node.error_term(exc)
+        self._audit_call(call, str(cls), start)
+        self.emit(_p.ErrorReply(id=call.id, cls=cls, reason=reason, details=details))
+
+    def _wait_for(
+        self,
+        call: _p.Call,
+        cost: int,
+        it: Any,
+        context: contextvars.Context,
+        trap: Any,
+        start: float,
+    ) -> None:
+        """The async ``call`` (charged ``cost``) waits: ``_waiting``."""
+        open_call = _OpenCall(None, cost=cost)
+        if call.timeout is not None:
+            open_call.deadline = trio.current_time() + call.timeout / 1000
+        self.calls[call.id] = open_call
+        self._waiting = (call, it, context, trap, open_call, start)
 
     def _call_context(self) -> contextvars.Context:
         base = self._context_base
@@ -1138,15 +1336,18 @@ class _Channel:
         finally:
             _current.reset(token)
             self._release(self.frame_cost)
-        self._audit_call(call, outcome, start)
         if answer is None:
+            self._audited.append(((call.module, call.function, len(call.args)), start, _clock()))
             self._reply(call.id, value)
         else:
+            self._audit_call(call, outcome, start)
             self.emit(answer)
 
     def _audit_call(self, call: _p.Call, outcome: str, start: float) -> None:
         """The audit line of a call that began at ``start`` (``_clock()``):
-        ``audit``, one frame less."""
+        ``audit``, one frame less (after the lines still collected)."""
+        if self._audited:
+            self._audit_pending()
         current_auditor.get().record_request(
             self.key,
             "call",
@@ -1156,6 +1357,21 @@ class _Channel:
             outcome,
             _clock() - start,
         )
+
+    # The audit lines of calls the reader answered ``ok`` (async calls that
+    # did not wait, inline calls) are collected per read in ``_audited`` and
+    # handed to the auditor together (``Auditor.record_calls``: one level
+    # check, one hand-over; each line timed when its call ended): a line
+    # each cost about 1.7 us.  They are handed over before the reader
+    # awaits anything (``_unbatch``) and before any other audit line of the
+    # channel (``_audit_call``, a denial in ``_check``, ``_dispatch`` of
+    # another request), so the channel's lines keep their order.
+
+    def _audit_pending(self) -> None:
+        """Hand the collected ``ok`` lines to the auditor."""
+        calls = self._audited[:]  # (the list stays: ``_plain_calls`` holds it)
+        self._audited.clear()
+        self._auditor.record_calls(self.key, calls)
 
     def _release(self, cost: int) -> None:
         """Give the key back the units a finished request held."""
@@ -1260,7 +1476,12 @@ class _Channel:
         self._release(open_call.cost)
         if not self.calls and self.idle:
             self.idle.unpark_all()
-        self._audit_call(call, outcome, open_call.start)
+        if answer is None and self.batching:
+            # (a round of results: handed over as it ends, ``_end_delivery``)
+            name = (call.module, call.function, len(call.args))
+            self._audited.append((name, open_call.start, _clock()))
+        else:
+            self._audit_call(call, outcome, open_call.start)
         if answer is None:
             self._reply(call.id, value)
         else:
@@ -1655,10 +1876,13 @@ class Node:
         if flush_early < 0:
             raise ValueError(f"flush_early must be 0 or more, not {flush_early}")
         self.flush_early = flush_early
+        lines = None if audit_stream is None else AuditStream(audit_stream, AUDIT_LOGGER)
         self.auditor = Auditor(
             allowed_level=audit_level,
             window=audit_window,
-            write=None if audit_stream is None else AuditStream(audit_stream, AUDIT_LOGGER).write,
+            write=None if lines is None else lines.write,
+            write_requests=None if lines is None else lines.write_requests,
+            write_calls=None if lines is None else lines.write_calls,
         )
         self.worker_threads = worker_threads
         self.worker_threads_per_key = worker_threads_per_key

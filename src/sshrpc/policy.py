@@ -421,6 +421,11 @@ class Auditor:
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
         write: Callable[[int, str], None] | None = None,
+        write_requests: Callable[[int, list[tuple[str, float, float]]], None] | None = None,
+        write_calls: Callable[
+            [int, list[tuple[tuple[str, str, int], float, float]], dict[Any, str], float], bool
+        ]
+        | None = None,
     ) -> None:
         self.allowed_level = allowed_level
         self.window = window
@@ -429,6 +434,17 @@ class Auditor:
         self.logger = logger or _audit
         self.clock = clock
         self._write = write or self._log
+        #: ``write_requests(level, [(start, duration, when), ...])``: how
+        #: ``record_calls`` hands over its lines, if given (``sshrpc
+        #: serve``'s ``AuditStream.write_requests``); else ``write`` each.
+        self._write_requests = write_requests
+        #: ``write_calls(level, calls, starts, offset)``: ``record_calls``'s
+        #: lines in one go, if it can (``AuditStream.write_calls``: True).
+        self._write_calls = write_calls
+        # fingerprint -> (module, function, arity) -> the line of an ``ok``
+        # call up to its duration (``record_calls``); entries in all
+        self._ok_starts: dict[str, dict[tuple[str, str, int], str]] = {}
+        self._ok_count = 0
         # (fingerprint, kind, module, function, arity, outcome) -> the
         # escaped line up to its duration (``record_request``)
         self._starts: dict[tuple[str, str, str, str, int, str], str] = {}
@@ -508,15 +524,59 @@ class Auditor:
         name = (key.fingerprint, kind, module, function, arity, outcome)
         start = self._starts.get(name)
         if start is None:
-            what = clean(f"{kind} {module}:{function}/{arity}", 600)
-            start = (
-                f"key={clean(key.fingerprint or '-', 120)} {what} "
-                f"outcome={clean(outcome, 60)} duration_ms="
-            )
-            if len(self._starts) >= self.max_entries:
-                self._starts.clear()
-            self._starts[name] = start
+            start = self._request_start(name)
         self._write(level, f"{start}{duration * 1000.0:.3f}")
+
+    def record_calls(
+        self, key: KeyIdentity, calls: list[tuple[tuple[str, str, int], float, float]]
+    ) -> None:
+        """``record_request(key, "call", module, function, arity, "ok",
+        end - start)`` for each ``((module, function, arity), start, end)``
+        of ``calls`` in order (``start``/``end``: ``time.perf_counter()``
+        readings), the same lines, timed at each ``end``: the node's
+        per-call lines, handed over once per read of its channel.  One
+        level check for all; the text up to the duration is kept per key
+        and name (bounded by ``max_entries``)."""
+        level = self.allowed_level
+        if not calls or not self.logger.isEnabledFor(level):
+            return
+        fingerprint = key.fingerprint
+        starts = self._ok_starts.get(fingerprint)
+        if starts is None:
+            starts = self._ok_starts[fingerprint] = {}
+        offset = time.time() - time.perf_counter()
+        if self._write_calls is not None and self._write_calls(level, calls, starts, offset):
+            return
+        items: list[tuple[str, float, float]] = []
+        for name, start_at, end_at in calls:
+            start = starts.get(name)
+            if start is None:
+                start = self._request_start((fingerprint, "call", *name, "ok"))
+                if self._ok_count >= self.max_entries:
+                    self._ok_starts.clear()
+                    self._ok_count = 0
+                    starts = self._ok_starts[fingerprint] = {}
+                starts[name] = start
+                self._ok_count += 1
+            items.append((start, end_at - start_at, end_at + offset))
+        if self._write_requests is not None:
+            self._write_requests(level, items)
+        else:
+            write = self._write
+            for start, duration, _ in items:
+                write(level, f"{start}{duration * 1000.0:.3f}")
+
+    def _request_start(self, name: tuple[str, str, str, str, int, str]) -> str:
+        """``record_request``'s line up to its duration, kept (bounded)."""
+        fingerprint, kind, module, function, arity, outcome = name
+        what = clean(f"{kind} {module}:{function}/{arity}", 600)
+        start = (
+            f"key={clean(fingerprint or '-', 120)} {what} outcome={clean(outcome, 60)} duration_ms="
+        )
+        if len(self._starts) >= self.max_entries:
+            self._starts.clear()
+        self._starts[name] = start
+        return start
 
     def flush(self, *, expired_only: bool = False) -> None:
         """Write the pending counts (``repeated N times``, ``N more denials

@@ -488,3 +488,95 @@ async def test_a_reused_id_does_not_inherit_an_ended_calls_deadline():
         release.set()
         assert await next_event(client, stream) == _p.Reply(id=1, value=1)
         nursery.cancel_scope.cancel()
+
+
+async def test_one_read_of_every_kind_of_call_answers_and_audits_in_order(caplog: Any):
+    """One read mixing what the reader answers itself (inline and async
+    functions, ok and raising, with and without a timeout) with a denied
+    call, an undefined one, a thread call and an async call that waits:
+    every answer is right, the audit lines come in the order the calls
+    ended (the reader's ``ok`` lines are handed over once per read), and
+    nothing stays held or open."""
+    svc = Service("kinds")
+    gate = trio.Event()
+
+    @svc.export(inline=True)
+    def inl(n: int) -> int:
+        return n
+
+    @svc.export(inline=True)
+    def inl_fails(n: int) -> int:
+        raise ValueError(f"inline {n}")
+
+    @svc.export
+    async def asy(n: int) -> int:
+        return n
+
+    @svc.export
+    async def asy_fails(n: int) -> int:
+        raise ValueError(f"async {n}")
+
+    @svc.export
+    async def waits(n: int) -> int:
+        await gate.wait()
+        return n
+
+    @svc.export
+    def thr(n: int) -> int:
+        return n
+
+    caplog.set_level(logging.INFO, logger="sshrpc.audit")
+    node = Node([svc])
+    names = ["inl", "asy", "inl_fails", "asy", "nope", "asy_fails", "inl", "waits", "asy", "inl"]
+    async with trio.open_nursery() as nursery:
+        client, stream = await _open_channel(node, nursery)
+        batch = b"".join(
+            client.send(
+                _p.Call(
+                    id=i,
+                    module=Atom("kinds"),
+                    function=Atom(fn),
+                    args=[i],
+                    timeout=60000 if i % 2 else None,
+                )
+            )
+            for i, fn in enumerate(names)
+        )
+        await stream.send_all(batch)
+        answers = {}
+        for _ in range(len(names) - 1):
+            ev = await next_event(client, stream)
+            answers[ev.id] = ev
+        assert sorted(answers) == [i for i in range(len(names)) if names[i] != "waits"]
+        for i, fn in enumerate(names):
+            if fn in ("inl", "asy"):
+                assert answers[i] == _p.Reply(id=i, value=i), answers[i]
+        for i, text in ((2, b"inline 2"), (5, b"async 5")):
+            ev = answers[i]
+            assert isinstance(ev, _p.ErrorReply), ev
+            assert (ev.cls, ev.reason) == (Atom("error"), (Atom("ValueError"), text))
+        assert isinstance(answers[4], _p.ErrorReply) and answers[4].reason == Atom("undef")
+        gate.set()
+        assert await next_event(client, stream) == _p.Reply(id=7, value=7)
+        await stream.send_all(
+            client.send(_p.Call(id=20, module=Atom("kinds"), function=Atom("thr"), args=[20]))
+        )
+        assert await next_event(client, stream) == _p.Reply(id=20, value=20)
+        stats = node.statistics()
+        assert (stats["calls"], stats["held"]) == (0, 0), stats
+        nursery.cancel_scope.cancel()
+    lines = [r.getMessage() for r in caplog.records if r.name == "sshrpc.audit"]
+    got = [(line.split()[2], line.split()[3]) for line in lines]
+    assert got == [
+        ("kinds:inl/1", "outcome=ok"),
+        ("kinds:asy/1", "outcome=ok"),
+        ("kinds:inl_fails/1", "outcome=error"),
+        ("kinds:asy/1", "outcome=ok"),
+        ("kinds:nope/1", "outcome=undef"),
+        ("kinds:asy_fails/1", "outcome=error"),
+        ("kinds:inl/1", "outcome=ok"),
+        ("kinds:asy/1", "outcome=ok"),
+        ("kinds:inl/1", "outcome=ok"),
+        ("kinds:waits/1", "outcome=ok"),
+        ("kinds:thr/1", "outcome=ok"),
+    ], lines

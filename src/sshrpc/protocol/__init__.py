@@ -15,6 +15,8 @@ from ._connection import (
     PROTOCOL_VERSION,
     Connection,
     ConnectionStatistics,
+    PlainCall,
+    call_event,
 )
 from ._events import *  # noqa: F403
 from ._events import __all__ as _events_all
@@ -38,6 +40,8 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Connection",
     "ConnectionStatistics",
+    "PlainCall",
     "Role",
     "Sentinel",
+    "call_event",
 ]

@@ -38,6 +38,7 @@ Decisions the core takes for the I/O layers (docs/protocol.md):
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable, KeysView
 from dataclasses import dataclass
 from typing import Any, Final
@@ -45,7 +46,7 @@ from typing import Any, Final
 from .._accel import FrameBuffer, decode_cost, encode, encode_direct, encode_frame
 from .._bulk import term_parts
 from .._errors import FrameTooLarge, LocalProtocolError, MessageTooLarge, ProtocolError, TermError
-from .._etf import DEFAULT_MAX_DEPTH
+from .._etf import DEFAULT_MAX_BIG_BYTES, DEFAULT_MAX_DEPTH
 from .._saferepr import safe_repr
 from .._types import Atom, Map
 from ._events import (
@@ -176,6 +177,42 @@ _CALL_SLOTS = _slots(Call, "id", "module", "function", "args", "timeout", "strea
 _REPLY_SLOTS = _slots(Reply, "id", "value")
 _ERROR_SLOTS = _slots(ErrorReply, "id", "cls", "reason", "details")
 _CHUNK_SLOTS = _slots(Chunk, "id", "value")
+
+
+#: A plain call as ``Connection.next_events_each(plain_calls=True)`` gives
+#: it: ``(id, module, function, args, timeout, cost, term)`` (``timeout`` in
+#: ms or None; ``cost`` its decode cost, ``term`` the decoded frame);
+#: ``call_event`` makes its ``Call``.
+PlainCall = tuple[int, Atom, Atom, list[Any], int | None, int, Any]
+
+
+def _install_plain_call() -> Callable[[bytes, int, int, int], Any] | None:
+    """``plain_call(data, max_depth, max_big, max_cost)`` (csrc/pydec.c): a
+    frame decoded as ``decode_direct(..., True)`` does, and a common call
+    (``_srv_call``'s first branch, but for the state) returned as its
+    ``PlainCall``; None where the direct decoder is not in use."""
+    from .. import _accel
+
+    if not _accel.c_accelerated:
+        return None
+    from .. import _codec
+    from .._sshrpc_c import ffi, lib
+
+    install = getattr(lib, "sshrpc_pydec_install_plain_call", None)
+    target: dict[str, Any] = {}
+    if not _codec._direct_decoder or install is None:
+        return None  # pragma: no cover - direct decoding off, a stale build
+    if install(ffi.cast("void *", id(target))):
+        return None  # pragma: no cover - out of memory at import
+    return target["plain_call"]  # type: ignore[no-any-return]
+
+
+_MAX_BIG = DEFAULT_MAX_BIG_BYTES
+
+
+def call_event(plain: PlainCall) -> Call:
+    """The ``Call`` event of a ``PlainCall``."""
+    return _call(plain[0], plain[1], plain[2], plain[3], plain[4], False, DEFAULT_CREDIT)
 
 
 def _call(
@@ -648,7 +685,9 @@ class Connection:
                 events.append(event)
         return events
 
-    def next_events_each(self, costs: list[int], bound: int) -> list[Event]:
+    def next_events_each(
+        self, costs: list[int], bound: int, plain_calls: bool = False
+    ) -> list[Event | PlainCall]:
         """The server's batched read: the events of the small plain frames
         buffered now, in order, each frame decoded alone so that ``costs``
         gets each event's own decode cost (``last_cost`` after
@@ -666,6 +705,11 @@ class Connection:
         as it would have frame by frame.  Like ``next_events``: only while
         the session is open, ``[]`` otherwise; call ``next_event`` after it
         in any case.
+
+        ``plain_calls=True``: the event of a call without options but a
+        ``timeout`` (the common call, as the Python client sends it) is
+        its ``PlainCall`` tuple instead of a ``Call`` (``call_event`` makes
+        that): about 0.4 us less per call for a caller that needs no object.
         """
         if self._error is not None:
             raise self._error
@@ -679,20 +723,116 @@ class Connection:
             bound // _WORST_COST_PER_BYTE,
         )
         bye_after_error = self._bye_after_error
-        events: list[Event] = []
+        events: list[Event | PlainCall] = []
+        # The common call (``_srv_call``'s first branch) is decoded and made
+        # an event right here: a frame costs about 2.4 us through
+        # ``_decode``, ``_event_of``, ``_srv_call`` and ``_call``, 1 here.
+        new = self._recv_rows[state].get("Call")
+        if new is not state:
+            new = None  # (a call that changes the state: the general path)
+        opened = self._open
+        max_open = self._hello_max_calls
+        limit = self._limit
+        depth = self._max_depth
+        next_frame = frames.next_frame
+        # The frames the buffer has split already (``next_frame`` returns
+        # the first of them first), taken without a call each.
+        ready: Any = getattr(frames, "_ready", None)
+        if type(ready) is not deque:
+            ready = ()
+        decode_plain = plain_call
         while True:
-            try:
-                payload = frames.next_frame()
-            except FrameTooLarge:
-                break  # the buffer raises it again for next_event
-            if payload is None:
-                break
+            if ready:
+                payload = ready.popleft()
+            else:
+                try:
+                    payload = next_frame()
+                except FrameTooLarge:
+                    break  # the buffer raises it again for next_event
+                if payload is None:
+                    break
             if not 1 < len(payload) <= small or payload[0] != 131 or payload[1] == 80:
                 self._peeked = payload  # next_event takes it, in order
                 break
             self._frames_received += 1
+            # The common call decoded and checked in one C call
+            # (``plain_call``), its state checks here.
+            got = (
+                NotImplemented
+                if decode_plain is None
+                else decode_plain(payload, depth, _MAX_BIG, self._cost_limit)
+            )
+            if type(got) is tuple and len(got) == 7:
+                call_id = got[0]
+                if new is not None and call_id not in opened and len(opened) < max_open:
+                    # (the state stays: ``new`` is ``state``)
+                    opened[call_id] = _PLAIN
+                    self.last_cost = cost = got[5]
+                    events.append(
+                        got
+                        if plain_calls
+                        else _call(call_id, got[1], got[2], got[3], got[4], False, DEFAULT_CREDIT)
+                    )
+                    costs.append(cost)
+                    continue
+                term, cost = got[6], got[5]
+            elif got is not NotImplemented:
+                term, cost = got
+            else:
+                # (``_decode`` of a plain payload; it raises a bad term's error)
+                try:
+                    term, cost = decode_cost(
+                        payload, max_depth=depth, max_inflated=limit, max_cost=self._cost_limit
+                    )
+                except TermError:
+                    term = cost = None
+            if (
+                new is not None
+                and type(term) is tuple
+                and 5 <= len(term) <= 6
+                and term[0] == A_CALL
+                and type(term[0]) is Atom
+                and type(call_id := term[1]) is int
+                and 0 <= call_id <= MAX_ID
+                and call_id not in opened
+                and type(term[2]) is Atom
+                and type(term[3]) is Atom
+                and type(term[4]) is list
+                and len(opened) < max_open
+            ):
+                if len(term) == 5:
+                    self._state = new
+                    opened[call_id] = _PLAIN
+                    self.last_cost = cost
+                    events.append(
+                        (call_id, term[2], term[3], term[4], None, cost, term)
+                        if plain_calls
+                        else _call(call_id, term[2], term[3], term[4], None, False, DEFAULT_CREDIT)
+                    )
+                    costs.append(cost)
+                    continue
+                if (
+                    type(opts := term[5]) is dict
+                    and len(opts) == 1
+                    and type(ms := opts.get(K_TIMEOUT)) is int
+                    and ms >= 0
+                ):
+                    self._state = new
+                    opened[call_id] = _PLAIN
+                    self.last_cost = cost
+                    events.append(
+                        (call_id, term[2], term[3], term[4], ms, cost, term)
+                        if plain_calls
+                        else _call(call_id, term[2], term[3], term[4], ms, False, DEFAULT_CREDIT)
+                    )
+                    costs.append(cost)
+                    continue
             try:
-                event = self._event_of(self._decode(payload))
+                if cost is None:
+                    term = self._decode(payload)  # raises the bad term's error
+                else:
+                    self.last_cost = cost
+                event = self._event_of(term)
             except ProtocolError:
                 if not events:
                     raise
@@ -1167,7 +1307,11 @@ class Connection:
         new = self._send_rows[self._state].get("Reply")
         if new is None or type(call_id) is not int or call_id not in self._open:
             return self.send(Reply(id=call_id, value=value))  # raises what it raises
-        frame = self._final_frame(call_id, (A_REPLY, call_id, value))
+        frame = encode_frame((A_REPLY, call_id, value))
+        if len(frame) - 4 > self._send_limit:  # (``_final_frame``)
+            self._too_large += 1
+            frame = encode_frame((A_ERROR, call_id, (A_SSHRPC, A_TOO_LARGE, {})))
+        self._frames_sent += 1
         del self._open[call_id]
         self._state = new
         return frame
@@ -1538,3 +1682,7 @@ def _short(term: Any) -> str:
     """Peer data for an error message: bounded, never raises (huge ints,
     deep terms; ``safe_repr``)."""
     return safe_repr(term, 200)
+
+
+#: ``plain_call`` (csrc/pydec.c), or None: see ``_install_plain_call``.
+plain_call = _install_plain_call()
