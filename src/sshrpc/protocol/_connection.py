@@ -42,10 +42,13 @@ from collections.abc import Callable, Iterable, KeysView
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .._accel import FrameBuffer, decode_cost, encode, encode_frame
+from .._accel import FrameBuffer, c_accelerated, decode_cost, encode, encode_frame
 from .._errors import FrameTooLarge, LocalProtocolError, MessageTooLarge, ProtocolError, TermError
 from .._etf import DEFAULT_MAX_DEPTH
 from .._saferepr import safe_repr
+
+if c_accelerated:
+    from .._codec import install_call_frame
 from .._types import Atom, Map
 from ._events import (
     DEFAULT_CREDIT,
@@ -1205,7 +1208,18 @@ class Connection:
             if len(self._call_names) >= _CALL_NAMES_CACHED:
                 self._call_names.clear()
             self._call_names[(module, function)] = names
-        body = encode(args if type(args) is list else list(args))
+        if type(args) is not list:
+            args = list(args)
+        if _call_frame is not None:
+            frame = _call_frame(call_id, names, args, timeout)
+            if frame is not None:
+                if len(frame) - 4 > self._send_limit:
+                    raise MessageTooLarge(len(frame) - 4, self._send_limit)
+                self._frames_sent += 1
+                self._open[call_id] = _PLAIN
+                self._state = new
+                return frame
+        body = encode(args)
         id_term = _INT_EXT(b"b", call_id) if 256 <= call_id < _INT32 else _int_term(call_id)
         if timeout is None:
             size = _HEAD5_SIZE + len(id_term) + len(names) + len(body)
@@ -1483,6 +1497,12 @@ _HEAD6_SIZE: Final = len(_CALL_HEAD6) + len(_TIMEOUT_OPTS) - 1
 _U32: Final = struct.Struct(">I").pack
 _INT_EXT: Final = struct.Struct(">cI").pack
 _SMALL_INTS: Final = tuple(b"a" + bytes([i]) for i in range(256))
+
+
+#: The whole call frame in one C call (csrc/pycall.c), or None (pure Python).
+_call_frame: Final = (
+    install_call_frame(_CALL_HEAD5, _CALL_HEAD6, _TIMEOUT_OPTS) if c_accelerated else None
+)
 
 
 def _int_term(value: int) -> bytes:

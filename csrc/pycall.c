@@ -1,0 +1,183 @@
+/* pycall.c: one sshrpc call frame in one C call (the client's per-call path,
+ * protocol/_connection.py ``send_call``).
+ *
+ * Installed like pyenc.c (a builtin put into a dict the caller names by
+ * address; never called through cffi).  The builtin
+ *
+ *     call_frame(call_id, names, args, timeout) -> bytes | None
+ *
+ * writes the whole frame: the 4-byte length, then ``{call, Id, M, F, Args}``
+ * or ``{call, Id, M, F, Args, #{timeout => T}}``, where ``names`` is the
+ * cached encoding of the two atoms M and F (no version bytes) and ``args``
+ * is encoded by pyenc.c's ``encode_direct`` (called through its C function
+ * pointer, no Python call).  It returns None, having written nothing, when
+ * the reference path must decide: an id or timeout that is not an int in
+ * 0..2**31-1, ``names`` not bytes, or ``args`` the direct encoder does not
+ * take (its None).  The caller checks the frame size against its limit.
+ * Only the stable ABI (3.11) is used.
+ */
+#define Py_LIMITED_API 0x030B0000
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+#include "pycall.h"
+
+typedef PyObject *(*fastcall_fn)(PyObject *, PyObject *const *, Py_ssize_t);
+
+/* The tuple given to the first install: (encode_direct, max_depth, head5,
+ * head6, timeout_opts); strong reference, never released. */
+static PyObject *config;
+static fastcall_fn encode_direct;
+static PyObject *encoder, *max_depth, *zero;
+static const char *head5, *head6, *topts;
+static Py_ssize_t head5_n, head6_n, topts_n;
+
+#define INT31 2147483648LL
+
+/* A non-negative int below 2**31 as a long long, -1 for anything else
+ * (None included), with no error left set. */
+static long long small_int(PyObject *obj) {
+    if (!PyLong_Check(obj) || PyBool_Check(obj)) return -1;
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (v == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (overflow || v < 0 || v >= INT31) return -1;
+    return v;
+}
+
+static size_t int_size(long long v) { return v < 256 ? 2 : 5; }
+
+static unsigned char *put_int(unsigned char *p, long long v) {
+    if (v < 256) {
+        *p++ = 97; /* SMALL_INTEGER_EXT */
+        *p++ = (unsigned char)v;
+    } else {
+        *p++ = 98; /* INTEGER_EXT */
+        *p++ = (unsigned char)(v >> 24);
+        *p++ = (unsigned char)(v >> 16);
+        *p++ = (unsigned char)(v >> 8);
+        *p++ = (unsigned char)v;
+    }
+    return p;
+}
+
+static PyObject *pycall_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "call_frame(call_id, names, args, timeout)");
+        return NULL;
+    }
+    long long call_id = small_int(args[0]);
+    if (call_id < 0 || !PyBytes_Check(args[1])) Py_RETURN_NONE;
+    long long timeout = -1;
+    if (args[3] != Py_None) {
+        timeout = small_int(args[3]);
+        if (timeout < 0) Py_RETURN_NONE;
+    }
+    char *names;
+    Py_ssize_t names_n;
+    if (PyBytes_AsStringAndSize(args[1], &names, &names_n) < 0) return NULL;
+    PyObject *enc_args[3] = {args[2], max_depth, zero};
+    PyObject *body = encode_direct(encoder, enc_args, 3);
+    if (body == NULL) return NULL; /* MemoryError */
+    if (!PyBytes_Check(body)) {
+        Py_DECREF(body);
+        Py_RETURN_NONE;
+    }
+    char *b;
+    Py_ssize_t b_n;
+    if (PyBytes_AsStringAndSize(body, &b, &b_n) < 0 || b_n < 1) {
+        Py_DECREF(body);
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    b += 1; /* the version byte */
+    b_n -= 1;
+    size_t size = (size_t)int_size(call_id) + (size_t)names_n + (size_t)b_n;
+    size += timeout < 0 ? (size_t)head5_n : (size_t)head6_n + (size_t)topts_n + int_size(timeout);
+    if (size > 0xFFFFFFFFu) {
+        Py_DECREF(body);
+        Py_RETURN_NONE;
+    }
+    PyObject *frame = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(size + 4));
+    if (frame == NULL) {
+        Py_DECREF(body);
+        return NULL;
+    }
+    unsigned char *p = (unsigned char *)PyBytes_AsString(frame);
+    p[0] = (unsigned char)(size >> 24);
+    p[1] = (unsigned char)(size >> 16);
+    p[2] = (unsigned char)(size >> 8);
+    p[3] = (unsigned char)size;
+    p += 4;
+    if (timeout < 0) {
+        memcpy(p, head5, (size_t)head5_n);
+        p += head5_n;
+    } else {
+        memcpy(p, head6, (size_t)head6_n);
+        p += head6_n;
+    }
+    p = put_int(p, call_id);
+    memcpy(p, names, (size_t)names_n);
+    p += names_n;
+    memcpy(p, b, (size_t)b_n);
+    p += b_n;
+    if (timeout >= 0) {
+        memcpy(p, topts, (size_t)topts_n);
+        p += topts_n;
+        p = put_int(p, timeout);
+    }
+    Py_DECREF(body);
+    return frame;
+}
+
+static PyMethodDef pycall_def = {
+    "call_frame", (PyCFunction)(void (*)(void))pycall_frame, METH_FASTCALL,
+    "call_frame(call_id, names, args, timeout) -> the frame bytes, or None to fall back"};
+
+static int take_config(PyObject *cfg) {
+    if (!PyTuple_Check(cfg) || PyTuple_Size(cfg) != 5) return -1;
+    PyObject *enc = PyTuple_GetItem(cfg, 0);
+    if (!PyCFunction_Check(enc)) return -1;
+    if (!(PyCFunction_GetFlags(enc) & METH_FASTCALL) || (PyCFunction_GetFlags(enc) & METH_KEYWORDS))
+        return -1;
+    PyObject *h5 = PyTuple_GetItem(cfg, 2), *h6 = PyTuple_GetItem(cfg, 3),
+             *to = PyTuple_GetItem(cfg, 4);
+    if (!PyLong_Check(PyTuple_GetItem(cfg, 1)) || !PyBytes_Check(h5) || !PyBytes_Check(h6) ||
+        !PyBytes_Check(to))
+        return -1;
+    char *s;
+    if (PyBytes_AsStringAndSize(h5, &s, &head5_n) < 0) return -1;
+    head5 = s;
+    if (PyBytes_AsStringAndSize(h6, &s, &head6_n) < 0) return -1;
+    head6 = s;
+    if (PyBytes_AsStringAndSize(to, &s, &topts_n) < 0) return -1;
+    topts = s;
+    zero = PyLong_FromLong(0);
+    if (zero == NULL) return -1;
+    Py_INCREF(cfg);
+    config = cfg;
+    encoder = enc;
+    encode_direct = (fastcall_fn)(void (*)(void))PyCFunction_GetFunction(enc);
+    max_depth = PyTuple_GetItem(cfg, 1);
+    return 0;
+}
+
+int sshrpc_pycall_install(void *target, void *cfg) {
+    PyGILState_STATE gil = PyGILState_Ensure();
+    int rc = -1;
+    if (config != NULL || take_config((PyObject *)cfg) == 0) {
+        PyObject *fn = PyCFunction_NewEx(&pycall_def, NULL, NULL);
+        if (fn) {
+            rc = PyDict_SetItemString((PyObject *)target, "call_frame", fn);
+            Py_DECREF(fn);
+        }
+    }
+    if (rc) PyErr_Clear();
+    PyGILState_Release(gil);
+    return rc;
+}
