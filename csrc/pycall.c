@@ -14,6 +14,8 @@
  * the reference path must decide: an id or timeout that is not an int in
  * 0..2**31-1, ``names`` not bytes, or ``args`` the direct encoder does not
  * take (its None).  The caller checks the frame size against its limit.
+ * A second builtin, ``plain_replies`` (below), is the client's read side:
+ * how many decoded terms of a read are plain replies to open calls.
  * Only the stable ABI (3.11) is used.
  */
 #define Py_LIMITED_API 0x030B0000
@@ -135,6 +137,46 @@ static PyObject *pycall_frame(PyObject *self, PyObject *const *args, Py_ssize_t 
     return frame;
 }
 
+/* plain_replies(terms, opened, reply) -> int: how many of the list `terms`,
+ * from its start, are a client's plain replies to open calls -- exact
+ * 3-tuples (reply, Id, Value) whose first item is an exact ``Atom`` equal
+ * to `reply` (an exact Atom) and whose Id is an exact int that is a key of
+ * the dict `opened` -- deleting each such Id from `opened` as it goes and
+ * stopping at the first term that is not one.  Raises only MemoryError
+ * (or for arguments of the wrong types). */
+static PyObject *pycall_replies(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyList_Check(args[0]) || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "plain_replies(terms: list, opened: dict, reply)");
+        return NULL;
+    }
+    PyObject *terms = args[0], *opened = args[1], *reply = args[2];
+    PyTypeObject *atom = Py_TYPE(reply);
+    Py_ssize_t n = PyList_Size(terms), k = 0;
+    for (; k < n; k++) {
+        PyObject *term = PyList_GetItem(terms, k);
+        if (!PyTuple_Check(term) || PyTuple_Size(term) != 3) break;
+        PyObject *tag = PyTuple_GetItem(term, 0), *id = PyTuple_GetItem(term, 1);
+        if (Py_TYPE(tag) != atom || !PyLong_CheckExact(id)) break;
+        if (tag != reply) {
+            int eq = PyUnicode_Compare(tag, reply);
+            if (eq == -1 && PyErr_Occurred()) return NULL;
+            if (eq != 0) break;
+        }
+        PyObject *open = PyDict_GetItemWithError(opened, id); /* borrowed */
+        if (open == NULL) {
+            if (PyErr_Occurred()) return NULL;
+            break;
+        }
+        if (PyDict_DelItem(opened, id) < 0) return NULL;
+    }
+    return PyLong_FromSsize_t(k);
+}
+
+static PyMethodDef pycall_replies_def = {
+    "plain_replies", (PyCFunction)(void (*)(void))pycall_replies, METH_FASTCALL,
+    "plain_replies(terms, opened, reply) -> how many leading terms are plain replies "
+    "to open calls (their ids taken out of opened)"};
+
 static PyMethodDef pycall_def = {
     "call_frame", (PyCFunction)(void (*)(void))pycall_frame, METH_FASTCALL,
     "call_frame(call_id, names, args, timeout) -> the frame bytes, or None to fall back"};
@@ -175,6 +217,13 @@ int sshrpc_pycall_install(void *target, void *cfg) {
         if (fn) {
             rc = PyDict_SetItemString((PyObject *)target, "call_frame", fn);
             Py_DECREF(fn);
+        }
+        fn = rc ? NULL : PyCFunction_NewEx(&pycall_replies_def, NULL, NULL);
+        if (fn) {
+            rc = PyDict_SetItemString((PyObject *)target, "plain_replies", fn);
+            Py_DECREF(fn);
+        } else {
+            rc = -1;
         }
     }
     if (rc) PyErr_Clear();

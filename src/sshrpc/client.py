@@ -241,12 +241,18 @@ class Connection:
             # The small frames of the read decoded in one go; then
             # next_event for whatever that left (see next_events).
             pop = self._pending.pop
-            for batched in proto.next_events():
-                if type(batched) is not _Reply:
+            for batched in proto.next_replies():
+                # _dispatch's Reply branch, inlined (the per-call path); a
+                # plain reply comes as its decoded term (next_replies).
+                if type(batched) is tuple:
+                    pending = pop(batched[1])  # (the core checked the id is open)
+                    value = batched[2]
+                elif type(batched) is _Reply:
+                    pending = pop(batched.id)
+                    value = batched.value
+                else:
                     self._dispatch(batched)
                     continue
-                # _dispatch's Reply branch, inlined (the per-call path).
-                pending = pop(batched.id)  # (the core checked the id is open)
                 slot = pending.slot
                 if slot is not None:
                     pending.slot = None
@@ -255,7 +261,7 @@ class Connection:
                     else:
                         slot.free += 1  # (CallSlots.release)
                 pending.ok = True
-                pending.value = batched.value
+                pending.value = value
                 if pending.counted and not pending.abandoned:
                     self._undelivered += 1
                 # Request._finish, inlined.

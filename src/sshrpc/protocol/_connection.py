@@ -48,7 +48,7 @@ from .._etf import DEFAULT_MAX_DEPTH
 from .._saferepr import safe_repr
 
 if c_accelerated:
-    from .._codec import install_call_frame
+    from .._codec import install_client_builtins
 from .._types import Atom, Map
 from ._events import (
     DEFAULT_CREDIT,
@@ -569,6 +569,16 @@ class Connection:
         ``next_event``/``next_events`` raises it (the state is ``CLOSED``
         from then on).  ``last_cost`` is the whole batch's decode cost.
         """
+        return self._next_batch(False)
+
+    def next_replies(self) -> list[Any]:
+        """``next_events`` for the client's read loop: the same, except that
+        each plain reply to an open call (``Reply`` there) is the decoded
+        term itself, the tuple ``(Atom("reply"), Id, Value)`` (a tuple is
+        never an ``Event``), which spares building the event."""
+        return self._next_batch(True)
+
+    def _next_batch(self, raw: bool) -> list[Any]:
         if self._error is not None:
             raise self._error
         state = self._state
@@ -595,7 +605,7 @@ class Connection:
             payloads.append(payload)
         if not payloads:
             return []
-        events: list[Event] = []
+        events: list[Any] = []
         terms: Any = None
         if len(payloads) > 1:
             body = b"".join([p[1:] for p in payloads])
@@ -625,6 +635,16 @@ class Connection:
         # branch takes it, without the handler lookup and calls.
         reply_state = self._recv_rows[state].get("Reply") if self.role is Role.CLIENT else None
         opened = self._open
+        if reply_state is not None and _plain_replies is not None:
+            # The leading plain replies counted (and their ids closed) in C.
+            k = _plain_replies(terms, opened, A_REPLY)
+            if k:
+                self._frames_received += k
+                self._state = reply_state
+                if k == len(terms):
+                    return terms if raw else [_reply(t[1], t[2]) for t in terms]
+                events = terms[:k] if raw else [_reply(t[1], t[2]) for t in terms[:k]]
+                terms = terms[k:]
         for term in terms:
             if (
                 reply_state is not None
@@ -637,7 +657,7 @@ class Connection:
             ):
                 self._frames_received += 1
                 self._state = reply_state
-                events.append(_reply(term[1], term[2]))
+                events.append(term if raw else _reply(term[1], term[2]))
                 continue
             try:
                 self._frames_received += 1
@@ -1211,14 +1231,14 @@ class Connection:
         if type(args) is not list:
             args = list(args)
         if _call_frame is not None:
-            frame = _call_frame(call_id, names, args, timeout)
-            if frame is not None:
-                if len(frame) - 4 > self._send_limit:
-                    raise MessageTooLarge(len(frame) - 4, self._send_limit)
+            fast: bytes | None = _call_frame(call_id, names, args, timeout)
+            if fast is not None:
+                if len(fast) - 4 > self._send_limit:
+                    raise MessageTooLarge(len(fast) - 4, self._send_limit)
                 self._frames_sent += 1
                 self._open[call_id] = _PLAIN
                 self._state = new
-                return frame
+                return fast
         body = encode(args)
         id_term = _INT_EXT(b"b", call_id) if 256 <= call_id < _INT32 else _int_term(call_id)
         if timeout is None:
@@ -1499,10 +1519,14 @@ _INT_EXT: Final = struct.Struct(">cI").pack
 _SMALL_INTS: Final = tuple(b"a" + bytes([i]) for i in range(256))
 
 
-#: The whole call frame in one C call (csrc/pycall.c), or None (pure Python).
-_call_frame: Final = (
-    install_call_frame(_CALL_HEAD5, _CALL_HEAD6, _TIMEOUT_OPTS) if c_accelerated else None
+#: The client's per-call builtins (csrc/pycall.c; absent in pure Python):
+#: the whole call frame in one C call, and the count of a read's leading
+#: plain replies.
+_client_c: Final[dict[str, Any]] = (
+    install_client_builtins(_CALL_HEAD5, _CALL_HEAD6, _TIMEOUT_OPTS) if c_accelerated else {}
 )
+_call_frame: Final = _client_c.get("call_frame")
+_plain_replies: Final = _client_c.get("plain_replies")
 
 
 def _int_term(value: int) -> bytes:
