@@ -69,7 +69,9 @@ def batched(conn: Connection, raw: bool = False) -> tuple[list[Any], str | None]
             if raw:
                 batch = conn.next_replies()
                 assert all(isinstance(ev, Event) or ev[0] == A("reply") for ev in batch)
-                batch = [ev if isinstance(ev, Event) else Reply(id=ev[1], value=ev[2]) for ev in batch]
+                batch = [
+                    ev if isinstance(ev, Event) else Reply(id=ev[1], value=ev[2]) for ev in batch
+                ]
             else:
                 batch = conn.next_events()
             assert all(isinstance(ev, Event) for ev in batch)

@@ -641,7 +641,6 @@ def encode_frame(obj: Any) -> bytes:
     return frame
 
 
-
 def install_client_builtins(head5: bytes, head6: bytes, timeout_opts: bytes) -> dict[str, Any]:
     """The client's per-call builtins (csrc/pycall.c), or {} where the
     direct encoder is not in use.  The heads are fixed by the first call.
