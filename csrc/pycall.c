@@ -14,7 +14,8 @@
  * the reference path must decide: an id or timeout that is not an int in
  * 0..2**31-1, ``names`` not bytes, or ``args`` the direct encoder does not
  * take (its None).  The caller checks the frame size against its limit.
- * A second builtin, ``plain_replies`` (below), is the client's read side:
+ * ``call_frames`` (below) is its batch form, and ``plain_replies`` the
+ * client's read side:
  * how many decoded terms of a read are plain replies to open calls.
  * Only the stable ABI (3.11) is used.
  */
@@ -38,10 +39,10 @@ static Py_ssize_t head5_n, head6_n, topts_n;
 
 #define INT31 2147483648LL
 
-/* A non-negative int below 2**31 as a long long, -1 for anything else
- * (None included), with no error left set. */
+/* An exact int in 0..2**31-1 as a long long, -1 for anything else
+ * (None, bool and other int subclasses included), with no error left set. */
 static long long small_int(PyObject *obj) {
-    if (!PyLong_Check(obj) || PyBool_Check(obj)) return -1;
+    if (!PyLong_CheckExact(obj)) return -1;
     int overflow = 0;
     long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
     if (v == -1 && PyErr_Occurred()) {
@@ -64,6 +65,42 @@ static unsigned char *put_int(unsigned char *p, long long v) {
         *p++ = (unsigned char)(v >> 16);
         *p++ = (unsigned char)(v >> 8);
         *p++ = (unsigned char)v;
+    }
+    return p;
+}
+
+/* The size (without the 4 length bytes) of one call's payload with args'
+ * encoding `b_n` bytes long (version byte dropped). */
+static size_t payload_size(long long call_id, Py_ssize_t names_n, Py_ssize_t b_n,
+                           long long timeout) {
+    size_t size = int_size(call_id) + (size_t)names_n + (size_t)b_n;
+    return size + (timeout < 0 ? (size_t)head5_n : (size_t)head6_n + (size_t)topts_n + int_size(timeout));
+}
+
+static unsigned char *put_frame(unsigned char *p, size_t size, long long call_id,
+                                const char *names, Py_ssize_t names_n, const char *b,
+                                Py_ssize_t b_n, long long timeout) {
+    p[0] = (unsigned char)(size >> 24);
+    p[1] = (unsigned char)(size >> 16);
+    p[2] = (unsigned char)(size >> 8);
+    p[3] = (unsigned char)size;
+    p += 4;
+    if (timeout < 0) {
+        memcpy(p, head5, (size_t)head5_n);
+        p += head5_n;
+    } else {
+        memcpy(p, head6, (size_t)head6_n);
+        p += head6_n;
+    }
+    p = put_int(p, call_id);
+    memcpy(p, names, (size_t)names_n);
+    p += names_n;
+    memcpy(p, b, (size_t)b_n);
+    p += b_n;
+    if (timeout >= 0) {
+        memcpy(p, topts, (size_t)topts_n);
+        p += topts_n;
+        p = put_int(p, timeout);
     }
     return p;
 }
@@ -99,8 +136,7 @@ static PyObject *pycall_frame(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     b += 1; /* the version byte */
     b_n -= 1;
-    size_t size = (size_t)int_size(call_id) + (size_t)names_n + (size_t)b_n;
-    size += timeout < 0 ? (size_t)head5_n : (size_t)head6_n + (size_t)topts_n + int_size(timeout);
+    size_t size = payload_size(call_id, names_n, b_n, timeout);
     if (size > 0xFFFFFFFFu) {
         Py_DECREF(body);
         Py_RETURN_NONE;
@@ -110,29 +146,8 @@ static PyObject *pycall_frame(PyObject *self, PyObject *const *args, Py_ssize_t 
         Py_DECREF(body);
         return NULL;
     }
-    unsigned char *p = (unsigned char *)PyBytes_AsString(frame);
-    p[0] = (unsigned char)(size >> 24);
-    p[1] = (unsigned char)(size >> 16);
-    p[2] = (unsigned char)(size >> 8);
-    p[3] = (unsigned char)size;
-    p += 4;
-    if (timeout < 0) {
-        memcpy(p, head5, (size_t)head5_n);
-        p += head5_n;
-    } else {
-        memcpy(p, head6, (size_t)head6_n);
-        p += head6_n;
-    }
-    p = put_int(p, call_id);
-    memcpy(p, names, (size_t)names_n);
-    p += names_n;
-    memcpy(p, b, (size_t)b_n);
-    p += b_n;
-    if (timeout >= 0) {
-        memcpy(p, topts, (size_t)topts_n);
-        p += topts_n;
-        p = put_int(p, timeout);
-    }
+    put_frame((unsigned char *)PyBytes_AsString(frame), size, call_id, names, names_n, b, b_n,
+              timeout);
     Py_DECREF(body);
     return frame;
 }
@@ -177,6 +192,75 @@ static PyMethodDef pycall_replies_def = {
     "plain_replies(terms, opened, reply) -> how many leading terms are plain replies "
     "to open calls (their ids taken out of opened)"};
 
+/* call_frames(call_ids, names, arglists, timeout, limit) -> bytes | None:
+ * call_frame for each pair of the lists `call_ids` and `arglists` (of equal
+ * length, each args an exact list), the frames joined in order.  None,
+ * having decided nothing, when call_frame would answer None for one of
+ * them, an args is not an exact list, or a payload is above `limit` (the
+ * caller's own path then raises the right error). */
+static PyObject *pycall_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5 || !PyList_Check(args[0]) || !PyList_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "call_frames(call_ids: list, names, arglists: list, timeout, limit)");
+        return NULL;
+    }
+    PyObject *ids = args[0], *arglists = args[2];
+    Py_ssize_t n = PyList_Size(ids);
+    if (n != PyList_Size(arglists) || !PyBytes_Check(args[1])) Py_RETURN_NONE;
+    long long timeout = -1;
+    if (args[3] != Py_None) {
+        timeout = small_int(args[3]);
+        if (timeout < 0) Py_RETURN_NONE;
+    }
+    int overflow = 0;
+    long long limit = PyLong_Check(args[4]) ? PyLong_AsLongLongAndOverflow(args[4], &overflow) : -1;
+    if (limit == -1 && PyErr_Occurred()) PyErr_Clear();
+    if (overflow > 0) limit = 0xFFFFFFFFLL;
+    if (limit < 0 || overflow < 0) Py_RETURN_NONE;
+    char *names;
+    Py_ssize_t names_n;
+    if (PyBytes_AsStringAndSize(args[1], &names, &names_n) < 0) return NULL;
+    PyObject *bodies = PyList_New(n);
+    if (bodies == NULL) return NULL;
+    PyObject *result = NULL;
+    size_t total = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        long long call_id = small_int(PyList_GetItem(ids, k));
+        PyObject *a = PyList_GetItem(arglists, k);
+        if (call_id < 0 || !PyList_CheckExact(a)) goto fallback;
+        PyObject *enc_args[3] = {a, max_depth, zero};
+        PyObject *body = encode_direct(encoder, enc_args, 3);
+        if (body == NULL) goto done;
+        PyList_SetItem(bodies, k, body); /* steals */
+        if (!PyBytes_Check(body) || PyBytes_Size(body) < 1) goto fallback;
+        size_t size = payload_size(call_id, names_n, PyBytes_Size(body) - 1, timeout);
+        if (size > (unsigned long long)limit) goto fallback;
+        total += size + 4;
+    }
+    result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (result == NULL) goto done;
+    unsigned char *p = (unsigned char *)PyBytes_AsString(result);
+    for (Py_ssize_t k = 0; k < n; k++) {
+        long long call_id = small_int(PyList_GetItem(ids, k));
+        PyObject *body = PyList_GetItem(bodies, k);
+        const char *b = PyBytes_AsString(body) + 1;
+        Py_ssize_t b_n = PyBytes_Size(body) - 1;
+        size_t size = payload_size(call_id, names_n, b_n, timeout);
+        p = put_frame(p, size, call_id, names, names_n, b, b_n, timeout);
+    }
+    goto done;
+fallback:
+    result = Py_NewRef(Py_None);
+done:
+    Py_DECREF(bodies);
+    return result;
+}
+
+static PyMethodDef pycall_frames_def = {
+    "call_frames", (PyCFunction)(void (*)(void))pycall_frames, METH_FASTCALL,
+    "call_frames(call_ids, names, arglists, timeout, limit) -> the frames joined, or None "
+    "to fall back"};
+
 static PyMethodDef pycall_def = {
     "call_frame", (PyCFunction)(void (*)(void))pycall_frame, METH_FASTCALL,
     "call_frame(call_id, names, args, timeout) -> the frame bytes, or None to fall back"};
@@ -217,6 +301,13 @@ int sshrpc_pycall_install(void *target, void *cfg) {
         if (fn) {
             rc = PyDict_SetItemString((PyObject *)target, "call_frame", fn);
             Py_DECREF(fn);
+        }
+        fn = rc ? NULL : PyCFunction_NewEx(&pycall_frames_def, NULL, NULL);
+        if (fn) {
+            rc = PyDict_SetItemString((PyObject *)target, "call_frames", fn);
+            Py_DECREF(fn);
+        } else {
+            rc = -1;
         }
         fn = rc ? NULL : PyCFunction_NewEx(&pycall_replies_def, NULL, NULL);
         if (fn) {
