@@ -91,7 +91,6 @@ _A = Atom
 
 _INF = math.inf
 _ceil = math.ceil
-_now = trio.current_time
 _current_task = trio.lowlevel.current_task
 _wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
 _Reply, _ErrorReply = _p.Reply, _p.ErrorReply
@@ -182,6 +181,11 @@ class Connection:
         self._reschedule: Callable[[trio.lowlevel.Task], object] = trio.lowlevel.reschedule
         with suppress(AttributeError):
             self._reschedule = trio._core._run.GLOBAL_RUN_CONTEXT.runner.reschedule
+        #: trio.current_time without its two wrappers' frames: the run's
+        #: clock's own method (what Trio's Runner.current_time calls).
+        self._now: Callable[[], float] = trio.current_time
+        with suppress(AttributeError):
+            self._now = trio._core._run.GLOBAL_RUN_CONTEXT.runner.clock.current_time
 
     # -- set-up --------------------------------------------------------------
 
@@ -271,8 +275,13 @@ class Connection:
                     self._woken += 1
                     pending._task = None
                     self._reschedule(task)
-                if pending._owner is not None:
-                    pending._owner._completed(pending)
+                owner = pending._owner
+                if owner is not None:
+                    # RequestSet._completed, inlined.
+                    owner._ready.append(pending)
+                    if owner._task is not None:
+                        self._reschedule(owner._task)
+                        owner._task = None
                 if pending.chunk_event is not None:
                     pending.chunk_event.set()
                 answered += 1
@@ -533,7 +542,7 @@ class Connection:
                 await _checkpoint_if_cancelled()  # raises Cancelled: nothing sent
             # Rounded up, so the server's deadline is never before the
             # caller's: the caller's scope fires first.
-            timeout = None if deadline == _INF else max(0, _ceil((deadline - _now()) * 1000))
+            timeout = None if deadline == _INF else max(0, _ceil((deadline - self._now()) * 1000))
             frame = self._proto.send_call(i, module, function, args, timeout)
         except BaseException as exc:
             if slots is not None:
@@ -607,7 +616,7 @@ class Connection:
             deadline = _effective_deadline()
             # Rounded up, so the server's deadline is never before the
             # caller's: the caller's scope fires first.
-            timeout = None if deadline == _INF else max(0, _ceil((deadline - _now()) * 1000))
+            timeout = None if deadline == _INF else max(0, _ceil((deadline - self._now()) * 1000))
             frame = self._proto.send_call(pending.id, module, function, args, timeout)
         except BaseException as exc:
             if slots is not None:
