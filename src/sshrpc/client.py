@@ -449,14 +449,18 @@ class Connection:
             if i not in self._pending:
                 return i
 
-    @staticmethod
-    def _timeout_ms() -> int | None:
+    def _timeout(self) -> int | None:
+        """The caller's remaining time in ms (None: no deadline), a call's
+        ``timeout``.  Rounded up, so the server's deadline is never before
+        the caller's: the caller's scope fires first and the call ends as
+        cancelled.  0 in a cancelled scope (where a send that is not a
+        checkpoint still sends)."""
         deadline = _effective_deadline()
         if deadline == _INF:
             return None
-        # Rounded up, so the server's deadline is never before the caller's:
-        # the caller's scope fires first and the call ends as cancelled.
-        return max(0, math.ceil((deadline - trio.current_time()) * 1000))
+        if deadline == -_INF:
+            return 0
+        return max(0, _ceil((deadline - self._now()) * 1000))
 
     def _abandon(self, pending: Request) -> None:
         """Give up ``pending``: discard its answer if it came (uncounting
@@ -613,11 +617,7 @@ class Connection:
         try:
             if self._error is not None or self._closing:
                 self._check_open()
-            deadline = _effective_deadline()
-            # Rounded up, so the server's deadline is never before the
-            # caller's: the caller's scope fires first.
-            timeout = None if deadline == _INF else max(0, _ceil((deadline - self._now()) * 1000))
-            frame = self._proto.send_call(pending.id, module, function, args, timeout)
+            frame = self._proto.send_call(pending.id, module, function, args, self._timeout())
         except BaseException as exc:
             if slots is not None:
                 slots.release()
@@ -823,7 +823,7 @@ class Connection:
                 module=_A(module),
                 function=_A(function),
                 args=list(args),
-                timeout=self._timeout_ms(),
+                timeout=self._timeout(),
                 stream=True,
                 credit=credit,
             )

@@ -710,6 +710,23 @@ async def test_one_task_keeps_1024_requests_open(wide_server: Any) -> None:
             await node.receive_response(req)
 
 
+async def test_send_request_nowait_in_a_cancelled_scope_sends_a_zero_timeout(
+    sshrpc_server: Any,
+) -> None:
+    """Not a checkpoint, so no ``Cancelled``: the request leaves with the
+    time that is left, none (it used to raise ``OverflowError``)."""
+    async with _connect(sshrpc_server) as node:
+        reqs = sshrpc.RequestSet()
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            node.send_request_nowait("slow", "work", [5], into=reqs, label="one")
+        with trio.fail_after(10):
+            with pytest.raises(sshrpc.RemoteTimeout) as info:
+                await reqs.receive_response()
+        assert info.value.label == "one"
+        assert await node.call("echo", "echo", [b"after"]) == b"after"
+
+
 async def test_requests_beyond_max_calls_wait_for_a_slot(sshrpc_server: Any) -> None:
     async with _connect(sshrpc_server) as node:
         max_calls = node.hello["max_calls"]
