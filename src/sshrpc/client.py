@@ -663,6 +663,74 @@ class Connection:
             into._add(req)
         return req
 
+    def send_requests_nowait(
+        self,
+        module: str,
+        function: str,
+        arglists: Sequence[Sequence[Any]],
+        *,
+        into: RequestSet | None = None,
+        labels: Sequence[Any] | None = None,
+    ) -> list[Request]:
+        """``send_request_nowait`` for many calls of one function at once:
+        sends ``module:function(*args)`` for the leading ``args`` of
+        ``arglists`` that there are free call slots for (the server's
+        ``max_calls``), in order, and returns their ``Request`` handles --
+        ``[]``, nothing sent, when no slot is free, others wait for one, or
+        the send queue is full.  ``labels`` (as long as ``arglists``) gives
+        each request its label (else None); ``into`` a ``RequestSet`` they
+        join.  The frames of the batch are encoded in one pass and queued
+        at once (one wake-up of the pump).
+
+        Not a checkpoint (so never ``Cancelled``).  The remaining time of
+        the caller's cancel scopes travels as each call's ``timeout`` (0 in
+        a cancelled scope).  All or nothing: an argument with no Erlang term
+        raises ``TermError``/``TypeError``, and ``MessageTooLarge`` a call
+        too large, with nothing of the batch sent; ``ConnectionLost`` if the
+        connection ended; ``ValueError`` if ``labels`` differs in length.
+        The send queue may go beyond ``write_limit`` by this batch."""
+        if self._error is not None or self._closing:
+            self._check_open()
+        n = len(arglists)
+        if labels is not None and len(labels) != n:
+            raise ValueError("send_requests_nowait: labels and arglists differ in length")
+        pump = self._pump
+        if len(pump._out) >= pump.write_limit:
+            return []
+        slots = self._slots
+        if slots is not None:
+            if slots._waiters:
+                return []
+            n = min(n, slots.free)
+        if n <= 0:
+            return []
+        pending = self._pending
+        ids = []
+        for _ in range(n):
+            i = next(self._ids) % _ID_SPACE
+            ids.append(self._new_id() if i in pending else i)
+        batch = [a if type(a) is list else list(a) for a in arglists[:n]]
+        try:
+            frames = self._proto.send_calls(ids, module, function, batch, self._timeout())
+        except LocalProtocolError as exc:
+            raise ConnectionLost(f"{self.destination}: {exc}") from exc
+        if slots is not None:
+            slots.free -= n
+        if labels is None:
+            reqs = [Request(i, self) for i in ids]
+        else:
+            reqs = [Request(i, self, label) for i, label in zip(ids, labels, strict=False)]
+        for req in reqs:
+            req.slot = slots
+            pending[req.id] = req
+        if into is not None:
+            for req in reqs:
+                req._owner = into
+            into._requests.update(reqs)
+        self._lone_ok = False
+        pump.send_nowait(frames)
+        return reqs
+
     async def send_request(
         self,
         module: str,
