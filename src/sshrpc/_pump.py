@@ -530,6 +530,9 @@ class Pump(_Sending):
         self, channel: Any, on_data: Callable[[bytes], object], should_read: Callable[[], bool]
     ) -> None:
         """``run``'s loop, inside the wake-up scope (see ``run``)."""
+        # A read answered waiting tasks that have not been seen to queue
+        # anything since (see the sleep below).
+        woke = False
         while self.error is None:
             if self._multi:
                 # More channels than ours: the general loop (module
@@ -543,6 +546,8 @@ class Pump(_Sending):
             # queue keeps growing), so that one task keeping many
             # requests open, or many tasks, share one write.
             rounds = 0
+            if self._fresh:
+                woke = False  # (they ran: their frames are here)
             while self._fresh and len(self._out) < WRITE_SLICE and rounds < DEFER_ROUNDS:
                 self._fresh = False
                 rounds += 1
@@ -585,7 +590,7 @@ class Pump(_Sending):
                         # queue frames when they run, so let them run
                         # before sleeping (their wake() then interrupts
                         # nothing), and write what they queued.
-                        progress = True
+                        progress = woke = True
                     if rc == READ_SIZE:
                         progress = True  # more stdout may be queued
                 elif rc != EAGAIN:
@@ -604,6 +609,15 @@ class Pump(_Sending):
             if progress or self._wake_pending:
                 # (_wake_pending: a wake() since this turn looked, which
                 # did not interrupt the busy pump: look again.)
+                await trio.lowlevel.checkpoint()
+            elif woke:
+                # The tasks a read woke run in the same scheduler batch as
+                # the pump's checkpoint after it, in either order (Trio
+                # reverses half its batches): if the pump ran first, one
+                # more round lets them queue their frames now, instead of
+                # cancelling the pump's sleep on the socket a moment later
+                # (two epoll_ctl, a cancel and a new scope).
+                woke = False
                 await trio.lowlevel.checkpoint()
             elif self.paused and not self._out:
                 # Nothing to write and not reading: sleep until woken.

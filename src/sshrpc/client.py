@@ -275,13 +275,8 @@ class Connection:
                     self._woken += 1
                     pending._task = None
                     self._reschedule(task)
-                owner = pending._owner
-                if owner is not None:
-                    # RequestSet._completed, inlined.
-                    owner._ready.append(pending)
-                    if owner._task is not None:
-                        self._reschedule(owner._task)
-                        owner._task = None
+                if pending._owner is not None:
+                    pending._owner._completed(pending)
                 if pending.chunk_event is not None:
                     pending.chunk_event.set()
                 answered += 1
