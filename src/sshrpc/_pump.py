@@ -531,8 +531,9 @@ class Pump(_Sending):
     ) -> None:
         """``run``'s loop, inside the wake-up scope (see ``run``)."""
         # A read answered waiting tasks that have not been seen to queue
-        # anything since (see the sleep below).
-        woke = False
+        # anything since, and whether the pump has given them the one more
+        # scheduler round it gives them before sleeping (see the sleep).
+        woke = waited = False
         while self.error is None:
             if self._multi:
                 # More channels than ours: the general loop (module
@@ -547,7 +548,12 @@ class Pump(_Sending):
             # requests open, or many tasks, share one write.
             rounds = 0
             if self._fresh:
-                woke = False  # (they ran: their frames are here)
+                if woke:
+                    # Queued by the tasks the last read woke: they all ran
+                    # in the round just given to them (one scheduler
+                    # batch), so no round more can bring more of theirs.
+                    self._fresh = False
+                woke = False
             while self._fresh and len(self._out) < WRITE_SLICE and rounds < DEFER_ROUNDS:
                 self._fresh = False
                 rounds += 1
@@ -591,6 +597,7 @@ class Pump(_Sending):
                         # before sleeping (their wake() then interrupts
                         # nothing), and write what they queued.
                         progress = woke = True
+                        waited = False
                     if rc == READ_SIZE:
                         progress = True  # more stdout may be queued
                 elif rc != EAGAIN:
@@ -610,14 +617,14 @@ class Pump(_Sending):
                 # (_wake_pending: a wake() since this turn looked, which
                 # did not interrupt the busy pump: look again.)
                 await trio.lowlevel.checkpoint()
-            elif woke:
+            elif woke and not waited:
                 # The tasks a read woke run in the same scheduler batch as
                 # the pump's checkpoint after it, in either order (Trio
                 # reverses half its batches): if the pump ran first, one
                 # more round lets them queue their frames now, instead of
                 # cancelling the pump's sleep on the socket a moment later
                 # (two epoll_ctl, a cancel and a new scope).
-                woke = False
+                waited = True
                 await trio.lowlevel.checkpoint()
             elif self.paused and not self._out:
                 # Nothing to write and not reading: sleep until woken.
