@@ -187,6 +187,92 @@ static PyObject *pycall_replies(PyObject *self, PyObject *const *args, Py_ssize_
     return PyLong_FromSsize_t(k);
 }
 
+/* Whether a frame's payload goes into a read's batch decode (as
+ * ``_next_batch`` checks it): exact bytes, 1 < length <= small, the version
+ * byte 131 and not compressed (80). */
+static int batchable(PyObject *payload, Py_ssize_t small) {
+    if (!PyBytes_CheckExact(payload)) return 0;
+    Py_ssize_t n = PyBytes_Size(payload);
+    if (n <= 1 || n > small) return 0;
+    const unsigned char *b = (const unsigned char *)PyBytes_AsString(payload);
+    return b[0] == 131 && b[1] != 80;
+}
+
+/* take_batchable(ready, payloads, small) -> None: moves the payloads at
+ * the head of the deque `ready` that are batchable onto the list
+ * `payloads`, in order, stopping at the first that is not (left in
+ * `ready`) or when `ready` is empty. */
+static PyObject *pycall_take(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "take_batchable(ready, payloads: list, small)");
+        return NULL;
+    }
+    PyObject *ready = args[0], *payloads = args[1];
+    Py_ssize_t small = PyLong_AsSsize_t(args[2]);
+    if (small == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t n = PySequence_Size(ready);
+    if (n < 0) return NULL;
+    for (; n > 0; n--) {
+        PyObject *head = PySequence_GetItem(ready, 0);
+        if (head == NULL) return NULL;
+        int ok = batchable(head, small);
+        Py_DECREF(head);
+        if (!ok) break;
+        PyObject *taken = PyObject_CallMethod(ready, "popleft", NULL);
+        if (taken == NULL) return NULL;
+        int rc = PyList_Append(payloads, taken);
+        Py_DECREF(taken);
+        if (rc < 0) return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* join_batch(payloads) -> bytes: the payloads (each an exact bytes with
+ * its version byte first) as one list term: 131, LIST_EXT of their count,
+ * each payload without its version byte, NIL. */
+static PyObject *pycall_join(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 1 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "join_batch(payloads: list)");
+        return NULL;
+    }
+    PyObject *payloads = args[0];
+    Py_ssize_t n = PyList_Size(payloads);
+    size_t total = 7;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *p = PyList_GetItem(payloads, k);
+        if (!PyBytes_CheckExact(p) || PyBytes_Size(p) < 1) {
+            PyErr_SetString(PyExc_TypeError, "join_batch: payloads must be non-empty bytes");
+            return NULL;
+        }
+        total += (size_t)PyBytes_Size(p) - 1;
+    }
+    if (n > 0xFFFFFFFFLL || total > (size_t)PY_SSIZE_T_MAX) return PyErr_NoMemory();
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (out == NULL) return NULL;
+    unsigned char *o = (unsigned char *)PyBytes_AsString(out);
+    *o++ = 131;
+    *o++ = 108; /* LIST_EXT */
+    *o++ = (unsigned char)((size_t)n >> 24);
+    *o++ = (unsigned char)((size_t)n >> 16);
+    *o++ = (unsigned char)((size_t)n >> 8);
+    *o++ = (unsigned char)n;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *p = PyList_GetItem(payloads, k);
+        Py_ssize_t len = PyBytes_Size(p) - 1;
+        memcpy(o, PyBytes_AsString(p) + 1, (size_t)len);
+        o += len;
+    }
+    *o = 106; /* NIL_EXT */
+    return out;
+}
+
+static PyMethodDef pycall_take_def = {
+    "take_batchable", (PyCFunction)(void (*)(void))pycall_take, METH_FASTCALL,
+    "take_batchable(ready, payloads, small): move the leading batchable payloads"};
+static PyMethodDef pycall_join_def = {
+    "join_batch", (PyCFunction)(void (*)(void))pycall_join, METH_FASTCALL,
+    "join_batch(payloads) -> the payloads as one list term"};
+
 static PyMethodDef pycall_replies_def = {
     "plain_replies", (PyCFunction)(void (*)(void))pycall_replies, METH_FASTCALL,
     "plain_replies(terms, opened, reply) -> how many leading terms are plain replies "
@@ -308,6 +394,16 @@ int sshrpc_pycall_install(void *target, void *cfg) {
             Py_DECREF(fn);
         } else {
             rc = -1;
+        }
+        PyMethodDef *more[] = {&pycall_take_def, &pycall_join_def};
+        for (int m = 0; m < 2 && rc == 0; m++) {
+            fn = PyCFunction_NewEx(more[m], NULL, NULL);
+            if (fn) {
+                rc = PyDict_SetItemString((PyObject *)target, more[m]->ml_name, fn);
+                Py_DECREF(fn);
+            } else {
+                rc = -1;
+            }
         }
         fn = rc ? NULL : PyCFunction_NewEx(&pycall_replies_def, NULL, NULL);
         if (fn) {

@@ -592,6 +592,10 @@ class Connection:
         # never refuses what next_event would have accepted.
         small = min(_BATCH_MAX_FRAME, self.max_cost // _WORST_COST_PER_BYTE)
         payloads: list[bytes] = []
+        # The payloads the C frame buffer has already cut out of a read,
+        # moved over in one C call while they qualify (the first that does
+        # not stays there, and next_frame returns it).
+        ready = getattr(frames, "_ready", None) if _take_batchable is not None else None
         while True:
             try:
                 payload = frames.next_frame()
@@ -603,13 +607,18 @@ class Connection:
                 self._peeked = payload  # next_event takes it, in order
                 break
             payloads.append(payload)
+            if ready and _take_batchable is not None:
+                _take_batchable(ready, payloads, small)
         if not payloads:
             return []
         events: list[Any] = []
         terms: Any = None
         if len(payloads) > 1:
-            body = b"".join([p[1:] for p in payloads])
-            batch = b"\x83l" + len(payloads).to_bytes(4, "big") + body + b"j"
+            if _join_batch is not None:
+                batch = _join_batch(payloads)
+            else:
+                body = b"".join([p[1:] for p in payloads])
+                batch = b"\x83l" + len(payloads).to_bytes(4, "big") + body + b"j"
             try:
                 terms, self.last_cost = decode_cost(
                     batch,
@@ -1583,6 +1592,8 @@ _client_c: Final[dict[str, Any]] = (
 _call_frame: Final = _client_c.get("call_frame")
 _call_frames: Final = _client_c.get("call_frames")
 _plain_replies: Final = _client_c.get("plain_replies")
+_take_batchable: Final = _client_c.get("take_batchable")
+_join_batch: Final = _client_c.get("join_batch")
 
 
 def _int_term(value: int) -> bytes:
