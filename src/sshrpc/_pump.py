@@ -569,7 +569,12 @@ class Pump(_Sending):
                 if n > 0:
                     del self._out[:n]
                     self.bytes_sent += n
-                    progress = True
+                    # Another turn if there is more to write, or writers
+                    # may wait for room (the queue was full); a write that
+                    # emptied a short queue needs none: the read below
+                    # takes whatever it pulled off the socket.
+                    if self._out or len(self._out) + n >= self.write_limit:
+                        progress = True
                     if len(self._out) < self.write_limit:
                         self._room.set()
                 elif rc < 0 and rc != EAGAIN:
