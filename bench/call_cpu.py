@@ -114,6 +114,13 @@ ROWS = (
     Row("req64", "sshrpc", "sshrpc request API, 1 task, 64 open", "reqs 64 {n} {s}", False),
     Row("req1024", "sshrpc", "sshrpc request API, 1 task, 1,024 open", "reqs 1024 {n} {s}", False),
     Row(
+        "req64_each",
+        "sshrpc",
+        "sshrpc request API, 1 task, 64 open, per-request forms",
+        "reqs 64 {n} {s} 1",
+        False,
+    ),
+    Row(
         "seq_echo_copy",
         "sshrpc_copy",
         "sshrpc sequential, async `echo`, relay copying",

@@ -556,6 +556,56 @@ def test_send_call_is_send_of_a_call(call_id: int, timeout: int | None, args: An
             conn._open.clear()
 
 
+@pytest.mark.parametrize("timeout", [None, 0, 70_000, 2**31])
+@pytest.mark.parametrize(
+    "ids", [[0], [1, 2, 3], [255, 256, 2**31 - 1], [5, 2**31, 6], list(range(100, 164))]
+)
+def test_send_calls_is_send_call_for_each(ids: list[int], timeout: int | None) -> None:
+    """The batch gives the bytes and state of one send_call per call."""
+    batch, _ = handshake()
+    each, _ = handshake()
+    arglists: list[Any] = [[i, b"v" * (i % 7), Atom("a")] for i in range(len(ids))]
+    arglists[0] = (1.5, "tuple args")  # not a list: the per-call path
+    got = batch.send_calls(ids, "mod", "fun", arglists, timeout)
+    want = b"".join(
+        each.send_call(i, "mod", "fun", a, timeout) for i, a in zip(ids, arglists, strict=True)
+    )
+    assert got == want
+    assert list(batch.open_ids) == list(each.open_ids)
+    assert batch.statistics() == each.statistics()
+    arglists[0] = [0]  # every one a list: one C call
+    more = [i + 2**20 for i in ids]
+    got = batch.send_calls(more, "mod", "fun", arglists, timeout)
+    want = b"".join(
+        each.send_call(i, "mod", "fun", a, timeout) for i, a in zip(more, arglists, strict=True)
+    )
+    assert got == want and batch.statistics() == each.statistics()
+
+
+def test_send_calls_is_all_or_nothing() -> None:
+    client, _ = handshake()
+    client.send_call(7, "m", "f", [])
+    before = client.statistics()
+    bad: list[tuple[list[int], list[Any], type[Exception]]] = [
+        ([1, 2, 3], [[1], [object()], [3]], TypeError),  # no term: after one was encoded
+        ([1, 7, 3], [[1], [2], [3]], LocalProtocolError),  # 7 is open
+        ([1, 1], [[1], [2]], LocalProtocolError),  # the same id twice
+        ([1, -1], [[1], [2]], ValueError),
+        ([1, 2], [[1]], ValueError),  # lengths differ
+    ]
+    for ids, arglists, exc in bad:
+        with pytest.raises(exc):
+            client.send_calls(ids, "m", "f", arglists)
+        assert client.statistics() == before and list(client.open_ids) == [7]
+    small, _ = handshake(client_max_frame=1 << 20, max_frame=1024)
+    with pytest.raises(MessageTooLarge):
+        small.send_calls([1, 2], "m", "f", [[b"ok"], [b"z" * 2000]])
+    assert not small.open_ids
+    with pytest.raises(ValueError, match="module"):
+        client.send_calls([1], "", "f", [[]])
+    assert client.statistics() == before
+
+
 def test_send_call_errors_change_nothing() -> None:
     client, _ = handshake()
     with pytest.raises(LocalProtocolError):

@@ -19,6 +19,7 @@ from sshrpc.protocol import (
     NEED_DATA,
     Call,
     Connection,
+    ErrorReply,
     Event,
     Hello,
     Reply,
@@ -59,12 +60,20 @@ def single(conn: Connection) -> tuple[list[Any], str | None]:
         return out, repr(exc.bye)
 
 
-def batched(conn: Connection) -> tuple[list[Any], str | None]:
-    """The same through ``next_events`` first, then ``next_event``, in rounds."""
+def batched(conn: Connection, raw: bool = False) -> tuple[list[Any], str | None]:
+    """The same through ``next_events`` first, then ``next_event``, in rounds
+    (``raw``: ``next_replies``, its reply terms made ``Reply`` events)."""
     out: list[Any] = []
     try:
         while True:
-            batch = conn.next_events()
+            if raw:
+                batch = conn.next_replies()
+                assert all(isinstance(ev, Event) or ev[0] == A("reply") for ev in batch)
+                batch = [
+                    ev if isinstance(ev, Event) else Reply(id=ev[1], value=ev[2]) for ev in batch
+                ]
+            else:
+                batch = conn.next_events()
             assert all(isinstance(ev, Event) for ev in batch)
             out += batch
             ev = conn.next_event()
@@ -80,13 +89,15 @@ def same(data: bytes, calls: int = 8, **client_kw: Any) -> list[Any]:
     """Feeds ``data`` to two identical clients; asserts both ways agree."""
     a = client_with_calls(calls, **client_kw)
     b = client_with_calls(calls, **client_kw)
-    a.receive_data(data)
-    b.receive_data(data)
-    got_a, got_b = single(a), batched(b)
-    assert got_b == got_a
-    assert b.state is a.state
-    assert list(b.open_ids) == list(a.open_ids)
-    assert b.statistics().frames_received == a.statistics().frames_received
+    c = client_with_calls(calls, **client_kw)
+    for conn in (a, b, c):
+        conn.receive_data(data)
+    got_a, got_b, got_c = single(a), batched(b), batched(c, raw=True)
+    assert got_b == got_a and got_c == got_a
+    for other in (b, c):
+        assert other.state is a.state
+        assert list(other.open_ids) == list(a.open_ids)
+        assert other.statistics().frames_received == a.statistics().frames_received
     return got_a[0]
 
 
@@ -103,6 +114,18 @@ def test_a_read_of_replies_is_one_batch() -> None:
     ]
     assert client.next_event() is NEED_DATA
     assert not client.open_ids
+
+
+def test_next_replies_gives_plain_replies_as_their_terms() -> None:
+    client = client_with_calls(8)
+    data = b"".join(reply(i, [i]) for i in range(4))
+    data += encode_frame((A("error"), 4, (A("error"), A("x"), {}))) + reply(5)
+    client.receive_data(data)
+    batch = client.next_replies()
+    assert batch[:4] == [(A("reply"), i, [i]) for i in range(4)]
+    assert type(batch[4]) is ErrorReply and batch[5] == (A("reply"), 5, b"v")
+    assert sorted(client.open_ids) == [6, 7]
+    assert client.statistics().frames_received == 1 + 6
 
 
 def test_nothing_to_batch_before_the_hellos() -> None:
@@ -215,15 +238,17 @@ def test_any_stream_gives_what_next_event_gives(
     data = b"".join(parts)
     a = client_with_calls(10)
     b = client_with_calls(10)
-    a.receive_data(data[:cut] or b"\0\0\0\0")
-    b.receive_data(data[:cut] or b"\0\0\0\0")
-    first_a, first_b = single(a), batched(b)
-    assert first_b == first_a
+    c = client_with_calls(10)
+    for conn in (a, b, c):
+        conn.receive_data(data[:cut] or b"\0\0\0\0")
+    first_a, first_b, first_c = single(a), batched(b), batched(c, raw=True)
+    assert first_b == first_a and first_c == first_a
     if first_a[1] is None:
-        a.receive_data(data[cut:] or b"\0\0\0\0")
-        b.receive_data(data[cut:] or b"\0\0\0\0")
-        assert batched(b) == single(a)
-    assert b.state is a.state
+        for conn in (a, b, c):
+            conn.receive_data(data[cut:] or b"\0\0\0\0")
+        rest_a = single(a)
+        assert batched(b) == rest_a and batched(c, raw=True) == rest_a
+    assert b.state is a.state and c.state is a.state
 
 
 def test_send_call_still_works_after_batches() -> None:

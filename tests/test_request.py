@@ -94,3 +94,41 @@ async def test_waiting_on_a_request_set() -> None:
         req.ok, req.value = True, "v"
         req._finish()  # wakes the waiter (as the pump does)
     assert got == [("x", "v")] and not reqs
+
+
+async def test_receive_responses_takes_the_answers_up_to_an_error() -> None:
+    reqs = RequestSet()
+    requests = [Request(i, label=f"r{i}") for i in range(6)]
+    for req in requests:
+        reqs._add(req)
+    with pytest.raises(ValueError, match="max"):
+        await reqs.receive_responses(max=0)
+    for i in (4, 0, 2):
+        requests[i].ok, requests[i].value = True, i
+        requests[i]._finish()
+    requests[1].error = RemoteError("error", "boom")
+    requests[1]._finish()
+    requests[3].ok = True
+    requests[3]._finish()
+    assert await reqs.receive_responses(max=2) == [("r4", 4), ("r0", 0)]
+    assert await reqs.receive_responses() == [("r2", 2)]
+    with pytest.raises(RemoteError) as info:
+        await reqs.receive_responses()
+    assert info.value.label == "r1"
+    assert await reqs.receive_responses() == [("r3", None)]
+    assert len(reqs) == 1 and reqs.answered == 0
+    # A cancelled wait takes nothing; an answer then wakes the next wait.
+    with trio.move_on_after(0.01) as scope:
+        await reqs.receive_responses()
+    assert scope.cancelled_caught and len(reqs) == 1
+
+    async def answer() -> None:
+        requests[5].ok, requests[5].value = True, 5
+        requests[5]._finish()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer)
+        assert await reqs.receive_responses() == [("r5", 5)]
+    assert not reqs
+    with pytest.raises(ValueError, match="empty"):
+        await reqs.receive_responses()

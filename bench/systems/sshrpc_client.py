@@ -8,9 +8,12 @@ Beyond the common protocol (for bench/call_cpu.py): ``latency`` and ``pipe``
 take an optional last number, the function (0 ``echo``, async; 1
 ``echo_inline``; 2 ``echo_thread``, see sshrpc_service.py), and
 
-    reqs OPEN N MAX_S   -> ok CALLS NS   one task keeping OPEN requests open
-                           (the request API: ``send_request_nowait``/``RequestSet``,
-                           one checkpoint per batch of answers);
+    reqs OPEN N MAX_S [EACH] -> ok CALLS NS   one task keeping OPEN requests open
+                           (the request API: ``send_requests_nowait``/
+                           ``RequestSet.receive_responses``, one call of each per
+                           batch of answers; with EACH 1, or where they are
+                           missing, ``send_request_nowait``/``check_response``
+                           per request);
                            ``err n/a: no request API`` where it is missing
 """
 
@@ -122,7 +125,7 @@ class Client:
             return self._stuck(f"{done} of {int(n)} calls, {depth:.0f} in flight", conn)
         return ok([done, time.perf_counter_ns() - t0])
 
-    async def reqs(self, open_: float, n: float, max_s: float) -> str:
+    async def reqs(self, open_: float, n: float, max_s: float, each: float = 0) -> str:
         """One task keeps ``open_`` requests open with the request API, refilling
         as answers arrive, until ``n`` answers or ``max_s`` seconds.
 
@@ -133,7 +136,11 @@ class Client:
         block: no free call slot, or the send queue is full) -- as the TCP
         floor's window refills once per read.  Awaiting ``receive_response``
         and ``send_request`` per call instead pays a scheduler round per call
-        (both are checkpoints), about twice the client CPU per call."""
+        (both are checkpoints), about twice the client CPU per call.
+
+        Where the batch forms exist (``RequestSet.receive_responses``,
+        ``send_requests_nowait``) and ``each`` is 0, one call of each per
+        batch of answers instead."""
         conn = self.conn
         assert conn
         send_request = getattr(conn, "send_request", None)
@@ -159,6 +166,9 @@ class Client:
             await send_request(ECHO_MODULE, ECHO_FUNCTION, [SMALL], into=reqs, label=sent)
             sent += 1
 
+        send_batch = getattr(conn, "send_requests_nowait", None)
+        if not each and send_batch is not None and hasattr(reqs, "receive_responses"):
+            return await self._reqs_batched(conn, reqs, int(open_), n_calls, max_s)
         t0 = time.perf_counter_ns()
         with trio.move_on_after(max_s + STUCK_S) as scope:
             for _ in range(min(int(open_), n_calls)):
@@ -178,6 +188,39 @@ class Client:
                         await send()
         if scope.cancelled_caught:
             return self._stuck(f"{done} of {sent} requests, {open_:.0f} open", conn)
+        return ok([done, time.perf_counter_ns() - t0])
+
+    async def _reqs_batched(
+        self, conn: Connection, reqs: Any, open_: int, n_calls: int, max_s: float
+    ) -> str:
+        """``reqs`` with the batch forms: ``receive_responses`` takes every
+        answer that has arrived, ``send_requests_nowait`` refills as many
+        (then ``send_request`` for one more when not all of them fit: no
+        free call slot or a full send queue)."""
+        end = time.perf_counter() + max_s
+        args = [[SMALL]] * open_
+        sent = done = 0
+        t0 = time.perf_counter_ns()
+
+        async def refill(k: int) -> None:
+            nonlocal sent
+            got = len(conn.send_requests_nowait(ECHO_MODULE, ECHO_FUNCTION, args[:k], into=reqs))
+            sent += got
+            if got < k:  # (as the per-request driver: wait for a slot for one more)
+                await conn.send_request(ECHO_MODULE, ECHO_FUNCTION, [SMALL], into=reqs)
+                sent += 1
+
+        with trio.move_on_after(max_s + STUCK_S) as scope:
+            while sent < min(open_, n_calls):
+                await refill(min(open_, n_calls) - sent)
+            while done < sent:
+                done += len(await reqs.receive_responses())
+                if time.perf_counter() < end:
+                    k = min(open_ - (sent - done), n_calls - sent)
+                    if k > 0:
+                        await refill(k)
+        if scope.cancelled_caught:
+            return self._stuck(f"{done} of {sent} requests, {open_} open", conn)
         return ok([done, time.perf_counter_ns() - t0])
 
     async def bulk(self, size: float, reps: float, max_s: float) -> str:

@@ -645,3 +645,31 @@ def encode_frame(obj: Any) -> bytes:
         payload = _etf.encode(obj)
         return struct.pack(">I", len(payload)) + payload
     return frame
+
+
+def install_client_builtins(head5: bytes, head6: bytes, timeout_opts: bytes) -> dict[str, Any]:
+    """The client's per-call builtins (csrc/pycall.c), or {} where the
+    direct encoder is not in use.  The heads are fixed by the first call.
+
+    ``call_frame(call_id, names, args, timeout)`` returns the whole frame
+    of ``{call, Id, M, F, Args}`` (``head5``: its version byte, tuple head
+    and ``call`` atom), or with ``timeout`` not None ``{call, Id, M, F, Args,
+    #{timeout => T}}`` (``head6``, then ``timeout_opts`` before T): the
+    4-byte length and the payload, ``names`` being M's and F's atoms
+    without version bytes and ``args`` (a list) encoded as ``encode``
+    would.  It returns None (nothing decided) for what the caller's own
+    path must handle: an id or timeout outside 0..2**31-1, or ``args`` the
+    direct encoder does not take.
+
+    ``plain_replies(terms, opened, reply)`` counts the leading terms of the
+    list ``terms`` that are exact 3-tuples ``(reply, Id, Value)`` (``reply``
+    an exact ``Atom``, ``Id`` an exact int that is a key of the dict
+    ``opened``), deleting each such ``Id`` from ``opened``, and stops at the
+    first that is not."""
+    if _direct is _no_direct:
+        return {}
+    target: dict[str, Any] = {}
+    config = (_direct, DEFAULT_MAX_DEPTH, head5, head6, timeout_opts)
+    if lib.sshrpc_pycall_install(ffi.cast("void *", id(target)), ffi.cast("void *", id(config))):
+        return {}  # pragma: no cover - out of memory at import
+    return target

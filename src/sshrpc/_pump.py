@@ -538,6 +538,10 @@ class Pump(_Sending):
         self, channel: Any, on_data: Callable[[bytes], object], should_read: Callable[[], bool]
     ) -> None:
         """``run``'s loop, inside the wake-up scope (see ``run``)."""
+        # A read answered waiting tasks that have not been seen to queue
+        # anything since, and whether the pump has given them the one more
+        # scheduler round it gives them before sleeping (see the sleep).
+        woke = waited = False
         while self.error is None:
             if self._multi:
                 # More channels than ours: the general loop (module
@@ -551,6 +555,13 @@ class Pump(_Sending):
             # queue keeps growing), so that one task keeping many
             # requests open, or many tasks, share one write.
             rounds = 0
+            if self._fresh:
+                if woke:
+                    # Queued by the tasks the last read woke: they all ran
+                    # in the round just given to them (one scheduler
+                    # batch), so no round more can bring more of theirs.
+                    self._fresh = False
+                woke = False
             while self._fresh and len(self._out) < WRITE_SLICE and rounds < DEFER_ROUNDS:
                 self._fresh = False
                 rounds += 1
@@ -585,7 +596,8 @@ class Pump(_Sending):
                         # queue frames when they run, so let them run
                         # before sleeping (their wake() then interrupts
                         # nothing), and write what they queued.
-                        progress = True
+                        progress = woke = True
+                        waited = False
                     if rc == READ_SIZE:
                         progress = True  # more stdout may be queued
                 elif rc != EAGAIN:
@@ -604,6 +616,15 @@ class Pump(_Sending):
             if progress or self._wake_pending:
                 # (_wake_pending: a wake() since this turn looked, which
                 # did not interrupt the busy pump: look again.)
+                await trio.lowlevel.checkpoint()
+            elif woke and not waited:
+                # The tasks a read woke run in the same scheduler batch as
+                # the pump's checkpoint after it, in either order (Trio
+                # reverses half its batches): if the pump ran first, one
+                # more round lets them queue their frames now, instead of
+                # cancelling the pump's sleep on the socket a moment later
+                # (two epoll_ctl, a cancel and a new scope).
+                waited = True
                 await trio.lowlevel.checkpoint()
             elif self.paused and not self._out:
                 # Nothing to write and not reading: sleep until woken.
@@ -636,7 +657,7 @@ class Pump(_Sending):
         to ``WRITE_BURST`` bytes (a large frame: one read and one scheduler
         round per burst, not per 32 KiB packet; libssh2's write drains the
         socket's inbound packets itself, window adjusts included).  True if
-        bytes were taken.  Raises ``ConnectionLost`` for a write error."""
+        bytes were taken and another turn is due.  Raises ``ConnectionLost`` for a write error."""
         out = self._out
         sent = 0
         while True:
@@ -648,11 +669,16 @@ class Pump(_Sending):
                 raise ConnectionLost(f"channel write failed (libssh2 error {rc})")
             if rc < 0 or n < WRITE_SLICE or not out or sent >= WRITE_BURST:
                 break
-        if sent:
-            self.bytes_sent += sent
-            if len(out) < self.write_limit:
-                self._room.set()
-        return sent > 0
+        if not sent:
+            return False
+        self.bytes_sent += sent
+        if len(out) < self.write_limit:
+            self._room.set()
+        # Another turn if there is more to write, or writers may wait for
+        # room (the queue was full); a write that emptied a short queue
+        # needs none: the read that follows takes whatever it pulled off
+        # the socket.
+        return bool(out) or sent >= self.write_limit
 
     @staticmethod
     def _read_stderr(channel: Any) -> None:

@@ -208,6 +208,48 @@ class RequestSet:
             return await self.receive_response()
         return self._take()
 
+    async def receive_responses(self, max: int | None = None) -> list[tuple[Any, Any]]:
+        """``receive_response`` for every answer that has arrived: wait until
+        a request of the set has completed, then remove and return the
+        ``(label, value)`` pairs of the completed requests in completion
+        order -- at most ``max`` of them, and stopping before the first
+        error answer (or connection end), which the next call raises as
+        ``receive_response`` does, with ``.label`` (removing that request
+        only).  One checkpoint for the whole batch.
+
+        If cancelled, no answer is taken (every request stays in the set).
+        Raises ``ValueError`` if the set is empty or ``max`` is below 1,
+        and ``trio.BusyResourceError`` if another task waits on the set."""
+        if max is not None and max < 1:
+            raise ValueError(f"receive_responses: max must be at least 1, not {max!r}")
+        if self._ready:
+            await trio.lowlevel.checkpoint()
+        else:
+            if not self._requests:
+                raise ValueError("receive_responses on an empty RequestSet")
+            if self._task is not None:
+                raise trio.BusyResourceError("another task is waiting on this RequestSet")
+            self._task = current_task()
+            await wait_task_rescheduled(self._abort)
+        ready = self._ready
+        if not ready:  # e.g. abandon() from another task while waiting
+            return await self.receive_responses(max)
+        if not ready[0].ok:
+            return [self._take()]  # (raises)
+        count = len(ready) if max is None or max > len(ready) else max
+        requests = self._requests
+        out = []
+        for _ in range(count):
+            req = ready[0]
+            if not req.ok:
+                break
+            ready.popleft()
+            requests.discard(req)
+            req._owner = None
+            req.received = True
+            out.append((req.label, req.value))
+        return out
+
     def check_response(self) -> tuple[Any, Any]:
         """``receive_response`` without waiting: raises ``trio.WouldBlock``
         when no request of the set has completed.  Not a checkpoint."""

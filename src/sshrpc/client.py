@@ -92,7 +92,6 @@ _A = Atom
 
 _INF = math.inf
 _ceil = math.ceil
-_now = trio.current_time
 _current_task = trio.lowlevel.current_task
 _wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
 _Reply, _ErrorReply = _p.Reply, _p.ErrorReply
@@ -183,6 +182,11 @@ class Connection:
         self._reschedule: Callable[[trio.lowlevel.Task], object] = trio.lowlevel.reschedule
         with suppress(AttributeError):
             self._reschedule = trio._core._run.GLOBAL_RUN_CONTEXT.runner.reschedule
+        #: trio.current_time without its two wrappers' frames: the run's
+        #: clock's own method (what Trio's Runner.current_time calls).
+        self._now: Callable[[], float] = trio.current_time
+        with suppress(AttributeError):
+            self._now = trio._core._run.GLOBAL_RUN_CONTEXT.runner.clock.current_time
 
     # -- set-up --------------------------------------------------------------
 
@@ -242,12 +246,18 @@ class Connection:
             # The small frames of the read decoded in one go; then
             # next_event for whatever that left (see next_events).
             pop = self._pending.pop
-            for batched in proto.next_events():
-                if type(batched) is not _Reply:
+            for batched in proto.next_replies():
+                # _dispatch's Reply branch, inlined (the per-call path); a
+                # plain reply comes as its decoded term (next_replies).
+                if type(batched) is tuple:
+                    pending = pop(batched[1])  # (the core checked the id is open)
+                    value = batched[2]
+                elif type(batched) is _Reply:
+                    pending = pop(batched.id)
+                    value = batched.value
+                else:
                     self._dispatch(batched)
                     continue
-                # _dispatch's Reply branch, inlined (the per-call path).
-                pending = pop(batched.id)  # (the core checked the id is open)
                 slot = pending.slot
                 if slot is not None:
                     pending.slot = None
@@ -256,7 +266,7 @@ class Connection:
                     else:
                         slot.free += 1  # (CallSlots.release)
                 pending.ok = True
-                pending.value = batched.value
+                pending.value = value
                 if pending.counted and not pending.abandoned:
                     self._undelivered += 1
                 # Request._finish, inlined.
@@ -435,14 +445,18 @@ class Connection:
             if i not in self._pending:
                 return i
 
-    @staticmethod
-    def _timeout_ms() -> int | None:
+    def _timeout(self) -> int | None:
+        """The caller's remaining time in ms (None: no deadline), a call's
+        ``timeout``.  Rounded up, so the server's deadline is never before
+        the caller's: the caller's scope fires first and the call ends as
+        cancelled.  0 in a cancelled scope (where a send that is not a
+        checkpoint still sends)."""
         deadline = _effective_deadline()
         if deadline == _INF:
             return None
-        # Rounded up, so the server's deadline is never before the caller's:
-        # the caller's scope fires first and the call ends as cancelled.
-        return max(0, math.ceil((deadline - trio.current_time()) * 1000))
+        if deadline == -_INF:
+            return 0
+        return max(0, _ceil((deadline - self._now()) * 1000))
 
     def _abandon(self, pending: Request) -> None:
         """Give up ``pending``: discard its answer if it came (uncounting
@@ -528,7 +542,7 @@ class Connection:
                 await _checkpoint_if_cancelled()  # raises Cancelled: nothing sent
             # Rounded up, so the server's deadline is never before the
             # caller's: the caller's scope fires first.
-            timeout = None if deadline == _INF else max(0, _ceil((deadline - _now()) * 1000))
+            timeout = None if deadline == _INF else max(0, _ceil((deadline - self._now()) * 1000))
             frame = self._proto.send_call(i, module, function, args, timeout)
         except BaseException as exc:
             if slots is not None:
@@ -599,11 +613,7 @@ class Connection:
         try:
             if self._error is not None or self._closing:
                 self._check_open()
-            deadline = _effective_deadline()
-            # Rounded up, so the server's deadline is never before the
-            # caller's: the caller's scope fires first.
-            timeout = None if deadline == _INF else max(0, _ceil((deadline - _now()) * 1000))
-            frame = self._proto.send_call(pending.id, module, function, args, timeout)
+            frame = self._proto.send_call(pending.id, module, function, args, self._timeout())
         except BaseException as exc:
             if slots is not None:
                 slots.release()
@@ -648,6 +658,74 @@ class Connection:
         if into is not None:
             into._add(req)
         return req
+
+    def send_requests_nowait(
+        self,
+        module: str,
+        function: str,
+        arglists: Sequence[Sequence[Any]],
+        *,
+        into: RequestSet | None = None,
+        labels: Sequence[Any] | None = None,
+    ) -> list[Request]:
+        """``send_request_nowait`` for many calls of one function at once:
+        sends ``module:function(*args)`` for the leading ``args`` of
+        ``arglists`` that there are free call slots for (the server's
+        ``max_calls``), in order, and returns their ``Request`` handles --
+        ``[]``, nothing sent, when no slot is free, others wait for one, or
+        the send queue is full.  ``labels`` (as long as ``arglists``) gives
+        each request its label (else None); ``into`` a ``RequestSet`` they
+        join.  The frames of the batch are encoded in one pass and queued
+        at once (one wake-up of the pump).
+
+        Not a checkpoint (so never ``Cancelled``).  The remaining time of
+        the caller's cancel scopes travels as each call's ``timeout`` (0 in
+        a cancelled scope).  All or nothing: an argument with no Erlang term
+        raises ``TermError``/``TypeError``, and ``MessageTooLarge`` a call
+        too large, with nothing of the batch sent; ``ConnectionLost`` if the
+        connection ended; ``ValueError`` if ``labels`` differs in length.
+        The send queue may go beyond ``write_limit`` by this batch."""
+        if self._error is not None or self._closing:
+            self._check_open()
+        n = len(arglists)
+        if labels is not None and len(labels) != n:
+            raise ValueError("send_requests_nowait: labels and arglists differ in length")
+        pump = self._pump
+        if len(pump._out) >= pump.write_limit:
+            return []
+        slots = self._slots
+        if slots is not None:
+            if slots._waiters:
+                return []
+            n = min(n, slots.free)
+        if n <= 0:
+            return []
+        pending = self._pending
+        ids = []
+        for _ in range(n):
+            i = next(self._ids) % _ID_SPACE
+            ids.append(self._new_id() if i in pending else i)
+        batch = [a if type(a) is list else list(a) for a in arglists[:n]]
+        try:
+            frames = self._proto.send_calls(ids, module, function, batch, self._timeout())
+        except LocalProtocolError as exc:
+            raise ConnectionLost(f"{self.destination}: {exc}") from exc
+        if slots is not None:
+            slots.free -= n
+        if labels is None:
+            reqs = [Request(i, self) for i in ids]
+        else:
+            reqs = [Request(i, self, label) for i, label in zip(ids, labels, strict=False)]
+        for req in reqs:
+            req.slot = slots
+            pending[req.id] = req
+        if into is not None:
+            for req in reqs:
+                req._owner = into
+            into._requests.update(reqs)
+        self._lone_ok = False
+        pump.send_nowait(frames)
+        return reqs
 
     async def send_request(
         self,
@@ -809,7 +887,7 @@ class Connection:
                 module=_A(module),
                 function=_A(function),
                 args=list(args),
-                timeout=self._timeout_ms(),
+                timeout=self._timeout(),
                 stream=True,
                 credit=credit,
             )

@@ -92,6 +92,26 @@ async def test_parent_and_children_interleave(gated: tuple[TestNode, Gate]) -> N
         assert await parent.call("chan", "echo", [7]) == 7
 
 
+async def test_batches_of_requests_on_a_child_channel(gated: tuple[TestNode, Gate]) -> None:
+    """``send_requests_nowait``/``receive_responses`` on a lane, while the
+    parent channel calls too: each answer comes back on its own channel."""
+    test_node, _ = gated
+    async with test_node.connect() as parent, parent.open_channel() as child:
+        reqs = sshrpc.RequestSet()
+        labels = [("child", i) for i in range(40)]
+        sent = child.send_requests_nowait(
+            "chan", "echo", [[i] for i in range(40)], into=reqs, labels=labels
+        )
+        assert len(sent) == 40
+        sent += parent.send_requests_nowait("chan", "echo", [[-1]], into=reqs, labels=["parent"])
+        got: dict[Any, Any] = {}
+        with trio.fail_after(DEADLINE):
+            while reqs:
+                got.update(await reqs.receive_responses())
+        assert got == {**{("child", i): i for i in range(40)}, "parent": -1}
+        assert child.statistics().open_calls == parent.statistics().open_calls == 0
+
+
 async def test_many_children_opened_and_closed_leave_nothing(
     gated: tuple[TestNode, Gate],
 ) -> None:

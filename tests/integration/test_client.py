@@ -710,6 +710,101 @@ async def test_one_task_keeps_1024_requests_open(wide_server: Any) -> None:
             await node.receive_response(req)
 
 
+async def test_send_request_nowait_in_a_cancelled_scope_sends_a_zero_timeout(
+    sshrpc_server: Any,
+) -> None:
+    """Not a checkpoint, so no ``Cancelled``: the request leaves with the
+    time that is left, none (it used to raise ``OverflowError``)."""
+    async with _connect(sshrpc_server) as node:
+        reqs = sshrpc.RequestSet()
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            node.send_request_nowait("slow", "work", [5], into=reqs, label="one")
+        with trio.fail_after(10):
+            with pytest.raises(sshrpc.RemoteTimeout) as info:
+                await reqs.receive_response()
+        assert info.value.label == "one"
+        assert await node.call("echo", "echo", [b"after"]) == b"after"
+
+
+async def test_batches_of_requests_and_of_responses(sshrpc_server: Any) -> None:
+    async with _connect(sshrpc_server) as node:
+        max_calls = node.hello["max_calls"]
+        reqs = sshrpc.RequestSet()
+        sent = node.send_requests_nowait(
+            "echo",
+            "echo",
+            [[i] for i in range(10)],
+            into=reqs,
+            labels=[("n", i) for i in range(10)],
+        )
+        assert [r.label for r in sent] == [("n", i) for i in range(10)] and len(reqs) == 10
+        got: dict[Any, Any] = {}
+        with trio.fail_after(10):
+            while reqs:
+                batch = await reqs.receive_responses()
+                assert batch
+                got.update(batch)
+        assert got == {("n", i): i for i in range(10)}
+        with pytest.raises(ValueError, match="empty"):
+            await reqs.receive_responses()
+        # An error answer ends a batch; the next call raises it with its label.
+        node.send_requests_nowait("echo", "echo", [[1]], into=reqs, labels=["a"])
+        node.send_requests_nowait("nosuch", "fun", [[]], into=reqs, labels=["bad"])
+        node.send_requests_nowait("echo", "echo", [(2,)], into=reqs, labels=["b"])
+        with trio.fail_after(10):
+            while reqs.answered < 3:
+                await trio.sleep(0.01)  # bounded polling for the three answers
+        assert await reqs.receive_responses() == [("a", 1)]
+        with pytest.raises(sshrpc.RemoteError) as info:
+            await reqs.receive_responses()
+        assert info.value.label == "bad"
+        assert await reqs.receive_responses(max=5) == [("b", 2)]
+        # At most the free call slots: a prefix, then nothing at all.
+        sent = node.send_requests_nowait("slow", "work", [[30]] * (max_calls + 5), into=reqs)
+        assert len(sent) == max_calls == len(reqs) == node.statistics().open_calls
+        assert node.send_requests_nowait("echo", "echo", [[1]]) == []
+        # A cancelled wait takes nothing.
+        with trio.move_on_after(0.05) as scope:
+            await reqs.receive_responses()
+        assert scope.cancelled_caught and len(reqs) == max_calls
+        reqs.abandon()
+        with trio.fail_after(10):
+            while node._pending:
+                await trio.sleep(0.01)  # bounded polling for the servers' answers
+        assert node.statistics().open_calls == 0
+
+
+async def test_a_batch_of_requests_is_sent_whole_or_not_at_all(sshrpc_server: Any) -> None:
+    async with _connect(sshrpc_server) as node:
+        reqs = sshrpc.RequestSet()
+        with pytest.raises(TypeError):
+            node.send_requests_nowait("echo", "echo", [[1], [object()], [3]], into=reqs)
+        with pytest.raises(sshrpc.MessageTooLarge):
+            node.send_requests_nowait("echo", "echo", [[1], [b"z" * (2 << 20)]], into=reqs)
+        with pytest.raises(ValueError, match="labels"):
+            node.send_requests_nowait("echo", "echo", [[1], [2]], into=reqs, labels=[1])
+        assert len(reqs) == 0 and node.statistics().open_calls == 0
+        assert node.statistics().queued_bytes == 0
+        assert await node.call("echo", "echo", [b"after"]) == b"after"
+
+
+async def test_a_batch_of_requests_carries_the_deadline_to_the_server(
+    sshrpc_server: Any,
+) -> None:
+    async with _connect(sshrpc_server) as node:
+        reqs = sshrpc.RequestSet()
+        with trio.move_on_after(0.3):
+            sent = node.send_requests_nowait("slow", "work", [[30], [30]], into=reqs)
+        assert len(sent) == 2
+        with trio.fail_after(10):  # the server gives up at 0.3 s, not at 30 s
+            with pytest.raises(sshrpc.RemoteTimeout):
+                await reqs.receive_responses()
+            with pytest.raises(sshrpc.RemoteTimeout):
+                await reqs.receive_responses()
+        assert not reqs
+
+
 async def test_requests_beyond_max_calls_wait_for_a_slot(sshrpc_server: Any) -> None:
     async with _connect(sshrpc_server) as node:
         max_calls = node.hello["max_calls"]

@@ -43,11 +43,21 @@ from collections.abc import Callable, Iterable, KeysView
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .._accel import FrameBuffer, decode_cost, encode, encode_direct, encode_frame
+from .._accel import (
+    FrameBuffer,
+    c_accelerated,
+    decode_cost,
+    encode,
+    encode_direct,
+    encode_frame,
+)
 from .._bulk import term_parts
 from .._errors import FrameTooLarge, LocalProtocolError, MessageTooLarge, ProtocolError, TermError
 from .._etf import DEFAULT_MAX_BIG_BYTES, DEFAULT_MAX_DEPTH
 from .._saferepr import safe_repr
+
+if c_accelerated:
+    from .._codec import install_client_builtins
 from .._types import Atom, Map
 from ._events import (
     DEFAULT_CREDIT,
@@ -604,6 +614,16 @@ class Connection:
         ``next_event``/``next_events`` raises it (the state is ``CLOSED``
         from then on).  ``last_cost`` is the whole batch's decode cost.
         """
+        return self._next_batch(False)
+
+    def next_replies(self) -> list[Any]:
+        """``next_events`` for the client's read loop: the same, except that
+        each plain reply to an open call (``Reply`` there) is the decoded
+        term itself, the tuple ``(Atom("reply"), Id, Value)`` (a tuple is
+        never an ``Event``), which spares building the event."""
+        return self._next_batch(True)
+
+    def _next_batch(self, raw: bool) -> list[Any]:
         if self._error is not None:
             raise self._error
         state = self._state
@@ -617,6 +637,10 @@ class Connection:
         # never refuses what next_event would have accepted.
         small = min(_BATCH_MAX_FRAME, self.max_cost // _WORST_COST_PER_BYTE)
         payloads: list[bytes] = []
+        # The payloads the C frame buffer has already cut out of a read,
+        # moved over in one C call while they qualify (the first that does
+        # not stays there, and next_frame returns it).
+        ready = getattr(frames, "_ready", None) if _take_batchable is not None else None
         while True:
             try:
                 payload = frames.next_frame()
@@ -628,13 +652,18 @@ class Connection:
                 self._peeked = payload  # next_event takes it, in order
                 break
             payloads.append(payload)
+            if ready and _take_batchable is not None:
+                _take_batchable(ready, payloads, small)
         if not payloads:
             return []
-        events: list[Event] = []
+        events: list[Any] = []
         terms: Any = None
         if len(payloads) > 1:
-            body = b"".join([p[1:] for p in payloads])
-            batch = b"\x83l" + len(payloads).to_bytes(4, "big") + body + b"j"
+            if _join_batch is not None:
+                batch = _join_batch(payloads)
+            else:
+                body = b"".join([p[1:] for p in payloads])
+                batch = b"\x83l" + len(payloads).to_bytes(4, "big") + body + b"j"
             try:
                 terms, self.last_cost = decode_cost(
                     batch,
@@ -660,6 +689,16 @@ class Connection:
         # branch takes it, without the handler lookup and calls.
         reply_state = self._recv_rows[state].get("Reply") if self.role is Role.CLIENT else None
         opened = self._open
+        if reply_state is not None and _plain_replies is not None:
+            # The leading plain replies counted (and their ids closed) in C.
+            k = _plain_replies(terms, opened, A_REPLY)
+            if k:
+                self._frames_received += k
+                self._state = reply_state
+                if k == len(terms):
+                    return terms if raw else [_reply(t[1], t[2]) for t in terms]
+                events = terms[:k] if raw else [_reply(t[1], t[2]) for t in terms[:k]]
+                terms = terms[k:]
         for term in terms:
             if (
                 reply_state is not None
@@ -672,7 +711,7 @@ class Connection:
             ):
                 self._frames_received += 1
                 self._state = reply_state
-                events.append(_reply(term[1], term[2]))
+                events.append(term if raw else _reply(term[1], term[2]))
                 continue
             try:
                 self._frames_received += 1
@@ -1316,6 +1355,65 @@ class Connection:
         self._state = new
         return frame
 
+    def _names(self, module: str, function: str) -> bytes:
+        """The encoded atoms ``module`` and ``function`` of a call frame
+        (no version bytes), from a bounded cache; ``ValueError`` (nothing
+        cached) for a name that cannot be an atom."""
+        names = self._call_names.get((module, function))
+        if names is None:
+            Call(id=0, module=_atom(module), function=_atom(function), args=[])  # checks names
+            names = encode(_atom(module))[1:] + encode(_atom(function))[1:]
+            if len(self._call_names) >= _CALL_NAMES_CACHED:
+                self._call_names.clear()
+            self._call_names[(module, function)] = names
+        return names
+
+    def send_calls(
+        self,
+        call_ids: list[int],
+        module: str,
+        function: str,
+        arglists: list[Any],
+        timeout: int | None = None,
+    ) -> bytes:
+        """``send_call`` for each id of ``call_ids`` with the args at the same
+        place of ``arglists`` (lists of one length), the frames joined in
+        order: the same bytes, errors and state changes, except that it is
+        all or nothing -- when one raises, the state is as before and none
+        is sent.  Whole batches of frames in one C call (csrc/pycall.c
+        ``call_frames``) where it can."""
+        n = len(call_ids)
+        if n != len(arglists):
+            raise ValueError("send_calls: call_ids and arglists differ in length")
+        state = self._state
+        opened = self._open
+        if (
+            _call_frames is not None
+            and self._send_rows[state].get("Call") is state
+            and opened.keys().isdisjoint(call_ids)
+            and len(set(call_ids)) == n
+        ):
+            names = self._call_names.get((module, function))
+            if names is None:
+                names = self._names(module, function)
+            data: bytes | None = _call_frames(call_ids, names, arglists, timeout, self._send_limit)
+            if data is not None:
+                opened.update(dict.fromkeys(call_ids, _PLAIN))
+                self._frames_sent += n
+                return data
+        # One at a time (each raises its own error), undone if one fails.
+        frames: list[bytes | bytearray] = []
+        try:
+            for call_id, args in zip(call_ids, arglists, strict=True):
+                frames.append(self.send_call(call_id, module, function, args, timeout))
+        except BaseException:
+            for call_id in call_ids[: len(frames)]:
+                del opened[call_id]
+            self._frames_sent -= len(frames)
+            self._state = state
+            raise
+        return b"".join(frames)
+
     def send_call(
         self, call_id: int, module: str, function: str, args: Any, timeout: int | None = None
     ) -> bytes | bytearray:
@@ -1346,12 +1444,17 @@ class Connection:
             )
         names = self._call_names.get((module, function))
         if names is None:
-            Call(id=0, module=_atom(module), function=_atom(function), args=[])  # checks names
-            names = encode(_atom(module))[1:] + encode(_atom(function))[1:]
-            if len(self._call_names) >= _CALL_NAMES_CACHED:
-                self._call_names.clear()
-            self._call_names[(module, function)] = names
+            names = self._names(module, function)
         arglist = args if type(args) is list else list(args)
+        if _call_frame is not None:
+            fast: bytes | None = _call_frame(call_id, names, arglist, timeout)
+            if fast is not None:
+                if len(fast) - 4 > self._send_limit:
+                    raise MessageTooLarge(len(fast) - 4, self._send_limit)
+                self._frames_sent += 1
+                self._open[call_id] = _PLAIN
+                self._state = new
+                return fast
         id_term = _INT_EXT(b"b", call_id) if 256 <= call_id < _INT32 else _int_term(call_id)
         body = encode_direct(arglist, DEFAULT_MAX_DEPTH, 0)
         if body is None:
@@ -1667,6 +1770,19 @@ _HEAD6_SIZE: Final = len(_CALL_HEAD6) + len(_TIMEOUT_OPTS) - 1
 _U32: Final = struct.Struct(">I").pack
 _INT_EXT: Final = struct.Struct(">cI").pack
 _SMALL_INTS: Final = tuple(b"a" + bytes([i]) for i in range(256))
+
+
+#: The client's per-call builtins (csrc/pycall.c; absent in pure Python):
+#: the whole call frame in one C call, and the count of a read's leading
+#: plain replies.
+_client_c: Final[dict[str, Any]] = (
+    install_client_builtins(_CALL_HEAD5, _CALL_HEAD6, _TIMEOUT_OPTS) if c_accelerated else {}
+)
+_call_frame: Final = _client_c.get("call_frame")
+_call_frames: Final = _client_c.get("call_frames")
+_plain_replies: Final = _client_c.get("plain_replies")
+_take_batchable: Final = _client_c.get("take_batchable")
+_join_batch: Final = _client_c.get("join_batch")
 
 
 def _int_term(value: int) -> bytes:
