@@ -32,10 +32,35 @@ void sshrpc_fb_clear(sshrpc_framebuf *fb)
     }
 }
 
+/* A frame up to this long whose header is in gets a buffer of exactly its
+ * size at once (bulk, issue 10): no doubling copies on the way up, and no
+ * block of twice its size (which glibc would map fresh, and fault in page
+ * by page, for every frame).  The block is only reserved: its pages become
+ * resident as the payload arrives.  Longer frames grow by doubling. */
+#define FB_EXACT_MAX ((size_t)256 * 1024 * 1024)
+
+/* Move the held bytes to the start of a fresh block of `total` bytes
+ * (total >= held); 0, or -1 when out of memory (the buffer is unchanged). */
+static int fb_move_to(sshrpc_framebuf *fb, size_t total)
+{
+    size_t held = fb->end - fb->start;
+    unsigned char *grown = malloc(total);
+
+    if (grown == NULL)
+        return -1;
+    if (held)
+        memcpy(grown, fb->data + fb->start, held);
+    free(fb->data);
+    fb->data = grown;
+    fb->cap = total;
+    fb->start = 0;
+    fb->end = held;
+    return 0;
+}
+
 int sshrpc_fb_feed(sshrpc_framebuf *fb, const char *src, size_t n)
 {
     size_t held, need, cap;
-    unsigned char *grown;
 
     if (n == 0)
         return 0;
@@ -61,45 +86,13 @@ int sshrpc_fb_feed(sshrpc_framebuf *fb, const char *src, size_t n)
                 return -1;
             cap *= 2;
         }
-        grown = malloc(cap);
-        if (grown == NULL)
+        if (fb_move_to(fb, cap) < 0)
             return -1;
-        if (held)
-            memcpy(grown, fb->data + fb->start, held);
-        free(fb->data);
-        fb->data = grown;
-        fb->cap = cap;
     }
     fb->start = 0;
     fb->end = held;
     memcpy(fb->data + fb->end, src, n);
     fb->end += n;
-    return 0;
-}
-
-/* A frame up to this long whose header is in gets a buffer of exactly its
- * size at once (bulk, issue 10): no doubling copies on the way up, and no
- * block of twice its size (which glibc would map fresh, and fault in page
- * by page, for every frame).  The block is only reserved: its pages become
- * resident as the payload arrives.  Longer frames grow by doubling. */
-#define FB_EXACT_MAX ((size_t)256 * 1024 * 1024)
-
-/* Make room for exactly `total` bytes from the start of the held bytes
- * (total >= held); 0, or -1 when out of memory (the buffer is unchanged). */
-static int fb_reserve_exact(sshrpc_framebuf *fb, size_t total)
-{
-    size_t held = fb->end - fb->start;
-    unsigned char *grown = malloc(total);
-
-    if (grown == NULL)
-        return -1;
-    if (held)
-        memcpy(grown, fb->data + fb->start, held);
-    free(fb->data);
-    fb->data = grown;
-    fb->cap = total;
-    fb->start = 0;
-    fb->end = held;
     return 0;
 }
 
@@ -127,7 +120,7 @@ size_t sshrpc_fb_fill(sshrpc_framebuf *fb, const char *src, size_t pos, size_t n
             need = 4 + (size_t)length - held;
             if (pos < n && need > fb->cap - fb->end && 4 + (size_t)length <= FB_EXACT_MAX
                 && 4 + (size_t)length > FB_MIN_CAP
-                && fb_reserve_exact(fb, 4 + (size_t)length) != 0)
+                && fb_move_to(fb, 4 + (size_t)length) != 0)
                 return (size_t)-1;
         }
         if (pos >= n) {

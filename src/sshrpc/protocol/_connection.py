@@ -839,23 +839,15 @@ class Connection:
                 and type(term[4]) is list
                 and len(opened) < max_open
             ):
-                if len(term) == 5:
-                    self._state = new
-                    opened[call_id] = _PLAIN
-                    self.last_cost = cost
-                    events.append(
-                        (call_id, term[2], term[3], term[4], None, cost, term)
-                        if plain_calls
-                        else _call(call_id, term[2], term[3], term[4], None, False, DEFAULT_CREDIT)
-                    )
-                    costs.append(cost)
-                    continue
-                if (
+                ms: int | None = None
+                if len(term) == 6 and not (
                     type(opts := term[5]) is dict
                     and len(opts) == 1
                     and type(ms := opts.get(K_TIMEOUT)) is int
                     and ms >= 0
                 ):
+                    ms = -1  # not the common call: the general path below
+                if ms is None or ms >= 0:
                     self._state = new
                     opened[call_id] = _PLAIN
                     self.last_cost = cost
