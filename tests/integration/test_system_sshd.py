@@ -96,7 +96,9 @@ def _fd_targets(pid: int) -> set[str]:
     return targets
 
 
-def _relays(socket: Path) -> list[int]:
+def _relays(socket: Path, node: int) -> list[int]:
+    """The relays to ``socket`` sshd runs (C or Python): the processes other
+    than the node with the socket's path on their command line."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -105,19 +107,36 @@ def _relays(socket: Path) -> list[int]:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if os.fsencode(socket) in argv and argv[0].endswith(b"sshrpc-relay"):
+        if os.fsencode(socket) in argv and int(entry) != node:
             pids.append(int(entry))
     return pids
 
 
-@pytest.mark.skipif(native_relay() is None, reason="this build has no C relay")
-async def test_node_behind_sshd_as_printed_takes_the_channel(
-    tmp_path: Path, client_key, private_sshd, node_socket: Path
+C_RELAY = pytest.mark.skipif(native_relay() is None, reason="this build has no C relay")
+
+
+@pytest.mark.parametrize(
+    ("options", "relay", "passed"),
+    [
+        pytest.param([], "sshrpc-relay --pass-fds /", True, marks=C_RELAY, id="c-pass-fds"),
+        pytest.param(["--no-pass-fds"], "sshrpc-relay /", False, marks=C_RELAY, id="c-copying"),
+        pytest.param(["--python-relay"], "_relay.py /", False, id="python"),
+    ],
+)
+async def test_node_behind_sshd_as_printed(
+    tmp_path: Path,
+    client_key,
+    private_sshd,
+    node_socket: Path,
+    options: list[str],
+    relay: str,
+    passed: bool,
 ) -> None:
-    """The printed command is the C relay with ``--pass-fds``: the node
-    serves the call and holds sshd's end of the channel itself."""
-    command, forced = _sshd_config(node_socket, client_key.public)
-    assert "sshrpc-relay --pass-fds " in command
+    """The printed lines work as printed.  By default the command is the C
+    relay with ``--pass-fds``, and the node holds sshd's end of the channel
+    itself; ``--no-pass-fds`` and ``--python-relay`` relays copy."""
+    command, forced = _sshd_config(node_socket, client_key.public, *options)
+    assert relay in command
     node = _start_node(node_socket, tmp_path / "node.log")
     try:
         info = private_sshd({"sshrpc@k2r.org": command}, authorized_keys=[forced])
@@ -125,30 +144,9 @@ async def test_node_behind_sshd_as_printed_takes_the_channel(
         try:
             await ch.hello()
             assert await ch.call(1, "os", "getpid", []) == (Atom("reply"), 1, node.pid)
-            [relay] = _relays(node_socket)
-            channel_end = os.readlink(f"/proc/{relay}/fd/0")
-            assert channel_end in _fd_targets(node.pid), channel_end
-        finally:
-            await ch.aclose()
-    finally:
-        node.terminate()
-        node.wait(timeout=30)
-
-
-async def test_python_relay_and_no_pass_fds_copy(
-    tmp_path: Path, client_key, private_sshd, node_socket: Path
-) -> None:
-    """``--python-relay`` prints the Python relay, which copies; calls work
-    through it the same."""
-    command, forced = _sshd_config(node_socket, client_key.public, "--python-relay")
-    assert "_relay.py " in command and "--pass-fds" not in command
-    node = _start_node(node_socket, tmp_path / "node.log")
-    try:
-        info = private_sshd({"sshrpc@k2r.org": command}, authorized_keys=[forced])
-        ch = await SSHChannel.open(info.ssh_argv())
-        try:
-            await ch.hello()
-            assert await ch.call(1, "echo", "echo", [b"x"]) == (Atom("reply"), 1, b"x")
+            [pid] = _relays(node_socket, node.pid)
+            channel_end = os.readlink(f"/proc/{pid}/fd/0")
+            assert (channel_end in _fd_targets(node.pid)) == passed, channel_end
         finally:
             await ch.aclose()
     finally:
