@@ -580,6 +580,12 @@ def test_send_calls_is_send_call_for_each(ids: list[int], timeout: int | None) -
         each.send_call(i, "mod", "fun", a, timeout) for i, a in zip(more, arglists, strict=True)
     )
     assert got == want and batch.statistics() == each.statistics()
+    again = [i + 2**21 for i in ids]  # tuples, not lists: the same
+    got = batch.send_calls(tuple(again), "mod", "fun", tuple(arglists), timeout)  # type: ignore[arg-type]
+    want = b"".join(
+        each.send_call(i, "mod", "fun", a, timeout) for i, a in zip(again, arglists, strict=True)
+    )
+    assert got == want and batch.statistics() == each.statistics()
 
 
 def test_send_calls_is_all_or_nothing() -> None:

@@ -1174,9 +1174,11 @@ class _Channel:
                     if self._waiting is not None:
                         return
                 else:
-                    # Answered before anything else runs: its charge (``_hold``)
-                    # would be given back at once, so it is only checked; a call
-                    # that waits is charged.
+                    # An inline call is answered before anything else runs:
+                    # its charge (``_hold``) would be given back at once, so it
+                    # is only checked.  An async call is charged before its
+                    # first step, which may queue bytes for the key itself, and
+                    # given back if it does not wait.
                     fn, how = entry
                     start = _clock()
                     if how == _INLINE:  # (``_call_inline``)
@@ -1201,12 +1203,20 @@ class _Channel:
                     else:  # (``_start_async``)
                         base = self._context_base
                         context = self._call_context() if base is None else base.copy()
+                        account.held += cost
+                        it = None
                         try:
                             # (an ``async def``'s call runs none of its code)
                             coro = fn(*args) if how == _PLAIN_COROUTINE else context.run(fn, *args)
                             it = coro if type(coro) is _CoroutineType else coro.__await__()
                             trap = context.run(it.send, None)
                         except StopIteration as stop:
+                            account.held -= cost
+                            if it is None:
+                                # Raised by the call itself (a plain function
+                                # marked as a coroutine function), not its end.
+                                self._answer_failed(_p.call_event(plain), stop, start)
+                                continue
                             audited((name, start, _clock()))
                             try:
                                 data = send_reply(call_id, stop.value)
@@ -1215,9 +1225,9 @@ class _Channel:
                             else:
                                 put(data)
                         except Exception as exc:
+                            account.held -= cost
                             self._answer_failed(_p.call_event(plain), exc, start)
                         else:
-                            account.charge(cost)
                             self._wait_for(_p.call_event(plain), cost, it, context, trap, start)
                             return
                 if len(frames) >= flush_early and not runnable():

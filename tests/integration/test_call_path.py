@@ -580,3 +580,32 @@ async def test_one_read_of_every_kind_of_call_answers_and_audits_in_order(caplog
         ("kinds:waits/1", "outcome=ok"),
         ("kinds:thr/1", "outcome=ok"),
     ], lines
+
+
+@pytest.mark.skipif(
+    not hasattr(__import__("inspect"), "markcoroutinefunction"),
+    reason="this Python (3.11) cannot mark a plain function as a coroutine function",
+)
+async def test_a_marked_plain_function_raising_stopiteration_is_an_error():
+    """A plain function marked as a coroutine function runs as an async
+    call; its own ``StopIteration`` is an error, as on the general path, not
+    the answer ``ok`` with the exception's value."""
+    import inspect
+
+    svc = Service("marked")
+
+    def stop() -> None:
+        raise StopIteration(5)
+
+    svc.export(inspect.markcoroutinefunction(stop))  # type: ignore[attr-defined]
+    node = Node([svc])
+    client_side, server_side = trio.testing.memory_stream_pair()
+    client = _p.Connection(_p.Role.CLIENT, name="test")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node.serve_channel, server_side)
+        await client_side.send_all(client.send(client.hello()))
+        assert isinstance(await next_event(client, client_side), _p.Hello)
+        await client_side.send_all(client.send_call(1, "marked", "stop", []))
+        answer = await next_event(client, client_side)
+        assert isinstance(answer, _p.ErrorReply) and answer.id == 1, answer
+        nursery.cancel_scope.cancel()

@@ -123,3 +123,26 @@ async def test_limits_are_validated():
         Node([t], max_held_per_key=0)
     with pytest.raises(ValueError, match="max_channels_per_key"):
         Node([t], max_channels_per_key=0)
+
+
+@t.export
+async def queue_then_wait(n: int) -> int:
+    node.send(node.session_pid(), b"x" * n)  # queued for this key before the first await
+    await trio.sleep(0)
+    return n
+
+
+async def test_a_call_that_queues_before_it_waits_is_charged(nursery):
+    """An async call whose first step queues bytes for its key (a message to
+    its own session) is charged before it runs, like any call: once its
+    answer and the message are read, the key holds nothing.  (The read's
+    fast path charged such a call after its first step; the charge then
+    failed against the message's bytes, and the call's end gave back what
+    was never held, leaving the key below zero.)"""
+    n, c = await start(nursery, max_held_per_key=4000)
+    for i in range(3):
+        await c.send((A("call"), i, A("t"), A("queue_then_wait"), [3900]))
+        frames = [await c.recv(), await c.recv()]
+        assert (A("reply"), i, 3900) in frames
+        await trio.testing.wait_all_tasks_blocked()
+        assert n.statistics()["held"] == 0

@@ -1381,6 +1381,8 @@ class Connection:
         opened = self._open
         if (
             _call_frames is not None
+            and type(call_ids) is list
+            and type(arglists) is list
             and self._send_rows[state].get("Call") is state
             and opened.keys().isdisjoint(call_ids)
             and len(set(call_ids)) == n
