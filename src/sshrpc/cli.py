@@ -81,7 +81,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
         type=_count,
         default=FLUSH_EARLY,
         metavar="N",
-        help=f"answers of one read leave once N are ready and nothing else waits, so the "
+        help=f"answers of one read leave once N (or half the read, if more) are ready and "
+        "nothing else waits, so the "
         f"client works while the node answers the rest (default {FLUSH_EARLY}; 0: together, "
         "the least CPU per call)",
     )

@@ -80,9 +80,9 @@ def _write_syscalls() -> int:
     raise AssertionError("no syscw in /proc/thread-self/io")
 
 
-async def _writes_for_one_read_of_30_calls(node: Node) -> int:
-    """30 inline calls to ``node`` arriving in one read: the number of
-    ``os.write`` calls that carried the answers, once all arrived."""
+async def _writes_for_one_read_of_30_calls(node: Node, n: int = 30) -> int:
+    """``n`` (30) inline calls to ``node`` arriving in one read: the number
+    of ``os.write`` calls that carried the answers, once all arrived."""
     a, b = trio.socket.socketpair()
     client_side, server_side = trio.SocketStream(a), trio.SocketStream(b)
     client = _p.Connection(_p.Role.CLIENT, name="test")
@@ -93,13 +93,13 @@ async def _writes_for_one_read_of_30_calls(node: Node) -> int:
         assert isinstance(await next_event(client, client_side), _p.Hello)
         batch = b"".join(
             client.send(_p.Call(id=i, module=Atom("m"), function=Atom("double"), args=[i]))
-            for i in range(30)
+            for i in range(n)
         )
         before = _write_syscalls()
         await client_side.send_all(batch)  # send(2): not counted
-        answers = [await next_event(client, client_side) for _ in range(30)]
+        answers = [await next_event(client, client_side) for _ in range(n)]
         writes = _write_syscalls() - before
-        assert sorted((x.id, x.value) for x in answers) == [(i, 2 * i) for i in range(30)]
+        assert sorted((x.id, x.value) for x in answers) == [(i, 2 * i) for i in range(n)]
         nursery.cancel_scope.cancel()
     return writes
 
@@ -116,9 +116,22 @@ def _doubling() -> Service:
 
 async def test_early_flush_sends_answers_while_the_read_is_answered():
     """With ``flush_early=8`` and nothing else waiting for the loop, the
-    answers of one read of 30 calls leave in 8-answer writes (the last one
-    with the rest): the client can work on them meanwhile; all arrive."""
-    assert await _writes_for_one_read_of_30_calls(Node([_doubling()], flush_early=8)) == 4
+    answers of one read of 12 calls leave in two writes (8, then the
+    rest): the client can work on them meanwhile; all arrive."""
+    assert await _writes_for_one_read_of_30_calls(Node([_doubling()], flush_early=8), 12) == 2
+
+
+async def test_early_flush_of_a_large_read_is_at_its_half():
+    """A read of 30 calls with ``flush_early=4``: the answers leave in two
+    writes of 15 (half the read: more than ``flush_early``), not in eight
+    of 4 -- each write costs sshd and the client a packet and a system
+    call, and two already let the client work while the node answers."""
+    assert await _writes_for_one_read_of_30_calls(Node([_doubling()], flush_early=4)) == 2
+
+
+async def test_early_flush_needs_flush_early_answers():
+    """A read of 7 calls with ``flush_early=8``: one write."""
+    assert await _writes_for_one_read_of_30_calls(Node([_doubling()], flush_early=8), 7) == 1
 
 
 def test_flush_early_must_not_be_negative():
