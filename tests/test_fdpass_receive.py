@@ -104,3 +104,25 @@ async def test_relay_gone_wakes_a_waiting_read() -> None:
         await channel.aclose()
         os.close(client_w)
         os.close(client_r)
+
+
+async def test_stdio_stream_reads_the_same_way() -> None:
+    from sshrpc.node import _StdioStream
+
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    stream = _StdioStream(in_r, out_w)
+    os.close(in_r)
+    os.close(out_w)
+    try:
+        os.write(in_w, b"call")
+        assert await stream.receive_some() == b"call"
+        await stream.send_all(b"reply")
+        assert os.read(out_r, 10) == b"reply"
+        os.close(in_w)
+        assert await stream.receive_some() == b""
+    finally:
+        await stream.aclose()
+        os.close(out_r)
+    with pytest.raises(trio.ClosedResourceError):
+        await stream.receive_some()
