@@ -2283,6 +2283,8 @@ class _StdioStream(trio.abc.Stream):
         self._in = trio.lowlevel.FdStream(os.dup(fd_in))
         self._out = trio.lowlevel.FdStream(os.dup(fd_out))
         self.out_fd = self._out.fileno()
+        #: Reads ``_in`` in fewer system calls per request (``_fdpass.FdReader``).
+        self._reader = _fdpass.FdReader(self._in.fileno())
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._out.send_all(data)
@@ -2291,12 +2293,13 @@ class _StdioStream(trio.abc.Stream):
         await self._out.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self._in.receive_some(max_bytes)
+        return await self._reader.receive(_fdpass.RECEIVE_SIZE if max_bytes is None else max_bytes)
 
     async def send_eof(self) -> None:
         await self._out.aclose()
 
     async def aclose(self) -> None:
+        self._reader.closed = True
         await self._in.aclose()
         await self._out.aclose()
 
