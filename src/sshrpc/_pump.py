@@ -465,7 +465,7 @@ class Pump(_Sending):
             data = data[n:] if n > 0 else data
         if data:
             if not self._out and type(data) is bytearray:
-                # A large frame made for this queue (``_send_call_big``):
+                # A large frame made for this queue (``Connection._frame_of_call``):
                 # taken over, not copied.
                 self._out = data
             else:

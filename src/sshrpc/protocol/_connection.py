@@ -1417,7 +1417,7 @@ class Connection:
         path.  The frame's ``{call, Id, M, F`` part is assembled from cached
         encodings (one per (module, function), bounded); only ``Args``, the
         id and the timeout are encoded per call.  Arguments holding large
-        binaries give a ``bytearray`` (``_send_call_big``)."""
+        binaries give a ``bytearray`` (``_frame_of_call``)."""
         new = self._send_rows[self._state].get("Call")
         if (
             new is None
@@ -1453,50 +1453,32 @@ class Connection:
         body = encode_direct(arglist, DEFAULT_MAX_DEPTH, 0)
         if body is None:
             # Large binaries (the direct encoder declines them): the frame
-            # joined once from pieces (src/sshrpc/_bulk.py).
+            # joined once from pieces (src/sshrpc/_bulk.py) into a bytearray.
             big = term_parts(arglist, DEFAULT_MAX_DEPTH, encode)
             if big is not None:
-                return self._send_call_big(call_id, names, id_term, timeout, big, new)
+                parts, size = big
+                return self._frame_of_call(call_id, names, id_term, timeout, parts, size, new, True)
             body = encode(arglist)
-        if timeout is None:
-            size = _HEAD5_SIZE + len(id_term) + len(names) + len(body)
-            if size > self._send_limit:
-                raise MessageTooLarge(size, self._send_limit)
-            frame = b"".join((_U32(size), _CALL_HEAD5, id_term, names, memoryview(body)[1:]))
-        else:
-            timeout_term = _int_term(timeout)
-            size = _HEAD6_SIZE + len(id_term) + len(names) + len(body) + len(timeout_term)
-            if size > self._send_limit:
-                raise MessageTooLarge(size, self._send_limit)
-            frame = b"".join(
-                (
-                    _U32(size),
-                    _CALL_HEAD6,
-                    id_term,
-                    names,
-                    memoryview(body)[1:],
-                    _TIMEOUT_OPTS,
-                    timeout_term,
-                )
-            )
-        self._frames_sent += 1
-        self._open[call_id] = _PLAIN
-        self._state = new
-        return frame
+        size = len(body) - 1
+        parts = [memoryview(body)[1:]]
+        return self._frame_of_call(call_id, names, id_term, timeout, parts, size, new, False)
 
-    def _send_call_big(
+    def _frame_of_call(
         self,
         call_id: int,
         names: bytes,
         id_term: bytes,
         timeout: int | None,
-        big: tuple[list[Any], int],
+        parts: list[Any],
+        body_size: int,
         new: Sentinel,
-    ) -> bytearray:
-        """``send_call``'s frame for arguments holding large binaries: the
-        same bytes, joined once into a ``bytearray`` (an empty send queue
-        takes it over without a copy: ``Pump.send_nowait``)."""
-        parts, body_size = big
+        big: bool,
+    ) -> bytes | bytearray:
+        """``send_call``'s frame from the encoded ``Args`` (``parts``,
+        ``body_size`` bytes, no version byte), and its state change.
+        ``big`` (arguments holding large binaries): the frame is joined into
+        a ``bytearray``, which an empty send queue takes over without a copy
+        (``Pump.send_nowait``)."""
         if timeout is None:
             size = _HEAD5_SIZE + len(id_term) + len(names) + body_size + 1
             tail: tuple[bytes, ...] = ()
@@ -1508,7 +1490,8 @@ class Connection:
             head = _CALL_HEAD6
         if size > self._send_limit:
             raise MessageTooLarge(size, self._send_limit)
-        frame = bytearray().join((_U32(size), head, id_term, names, *parts, *tail))
+        joiner = bytearray() if big else b""
+        frame = joiner.join((_U32(size), head, id_term, names, *parts, *tail))
         self._frames_sent += 1
         self._open[call_id] = _PLAIN
         self._state = new
