@@ -394,6 +394,14 @@ _audit = logging.getLogger(AUDIT_LOGGER)
 DENIALS = frozenset({"forbidden", "undef", "noproc", "dropped", "overload"})
 
 
+def _line_start(name: tuple[str, str, str, str, int, str]) -> str:
+    """An audit line of a request that ran, up to its duration, for
+    ``name`` = (fingerprint, kind, module, function, arity, outcome)."""
+    fingerprint, kind, module, function, arity, outcome = name
+    what = clean(f"{kind} {module}:{function}/{arity}", 600)
+    return f"key={clean(fingerprint or '-', 120)} {what} outcome={clean(outcome, 60)} duration_ms="
+
+
 class Auditor:
     """Writes audit lines to ``logger``; one per node.
 
@@ -524,7 +532,10 @@ class Auditor:
         name = (key.fingerprint, kind, module, function, arity, outcome)
         start = self._starts.get(name)
         if start is None:
-            start = self._request_start(name)
+            start = _line_start(name)
+            if len(self._starts) >= self.max_entries:
+                self._starts.clear()
+            self._starts[name] = start
         self._write(level, f"{start}{duration * 1000.0:.3f}")
 
     def record_calls(
@@ -551,7 +562,7 @@ class Auditor:
         for name, start_at, end_at in calls:
             start = starts.get(name)
             if start is None:
-                start = self._request_start((fingerprint, "call", *name, "ok"))
+                start = _line_start((fingerprint, "call", *name, "ok"))
                 if self._ok_count >= self.max_entries:
                     self._ok_starts.clear()
                     self._ok_count = 0
@@ -565,18 +576,6 @@ class Auditor:
             write = self._write
             for start, duration, _ in items:
                 write(level, f"{start}{duration * 1000.0:.3f}")
-
-    def _request_start(self, name: tuple[str, str, str, str, int, str]) -> str:
-        """``record_request``'s line up to its duration, kept (bounded)."""
-        fingerprint, kind, module, function, arity, outcome = name
-        what = clean(f"{kind} {module}:{function}/{arity}", 600)
-        start = (
-            f"key={clean(fingerprint or '-', 120)} {what} outcome={clean(outcome, 60)} duration_ms="
-        )
-        if len(self._starts) >= self.max_entries:
-            self._starts.clear()
-        self._starts[name] = start
-        return start
 
     def flush(self, *, expired_only: bool = False) -> None:
         """Write the pending counts (``repeated N times``, ``N more denials
