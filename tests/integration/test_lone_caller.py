@@ -8,7 +8,7 @@ while the caller waits.  A real sshd and a node in this Trio loop
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -168,11 +168,29 @@ async def test_a_cancel_while_the_lone_caller_waits(gated: tuple[TestNode, Gate]
         assert node.statistics().undelivered == 0
 
 
-async def test_connection_lost_while_the_lone_caller_waits(
-    gated: tuple[TestNode, Gate],
+async def _socket_fails(test_node: TestNode, pump: Any) -> None:
+    pump.sock.shutdown(socket.SHUT_RDWR)
+
+
+async def _node_closes(test_node: TestNode, pump: Any) -> None:
+    (channel,) = test_node.node.channels
+    await channel.stream.aclose()
+
+
+@pytest.mark.parametrize(
+    "end",
+    [
+        # the socket fails under the waiting caller (its own read sees the end)
+        pytest.param(_socket_fails, id="socket-fails"),
+        # the node closes the session's channel
+        pytest.param(_node_closes, id="node-closes"),
+    ],
+)
+async def test_the_connection_ends_while_the_lone_caller_waits(
+    gated: tuple[TestNode, Gate], end: Callable[[TestNode, Any], Awaitable[None]]
 ) -> None:
-    """The socket fails under the waiting caller (its own read sees the
-    end): the call raises ConnectionLost and the connection ends."""
+    """The connection ends under the waiting caller: the call raises
+    ConnectionLost and the connection is closed."""
     test_node, gate = gated
     async with test_node.connect(keepalive=None) as node:
         pump = _pump_of(node)
@@ -189,36 +207,12 @@ async def test_connection_lost_while_the_lone_caller_waits(
             with trio.fail_after(DEADLINE):
                 await gate.started.wait()
             await _until(lambda: pump._lone is not None)
-            pump.sock.shutdown(socket.SHUT_RDWR)
+            await end(test_node, pump)
             await _until(lambda: bool(errors))
         assert node.closed
         with pytest.raises(sshrpc.ConnectionLost):
             await node.call("lone", "echo", [1])
         gate.opened.set()
-
-
-async def test_server_end_while_the_lone_caller_waits(gated: tuple[TestNode, Gate]) -> None:
-    """The node closes the session's channel under the waiting caller."""
-    test_node, gate = gated
-    async with test_node.connect(keepalive=None) as node:
-        pump = _pump_of(node)
-        errors: list[BaseException] = []
-
-        async def caller() -> None:
-            try:
-                await node.call("lone", "wait")
-            except sshrpc.ConnectionLost as exc:
-                errors.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(caller)
-            with trio.fail_after(DEADLINE):
-                await gate.started.wait()
-            await _until(lambda: pump._lone is not None)
-            (channel,) = test_node.node.channels
-            await channel.stream.aclose()
-            await _until(lambda: bool(errors))
-        assert node.closed
 
 
 async def test_a_channel_opened_while_the_lone_caller_waits(
