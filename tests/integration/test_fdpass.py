@@ -418,15 +418,14 @@ def test_node_refuses_passed_descriptors_that_are_no_channel() -> None:
                 os.fstat(fd)
 
 
-async def test_node_serves_a_passed_socket(tmp_path: Path) -> None:
-    """The socketpair case (OpenSSH without USE_PIPES; this machine's sshd
-    gives pipes) with the real node and relay, sshd's end played by the
-    test: calls go through the passed socket, the client's EOF keeps the
-    channel, closing it ends the channel and the relay."""
-    global release
-    release = trio.Event()
-    node = sshrpc.Node([svc])
-    path = str(tmp_path / "n.sock")
+@asynccontextmanager
+async def _relay_on_socketpair(
+    node: sshrpc.Node, path: str
+) -> AsyncIterator[tuple[trio.SocketStream, subprocess.Popen[bytes]]]:
+    """The C relay with ``--pass-fds`` run on one end of a socketpair (the
+    socketpair case: OpenSSH without USE_PIPES; this machine's sshd gives
+    pipes), ``node`` serving ``path``; yields the other end, sshd's part
+    played by the test, and the relay, killed at the end if still running."""
     ours, theirs = socket.socketpair()
     async with trio.open_nursery() as nursery:
         await nursery.start(node.serve_unix, path)
@@ -435,56 +434,52 @@ async def test_node_serves_a_passed_socket(tmp_path: Path) -> None:
         )
         theirs.close()
         try:
-            stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
-            client = FrameClient(stream)
-            await client.hello()
-            assert node.channels_passed == 1
-            await client.send((A("call"), 1, A("fdp"), A("echo"), [b"x"]))
-            assert await client.recv() == (A("reply"), 1, b"x")
-            await client.send((A("call"), 2, A("fdp"), A("held"), [2]))
-            await _until(lambda: node.statistics()["calls"] == 1, "call open")
-            await stream.send_eof()  # the client's EOF
-            (channel,) = node.channels
-            await _until(lambda: channel.stream.eof, "EOF read by the node")
-            release.set()
-            assert await client.recv() == (A("reply"), 2, 2)
-            assert node.statistics()["channels"] == 1
-            await stream.aclose()  # sshd closes the channel
-            await _until(lambda: node.statistics()["channels"] == 0, "channel ended")
-            with trio.fail_after(10):
-                assert await trio.to_thread.run_sync(proc.wait) == 0
+            yield trio.SocketStream(trio.socket.from_stdlib_socket(ours)), proc
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
             nursery.cancel_scope.cancel()
+
+
+async def test_node_serves_a_passed_socket(tmp_path: Path) -> None:
+    """The socketpair case with the real node and relay: calls go through
+    the passed socket, the client's EOF keeps the channel, closing it ends
+    the channel and the relay."""
+    global release
+    release = trio.Event()
+    node = sshrpc.Node([svc])
+    async with _relay_on_socketpair(node, str(tmp_path / "n.sock")) as (stream, proc):
+        client = FrameClient(stream)
+        await client.hello()
+        assert node.channels_passed == 1
+        await client.send((A("call"), 1, A("fdp"), A("echo"), [b"x"]))
+        assert await client.recv() == (A("reply"), 1, b"x")
+        await client.send((A("call"), 2, A("fdp"), A("held"), [2]))
+        await _until(lambda: node.statistics()["calls"] == 1, "call open")
+        await stream.send_eof()  # the client's EOF
+        (channel,) = node.channels
+        await _until(lambda: channel.stream.eof, "EOF read by the node")
+        release.set()
+        assert await client.recv() == (A("reply"), 2, 2)
+        assert node.statistics()["channels"] == 1
+        await stream.aclose()  # sshd closes the channel
+        await _until(lambda: node.statistics()["channels"] == 0, "channel ended")
+        with trio.fail_after(10):
+            assert await trio.to_thread.run_sync(proc.wait) == 0
 
 
 async def test_node_ending_a_passed_socket_closes_it(tmp_path: Path) -> None:
     """Bye on the socketpair case: the answer, then EOF (node and relay
     both closed their copies), and the relay exits 0."""
     node = sshrpc.Node([svc])
-    path = str(tmp_path / "n.sock")
-    ours, theirs = socket.socketpair()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(node.serve_unix, path)
-        proc = subprocess.Popen(
-            [NATIVE_RELAY_PATH, "--pass-fds", path, "--subsystem"], stdin=theirs, stdout=theirs
-        )
-        theirs.close()
-        try:
-            stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
-            client = FrameClient(stream)
-            await client.hello()
-            await client.send((A("bye"), A("normal")))
-            assert await client.recv() == (A("bye"), A("normal"))
-            assert await client.recv() is None
-            with trio.fail_after(10):
-                assert await trio.to_thread.run_sync(proc.wait) == 0
-            assert node.channels_passed == 1
-            await stream.aclose()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            nursery.cancel_scope.cancel()
+    async with _relay_on_socketpair(node, str(tmp_path / "n.sock")) as (stream, proc):
+        client = FrameClient(stream)
+        await client.hello()
+        await client.send((A("bye"), A("normal")))
+        assert await client.recv() == (A("bye"), A("normal"))
+        assert await client.recv() is None
+        with trio.fail_after(10):
+            assert await trio.to_thread.run_sync(proc.wait) == 0
+        assert node.channels_passed == 1
+        await stream.aclose()
