@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import array
 import collections
+import contextvars
 import copyreg
 import gc
 import io
@@ -645,6 +646,27 @@ def encode_frame(obj: Any) -> bytes:
         payload = _etf.encode(obj)
         return struct.pack(">I", len(payload)) + payload
     return frame
+
+
+def install_node_builtins() -> dict[str, Any]:
+    """The node's plain-call loop (csrc/pynode.c), or {} where the direct
+    encoder is not in use: ``run_plain(kit, events, costs, pos)``, the loop
+    of ``node._Channel._plain_calls`` (documented there and in pynode.c)."""
+    if _direct is _no_direct:
+        return {}
+    target: dict[str, Any] = {}
+    config = (
+        _direct,
+        DEFAULT_MAX_DEPTH,
+        contextvars.Context.copy,
+        contextvars.Context.run,
+        contextvars.ContextVar.set,
+        contextvars.ContextVar.reset,
+        types.CoroutineType,
+    )
+    if lib.sshrpc_pynode_install(ffi.cast("void *", id(target)), ffi.cast("void *", id(config))):
+        return {}  # pragma: no cover - out of memory at import
+    return target
 
 
 def install_client_builtins(head5: bytes, head6: bytes, timeout_opts: bytes) -> dict[str, Any]:

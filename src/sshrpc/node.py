@@ -89,6 +89,7 @@ from outcome import Value as _Value
 
 from . import _drive, _fdpass
 from . import protocol as _p
+from ._accel import c_accelerated
 from ._auditlog import AuditStream
 from ._bounds import (
     DEFAULT_MAX_CHANNELS_PER_KEY,
@@ -149,6 +150,17 @@ _CoroutineType = types.CoroutineType
 _CO_COROUTINE = inspect.CO_COROUTINE
 # How ``_Channel._plain_calls`` runs a function (``_Channel._fast``).
 _INLINE, _PLAIN_COROUTINE, _ASYNC = 0, 1, 2
+#: ``_plain_calls``' loop in C (csrc/pynode.c), None in pure Python or with
+#: ``SSHRPC_NO_C_NODE_LOOP=1`` (for measurements).
+def _install_run_plain() -> Callable[..., None] | None:
+    if not c_accelerated or os.environ.get("SSHRPC_NO_C_NODE_LOOP"):
+        return None
+    from ._codec import install_node_builtins
+
+    return install_node_builtins().get("run_plain")
+
+
+_run_plain = _install_run_plain()
 
 #: Open calls per channel (PROTOCOL.md section 3's ``max_calls``).
 DEFAULT_MAX_CALLS = _p.DEFAULT_MAX_CALLS
@@ -1161,8 +1173,48 @@ class _Channel:
         put = outbox.put_batched if self.batching else self._queue
         flush_early = self._flush_at
         runnable = self._runnable
+        run = _run_plain
+        if run is not None:
+            conn = self.conn
+            kit = (
+                fast,
+                calls,
+                max_calls,
+                account,
+                self,
+                outbox,
+                frames.append,
+                frames,
+                outbox.account,
+                None if self.batching else put,
+                flush_early,
+                runnable,
+                self._flush,
+                self._audited,
+                _current,
+                self.context,
+                send_reply,
+                self._c_failed,
+                self._c_unencodable,
+                self._c_wait,
+                conn.reply_kit(),
+            )
+            pos = [at, 0]
         try:
             while at < end:
+                if run is not None:
+                    # The calls the C loop takes (csrc/pynode.c): the same
+                    # steps as below, for inline and plain async functions.
+                    pos[0] = at
+                    try:
+                        run(kit, events, costs, pos)
+                    finally:
+                        at = pos[0]
+                        if pos[1]:
+                            conn.replies_sent(pos[1])
+                            pos[1] = 0
+                    if at >= end or self._waiting is not None:
+                        return
                 plain = events[at]
                 if type(plain) is not tuple or outbox.nbytes >= outbox.limit:
                     return
@@ -1243,6 +1295,24 @@ class _Channel:
                     self._flush()
         finally:
             self._read_at = at  # (set here only: the next to dispatch)
+
+    # (``_run_plain``'s hand-backs, the Python loop's steps for the same cases)
+    def _c_failed(self, plain: _p.PlainCall, exc: Exception, start: float) -> None:
+        self._answer_failed(_p.call_event(plain), exc, start)
+
+    def _c_unencodable(self, call_id: int, value: Any) -> None:
+        self.emit(_p.Reply(id=call_id, value=value))
+
+    def _c_wait(
+        self,
+        plain: _p.PlainCall,
+        cost: int,
+        it: Any,
+        context: contextvars.Context,
+        trap: Any,
+        start: float,
+    ) -> None:
+        self._wait_for(_p.call_event(plain), cost, it, context, trap, start)
 
     def _answer_failed(self, call: _p.Call, exc: Exception, start: float) -> None:
         """Answer ``call``, whose function raised ``exc``, and audit it."""

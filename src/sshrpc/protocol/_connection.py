@@ -1347,6 +1347,24 @@ class Connection:
         self._state = new
         return frame
 
+    def reply_kit(self) -> tuple[Connection, Any, dict[int, Any], int, Atom] | None:
+        """What a batch of ``send_reply`` calls made elsewhere (the node's
+        plain-call loop, csrc/pynode.c) needs to build the same frames:
+        ``(self, state, open ids, send limit, the reply atom)``, or None
+        when a reply would change the state (then ``send_reply`` decides
+        each).  Such a loop answers an id only while ``_state`` is still
+        ``state`` and the id is open, deletes it from the open ids, leaves
+        a frame above the limit to ``send_reply``, and reports how many it
+        answered with ``replies_sent``."""
+        state = self._state
+        if self._send_rows[state].get("Reply") is not state:
+            return None
+        return (self, state, self._open, self._send_limit, A_REPLY)
+
+    def replies_sent(self, n: int) -> None:
+        """Count ``n`` answers built from ``reply_kit``."""
+        self._frames_sent += n
+
     def _names(self, module: str, function: str) -> bytes:
         """The encoded atoms ``module`` and ``function`` of a call frame
         (no version bytes), from a bounded cache; ``ValueError`` (nothing
