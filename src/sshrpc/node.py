@@ -150,6 +150,8 @@ _CoroutineType = types.CoroutineType
 _CO_COROUTINE = inspect.CO_COROUTINE
 # How ``_Channel._plain_calls`` runs a function (``_Channel._fast``).
 _INLINE, _PLAIN_COROUTINE, _ASYNC = 0, 1, 2
+
+
 #: ``_plain_calls``' loop in C (csrc/pynode.c), None in pure Python or with
 #: ``SSHRPC_NO_C_NODE_LOOP=1`` (for measurements).
 def _install_run_plain() -> Callable[..., None] | None:
