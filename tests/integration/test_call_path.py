@@ -631,3 +631,93 @@ async def test_a_marked_plain_function_raising_stopiteration_is_an_error():
             answer = await next_event(client, client_side)
             assert isinstance(answer, _p.ErrorReply) and answer.id == call_id, answer
         nursery.cancel_scope.cancel()
+
+
+async def test_one_read_of_answers_the_reader_builds_itself_in_order():
+    """One read of inline and async calls whose answers are not the plain
+    case: a value with no Erlang term answers ``TypeError``, a value above
+    the client's ``max_frame`` answers ``too_large``, a message a call sends
+    to its own session arrives before that call's answer, and each call
+    sees its session; the plain calls around them are answered in order
+    and nothing stays open or held."""
+    from sshrpc import node as sshrpc_node
+
+    svc = Service("odd")
+
+    @svc.export(inline=True)
+    def inl(n: int) -> int:
+        return n
+
+    @svc.export
+    async def asy(n: int) -> int:
+        return n
+
+    @svc.export(inline=True)
+    def no_term(n: int) -> object:
+        return object()
+
+    @svc.export
+    async def async_no_term(n: int) -> object:
+        return object()
+
+    @svc.export(inline=True)
+    def big(n: int) -> bytes:
+        return b"x" * 2000
+
+    @svc.export
+    async def async_big(n: int) -> bytes:
+        return b"x" * 2000
+
+    @svc.export(inline=True)
+    def tell(n: int) -> Any:
+        sshrpc_node.send(sshrpc_node.session_pid(), (Atom("told"), n))
+        return sshrpc_node.session_pid()
+
+    @svc.export
+    async def async_tell(n: int) -> Any:
+        sshrpc_node.send(sshrpc_node.session_pid(), (Atom("told"), n))
+        return sshrpc_node.session_pid()
+
+    names = [
+        "inl", "no_term", "asy", "big", "tell", "inl", "async_no_term",
+        "async_big", "async_tell", "asy",
+    ]  # fmt: skip
+    node = Node([svc])
+    client_side, server_side = trio.testing.memory_stream_pair()
+    client = _p.Connection(_p.Role.CLIENT, name="test", max_frame=1024)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node.serve_channel, server_side)
+        await client_side.send_all(client.send(client.hello()))
+        assert isinstance(await next_event(client, client_side), _p.Hello)
+        for _ in range(2):  # the first round decides each name; the second is the fast path
+            await client_side.send_all(
+                b"".join(
+                    client.send(_p.Call(id=i, module=Atom("odd"), function=Atom(fn), args=[i]))
+                    for i, fn in enumerate(names)
+                )
+            )
+            got = [await next_event(client, client_side) for _ in range(len(names) + 2)]
+            session = got[5].value
+            assert isinstance(session, sshrpc.Pid), got
+            expected: list[Any] = []
+            for i, fn in enumerate(names):
+                if fn in ("inl", "asy"):
+                    expected.append(_p.Reply(id=i, value=i))
+                elif fn.endswith("tell"):
+                    expected += [
+                        _p.Send(dest=session, msg=(Atom("told"), i)),
+                        _p.Reply(id=i, value=session),
+                    ]
+                elif fn.endswith("big"):
+                    expected.append(
+                        _p.ErrorReply(id=i, cls=Atom("sshrpc"), reason=Atom("too_large"))
+                    )
+                else:
+                    expected.append(got[len(expected)])
+                    answer = got[len(expected) - 1]
+                    assert isinstance(answer, _p.ErrorReply) and answer.id == i, answer
+                    assert answer.reason[0] == Atom("TypeError"), answer
+            assert got == expected
+        stats = node.statistics()
+        assert (stats["calls"], stats["held"]) == (0, 0), stats
+        nursery.cancel_scope.cancel()
