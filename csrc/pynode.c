@@ -37,6 +37,31 @@
 
 typedef PyObject *(*fastcall_fn)(PyObject *, PyObject *const *, Py_ssize_t);
 
+/* Exported by CPython since 3.9 and in the stable ABI from 3.12: declared
+ * here, as 3.11's limited headers do not (a call without an argument
+ * tuple). */
+PyAPI_FUNC(PyObject *) PyObject_Vectorcall(PyObject *callable, PyObject *const *args,
+                                           size_t nargsf, PyObject *kwnames);
+
+static PyObject *call_n(PyObject *f, PyObject *const *argv, size_t n) {
+    return PyObject_Vectorcall(f, argv, n, NULL);
+}
+
+/* f(*args) for a list args (held by the caller while f runs). */
+static PyObject *call_list(PyObject *f, PyObject *args) {
+    PyObject *argv[8];
+    Py_ssize_t n = PyList_Size(args);
+    if (n < 0) return NULL;
+    if (n > 8) {
+        PyObject *t = PyList_AsTuple(args);
+        PyObject *r = t ? PyObject_Call(f, t, NULL) : NULL;
+        Py_XDECREF(t);
+        return r;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) argv[i] = PyList_GetItem(args, i);
+    return call_n(f, argv, (size_t)n);
+}
+
 enum {
     KIT_FAST,          /* dict: (module, function, arity) -> (fn, how) */
     KIT_CALLS,         /* dict: the channel's open calls */
@@ -124,10 +149,14 @@ static PyObject *take_exception(void) {
     return value;
 }
 
-/* Call cb(*args) for its side effect; -1 with the error set if it raised. */
+/* Call cb(*args) (the leading non-NULL ones) for its side effect; -1 with
+ * the error set if it raised. */
 static int notify(PyObject *cb, PyObject *a, PyObject *b, PyObject *c, PyObject *d,
                   PyObject *e, PyObject *f) {
-    PyObject *r = PyObject_CallFunctionObjArgs(cb, a, b, c, d, e, f, NULL);
+    PyObject *argv[6] = {a, b, c, d, e, f};
+    size_t n = 0;
+    while (n < 6 && argv[n] != NULL) n++;
+    PyObject *r = call_n(cb, argv, n);
     if (r == NULL) return -1;
     Py_DECREF(r);
     return 0;
@@ -181,8 +210,8 @@ static PyObject *reply_frame(PyObject *kit, PyObject *call_id, PyObject *value, 
             Py_DECREF(frame); /* None, or too large: the protocol decides */
         }
     }
-    PyObject *frame = PyObject_CallFunctionObjArgs(PyTuple_GetItem(kit, KIT_SEND_REPLY), call_id,
-                                                   value, NULL);
+    PyObject *argv[2] = {call_id, value};
+    PyObject *frame = call_n(PyTuple_GetItem(kit, KIT_SEND_REPLY), argv, 2);
     if (frame != NULL) return frame;
     PyObject *exc = take_exception();
     if (exc == NULL) return NULL;
@@ -258,7 +287,7 @@ static int takes(PyObject *kit, PyObject *fast_entry, long long cost) {
 }
 
 /* The async def call's first step, in its own context.  -1 to propagate. */
-static int run_coroutine(PyObject *kit, PyObject *plain, PyObject *fn, PyObject *argt,
+static int run_coroutine(PyObject *kit, PyObject *plain, PyObject *fn, PyObject *call_args,
                          PyObject *name, PyObject *cost_obj, long long cost, double start,
                          Py_ssize_t *replies, int *waited) {
     PyObject *ch = PyTuple_GetItem(kit, KIT_CHANNEL), *account = PyTuple_GetItem(kit, KIT_ACCOUNT);
@@ -267,7 +296,7 @@ static int run_coroutine(PyObject *kit, PyObject *plain, PyObject *fn, PyObject 
     if (base == NULL) return -1;
     PyObject *context = base == Py_None
                             ? PyObject_CallMethodObjArgs(ch, s_call_context, NULL)
-                            : PyObject_CallFunctionObjArgs(ctx_copy, base, NULL);
+                            : call_n(ctx_copy, &base, 1);
     Py_DECREF(base);
     if (context == NULL) return -1;
     if (add_ll(account, s_held, cost) < 0) {
@@ -276,13 +305,14 @@ static int run_coroutine(PyObject *kit, PyObject *plain, PyObject *fn, PyObject 
     }
     int rc = 0;
     PyObject *it = NULL, *res = NULL;
-    PyObject *coro = PyObject_Call(fn, argt, NULL);
+    PyObject *coro = call_list(fn, call_args);
     int state = -1; /* the step's PySendResult, -1: raised before it */
     if (coro != NULL) {
         if (Py_TYPE(coro) == (PyTypeObject *)coro_type) {
             it = coro;
             step_rc = -3;
-            res = PyObject_CallFunctionObjArgs(ctx_run, context, step_fn, it, NULL);
+            PyObject *argv[3] = {context, step_fn, it};
+            res = call_n(ctx_run, argv, 3);
             state = res == NULL ? -1 : step_rc;
             if (res != NULL && state != PYGEN_NEXT && state != PYGEN_RETURN) {
                 /* (not possible: a step that raised returns NULL) */
@@ -296,7 +326,8 @@ static int run_coroutine(PyObject *kit, PyObject *plain, PyObject *fn, PyObject 
             Py_DECREF(coro);
             PyObject *send = it ? PyObject_GetAttr(it, s_send) : NULL;
             if (send != NULL) {
-                res = PyObject_CallFunctionObjArgs(ctx_run, context, send, Py_None, NULL);
+                PyObject *argv[3] = {context, send, Py_None};
+                res = call_n(ctx_run, argv, 3);
                 Py_DECREF(send);
                 state = PYGEN_NEXT;
                 if (res == NULL) {
@@ -402,22 +433,20 @@ static PyObject *run_plain(PyObject *self, PyObject *const *args, Py_ssize_t nar
         }
         PyObject *fn = PyTuple_GetItem(entry, 0);
         long how = PyLong_AsLong(PyTuple_GetItem(entry, 1));
-        PyObject *argt = PyList_AsTuple(call_args);
         double start = now();
         int rc = 0, waited = 0;
-        if (argt == NULL) {
-            rc = -1;
-        } else if (how == HOW_INLINE) {
+        if (how == HOW_INLINE) {
             PyObject *cur = PyTuple_GetItem(kit, KIT_CURRENT);
-            PyObject *token =
-                PyObject_CallFunctionObjArgs(var_set, cur, PyTuple_GetItem(kit, KIT_CONTEXT), NULL);
+            PyObject *set_argv[2] = {cur, PyTuple_GetItem(kit, KIT_CONTEXT)};
+            PyObject *token = call_n(var_set, set_argv, 2);
             if (token == NULL) {
                 rc = -1;
             } else {
-                PyObject *value = PyObject_Call(fn, argt, NULL);
+                PyObject *value = call_list(fn, call_args);
                 PyObject *type, *exc_v, *tb;
                 PyErr_Fetch(&type, &exc_v, &tb);
-                PyObject *r = PyObject_CallFunctionObjArgs(var_reset, cur, token, NULL);
+                PyObject *reset_argv[2] = {cur, token};
+                PyObject *r = call_n(var_reset, reset_argv, 2);
                 Py_DECREF(token);
                 if (r == NULL) {
                     Py_XDECREF(type);
@@ -438,10 +467,9 @@ static PyObject *run_plain(PyObject *self, PyObject *const *args, Py_ssize_t nar
                 }
             }
         } else {
-            rc = run_coroutine(kit, plain, fn, argt, name, PyList_GetItem(costs, at - 1), cost, start,
+            rc = run_coroutine(kit, plain, fn, call_args, name, PyList_GetItem(costs, at - 1), cost, start,
                                &replies, &waited);
         }
-        Py_XDECREF(argt);
         Py_DECREF(entry);
         Py_DECREF(name);
         if (rc < 0) {
