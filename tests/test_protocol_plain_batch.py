@@ -325,3 +325,62 @@ def test_the_builtin_walk_leaks_nothing() -> None:
     for _ in range(2000):
         once()
     assert sys.getallocatedblocks() - before < 100
+
+
+def take_t(read: bytes, pos: int, max_frame: int, out: list[bytes]) -> int:
+    """A walk for ``FrameBuffer.take_in_place``: the frames whose payload
+    starts with ``t``, up to the first that does not."""
+    while len(read) - pos >= 4:
+        length = int.from_bytes(read[pos : pos + 4], "big")
+        if length > max_frame or len(read) - pos - 4 < length:
+            break
+        payload = read[pos + 4 : pos + 4 + length]
+        if payload and not payload.startswith(b"t"):
+            break
+        if payload:
+            out.append(payload)
+        pos += 4 + length
+    return pos
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    items=st.lists(st.binary(max_size=40), max_size=30),
+    taken=st.lists(st.booleans(), min_size=30, max_size=30),
+    cuts=st.lists(st.integers(min_value=0), max_size=8),
+    too_large=st.booleans(),
+)
+def test_take_in_place_hands_out_every_payload_in_order(
+    items: list[bytes], taken: list[bool], cuts: list[int], too_large: bool
+) -> None:
+    """The frame buffer's side of the batch, with a walk written in Python:
+    frames it takes and payloads ``take_in_place`` or ``next_frame`` return
+    are every payload once, in order, whatever the reads; then the oversized
+    frame's error; nothing left buffered."""
+    from sshrpc._framing import FrameBuffer, FrameTooLarge
+
+    payloads = [(b"t" if t else b"u") + p if p else b"" for p, t in zip(items, taken, strict=False)]
+    data = b"".join(raw(p) for p in payloads)
+    if too_large:
+        data += struct.pack(">I", 41 + 1) + b"x" * 42
+    fb = FrameBuffer(41)
+    out: list[bytes] = []
+    error = None
+    for read in split(data, cuts):
+        fb.feed(read)
+        try:
+            for _ in range(2 * len(payloads) + 2):  # (bounded: a bug may repeat a frame)
+                payload = fb.take_in_place(take_t, out)
+                if payload is None:
+                    payload = fb.next_frame()
+                    if payload is None:
+                        break
+                out.append(payload)
+            else:
+                raise AssertionError(f"more payloads than frames: {out}")
+        except FrameTooLarge as exc:
+            error = exc
+            break
+    assert out == [p for p in payloads if p]
+    assert (error is not None) is too_large
+    assert too_large or fb.buffered == 0
