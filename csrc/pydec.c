@@ -666,14 +666,138 @@ static PyMethodDef pydec_plain_call_def = {
     "plain_call(data, max_depth, max_big, max_cost) -> (Id, M, F, Args, Ms, cost, value) for "
     "the common call, else decode_direct's (value, cost) or NotImplemented"};
 
+/* ---- plain_calls: a read's run of common calls, decoded in place ----
+ *
+ * plain_calls(read, pos, max_frame, small, opened, max_open, plain,
+ *             max_depth, max_big, max_cost, events, costs) -> end
+ *
+ * The loop of Connection.next_events_each over the common calls of one
+ * channel read, without a bytes object per frame: it walks the frames of
+ * `read` (exact bytes) from offset `pos` in place (4-byte big-endian length,
+ * then the payload; length 0 is a keepalive and is skipped, as
+ * FrameBuffer.next_frame skips it) and, for each frame that
+ *
+ *   - is complete and at most max_frame long,
+ *   - is 2..small bytes, starts with 131 and is not compressed (80),
+ *   - decodes (decode_direct, within max_depth, max_big and max_cost) to the
+ *     common call's shape (plain_call, above), and
+ *   - has an id not in the dict `opened`, while len(opened) < max_open,
+ *
+ * appends its PlainCall (Id, M, F, Args, Ms or None, cost, value) to the
+ * list `events` and its cost to the list `costs`, and sets opened[Id] =
+ * plain; exactly what the Python loop does for such a frame.  It stops at
+ * the first frame that is anything else (incomplete, too large, another
+ * term, a bad term, a known id, max_open reached), which it leaves
+ * untouched, and returns the offset just past the last frame (or keepalive)
+ * it took: the caller's frame buffer goes on from there, and the Python
+ * path takes the frame it stopped at, with the errors it raises now.
+ *
+ * It never raises for the bytes: an error while building (MemoryError)
+ * undoes that frame's appends, is cleared, and ends the walk there (the
+ * Python path then meets the same frame).  Wrong argument types raise
+ * TypeError; a number that is negative or past 2**63-1 takes nothing (it
+ * returns `pos` as given). */
+static PyObject *pydec_plain_calls(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError,
+                        "plain_calls(read, pos, max_frame, small, opened, max_open, plain, "
+                        "max_depth, max_big, max_cost, events, costs)");
+        return NULL;
+    }
+    PyObject *read = args[0], *opened = args[4], *plain = args[6], *events = args[10],
+             *costs = args[11];
+    uint64_t pos, max_frame, small, max_open;
+    dec d;
+    if (!PyBytes_CheckExact(read) || !PyDict_CheckExact(opened) || !PyList_CheckExact(events) ||
+        !PyList_CheckExact(costs) || !PyLong_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "plain_calls: read must be bytes, pos an int, opened a dict, events and "
+                        "costs lists");
+        return NULL;
+    }
+    if (get_limit(args[1], &pos) || get_limit(args[2], &max_frame) ||
+        get_limit(args[3], &small) || get_limit(args[5], &max_open) ||
+        get_limit(args[7], &d.max_depth) || get_limit(args[8], &d.max_big) ||
+        get_limit(args[9], &d.max_cost))
+        return Py_NewRef(args[1]); /* a limit this walk cannot hold: nothing taken */
+    char *base;
+    Py_ssize_t size;
+    if (PyBytes_AsStringAndSize(read, &base, &size) < 0) return NULL;
+    const unsigned char *s = (const unsigned char *)base;
+    size_t n = (size_t)size;
+    if (pos > n) pos = n;
+    while (n - pos >= 4) {
+        size_t length = get32(s + pos);
+        if (length > max_frame || n - pos - 4 < length) break;
+        if (length == 0) { /* a keepalive */
+            pos += 4;
+            continue;
+        }
+        const unsigned char *p = s + pos + 4;
+        if (length < 2 || length > small || p[0] != 131 || p[1] == 80) break;
+        d.s = p;
+        d.len = length;
+        d.pos = 1;
+        d.cost = 0;
+        int paused = length >= PYDEC_GC_PAUSE_MIN && PyGC_Disable();
+        PyObject *value = term(&d, 0);
+        if (paused) PyGC_Enable();
+        if (value && d.pos != d.len) Py_CLEAR(value);
+        PyObject *timeout = NULL, *cost = NULL, *out = NULL;
+        if (!value || !is_plain_call(value, &timeout)) goto stop;
+        PyObject *id = PyTuple_GetItem(value, 1);
+        int known = id ? PyDict_Contains(opened, id) : -1;
+        if (known != 0 || (uint64_t)PyDict_Size(opened) >= max_open) goto stop;
+        cost = PyLong_FromUnsignedLongLong(d.cost);
+        out = cost ? PyTuple_New(7) : NULL;
+        if (!out) goto stop;
+        PyObject *items[7] = {id, PyTuple_GetItem(value, 2), PyTuple_GetItem(value, 3),
+                              PyTuple_GetItem(value, 4), timeout, cost, value};
+        for (Py_ssize_t i = 0; i < 7; i++) {
+            Py_INCREF(items[i]);
+            PyTuple_SetItem(out, i, items[i]);
+        }
+        if (PyList_Append(events, out) < 0) goto stop;
+        if (PyList_Append(costs, cost) < 0) {
+            PyList_SetSlice(events, PyList_Size(events) - 1, PyList_Size(events), NULL);
+            goto stop;
+        }
+        if (PyDict_SetItem(opened, id, plain) < 0) {
+            PyList_SetSlice(events, PyList_Size(events) - 1, PyList_Size(events), NULL);
+            PyList_SetSlice(costs, PyList_Size(costs) - 1, PyList_Size(costs), NULL);
+            goto stop;
+        }
+        Py_DECREF(out);
+        Py_DECREF(cost);
+        Py_DECREF(value);
+        pos += 4 + length;
+        continue;
+    stop:
+        Py_XDECREF(out);
+        Py_XDECREF(cost);
+        Py_XDECREF(value);
+        PyErr_Clear();
+        break;
+    }
+    return PyLong_FromSize_t((size_t)pos);
+}
+
+static PyMethodDef pydec_plain_calls_def = {
+    "plain_calls", (PyCFunction)(void (*)(void))pydec_plain_calls, METH_FASTCALL,
+    "plain_calls(read, pos, max_frame, small, opened, max_open, plain, max_depth, max_big, "
+    "max_cost, events, costs) -> the offset past the common calls taken from read[pos:]"};
+
 int sshrpc_pydec_install_plain_call(void *target) {
     PyGILState_STATE gil = PyGILState_Ensure();
     int rc = -1;
     if (!timeout_key) timeout_key = PyUnicode_FromString("timeout");
     PyObject *fn = timeout_key && atom_type ? PyCFunction_NewEx(&pydec_plain_call_def, NULL, NULL)
                                             : NULL;
-    if (fn) rc = PyDict_SetItemString((PyObject *)target, "plain_call", fn);
+    PyObject *batch = fn ? PyCFunction_NewEx(&pydec_plain_calls_def, NULL, NULL) : NULL;
+    if (batch && PyDict_SetItemString((PyObject *)target, "plain_calls", batch) == 0)
+        rc = PyDict_SetItemString((PyObject *)target, "plain_call", fn);
     Py_XDECREF(fn);
+    Py_XDECREF(batch);
     if (rc) PyErr_Clear();
     PyGILState_Release(gil);
     return rc;

@@ -8,9 +8,10 @@
  * `target` (a PyObject * passed as its address); `atom` is the sshrpc Atom
  * type (PyObject *), fixed by the first call.  0 or -1. */
 int sshrpc_pydec_install(void *target, void *atom);
-/* Take the GIL and store the builtin plain_call(data, max_depth, max_big,
- * max_cost) in the dict at `target`; only after sshrpc_pydec_install set the
- * Atom type.  0 or -1. */
+/* Take the GIL and store the builtins plain_call(data, max_depth, max_big,
+ * max_cost) and plain_calls(read, pos, max_frame, small, opened, max_open,
+ * plain, max_depth, max_big, max_cost, events, costs) in the dict at
+ * `target`; only after sshrpc_pydec_install set the Atom type.  0 or -1. */
 int sshrpc_pydec_install_plain_call(void *target);
 /* cdef-end */
 

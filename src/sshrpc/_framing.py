@@ -43,6 +43,7 @@ import ctypes
 import itertools
 import sys
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from ._errors import FrameTooLarge
@@ -295,6 +296,51 @@ class FrameBuffer:
                 self._held = True
             if count:
                 return ready.popleft()
+
+    def take_in_place(self, walk: Callable[..., int], *args: Any) -> bytes | None:
+        """Let ``walk`` take complete frames straight from the queued reads,
+        then return the next frame's payload if it is right there.
+
+        ``walk(read, pos, max_frame, *args)`` is given the first queued read
+        (``bytes``) and the offset of its first unread byte; it returns the
+        offset up to which it took whole frames (and keepalives) of at most
+        ``max_frame`` bytes, ``pos`` for none (csrc/pydec.c ``plain_calls``
+        is one).  Those frames count as returned, as if ``next_frame`` had
+        given them.  It runs only while nothing else comes first (no split
+        payloads, no frame straddling reads, no error), and goes on to the
+        next read when one is used up.  Then, when the frame where it
+        stopped is complete in that read and within ``max_frame``, its
+        payload is returned (what ``next_frame`` would return); otherwise
+        None, and ``next_frame`` gives the next payload or error as ever.
+        Never raises for the bytes."""
+        if self._ready or self._held or self._big is not None or self._error is not None:
+            return None
+        chunks = self._chunks
+        while chunks:
+            chunk = chunks[0]
+            pos = self._pos
+            end = walk(chunk, pos, self._max_frame, *args)
+            size = len(chunk)
+            if end == size:
+                chunks.popleft()
+                self._pos = 0
+                self._chunk_bytes -= size - pos
+                continue
+            self._chunk_bytes -= end - pos
+            self._pos = end
+            if size - end >= 4:
+                length = int.from_bytes(chunk[end : end + 4], "big")
+                stop = end + 4 + length
+                if 0 < length <= self._max_frame and stop <= size:
+                    if stop == size:
+                        chunks.popleft()
+                        self._pos = 0
+                    else:
+                        self._pos = stop
+                    self._chunk_bytes -= stop - end
+                    return chunk[end + 4 : stop]
+            return None
+        return None
 
     def _complete(self) -> bytes | None:
         """1. A frame straddles reads: complete it from the queued reads.
