@@ -20,11 +20,13 @@ a ``RequestSet`` goes into the set's completion deque, so
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
 from trio.lowlevel import Abort, Task, current_task, reschedule, wait_task_rescheduled
 
+from . import _reqc
 from ._errors import ConnectionLost, RemoteError
 
 if TYPE_CHECKING:
@@ -33,15 +35,10 @@ if TYPE_CHECKING:
 __all__ = ["CallSlots", "Request", "RequestSet"]
 
 
-class Request:
-    """One request in flight: the handle ``Connection.send_request`` returns.
-
-    ``id`` is the call's protocol id, ``label`` what ``RequestSet`` returns
-    with its result (None outside a set), ``done`` whether its final answer
-    (or the connection's end) has arrived.  Get its result once with
-    ``Connection.receive_response(req)`` or, inside a set,
-    ``RequestSet.receive_response()``.  The other attributes are private.
-    """
+class _PyRequestFields:
+    """``Request``'s attributes as slots: the pure-Python storage, used
+    when the C one (csrc/pyreq.c ``RequestFields``, the same names) is not
+    there."""
 
     __slots__ = (
         "_conn",
@@ -61,13 +58,47 @@ class Request:
         "value",
     )
 
+
+_RequestFields: Any = _reqc.fields if _reqc.fields is not None else _PyRequestFields
+
+
+class Request(_RequestFields):  # type: ignore[misc]
+    """One request in flight: the handle ``Connection.send_request`` returns.
+
+    ``id`` is the call's protocol id, ``label`` what ``RequestSet`` returns
+    with its result (None outside a set), ``done`` whether its final answer
+    (or the connection's end) has arrived.  Get its result once with
+    ``Connection.receive_response(req)`` or, inside a set,
+    ``RequestSet.receive_response()``.  The other attributes are private.
+    (Its attributes live in ``_RequestFields``: C storage the client's batch
+    paths fill and finish in bulk, csrc/pyreq.c, else slots.)
+    """
+
+    __slots__ = ()
+
+    id: int
+    label: Any
+    done: bool
+    ok: bool
+    value: Any
+    error: BaseException | None
+    abandoned: bool
+    counted: bool
+    received: bool
+    chunks: deque[Any] | None
+    chunk_event: trio.Event | None
+    slot: CallSlots | None
+    _conn: Connection | None
+    _owner: RequestSet | None
+    _task: Task | None
+
     def __init__(self, id: int, conn: Connection | None = None, label: Any = None) -> None:
         self.id = id
         self.label = label
         self.done = False
         self.ok = False
-        self.value: Any = None
-        self.error: BaseException | None = None
+        self.value = None
+        self.error = None
         #: The caller gave up: the answer is discarded (not counted).
         self.abandoned = False
         #: Its answer counts against ``max_undelivered`` until taken: true
@@ -77,12 +108,12 @@ class Request:
         self.counted = conn is None
         #: The result was handed out (``receive_response``).
         self.received = False
-        self.chunks: deque[Any] | None = None
-        self.chunk_event: trio.Event | None = None
-        self.slot: CallSlots | None = None
+        self.chunks = None
+        self.chunk_event = None
+        self.slot = None
         self._conn = conn
-        self._owner: RequestSet | None = None
-        self._task: Task | None = None
+        self._owner = None
+        self._task = None
 
     def __repr__(self) -> str:
         state = "done" if self.done else "open"
@@ -117,6 +148,46 @@ class Request:
         a cancel leaves ``done`` as the pump left it."""
         self._task = current_task()
         await wait_task_rescheduled(self._abort)
+
+
+def new_requests(
+    conn: Connection,
+    ids: list[int],
+    slots: CallSlots | None,
+    into: RequestSet | None,
+    labels: Sequence[Any] | None,
+) -> list[Request]:
+    """``Request(id, conn, label)`` for each id of ``ids`` (label from
+    ``labels`` at the same place, else None), with ``slot`` set to
+    ``slots``, stored in ``conn._pending`` under its id and, with ``into``,
+    joined to that set: the batch form of what ``send_request`` does per
+    request (``Connection.send_requests_nowait``).  In one C call where it
+    can (csrc/pyreq.c ``new_requests``)."""
+    pending = conn._pending
+    members = into._requests if into is not None else None
+    if _reqc.new_requests is not None:
+        return _reqc.new_requests(  # type: ignore[no-any-return]
+            Request,
+            ids,
+            conn,
+            slots,
+            into,
+            labels if labels is None or type(labels) is list else list(labels),
+            pending,
+            members,
+        )
+    if labels is None:
+        reqs = [Request(i, conn) for i in ids]
+    else:
+        reqs = [Request(i, conn, label) for i, label in zip(ids, labels, strict=False)]
+    for req in reqs:
+        req.slot = slots
+        pending[req.id] = req
+    if into is not None:
+        for req in reqs:
+            req._owner = into
+        into._requests.update(reqs)
+    return reqs
 
 
 class RequestSet:
@@ -159,6 +230,14 @@ class RequestSet:
 
     def _completed(self, req: Request) -> None:
         self._ready.append(req)
+        task = self._task
+        if task is not None:
+            self._task = None
+            reschedule(task)
+
+    def _completed_many(self, reqs: list[Request]) -> None:
+        """``_completed`` for each of ``reqs``, in order."""
+        self._ready.extend(reqs)
         task = self._task
         if task is not None:
             self._task = None
@@ -238,6 +317,14 @@ class RequestSet:
             return [self._take()]  # (raises)
         count = len(ready) if max is None or max > len(ready) else max
         requests = self._requests
+        if _reqc.take_answers is not None:
+            out: list[tuple[Any, Any]] = _reqc.take_answers(ready, requests, count)
+            if len(out) == len(ready):
+                ready.clear()
+            else:
+                for _ in range(len(out)):
+                    ready.popleft()
+            return out
         out = []
         for _ in range(count):
             req = ready[0]
