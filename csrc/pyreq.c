@@ -28,6 +28,7 @@
 #include <Python.h>
 #include <structmember.h>
 #include <stddef.h>
+#include <string.h>
 
 #include "pyreq.h"
 
@@ -298,7 +299,72 @@ fail:
     return NULL;
 }
 
+/* batch_frames(chunk, pos, small, max_frame) -> (batch, count, end)
+ *
+ * The client read's batch in one pass over one buffered read (``chunk``,
+ * exact bytes, from offset ``pos``): the complete frames there whose
+ * payload (1 < length <= ``small``, and <= ``max_frame``) starts with the
+ * version byte 131 and is not compressed (second byte 80), up to the first
+ * frame that is not one (a keepalive, a large or compressed frame, an
+ * incomplete frame, the end), joined as ``join_batch`` joins payloads: 131,
+ * LIST_EXT of their count, each payload without its version byte, NIL.
+ * ``end`` is the offset after the last frame taken; ``(None, 0, pos)`` when
+ * none qualifies.  Decides nothing else: the caller's frame buffer moves
+ * on to ``end`` only once the batch decoded. */
+static PyObject *pyreq_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyBytes_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "batch_frames(chunk: bytes, pos, small, max_frame)");
+        return NULL;
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    if (pos == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t small = PyLong_AsSsize_t(args[2]);
+    if (small == -1 && PyErr_Occurred()) return NULL;
+    long long max_frame = PyLong_AsLongLong(args[3]);
+    if (max_frame == -1 && PyErr_Occurred()) return NULL;
+    char *buf;
+    Py_ssize_t size;
+    if (PyBytes_AsStringAndSize(args[0], &buf, &size) < 0) return NULL;
+    if (pos < 0 || pos > size) {
+        PyErr_SetString(PyExc_ValueError, "batch_frames: pos outside the chunk");
+        return NULL;
+    }
+    const unsigned char *b = (const unsigned char *)buf;
+    Py_ssize_t at = pos, count = 0;
+    size_t total = 7;
+    while (size - at >= 4 && count < 0xFFFFFFFFLL) {
+        long long len = ((long long)b[at] << 24) | (b[at + 1] << 16) | (b[at + 2] << 8) | b[at + 3];
+        if (len <= 1 || len > small || len > max_frame || size - at - 4 < len) break;
+        if (b[at + 4] != 131 || b[at + 5] == 80) break;
+        total += (size_t)len - 1;
+        at += 4 + (Py_ssize_t)len;
+        count++;
+    }
+    if (count == 0) return Py_BuildValue("(Onn)", Py_None, (Py_ssize_t)0, pos);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (out == NULL) return NULL;
+    unsigned char *o = (unsigned char *)PyBytes_AsString(out);
+    *o++ = 131;
+    *o++ = 108; /* LIST_EXT */
+    *o++ = (unsigned char)((size_t)count >> 24);
+    *o++ = (unsigned char)((size_t)count >> 16);
+    *o++ = (unsigned char)((size_t)count >> 8);
+    *o++ = (unsigned char)count;
+    for (Py_ssize_t p = pos; p < at;) {
+        Py_ssize_t len = ((Py_ssize_t)b[p] << 24) | (b[p + 1] << 16) | (b[p + 2] << 8) | b[p + 3];
+        memcpy(o, b + p + 5, (size_t)len - 1);
+        o += len - 1;
+        p += 4 + len;
+    }
+    *o = 106; /* NIL_EXT */
+    PyObject *res = Py_BuildValue("(Onn)", out, count, at);
+    Py_DECREF(out);
+    return res;
+}
+
 static PyMethodDef pyreq_defs[] = {
+    {"batch_frames", (PyCFunction)(void (*)(void))pyreq_batch, METH_FASTCALL,
+     "batch_frames(chunk, pos, small, max_frame) -> (batch | None, count, end)"},
     {"new_requests", (PyCFunction)(void (*)(void))pyreq_new, METH_FASTCALL,
      "new_requests(cls, ids, conn, slot, owner, labels, pending, members) -> list of requests"},
     {"finish_replies", (PyCFunction)(void (*)(void))pyreq_finish, METH_FASTCALL,

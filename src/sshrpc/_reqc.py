@@ -4,7 +4,9 @@
 pure-Python ``__slots__`` class in ``_request`` is used), and
 ``new_requests``, ``finish_replies``, ``take_answers`` the builtins that
 create, finish and hand out requests in batches (the request API's batch
-forms and the read loop; csrc/pyreq.c says what each promises).  All None
+forms and the read loop), and ``batch_frames`` the read's small frames as
+one list term straight from the buffered read (csrc/pyreq.c says what each
+promises).  All None
 without the C module (``SSHRPC_PURE_PYTHON=1``) or with
 ``SSHRPC_NO_C_REQUESTS=1`` (for measurements and tests of the Python
 path).
@@ -19,15 +21,19 @@ fields: Any = None
 new_requests: Any = None
 finish_replies: Any = None
 take_answers: Any = None
+batch_frames: Any = None
 
 
 def _install() -> dict[str, Any]:
-    from ._accel import c_accelerated
-
-    if not c_accelerated or os.environ.get("SSHRPC_NO_C_REQUESTS", "") not in ("", "0"):
+    # (Not through ``_accel``, which imports the frame buffer, which uses
+    # ``batch_frames``: the same switch, read here.)
+    for switch in ("SSHRPC_PURE_PYTHON", "SSHRPC_NO_C_REQUESTS"):
+        if os.environ.get(switch, "") not in ("", "0"):
+            return {}
+    try:
+        from ._sshrpc_c import ffi, lib
+    except ImportError:
         return {}
-    from ._codec import ffi, lib
-
     install = getattr(lib, "sshrpc_pyreq_install", None)  # (None: a build from before it)
     target: dict[str, Any] = {}
     if install is None or install(ffi.cast("void *", id(target))):
@@ -36,8 +42,9 @@ def _install() -> dict[str, Any]:
 
 
 _builtins = _install()
-if len(_builtins) == 4:
+if len(_builtins) == 5:
     fields = _builtins["RequestFields"]
     new_requests = _builtins["new_requests"]
     finish_replies = _builtins["finish_replies"]
     take_answers = _builtins["take_answers"]
+    batch_frames = _builtins["batch_frames"]
