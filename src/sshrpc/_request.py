@@ -164,7 +164,10 @@ def new_requests(
     request (``Connection.send_requests_nowait``).  In one C call where it
     can (csrc/pyreq.c ``new_requests``)."""
     pending = conn._pending
-    members = into._requests if into is not None else None
+    members = None
+    if into is not None:
+        members = into._requests
+        into._joined_by(conn)
     if _reqc.new_requests is not None:
         return _reqc.new_requests(  # type: ignore[no-any-return]
             Request,
@@ -201,12 +204,18 @@ class RequestSet:
     may share a set.
     """
 
-    __slots__ = ("_ready", "_requests", "_task")
+    __slots__ = ("_conn", "_lone_pump", "_ready", "_requests", "_task")
 
     def __init__(self) -> None:
         self._requests: set[Request] = set()
         self._ready: deque[Request] = deque()
         self._task: Task | None = None
+        #: The one connection of the set's requests so far (None: none
+        #: yet; ``_MIXED``: several): only then may a waiter read that
+        #: connection's socket itself (``_wait``).
+        self._conn: Any = None
+        #: The pump whose socket wait a waiter of this set holds (``_wait``).
+        self._lone_pump: Any = None
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -222,7 +231,12 @@ class RequestSet:
         """How many requests of the set have an answer waiting to be taken."""
         return len(self._ready)
 
+    def _joined_by(self, conn: Connection | None) -> None:
+        if self._conn is not conn:
+            self._conn = conn if self._conn is None else _MIXED
+
     def _add(self, req: Request) -> None:
+        self._joined_by(req._conn)
         req._owner = self
         self._requests.add(req)
         if req.done:  # (cannot happen today: no checkpoint in between)
@@ -234,14 +248,47 @@ class RequestSet:
         if task is not None:
             self._task = None
             reschedule(task)
+        elif self._lone_pump is not None:
+            self._lone_woken(req._conn)
 
-    def _completed_many(self, reqs: list[Request]) -> None:
-        """``_completed`` for each of ``reqs``, in order."""
+    def _completed_many(self, reqs: list[Request], conn: Connection) -> None:
+        """``_completed`` for each of ``reqs`` (of ``conn``), in order."""
         self._ready.extend(reqs)
         task = self._task
         if task is not None:
             self._task = None
             reschedule(task)
+        elif self._lone_pump is not None:
+            self._lone_woken(conn)
+
+    def _lone_woken(self, conn: Connection | None) -> None:
+        # An answer while the waiter sleeps on a pump's socket itself: if
+        # the waiter's own read did not bring it (another connection's,
+        # which the waiter cannot see), wake that pump, which takes its
+        # socket back and wakes the waiter (Pump._reclaim).
+        pump = self._lone_pump
+        if conn is None or conn._pump is not pump:
+            pump.wake()
+
+    async def _wait(self) -> None:
+        """Park until a request of the set completes or the set is emptied
+        (precondition: none has, and nobody waits).  When all its requests
+        are on one connection whose pump sleeps on the socket, this task
+        reads that socket itself (``Pump.wait_answer``, "The lone caller"
+        in _pump.py): one task step per read instead of the pump's and
+        this task's.  Cancellable; nothing is taken either way."""
+        conn = self._conn
+        if conn is not None and conn is not _MIXED and conn._pump._in_park:
+            pump = conn._pump
+            self._lone_pump = pump
+            try:
+                woken = await pump.wait_answer(_SetWaiter(self))
+            finally:
+                self._lone_pump = None
+            if woken is not None:
+                return
+        self._task = current_task()
+        await wait_task_rescheduled(self._abort)
 
     def _abort(self, _: Any) -> Abort:
         self._task = None
@@ -279,10 +326,9 @@ class RequestSet:
         else:
             if not self._requests:
                 raise ValueError("receive_response on an empty RequestSet")
-            if self._task is not None:
+            if self._task is not None or self._lone_pump is not None:
                 raise trio.BusyResourceError("another task is waiting on this RequestSet")
-            self._task = current_task()
-            await wait_task_rescheduled(self._abort)
+            await self._wait()
         if not self._ready:  # e.g. abandon() from another task while waiting
             return await self.receive_response()
         return self._take()
@@ -306,10 +352,9 @@ class RequestSet:
         else:
             if not self._requests:
                 raise ValueError("receive_responses on an empty RequestSet")
-            if self._task is not None:
+            if self._task is not None or self._lone_pump is not None:
                 raise trio.BusyResourceError("another task is waiting on this RequestSet")
-            self._task = current_task()
-            await wait_task_rescheduled(self._abort)
+            await self._wait()
         ready = self._ready
         if not ready:  # e.g. abandon() from another task while waiting
             return await self.receive_responses(max)
@@ -359,6 +404,38 @@ class RequestSet:
         if task is not None:
             self._task = None
             reschedule(task)
+        elif self._lone_pump is not None:
+            self._lone_pump.wake()  # (its waiter sleeps on the socket: Pump._reclaim)
+
+
+#: ``RequestSet._conn`` of a set with requests of several connections.
+_MIXED: Any = object()
+
+
+class _SetWaiter:
+    """A ``RequestSet`` as ``Pump.wait_answer``'s request: ``done`` once
+    an answer is ready (or the set was emptied: ``abandon``), and
+    ``_task``/``_abort`` the set's, which the dispatch reschedules."""
+
+    __slots__ = ("rs",)
+
+    def __init__(self, rs: RequestSet) -> None:
+        self.rs = rs
+
+    @property
+    def done(self) -> bool:
+        return bool(self.rs._ready) or not self.rs._requests
+
+    @property
+    def _task(self) -> Task | None:
+        return self.rs._task
+
+    @_task.setter
+    def _task(self, task: Task | None) -> None:
+        self.rs._task = task
+
+    def _abort(self, raise_cancel: Any) -> Abort:
+        return self.rs._abort(raise_cancel)
 
 
 class CallSlots:

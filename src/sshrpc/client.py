@@ -161,6 +161,10 @@ class Connection:
         #: The last queued call was written by its caller with the pump
         #: asleep on the socket (see ``_queue_call``).
         self._lone_ok = False
+        #: The request API's last send was a batch form (written by its
+        #: caller when the pump sleeps): a read that answered only request
+        #: sets then lets the pump sleep at once (see ``_on_data``).
+        self._direct_batches = False
         self.max_undelivered = max_undelivered
         self.keepalive = keepalive
         self.keepalive_misses = keepalive_misses
@@ -289,7 +293,11 @@ class Connection:
             while True:
                 event = proto.next_event()
                 if event is _p.NEED_DATA:
-                    return answered > 1
+                    # (No caller task woken and the request sets refilled
+                    # by batch forms, whose caller writes itself while the
+                    # pump sleeps and may then read the next answers
+                    # itself: the pump need not stay awake for them.)
+                    return answered > 1 and (self._woken > 0 or not self._direct_batches)
                 if event is _p.CLOSED:
                     self._pump.fail(ConnectionLost("the server closed the session"))
                     return False
@@ -324,7 +332,7 @@ class Connection:
             for task in tasks:
                 reschedule(task)
         if done:
-            owner._completed_many(done)
+            owner._completed_many(done, self)
         return stop  # type: ignore[no-any-return]
 
     def _dispatch(self, event: _p.Event) -> None:
@@ -747,7 +755,12 @@ class Connection:
             slots.free -= n
         reqs = new_requests(self, ids, slots, into, labels)
         self._lone_ok = False
-        pump.send_nowait(frames)
+        self._direct_batches = True
+        # The batch is one write: this task writes it itself when the pump
+        # sleeps on the socket and no woken task is about to queue more
+        # (Pump.send_nowait's direct; a request set's waiter may then read
+        # the answers itself, RequestSet._wait).
+        pump.send_nowait(frames, not self._woken)
         return reqs
 
     async def send_request(
@@ -779,6 +792,7 @@ class Connection:
         Raises ``ConnectionLost``, ``TermError`` (nothing sent) as ``call``.
         """
         req = Request(self._new_id(), self, label)
+        self._direct_batches = False
         await self._send_call(req, module, function, args)
         if into is not None:
             into._add(req)
