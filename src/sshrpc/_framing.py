@@ -46,8 +46,8 @@ from collections import deque
 from typing import Any
 
 from ._errors import FrameTooLarge
-from ._reqc import batch_frames as _batch_frames
 from ._pyframing import MAX_FRAME_LIMIT, encode_length
+from ._reqc import batch_frames as _batch_frames
 from ._sshrpc_c import ffi, lib
 
 __all__ = ["MAX_FRAME_LIMIT", "FrameBuffer", "encode_length"]

@@ -58,24 +58,6 @@ class _PyRequestFields:
         "value",
     )
 
-
-_RequestFields: Any = _reqc.fields if _reqc.fields is not None else _PyRequestFields
-
-
-class Request(_RequestFields):  # type: ignore[misc]
-    """One request in flight: the handle ``Connection.send_request`` returns.
-
-    ``id`` is the call's protocol id, ``label`` what ``RequestSet`` returns
-    with its result (None outside a set), ``done`` whether its final answer
-    (or the connection's end) has arrived.  Get its result once with
-    ``Connection.receive_response(req)`` or, inside a set,
-    ``RequestSet.receive_response()``.  The other attributes are private.
-    (Its attributes live in ``_RequestFields``: C storage the client's batch
-    paths fill and finish in bulk, csrc/pyreq.c, else slots.)
-    """
-
-    __slots__ = ()
-
     id: int
     label: Any
     done: bool
@@ -91,6 +73,27 @@ class Request(_RequestFields):  # type: ignore[misc]
     _conn: Connection | None
     _owner: RequestSet | None
     _task: Task | None
+
+
+if TYPE_CHECKING:
+    _RequestFields = _PyRequestFields
+else:
+    _RequestFields = _reqc.fields if _reqc.fields is not None else _PyRequestFields
+
+
+class Request(_RequestFields):
+    """One request in flight: the handle ``Connection.send_request`` returns.
+
+    ``id`` is the call's protocol id, ``label`` what ``RequestSet`` returns
+    with its result (None outside a set), ``done`` whether its final answer
+    (or the connection's end) has arrived.  Get its result once with
+    ``Connection.receive_response(req)`` or, inside a set,
+    ``RequestSet.receive_response()``.  The other attributes are private.
+    (Its attributes live in ``_RequestFields``: C storage the client's batch
+    paths fill and finish in bulk, csrc/pyreq.c, else slots.)
+    """
+
+    __slots__ = ()
 
     def __init__(self, id: int, conn: Connection | None = None, label: Any = None) -> None:
         self.id = id
