@@ -308,8 +308,8 @@ fail:
  * frame that is not one (a keepalive, a large or compressed frame, an
  * incomplete frame, the end), joined as ``join_batch`` joins payloads: 131,
  * LIST_EXT of their count, each payload without its version byte, NIL.
- * ``end`` is the offset after the last frame taken; ``(None, 0, pos)`` when
- * none qualifies.  Decides nothing else: the caller's frame buffer moves
+ * ``end`` is the offset after the last frame taken; ``(None, count, pos)``
+ * when fewer than two qualify (one frame needs no joining).  Decides nothing else: the caller's frame buffer moves
  * on to ``end`` only once the batch decoded. */
 static PyObject *pyreq_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 4 || !PyBytes_CheckExact(args[0])) {
@@ -340,7 +340,7 @@ static PyObject *pyreq_batch(PyObject *self, PyObject *const *args, Py_ssize_t n
         at += 4 + (Py_ssize_t)len;
         count++;
     }
-    if (count == 0) return Py_BuildValue("(Onn)", Py_None, (Py_ssize_t)0, pos);
+    if (count < 2) return Py_BuildValue("(Onn)", Py_None, count, pos); /* (nothing to join) */
     PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
     if (out == NULL) return NULL;
     unsigned char *o = (unsigned char *)PyBytes_AsString(out);

@@ -148,12 +148,12 @@ def test_batch_frames_joins_the_leading_small_plain_frames() -> None:
         _frame(b"x" * 2000),
         b"\0\0\0\x06\x83P\0\0\0\0",
     ):
-        got = _reqc.batch_frames(frames[0] + stopper + frames[1], 0, 1000, 1 << 20)
-        assert got[1:] == (1, len(frames[0]))
-    assert _reqc.batch_frames(frames[0] + frames[1][:-1], 0, 1000, 1 << 20)[1:] == (
-        1,
-        len(frames[0]),
-    )
+        got = _reqc.batch_frames(frames[0] + frames[1] + stopper + frames[2], 0, 1000, 1 << 20)
+        assert got[1:] == (2, len(frames[0]) + len(frames[1]))
+    got = _reqc.batch_frames(chunk[:-1], 0, 1000, 1 << 20)
+    assert got[1:] == (2, len(frames[0]) + len(frames[1]))
+    # One frame: nothing joined (the caller takes it as it is).
+    assert _reqc.batch_frames(frames[0], 0, 1000, 1 << 20) == (None, 1, 0)
     assert _reqc.batch_frames(frames[0], 0, 1000, 4)[1:] == (0, 0)
     assert _reqc.batch_frames(b"", 0, 1000, 4) == (None, 0, 0)
     with pytest.raises(ValueError, match="pos"):

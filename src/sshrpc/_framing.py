@@ -233,8 +233,8 @@ class FrameBuffer:
         """The leading complete frames of the first queued read whose
         payloads are plain small terms (1 < length <= ``small``, version
         byte 131, not compressed) as one list term, ``(batch, count,
-        end)`` (csrc/pyreq.c ``batch_frames``), or None when there are none
-        or the buffer is in any other state (payloads ready, a straddling
+        end)`` (csrc/pyreq.c ``batch_frames``), or None when fewer than two
+        are there or the buffer is in any other state (payloads ready, a straddling
         or large frame, an error).  Takes nothing: ``skip_batch(end)``
         does, once the caller has decoded ``batch``; else ``next_frame``
         returns the same payloads one by one."""
@@ -250,7 +250,7 @@ class FrameBuffer:
         ):
             return None
         batch, count, end = _batch_frames(self._chunks[0], self._pos, small, self._max_frame)
-        return (batch, count, end) if count else None
+        return (batch, count, end) if count > 1 else None
 
     def skip_batch(self, end: int) -> None:
         """Take the frames ``peek_batch`` returned (its ``end``)."""

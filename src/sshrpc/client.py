@@ -253,7 +253,7 @@ class Connection:
             pop = self._pending.pop
             replies = proto.next_replies()
             start = 0
-            if _finish_replies is not None and replies:
+            if _finish_replies is not None and replies and type(replies[0]) is tuple:
                 start = answered = self._finish_replies(replies)
             for batched in replies[start:] if start else replies:
                 # _dispatch's Reply branch, inlined (the per-call path); a
