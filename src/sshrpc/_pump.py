@@ -1218,6 +1218,8 @@ class Lane(_Sending):
     """
 
     _what = "channel"
+    #: A lane lends no socket wait (``Pump.wait_answer``): never parked.
+    _in_park = False
 
     def __init__(self, pump: Pump) -> None:
         self.pump = pump

@@ -693,6 +693,7 @@ class Connection:
         if slots is not None and not slots.acquire_nowait():
             raise trio.WouldBlock
         req = Request(self._new_id(), self, label)
+        self._direct_batches = False
         self._queue_call(req, slots, module, function, args, batch=True)
         if into is not None:
             into._add(req)
