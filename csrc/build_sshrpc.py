@@ -14,7 +14,7 @@ import pathlib
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-MODULES = ["etf", "framing", "pyenc", "pydec", "pyaudit", "pycall", "pynode"]
+MODULES = ["etf", "framing", "pyenc", "pydec", "pyaudit", "pycall", "pynode", "pyreq"]
 
 
 def _cdef(header: str) -> str:

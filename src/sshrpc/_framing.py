@@ -48,6 +48,7 @@ from typing import Any
 
 from ._errors import FrameTooLarge
 from ._pyframing import MAX_FRAME_LIMIT, encode_length
+from ._reqc import batch_frames as _batch_frames
 from ._sshrpc_c import ffi, lib
 
 __all__ = ["MAX_FRAME_LIMIT", "FrameBuffer", "encode_length"]
@@ -228,6 +229,39 @@ class FrameBuffer:
             self._pos = taken
         self._chunks.append(data)
         self._chunk_bytes += n - taken
+
+    def peek_batch(self, small: int) -> tuple[bytes, int, int] | None:
+        """The leading complete frames of the first queued read whose
+        payloads are plain small terms (1 < length <= ``small``, version
+        byte 131, not compressed) as one list term, ``(batch, count,
+        end)`` (csrc/pyreq.c ``batch_frames``), or None when fewer than two
+        are there or the buffer is in any other state (payloads ready, a straddling
+        or large frame, an error).  Takes nothing: ``skip_batch(end)``
+        does, once the caller has decoded ``batch``; else ``next_frame``
+        returns the same payloads one by one."""
+        if (
+            _batch_frames is None
+            or self._ready
+            or self._held
+            or self._missing
+            or self._small
+            or self._big is not None
+            or self._error is not None
+            or not self._chunks
+        ):
+            return None
+        batch, count, end = _batch_frames(self._chunks[0], self._pos, small, self._max_frame)
+        return (batch, count, end) if count > 1 else None
+
+    def skip_batch(self, end: int) -> None:
+        """Take the frames ``peek_batch`` returned (its ``end``)."""
+        chunk = self._chunks[0]
+        self._chunk_bytes -= end - self._pos
+        if end == len(chunk):
+            self._chunks.popleft()
+            self._pos = 0
+        else:
+            self._pos = end
 
     def next_frame(self) -> bytes | None:
         """The next complete payload, or ``None`` when more data is needed.

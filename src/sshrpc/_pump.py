@@ -732,7 +732,13 @@ class Pump(_Sending):
             waiters.read_task = None
             self._io._update_registrations(self._fd)
             lone.converted = True
-            lone.req._task = lone.task
+            if lone.req.done:
+                # Finished while its waiter slept on the socket (a request
+                # set emptied or answered from elsewhere): nothing more
+                # will reschedule it.
+                trio.lowlevel.reschedule(lone.task)
+            else:
+                lone.req._task = lone.task
 
     def _lend_back(self) -> None:
         """The lone caller is done with the socket: the parked pump waits
@@ -1212,6 +1218,8 @@ class Lane(_Sending):
     """
 
     _what = "channel"
+    #: A lane lends no socket wait (``Pump.wait_answer``): never parked.
+    _in_park = False
 
     def __init__(self, pump: Pump) -> None:
         self.pump = pump

@@ -20,11 +20,13 @@ a ``RequestSet`` goes into the set's completion deque, so
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
 from trio.lowlevel import Abort, Task, current_task, reschedule, wait_task_rescheduled
 
+from . import _reqc
 from ._errors import ConnectionLost, RemoteError
 
 if TYPE_CHECKING:
@@ -33,15 +35,10 @@ if TYPE_CHECKING:
 __all__ = ["CallSlots", "Request", "RequestSet"]
 
 
-class Request:
-    """One request in flight: the handle ``Connection.send_request`` returns.
-
-    ``id`` is the call's protocol id, ``label`` what ``RequestSet`` returns
-    with its result (None outside a set), ``done`` whether its final answer
-    (or the connection's end) has arrived.  Get its result once with
-    ``Connection.receive_response(req)`` or, inside a set,
-    ``RequestSet.receive_response()``.  The other attributes are private.
-    """
+class _PyRequestFields:
+    """``Request``'s attributes as slots: the pure-Python storage, used
+    when the C one (csrc/pyreq.c ``RequestFields``, the same names) is not
+    there."""
 
     __slots__ = (
         "_conn",
@@ -61,13 +58,50 @@ class Request:
         "value",
     )
 
+    id: int
+    label: Any
+    done: bool
+    ok: bool
+    value: Any
+    error: BaseException | None
+    abandoned: bool
+    counted: bool
+    received: bool
+    chunks: deque[Any] | None
+    chunk_event: trio.Event | None
+    slot: CallSlots | None
+    _conn: Connection | None
+    _owner: RequestSet | None
+    _task: Task | None
+
+
+if TYPE_CHECKING:
+    _RequestFields = _PyRequestFields
+else:
+    _RequestFields = _reqc.fields if _reqc.fields is not None else _PyRequestFields
+
+
+class Request(_RequestFields):
+    """One request in flight: the handle ``Connection.send_request`` returns.
+
+    ``id`` is the call's protocol id, ``label`` what ``RequestSet`` returns
+    with its result (None outside a set), ``done`` whether its final answer
+    (or the connection's end) has arrived.  Get its result once with
+    ``Connection.receive_response(req)`` or, inside a set,
+    ``RequestSet.receive_response()``.  The other attributes are private.
+    (Its attributes live in ``_RequestFields``: C storage the client's batch
+    paths fill and finish in bulk, csrc/pyreq.c, else slots.)
+    """
+
+    __slots__ = ()
+
     def __init__(self, id: int, conn: Connection | None = None, label: Any = None) -> None:
         self.id = id
         self.label = label
         self.done = False
         self.ok = False
-        self.value: Any = None
-        self.error: BaseException | None = None
+        self.value = None
+        self.error = None
         #: The caller gave up: the answer is discarded (not counted).
         self.abandoned = False
         #: Its answer counts against ``max_undelivered`` until taken: true
@@ -77,12 +111,12 @@ class Request:
         self.counted = conn is None
         #: The result was handed out (``receive_response``).
         self.received = False
-        self.chunks: deque[Any] | None = None
-        self.chunk_event: trio.Event | None = None
-        self.slot: CallSlots | None = None
+        self.chunks = None
+        self.chunk_event = None
+        self.slot = None
         self._conn = conn
-        self._owner: RequestSet | None = None
-        self._task: Task | None = None
+        self._owner = None
+        self._task = None
 
     def __repr__(self) -> str:
         state = "done" if self.done else "open"
@@ -119,6 +153,49 @@ class Request:
         await wait_task_rescheduled(self._abort)
 
 
+def new_requests(
+    conn: Connection,
+    ids: list[int],
+    slots: CallSlots | None,
+    into: RequestSet | None,
+    labels: Sequence[Any] | None,
+) -> list[Request]:
+    """``Request(id, conn, label)`` for each id of ``ids`` (label from
+    ``labels`` at the same place, else None), with ``slot`` set to
+    ``slots``, stored in ``conn._pending`` under its id and, with ``into``,
+    joined to that set: the batch form of what ``send_request`` does per
+    request (``Connection.send_requests_nowait``).  In one C call where it
+    can (csrc/pyreq.c ``new_requests``)."""
+    pending = conn._pending
+    members = None
+    if into is not None:
+        members = into._requests
+        into._joined_by(conn)
+    if _reqc.new_requests is not None:
+        return _reqc.new_requests(  # type: ignore[no-any-return]
+            Request,
+            ids,
+            conn,
+            slots,
+            into,
+            labels if labels is None or type(labels) is list else list(labels),
+            pending,
+            members,
+        )
+    if labels is None:
+        reqs = [Request(i, conn) for i in ids]
+    else:
+        reqs = [Request(i, conn, label) for i, label in zip(ids, labels, strict=False)]
+    for req in reqs:
+        req.slot = slots
+        pending[req.id] = req
+    if into is not None:
+        for req in reqs:
+            req._owner = into
+        into._requests.update(reqs)
+    return reqs
+
+
 class RequestSet:
     """Requests answered in the order they complete, like an OTP request-id
     collection.
@@ -130,12 +207,18 @@ class RequestSet:
     may share a set.
     """
 
-    __slots__ = ("_ready", "_requests", "_task")
+    __slots__ = ("_conn", "_lone_pump", "_ready", "_requests", "_task")
 
     def __init__(self) -> None:
         self._requests: set[Request] = set()
         self._ready: deque[Request] = deque()
         self._task: Task | None = None
+        #: The one connection of the set's requests so far (None: none
+        #: yet; ``_MIXED``: several): only then may a waiter read that
+        #: connection's socket itself (``_wait``).
+        self._conn: Any = None
+        #: The pump whose socket wait a waiter of this set holds (``_wait``).
+        self._lone_pump: Any = None
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -151,7 +234,12 @@ class RequestSet:
         """How many requests of the set have an answer waiting to be taken."""
         return len(self._ready)
 
+    def _joined_by(self, conn: Connection | None) -> None:
+        if self._conn is not conn:
+            self._conn = conn if self._conn is None else _MIXED
+
     def _add(self, req: Request) -> None:
+        self._joined_by(req._conn)
         req._owner = self
         self._requests.add(req)
         if req.done:  # (cannot happen today: no checkpoint in between)
@@ -163,6 +251,47 @@ class RequestSet:
         if task is not None:
             self._task = None
             reschedule(task)
+        elif self._lone_pump is not None:
+            self._lone_woken(req._conn)
+
+    def _completed_many(self, reqs: list[Request], conn: Connection) -> None:
+        """``_completed`` for each of ``reqs`` (of ``conn``), in order."""
+        self._ready.extend(reqs)
+        task = self._task
+        if task is not None:
+            self._task = None
+            reschedule(task)
+        elif self._lone_pump is not None:
+            self._lone_woken(conn)
+
+    def _lone_woken(self, conn: Connection | None) -> None:
+        # An answer while the waiter sleeps on a pump's socket itself: if
+        # the waiter's own read did not bring it (another connection's,
+        # which the waiter cannot see), wake that pump, which takes its
+        # socket back and wakes the waiter (Pump._reclaim).
+        pump = self._lone_pump
+        if conn is None or conn._pump is not pump:
+            pump.wake()
+
+    async def _wait(self) -> None:
+        """Park until a request of the set completes or the set is emptied
+        (precondition: none has, and nobody waits).  When all its requests
+        are on one connection whose pump sleeps on the socket, this task
+        reads that socket itself (``Pump.wait_answer``, "The lone caller"
+        in _pump.py): one task step per read instead of the pump's and
+        this task's.  Cancellable; nothing is taken either way."""
+        conn = self._conn
+        if conn is not None and conn is not _MIXED and conn._pump._in_park:
+            pump = conn._pump
+            self._lone_pump = pump
+            try:
+                woken = await pump.wait_answer(_SetWaiter(self))
+            finally:
+                self._lone_pump = None
+            if woken is not None:
+                return
+        self._task = current_task()
+        await wait_task_rescheduled(self._abort)
 
     def _abort(self, _: Any) -> Abort:
         self._task = None
@@ -200,10 +329,9 @@ class RequestSet:
         else:
             if not self._requests:
                 raise ValueError("receive_response on an empty RequestSet")
-            if self._task is not None:
+            if self._task is not None or self._lone_pump is not None:
                 raise trio.BusyResourceError("another task is waiting on this RequestSet")
-            self._task = current_task()
-            await wait_task_rescheduled(self._abort)
+            await self._wait()
         if not self._ready:  # e.g. abandon() from another task while waiting
             return await self.receive_response()
         return self._take()
@@ -227,10 +355,9 @@ class RequestSet:
         else:
             if not self._requests:
                 raise ValueError("receive_responses on an empty RequestSet")
-            if self._task is not None:
+            if self._task is not None or self._lone_pump is not None:
                 raise trio.BusyResourceError("another task is waiting on this RequestSet")
-            self._task = current_task()
-            await wait_task_rescheduled(self._abort)
+            await self._wait()
         ready = self._ready
         if not ready:  # e.g. abandon() from another task while waiting
             return await self.receive_responses(max)
@@ -238,6 +365,14 @@ class RequestSet:
             return [self._take()]  # (raises)
         count = len(ready) if max is None or max > len(ready) else max
         requests = self._requests
+        if _reqc.take_answers is not None:
+            out: list[tuple[Any, Any]] = _reqc.take_answers(ready, requests, count)
+            if len(out) == len(ready):
+                ready.clear()
+            else:
+                for _ in range(len(out)):
+                    ready.popleft()
+            return out
         out = []
         for _ in range(count):
             req = ready[0]
@@ -272,6 +407,38 @@ class RequestSet:
         if task is not None:
             self._task = None
             reschedule(task)
+        elif self._lone_pump is not None:
+            self._lone_pump.wake()  # (its waiter sleeps on the socket: Pump._reclaim)
+
+
+#: ``RequestSet._conn`` of a set with requests of several connections.
+_MIXED: Any = object()
+
+
+class _SetWaiter:
+    """A ``RequestSet`` as ``Pump.wait_answer``'s request: ``done`` once
+    an answer is ready (or the set was emptied: ``abandon``), and
+    ``_task``/``_abort`` the set's, which the dispatch reschedules."""
+
+    __slots__ = ("rs",)
+
+    def __init__(self, rs: RequestSet) -> None:
+        self.rs = rs
+
+    @property
+    def done(self) -> bool:
+        return bool(self.rs._ready) or not self.rs._requests
+
+    @property
+    def _task(self) -> Task | None:
+        return self.rs._task
+
+    @_task.setter
+    def _task(self, task: Task | None) -> None:
+        self.rs._task = task
+
+    def _abort(self, raise_cancel: Any) -> Abort:
+        return self.rs._abort(raise_cancel)
 
 
 class CallSlots:

@@ -53,7 +53,8 @@ from ._errors import (
     TermError,
 )
 from ._pump import DEFAULT_WRITE_LIMIT, Lane, Pump
-from ._request import CallSlots, Request, RequestSet
+from ._reqc import finish_replies as _finish_replies
+from ._request import CallSlots, Request, RequestSet, new_requests
 from ._saferepr import safe_repr
 from ._types import Atom
 
@@ -160,6 +161,10 @@ class Connection:
         #: The last queued call was written by its caller with the pump
         #: asleep on the socket (see ``_queue_call``).
         self._lone_ok = False
+        #: The request API's last send was a batch form (written by its
+        #: caller when the pump sleeps): a read that answered only request
+        #: sets then lets the pump sleep at once (see ``_on_data``).
+        self._direct_batches = False
         self.max_undelivered = max_undelivered
         self.keepalive = keepalive
         self.keepalive_misses = keepalive_misses
@@ -246,7 +251,11 @@ class Connection:
             # The small frames of the read decoded in one go; then
             # next_event for whatever that left (see next_events).
             pop = self._pending.pop
-            for batched in proto.next_replies():
+            replies = proto.next_replies()
+            start = 0
+            if _finish_replies is not None and replies and type(replies[0]) is tuple:
+                start = answered = self._finish_replies(replies)
+            for batched in replies[start:] if start else replies:
                 # _dispatch's Reply branch, inlined (the per-call path); a
                 # plain reply comes as its decoded term (next_replies).
                 if type(batched) is tuple:
@@ -284,7 +293,11 @@ class Connection:
             while True:
                 event = proto.next_event()
                 if event is _p.NEED_DATA:
-                    return answered > 1
+                    # (No caller task woken and the request sets refilled
+                    # by batch forms, whose caller writes itself while the
+                    # pump sleeps and may then read the next answers
+                    # itself: the pump need not stay awake for them.)
+                    return answered > 1 and (self._woken > 0 or not self._direct_batches)
                 if event is _p.CLOSED:
                     self._pump.fail(ConnectionLost("the server closed the session"))
                     return False
@@ -295,6 +308,32 @@ class Connection:
                 self._send_control(_p.Bye(reason=exc.bye))
             self._pump.fail(exc)
         return False
+
+    def _finish_replies(self, replies: list[Any]) -> int:
+        """``_on_data``'s per-reply loop for the leading plain replies it
+        decides in C (csrc/pyreq.c ``finish_replies``): the same effects,
+        with the slots, the undelivered count, the wake-ups and the
+        request sets' completions applied once per run.  Returns how many
+        replies it took (the caller's loop takes the rest)."""
+        slots = self._slots
+        free_slots = slots if slots is not None and not slots._waiters else None
+        done: list[Request] = []
+        tasks: list[trio.lowlevel.Task] = []
+        stop, freed, counted, owner = _finish_replies(
+            replies, 0, self._pending, free_slots, done, tasks
+        )
+        if freed:
+            free_slots.free += freed  # type: ignore[union-attr]
+        if counted:
+            self._undelivered += counted
+        if tasks:
+            self._woken += len(tasks)
+            reschedule = self._reschedule
+            for task in tasks:
+                reschedule(task)
+        if done:
+            owner._completed_many(done, self)
+        return stop  # type: ignore[no-any-return]
 
     def _dispatch(self, event: _p.Event) -> None:
         kind = type(event)
@@ -654,6 +693,7 @@ class Connection:
         if slots is not None and not slots.acquire_nowait():
             raise trio.WouldBlock
         req = Request(self._new_id(), self, label)
+        self._direct_batches = False
         self._queue_call(req, slots, module, function, args, batch=True)
         if into is not None:
             into._add(req)
@@ -701,10 +741,12 @@ class Connection:
         if n <= 0:
             return []
         pending = self._pending
-        ids = []
-        for _ in range(n):
-            i = next(self._ids) % _ID_SPACE
-            ids.append(self._new_id() if i in pending else i)
+        # The next n ids of the counter in one C pass; one at a time when
+        # they wrap around or one of them is still open.
+        ids = list(itertools.islice(self._ids, n))
+        if ids[-1] >= _ID_SPACE or not pending.keys().isdisjoint(ids):
+            ids = [i % _ID_SPACE for i in ids]
+            ids = [self._new_id() if i in pending else i for i in ids]
         batch = [a if type(a) is list else list(a) for a in arglists[:n]]
         try:
             frames = self._proto.send_calls(ids, module, function, batch, self._timeout())
@@ -712,19 +754,14 @@ class Connection:
             raise ConnectionLost(f"{self.destination}: {exc}") from exc
         if slots is not None:
             slots.free -= n
-        if labels is None:
-            reqs = [Request(i, self) for i in ids]
-        else:
-            reqs = [Request(i, self, label) for i, label in zip(ids, labels, strict=False)]
-        for req in reqs:
-            req.slot = slots
-            pending[req.id] = req
-        if into is not None:
-            for req in reqs:
-                req._owner = into
-            into._requests.update(reqs)
+        reqs = new_requests(self, ids, slots, into, labels)
         self._lone_ok = False
-        pump.send_nowait(frames)
+        self._direct_batches = True
+        # The batch is one write: this task writes it itself when the pump
+        # sleeps on the socket and no woken task is about to queue more
+        # (Pump.send_nowait's direct; a request set's waiter may then read
+        # the answers itself, RequestSet._wait).
+        pump.send_nowait(frames, not self._woken)
         return reqs
 
     async def send_request(
@@ -756,6 +793,7 @@ class Connection:
         Raises ``ConnectionLost``, ``TermError`` (nothing sent) as ``call``.
         """
         req = Request(self._new_id(), self, label)
+        self._direct_batches = False
         await self._send_call(req, module, function, args)
         if into is not None:
             into._add(req)

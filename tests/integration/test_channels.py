@@ -424,3 +424,26 @@ async def test_concurrent_open_call_close_loops(gated: tuple[TestNode, Gate]) ->
         assert pump._lanes == [] and not pump._ops and not pump._multi
         assert pump.lanes_opened == 13
         await _node_channels(test_node, 1)
+
+
+async def test_request_sets_on_a_child_channel_and_on_both(
+    gated: tuple[TestNode, Gate],
+) -> None:
+    """The request API's batch forms on a child (its pump is a lane, which
+    lends no socket wait: the set's waiter waits as usual), and one set
+    spanning the parent and a child."""
+    test_node, _ = gated
+    async with test_node.connect() as parent, parent.open_channel() as child:
+        with trio.fail_after(DEADLINE):
+            reqs = sshrpc.RequestSet()
+            child.send_requests_nowait("chan", "echo", [[i] for i in range(5)], into=reqs)
+            got = []
+            while reqs:
+                got += [value for _, value in await reqs.receive_responses()]
+            assert sorted(got) == list(range(5))
+            parent.send_requests_nowait("chan", "echo", [[1]], into=reqs, labels=["p"])
+            child.send_requests_nowait("chan", "echo", [[2]], into=reqs, labels=["c"])
+            both: dict[Any, Any] = {}
+            while reqs:
+                both.update(await reqs.receive_responses())
+            assert both == {"p": 1, "c": 2}

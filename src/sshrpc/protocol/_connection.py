@@ -636,12 +636,31 @@ class Connection:
         # worst cost per byte, so the batch's budget (the same worst case)
         # never refuses what next_event would have accepted.
         small = min(_BATCH_MAX_FRAME, self.max_cost // _WORST_COST_PER_BYTE)
+        terms: Any = None
+        # Two or more such frames at the head of one buffered read: joined
+        # as one list term straight from the read (csrc/pyreq.c
+        # batch_frames), no payload objects; taken only once decoded (else
+        # the frame-by-frame path below gives the exact error).
+        peek = getattr(frames, "peek_batch", None)
+        got = peek(small) if peek is not None else None
+        if got is not None and got[1] > 1:
+            try:
+                terms, self.last_cost = decode_cost(
+                    got[0],
+                    max_depth=self._max_depth + 1,
+                    max_inflated=len(got[0]),
+                    max_cost=_WORST_COST_PER_BYTE * len(got[0]),
+                )
+            except TermError:
+                pass
+            else:
+                frames.skip_batch(got[2])
         payloads: list[bytes] = []
         # The payloads the C frame buffer has already cut out of a read,
         # moved over in one C call while they qualify (the first that does
         # not stays there, and next_frame returns it).
         ready = getattr(frames, "_ready", None) if _take_batchable is not None else None
-        while True:
+        while terms is None:
             try:
                 payload = frames.next_frame()
             except FrameTooLarge:
@@ -654,10 +673,9 @@ class Connection:
             payloads.append(payload)
             if ready and _take_batchable is not None:
                 _take_batchable(ready, payloads, small)
-        if not payloads:
+        if not payloads and terms is None:
             return []
         events: list[Any] = []
-        terms: Any = None
         if len(payloads) > 1:
             if _join_batch is not None:
                 batch = _join_batch(payloads)
