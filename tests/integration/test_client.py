@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import trio
+from _connect import connect as _connect
 
 import sshrpc
 from sshrpc import Atom
@@ -21,18 +22,6 @@ from sshrpc._sshd import free_port
 from sshrpc.client import Connection, open_connection
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _connect(info: Any, **options: Any) -> Any:
-    return open_connection(
-        info.host,
-        info.port,
-        user=info.user,
-        identity=str(info.identity),
-        known_hosts=str(info.known_hosts),
-        agent=False,
-        **options,
-    )
 
 
 async def _poll(node: Connection, module: str, function: str, want: Any, within: float) -> Any:

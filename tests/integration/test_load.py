@@ -25,10 +25,11 @@ from typing import Any
 
 import pytest
 import trio
+from _connect import connect as _connect
 
 import sshrpc
 from sshrpc import Atom
-from sshrpc.client import Connection, open_connection
+from sshrpc.client import Connection
 
 SOAK_MIX = [
     (k, int(c))
@@ -39,19 +40,6 @@ pytestmark = pytest.mark.timeout(60 + 2 * SOAK_SECONDS)
 
 CALLS = 10_000
 TASKS = 100
-
-
-def _connect(info: Any, **options: Any) -> Any:
-    return open_connection(
-        info.host,
-        info.port,
-        user=info.user,
-        identity=str(info.identity),
-        known_hosts=str(info.known_hosts),
-        agent=False,
-        use_ssh_config=False,
-        **options,
-    )
 
 
 def _proc(pid: int, what: str) -> int:

@@ -11,22 +11,12 @@ from typing import Any
 
 import pytest
 import trio
+from _connect import connect as _connect
 
 import sshrpc
-from sshrpc.client import Connection, open_connection
+from sshrpc.client import Connection
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _connect(info: Any) -> Any:
-    return open_connection(
-        info.host,
-        info.port,
-        user=info.user,
-        identity=str(info.identity),
-        known_hosts=str(info.known_hosts),
-        agent=False,
-    )
 
 
 async def _parked(node: Connection) -> None:

@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 import trio
+from _connect import connect as _connect
 from _sshwire import SSHChannel
 
 import sshrpc
@@ -43,19 +44,6 @@ from sshrpc.subsystem import relay_command
 
 A = Atom
 pytestmark = pytest.mark.timeout(60)
-
-
-def _connect(info: Any, **options: Any) -> Any:
-    return open_connection(
-        info.host,
-        info.port,
-        user=info.user,
-        identity=str(info.identity),
-        known_hosts=str(info.known_hosts),
-        agent=False,
-        use_ssh_config=False,
-        **options,
-    )
 
 
 def _relays(serve_pid: int) -> list[int]:
