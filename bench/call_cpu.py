@@ -634,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5, help="measured rounds (default 5)")
     ap.add_argument(
-        "--calls", type=int, default=10000, help="calls per pipelined row per round (10000)"
+        "--calls", type=int, default=50000, help="calls per pipelined row per round (50000)"
     )
     ap.add_argument(
         "--seq-calls", type=int, default=2000, help="calls per sequential row per round (2000)"
