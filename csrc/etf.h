@@ -13,7 +13,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define SSHRPC_C_VERSION 9
+#define SSHRPC_C_VERSION 10
 int sshrpc_c_version(void);
 
 /* Memo indices the decoder's pickle stream relies on; the Python side puts

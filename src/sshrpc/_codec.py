@@ -74,7 +74,7 @@ except ImportError as exc:  # pragma: no cover - a broken install
 __all__ = ["decode", "decode_cost", "encode", "encode_frame"]
 
 #: The C module this Python code was written against (csrc/etf.h).
-C_VERSION = 9
+C_VERSION = 10
 if lib.sshrpc_c_version() != C_VERSION:  # pragma: no cover - a stale build
     raise ImportError(
         f"sshrpc's C module is version {lib.sshrpc_c_version()}, this Python code needs "
