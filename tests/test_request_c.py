@@ -14,9 +14,8 @@ from sshrpc import Atom, _reqc
 from sshrpc._accel import encode_frame
 from sshrpc._request import CallSlots, Request, RequestSet, _PyRequestFields
 
-pytestmark = pytest.mark.skipif(
-    _reqc.fields is None, reason="the C module is not in use (pure-Python mode)"
-)
+if _reqc.fields is None:  # (one skip for the module: every test here is of the C builtins)
+    pytest.skip("the C module is not in use (pure-Python mode)", allow_module_level=True)
 
 FIELDS = _PyRequestFields.__slots__
 A = Atom
