@@ -247,31 +247,40 @@ class RequestSet:
 
     def _completed(self, req: Request) -> None:
         self._ready.append(req)
-        task = self._task
-        if task is not None:
-            self._task = None
-            reschedule(task)
-        elif self._lone_pump is not None:
-            self._lone_woken(req._conn)
+        self._wake(req._conn)
 
     def _completed_many(self, reqs: list[Request], conn: Connection) -> None:
         """``_completed`` for each of ``reqs`` (of ``conn``), in order."""
         self._ready.extend(reqs)
+        self._wake(conn)
+
+    def _wake(self, conn: Connection | None) -> None:
+        """Wake the set's waiter: something of ``conn`` (None: of no
+        connection) completed or the set was emptied.  A waiter sleeping
+        on a pump's socket itself is woken through that pump (which takes
+        its socket back and wakes it, Pump._reclaim), unless ``conn``'s
+        read is the waiter's own (it then sees the answer itself)."""
         task = self._task
         if task is not None:
             self._task = None
             reschedule(task)
         elif self._lone_pump is not None:
-            self._lone_woken(conn)
+            pump = self._lone_pump
+            if conn is None or conn._pump is not pump:
+                pump.wake()
 
-    def _lone_woken(self, conn: Connection | None) -> None:
-        # An answer while the waiter sleeps on a pump's socket itself: if
-        # the waiter's own read did not bring it (another connection's,
-        # which the waiter cannot see), wake that pump, which takes its
-        # socket back and wakes the waiter (Pump._reclaim).
-        pump = self._lone_pump
-        if conn is None or conn._pump is not pump:
-            pump.wake()
+    async def _until_ready(self, caller: str) -> None:
+        """A checkpoint if an answer is ready, else ``_wait`` (``caller``
+        names the method in the errors): ``ValueError`` for an empty set,
+        ``trio.BusyResourceError`` if another task waits on it."""
+        if self._ready:
+            await trio.lowlevel.checkpoint()
+            return
+        if not self._requests:
+            raise ValueError(f"{caller} on an empty RequestSet")
+        if self._task is not None or self._lone_pump is not None:
+            raise trio.BusyResourceError("another task is waiting on this RequestSet")
+        await self._wait()
 
     async def _wait(self) -> None:
         """Park until a request of the set completes or the set is emptied
@@ -324,14 +333,7 @@ class RequestSet:
         ``abandon()`` to give them up).  Raises ``ValueError`` if the set is
         empty and ``trio.BusyResourceError`` if another task waits on it.
         """
-        if self._ready:
-            await trio.lowlevel.checkpoint()
-        else:
-            if not self._requests:
-                raise ValueError("receive_response on an empty RequestSet")
-            if self._task is not None or self._lone_pump is not None:
-                raise trio.BusyResourceError("another task is waiting on this RequestSet")
-            await self._wait()
+        await self._until_ready("receive_response")
         if not self._ready:  # e.g. abandon() from another task while waiting
             return await self.receive_response()
         return self._take()
@@ -350,14 +352,7 @@ class RequestSet:
         and ``trio.BusyResourceError`` if another task waits on the set."""
         if max is not None and max < 1:
             raise ValueError(f"receive_responses: max must be at least 1, not {max!r}")
-        if self._ready:
-            await trio.lowlevel.checkpoint()
-        else:
-            if not self._requests:
-                raise ValueError("receive_responses on an empty RequestSet")
-            if self._task is not None or self._lone_pump is not None:
-                raise trio.BusyResourceError("another task is waiting on this RequestSet")
-            await self._wait()
+        await self._until_ready("receive_responses")
         ready = self._ready
         if not ready:  # e.g. abandon() from another task while waiting
             return await self.receive_responses(max)
@@ -403,12 +398,7 @@ class RequestSet:
             conn = req._conn
             if conn is not None:
                 conn._abandon(req)
-        task = self._task
-        if task is not None:
-            self._task = None
-            reschedule(task)
-        elif self._lone_pump is not None:
-            self._lone_pump.wake()  # (its waiter sleeps on the socket: Pump._reclaim)
+        self._wake(None)
 
 
 #: ``RequestSet._conn`` of a set with requests of several connections.
