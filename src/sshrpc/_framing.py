@@ -241,20 +241,24 @@ class FrameBuffer:
         returns the same payloads one by one."""
         if (
             _batch_frames is None
-            or self._ready
-            or self._held
+            or not self._only_reads()
             or self._missing
             or self._small
-            or self._big is not None
-            or self._error is not None
             or not self._chunks
         ):
             return None
         batch, count, end = _batch_frames(self._chunks[0], self._pos, small, self._max_frame)
         return (batch, count, end) if count > 1 else None
 
+    def _only_reads(self) -> bool:
+        """Whether all that is buffered is in the queued reads (no split
+        payloads, no frame straddling reads, no error): frames may then be
+        taken from the first read in place."""
+        return not (self._ready or self._held or self._big is not None or self._error is not None)
+
     def skip_batch(self, end: int) -> None:
-        """Take the frames ``peek_batch`` returned (its ``end``)."""
+        """Take the first queued read's bytes up to ``end`` (the frames
+        ``peek_batch`` returned, or those a walk took in place)."""
         chunk = self._chunks[0]
         self._chunk_bytes -= end - self._pos
         if end == len(chunk):
@@ -347,31 +351,21 @@ class FrameBuffer:
         payload is returned (what ``next_frame`` would return); otherwise
         None, and ``next_frame`` gives the next payload or error as ever.
         Never raises for the bytes."""
-        if self._ready or self._held or self._big is not None or self._error is not None:
+        if not self._only_reads():
             return None
         chunks = self._chunks
         while chunks:
             chunk = chunks[0]
-            pos = self._pos
-            end = walk(chunk, pos, self._max_frame, *args)
+            end = walk(chunk, self._pos, self._max_frame, *args)
+            self.skip_batch(end)
             size = len(chunk)
             if end == size:
-                chunks.popleft()
-                self._pos = 0
-                self._chunk_bytes -= size - pos
                 continue
-            self._chunk_bytes -= end - pos
-            self._pos = end
             if size - end >= 4:
                 length = int.from_bytes(chunk[end : end + 4], "big")
                 stop = end + 4 + length
                 if 0 < length <= self._max_frame and stop <= size:
-                    if stop == size:
-                        chunks.popleft()
-                        self._pos = 0
-                    else:
-                        self._pos = stop
-                    self._chunk_bytes -= stop - end
+                    self.skip_batch(stop)
                     return chunk[end + 4 : stop]
             return None
         return None
