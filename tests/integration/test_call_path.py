@@ -227,10 +227,10 @@ def _mixed_service(gate: trio.Event, started: list[int]) -> Service:
 
 
 async def _open_channel(
-    node: Node, nursery: trio.Nursery
+    node: Node, nursery: trio.Nursery, **client_options: Any
 ) -> tuple[_p.Connection, trio.testing.MemorySendStream | Any]:
     client_side, server_side = trio.testing.memory_stream_pair()
-    client = _p.Connection(_p.Role.CLIENT, name="test")
+    client = _p.Connection(_p.Role.CLIENT, name="test", **client_options)
     nursery.start_soon(node.serve_channel, server_side)
     await client_side.send_all(client.send(client.hello()))
     assert isinstance(await next_event(client, client_side), _p.Hello)
@@ -620,12 +620,8 @@ async def test_a_marked_plain_function_raising_stopiteration_is_an_error():
     svc = Service("marked")
     svc.export(_MarkedPlain())
     node = Node([svc])
-    client_side, server_side = trio.testing.memory_stream_pair()
-    client = _p.Connection(_p.Role.CLIENT, name="test")
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(node.serve_channel, server_side)
-        await client_side.send_all(client.send(client.hello()))
-        assert isinstance(await next_event(client, client_side), _p.Hello)
+        client, client_side = await _open_channel(node, nursery)
         for call_id in (1, 2):  # the first call decides the name; the next takes the fast path
             await client_side.send_all(client.send_call(call_id, "marked", "stop", []))
             answer = await next_event(client, client_side)
@@ -683,12 +679,8 @@ async def test_one_read_of_answers_the_reader_builds_itself_in_order():
         "async_big", "async_tell", "asy",
     ]  # fmt: skip
     node = Node([svc])
-    client_side, server_side = trio.testing.memory_stream_pair()
-    client = _p.Connection(_p.Role.CLIENT, name="test", max_frame=1024)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(node.serve_channel, server_side)
-        await client_side.send_all(client.send(client.hello()))
-        assert isinstance(await next_event(client, client_side), _p.Hello)
+        client, client_side = await _open_channel(node, nursery, max_frame=1024)
         for _ in range(2):  # the first round decides each name; the second is the fast path
             await client_side.send_all(
                 b"".join(
