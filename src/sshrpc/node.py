@@ -152,8 +152,6 @@ _CO_COROUTINE = inspect.CO_COROUTINE
 _INLINE, _PLAIN_COROUTINE, _ASYNC = 0, 1, 2
 
 
-#: ``_plain_calls``' loop in C (csrc/pynode.c), None in pure Python or with
-#: ``SSHRPC_NO_C_NODE_LOOP=1`` (for measurements).
 def _install_run_plain() -> Callable[..., None] | None:
     if not c_accelerated or os.environ.get("SSHRPC_NO_C_NODE_LOOP"):
         return None
@@ -162,6 +160,8 @@ def _install_run_plain() -> Callable[..., None] | None:
     return install_node_builtins().get("run_plain")
 
 
+#: ``_plain_calls``' loop in C (csrc/pynode.c), None in pure Python or with
+#: ``SSHRPC_NO_C_NODE_LOOP=1`` (for measurements).
 _run_plain = _install_run_plain()
 
 #: Open calls per channel (PROTOCOL.md section 3's ``max_calls``).
